@@ -1,0 +1,8 @@
+"""HiRE: high-recall approximate top-k for faster LLM decoding."""
+
+from hire.config import FFNConfig, HeadConfig, HiReConfig
+from hire.models import load_model
+from hire.patch import sparsify_, unsparsify_
+
+__version__ = "0.1.0"
+__all__ = ["FFNConfig", "HeadConfig", "HiReConfig", "load_model", "sparsify_", "unsparsify_", "__version__"]

@@ -1,0 +1,5 @@
+import sys
+
+from hire.cli import main
+
+sys.exit(main())

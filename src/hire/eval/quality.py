@@ -1,0 +1,122 @@
+"""`hire eval`: what HiRE costs in quality and saves in bytes, on a real model and real text.
+
+Perplexity (teacher forcing, each window scored from its second token) uses the dense LM head in
+both columns, because a normalised softmax needs every logit; the HiRE column runs every FFN
+the way HiRE decodes (``mode="always"``). Greedy agreement compares the next-token argmax of the
+full HiRE model (HiRE FFN + HiRE head) with the dense model's at every evaluated position.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from hire.config import HiReConfig
+from hire.eval.bytes import bytes_per_token
+from hire.patch import _get, arch_spec, hire_layers, set_mode, sparsify_, unsparsify_
+from hire.topk import recall_at_k
+
+
+def _forward_capture(model: nn.Module, window: torch.Tensor):
+    """Logits and LM-head inputs of one window. # window: (T,) -> (T, V), (T, D)"""
+    head = _get(model, arch_spec(model).head)
+    captured = []
+    hook = head.register_forward_hook(lambda m, a, o: captured.append(a[0].detach()))
+    try:
+        logits = model(window.unsqueeze(0), use_cache=False).logits[0]
+    finally:
+        hook.remove()
+    return logits.float(), captured[0][0]
+
+
+def _nll(logits: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    # logits: (T, V), window: (T,) -> summed NLL of tokens 1..T-1
+    return torch.nn.functional.cross_entropy(logits[:-1], window[1:], reduction="sum")
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    windows: torch.Tensor,
+    config: HiReConfig,
+    *,
+    head_proxy=None,
+    head_states: torch.Tensor | None = None,
+    progress: bool = True,
+) -> dict:
+    """Patch ``model`` with ``config``, measure on ``windows`` (W, T), restore the model.
+
+    Returns a flat dict (the JSON of ``hire eval``)."""
+    start = time.time()
+    sparsify_(model, config, head_proxy=head_proxy, head_states=head_states)
+    head, ffns = hire_layers(model)
+    k = config.head.k
+    sums = dict(nll_dense=0.0, nll_hire=0.0, tokens=0, r1=0.0, rk=0.0, head_agree=0, agree=0, positions=0)
+    try:
+        for f in ffns:
+            f.reset_recall()
+            f.track_recall = True
+        for window in tqdm(windows, desc="eval windows", disable=not progress):
+            set_mode(model, head="dense", ffn="dense")
+            logits, states = _forward_capture(model, window)
+            sums["nll_dense"] += float(_nll(logits, window))
+            sums["tokens"] += window.shape[0] - 1
+            dense_top = logits.topk(k, dim=-1).indices  # (T, k)
+            dense_arg = dense_top[:, 0]
+            del logits
+            if head is not None:
+                cand_logits, cand = head.candidate_logits(states)
+                sums["r1"] += float(recall_at_k(dense_top[:, :1], cand).sum())
+                sums["rk"] += float(recall_at_k(dense_top, cand).sum())
+                hire_arg = cand.gather(-1, cand_logits.argmax(-1, keepdim=True))[:, 0]
+                sums["head_agree"] += int((hire_arg == dense_arg).sum())
+            set_mode(model, head="dense", ffn="always")
+            logits, states = _forward_capture(model, window)
+            sums["nll_hire"] += float(_nll(logits, window))
+            if head is not None:
+                cand_logits, cand = head.candidate_logits(states)
+                full_arg = cand.gather(-1, cand_logits.argmax(-1, keepdim=True))[:, 0]
+            else:
+                full_arg = logits.argmax(-1)
+            sums["agree"] += int((full_arg == dense_arg).sum())
+            sums["positions"] += window.shape[0]
+            del logits
+        ffn_recall = [f.recall() for f in ffns]
+        nbytes = bytes_per_token(model)
+    finally:
+        for f in ffns:
+            f.track_recall = False
+        set_mode(model, head="decode", ffn="decode")
+        unsparsify_(model)
+    positions = sums["positions"]
+    dense_b, hire_b = nbytes["dense"], nbytes["hire"]
+    result = {
+        "model": getattr(model.config, "_name_or_path", "") or model.config.model_type,
+        "architecture": model.config.model_type,
+        "config": config.to_dict(),
+        "windows": int(windows.shape[0]),
+        "seq_len": int(windows.shape[1]),
+        "positions": positions,
+        "ppl_dense": math.exp(sums["nll_dense"] / sums["tokens"]),
+        "ppl_hire": math.exp(sums["nll_hire"] / sums["tokens"]),
+        "greedy_agreement": sums["agree"] / positions,
+        "head_recall_at_1": sums["r1"] / positions if head is not None else None,
+        "head_recall_at_k": sums["rk"] / positions if head is not None else None,
+        "head_greedy_agreement": sums["head_agree"] / positions if head is not None else None,
+        "ffn_recall": sum(ffn_recall) / len(ffn_recall) if ffns else None,
+        "ffn_recall_per_layer": ffn_recall,
+        "bytes_per_token_dense": dense_b["total"],
+        "bytes_per_token_hire": hire_b["total"],
+        "head_bytes_fraction": hire_b["head"] / dense_b["head"],
+        "ffn_bytes_fraction": hire_b["ffn"] / dense_b["ffn"] if dense_b["ffn"] else None,
+        "bytes_dense": dense_b,
+        "bytes_hire": hire_b,
+        "seconds": time.time() - start,
+    }
+    result["ppl_increase"] = result["ppl_hire"] / result["ppl_dense"] - 1
+    result["ideal_speedup"] = dense_b["total"] / hire_b["total"]
+    return result

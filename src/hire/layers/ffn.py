@@ -1,0 +1,198 @@
+"""HiReFFN: an FFN that computes only its selected neurons."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from hire.config import FFNConfig
+from hire.topk import ceil_count, count_for_density, expand_groups, group_scores, idx_to_mask, mask_recall
+
+MODES = ("decode", "always", "dense")
+
+
+@dataclass
+class FFNWeights:
+    """An FFN's weights as views of the original parameters (no copies), neuron-major where
+    the original allows: row i of ``w_in``/``w_up``/``w_out_t`` all belong to neuron i.
+
+    gated (Llama SwiGLU, Gemma GeGLU): y = (act(x W_in^T) * (x W_up^T)) W_out_t
+    plain (GPT-2, OPT):                y = act(x W_in^T + b_in) W_out_t + b_out
+    """
+
+    w_in: torch.Tensor  # (I, D)
+    w_out_t: torch.Tensor  # (I, D_out)
+    act: Callable[[torch.Tensor], torch.Tensor]
+    w_up: torch.Tensor | None = None  # (I, D), gated MLPs only
+    b_in: torch.Tensor | None = None  # (I,)
+    b_out: torch.Tensor | None = None  # (D_out,)
+
+    @property
+    def gated(self) -> bool:
+        return self.w_up is not None
+
+    @property
+    def neurons(self) -> int:
+        return self.w_in.shape[0]
+
+    def activations(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Exact neuron activations, of all neurons or of ``rows`` only (reads only those rows).
+
+        # x: (N, D), rows: (m,) or None -> (N, m or I)
+        """
+        def pick(t):
+            return t if t is None or rows is None else t.index_select(0, rows)
+
+        a = self.act(F.linear(x, pick(self.w_in), pick(self.b_in)))
+        if self.gated:
+            a = a * F.linear(x, pick(self.w_up))
+        return a
+
+    def project(self, a: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Output projection from the activations of ``rows`` (reads only those rows of W_out^T).
+
+        # a: (N, m), rows: (m,) or None -> (N, D_out)
+        """
+        w = self.w_out_t if rows is None else self.w_out_t.index_select(0, rows)
+        return F.linear(a, w.t(), self.b_out)
+
+
+class HiReFFN(nn.Module):
+    """Wraps an FFN (kept as ``base_layer``) and, for decoding, computes only selected neurons.
+
+    Decode (one new token per sequence) takes the HiRE path: the proxy estimates every neuron's
+    activation, the best groups of neurons (``density`` of them, times ``oversample`` candidates)
+    are computed exactly, the top ``density`` fraction by exact |activation| is kept, and only
+    their rows of the output projection are read. Prefill (several tokens) stays dense.
+    ``mode="always"`` applies HiRE to every token of a batch at once, which is what teacher-forced
+    perplexity of a HiRE decoder measures; it computes the same neurons with a mask.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        weights: FFNWeights,
+        config: FFNConfig,
+        proxy,
+        dense_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
+        super().__init__()
+        self.base_layer = base_layer
+        self.weights = weights
+        self.config = config
+        self.proxy = proxy  # scores all 2I (gated: gate rows then up rows) or I rows
+        self._dense_forward = dense_forward or base_layer
+        n = weights.neurons
+        if n % config.group_size:
+            raise ValueError(
+                f"ffn group_size {config.group_size} does not divide the FFN width {n}; "
+                f"choose a divisor of {n}"
+            )
+        self.groups = n // config.group_size
+        self.keep_groups = count_for_density(n, config.density, config.group_size)
+        self.candidate_groups = ceil_count(self.keep_groups, config.oversample, self.groups)
+        self.mode = "decode"
+        self.track_recall = False
+        self.recall_sum = 0.0
+        self.recall_count = 0
+
+    # --- selection -------------------------------------------------------------------------
+    def estimate(self, x: torch.Tensor) -> torch.Tensor:
+        """Proxy estimate of every neuron's |activation|.  # x: (N, D) -> (N, I)"""
+        w = self.weights
+        s = self.proxy.scores(x)
+        if w.gated:
+            gate, up = s.split(w.neurons, dim=-1)
+            return (w.act(gate) * up).abs()
+        pre = s if w.b_in is None else s + w.b_in
+        return w.act(pre).abs()
+
+    def _top_groups(self, neuron_scores: torch.Tensor, count: int) -> torch.Tensor:
+        # neuron_scores: (N, I) -> group idx: (N, count)
+        g = group_scores(neuron_scores, self.config.group_size, self.config.aggregate)
+        return g.topk(count, dim=-1, sorted=False).indices
+
+    def _rows(self, group_idx: torch.Tensor) -> torch.Tensor:
+        # group_idx: (N, g) -> neuron idx: (N, g * group_size)
+        return expand_groups(group_idx, self.config.group_size)
+
+    # --- forward paths ---------------------------------------------------------------------
+    def forward_sparse(self, x: torch.Tensor) -> torch.Tensor:
+        """One token: reads the proxy, the candidates' input rows and the kept output rows.
+
+        # x: (1, D) -> (1, D_out)
+        """
+        w = self.weights
+        cand = self._rows(self._top_groups(self.estimate(x), self.candidate_groups))[0]  # (c,)
+        a = w.activations(x, cand)  # (1, c) exact
+        if self.candidate_groups > self.keep_groups:
+            g = group_scores(a.abs(), self.config.group_size, self.config.aggregate)  # (1, cg)
+            keep = g.topk(self.keep_groups, dim=-1, sorted=False).indices  # positions among candidates
+            pos = self._rows(keep)[0]
+            a, cand = a.index_select(1, pos), cand.index_select(0, pos)
+        return w.project(a, cand)
+
+    def forward_masked(self, x: torch.Tensor) -> torch.Tensor:
+        """Every token at once, with the neurons forward_sparse would compute (as a mask).
+
+        # x: (N, D) -> (N, D_out)
+        """
+        w = self.weights
+        n = w.neurons
+        a = w.activations(x)  # (N, I) exact
+        cand_mask = idx_to_mask(self._rows(self._top_groups(self.estimate(x), self.candidate_groups)), n)
+        if self.candidate_groups > self.keep_groups:
+            masked = a.abs().masked_fill(~cand_mask, float("-inf"))
+            keep_mask = idx_to_mask(self._rows(self._top_groups(masked, self.keep_groups)), n)
+        else:
+            keep_mask = cand_mask
+        if self.track_recall:
+            true_mask = idx_to_mask(self._rows(self._top_groups(a.abs(), self.keep_groups)), n)
+            self.recall_sum += float(mask_recall(true_mask, keep_mask).sum())
+            self.recall_count += x.shape[0]
+        return w.project(a * keep_mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, T, D) or (N, D) -> same leading shape, D_out
+        tokens = x.shape[-2] if x.dim() >= 3 else x.shape[0]
+        if self.mode == "dense" or (self.mode == "decode" and tokens != 1):
+            return self._dense_forward(x)
+        flat = x.reshape(-1, x.shape[-1])
+        if self.mode == "decode" and flat.shape[0] == 1:
+            y = self.forward_sparse(flat)
+        else:
+            y = self.forward_masked(flat)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    # --- accounting ------------------------------------------------------------------------
+    def recall(self) -> float | None:
+        return self.recall_sum / self.recall_count if self.recall_count else None
+
+    def reset_recall(self) -> None:
+        self.recall_sum, self.recall_count = 0.0, 0
+
+    def dense_nbytes(self) -> int:
+        w = self.weights
+        mats = 2 if w.gated else 1
+        return (mats * w.w_in.numel() + w.w_out_t.numel()) * 2
+
+    def nbytes(self) -> int:
+        """Bytes read per decoded token (16-bit weights): proxy + candidates' input rows + kept output rows."""
+        w = self.weights
+        size = self.config.group_size
+        in_rows = (2 if w.gated else 1) * self.candidate_groups * size
+        exact_in = 0 if self.config.proxy == "exact" else in_rows * w.w_in.shape[1] * 2
+        out = self.keep_groups * size * w.w_out_t.shape[1] * 2
+        return self.proxy.nbytes() + exact_in + out
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"proxy={c.proxy}, density={c.density}, keep={self.keep_groups * c.group_size}/"
+            f"{self.weights.neurons}, candidates={self.candidate_groups * c.group_size}, "
+            f"group_size={c.group_size}, mode={self.mode}"
+        )

@@ -1,0 +1,79 @@
+"""HiReLMHead: exact logits for the proxy's candidate rows, -inf for the rest."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hire.config import HeadConfig
+from hire.proxies import Cascade
+from hire.topk import rescore, scatter_scores, select_topk
+
+MODES = ("decode", "always", "dense")
+
+
+class HiReLMHead(nn.Module):
+    """Wraps the LM head (kept as ``base_layer``).
+
+    When one position's logits are asked for (decoding, and transformers' ``generate`` which
+    slices the last position), the candidate rows chosen by ``selector`` get exact logits and
+    every other row -inf: greedy, top-k and top-p sampling are then exact whenever the candidates
+    contain the tokens they would pick. Several positions at once (prefill, perplexity) stay
+    dense: a normalised softmax needs every logit. ``mode="always"`` applies HiRE to every
+    position (for measuring), ``mode="dense"`` never.
+    """
+
+    def __init__(self, base_layer: nn.Linear, config: HeadConfig, selector: Cascade):
+        super().__init__()
+        self.base_layer = base_layer
+        self.config = config
+        self.selector = selector
+        self.mode = "decode"
+
+    @property
+    def weight(self) -> torch.Tensor:  # transformers reads the head's weight (tying, resizing)
+        return self.base_layer.weight
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base_layer.weight.shape[0]
+
+    def candidate_logits(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact logits of the candidate rows.
+
+        # h: (N, D) -> logits: (N, k'), idx: (N, k')
+        """
+        idx = self.selector.select(h)
+        logits = rescore(self.base_layer.weight, h, idx)
+        if self.base_layer.bias is not None:
+            logits = logits + self.base_layer.bias[idx]
+        return logits, idx
+
+    def topk(self, h: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The approximate top-k logits and their token ids, sorted descending.
+
+        # h: (N, D) -> values: (N, k), idx: (N, k)
+        """
+        logits, idx = self.candidate_logits(h)
+        return select_topk(logits, idx, self.config.k if k is None else k)
+
+    def nbytes(self) -> int:
+        """Bytes read per token: the proxies plus the k' exact rows in 16 bits."""
+        width = self.base_layer.weight.shape[1]
+        return self.selector.nbytes() + self.config.candidates * width * 2
+
+    def dense_nbytes(self) -> int:
+        return self.base_layer.weight.numel() * 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, T, D) -> logits: (B, T, V)
+        positions = x.shape[-2] if x.dim() >= 2 else 1
+        if self.mode == "dense" or (self.mode == "decode" and positions != 1):
+            return self.base_layer(x)
+        h = x.reshape(-1, x.shape[-1])  # (N, D)
+        logits, idx = self.candidate_logits(h)
+        return scatter_scores(self.vocab_size, idx, logits).reshape(*x.shape[:-1], self.vocab_size)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"proxy={c.proxy}, k={c.k}, candidates={c.candidates}, mode={self.mode}"

@@ -1,0 +1,207 @@
+"""sparsify_ / unsparsify_: swap a transformers model's LM head and FFNs for HiRE layers in place.
+
+One table maps each architecture (``config.model_type``) to where its head, decoder layers and FFN
+live. The originals are kept as ``base_layer`` so ``unsparsify_`` restores them exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hire.config import HeadConfig, HiReConfig
+from hire.layers import FFNWeights, HiReFFN, HiReLMHead
+from hire.proxies import Cascade, ExactProxy, LowRankProxy, QuantizedProxy
+from hire.topk import check_k
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    layers: str  # dotted path to the ModuleList of decoder layers
+    ffn: str  # "gated" (gate/up/down), "conv1d" (GPT-2 c_fc/c_proj) or "inline" (OPT fc1/fc2 on the layer)
+    mlp: str = "mlp"  # attribute of a decoder layer holding the MLP module
+    head: str = "lm_head"
+
+
+_GATED = ArchSpec(layers="model.layers", ffn="gated")
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": _GATED,
+    "mistral": _GATED,
+    "qwen2": _GATED,
+    "qwen3": _GATED,
+    "gemma": _GATED,
+    "gemma2": _GATED,
+    "gemma3_text": _GATED,
+    "gpt2": ArchSpec(layers="transformer.h", ffn="conv1d"),
+    "opt": ArchSpec(layers="model.decoder.layers", ffn="inline"),
+}
+
+
+class InlineMLP(nn.Module):
+    """OPT keeps fc1, its activation and fc2 on the decoder layer itself. While patched, they are
+    held here (HiReFFN's ``base_layer``) and the layer's slots run HiReFFN then pass-throughs."""
+
+    def __init__(self, fc1: nn.Linear, act: nn.Module, fc2: nn.Linear):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = fc1, act, fc2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def arch_spec(model: nn.Module) -> ArchSpec:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"unsupported architecture {model_type!r}: HiRE knows {sorted(ARCHITECTURES)}. "
+            "Add an entry to hire.patch.ARCHITECTURES for a model with the same layout."
+        )
+    return ARCHITECTURES[model_type]
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set(root: nn.Module, path: str, value: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(_get(root, parent) if parent else root, name, value)
+
+
+def ffn_weights(spec: ArchSpec, mlp: nn.Module) -> FFNWeights:
+    """Views of an FFN's weights in HiRE's neuron-major orientation."""
+    if spec.ffn == "gated":
+        return FFNWeights(
+            w_in=mlp.gate_proj.weight,
+            w_up=mlp.up_proj.weight,
+            w_out_t=mlp.down_proj.weight.t(),
+            act=mlp.act_fn,
+            b_in=mlp.gate_proj.bias,
+            b_out=mlp.down_proj.bias,
+        )
+    if spec.ffn == "conv1d":  # GPT-2's Conv1D stores (in, out)
+        return FFNWeights(
+            w_in=mlp.c_fc.weight.t(), w_out_t=mlp.c_proj.weight, act=mlp.act, b_in=mlp.c_fc.bias, b_out=mlp.c_proj.bias
+        )
+    if spec.ffn == "inline":
+        return FFNWeights(w_in=mlp.fc1.weight, w_out_t=mlp.fc2.weight.t(), act=mlp.act, b_in=mlp.fc1.bias, b_out=mlp.fc2.bias)
+    raise AssertionError(spec.ffn)
+
+
+def _ffn_proxy(weights: FFNWeights, proxy: str, group_size: int):
+    w = weights.w_in if not weights.gated else torch.cat([weights.w_in, weights.w_up])  # (I or 2I, D)
+    if proxy == "exact":
+        return ExactProxy(w.detach())
+    return QuantizedProxy.from_weight(w, bits=4 if proxy == "int4" else 8, group_size=group_size)
+
+
+def build_head_selector(
+    weight: torch.Tensor, cfg: HeadConfig, head_states: torch.Tensor | None = None, lowrank: LowRankProxy | None = None
+) -> Cascade:
+    """The candidate selector for an LM head weight (V, D) under ``cfg``."""
+    vocab, width = weight.shape
+    check_k(cfg.k, vocab, "head k")
+    check_k(cfg.candidates, vocab, "head candidates (k')")
+    if cfg.proxy in ("int4", "int8"):
+        return Cascade([QuantizedProxy.from_weight(weight, 4 if cfg.proxy == "int4" else 8, cfg.group_size)], [cfg.candidates])
+    if cfg.rank > width:
+        raise ValueError(f"head rank {cfg.rank} is above the hidden width {width}; use --head-rank <= {width}")
+    if lowrank is None:
+        if head_states is None:
+            raise ValueError(
+                f"the {cfg.proxy!r} head proxy is fitted to real hidden states: pass head_states= "
+                "(hire.calibrate.collect_head_states) or a fitted head_proxy="
+            )
+        lowrank = LowRankProxy.from_weight(weight, cfg.rank, states=head_states, u_bits=cfg.rank_bits)
+    if lowrank.shape != (vocab, width) or lowrank.rank != cfg.rank:
+        raise ValueError(
+            f"the fitted low-rank head proxy is {lowrank.shape} rank {lowrank.rank}, but the model's head is "
+            f"({vocab}, {width}) and the config asks rank {cfg.rank}: refit it for this model and config"
+        )
+    if cfg.proxy == "lowrank":
+        return Cascade([lowrank], [cfg.candidates])
+    check_k(cfg.stage_candidates, vocab, "head stage_candidates")
+    second = QuantizedProxy.from_weight(weight, cfg.bits, cfg.group_size)
+    return Cascade([lowrank, second], [cfg.stage_candidates, cfg.candidates])
+
+
+def _ffn_modules(model: nn.Module, spec: ArchSpec):
+    for i, layer in enumerate(_get(model, spec.layers)):
+        yield i, layer
+
+
+@torch.no_grad()
+def sparsify_(
+    model: nn.Module,
+    config: HiReConfig | None = None,
+    *,
+    head_states: torch.Tensor | None = None,
+    head_proxy: LowRankProxy | None = None,
+) -> nn.Module:
+    """Patch ``model`` in place: HiReLMHead on the LM head, HiReFFN on every FFN. Returns ``model``.
+
+    ``head_states`` (N, D) are real inputs of the LM head for fitting a low-rank proxy
+    (``lowrank``/``cascade``); alternatively pass an already fitted ``head_proxy``.
+    """
+    config = config or HiReConfig()
+    spec = arch_spec(model)
+    if getattr(model, "hire_config", None) is not None:
+        raise ValueError("model is already sparsified; call hire.unsparsify_(model) first")
+    if config.head.enabled:
+        base = _get(model, spec.head)
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"{spec.head} is a {type(base).__name__}, expected nn.Linear")
+        selector = build_head_selector(base.weight.detach(), config.head, head_states, head_proxy)
+        _set(model, spec.head, HiReLMHead(base, config.head, selector))
+    if config.ffn.enabled:
+        for _, layer in _ffn_modules(model, spec):
+            if spec.ffn == "inline":
+                base = InlineMLP(layer.fc1, layer.activation_fn, layer.fc2)
+            else:
+                base = getattr(layer, spec.mlp)
+            weights = ffn_weights(spec, base)
+            proxy = _ffn_proxy(weights, config.ffn.proxy, config.ffn.bits_group_size)
+            hire_ffn = HiReFFN(base, weights, config.ffn, proxy)
+            if spec.ffn == "inline":
+                layer.fc1, layer.activation_fn, layer.fc2 = hire_ffn, nn.Identity(), nn.Identity()
+            else:
+                setattr(layer, spec.mlp, hire_ffn)
+    model.hire_config = config
+    return model
+
+
+def unsparsify_(model: nn.Module) -> nn.Module:
+    """Restore the original modules; the state_dict is then identical to before ``sparsify_``."""
+    spec = arch_spec(model)
+    if getattr(model, "hire_config", None) is None:
+        raise ValueError("model is not sparsified (hire.sparsify_ was not applied)")
+    head = _get(model, spec.head)
+    if isinstance(head, HiReLMHead):
+        _set(model, spec.head, head.base_layer)
+    for _, layer in _ffn_modules(model, spec):
+        if spec.ffn == "inline" and isinstance(layer.fc1, HiReFFN):
+            base = layer.fc1.base_layer
+            layer.fc1, layer.activation_fn, layer.fc2 = base.fc1, base.act, base.fc2
+        elif isinstance(getattr(layer, spec.mlp, None), HiReFFN):
+            setattr(layer, spec.mlp, getattr(layer, spec.mlp).base_layer)
+    del model.hire_config
+    return model
+
+
+def hire_layers(model: nn.Module) -> tuple[HiReLMHead | None, list[HiReFFN]]:
+    head = next((m for m in model.modules() if isinstance(m, HiReLMHead)), None)
+    return head, [m for m in model.modules() if isinstance(m, HiReFFN)]
+
+
+def set_mode(model: nn.Module, head: str | None = None, ffn: str | None = None) -> None:
+    """Switch the HiRE layers between "decode" (HiRE for one-token steps), "always" and "dense"."""
+    head_layer, ffns = hire_layers(model)
+    if head is not None and head_layer is not None:
+        head_layer.mode = head
+    for f in ffns if ffn is not None else []:
+        f.mode = ffn

@@ -1,0 +1,50 @@
+"""A cascade of proxies: a cheap pass over all rows, finer passes over each stage's survivors."""
+
+from __future__ import annotations
+
+import torch
+
+from hire.topk import approx_topk, check_k
+
+
+class Cascade:
+    """Stage i scores the survivors of stage i-1 with its proxy and keeps its best ``keep[i]``.
+
+    With one stage this is plain HiRE candidate selection. ``select`` returns the final
+    candidate rows; the caller computes them exactly.
+    """
+
+    def __init__(self, proxies: list, keep: list[int]):
+        if not proxies or len(proxies) != len(keep):
+            raise ValueError("a cascade needs one keep count per proxy, and at least one proxy")
+        n = proxies[0].shape[0]
+        prev = n
+        for i, (proxy, count) in enumerate(zip(proxies, keep)):
+            if proxy.shape[0] != n:
+                raise ValueError(f"cascade stage {i} proxy has {proxy.shape[0]} rows, stage 0 has {n}")
+            check_k(count, prev, f"cascade stage {i} keep")
+            prev = count
+        self.proxies = proxies
+        self.keep = keep
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.proxies[0].shape
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (N, D) -> idx: (N, keep[-1])
+        idx = approx_topk(self.proxies[0].scores(x), self.keep[0])
+        rows = self.shape[0]
+        for proxy, count in zip(self.proxies[1:], self.keep[1:]):
+            if x.shape[0] * idx.shape[1] > rows:  # a batch touching more rows than exist: score all once
+                sub = proxy.scores(x).gather(-1, idx)  # (N, keep_prev)
+            else:  # decode: read only the survivors' rows
+                sub = proxy.scores_rows(x, idx)  # (N, keep_prev)
+            idx = idx.gather(-1, sub.topk(count, dim=-1, sorted=False).indices)
+        return idx
+
+    def nbytes(self) -> int:
+        total = self.proxies[0].nbytes()
+        for proxy, prev in zip(self.proxies[1:], self.keep[:-1]):
+            total += proxy.nbytes(prev)
+        return total

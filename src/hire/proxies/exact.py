@@ -1,0 +1,34 @@
+"""The exact product as a proxy: the reference every approximate proxy is tested against."""
+
+from __future__ import annotations
+
+import torch
+
+
+class ExactProxy:
+    """scores = W x exactly, reading W in 16 bits."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight  # (n, D)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor) -> "ExactProxy":
+        return cls(weight)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (N, D) -> (N, n)
+        return x @ self.weight.t().to(x.dtype)
+
+    def scores_rows(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        # x: (N, D), idx: (N, m) -> (N, m)
+        from hire.topk import rescore
+
+        return rescore(self.weight, x, idx)
+
+    def nbytes(self, rows: int | None = None) -> int:
+        n, d = self.weight.shape
+        return (n if rows is None else rows) * d * 2

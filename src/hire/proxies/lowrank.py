@@ -1,0 +1,109 @@
+"""HiRE-LR: a rank-r proxy U (V x), fitted to the hidden states the layer really sees.
+
+A plain SVD of W keeps the directions in which W is large, not the ones in which the logits W x
+vary for real inputs x. The activation-aware ("whitened") SVD minimises E||W x - U V x||^2 over
+calibration inputs instead: with Sigma = E[x x^T] = L L^T, take the best rank-r approximation of
+W L (its top right singular vectors Q_r), then U = W L Q_r and V = Q_r^T L^-1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hire.proxies.quantized import QuantizedMatrix
+
+
+class LowRankProxy:
+    """scores~ = U (V x) with U (n, r) stored in 8 or 16 bits and V (r, D) in 16 bits."""
+
+    kind = "lowrank"
+
+    def __init__(self, u: torch.Tensor | QuantizedMatrix, v: torch.Tensor):
+        self.u = u  # (n, r): a float tensor, or an 8-bit QuantizedMatrix
+        self.v = v  # (r, D)
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        rank: int,
+        states: torch.Tensor | None = None,
+        u_bits: int = 16,
+        ridge: float = 1e-4,
+    ) -> "LowRankProxy":
+        """Fit the factors; with ``states`` (N, D) the fit is activation-aware, else a plain SVD.
+
+        # weight: (n, D), states: (N, D) -> U: (n, r), V: (r, D)
+        """
+        n, width = weight.shape
+        if rank < 1 or rank > min(n, width):
+            raise ValueError(
+                f"rank {rank} must be between 1 and min(rows, width) = {min(n, width)} for a {n}x{width} weight"
+            )
+        if u_bits not in (8, 16):
+            raise ValueError(f"u_bits must be 8 or 16, got {u_bits}")
+        w = weight.detach().double()
+        if states is None:
+            chol = torch.eye(width, dtype=torch.float64)
+        else:
+            if states.dim() != 2 or states.shape[1] != width:
+                raise ValueError(f"calibration states must be (N, {width}), got {tuple(states.shape)}")
+            if states.shape[0] < width:
+                raise ValueError(
+                    f"need at least {width} calibration states to whiten a width-{width} layer, got {states.shape[0]}"
+                )
+            s = states.detach().double()
+            sigma = s.t() @ s / s.shape[0]  # (D, D)
+            sigma += ridge * sigma.diagonal().mean() * torch.eye(width, dtype=torch.float64)
+            chol = torch.linalg.cholesky(sigma)  # (D, D) lower
+        a = w @ chol  # (n, D)
+        _, eigvecs = torch.linalg.eigh(a.t() @ a)  # ascending eigenvalues
+        q = eigvecs[:, -rank:].flip(-1)  # (D, r), strongest first
+        u = a @ q  # (n, r)
+        # V = Q^T L^-1, i.e. V^T solves L^T Y = Q
+        v = torch.linalg.solve_triangular(chol.t(), q, upper=True).t()  # (r, D)
+        u_store: torch.Tensor | QuantizedMatrix
+        u_store = QuantizedMatrix.from_weight(u.float(), bits=8, group_size=rank) if u_bits == 8 else u.to(torch.float16)
+        return cls(u_store, v.to(torch.float16))
+
+    @property
+    def rank(self) -> int:
+        return self.v.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.u.shape[0], self.v.shape[1])
+
+    def _u_rows(self, rows: torch.Tensor | None, dtype) -> torch.Tensor:
+        if isinstance(self.u, QuantizedMatrix):
+            return self.u.dequantize(rows, dtype=dtype)
+        return (self.u if rows is None else self.u.index_select(0, rows)).to(dtype)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (N, D) -> (N, n)
+        z = x @ self.v.t().to(x.dtype)  # (N, r)
+        return z @ self._u_rows(None, x.dtype).t()
+
+    def scores_rows(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        # x: (N, D), idx: (N, m) -> (N, m)
+        z = x @ self.v.t().to(x.dtype)  # (N, r)
+        u = self._u_rows(idx.reshape(-1), x.dtype).reshape(*idx.shape, -1)  # (N, m, r)
+        return torch.einsum("nmr,nr->nm", u, z)
+
+    def nbytes(self, rows: int | None = None) -> int:
+        n = self.u.shape[0] if rows is None else rows
+        u_bytes = self.u.nbytes(n) if isinstance(self.u, QuantizedMatrix) else n * self.rank * 2
+        return u_bytes + self.v.numel() * 2
+
+    def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        out = {prefix + "v": self.v}
+        if isinstance(self.u, QuantizedMatrix):
+            out.update(self.u.state_dict(prefix + "u."))
+        else:
+            out[prefix + "u"] = self.u
+        return out
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], prefix: str = "") -> "LowRankProxy":
+        u = state[prefix + "u"] if prefix + "u" in state else QuantizedMatrix.from_state(state, prefix + "u.")
+        return cls(u, state[prefix + "v"])

@@ -1,0 +1,125 @@
+"""Pure tensor functions for approximate top-k: selection from proxy scores, exact rescoring of
+a candidate set, and recall. No modules, no model knowledge."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def check_k(k: int, n: int, what: str = "k") -> None:
+    """Raise a clear error unless 1 <= k <= n."""
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise TypeError(f"{what} must be an int, got {type(k).__name__}")
+    if k <= 0:
+        raise ValueError(f"{what} must be >= 1, got {k}")
+    if k > n:
+        raise ValueError(f"{what}={k} exceeds the number of rows n={n}; use {what} <= {n}")
+
+
+def approx_topk(proxy_scores: torch.Tensor, candidates: int) -> torch.Tensor:
+    """Indices of the ``candidates`` best rows by proxy score (the over-selected set S, |S| = k').
+
+    # proxy_scores: (N, n) -> idx: (N, k')
+    """
+    check_k(candidates, proxy_scores.shape[-1], "candidates (k')")
+    return proxy_scores.topk(candidates, dim=-1, sorted=False).indices
+
+
+def rescore(weight: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Exact scores of the candidate rows only: reads |S| rows of ``weight``.
+
+    # weight: (n, D), x: (N, D), idx: (N, k') -> (N, k')
+    """
+    if x.dim() != 2 or idx.dim() != 2 or idx.shape[0] != x.shape[0]:
+        raise ValueError(f"rescore wants x (N, D) and idx (N, k'), got {tuple(x.shape)} and {tuple(idx.shape)}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight width {weight.shape[1]} does not match x width {x.shape[1]}")
+    if x.shape[0] == 1:  # decode: one gather of k' contiguous rows, one small GEMV
+        rows = weight.index_select(0, idx[0])  # (k', D)
+        return torch.nn.functional.linear(x.to(rows.dtype), rows).to(x.dtype)
+    if x.shape[0] * idx.shape[1] > weight.shape[0]:  # a batch touching every row anyway: one GEMM
+        return torch.nn.functional.linear(x.to(weight.dtype), weight).gather(-1, idx).to(x.dtype)
+    rows = weight[idx]  # (N, k', D)
+    return torch.einsum("nkd,nd->nk", rows, x.to(rows.dtype)).to(x.dtype)
+
+
+def select_topk(candidate_scores: torch.Tensor, candidate_idx: torch.Tensor, k: int):
+    """The final top-k among exactly scored candidates, as (values, row indices), sorted descending.
+
+    # candidate_scores: (N, k'), candidate_idx: (N, k') -> values: (N, k), idx: (N, k)
+    """
+    check_k(k, candidate_scores.shape[-1], "k")
+    values, pos = candidate_scores.topk(k, dim=-1)
+    return values, candidate_idx.gather(-1, pos)
+
+
+def scatter_scores(n: int, idx: torch.Tensor, values: torch.Tensor, fill: float = float("-inf")) -> torch.Tensor:
+    """A full (N, n) score tensor holding ``values`` at ``idx`` and ``fill`` elsewhere.
+
+    # idx, values: (N, m) -> (N, n)
+    """
+    out = values.new_full((values.shape[0], n), fill)
+    return out.scatter_(-1, idx, values)
+
+
+def recall_at_k(true_idx: torch.Tensor, approx_idx: torch.Tensor) -> torch.Tensor:
+    """Per row, the fraction of the true top-k rows that the approximate set contains.
+
+    # true_idx: (N, k), approx_idx: (N, m) -> (N,)
+    """
+    hits = (true_idx.unsqueeze(-1) == approx_idx.unsqueeze(-2)).any(-1)  # (N, k)
+    return hits.float().mean(-1)
+
+
+def mask_recall(true_mask: torch.Tensor, approx_mask: torch.Tensor) -> torch.Tensor:
+    """Recall with sets given as boolean masks over the n rows.
+
+    # true_mask, approx_mask: (N, n) bool -> (N,)
+    """
+    hit = (true_mask & approx_mask).sum(-1).float()
+    return hit / true_mask.sum(-1).clamp_min(1).float()
+
+
+def group_scores(scores: torch.Tensor, group_size: int, aggregate: str = "sum") -> torch.Tensor:
+    """Scores of contiguous groups of ``group_size`` rows.
+
+    # scores: (N, n) -> (N, n // group_size)
+    """
+    n = scores.shape[-1]
+    if group_size < 1 or n % group_size:
+        raise ValueError(f"group_size {group_size} must divide the number of rows {n}")
+    grouped = scores.reshape(*scores.shape[:-1], n // group_size, group_size)
+    if aggregate == "sum":
+        return grouped.sum(-1)
+    if aggregate == "max":
+        return grouped.amax(-1)
+    raise ValueError(f"aggregate must be 'sum' or 'max', got {aggregate!r}")
+
+
+def expand_groups(group_idx: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Row indices of whole groups, each group's rows contiguous.
+
+    # group_idx: (N, g) -> (N, g * group_size)
+    """
+    offsets = torch.arange(group_size, device=group_idx.device)
+    return (group_idx.unsqueeze(-1) * group_size + offsets).reshape(group_idx.shape[0], -1)
+
+
+def idx_to_mask(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """# idx: (N, m) -> (N, n) bool"""
+    mask = torch.zeros(idx.shape[0], n, dtype=torch.bool, device=idx.device)
+    return mask.scatter_(-1, idx, True)
+
+
+def count_for_density(n: int, density: float, group_size: int = 1) -> int:
+    """Number of groups that keeps ``density`` of n rows (at least one group)."""
+    if n % group_size:
+        raise ValueError(f"group_size {group_size} must divide the number of rows {n}")
+    groups = n // group_size
+    return max(1, min(groups, round(density * groups)))
+
+
+def ceil_count(count: int, factor: float, limit: int) -> int:
+    return max(count, min(limit, math.ceil(count * factor)))

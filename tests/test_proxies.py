@@ -1,0 +1,111 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hire.proxies import Cascade, ExactProxy, LowRankProxy, QuantizedMatrix, QuantizedProxy
+from hire.topk import recall_at_k
+
+
+def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    return float(10 * torch.log10(ref.pow(2).sum() / (ref - approx).pow(2).sum()))
+
+
+@given(st.sampled_from([4, 8]), st.integers(1, 20), st.integers(1, 70), st.sampled_from([1, 8, 16, 64]), st.integers(0, 999))
+def test_quantization_error_within_half_a_step(bits, n, d, group, seed):
+    torch.manual_seed(seed)
+    w = torch.randn(n, d)
+    q = QuantizedMatrix.from_weight(w, bits, group)
+    deq = q.dequantize()
+    assert deq.shape == (n, d)
+    g = q.group_size
+    pad = q.packed.shape[1] * (2 if bits == 4 else 1) - d
+    step = q.scales.float().repeat_interleave(g, dim=1)[:, : d + pad][:, :d]
+    assert bool(((w - deq).abs() <= step / 2 + 1e-3 * step + 1e-6).all())
+
+
+@pytest.mark.parametrize("bits,floor_db", [(8, 38.0), (4, 16.0)])
+def test_quantized_scores_sqnr(bits, floor_db):
+    w, x = torch.randn(512, 128), torch.randn(16, 128)
+    proxy = QuantizedProxy.from_weight(w, bits, 32)
+    assert sqnr_db(x @ w.t(), proxy.scores(x)) > floor_db
+
+
+def test_quantized_rows_match_full_scores():
+    w, x = torch.randn(200, 40), torch.randn(3, 40)
+    proxy = QuantizedProxy.from_weight(w, 4, 16)
+    idx = torch.randint(0, 200, (3, 17))
+    torch.testing.assert_close(proxy.scores_rows(x, idx), proxy.scores(x).gather(-1, idx), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(proxy.scores_rows(x[:1], idx[:1]), proxy.scores(x[:1]).gather(-1, idx[:1]), rtol=1e-5, atol=1e-5)
+
+
+def test_bytes_are_what_a_kernel_streams():
+    w = torch.randn(1000, 128)
+    q4, q8 = QuantizedProxy.from_weight(w, 4, 64), QuantizedProxy.from_weight(w, 8, 64)
+    assert q4.nbytes() == 1000 * (64 + 2 * 2)  # 128 nibbles + 2 fp16 scales per row
+    assert q8.nbytes() == 1000 * (128 + 2 * 2)
+    assert ExactProxy(w).nbytes() == 1000 * 128 * 2
+    lr = LowRankProxy.from_weight(w, 16)
+    assert lr.nbytes() == 1000 * 16 * 2 + 16 * 128 * 2
+
+
+def test_full_rank_lowrank_reproduces_weight():
+    w, x = torch.randn(300, 32), torch.randn(8, 32)
+    lr = LowRankProxy.from_weight(w, 32)
+    assert sqnr_db(x @ w.t(), lr.scores(x)) > 60  # fp16 factors
+
+
+def test_activation_aware_fit_beats_plain_svd_on_real_like_states():
+    torch.manual_seed(1)
+    d, n, r = 64, 2000, 8
+    w = torch.randn(n, d)
+    mix = torch.randn(d, d) * torch.logspace(0, -3, d)  # states live in a few directions
+    states = torch.randn(4000, d) @ mix.t()
+    test = torch.randn(500, d) @ mix.t()
+    true = (test @ w.t()).topk(10, dim=-1).indices
+    plain = LowRankProxy.from_weight(w, r)
+    aware = LowRankProxy.from_weight(w, r, states=states)
+    rec = lambda p: recall_at_k(true, p.scores(test).topk(100, dim=-1).indices).mean().item()
+    assert rec(aware) > rec(plain) + 0.2
+    assert rec(aware) > 0.95
+
+
+def test_lowrank_bad_inputs():
+    w = torch.randn(50, 16)
+    with pytest.raises(ValueError, match="rank 17"):
+        LowRankProxy.from_weight(w, 17)
+    with pytest.raises(ValueError, match="rank 0"):
+        LowRankProxy.from_weight(w, 0)
+    with pytest.raises(ValueError, match="calibration states must be"):
+        LowRankProxy.from_weight(w, 4, states=torch.randn(100, 8))
+    with pytest.raises(ValueError, match="at least 16 calibration states"):
+        LowRankProxy.from_weight(w, 4, states=torch.randn(5, 16))
+
+
+@pytest.mark.parametrize("u_bits", [8, 16])
+def test_state_round_trip(u_bits):
+    w, x = torch.randn(100, 24), torch.randn(2, 24)
+    lr = LowRankProxy.from_weight(w, 6, states=torch.randn(200, 24), u_bits=u_bits)
+    back = LowRankProxy.from_state(lr.state_dict())
+    assert torch.equal(lr.scores(x), back.scores(x))
+    q = QuantizedProxy.from_weight(w, 4, 8)
+    assert torch.equal(QuantizedProxy.from_state(q.state_dict()).scores(x), q.scores(x))
+
+
+def test_cascade_refines_survivors_and_counts_bytes():
+    w, x = torch.randn(4096, 64), torch.randn(1, 64)
+    lr = LowRankProxy.from_weight(w, 16, u_bits=8)
+    q4 = QuantizedProxy.from_weight(w, 4, 32)
+    cascade = Cascade([lr, q4], [1024, 64])
+    idx = cascade.select(x)
+    assert idx.shape == (1, 64)
+    assert set(idx[0].tolist()) <= set(lr.scores(x).topk(1024).indices[0].tolist())
+    assert cascade.nbytes() == lr.nbytes() + q4.nbytes(1024)
+    batch = torch.cat([x, torch.randn(40, 64)])  # the batched path scores everything once
+    assert torch.equal(cascade.select(batch)[0].sort().values, idx[0].sort().values)
+
+
+def test_cascade_bad_keep():
+    w = torch.randn(100, 8)
+    with pytest.raises(ValueError, match="stage 1 keep"):
+        Cascade([ExactProxy(w), ExactProxy(w)], [10, 20])
