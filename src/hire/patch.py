@@ -32,7 +32,6 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen2": _GATED,
     "qwen3": _GATED,
     "gemma": _GATED,
-    "gemma2": _GATED,
     "gemma3_text": _GATED,
     "gpt2": ArchSpec(layers="transformer.h", ffn="conv1d"),
     "opt": ArchSpec(layers="model.decoder.layers", ffn="inline"),
@@ -130,9 +129,14 @@ def build_head_selector(
     return Cascade([lowrank, second], [cfg.stage_candidates, cfg.candidates])
 
 
-def _ffn_modules(model: nn.Module, spec: ArchSpec):
-    for i, layer in enumerate(_get(model, spec.layers)):
-        yield i, layer
+def _ffn_swap(spec: ArchSpec, layer: nn.Module, hire_ffn: HiReFFN):
+    def swap():
+        if spec.ffn == "inline":
+            layer.fc1, layer.activation_fn, layer.fc2 = hire_ffn, nn.Identity(), nn.Identity()
+        else:
+            setattr(layer, spec.mlp, hire_ffn)
+
+    return swap
 
 
 @torch.no_grad()
@@ -152,25 +156,29 @@ def sparsify_(
     spec = arch_spec(model)
     if getattr(model, "hire_config", None) is not None:
         raise ValueError("model is already sparsified; call hire.unsparsify_(model) first")
+    swaps = []  # everything is built (and validated) before the first module is swapped
     if config.head.enabled:
+        softcap = getattr(model.config, "final_logit_softcapping", None)
+        if softcap:
+            raise ValueError(
+                f"this model soft-caps its logits after the LM head (final_logit_softcapping={softcap}), which "
+                "would turn HiRE's -inf for skipped rows into -cap and give them probability; "
+                "disable the HiRE head (--no-head / HeadConfig(enabled=False))"
+            )
         base = _get(model, spec.head)
         if not isinstance(base, nn.Linear):
             raise ValueError(f"{spec.head} is a {type(base).__name__}, expected nn.Linear")
         selector = build_head_selector(base.weight.detach(), config.head, head_states, head_proxy)
-        _set(model, spec.head, HiReLMHead(base, config.head, selector))
+        head = HiReLMHead(base, config.head, selector)
+        swaps.append(lambda: _set(model, spec.head, head))
     if config.ffn.enabled:
-        for _, layer in _ffn_modules(model, spec):
-            if spec.ffn == "inline":
-                base = InlineMLP(layer.fc1, layer.activation_fn, layer.fc2)
-            else:
-                base = getattr(layer, spec.mlp)
+        for layer in _get(model, spec.layers):
+            base = InlineMLP(layer.fc1, layer.activation_fn, layer.fc2) if spec.ffn == "inline" else getattr(layer, spec.mlp)
             weights = ffn_weights(spec, base)
             proxy = _ffn_proxy(weights, config.ffn.proxy, config.ffn.bits_group_size)
-            hire_ffn = HiReFFN(base, weights, config.ffn, proxy)
-            if spec.ffn == "inline":
-                layer.fc1, layer.activation_fn, layer.fc2 = hire_ffn, nn.Identity(), nn.Identity()
-            else:
-                setattr(layer, spec.mlp, hire_ffn)
+            swaps.append(_ffn_swap(spec, layer, HiReFFN(base, weights, config.ffn, proxy)))
+    for swap in swaps:
+        swap()
     model.hire_config = config
     return model
 
@@ -183,7 +191,7 @@ def unsparsify_(model: nn.Module) -> nn.Module:
     head = _get(model, spec.head)
     if isinstance(head, HiReLMHead):
         _set(model, spec.head, head.base_layer)
-    for _, layer in _ffn_modules(model, spec):
+    for layer in _get(model, spec.layers):
         if spec.ffn == "inline" and isinstance(layer.fc1, HiReFFN):
             base = layer.fc1.base_layer
             layer.fc1, layer.activation_fn, layer.fc2 = base.fc1, base.act, base.fc2

@@ -172,7 +172,6 @@ def _convert(gguf: Path, entry: Path) -> None:
             p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()
         }
         (tmp / MANIFEST).write_text(json.dumps({"format": CACHE_FORMAT, "source": str(gguf), "files": files}, indent=1))
-        shutil.rmtree(entry, ignore_errors=True)
         os.replace(tmp, entry)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -183,6 +182,9 @@ def _load_dir(path: Path, dtype: torch.dtype):
 
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a cached load takes seconds; its bars are noise
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
@@ -203,6 +205,7 @@ def gguf_cache_dir(gguf: Path) -> Path:
         if problem is None:
             return entry
         log.warning("cache %s is unusable (%s); rebuilding it", entry, problem)
+        shutil.rmtree(entry)
     _convert(gguf, entry)
     return entry
 

@@ -1,0 +1,80 @@
+import json
+
+import pytest
+import torch
+
+from hire.cli import build_config, main, make_parser
+from tiny_models import make
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "<s>": 1}
+    for word in "the and of to a i you my in that is not with me it be your his this but he have as thou so".split():
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    make("llama").save_pretrained(tmp_path)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+def test_eval_json_on_a_model_directory(model_dir, capsys):
+    code = main(["eval", "--model", model_dir, "--windows", "2", "--seq-len", "64", "--calib-windows", "2",
+                 "--head-rank", "8", "--head-candidates", "64", "--head-stage-candidates", "128", "--ffn-density", "0.5",
+                 "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["model"] == model_dir
+    assert result["positions"] == 128
+    assert result["config"]["head"]["proxy"] == "cascade" and result["config"]["ffn"]["density"] == 0.5
+    for key in ("ppl_dense", "ppl_hire", "greedy_agreement", "head_recall_at_1", "head_recall_at_k",
+                "head_greedy_agreement", "ffn_recall", "bytes_per_token_dense", "bytes_per_token_hire",
+                "head_bytes_fraction"):
+        assert isinstance(result[key], float | int), key
+
+
+def test_eval_table(model_dir, capsys):
+    assert main(["eval", "--model", model_dir, "--windows", "1", "--seq-len", "32", "--head-proxy", "int8",
+                 "--head-candidates", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "perplexity" in out and "recall@50" in out and "ideal decode speedup" in out
+
+
+def test_generate_streams(model_dir, capsys):
+    assert main(["generate", "--model", model_dir, "--prompt", "the and of", "--max-new-tokens", "5",
+                 "--head-proxy", "int8", "--head-candidates", "64"]) == 0
+    captured = capsys.readouterr()
+    assert "tokens/s" in captured.err and "HiRE" in captured.err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["eval", "--ffn-density", "1.5"], "density must be in (0, 1]"),
+        (["eval", "--head-k", "0"], "head k must be >= 1"),
+        (["eval", "--head-k", "300", "--head-candidates", "100"], "must be >= k"),
+        (["eval", "--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["eval", "--config", "/nonexistent/c.json"], "does not exist"),
+    ],
+)
+def test_bad_input_is_a_clear_error(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_flags_override_the_recommended_config():
+    args = make_parser().parse_args(["eval", "--model", "gemma3-270m", "--ffn-density", "0.4", "--no-head"])
+    cfg = build_config(args)
+    assert cfg.ffn.density == 0.4 and not cfg.head.enabled
+    assert cfg.head.stage_candidates == 8192  # from gemma3-270m's recommended settings
+
+
+def test_help_describes_the_verbs(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "eval" in out and "generate" in out

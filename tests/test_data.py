@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from hire.data import load_corpus, token_windows
+
+
+def test_calibration_and_evaluation_never_overlap():
+    corpus = load_corpus()
+    assert corpus.evaluation and corpus.calibration
+    assert not set(corpus.evaluation) & set(corpus.calibration)
+    cal_lines = {line.strip() for line in corpus.text("calibration").splitlines() if len(line.strip()) >= 60}
+    eval_lines = [line.strip() for line in corpus.text("evaluation").splitlines() if len(line.strip()) >= 60]
+    shared = [line for line in eval_lines if line in cal_lines]
+    assert len(shared) <= 0.002 * len(eval_lines), shared[:5]  # stock phrases only, no shared passages
+    assert len(corpus.text("evaluation")) > 1_000_000  # about a million characters of held-out text
+
+
+class FakeTokenizer:
+    def __init__(self, bos):
+        self.bos_token_id = 1 if bos else None
+        self.bos = bos
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [ord(c) % 50 + 10 for c in text]
+        if self.bos and add_special_tokens:
+            ids = [1] + ids
+
+        class Out:
+            input_ids = ids
+
+        return Out()
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_token_windows_start_with_bos_when_the_model_wants_it(bos):
+    windows = token_windows(FakeTokenizer(bos), "x" * 1000, seq_len=16, max_windows=3)
+    assert windows.shape == (3, 16)
+    assert bool((windows[:, 0] == 1).all()) == bos
+    assert not bool((windows[:, 1:] == 1).any())
+
+
+def test_token_windows_errors():
+    with pytest.raises(ValueError, match="too short"):
+        token_windows(FakeTokenizer(False), "abc", seq_len=16, max_windows=2)
+    with pytest.raises(ValueError, match="seq_len"):
+        token_windows(FakeTokenizer(False), "abc", seq_len=1, max_windows=2)

@@ -1,0 +1,54 @@
+"""The packaged real models, end to end (slow: conversion on first use, then about a minute each).
+
+They hold the figures the README reports, on fewer positions: the recommended settings keep
+LM-head recall and FFN perplexity within the issue's bounds.
+"""
+
+import pytest
+import torch
+
+import hire
+from hire.calibrate import cached_head_proxy
+from hire.data import load_corpus, token_windows
+from hire.eval import evaluate
+from hire.recommended import recommended_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", params=["smollm2-135m", "gemma3-270m"])
+def loaded(request):
+    model, tokenizer = hire.load_model(request.param)
+    return request.param, model, tokenizer
+
+
+@torch.no_grad()
+def test_recommended_settings_hold_on_held_out_text(loaded):
+    name, model, tokenizer = loaded
+    cfg = recommended_config(name)
+    corpus = load_corpus()
+    proxy = cached_head_proxy(model, cfg.head, token_windows(tokenizer, corpus.text("calibration"), 512, 16), progress=False)
+    windows = token_windows(tokenizer, corpus.text("evaluation"), 512, 2)
+    r = evaluate(model, windows, cfg, head_proxy=proxy, progress=False)
+    assert r["head_recall_at_1"] >= 0.995
+    assert r["head_recall_at_k"] >= 0.99
+    assert r["head_greedy_agreement"] >= 0.99
+    assert r["head_bytes_fraction"] <= 0.15
+    assert r["ppl_increase"] <= 0.03
+    assert r["bytes_per_token_hire"] < r["bytes_per_token_dense"]
+    if name == "gemma3-270m":  # with its BOS at every window, Gemma's perplexity is sane
+        assert r["ppl_dense"] < 100
+
+
+@torch.no_grad()
+def test_patched_generate_with_all_rows_equals_dense(loaded):
+    name, model, tokenizer = loaded
+    inputs = tokenizer("To be, or not to be, that is the question:", return_tensors="pt")
+    dense = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    cfg = hire.HiReConfig(head=hire.HeadConfig(k=50, candidates=vocab, proxy="int4"), ffn=hire.FFNConfig(density=1.0))
+    hire.sparsify_(model, cfg)
+    try:
+        assert torch.equal(model.generate(**inputs, max_new_tokens=10, do_sample=False), dense)
+    finally:
+        hire.unsparsify_(model)

@@ -1,0 +1,57 @@
+"""Tiny random-config models of every architecture in hire.patch.ARCHITECTURES' test table."""
+
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    Gemma3ForCausalLM,
+    GemmaConfig,
+    GemmaForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+VOCAB, WIDTH, FFN = 384, 64, 128
+_common = dict(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=FFN, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+
+def make(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**_common, tie_word_embeddings=True))
+    elif arch == "mistral":
+        model = MistralForCausalLM(MistralConfig(**_common, tie_word_embeddings=False))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**_common, tie_word_embeddings=False))
+    elif arch == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**_common, head_dim=16, tie_word_embeddings=True))
+    elif arch == "gemma":
+        model = GemmaForCausalLM(GemmaConfig(**_common, head_dim=16))
+    elif arch == "gemma3_text":
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**_common, head_dim=16, sliding_window=32, query_pre_attn_scalar=16))
+    elif arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=WIDTH, n_inner=FFN, n_layer=2, n_head=4, n_positions=256))
+    elif arch == "opt":
+        model = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=WIDTH, ffn_dim=FFN, num_hidden_layers=2,
+                                         num_attention_heads=4, word_embed_proj_dim=WIDTH, max_position_embeddings=256))
+    else:
+        raise ValueError(arch)
+    # random init leaves a flat softmax: sharpen it so greedy decoding is not a coin toss
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(3.0)
+    return model.eval()
+
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "gpt2", "opt"]
