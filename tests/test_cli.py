@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from hire.cli import build_config, main, make_parser
 from tiny_models import make

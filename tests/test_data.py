@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from hire.data import load_corpus, token_windows
 

@@ -60,16 +60,13 @@ def arch_spec(model: nn.Module) -> ArchSpec:
     return ARCHITECTURES[model_type]
 
 
-def _get(root: nn.Module, path: str) -> nn.Module:
-    obj = root
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
+def head_module(model: nn.Module) -> nn.Module:
+    """The LM head (a HiReLMHead while patched)."""
+    return model.get_submodule(arch_spec(model).head)
 
 
-def _set(root: nn.Module, path: str, value: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(_get(root, parent) if parent else root, name, value)
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.get_submodule(arch_spec(model).layers)
 
 
 def ffn_weights(spec: ArchSpec, mlp: nn.Module) -> FFNWeights:
@@ -165,14 +162,14 @@ def sparsify_(
                 "would turn HiRE's -inf for skipped rows into -cap and give them probability; "
                 "disable the HiRE head (--no-head / HeadConfig(enabled=False))"
             )
-        base = _get(model, spec.head)
+        base = model.get_submodule(spec.head)
         if not isinstance(base, nn.Linear):
             raise ValueError(f"{spec.head} is a {type(base).__name__}, expected nn.Linear")
         selector = build_head_selector(base.weight.detach(), config.head, head_states, head_proxy)
         head = HiReLMHead(base, config.head, selector)
-        swaps.append(lambda: _set(model, spec.head, head))
+        swaps.append(lambda: model.set_submodule(spec.head, head))
     if config.ffn.enabled:
-        for layer in _get(model, spec.layers):
+        for layer in decoder_layers(model):
             base = InlineMLP(layer.fc1, layer.activation_fn, layer.fc2) if spec.ffn == "inline" else getattr(layer, spec.mlp)
             weights = ffn_weights(spec, base)
             proxy = _ffn_proxy(weights, config.ffn.proxy, config.ffn.bits_group_size)
@@ -188,10 +185,10 @@ def unsparsify_(model: nn.Module) -> nn.Module:
     spec = arch_spec(model)
     if getattr(model, "hire_config", None) is None:
         raise ValueError("model is not sparsified (hire.sparsify_ was not applied)")
-    head = _get(model, spec.head)
+    head = head_module(model)
     if isinstance(head, HiReLMHead):
-        _set(model, spec.head, head.base_layer)
-    for layer in _get(model, spec.layers):
+        model.set_submodule(spec.head, head.base_layer)
+    for layer in decoder_layers(model):
         if spec.ffn == "inline" and isinstance(layer.fc1, HiReFFN):
             base = layer.fc1.base_layer
             layer.fc1, layer.activation_fn, layer.fc2 = base.fc1, base.act, base.fc2

@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hire.config import HeadConfig
-from hire.patch import arch_spec, _get
+from hire.patch import head_module
 from hire.proxies import LowRankProxy
 
 
@@ -22,7 +22,7 @@ def collect_head_states(model: nn.Module, windows: torch.Tensor, progress: bool 
 
     # windows: (W, T) -> states: (W * T, D)
     """
-    head = _get(model, arch_spec(model).head)
+    head = head_module(model)
     captured: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda mod, args, out: captured.append(args[0].detach().reshape(-1, args[0].shape[-1])))
     try:
@@ -35,7 +35,7 @@ def collect_head_states(model: nn.Module, windows: torch.Tensor, progress: bool 
 
 
 def head_weight(model: nn.Module) -> torch.Tensor:
-    head = _get(model, arch_spec(model).head)
+    head = head_module(model)
     return getattr(head, "base_layer", head).weight.detach()
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from hire.layers import HiReFFN, HiReLMHead
-from hire.patch import _get, arch_spec
+from hire.patch import arch_spec, decoder_layers, head_module
 
 BYTES_16 = 2
 PARTS = ("head", "ffn", "attention", "embedding", "other")
@@ -20,7 +20,7 @@ def _ffn_modules(model: nn.Module) -> list[nn.Module]:
     """Each layer's FFN as a module holding its weights (the original, when patched)."""
     spec = arch_spec(model)
     out = []
-    for layer in _get(model, spec.layers):
+    for layer in decoder_layers(model):
         mod = layer.fc1 if spec.ffn == "inline" else getattr(layer, spec.mlp)
         if isinstance(mod, HiReFFN):
             out.append(mod.base_layer)
@@ -34,13 +34,12 @@ def _ffn_modules(model: nn.Module) -> list[nn.Module]:
 def bytes_per_token(model: nn.Module) -> dict:
     """{"dense": {part: bytes}, "hire": {part: bytes}} over PARTS plus "total". Parts HiRE does
     not touch read the same in both."""
-    spec = arch_spec(model)
-    head = _get(model, spec.head)
+    head = head_module(model)
     head_base = head.base_layer if isinstance(head, HiReLMHead) else head
     embedding = model.get_input_embeddings().weight
     head_ids = {id(p) for p in head_base.parameters()}
     ffn_ids = {id(p) for m in _ffn_modules(model) for p in m.parameters()}
-    layer_ids = {id(p) for p in _get(model, spec.layers).parameters()}
+    layer_ids = {id(p) for p in decoder_layers(model).parameters()}
 
     dense = dict.fromkeys(PARTS, 0)
     dense["embedding"] = embedding.shape[1] * BYTES_16  # one row per token, even when tied to the head

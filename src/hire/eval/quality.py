@@ -17,13 +17,13 @@ from tqdm.auto import tqdm
 
 from hire.config import HiReConfig
 from hire.eval.bytes import bytes_per_token
-from hire.patch import _get, arch_spec, hire_layers, set_mode, sparsify_, unsparsify_
+from hire.patch import head_module, hire_layers, set_mode, sparsify_, unsparsify_
 from hire.topk import recall_at_k
 
 
 def _forward_capture(model: nn.Module, window: torch.Tensor):
     """Logits and LM-head inputs of one window. # window: (T,) -> (T, V), (T, D)"""
-    head = _get(model, arch_spec(model).head)
+    head = head_module(model)
     captured = []
     hook = head.register_forward_hook(lambda m, a, o: captured.append(a[0].detach()))
     try:
