@@ -59,7 +59,7 @@ def build_config(args: argparse.Namespace) -> HiReConfig:
     return HiReConfig.from_dict(data)
 
 
-def _prepare(args, config):
+def _prepare(args, config, fit: bool = True):
     """Load the model and fit (or fetch from the cache) what the config needs."""
     from hire.calibrate import cached_head_proxy, needs_states
     from hire.data import load_corpus, token_windows
@@ -67,7 +67,7 @@ def _prepare(args, config):
 
     model, tokenizer = load_model(args.model)
     head_proxy = None
-    if needs_states(config.head):
+    if fit and needs_states(config.head):
         calib = token_windows(tokenizer, load_corpus().text("calibration"), args.seq_len, args.calib_windows)
         head_proxy = cached_head_proxy(model, config.head, calib, progress=not getattr(args, "json", False))
     return model, tokenizer, head_proxy
@@ -118,33 +118,140 @@ def format_eval(r: dict) -> str:
     return "\n".join(lines)
 
 
+DEFAULT_PROMPT = "The king's daughter walked alone by the river, and as the evening fell she began to sing"
+
+
+def _encode(tokenizer, text: str):
+    return tokenizer(text, return_tensors="pt").input_ids[0]
+
+
 def cmd_generate(args) -> int:
+    import torch
+
+    from hire.engine import SUPPORTED, Engine
+
+    config = None if args.dense else build_config(args)
+    model, tokenizer, head_proxy = _prepare(args, config or build_config(args), fit=not args.dense)
+    prompt = _encode(tokenizer, args.prompt)
+    if model.config.model_type not in SUPPORTED:
+        return _generate_transformers(args, model, tokenizer, config, head_proxy, prompt)
+    engine = Engine(model, config, head_proxy=head_proxy, dtype=getattr(torch, args.dtype),
+                    max_seq_len=prompt.numel() + args.max_new_tokens)
+    ids: list[int] = []
+    shown = ""
+
+    def stream(token: int) -> None:
+        nonlocal shown
+        ids.append(token)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        print(text[len(shown):], end="", flush=True)
+        shown = text
+
+    print(args.prompt, end="", flush=True)
+    stop = tuple(t for t in [tokenizer.eos_token_id] if t is not None)
+    stats = engine.generate(prompt, args.max_new_tokens, hire=not args.dense, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=stop, on_token=stream)
+    print(f"\n[{'dense' if args.dense else 'HiRE'} engine, {args.dtype}: {stats.new_tokens} tokens, "
+          f"{stats.tokens_per_s:.1f} tokens/s decode, prefill {1000 * stats.prefill_s:.0f} ms]", file=sys.stderr)
+    return 0
+
+
+def _generate_transformers(args, model, tokenizer, config, head_proxy, prompt) -> int:
+    """Architectures the engine does not run: the patched model through transformers' generate()."""
     import torch
     from transformers import TextStreamer
 
     from hire.patch import sparsify_
 
-    config = build_config(args)
-    if args.dense:
-        from hire.models import load_model
-
-        model, tokenizer = load_model(args.model)
-    else:
-        model, tokenizer, head_proxy = _prepare(args, config)
+    if config is not None:
         sparsify_(model, config, head_proxy=head_proxy)
-    inputs = tokenizer(args.prompt, return_tensors="pt")
-    streamer = TextStreamer(tokenizer, skip_special_tokens=True)
     sampling = dict(do_sample=args.temperature > 0)
     if args.temperature > 0:
         sampling.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer, **sampling)
+    out = model.generate(prompt[None], max_new_tokens=args.max_new_tokens,
+                         streamer=TextStreamer(tokenizer, skip_special_tokens=True), **sampling)
     elapsed = time.perf_counter() - start
-    new = out.shape[1] - inputs["input_ids"].shape[1]
-    print(f"\n[{'dense' if args.dense else 'HiRE'}: {new} tokens in {elapsed:.1f} s, {new / elapsed:.1f} tokens/s "
-          "through transformers generate()]", file=sys.stderr)
+    new = out.shape[1] - prompt.numel()
+    print(f"\n[{'dense' if config is None else 'HiRE'}: {new} tokens in {elapsed:.1f} s, {new / elapsed:.1f} tokens/s "
+          "through transformers generate(); the engine does not run this architecture]", file=sys.stderr)
     return 0
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from hire.bench import run_bench
+    from hire.bench.decode import llama_cpp_tokens_per_s, plot_bench, transformers_tokens_per_s
+    from hire.engine import Engine
+    from hire.models import BUILTIN_MODELS
+
+    torch.set_num_threads(args.threads)
+    config = build_config(args)
+    model, tokenizer, head_proxy = _prepare(args, config)
+    prompt = _encode(tokenizer, args.prompt)
+    extra = {}
+    if args.vs_transformers:  # before the engine casts and patches the model
+        extra["tokens_per_s_transformers"] = transformers_tokens_per_s(model, prompt, args.tokens)
+    if args.llama_cpp:
+        gguf = BUILTIN_MODELS[args.model].locate() if args.model in BUILTIN_MODELS else (
+            args.model if args.model.endswith(".gguf") else None)
+        extra["llama_cpp"] = (llama_cpp_tokens_per_s(gguf, args.prompt, args.tokens) if gguf else
+                              {"available": False, "reason": "no GGUF file for this model"})
+    engine = Engine(model, config, head_proxy=head_proxy, dtype=getattr(torch, args.dtype),
+                    max_seq_len=prompt.numel() + args.tokens + 1)
+    result = {"model": args.model, "config": config.to_dict()}
+    result.update(run_bench(engine, prompt, tokens=args.tokens, rounds=args.rounds, warmup=args.warmup,
+                            breakdown=not args.no_breakdown, progress=not args.json))
+    result.update(extra)
+    if "tokens_per_s_transformers" in result:
+        result["engine_dense_vs_transformers"] = result["tokens_per_s_dense"] / result["tokens_per_s_transformers"]
+    if args.plot:
+        plot_bench(result, args.plot)
+    print(json.dumps(result, indent=2) if args.json else format_bench(result))
+    return 0
+
+
+def format_bench(r: dict) -> str:
+    mb = 1 / 2**20
+    lines = [
+        f"model {r['model']}, {r['dtype']}, {r['threads']} threads: {r['new_tokens']} new tokens after a "
+        f"{r['prompt_tokens']}-token prompt, {r['rounds']} interleaved rounds (medians)",
+        "",
+        f"{'':22s} {'dense':>10s} {'HiRE':>10s}",
+        f"{'decode tokens/s':22s} {r['tokens_per_s_dense']:10.1f} {r['tokens_per_s_hire']:10.1f}   speedup {r['speedup']:.2f}x",
+        f"{'ms per token':22s} {r['ms_per_token_dense']:10.2f} {r['ms_per_token_hire']:10.2f}",
+        f"{'MiB read per token':22s} {r['bytes_per_token_dense'] * mb:10.1f} {r['bytes_per_token_hire'] * mb:10.1f}"
+        f"   ideal speedup {r['ideal_speedup']:.2f}x, reached {100 * r['fraction_of_ideal']:.0f} %",
+        f"{'achieved GB/s':22s} {r['bandwidth_gb_s_dense']:10.2f} {r['bandwidth_gb_s_hire']:10.2f}",
+    ]
+    if "ms_per_part_dense" in r:
+        lines.append("")
+        lines.append(f"{'per part':22s} {'ms dense':>10s} {'ms HiRE':>10s} {'MiB dense':>10s} {'MiB HiRE':>10s}")
+        for part in ("head", "ffn", "attention", "other"):
+            bd = r["bytes_dense"][part] + (r["bytes_dense"]["embedding"] if part == "other" else 0)
+            bh = r["bytes_hire"][part] + (r["bytes_hire"]["embedding"] if part == "other" else 0)
+            lines.append(f"{part:22s} {r['ms_per_part_dense'][part]:10.2f} {r['ms_per_part_hire'][part]:10.2f} "
+                         f"{bd * mb:10.1f} {bh * mb:10.1f}")
+        od, oh = r["overhead_dense"], r["overhead_hire"]
+        lines.append(f"{'Python/dispatch ms':22s} {od['ms_overhead_per_token']:10.2f} {oh['ms_overhead_per_token']:10.2f}"
+                     "   (wall time outside aten operators, torch.profiler)")
+    if "tokens_per_s_transformers" in r:
+        lines.append(f"transformers generate(): {r['tokens_per_s_transformers']:.1f} tokens/s (float32, eager); "
+                     f"dense engine is {r['engine_dense_vs_transformers']:.2f}x that")
+    if "llama_cpp" in r:
+        lc = r["llama_cpp"]
+        lines.append(f"llama.cpp: {lc['tokens_per_s']:.1f} tokens/s" if lc.get("available") else f"llama.cpp: {lc['reason']}")
+    lines.append(f"greedy tokens identical, dense vs HiRE: {100 * r['greedy_agreement_last_round']:.0f} % "
+                 f"(kernels {r['hire_kernels']})")
+    return "\n".join(lines)
+
+
+def torch_threads_default() -> int:
+    import os
+
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -161,17 +268,37 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--compact", action="store_true", help="with --json: on one line")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("generate", help="stream text from the HiRE-patched model",
-                       description="Generate with transformers' generate() from the patched model (or --dense).")
+    p = sub.add_parser("generate", help="stream text from the HiRE engine",
+                       description="Generate with the HiRE decode engine (Llama, Mistral, Qwen2 and Gemma-3 "
+                                   "layouts; other architectures go through the patched model's generate()).")
     _add_model_args(p)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--dense", action="store_true", help="the unpatched model, for comparison")
+    p.add_argument("--dense", action="store_true", help="the dense weights of the same engine, for comparison")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="decode tokens/s, dense vs HiRE, in one engine",
+                       description="Dense vs HiRE decode speed in the same engine and run: interleaved rounds after "
+                                   "a warm-up, medians; bytes per token, achieved bandwidth, the ideal speedup from "
+                                   "bytes and the fraction reached, a per-part breakdown.")
+    _add_model_args(p)
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--tokens", type=int, default=64, help="new tokens per round (default 64)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved dense/HiRE rounds (default 5)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=torch_threads_default(), help="torch threads (default: all cores)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--no-breakdown", action="store_true", help="skip the per-part timing and the profile")
+    p.add_argument("--vs-transformers", action="store_true", help="also time transformers' eager generate()")
+    p.add_argument("--llama-cpp", action="store_true", help="also time llama.cpp (needs llama-cpp-python)")
+    p.add_argument("--plot", help="write a PNG of the breakdown")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 from hire.config import FFNConfig, HeadConfig, HiReConfig
 
+# One scale per row for the cascade's int8 stage: torch's fused int8 GEMV (_weight_int8pack_mm) takes
+# per-row scales, which makes rescoring the survivors a gather and one kernel call.
+PER_ROW = 4096  # any group size >= the hidden width means one group per row
+
 RECOMMENDED: dict[str, HiReConfig] = {
     "smollm2-135m": HiReConfig(
-        head=HeadConfig(k=50, candidates=256, proxy="cascade", rank=64, stage_candidates=4096),
+        head=HeadConfig(k=50, candidates=256, proxy="cascade", rank=64, stage_candidates=4096, bits=8, group_size=PER_ROW),
         ffn=FFNConfig(density=0.6, proxy="int4"),
     ),
     "gemma3-270m": HiReConfig(
-        head=HeadConfig(k=50, candidates=256, proxy="cascade", rank=64, stage_candidates=8192),
+        head=HeadConfig(k=50, candidates=256, proxy="cascade", rank=64, stage_candidates=4096, bits=8, group_size=PER_ROW),
         ffn=FFNConfig(density=0.6, proxy="int4"),
     ),
 }

@@ -156,6 +156,42 @@ class HiReFFN(nn.Module):
             self.recall_count += x.shape[0]
         return w.project(a * keep_mask)
 
+    # --- decode-time layout ----------------------------------------------------------------
+    def prepare_decode(self, dtype: torch.dtype) -> None:
+        """Neuron-major copies for decoding: row i of ``_in`` holds neuron i's gate and up rows
+        side by side (one contiguous read per neuron), row i of ``_out`` its down column; the
+        proxy on its fused kernel. Costs a copy of the FFN weights."""
+        w = self.weights
+        rows = torch.stack([w.w_in, w.w_up], dim=1) if w.gated else w.w_in.unsqueeze(1)  # (I, 1|2, D)
+        self._in = rows.detach().to(dtype).reshape(w.neurons, -1).contiguous()  # (I, 2D)
+        self._b_in = None if w.b_in is None else w.b_in.detach().to(dtype)
+        self._out = w.w_out_t.detach().to(dtype).contiguous()  # (I, D_out)
+        self._b_out = None if w.b_out is None else w.b_out.detach().to(dtype)
+        self.proxy.prepare_decode(dtype)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """One token through the selected neurons only.  # x: (1, D) -> (1, D_out)"""
+        w = self.weights
+        s = self.proxy.decode_scores(x)  # (1, I) or (1, 2I)
+        if w.gated:
+            gate, up = s.split(w.neurons, dim=-1)
+            est = (w.act(gate) * up).abs()
+        else:
+            est = w.act(s if self._b_in is None else s + self._b_in).abs()
+        cand = self._rows(self._top_groups(est, self.candidate_groups))[0]  # (c,)
+        pre = torch.nn.functional.linear(x, self._in.index_select(0, cand).view(-1, x.shape[-1]))  # (1, c*2)
+        if w.gated:
+            pre = pre.view(-1, 2)
+            a = (w.act(pre[:, 0]) * pre[:, 1]).unsqueeze(0)  # (1, c)
+        else:
+            a = w.act(pre if self._b_in is None else pre + self._b_in.index_select(0, cand))
+        if self.candidate_groups > self.keep_groups:
+            g = group_scores(a.abs(), self.config.group_size, self.config.aggregate)
+            pos = self._rows(g.topk(self.keep_groups, dim=-1, sorted=False).indices)[0]
+            a, cand = a.index_select(1, pos), cand.index_select(0, pos)
+        y = F.embedding_bag(cand.unsqueeze(0), self._out, per_sample_weights=a.to(self._out.dtype), mode="sum")
+        return y if self._b_out is None else y + self._b_out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, T, D) or (N, D) -> same leading shape, D_out
         tokens = x.shape[-2] if x.dim() >= 3 else x.shape[0]

@@ -57,6 +57,20 @@ class HiReLMHead(nn.Module):
         logits, idx = self.candidate_logits(h)
         return select_topk(logits, idx, self.config.k if k is None else k)
 
+    def prepare_decode(self, dtype: torch.dtype) -> None:
+        """Fix the decode-time form: proxies on fused kernels, the head weight in ``dtype``."""
+        self.selector.prepare_decode(dtype)
+        self._weight = self.base_layer.weight.detach().to(dtype)
+
+    def decode(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact logits of the candidates for one token.  # h: (1, D) -> logits: (1, k'), idx: (1, k')"""
+        idx = self.selector.decode_select(h)
+        rows = self._weight.index_select(0, idx[0])  # (k', D): only the candidates are read
+        logits = torch.nn.functional.linear(h.to(rows.dtype), rows)
+        if self.base_layer.bias is not None:
+            logits = logits + self.base_layer.bias[idx]
+        return logits, idx
+
     def nbytes(self) -> int:
         """Bytes read per token: the proxies plus the k' exact rows in 16 bits."""
         width = self.base_layer.weight.shape[1]

@@ -43,6 +43,19 @@ class Cascade:
             idx = idx.gather(-1, sub.topk(count, dim=-1, sorted=False).indices)
         return idx
 
+    def prepare_decode(self, dtype: torch.dtype) -> None:
+        self.proxies[0].prepare_decode(dtype)
+        for proxy in self.proxies[1:]:
+            proxy.prepare_decode(dtype, rows_only=True)
+
+    def decode_select(self, x: torch.Tensor) -> torch.Tensor:
+        """select() for one token, with the first (full) pass on its fused kernel.  # x: (1, D) -> (1, keep[-1])"""
+        idx = self.proxies[0].decode_scores(x).topk(self.keep[0], dim=-1, sorted=False).indices
+        for proxy, count in zip(self.proxies[1:], self.keep[1:]):
+            sub = proxy.decode_scores_rows(x, idx[0])
+            idx = idx.gather(-1, sub.topk(count, dim=-1, sorted=False).indices)
+        return idx
+
     def nbytes(self) -> int:
         total = self.proxies[0].nbytes()
         for proxy, prev in zip(self.proxies[1:], self.keep[:-1]):

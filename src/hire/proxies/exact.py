@@ -29,6 +29,12 @@ class ExactProxy:
 
         return rescore(self.weight, x, idx)
 
+    def prepare_decode(self, dtype: torch.dtype) -> None:
+        self._weight = self.weight.to(dtype)
+
+    def decode_scores(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.to(self._weight.dtype), self._weight)
+
     def nbytes(self, rows: int | None = None) -> int:
         n, d = self.weight.shape
         return (n if rows is None else rows) * d * 2

@@ -90,6 +90,17 @@ class LowRankProxy:
         u = self._u_rows(idx.reshape(-1), x.dtype).reshape(*idx.shape, -1)  # (N, m, r)
         return torch.einsum("nmr,nr->nm", u, z)
 
+    def prepare_decode(self, dtype: torch.dtype) -> None:
+        from hire.proxies.kernels import QuantizedGEMV
+
+        self._v = self.v.to(dtype)
+        self._u = QuantizedGEMV(self.u, dtype) if isinstance(self.u, QuantizedMatrix) else self.u.to(dtype)
+
+    def decode_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """# x: (1, D) -> (1, n)"""
+        z = torch.nn.functional.linear(x.to(self._v.dtype), self._v)  # (1, r)
+        return self._u(z) if callable(self._u) else torch.nn.functional.linear(z, self._u)
+
     def nbytes(self, rows: int | None = None) -> int:
         n = self.u.shape[0] if rows is None else rows
         u_bytes = self.u.nbytes(n) if isinstance(self.u, QuantizedMatrix) else n * self.rank * 2

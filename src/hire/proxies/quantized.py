@@ -124,6 +124,20 @@ class QuantizedProxy:
     def nbytes(self, rows: int | None = None) -> int:
         return self.matrix.nbytes(rows)
 
+    def prepare_decode(self, dtype: torch.dtype, rows_only: bool = False) -> None:
+        """``rows_only``: this proxy only ever scores a few rows (a cascade's later stage)."""
+        from hire.proxies.kernels import QuantizedGEMV
+
+        self._gemv = QuantizedGEMV(self.matrix, dtype, rows_only=rows_only)
+
+    def decode_scores_rows(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """# x: (1, D), idx: (m,) -> (1, m)"""
+        return self._gemv.rows(x, idx)
+
+    def decode_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """scores for one token with the fused kernel.  # x: (1, D) -> (1, n)"""
+        return self._gemv(x)
+
     def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         return self.matrix.state_dict(prefix)
 

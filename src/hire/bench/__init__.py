@@ -1,0 +1,3 @@
+from hire.bench.decode import run_bench
+
+__all__ = ["run_bench"]

@@ -1,0 +1,260 @@
+"""The engine: one decoder implementation over a Hugging Face model's own modules and weights."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from hire.config import HiReConfig
+from hire.engine.sampling import sample
+from hire.patch import decoder_layers, hire_layers, sparsify_
+
+SUPPORTED = ("llama", "mistral", "qwen2", "gemma3_text")
+
+
+class _RMSNorm:
+    """A Llama or Gemma RMSNorm module as one fused op (torch's rms_norm in float32): the
+    module's several elementwise ops per call add up over every layer of every token."""
+
+    def __init__(self, module: nn.Module, gemma: bool):
+        weight = module.weight.detach().float()
+        self.weight = 1.0 + weight if gemma else weight  # Gemma scales by (1 + w)
+        self.eps = module.eps if gemma else module.variance_epsilon
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).to(x.dtype)
+
+
+@dataclass
+class _Layer:
+    qkv: torch.Tensor  # (Hq*hd + 2*Hkv*hd, D): q, k, v projections fused into one read
+    o: torch.Tensor  # (D, Hq*hd)
+    module: nn.Module  # the HF decoder layer: its (maybe HiRE) FFN
+    norms: dict[str, _RMSNorm]  # the layer's norms by attribute name
+    sliding: int | None  # sliding-window length, None for global attention
+    rope: int  # which rotary table
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        steps = max(self.new_tokens - 1, 0)  # the first token comes from prefill
+        return steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+class Engine:
+    """Decode loop over ``model`` (patched in place with ``config`` unless ``config`` is None).
+
+    Prefill is dense; each decode step runs one token through every layer, with HiRE layers
+    taking their sparse path when ``hire=True``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: HiReConfig | None = None,
+        *,
+        head_proxy=None,
+        dtype: torch.dtype = torch.bfloat16,
+        max_seq_len: int = 1024,
+    ):
+        arch = model.config.model_type
+        if arch not in SUPPORTED:
+            raise ValueError(f"the engine supports {SUPPORTED}, not {arch!r}; use the patched model's generate() instead")
+        self.model = model.to(dtype).eval()
+        self.dtype = dtype
+        self.max_seq_len = max_seq_len
+        cfg = model.config
+        self.gemma = arch == "gemma3_text"
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scale = (cfg.query_pre_attn_scalar ** -0.5) if self.gemma else self.head_dim ** -0.5
+        if config is not None:
+            sparsify_(model, config, head_proxy=head_proxy)
+        self.config = config
+        self.head, self.ffns = hire_layers(model)
+        for part in ([self.head] if self.head is not None else []) + self.ffns:
+            part.prepare_decode(dtype)
+        inner = model.model
+        self.embed = inner.embed_tokens
+        self.norm = _RMSNorm(inner.norm, self.gemma)
+        head = model.get_output_embeddings()
+        self.head_weight = (head.base_layer if self.head is not None else head).weight.detach()
+        self._build_rope(inner)
+        self.layers = []
+        for i, layer in enumerate(decoder_layers(model)):
+            attn = layer.self_attn
+            qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach().contiguous()
+            if attn.q_proj.bias is not None:
+                raise ValueError("attention biases are not supported by the engine yet (qwen2-style q/k/v bias)")
+            layer_type = cfg.layer_types[i] if getattr(cfg, "layer_types", None) else "full_attention"
+            sliding = cfg.sliding_window if layer_type == "sliding_attention" else None
+            names = ["input_layernorm", "post_attention_layernorm"]
+            names += ["pre_feedforward_layernorm", "post_feedforward_layernorm"] if self.gemma else []
+            norms = {name: _RMSNorm(getattr(layer, name), self.gemma) for name in names}
+            if self.gemma:
+                norms.update(q_norm=_RMSNorm(attn.q_norm, True), k_norm=_RMSNorm(attn.k_norm, True))
+            self.layers.append(
+                _Layer(qkv, attn.o_proj.weight.detach(), layer, norms, sliding, self.rope_index[layer_type])
+            )
+        shape = (len(self.layers), self.n_kv, max_seq_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype)
+        self.v_cache = torch.zeros(shape, dtype=dtype)
+
+    # --- set-up ----------------------------------------------------------------------------
+    def _build_rope(self, inner: nn.Module) -> None:
+        """cos/sin for every position, per layer type, computed once by the model's own rotary module."""
+        positions = torch.arange(self.max_seq_len).unsqueeze(0)
+        probe = torch.zeros(1, 1, dtype=torch.float32)
+        types = sorted(set(getattr(self.model.config, "layer_types", None) or ["full_attention"]))
+        self.rope_index = {t: i for i, t in enumerate(types)}
+        self.rope_tables = []
+        for t in types:
+            if self.gemma:
+                cos, sin = inner.rotary_emb(probe, positions, t)
+            else:
+                cos, sin = inner.rotary_emb(probe, positions)
+            self.rope_tables.append((cos[0].to(self.dtype), sin[0].to(self.dtype)))  # (L, hd)
+
+    # --- the decoder -----------------------------------------------------------------------
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x: (H, T, hd), cos/sin: (T, hd)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def _attention(self, layer: _Layer, index: int, x: torch.Tensor, start: int) -> torch.Tensor:
+        # x: (T, D) normalised input, positions start..start+T-1 -> (T, D)
+        T = x.shape[0]
+        q, k, v = F.linear(x, layer.qkv).split(
+            [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=-1
+        )
+        q = q.view(T, self.n_heads, self.head_dim).transpose(0, 1)  # (Hq, T, hd)
+        k = k.view(T, self.n_kv, self.head_dim).transpose(0, 1)  # (Hkv, T, hd)
+        v = v.view(T, self.n_kv, self.head_dim).transpose(0, 1)
+        if self.gemma:
+            q, k = layer.norms["q_norm"](q), layer.norms["k_norm"](k)
+        cos, sin = self.rope_tables[layer.rope]
+        cos, sin = cos[start : start + T], sin[start : start + T]
+        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        end = start + T
+        self.k_cache[index, :, start:end] = k
+        self.v_cache[index, :, start:end] = v
+        first = 0 if layer.sliding is None else max(0, end - layer.sliding - T + 1)
+        keys, values = self.k_cache[index, :, first:end], self.v_cache[index, :, first:end]  # (Hkv, S, hd)
+        if T == 1:
+            mask = None
+        else:  # causal (and sliding) mask over the keys first..end-1 for queries start..end-1
+            qpos = torch.arange(start, end).unsqueeze(1)
+            kpos = torch.arange(first, end).unsqueeze(0)
+            mask = kpos <= qpos
+            if layer.sliding is not None:
+                mask &= qpos - kpos < layer.sliding
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask, scale=self.scale, enable_gqa=True
+        )  # (1, Hq, T, hd)
+        return F.linear(out[0].transpose(0, 1).reshape(T, -1), layer.o)
+
+    def _ffn(self, layer: nn.Module, x: torch.Tensor, hire: bool) -> torch.Tensor:
+        mlp = layer.mlp
+        if hasattr(mlp, "decode"):
+            return mlp.decode(x) if hire and x.shape[0] == 1 else mlp.base_layer(x)
+        return mlp(x)
+
+    def forward(self, tokens: torch.Tensor, start: int, hire: bool) -> torch.Tensor:
+        """Final hidden state of the last position.  # tokens: (T,) -> (1, D)"""
+        h = self.embed(tokens)  # (T, D); Gemma's embedding module applies its sqrt(D) scale
+        for i, layer in enumerate(self.layers):
+            m, n = layer.module, layer.norms
+            a = self._attention(layer, i, n["input_layernorm"](h), start)
+            if self.gemma:
+                h = h + n["post_attention_layernorm"](a)
+                h = h + n["post_feedforward_layernorm"](self._ffn(m, n["pre_feedforward_layernorm"](h), hire))
+            else:
+                h = h + a
+                h = h + self._ffn(m, n["post_attention_layernorm"](h), hire)
+        return self.norm(h[-1:])
+
+    def logits(self, hidden: torch.Tensor, hire: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """# hidden: (1, D) -> logits (1, m), token ids (1, m) or None for the whole vocabulary"""
+        if hire and self.head is not None:
+            return self.head.decode(hidden)
+        return F.linear(hidden, self.head_weight), None
+
+    def kernel_report(self) -> dict:
+        """Which decode kernels the HiRE layers run on (a fallback means a slower, dequantizing path)."""
+        def kind(proxy):
+            k = getattr(proxy, "_gemv", None) or getattr(proxy, "_u", None)
+            return getattr(k, "kind", "dense")
+
+        report = {}
+        if self.head is not None:
+            report["head"] = [kind(p) for p in self.head.selector.proxies[:1]] + ["rows"] * (len(self.head.selector.proxies) - 1)
+        if self.ffns:
+            report["ffn"] = sorted({kind(f.proxy) for f in self.ffns})
+        return report
+
+    # --- generation ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        hire: bool = True,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+        stop_ids: tuple[int, ...] = (),
+        on_token: Callable[[int], None] | None = None,
+    ) -> GenerationStats:
+        """Prefill ``prompt`` (T,) densely, then decode up to ``max_new_tokens`` tokens."""
+        prompt = prompt.reshape(-1)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if prompt.numel() + max_new_tokens > self.max_seq_len:
+            raise ValueError(
+                f"prompt ({prompt.numel()}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len {self.max_seq_len}; "
+                "raise max_seq_len"
+            )
+        gen = torch.Generator().manual_seed(seed)
+        stats = GenerationStats(prompt_tokens=prompt.numel())
+        t0 = time.perf_counter()
+        hidden = self.forward(prompt, 0, hire=False)
+        token = sample(*self.logits(hidden, hire), temperature, top_k, top_p, gen)
+        t1 = time.perf_counter()
+        stats.prefill_s = t1 - t0
+        tokens = [token]
+        pos = prompt.numel()
+        for _ in range(max_new_tokens - 1):
+            if on_token is not None or stop_ids:
+                tid = int(token)  # streaming needs the id on the host; the timed benchmark passes neither
+                if on_token is not None:
+                    on_token(tid)
+                if tid in stop_ids:
+                    break
+            hidden = self.forward(token, pos, hire=hire)
+            token = sample(*self.logits(hidden, hire), temperature, top_k, top_p, gen)
+            tokens.append(token)
+            pos += 1
+        stats.decode_s = time.perf_counter() - t1
+        stats.token_ids = torch.cat(tokens).tolist()
+        if on_token is not None and (not stop_ids or stats.token_ids[-1] not in stop_ids):
+            on_token(stats.token_ids[-1])
+        stats.new_tokens = len(stats.token_ids)
+        return stats

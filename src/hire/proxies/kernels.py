@@ -1,0 +1,52 @@
+"""Decode-time kernels for the quantized copies: torch's fused CPU int8/int4 GEMV where the
+shapes allow it, a dequantize-then-GEMV fallback elsewhere. Both compute x @ Q(W)^T for the same
+codes; the fused int4 kernel takes its scales in bfloat16 (the copy's are float16)."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from hire.proxies.quantized import QuantizedMatrix
+
+INT4_GROUPS = (32, 64, 128, 256)
+
+
+class QuantizedGEMV:
+    """x (1, D) -> x @ Q(W)^T (1, n), prepared once from a QuantizedMatrix."""
+
+    def __init__(self, matrix: QuantizedMatrix, dtype: torch.dtype = torch.bfloat16, rows_only: bool = False):
+        self.matrix = matrix
+        self.dtype = dtype
+        n, width = matrix.shape
+        codes = matrix._codes(matrix.packed)[:, :width]
+        self.kind = "dequantize"
+        if matrix.bits == 8 and matrix.group_size >= width and dtype in (torch.bfloat16, torch.float16, torch.float32):
+            self.kind = "int8pack"
+            self.codes = codes.contiguous()  # (n, D) int8
+            self.scales = matrix.scales[:, 0].to(dtype).contiguous()  # (n,)
+        elif not rows_only and matrix.bits == 4 and matrix.group_size in INT4_GROUPS and width % matrix.group_size == 0 \
+                and n % 16 == 0:
+            self.kind = "int4pack"  # the kernel computes in bfloat16 whatever the engine's dtype
+            self.packed = torch._convert_weight_to_int4pack_for_cpu((codes.to(torch.int32) + 8).contiguous(), 1)
+            scales = matrix.scales[:, : width // matrix.group_size].t().to(torch.bfloat16)  # (G, n)
+            self.scales_zeros = torch.stack([scales, torch.zeros_like(scales)], dim=-1).contiguous()  # (G, n, 2)
+        elif not rows_only:
+            self.weight = matrix.dequantize(dtype=dtype).contiguous()  # (n, D)
+
+    def rows(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Scores of the rows ``idx`` only (reads only those rows).  # x: (1, D), idx: (m,) -> (1, m)"""
+        x = x.to(self.dtype)
+        if self.kind == "int8pack":
+            return torch._weight_int8pack_mm(x, self.codes.index_select(0, idx), self.scales.index_select(0, idx))
+        return F.linear(x, self.matrix.dequantize(idx, dtype=self.dtype))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (1, D) -> (1, n)
+        x = x.to(self.dtype)
+        if self.kind == "int8pack":
+            return torch._weight_int8pack_mm(x, self.codes, self.scales)
+        if self.kind == "int4pack":
+            out = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, self.matrix.group_size, self.scales_zeros)
+            return out.to(self.dtype)
+        return F.linear(x, self.weight)

@@ -1,0 +1,93 @@
+import pytest
+import torch
+
+import hire
+from hire.config import FFNConfig, HeadConfig, HiReConfig
+from hire.engine import Engine, sample
+from tiny_models import VOCAB, make
+
+PROMPT = torch.tensor([5, 17, 42, 99, 3, 250, 7, 11, 64, 2, 33, 120])
+ENGINE_ARCHS = ["llama", "mistral", "gemma3_text"]
+
+
+def all_rows():
+    return HiReConfig(head=HeadConfig(k=10, candidates=VOCAB, proxy="int4"), ffn=FFNConfig(density=1.0))
+
+
+@pytest.mark.parametrize("arch", ENGINE_ARCHS)
+def test_k_equal_n_engine_tokens_equal_transformers(arch):
+    model = make(arch, seed=3)
+    if arch == "gemma3_text":
+        model.config.sliding_window = 8  # the prompt and the generation cross the window
+        for layer in model.model.layers:
+            if layer.self_attn.sliding_window:
+                layer.self_attn.sliding_window = 8
+    want = model.generate(PROMPT[None], max_new_tokens=20, do_sample=False)[0, PROMPT.numel():].tolist()
+    engine = Engine(model, all_rows(), dtype=torch.float32, max_seq_len=64)
+    assert engine.generate(PROMPT, 20, hire=True).token_ids == want
+    assert engine.generate(PROMPT, 20, hire=False).token_ids == want
+
+
+@pytest.mark.parametrize("arch", ENGINE_ARCHS)
+def test_hire_decode_path_matches_the_patched_model(arch):
+    """Realistic settings: the engine's packed decode layout computes what HiReFFN/HiReLMHead compute."""
+    model = make(arch, seed=1)
+    cfg = HiReConfig(head=HeadConfig(k=5, candidates=64, proxy="int8"), ffn=FFNConfig(density=0.5, oversample=1.25))
+    engine = Engine(model, cfg, dtype=torch.float32, max_seq_len=64)
+    got = engine.generate(PROMPT, 10, hire=True).token_ids
+    # the patched HF model, decoding one token at a time through the same layers
+    ids = PROMPT[None]
+    out = model.generate(ids, max_new_tokens=10, do_sample=False)[0, PROMPT.numel():].tolist()
+    assert got == out
+
+
+def test_bf16_engine_runs_and_reports_kernels():
+    model = make("llama")
+    cfg = HiReConfig(head=HeadConfig(k=5, candidates=64, proxy="cascade", rank=16, stage_candidates=128, bits=8,
+                                     group_size=1024),
+                     ffn=FFNConfig(density=0.5))
+    engine = Engine(model, cfg, head_proxy=_fit(model, cfg), dtype=torch.bfloat16, max_seq_len=64)
+    stats = engine.generate(PROMPT, 8, hire=True)
+    assert stats.new_tokens == 8 and stats.tokens_per_s > 0
+    report = engine.kernel_report()
+    assert report["head"] == ["int8pack", "rows"] and report["ffn"] == ["int4pack"]
+
+
+def _fit(model, cfg):
+    from hire.calibrate import fit_head_proxy
+
+    return fit_head_proxy(model, cfg.head, torch.randn(400, model.config.hidden_size))
+
+
+def test_streaming_and_stop_ids():
+    model = make("llama")
+    engine = Engine(model, None, dtype=torch.float32, max_seq_len=64)
+    seen = []
+    full = engine.generate(PROMPT, 6, hire=False).token_ids
+    stats = engine.generate(PROMPT, 6, hire=False, on_token=seen.append)
+    assert seen == full == stats.token_ids
+    stopped = engine.generate(PROMPT, 6, hire=False, stop_ids=(full[2],))
+    assert stopped.token_ids == full[: full.index(full[2]) + 1]
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    logits = torch.randn(1, 100)
+    idx = torch.arange(100, 200).unsqueeze(0)
+    a = [int(sample(logits, idx, 1.0, 5, None, torch.Generator().manual_seed(s))) for s in range(50)]
+    b = [int(sample(logits, idx, 1.0, 5, None, torch.Generator().manual_seed(s))) for s in range(50)]
+    assert a == b
+    top5 = set((logits.topk(5).indices[0] + 100).tolist())
+    assert set(a) <= top5 and len(set(a)) > 1
+    assert int(sample(logits, idx)) == int(logits.argmax()) + 100
+    nucleus = [int(sample(logits, None, 1.0, None, 1e-6, torch.Generator().manual_seed(s))) for s in range(10)]
+    assert set(nucleus) == {int(logits.argmax())}
+
+
+def test_engine_errors():
+    with pytest.raises(ValueError, match="the engine supports"):
+        Engine(make("gpt2"))
+    engine = Engine(make("llama"), None, dtype=torch.float32, max_seq_len=16)
+    with pytest.raises(ValueError, match="exceeds max_seq_len 16"):
+        engine.generate(PROMPT, 10)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        engine.generate(PROMPT, 0)
