@@ -42,6 +42,7 @@ def main() -> None:
 
     print(f"{args.model}: {held.shape[0]} held-out positions, {calib.shape[0]} calibration states")
     int4 = QuantizedProxy.from_weight(weight, 4, 64)
+    int8_rows = QuantizedProxy.from_weight(weight, 8, width)  # one scale per row
     report("int4 copy, k'=256", Cascade([int4], [256]))
     for rank in (64, 128):
         plain = LowRankProxy.from_weight(weight, rank, u_bits=8)
@@ -51,6 +52,7 @@ def main() -> None:
         for survivors in (2048, 4096, 8192):
             if survivors < vocab:
                 report(f"cascade rank {rank} -> {survivors} -> int4 -> 256", Cascade([aware, int4], [survivors, 256]))
+                report(f"cascade rank {rank} -> {survivors} -> int8/row -> 256", Cascade([aware, int8_rows], [survivors, 256]))
 
 
 if __name__ == "__main__":

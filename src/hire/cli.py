@@ -279,7 +279,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="weights in the engine (default float16; the residual stream stays float32)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="decode tokens/s, dense vs HiRE, in one engine",
@@ -292,7 +293,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=5, help="interleaved dense/HiRE rounds (default 5)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=torch_threads_default(), help="torch threads (default: all cores)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="weights in the engine (default float16; the residual stream stays float32)")
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-part timing and the profile")
     p.add_argument("--vs-transformers", action="store_true", help="also time transformers' eager generate()")
     p.add_argument("--llama-cpp", action="store_true", help="also time llama.cpp (needs llama-cpp-python)")

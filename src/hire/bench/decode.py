@@ -201,7 +201,8 @@ def plot_bench(result: dict, path: str) -> None:
         ax.set_xticks([0, 1], ["dense", "HiRE"])
         ax.set_ylabel(unit)
         ax.set_title(title)
-    axes[0].legend(loc="upper right")
+    visible = [ax for ax in axes if ax.get_visible()]
+    visible[0].legend(loc="upper right")
     fig.suptitle(
         f"{result.get('model', '')}: {result['tokens_per_s_dense']:.1f} -> {result['tokens_per_s_hire']:.1f} tokens/s "
         f"({result['speedup']:.2f}x; ideal from bytes {result['ideal_speedup']:.2f}x)"

@@ -26,8 +26,8 @@ class _RMSNorm:
         self.weight = 1.0 + weight if gemma else weight  # Gemma scales by (1 + w)
         self.eps = module.eps if gemma else module.variance_epsilon
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).to(x.dtype)
+    def __call__(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).to(dtype or x.dtype)
 
 
 @dataclass
@@ -67,7 +67,7 @@ class Engine:
         config: HiReConfig | None = None,
         *,
         head_proxy=None,
-        dtype: torch.dtype = torch.bfloat16,
+        dtype: torch.dtype = torch.float16,
         max_seq_len: int = 1024,
     ):
         arch = model.config.model_type
@@ -176,18 +176,24 @@ class Engine:
         return mlp(x)
 
     def forward(self, tokens: torch.Tensor, start: int, hire: bool) -> torch.Tensor:
-        """Final hidden state of the last position.  # tokens: (T,) -> (1, D)"""
-        h = self.embed(tokens)  # (T, D); Gemma's embedding module applies its sqrt(D) scale
+        """Final hidden state of the last position.  # tokens: (T,) -> (1, D)
+
+        The residual stream stays in float32 (Gemma's overflows float16); every weight product
+        runs in the engine's 16-bit dtype on normalised inputs.
+        """
+        dt = self.dtype
+        h = self.embed(tokens).float()  # (T, D); Gemma's embedding module applies its sqrt(D) scale
         for i, layer in enumerate(self.layers):
             m, n = layer.module, layer.norms
-            a = self._attention(layer, i, n["input_layernorm"](h), start)
+            a = self._attention(layer, i, n["input_layernorm"](h, dt), start)
             if self.gemma:
-                h = h + n["post_attention_layernorm"](a)
-                h = h + n["post_feedforward_layernorm"](self._ffn(m, n["pre_feedforward_layernorm"](h), hire))
+                h = h + n["post_attention_layernorm"](a, torch.float32)
+                f = self._ffn(m, n["pre_feedforward_layernorm"](h, dt), hire)
+                h = h + n["post_feedforward_layernorm"](f, torch.float32)
             else:
-                h = h + a
-                h = h + self._ffn(m, n["post_attention_layernorm"](h), hire)
-        return self.norm(h[-1:])
+                h = h + a.float()
+                h = h + self._ffn(m, n["post_attention_layernorm"](h, dt), hire).float()
+        return self.norm(h[-1:], dt)
 
     def logits(self, hidden: torch.Tensor, hire: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """# hidden: (1, D) -> logits (1, m), token ids (1, m) or None for the whole vocabulary"""

@@ -1,6 +1,7 @@
 """Decode-time kernels for the quantized copies: torch's fused CPU int8/int4 GEMV where the
 shapes allow it, a dequantize-then-GEMV fallback elsewhere. Both compute x @ Q(W)^T for the same
-codes; the fused int4 kernel takes its scales in bfloat16 (the copy's are float16)."""
+codes. The fused kernels run in bfloat16 whatever the engine's dtype (their float16 paths were
+several times slower here), with the copy's float16 scales rounded to bfloat16."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch.nn import functional as F
 from hire.proxies.quantized import QuantizedMatrix
 
 INT4_GROUPS = (32, 64, 128, 256)
+KERNEL_DTYPE = torch.bfloat16
 
 
 class QuantizedGEMV:
@@ -21,32 +23,31 @@ class QuantizedGEMV:
         n, width = matrix.shape
         codes = matrix._codes(matrix.packed)[:, :width]
         self.kind = "dequantize"
-        if matrix.bits == 8 and matrix.group_size >= width and dtype in (torch.bfloat16, torch.float16, torch.float32):
+        if matrix.bits == 8 and matrix.group_size >= width:
             self.kind = "int8pack"
             self.codes = codes.contiguous()  # (n, D) int8
-            self.scales = matrix.scales[:, 0].to(dtype).contiguous()  # (n,)
+            self.scales = matrix.scales[:, 0].to(KERNEL_DTYPE).contiguous()  # (n,)
         elif not rows_only and matrix.bits == 4 and matrix.group_size in INT4_GROUPS and width % matrix.group_size == 0 \
                 and n % 16 == 0:
-            self.kind = "int4pack"  # the kernel computes in bfloat16 whatever the engine's dtype
+            self.kind = "int4pack"
             self.packed = torch._convert_weight_to_int4pack_for_cpu((codes.to(torch.int32) + 8).contiguous(), 1)
-            scales = matrix.scales[:, : width // matrix.group_size].t().to(torch.bfloat16)  # (G, n)
+            scales = matrix.scales[:, : width // matrix.group_size].t().to(KERNEL_DTYPE)  # (G, n)
             self.scales_zeros = torch.stack([scales, torch.zeros_like(scales)], dim=-1).contiguous()  # (G, n, 2)
         elif not rows_only:
             self.weight = matrix.dequantize(dtype=dtype).contiguous()  # (n, D)
 
     def rows(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Scores of the rows ``idx`` only (reads only those rows).  # x: (1, D), idx: (m,) -> (1, m)"""
-        x = x.to(self.dtype)
         if self.kind == "int8pack":
-            return torch._weight_int8pack_mm(x, self.codes.index_select(0, idx), self.scales.index_select(0, idx))
-        return F.linear(x, self.matrix.dequantize(idx, dtype=self.dtype))
+            rows = self.codes.index_select(0, idx)
+            return torch._weight_int8pack_mm(x.to(KERNEL_DTYPE), rows, self.scales.index_select(0, idx)).to(self.dtype)
+        return F.linear(x.to(self.dtype), self.matrix.dequantize(idx, dtype=self.dtype))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         # x: (1, D) -> (1, n)
-        x = x.to(self.dtype)
         if self.kind == "int8pack":
-            return torch._weight_int8pack_mm(x, self.codes, self.scales)
+            return torch._weight_int8pack_mm(x.to(KERNEL_DTYPE), self.codes, self.scales).to(self.dtype)
         if self.kind == "int4pack":
-            out = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, self.matrix.group_size, self.scales_zeros)
+            out = torch._weight_int4pack_mm_for_cpu(x.to(KERNEL_DTYPE), self.packed, self.matrix.group_size, self.scales_zeros)
             return out.to(self.dtype)
-        return F.linear(x, self.weight)
+        return F.linear(x.to(self.dtype), self.weight)
