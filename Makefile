@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` (set up, then evaluate HiRE on the default model)
+# The two commands of the README: `make demo` (set up, then evaluate and benchmark HiRE on the default model)
 # and `make test`. Everything installs into .venv; torch comes first so that pip takes the CPU
 # wheel 2.13.0 rather than a multi-GB CUDA build.
 PYTHON ?= python3
@@ -25,6 +25,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 demo: setup
 	$(BIN)/hire eval --model $(MODEL)
+	$(BIN)/hire bench --model $(MODEL)
 
 test: setup
 	$(BIN)/python -m pytest -q

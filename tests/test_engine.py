@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-import hire
 from hire.config import FFNConfig, HeadConfig, HiReConfig
 from hire.engine import Engine, sample
 from tiny_models import VOCAB, make

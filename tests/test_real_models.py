@@ -52,3 +52,16 @@ def test_patched_generate_with_all_rows_equals_dense(loaded):
         assert torch.equal(model.generate(**inputs, max_new_tokens=10, do_sample=False), dense)
     finally:
         hire.unsparsify_(model)
+
+
+@torch.no_grad()
+def test_engine_with_all_rows_reproduces_transformers_greedy(loaded):
+    name, _, tokenizer = loaded
+    model, _ = hire.load_model(name)  # a fresh copy: the engine casts and patches the model it runs
+    prompt = tokenizer("The king's daughter walked alone by the river, and", return_tensors="pt").input_ids[0]
+    want = model.generate(prompt[None], max_new_tokens=16, do_sample=False)[0, prompt.numel():].tolist()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    cfg = hire.HiReConfig(head=hire.HeadConfig(k=50, candidates=vocab, proxy="int8"), ffn=hire.FFNConfig(density=1.0))
+    engine = hire.Engine(model, cfg, dtype=torch.float32, max_seq_len=64)
+    assert engine.generate(prompt, 16, hire=True).token_ids == want
+    assert engine.generate(prompt, 16, hire=False).token_ids == want

@@ -80,17 +80,27 @@ def op_overhead(engine: Engine, prompt: torch.Tensor, tokens: int, hire: bool) -
     }
 
 
+def _decode_rate(run, tokens: int) -> float:
+    """Decode tokens/s of ``run(n) -> tokens generated``: a warm-up, then the time of a one-token run
+    (prompt + first token) is taken off an n-token run."""
+    run(4)
+    t = time.perf_counter()
+    run(1)
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    produced = run(tokens)
+    return (produced - 1) / max(time.perf_counter() - t - first, 1e-9)
+
+
 def transformers_tokens_per_s(model: nn.Module, prompt: torch.Tensor, tokens: int) -> float:
     """The same model through transformers' eager generate() (greedy), decode tokens/s."""
     ids = prompt.reshape(1, -1)
-    model.generate(ids, max_new_tokens=4, do_sample=False)
-    t = time.perf_counter()
-    model.generate(ids, max_new_tokens=1, do_sample=False, min_new_tokens=1)
-    first = time.perf_counter() - t
-    t = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-    total = time.perf_counter() - t
-    return (out.shape[1] - ids.shape[1] - 1) / max(total - first, 1e-9)
+
+    def run(n: int) -> int:
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return out.shape[1] - ids.shape[1]
+
+    return _decode_rate(run, tokens)
 
 
 def llama_cpp_tokens_per_s(gguf_path, prompt_text: str, tokens: int) -> dict:
@@ -100,15 +110,11 @@ def llama_cpp_tokens_per_s(gguf_path, prompt_text: str, tokens: int) -> dict:
     except ImportError:
         return {"available": False, "reason": "llama-cpp-python is not installed (pip install llama-cpp-python)"}
     llm = Llama(model_path=str(gguf_path), n_ctx=1024, n_threads=torch.get_num_threads(), verbose=False)
-    llm(prompt_text, max_tokens=4)
-    t = time.perf_counter()
-    llm(prompt_text, max_tokens=1)
-    first = time.perf_counter() - t
-    t = time.perf_counter()
-    out = llm(prompt_text, max_tokens=tokens, temperature=0.0)
-    total = time.perf_counter() - t
-    n = out["usage"]["completion_tokens"]
-    return {"available": True, "tokens_per_s": (n - 1) / max(total - first, 1e-9), "tokens": n}
+
+    def run(n: int) -> int:
+        return llm(prompt_text, max_tokens=n, temperature=0.0)["usage"]["completion_tokens"]
+
+    return {"available": True, "tokens_per_s": _decode_rate(run, tokens)}
 
 
 def run_bench(
