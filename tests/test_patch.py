@@ -142,3 +142,10 @@ def test_double_sparsify_and_unsparsify_of_plain_model():
     hire.sparsify_(model, HiReConfig(head=HeadConfig(proxy="int8", candidates=64)))
     with pytest.raises(ValueError, match="already sparsified"):
         hire.sparsify_(model, HiReConfig(head=HeadConfig(proxy="int8", candidates=64)))
+
+
+def test_set_mode_rejects_unknown_modes():
+    model = make("llama")
+    hire.sparsify_(model, HiReConfig(head=HeadConfig(proxy="int8", candidates=64)))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        set_mode(model, ffn="sparse")

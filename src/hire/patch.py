@@ -13,6 +13,7 @@ from torch import nn
 
 from hire.config import HeadConfig, HiReConfig
 from hire.layers import FFNWeights, HiReFFN, HiReLMHead
+from hire.layers.head import MODES
 from hire.proxies import Cascade, ExactProxy, LowRankProxy, QuantizedProxy
 from hire.topk import check_k
 
@@ -205,6 +206,9 @@ def hire_layers(model: nn.Module) -> tuple[HiReLMHead | None, list[HiReFFN]]:
 
 def set_mode(model: nn.Module, head: str | None = None, ffn: str | None = None) -> None:
     """Switch the HiRE layers between "decode" (HiRE for one-token steps), "always" and "dense"."""
+    for mode in (head, ffn):
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     head_layer, ffns = hire_layers(model)
     if head is not None and head_layer is not None:
         head_layer.mode = head

@@ -12,9 +12,6 @@ from torch.nn import functional as F
 from hire.config import FFNConfig
 from hire.topk import ceil_count, count_for_density, expand_groups, group_scores, idx_to_mask, mask_recall
 
-MODES = ("decode", "always", "dense")
-
-
 @dataclass
 class FFNWeights:
     """An FFN's weights as views of the original parameters (no copies), neuron-major where

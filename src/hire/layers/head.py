@@ -9,7 +9,7 @@ from hire.config import HeadConfig
 from hire.proxies import Cascade
 from hire.topk import rescore, scatter_scores, select_topk
 
-MODES = ("decode", "always", "dense")
+MODES = ("decode", "always", "dense")  # see HiReLMHead and HiReFFN
 
 
 class HiReLMHead(nn.Module):
