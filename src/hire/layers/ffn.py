@@ -100,13 +100,15 @@ class HiReFFN(nn.Module):
     # --- selection -------------------------------------------------------------------------
     def estimate(self, x: torch.Tensor) -> torch.Tensor:
         """Proxy estimate of every neuron's |activation|.  # x: (N, D) -> (N, I)"""
+        return self._estimate_from_scores(self.proxy.scores(x), self.weights.b_in)
+
+    def _estimate_from_scores(self, s: torch.Tensor, b_in: torch.Tensor | None) -> torch.Tensor:
+        # proxy scores (N, 2I) gated: gate rows then up rows, or (N, I) plain -> |activation| (N, I)
         w = self.weights
-        s = self.proxy.scores(x)
         if w.gated:
             gate, up = s.split(w.neurons, dim=-1)
             return (w.act(gate) * up).abs()
-        pre = s if w.b_in is None else s + w.b_in
-        return w.act(pre).abs()
+        return w.act(s if b_in is None else s + b_in).abs()
 
     def _top_groups(self, neuron_scores: torch.Tensor, count: int) -> torch.Tensor:
         # neuron_scores: (N, I) -> group idx: (N, count)
@@ -169,12 +171,7 @@ class HiReFFN(nn.Module):
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """One token through the selected neurons only.  # x: (1, D) -> (1, D_out)"""
         w = self.weights
-        s = self.proxy.decode_scores(x)  # (1, I) or (1, 2I)
-        if w.gated:
-            gate, up = s.split(w.neurons, dim=-1)
-            est = (w.act(gate) * up).abs()
-        else:
-            est = w.act(s if self._b_in is None else s + self._b_in).abs()
+        est = self._estimate_from_scores(self.proxy.decode_scores(x), self._b_in)  # (1, I)
         cand = self._rows(self._top_groups(est, self.candidate_groups))[0]  # (c,)
         pre = torch.nn.functional.linear(x, self._in.index_select(0, cand).view(-1, x.shape[-1]))  # (1, c*2)
         if w.gated:
