@@ -24,6 +24,9 @@ def test_json_round_trip(tmp_path):
         (dict(bits=3), "bits"),
         (dict(rank_bits=4), "rank_bits"),
         (dict(proxy="cascade", candidates=300, stage_candidates=200), "stage_candidates"),
+        (dict(select_blocks=-1), "select_blocks must be >= 0"),
+        (dict(proxy="cascade", stage_candidates=4096, select_blocks=3), r"select_blocks=3 must divide .*\(4096\)"),
+        (dict(proxy="int8", candidates=256, select_blocks=512), r"must divide .*\(256\)"),
     ],
 )
 def test_bad_head_config(kwargs, match):

@@ -90,3 +90,30 @@ def test_engine_errors():
         engine.generate(PROMPT, 10)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         engine.generate(PROMPT, 0)
+
+
+def test_engine_without_native_kernels_uses_the_eager_path(tmp_path):
+    """HIRE_NATIVE=0 (as on a machine without a compiler): same tokens, eager gather path."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import torch, sys; sys.path.insert(0, %r)\n"
+        "from tiny_models import make\n"
+        "from hire.config import FFNConfig, HeadConfig, HiReConfig\n"
+        "from hire.engine import Engine\n"
+        "cfg = HiReConfig(head=HeadConfig(k=5, candidates=64, proxy='int8', group_size=4096), ffn=FFNConfig(density=0.5))\n"
+        "e = Engine(make('llama', seed=1), cfg, dtype=torch.float32, max_seq_len=64)\n"
+        "print(e.kernel_report()['rows'])\n"
+        "print(e.generate(torch.tensor(%r), 10, hire=True).token_ids)\n"
+    ) % (str(Path(__file__).parent), PROMPT.tolist())
+    env = dict(os.environ, HIRE_NATIVE="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows, tokens = out.stdout.strip().splitlines()
+    assert rows == "eager gather (disabled by HIRE_NATIVE=0)"
+    cfg = HiReConfig(head=HeadConfig(k=5, candidates=64, proxy="int8", group_size=4096), ffn=FFNConfig(density=0.5))
+    engine = Engine(make("llama", seed=1), cfg, dtype=torch.float32, max_seq_len=64)
+    assert str(engine.generate(PROMPT, 10, hire=True).token_ids) == tokens

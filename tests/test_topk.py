@@ -10,6 +10,7 @@ from hire.topk import (
     count_for_density,
     expand_groups,
     group_scores,
+    local_topk,
     recall_at_k,
     rescore,
     scatter_scores,
@@ -102,3 +103,39 @@ def test_count_for_density():
     assert count_for_density(128, 0.5, group_size=16) == 4
     with pytest.raises(ValueError, match="divide"):
         count_for_density(100, 0.5, group_size=3)
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(1, 3), st.sampled_from([(64, 8, 4), (96, 12, 3), (128, 32, 8), (40, 40, 5)]))
+def test_local_topk_keeps_each_blocks_best(seed, n_tokens, case):
+    n, k, blocks = case
+    scores = torch.randn(n_tokens, n, generator=torch.Generator().manual_seed(seed))
+    idx = local_topk(scores, k, blocks)
+    assert idx.shape == (n_tokens, k)
+    for row in range(n_tokens):
+        got = set(idx[row].tolist())
+        assert len(got) == k
+        for b in range(blocks):  # block b: rows b, b + blocks, ...
+            block = scores[row, b::blocks]
+            want = {b + blocks * i for i in block.topk(k // blocks).indices.tolist()}
+            assert {i for i in got if i % blocks == b} == want
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(1, 40))
+def test_local_topk_with_one_block_is_exact_topk(seed, k):
+    scores = torch.randn(2, 40, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(local_topk(scores, k, 1).sort(-1).values, scores.topk(k).indices.sort(-1).values)
+
+
+def test_local_topk_refuses_blocks_that_do_not_divide():
+    with pytest.raises(ValueError, match="blocks >= 1 dividing both k=8 and n=60"):
+        local_topk(torch.randn(1, 60), 8, 16)
+    with pytest.raises(ValueError, match="valid choices"):
+        local_topk(torch.randn(1, 64), 6, 4)
+
+
+def test_cascade_with_local_first_pass():
+    w, x = _data(0, 3, 256, 16)
+    exact = Cascade([ExactProxy(w)], [32], blocks=8).select(x)
+    assert torch.equal(exact.sort(-1).values, local_topk(x @ w.t(), 32, 8).sort(-1).values)
+    with pytest.raises(ValueError, match="dividing"):
+        Cascade([ExactProxy(w)], [30], blocks=8)

@@ -20,6 +20,7 @@ CONFIG_FLAGS = {
     "head_bits": ("head", "bits", int),
     "head_group_size": ("head", "group_size", int),
     "head_stage_candidates": ("head", "stage_candidates", int),
+    "head_select_blocks": ("head", "select_blocks", int),
     "ffn_density": ("ffn", "density", float),
     "ffn_oversample": ("ffn", "oversample", float),
     "ffn_proxy": ("ffn", "proxy", str),

@@ -43,6 +43,8 @@ class HeadConfig:
     bits: int = 4  # the quantized proxy (int4/int8/cascade second stage)
     group_size: int = 64  # columns sharing one scale in the quantized copies
     stage_candidates: int = 2048  # cascade: survivors of the low-rank pass given to the int4 pass
+    select_blocks: int = 0  # first pass: 0 = one exact top-k over the vocabulary; B = best 1/B of the
+    #                         survivors from each of B interleaved vocabulary blocks (local top-k, faster)
 
     def __post_init__(self) -> None:
         _check(self.proxy in HEAD_PROXIES, f"head proxy must be one of {HEAD_PROXIES}, got {self.proxy!r}")
@@ -55,6 +57,12 @@ class HeadConfig:
         _check(self.rank_bits in (8, 16), f"head rank_bits must be 8 or 16, got {self.rank_bits}")
         _check(self.bits in (4, 8), f"head bits must be 4 or 8, got {self.bits}")
         _check(self.group_size >= 1, f"head group_size must be >= 1, got {self.group_size}")
+        _check(self.select_blocks >= 0, f"head select_blocks must be >= 0 (0 = exact top-k), got {self.select_blocks}")
+        first = self.stage_candidates if self.proxy == "cascade" else self.candidates
+        _check(
+            self.select_blocks == 0 or first % self.select_blocks == 0,
+            f"head select_blocks={self.select_blocks} must divide the first pass's survivors ({first})",
+        )
         if self.proxy == "cascade":
             _check(
                 self.stage_candidates >= self.candidates,

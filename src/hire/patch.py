@@ -105,7 +105,7 @@ def build_head_selector(
     check_k(cfg.k, vocab, "head k")
     check_k(cfg.candidates, vocab, "head candidates (k')")
     if cfg.proxy in ("int4", "int8"):
-        return Cascade([QuantizedProxy.from_weight(weight, 4 if cfg.proxy == "int4" else 8, cfg.group_size)], [cfg.candidates])
+        return Cascade([QuantizedProxy.from_weight(weight, 4 if cfg.proxy == "int4" else 8, cfg.group_size)], [cfg.candidates], cfg.select_blocks)
     if cfg.rank > width:
         raise ValueError(f"head rank {cfg.rank} is above the hidden width {width}; use --head-rank <= {width}")
     if lowrank is None:
@@ -121,10 +121,10 @@ def build_head_selector(
             f"({vocab}, {width}) and the config asks rank {cfg.rank}: refit it for this model and config"
         )
     if cfg.proxy == "lowrank":
-        return Cascade([lowrank], [cfg.candidates])
+        return Cascade([lowrank], [cfg.candidates], cfg.select_blocks)
     check_k(cfg.stage_candidates, vocab, "head stage_candidates")
     second = QuantizedProxy.from_weight(weight, cfg.bits, cfg.group_size)
-    return Cascade([lowrank, second], [cfg.stage_candidates, cfg.candidates])
+    return Cascade([lowrank, second], [cfg.stage_candidates, cfg.candidates], cfg.select_blocks)
 
 
 def _ffn_swap(spec: ArchSpec, layer: nn.Module, hire_ffn: HiReFFN):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hire import native
 from hire.config import HiReConfig
 from hire.engine.sampling import sample
 from hire.patch import decoder_layers, hire_layers, sparsify_
@@ -212,6 +213,7 @@ class Engine:
             report["head"] = [kind(p) for p in self.head.selector.proxies[:1]] + ["rows"] * (len(self.head.selector.proxies) - 1)
         if self.ffns:
             report["ffn"] = sorted({kind(f.proxy) for f in self.ffns})
+        report["rows"] = "native" if native.available() else f"eager gather ({native.unavailable_reason()})"
         return report
 
     # --- generation ------------------------------------------------------------------------

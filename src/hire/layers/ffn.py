@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hire import native
 from hire.config import FFNConfig
 from hire.topk import ceil_count, count_for_density, expand_groups, group_scores, idx_to_mask, mask_recall
 
@@ -167,23 +168,46 @@ class HiReFFN(nn.Module):
         self._out = w.w_out_t.detach().to(dtype).contiguous()  # (I, D_out)
         self._b_out = None if w.b_out is None else w.b_out.detach().to(dtype)
         self.proxy.prepare_decode(dtype)
+        # the native kernels read the selected rows in place: gated, or plain without a bias
+        act = native.activation_name(w.act) if w.gated or w.b_in is None else None
+        self._native_act = act if act is not None and native.usable(self._in) else None
+        # single neurons, no oversampling: the whole step after the proxy is one native call
+        self._fused = self._native_act is not None and self.config.group_size == 1 \
+            and self.candidate_groups == self.keep_groups
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """One token through the selected neurons only.  # x: (1, D) -> (1, D_out)"""
         w = self.weights
+        if self._fused:
+            y = native.ffn_decode(self.proxy.decode_scores(x), x, self._in, self._out, self.keep_groups,
+                                  self._native_act, w.gated).view(1, -1).to(x.dtype)
+            return y if self._b_out is None else y + self._b_out
         est = self._estimate_from_scores(self.proxy.decode_scores(x), self._b_in)  # (1, I)
         cand = self._rows(self._top_groups(est, self.candidate_groups))[0]  # (c,)
+        if self._native_act is not None:
+            return self._decode_native(x, cand)
         pre = torch.nn.functional.linear(x, self._in.index_select(0, cand).view(-1, x.shape[-1]))  # (1, c*2)
         if w.gated:
             pre = pre.view(-1, 2)
             a = (w.act(pre[:, 0]) * pre[:, 1]).unsqueeze(0)  # (1, c)
         else:
             a = w.act(pre if self._b_in is None else pre + self._b_in.index_select(0, cand))
-        if self.candidate_groups > self.keep_groups:
-            g = group_scores(a.abs(), self.config.group_size, self.config.aggregate)
-            pos = self._rows(g.topk(self.keep_groups, dim=-1, sorted=False).indices)[0]
-            a, cand = a.index_select(1, pos), cand.index_select(0, pos)
-        y = F.embedding_bag(cand.unsqueeze(0), self._out, per_sample_weights=a.to(self._out.dtype), mode="sum")
+        a, cand = self._keep_best(a[0], cand)
+        y = F.embedding_bag(cand.unsqueeze(0), self._out, per_sample_weights=a.to(self._out.dtype).unsqueeze(0), mode="sum")
+        return y if self._b_out is None else y + self._b_out
+
+    def _keep_best(self, a: torch.Tensor, cand: torch.Tensor):
+        """With oversampling, keep the best groups by exact |activation|.  # a, cand: (c,) -> (kept,)"""
+        if self.candidate_groups == self.keep_groups:
+            return a, cand
+        g = group_scores(a.abs().unsqueeze(0), self.config.group_size, self.config.aggregate)
+        pos = self._rows(g.topk(self.keep_groups, dim=-1, sorted=False).indices)[0]
+        return a.index_select(0, pos), cand.index_select(0, pos)
+
+    def _decode_native(self, x: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        a = native.rows_dot(x, self._in, cand, parts=2 if self.weights.gated else 1, act=self._native_act)  # (c,)
+        a, cand = self._keep_best(a, cand)
+        y = native.rows_axpy(self._out, cand, a).view(1, -1).to(x.dtype)
         return y if self._b_out is None else y + self._b_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

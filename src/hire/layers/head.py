@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hire import native
 from hire.config import HeadConfig
 from hire.proxies import Cascade
 from hire.topk import rescore, scatter_scores, select_topk
@@ -60,13 +61,17 @@ class HiReLMHead(nn.Module):
     def prepare_decode(self, dtype: torch.dtype) -> None:
         """Fix the decode-time form: proxies on fused kernels, the head weight in ``dtype``."""
         self.selector.prepare_decode(dtype)
-        self._weight = self.base_layer.weight.detach().to(dtype)
+        self._weight = self.base_layer.weight.detach().to(dtype).contiguous()
+        self._native = native.usable(self._weight)
 
     def decode(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact logits of the candidates for one token.  # h: (1, D) -> logits: (1, k'), idx: (1, k')"""
         idx = self.selector.decode_select(h)
-        rows = self._weight.index_select(0, idx[0])  # (k', D): only the candidates are read
-        logits = torch.nn.functional.linear(h.to(rows.dtype), rows)
+        if self._native:  # only the candidates' rows are read, in place
+            logits = native.rows_dot(h, self._weight, idx[0]).view(1, -1).to(self._weight.dtype)
+        else:
+            rows = self._weight.index_select(0, idx[0])  # (k', D)
+            logits = torch.nn.functional.linear(h.to(rows.dtype), rows)
         if self.base_layer.bias is not None:
             logits = logits + self.base_layer.bias[idx]
         return logits, idx

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from hire.topk import approx_topk, check_k
+from hire.topk import approx_topk, check_k, local_topk
 
 
 class Cascade:
     """Stage i scores the survivors of stage i-1 with its proxy and keeps its best ``keep[i]``.
 
-    With one stage this is plain HiRE candidate selection. ``select`` returns the final
+    ``blocks`` > 0 makes the first pass a local top-k (``hire.topk.local_topk``) over that many
+    row blocks instead of one exact top-k. With one stage this is plain HiRE candidate selection. ``select`` returns the final
     candidate rows; the caller computes them exactly.
     """
 
-    def __init__(self, proxies: list, keep: list[int]):
+    def __init__(self, proxies: list, keep: list[int], blocks: int = 0):
         if not proxies or len(proxies) != len(keep):
             raise ValueError("a cascade needs one keep count per proxy, and at least one proxy")
         n = proxies[0].shape[0]
@@ -24,8 +25,16 @@ class Cascade:
                 raise ValueError(f"cascade stage {i} proxy has {proxy.shape[0]} rows, stage 0 has {n}")
             check_k(count, prev, f"cascade stage {i} keep")
             prev = count
+        if blocks:
+            local_topk(torch.zeros(1, n), keep[0], blocks)  # validates blocks against n and keep[0]
         self.proxies = proxies
         self.keep = keep
+        self.blocks = blocks
+
+    def _first(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.blocks:
+            return local_topk(scores, self.keep[0], self.blocks)
+        return approx_topk(scores, self.keep[0])
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -33,7 +42,7 @@ class Cascade:
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
         # x: (N, D) -> idx: (N, keep[-1])
-        idx = approx_topk(self.proxies[0].scores(x), self.keep[0])
+        idx = self._first(self.proxies[0].scores(x))
         rows = self.shape[0]
         for proxy, count in zip(self.proxies[1:], self.keep[1:]):
             if x.shape[0] * idx.shape[1] > rows:  # a batch touching more rows than exist: score all once
@@ -50,7 +59,7 @@ class Cascade:
 
     def decode_select(self, x: torch.Tensor) -> torch.Tensor:
         """select() for one token, with the first (full) pass on its fused kernel.  # x: (1, D) -> (1, keep[-1])"""
-        idx = self.proxies[0].decode_scores(x).topk(self.keep[0], dim=-1, sorted=False).indices
+        idx = self._first(self.proxies[0].decode_scores(x))
         for proxy, count in zip(self.proxies[1:], self.keep[1:]):
             sub = proxy.decode_scores_rows(x, idx[0])
             idx = idx.gather(-1, sub.topk(count, dim=-1, sorted=False).indices)

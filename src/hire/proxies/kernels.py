@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from hire import native
 from hire.proxies.quantized import QuantizedMatrix
 
 INT4_GROUPS = (32, 64, 128, 256)
@@ -27,6 +28,8 @@ class QuantizedGEMV:
             self.kind = "int8pack"
             self.codes = codes.contiguous()  # (n, D) int8
             self.scales = matrix.scales[:, 0].to(KERNEL_DTYPE).contiguous()  # (n,)
+            # survivors' rows read in place by the native kernel (no gathered copy), when built
+            self.row_scales = matrix.scales[:, 0].float().contiguous() if native.usable(self.codes) else None
         elif not rows_only and matrix.bits == 4 and matrix.group_size in INT4_GROUPS and width % matrix.group_size == 0 \
                 and n % 16 == 0:
             self.kind = "int4pack"
@@ -38,6 +41,8 @@ class QuantizedGEMV:
 
     def rows(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Scores of the rows ``idx`` only (reads only those rows).  # x: (1, D), idx: (m,) -> (1, m)"""
+        if self.kind == "int8pack" and self.row_scales is not None:
+            return native.rows_dot(x, self.codes, idx, self.row_scales).view(1, -1).to(self.dtype)
         if self.kind == "int8pack":
             rows = self.codes.index_select(0, idx)
             return torch._weight_int8pack_mm(x.to(KERNEL_DTYPE), rows, self.scales.index_select(0, idx)).to(self.dtype)
