@@ -42,3 +42,70 @@ def test_corrupt_proxy_file_is_an_error_and_the_cache_refits(tmp_path, monkeypat
     x = torch.randn(3, WIDTH)
     assert torch.equal(again.scores(x), first.scores(x))
     assert load_head_proxy(path).rank == 8
+
+
+def _head_data(seed=0, n=2048):
+    """A head whose inputs live in a low-dimensional subspace, as real hidden states do."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(VOCAB, WIDTH, generator=g)
+    basis = torch.randn(12, WIDTH, generator=g)
+    states = torch.randn(n, 12, generator=g) @ basis + 0.1 * torch.randn(n, WIDTH, generator=g)
+    return w, states
+
+
+def test_training_reduces_the_loss_and_keeps_storage():
+    from hire.calibrate.train import train_lowrank_proxy
+
+    w, states = _head_data()
+    fitted = LowRankProxy.from_weight(w, 4, states=states[:1024], u_bits=8)
+    trained, log = train_lowrank_proxy(w, fitted, states[:1024], 150, batch=64, progress=False)
+    assert len(log.loss) == 150
+    assert sum(log.loss[-20:]) / 20 < 0.9 * sum(log.loss[:20]) / 20
+    assert trained.shape == fitted.shape and trained.rank == 4
+    assert type(trained.u) is type(fitted.u) and trained.u.bits == 8
+
+
+def test_training_is_seeded():
+    from hire.calibrate.train import train_lowrank_proxy
+
+    w, states = _head_data()
+    fitted = LowRankProxy.from_weight(w, 4, states=states, u_bits=16)
+    a, _ = train_lowrank_proxy(w, fitted, states, 5, batch=32, seed=3, progress=False)
+    b, _ = train_lowrank_proxy(w, fitted, states, 5, batch=32, seed=3, progress=False)
+    assert torch.equal(a.u, b.u) and torch.equal(a.v, b.v)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [(dict(steps=0), "steps must be >= 1"), (dict(steps=2, temperature=0.0), "temperature must be > 0"),
+     (dict(steps=2, states=torch.randn(10, WIDTH + 1)), "head states must be")],
+)
+def test_training_refuses_bad_arguments(kwargs, match):
+    from hire.calibrate.train import train_lowrank_proxy
+
+    w, states = _head_data()
+    fitted = LowRankProxy.from_weight(w, 4, states=states)
+    kwargs.setdefault("states", states)
+    with pytest.raises(ValueError, match=match):
+        train_lowrank_proxy(w, fitted, kwargs.pop("states"), kwargs.pop("steps"), **kwargs)
+
+
+def test_config_with_proxy_file_loads_it_and_checks_the_model(tmp_path):
+    from hire.calibrate import proxy_meta
+    from hire.config import HiReConfig
+
+    model = make("llama")
+    cfg = HeadConfig(proxy="lowrank", rank=8, candidates=64)
+    proxy = LowRankProxy.from_weight(model.lm_head.weight.detach(), 8, states=torch.randn(200, WIDTH), u_bits=8)
+    save_head_proxy(tmp_path / "head_proxy.safetensors", proxy, proxy_meta(model, cfg))
+    HiReConfig(head=HeadConfig(proxy="lowrank", rank=8, candidates=64, proxy_file="head_proxy.safetensors")).save(tmp_path / "c.json")
+    loaded = HiReConfig.load(tmp_path / "c.json")  # the relative path resolves next to the config
+    assert loaded.head.proxy_file == str(tmp_path / "head_proxy.safetensors")
+    got = cached_head_proxy(model, loaded.head, torch.randint(0, VOCAB, (1, 8)), progress=False)
+    x = torch.randn(3, WIDTH)
+    assert torch.equal(got.scores(x), proxy.scores(x))
+    other = make("llama", seed=9)  # different weights: the proxy does not belong to it
+    with pytest.raises(ValueError, match="fitted for weight="):
+        cached_head_proxy(other, loaded.head, torch.randint(0, VOCAB, (1, 8)), progress=False)
+    with pytest.raises(ValueError, match="proxy_file holds a low-rank proxy"):
+        HeadConfig(proxy="int8", proxy_file="x.safetensors")

@@ -77,3 +77,25 @@ def test_help_describes_the_verbs(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert "eval" in out and "generate" in out
+
+
+def test_calibrate_writes_a_proxy_and_a_config_that_eval_uses(model_dir, tmp_path, capsys):
+    out = tmp_path / "cal"
+    code = main(["calibrate", "--model", model_dir, "--head-proxy", "lowrank", "--head-rank", "8", "--head-candidates", "64",
+                 "--calib-windows", "4", "--eval-windows", "1", "--seq-len", "64", "--steps", "20", "--out", str(out),
+                 "--plot", str(tmp_path / "loss.png"), "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["steps"] == 20 and (tmp_path / "loss.png").stat().st_size > 0
+    for key in ("fitted_recall_at_1", "fitted_recall_at_k", "trained_recall_at_1", "trained_recall_at_k"):
+        assert 0.0 <= result[key] <= 1.0
+    config = json.loads((out / "config.json").read_text())
+    assert config["head"]["proxy_file"] == "head_proxy.safetensors" and config["head"]["train_steps"] == 20
+    assert main(["eval", "--model", model_dir, "--config", str(out / "config.json"), "--windows", "1",
+                 "--seq-len", "32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["head"]["train_steps"] == 20
+
+
+def test_calibrate_refuses_a_head_without_a_low_rank_proxy(model_dir, capsys):
+    assert main(["calibrate", "--model", model_dir, "--head-proxy", "int8", "--head-candidates", "64"]) == 2
+    assert "use --head-proxy lowrank or cascade" in capsys.readouterr().err

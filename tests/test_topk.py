@@ -10,11 +10,15 @@ from hire.topk import (
     count_for_density,
     expand_groups,
     group_scores,
+    idx_to_mask,
     local_topk,
+    mask_recall,
     recall_at_k,
     rescore,
     scatter_scores,
     select_topk,
+    statistical_threshold,
+    statistical_topk,
 )
 
 shapes = st.tuples(st.integers(1, 4), st.integers(2, 300), st.integers(1, 48))  # (N, n, D)
@@ -139,3 +143,23 @@ def test_cascade_with_local_first_pass():
     assert torch.equal(exact.sort(-1).values, local_topk(x @ w.t(), 32, 8).sort(-1).values)
     with pytest.raises(ValueError, match="dividing"):
         Cascade([ExactProxy(w)], [30], blocks=8)
+
+
+@given(st.integers(0, 2**31 - 1), st.sampled_from([0.05, 0.1, 0.3, 0.5]))
+def test_statistical_topk_keeps_about_k_of_gaussian_scores(seed, frac):
+    scores = torch.randn(4, 20000, generator=torch.Generator().manual_seed(seed)) * 3 + 1
+    k = int(frac * 20000)
+    mask = statistical_topk(scores, k)
+    counts = mask.sum(-1).float()
+    assert ((counts - k).abs() / k < 0.08).all(), counts
+    thr = statistical_threshold(scores, k)
+    assert torch.equal(mask, scores >= thr)  # a threshold: everything kept beats everything dropped
+    exact = idx_to_mask(scores.topk(k).indices, 20000)
+    assert mask_recall(exact, mask).min() > 0.9
+
+
+def test_statistical_topk_with_k_equal_n_keeps_everything():
+    scores = torch.randn(2, 50)
+    assert statistical_topk(scores, 50).all()
+    with pytest.raises(ValueError):
+        statistical_topk(scores, 0)

@@ -21,6 +21,8 @@ CONFIG_FLAGS = {
     "head_group_size": ("head", "group_size", int),
     "head_stage_candidates": ("head", "stage_candidates", int),
     "head_select_blocks": ("head", "select_blocks", int),
+    "head_train_steps": ("head", "train_steps", int),
+    "head_proxy_file": ("head", "proxy_file", str),
     "ffn_density": ("ffn", "density", float),
     "ffn_oversample": ("ffn", "oversample", float),
     "ffn_proxy": ("ffn", "proxy", str),
@@ -255,6 +257,80 @@ def torch_threads_default() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
+def cmd_calibrate(args) -> int:
+    from pathlib import Path
+
+    from hire.calibrate import collect_head_states, fit_head_proxy, head_recall, head_weight, proxy_meta, save_head_proxy
+    from hire.calibrate.train import train_lowrank_proxy
+    from hire.data import load_corpus, token_windows
+    from hire.models import load_model
+    from hire.patch import build_head_selector
+
+    config = build_config(args)
+    head = config.head
+    if head.proxy not in ("lowrank", "cascade"):
+        raise ValueError(f"hire calibrate trains the low-rank head proxy: use --head-proxy lowrank or cascade, not {head.proxy!r}")
+    head.train_steps = args.steps
+    head.proxy_file = ""
+    out = Path(args.out or f"hire-{Path(args.model).name}")
+    model, tokenizer = load_model(args.model)
+    corpus = load_corpus()
+    quiet = args.json
+    calib = token_windows(tokenizer, corpus.text("calibration"), args.seq_len, args.calib_windows)
+    held_windows = token_windows(tokenizer, corpus.text("evaluation"), args.seq_len, args.eval_windows)
+    states = collect_head_states(model, calib, progress=not quiet)
+    held = collect_head_states(model, held_windows, progress=not quiet)
+    weight = head_weight(model)
+    fitted = fit_head_proxy(model, head, states)
+    trained, log = train_lowrank_proxy(weight, fitted, states, args.steps, progress=not quiet)
+    result = {"model": args.model, "calibration_states": states.shape[0], "held_out_states": held.shape[0],
+              "steps": args.steps, "loss_first": log.loss[0], "loss_last": log.loss[-1]}
+    for name, proxy in (("fitted", fitted), ("trained", trained)):
+        selector = build_head_selector(weight, head, lowrank=proxy)
+        r1, rk = head_recall(weight, selector, held, head.k)
+        result[f"{name}_recall_at_1"], result[f"{name}_recall_at_k"] = r1, rk
+    vocab, width = weight.shape
+    result["head_bytes_fraction"] = (selector.nbytes() + head.candidates * width * 2) / (vocab * width * 2)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {**proxy_meta(model, head), "train_steps": args.steps}
+    save_head_proxy(out / "head_proxy.safetensors", trained, meta)
+    head.proxy_file = "head_proxy.safetensors"  # relative to the config file
+    config.save(out / "config.json")
+    result["config"] = str(out / "config.json")
+    result["proxy_file"] = str(out / "head_proxy.safetensors")
+    if args.plot:
+        _plot_loss(log, args.plot, f"{args.model}: head proxy training (KL, T=3)")
+        result["plot"] = args.plot
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{args.model}: head proxy rank {head.rank}, {args.steps} steps on {states.shape[0]} calibration states; "
+              f"loss {log.loss[0]:.4f} -> {log.loss[-1]:.4f}")
+        print(f"held-out ({held.shape[0]} positions), k'={head.candidates}:  recall@1 / recall@{head.k}")
+        for name in ("fitted", "trained"):
+            print(f"  {name:8s} {result[f'{name}_recall_at_1']:.4f} / {result[f'{name}_recall_at_k']:.4f}")
+        print(f"head bytes {100 * result['head_bytes_fraction']:.1f} % of the 16-bit head")
+        print(f"wrote {result['config']} and {result['proxy_file']}; use: hire eval --model {args.model} --config {result['config']}")
+    return 0
+
+
+def _plot_loss(log, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(log.steps, log.loss, lw=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("KL(model || proxy)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hire", description="HiRE: high-recall approximate top-k for faster LLM decoding")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -268,6 +344,20 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--compact", action="store_true", help="with --json: on one line")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("calibrate", help="fit and train the low-rank LM-head proxy; write it and its config",
+                       description="Fit the activation-aware low-rank head proxy on calibration text, train it for "
+                                   "recall (KL to the model's next-token distribution, temperature 3), report "
+                                   "held-out recall of the fitted and the trained proxy under the config's "
+                                   "selector, and write OUT/head_proxy.safetensors and OUT/config.json "
+                                   "(use it with --config).")
+    _add_model_args(p)
+    p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    p.add_argument("--eval-windows", type=int, default=4, help="held-out windows for the recall report (default 4)")
+    p.add_argument("--out", help="output directory (default hire-MODEL)")
+    p.add_argument("--plot", help="write a PNG of the training loss")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("generate", help="stream text from the HiRE engine",
                        description="Generate with the HiRE decode engine (Llama, Mistral, Qwen2 and Gemma-3 "

@@ -43,6 +43,8 @@ class HeadConfig:
     bits: int = 4  # the quantized proxy (int4/int8/cascade second stage)
     group_size: int = 64  # columns sharing one scale in the quantized copies
     stage_candidates: int = 2048  # cascade: survivors of the low-rank pass given to the int4 pass
+    train_steps: int = 0  # low-rank proxy: Adam steps of recall training after the fit (hire calibrate); 0 = fit only
+    proxy_file: str = ""  # a saved low-rank proxy (hire calibrate writes one); relative to the config file
     select_blocks: int = 0  # first pass: 0 = one exact top-k over the vocabulary; B = best 1/B of the
     #                         survivors from each of B interleaved vocabulary blocks (local top-k, faster)
 
@@ -57,6 +59,11 @@ class HeadConfig:
         _check(self.rank_bits in (8, 16), f"head rank_bits must be 8 or 16, got {self.rank_bits}")
         _check(self.bits in (4, 8), f"head bits must be 4 or 8, got {self.bits}")
         _check(self.group_size >= 1, f"head group_size must be >= 1, got {self.group_size}")
+        _check(self.train_steps >= 0, f"head train_steps must be >= 0, got {self.train_steps}")
+        _check(
+            not self.proxy_file or self.proxy in ("lowrank", "cascade"),
+            f"head proxy_file holds a low-rank proxy: it needs proxy 'lowrank' or 'cascade', not {self.proxy!r}",
+        )
         _check(self.select_blocks >= 0, f"head select_blocks must be >= 0 (0 = exact top-k), got {self.select_blocks}")
         first = self.stage_candidates if self.proxy == "cascade" else self.candidates
         _check(
@@ -148,6 +155,9 @@ class HiReConfig:
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         try:
-            return cls.from_json(path.read_text())
+            config = cls.from_json(path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"config file {path} is not valid JSON: {err}") from err
+        if config.head.proxy_file and not Path(config.head.proxy_file).is_absolute():
+            config.head.proxy_file = str(path.parent / config.head.proxy_file)
+        return config

@@ -48,6 +48,32 @@ def local_topk(scores: torch.Tensor, k: int, blocks: int) -> torch.Tensor:
     return (local * blocks + torch.arange(blocks, device=scores.device)).reshape(scores.shape[0], k)
 
 
+def statistical_threshold(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Spark Transformer's statistical top-k threshold: mean + std * inv_Phi(1 - k/n) per row, so
+    that about k of n Gaussian scores lie above it. One pass for the moments, no sort.
+
+    # scores: (N, n) -> threshold: (N, 1) float32
+    """
+    from statistics import NormalDist
+
+    n = scores.shape[-1]
+    check_k(k, n)
+    f = scores.float()
+    if k == n:
+        return torch.full((f.shape[0], 1), float("-inf"))
+    z = NormalDist().inv_cdf(1.0 - k / n)
+    return f.mean(-1, keepdim=True) + f.std(-1, keepdim=True) * z
+
+
+def statistical_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows at or above the statistical threshold: about k per row when the scores are Gaussian,
+    any number otherwise (recall and count are what ``benchmarks/topk_selectors.py`` measures).
+
+    # scores: (N, n) -> mask: (N, n) bool
+    """
+    return scores.float() >= statistical_threshold(scores, k)
+
+
 def rescore(weight: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Exact scores of the candidate rows only: reads |S| rows of ``weight``.
 

@@ -87,8 +87,41 @@ def needs_states(cfg: HeadConfig) -> bool:
     return cfg.enabled and cfg.proxy in ("lowrank", "cascade")
 
 
+@torch.no_grad()
+def head_recall(weight: torch.Tensor, selector, states: torch.Tensor, k: int, chunk: int = 512) -> tuple[float, float]:
+    """Recall@1 and recall@k of ``selector``'s candidates against the exact top-k of ``weight``
+    over head inputs ``states`` (N, D)."""
+    from hire.topk import recall_at_k
+
+    r1, rk = [], []
+    for h in states.split(chunk):
+        true = torch.nn.functional.linear(h, weight.to(h.dtype)).topk(k, dim=-1).indices
+        idx = selector.select(h)
+        r1.append(recall_at_k(true[:, :1], idx))
+        rk.append(recall_at_k(true, idx))
+    return torch.cat(r1).mean().item(), torch.cat(rk).mean().item()
+
+
+def proxy_meta(model: nn.Module, cfg: HeadConfig) -> dict:
+    """What a saved low-rank head proxy must match to be used for ``model`` under ``cfg``."""
+    return {"weight": weight_fingerprint(head_weight(model)), "rank": cfg.rank, "rank_bits": cfg.rank_bits}
+
+
+def fit_and_train(model: nn.Module, cfg: HeadConfig, states: torch.Tensor, progress: bool = True):
+    """The activation-aware fit, then ``cfg.train_steps`` of recall training when asked.
+    Returns the proxy and the training log (None without training)."""
+    from hire.calibrate.train import train_lowrank_proxy
+
+    proxy = fit_head_proxy(model, cfg, states)
+    if not cfg.train_steps:
+        return proxy, None
+    return train_lowrank_proxy(head_weight(model), proxy, states, cfg.train_steps, progress=progress)
+
+
 def cached_head_proxy(model: nn.Module, cfg: HeadConfig, windows: torch.Tensor, progress: bool = True):
-    """The fitted low-rank head proxy for ``cfg``, from the cache or fitted on ``windows`` and cached.
+    """The low-rank head proxy for ``cfg``: loaded from ``cfg.proxy_file`` when the config names
+    one, else from the cache, else fitted (and trained, with ``cfg.train_steps``) on ``windows``
+    and cached.
 
     Returns None when the head config needs no fitted proxy.
     """
@@ -96,12 +129,11 @@ def cached_head_proxy(model: nn.Module, cfg: HeadConfig, windows: torch.Tensor, 
 
     if not needs_states(cfg):
         return None
-    meta = {
-        "weight": weight_fingerprint(head_weight(model)),
-        "rank": cfg.rank,
-        "rank_bits": cfg.rank_bits,
-        "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16],
-    }
+    if cfg.proxy_file:
+        return load_head_proxy(cfg.proxy_file, expect=proxy_meta(model, cfg))
+    meta = {**proxy_meta(model, cfg), "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]}
+    if cfg.train_steps:
+        meta["train_steps"] = cfg.train_steps
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_root() / "proxies" / f"head-lowrank-{key}.safetensors"
     if path.is_file():
@@ -112,6 +144,6 @@ def cached_head_proxy(model: nn.Module, cfg: HeadConfig, windows: torch.Tensor, 
 
             logging.getLogger("hire").warning("%s; refitting", err)
     states = collect_head_states(model, windows, progress=progress)
-    proxy = fit_head_proxy(model, cfg, states)
+    proxy, _ = fit_and_train(model, cfg, states, progress=progress)
     save_head_proxy(path, proxy, meta)
     return proxy
