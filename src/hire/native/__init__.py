@@ -34,6 +34,19 @@ _module = None
 _error: str | None = None
 
 
+def _cpu_id() -> bytes:
+    """The build is -march=native: a cache shared between different CPUs must not share the binary."""
+    import platform
+
+    flags = b""
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            flags = next((line for line in f if line.startswith(b"flags")), b"")
+    except OSError:
+        pass
+    return platform.machine().encode() + flags
+
+
 def _build():
     global _module, _error
     if _module is not None or _error is not None:
@@ -46,7 +59,7 @@ def _build():
 
         from hire.models import cache_root
 
-        digest = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+        digest = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode() + _cpu_id()).hexdigest()[:12]
         build = cache_root() / "native" / digest
         build.mkdir(parents=True, exist_ok=True)
         if not any(build.glob("*.so")):
