@@ -38,7 +38,7 @@ def main() -> None:
 
     def report(label: str, selector: Cascade, curve: str | None = None, quiet: bool = False) -> None:
         r1, rk = head_recall(weight, selector, held, args.k)
-        frac = (selector.nbytes() + selector.keep[-1] * width * 2) / (vocab * width * 2)
+        frac = selector.head_nbytes() / (vocab * width * 2)
         curves.setdefault(curve or label, []).append((100 * frac, rk))
         if not quiet:
             print(f"{label:48s} recall@1 {r1:.4f}  recall@{args.k} {rk:.4f}  head bytes {100 * frac:5.1f} %", flush=True)

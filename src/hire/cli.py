@@ -289,8 +289,7 @@ def cmd_calibrate(args) -> int:
         selector = build_head_selector(weight, head, lowrank=proxy)
         r1, rk = head_recall(weight, selector, held, head.k)
         result[f"{name}_recall_at_1"], result[f"{name}_recall_at_k"] = r1, rk
-    vocab, width = weight.shape
-    result["head_bytes_fraction"] = (selector.nbytes() + head.candidates * width * 2) / (vocab * width * 2)
+        result["head_bytes_fraction"] = selector.head_nbytes() / (weight.numel() * 2)  # the same for both
     out.mkdir(parents=True, exist_ok=True)
     meta = {**proxy_meta(model, head), "train_steps": args.steps}
     save_head_proxy(out / "head_proxy.safetensors", trained, meta)

@@ -27,6 +27,16 @@ def approx_topk(proxy_scores: torch.Tensor, candidates: int) -> torch.Tensor:
     return proxy_scores.topk(candidates, dim=-1, sorted=False).indices
 
 
+def check_blocks(k: int, n: int, blocks: int) -> None:
+    """Raise a ValueError unless ``local_topk`` can keep k of n rows in ``blocks`` blocks."""
+    check_k(k, n)
+    if blocks < 1 or k % blocks or n % blocks:
+        raise ValueError(
+            f"local top-k needs blocks >= 1 dividing both k={k} and n={n}, got blocks={blocks}; "
+            f"valid choices: {[b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if not k % b and not n % b]}"
+        )
+
+
 def local_topk(scores: torch.Tensor, k: int, blocks: int) -> torch.Tensor:
     """Approximate top-k without a global sort: the n rows are dealt into ``blocks`` interleaved
     blocks (block b holds rows b, b + blocks, b + 2 * blocks, ...) and each keeps its own best
@@ -38,12 +48,7 @@ def local_topk(scores: torch.Tensor, k: int, blocks: int) -> torch.Tensor:
     # scores: (N, n) -> idx: (N, k)
     """
     n = scores.shape[-1]
-    check_k(k, n)
-    if blocks < 1 or k % blocks or n % blocks:
-        raise ValueError(
-            f"local top-k needs blocks >= 1 dividing both k={k} and n={n}, got blocks={blocks}; "
-            f"valid choices: {[b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if not k % b and not n % b]}"
-        )
+    check_blocks(k, n, blocks)
     local = scores.reshape(-1, n // blocks, blocks).topk(k // blocks, dim=1, sorted=False).indices  # (N, k/B, B)
     return (local * blocks + torch.arange(blocks, device=scores.device)).reshape(scores.shape[0], k)
 

@@ -78,8 +78,7 @@ class HiReLMHead(nn.Module):
 
     def nbytes(self) -> int:
         """Bytes read per token: the proxies plus the k' exact rows in 16 bits."""
-        width = self.base_layer.weight.shape[1]
-        return self.selector.nbytes() + self.config.candidates * width * 2
+        return self.selector.head_nbytes()
 
     def dense_nbytes(self) -> int:
         return self.base_layer.weight.numel() * 2

@@ -80,6 +80,13 @@ def _build():
     return _module
 
 
+def _ops():
+    mod = _build()
+    if mod is None:
+        raise RuntimeError(f"HiRE native kernels unavailable: {_error}")
+    return mod
+
+
 def available() -> bool:
     """True when the native kernels are built (builds them on the first call)."""
     return _build() is not None
@@ -108,9 +115,7 @@ def activation_name(act) -> str | None:
 
 
 def rows_dot(x, w, idx, scales=None, parts: int = 1, act: str | None = None) -> torch.Tensor:
-    mod = _build()
-    if mod is None:
-        raise RuntimeError(f"HiRE native kernels unavailable: {_error}")
+    mod = _ops()
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {sorted(a for a in ACTIVATIONS if a)} or None, got {act!r}")
     s = torch.empty(0) if scales is None else scales
@@ -123,18 +128,14 @@ def ffn_decode(scores, x, w_in, w_out, count: int, act: str, gated: bool) -> tor
     ``scores`` (gated: gate then up scores), the best ``count`` neurons, their exact activations
     from the neuron-major rows ``w_in`` (I, parts*D) and the weighted sum of their ``w_out`` rows.
     -> float32 (D_out,)"""
-    mod = _build()
-    if mod is None:
-        raise RuntimeError(f"HiRE native kernels unavailable: {_error}")
+    mod = _ops()
     if act not in ACTIVATIONS or act is None:
         raise ValueError(f"act must be one of {sorted(a for a in ACTIVATIONS if a)}, got {act!r}")
     return mod.ffn_decode(scores, x, w_in, w_out, count, ACTIVATIONS[act], gated)
 
 
 def rows_axpy(w, idx, a) -> torch.Tensor:
-    mod = _build()
-    if mod is None:
-        raise RuntimeError(f"HiRE native kernels unavailable: {_error}")
+    mod = _ops()
     return mod.rows_axpy(w, idx, a)
 
 

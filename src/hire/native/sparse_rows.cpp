@@ -2,13 +2,13 @@
 // in place (no gathered copy), with float32 accumulation.
 //   rows_dot(x, W, idx, scales, parts, act): out[j] = act(dot(W[idx[j]], x)) per row part
 //   rows_axpy(W, idx, a):                   out    = sum_j a[j] * W[idx[j]]
+//   ffn_decode(...):                        one sparse FFN step after its proxy (below)
 // W is float32, float16, bfloat16 or int8 (int8 with one float scale per row).
 #include <torch/library.h>
 #include <torch/torch.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
-#include <numeric>
 #include <vector>
 #include <cstdint>
 #if defined(__AVX512F__)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hire.topk import approx_topk, check_k, local_topk
+from hire.topk import approx_topk, check_blocks, check_k, local_topk
 
 
 class Cascade:
@@ -26,7 +26,7 @@ class Cascade:
             check_k(count, prev, f"cascade stage {i} keep")
             prev = count
         if blocks:
-            local_topk(torch.zeros(1, n), keep[0], blocks)  # validates blocks against n and keep[0]
+            check_blocks(keep[0], n, blocks)
         self.proxies = proxies
         self.keep = keep
         self.blocks = blocks
@@ -64,6 +64,11 @@ class Cascade:
             sub = proxy.decode_scores_rows(x, idx[0])
             idx = idx.gather(-1, sub.topk(count, dim=-1, sorted=False).indices)
         return idx
+
+    def head_nbytes(self) -> int:
+        """Bytes a HiRE head using this selector reads per token: the proxies plus the final
+        candidates' exact rows in 16 bits."""
+        return self.nbytes() + self.keep[-1] * self.shape[1] * 2
 
     def nbytes(self) -> int:
         total = self.proxies[0].nbytes()
