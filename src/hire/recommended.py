@@ -9,7 +9,8 @@ from hire.config import FFNConfig, HeadConfig, HiReConfig
 # per-row scales, which makes rescoring the survivors a gather and one kernel call.
 PER_ROW = 4096  # any group size >= the hidden width means one group per row
 # The first pass keeps the best 8 of each of 512 interleaved vocabulary blocks instead of one exact
-# top-4,096 (0.4 ms instead of 2.5 ms on Gemma's 262,144 rows; recall@1 0.99976 -> 0.99951).
+# top-4,096 (0.49 ms instead of 1.83 ms on Gemma's 262,144 rows, benchmarks/topk_selectors.py;
+# held-out recall@1 0.99976 -> 0.99951).
 LOCAL_BLOCKS = 512
 
 RECOMMENDED: dict[str, HiReConfig] = {
