@@ -4,7 +4,8 @@ import torch
 import hire
 from hire.config import FFNConfig, HeadConfig, HiReConfig
 from hire.layers import HiReFFN, HiReLMHead
-from hire.patch import hire_layers, set_mode
+from hire.patch import decoder_layers, hire_layers, set_mode
+from hire.topk import count_for_density
 from tiny_models import ARCHS, FFN, VOCAB, WIDTH, make
 
 PROMPT = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 11]])
@@ -149,3 +150,18 @@ def test_set_mode_rejects_unknown_modes():
     hire.sparsify_(model, HiReConfig(head=HeadConfig(proxy="int8", candidates=64)))
     with pytest.raises(ValueError, match="mode must be one of"):
         set_mode(model, ffn="sparse")
+
+
+def test_per_layer_ffn_densities():
+    model = make("llama")
+    n = len(decoder_layers(model))
+    densities = [0.25 + 0.5 * i / max(n - 1, 1) for i in range(n)]
+    hire.sparsify_(model, HiReConfig(head=HeadConfig(enabled=False), ffn=FFNConfig(layer_density=densities)))
+    ffns = hire_layers(model)[1]
+    assert [f.config.density for f in ffns] == densities
+    assert [f.keep_groups for f in ffns] == [count_for_density(f.weights.neurons, d) for f, d in zip(ffns, densities)]
+    hire.unsparsify_(model)
+    with pytest.raises(ValueError, match=f"the config has 3 per-layer FFN densities but the model has {n}"):
+        hire.sparsify_(model, HiReConfig(ffn=FFNConfig(layer_density=[0.5] * 3), head=HeadConfig(enabled=False)))
+    with pytest.raises(ValueError, match=r"layer_density values must be in \(0, 1\]"):
+        FFNConfig(layer_density=[0.5, 1.5])

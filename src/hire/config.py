@@ -89,12 +89,15 @@ class FFNConfig:
     bits_group_size: int = 64  # columns sharing one scale in the quantized proxy
     group_size: int = 1  # contiguous neurons selected together (1 = single neurons)
     aggregate: str = "sum"  # group score from its neurons' |activation| estimates
+    layer_density: list[float] = field(default_factory=list)  # per decoder layer (hire tune); empty = density
 
     def __post_init__(self) -> None:
         _check(
             0.0 < self.density <= 1.0,
             f"ffn density must be in (0, 1], got {self.density}",
         )
+        bad = [d for d in self.layer_density if not 0.0 < d <= 1.0]
+        _check(not bad, f"ffn layer_density values must be in (0, 1], got {bad}")
         _check(self.oversample >= 1.0, f"ffn oversample must be >= 1 (k' >= k), got {self.oversample}")
         _check(self.proxy in FFN_PROXIES, f"ffn proxy must be one of {FFN_PROXIES}, got {self.proxy!r}")
         _check(self.bits_group_size >= 1, f"ffn bits_group_size must be >= 1, got {self.bits_group_size}")

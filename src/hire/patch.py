@@ -6,7 +6,7 @@ live. The originals are kept as ``base_layer`` so ``unsparsify_`` restores them 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -170,11 +170,19 @@ def sparsify_(
         head = HiReLMHead(base, config.head, selector)
         swaps.append(lambda: model.set_submodule(spec.head, head))
     if config.ffn.enabled:
-        for layer in decoder_layers(model):
+        layers = decoder_layers(model)
+        per_layer = config.ffn.layer_density
+        if per_layer and len(per_layer) != len(layers):
+            raise ValueError(
+                f"the config has {len(per_layer)} per-layer FFN densities but the model has {len(layers)} decoder "
+                "layers: it was tuned for another model; re-tune it (hire tune) or clear ffn.layer_density"
+            )
+        for i, layer in enumerate(layers):
             base = InlineMLP(layer.fc1, layer.activation_fn, layer.fc2) if spec.ffn == "inline" else getattr(layer, spec.mlp)
             weights = ffn_weights(spec, base)
             proxy = _ffn_proxy(weights, config.ffn.proxy, config.ffn.bits_group_size)
-            swaps.append(_ffn_swap(spec, layer, HiReFFN(base, weights, config.ffn, proxy)))
+            cfg = replace(config.ffn, density=per_layer[i], layer_density=[]) if per_layer else config.ffn
+            swaps.append(_ffn_swap(spec, layer, HiReFFN(base, weights, cfg, proxy)))
     for swap in swaps:
         swap()
     model.hire_config = config

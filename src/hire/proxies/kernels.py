@@ -24,7 +24,9 @@ class QuantizedGEMV:
         n, width = matrix.shape
         codes = matrix._codes(matrix.packed)[:, :width]
         self.kind = "dequantize"
-        if matrix.bits == 8 and matrix.group_size >= width:
+        # torch 2.13's _weight_int8pack_mm reads past the row (NaN, garbage, even a segfault) unless
+        # the width is a multiple of 16 (found with a low-rank proxy of rank 4-8; tests/test_proxies.py)
+        if matrix.bits == 8 and matrix.group_size >= width and width % 16 == 0:
             self.kind = "int8pack"
             self.codes = codes.contiguous()  # (n, D) int8
             self.scales = matrix.scales[:, 0].to(KERNEL_DTYPE).contiguous()  # (n,)
