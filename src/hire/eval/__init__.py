@@ -1,4 +1,4 @@
 from hire.eval.bytes import bytes_per_token
-from hire.eval.quality import evaluate
+from hire.eval.quality import evaluate, perplexity
 
-__all__ = ["bytes_per_token", "evaluate"]
+__all__ = ["bytes_per_token", "evaluate", "perplexity"]

@@ -4,6 +4,8 @@ Perplexity (teacher forcing, each window scored from its second token) uses the 
 both columns, because a normalised softmax needs every logit; the HiRE column runs every FFN
 the way HiRE decodes (``mode="always"``). Greedy agreement compares the next-token argmax of the
 full HiRE model (HiRE FFN + HiRE head) with the dense model's at every evaluated position.
+For a model trained with top-k FFNs (``config.hire_topk``) the "dense" column is that model as
+trained: every neuron computed, its exact top-k kept (``reference`` in the result says which).
 """
 
 from __future__ import annotations
@@ -36,6 +38,25 @@ def _forward_capture(model: nn.Module, window: torch.Tensor):
 def _nll(logits: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     # logits: (T, V), window: (T,) -> summed NLL of tokens 1..T-1
     return torch.nn.functional.cross_entropy(logits[:-1], window[1:], reduction="sum")
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: torch.Tensor, progress: bool = False) -> float:
+    """Perplexity of ``model`` as it is (patched or not, in whatever mode) over ``windows`` (W, T),
+    each window scored from its second token."""
+    nll, tokens = 0.0, 0
+    for window in tqdm(windows, desc="perplexity", disable=not progress, leave=False):
+        nll += float(_nll(model(window.unsqueeze(0), use_cache=False).logits[0].float(), window))
+        tokens += window.shape[0] - 1
+    return math.exp(nll / tokens)
+
+
+def _reference_name(model: nn.Module) -> str:
+    """What the "dense" column computes: the dense model, or a trained top-k model's exact top-k."""
+    topk = getattr(model.config, "hire_topk", None)
+    if topk:
+        return f"exact top-k FFN (density {topk['density']}, groups of {topk['group_size']})"
+    return "dense"
 
 
 @torch.no_grad()
@@ -97,6 +118,7 @@ def evaluate(
     result = {
         "model": getattr(model.config, "_name_or_path", "") or model.config.model_type,
         "architecture": model.config.model_type,
+        "reference": _reference_name(model),
         "config": config.to_dict(),
         "windows": int(windows.shape[0]),
         "seq_len": int(windows.shape[1]),

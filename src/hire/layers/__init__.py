@@ -1,4 +1,5 @@
 from hire.layers.ffn import FFNWeights, HiReFFN
 from hire.layers.head import HiReLMHead
+from hire.layers.topk_ffn import TopKMLP, apply_topk_
 
-__all__ = ["FFNWeights", "HiReFFN", "HiReLMHead"]
+__all__ = ["FFNWeights", "HiReFFN", "HiReLMHead", "TopKMLP", "apply_topk_"]

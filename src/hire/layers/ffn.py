@@ -98,6 +98,17 @@ class HiReFFN(nn.Module):
         self.recall_sum = 0.0
         self.recall_count = 0
 
+    def set_density(self, density: float) -> None:
+        """Keep a different fraction of neurons (the autotuner tries several per layer)."""
+        from dataclasses import replace
+
+        self.config = replace(self.config, density=density, layer_density=[])
+        n, c = self.weights.neurons, self.config
+        self.keep_groups = count_for_density(n, density, c.group_size)
+        self.candidate_groups = ceil_count(self.keep_groups, c.oversample, self.groups)
+        if hasattr(self, "_fused"):
+            self._fused = self._native_act is not None and c.group_size == 1 and self.candidate_groups == self.keep_groups
+
     # --- selection -------------------------------------------------------------------------
     def estimate(self, x: torch.Tensor) -> torch.Tensor:
         """Proxy estimate of every neuron's |activation|.  # x: (N, D) -> (N, I)"""
@@ -175,8 +186,15 @@ class HiReFFN(nn.Module):
         self._fused = self._native_act is not None and self.config.group_size == 1 \
             and self.candidate_groups == self.keep_groups
 
+    @property
+    def keeps_all(self) -> bool:
+        """Density 1 (a tuned config may leave some layers dense): decode runs the dense FFN."""
+        return self.keep_groups == self.groups
+
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """One token through the selected neurons only.  # x: (1, D) -> (1, D_out)"""
+        if self.keeps_all:
+            return self._dense_forward(x)
         w = self.weights
         if self._fused:
             y = native.ffn_decode(self.proxy.decode_scores(x), x, self._in, self._out, self.keep_groups,
@@ -236,6 +254,8 @@ class HiReFFN(nn.Module):
 
     def nbytes(self) -> int:
         """Bytes read per decoded token (16-bit weights): proxy + candidates' input rows + kept output rows."""
+        if self.keeps_all:
+            return self.dense_nbytes()
         w = self.weights
         size = self.config.group_size
         in_rows = (2 if w.gated else 1) * self.candidate_groups * size

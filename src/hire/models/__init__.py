@@ -190,6 +190,9 @@ def _load_dir(path: Path, dtype: torch.dtype):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     except Exception as err:
         raise ValueError(f"could not load the model in {path} ({type(err).__name__}: {err})") from err
+    from hire.layers.topk_ffn import apply_saved_topk_
+
+    apply_saved_topk_(model)  # a model trained with top-k FFNs runs them (config.hire_topk)
     model.eval()
     return model, tokenizer
 
