@@ -32,6 +32,33 @@ def _dense_u(proxy: LowRankProxy) -> torch.Tensor:
     return proxy.u.dequantize(dtype=torch.float32) if isinstance(proxy.u, QuantizedMatrix) else proxy.u.float()
 
 
+def proxy_kl_loss(h: torch.Tensor, w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(softmax(W h / T) || softmax(U V h / T)), batch mean; no gradient reaches W or h.
+
+    # h: (B, D), w: (V, D), u: (V, r), v: (r, D) -> scalar
+    """
+    h = h.detach()
+    with torch.no_grad():
+        target = F.log_softmax(h @ w.detach().t() / temperature, dim=-1)  # (B, V)
+    pred = F.log_softmax((h @ v.t()) @ u.t() / temperature, dim=-1)
+    return F.kl_div(pred, target, log_target=True, reduction="batchmean")
+
+
+def rms_adam(factors: list[torch.Tensor], lr: float) -> torch.optim.Adam:
+    """Adam whose step size for each factor is ``lr`` times that factor's RMS (scale-free)."""
+    return torch.optim.Adam([{"params": [f], "lr": lr * f.detach().pow(2).mean().sqrt().item()} for f in factors])
+
+
+def quantized_like(proxy: LowRankProxy, u: torch.Tensor, v: torch.Tensor) -> LowRankProxy:
+    """A proxy from trained float factors, U stored the way ``proxy`` stores it (int8 or 16-bit)."""
+    u = u.detach()
+    if isinstance(proxy.u, QuantizedMatrix):
+        u_store = QuantizedMatrix.from_weight(u, bits=proxy.u.bits, group_size=proxy.u.group_size)
+    else:
+        u_store = u.to(proxy.u.dtype)
+    return LowRankProxy(u_store, v.detach().to(proxy.v.dtype))
+
+
 def train_lowrank_proxy(
     weight: torch.Tensor,
     proxy: LowRankProxy,
@@ -61,28 +88,17 @@ def train_lowrank_proxy(
         raise ValueError(f"proxy shape {proxy.shape} does not match the head weight {tuple(w.shape)}")
     u = _dense_u(proxy).clone().requires_grad_(True)
     v = proxy.v.float().clone().requires_grad_(True)
-    opt = torch.optim.Adam(
-        [{"params": [u], "lr": lr * u.detach().pow(2).mean().sqrt().item()},
-         {"params": [v], "lr": lr * v.detach().pow(2).mean().sqrt().item()}]
-    )
+    opt = rms_adam([u, v], lr)
     gen = torch.Generator().manual_seed(seed)
     log = TrainLog()
     bar = tqdm(range(steps), desc="training head proxy", disable=not progress, leave=False)
     for step in bar:
         h = states[torch.randint(0, states.shape[0], (min(batch, states.shape[0]),), generator=gen)].float()
-        with torch.no_grad():
-            target = F.log_softmax(h @ w.t() / temperature, dim=-1)  # (B, V)
-        pred = F.log_softmax((h @ v.t()) @ u.t() / temperature, dim=-1)
-        loss = F.kl_div(pred, target, log_target=True, reduction="batchmean")
+        loss = proxy_kl_loss(h, w, u, v, temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         log.steps.append(step + 1)
         log.loss.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.4f}")
-    u_out = u.detach()
-    if isinstance(proxy.u, QuantizedMatrix):
-        u_store = QuantizedMatrix.from_weight(u_out, bits=proxy.u.bits, group_size=proxy.u.group_size)
-    else:
-        u_store = u_out.to(proxy.u.dtype)
-    return LowRankProxy(u_store, v.detach().to(proxy.v.dtype)), log
+    return quantized_like(proxy, u, v), log
