@@ -99,3 +99,53 @@ def test_calibrate_writes_a_proxy_and_a_config_that_eval_uses(model_dir, tmp_pat
 def test_calibrate_refuses_a_head_without_a_low_rank_proxy(model_dir, capsys):
     assert main(["calibrate", "--model", model_dir, "--head-proxy", "int8", "--head-candidates", "64"]) == 2
     assert "use --head-proxy lowrank or cascade" in capsys.readouterr().err
+
+
+def test_sparsify_train_writes_a_top_k_model_that_eval_uses(model_dir, tmp_path, capsys):
+    from hire import load_model
+    from hire.layers.topk_ffn import topk_mlps
+
+    out = tmp_path / "sparse"
+    assert main(["sparsify-train", "--model", model_dir, "--density", "0.25", "--steps", "5", "--batch", "32",
+                 "--windows", "4", "--seq-len", "32", "--eval-windows", "1", "--eval-seq-len", "32",
+                 "--out", str(out), "--plot", str(tmp_path / "layers.png"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    for key in ("ppl_dense", "ppl_topk_training_free", "ppl_topk_finetuned"):
+        assert r[key] > 0, key
+    assert r["ppl_increase"] == pytest.approx(r["ppl_topk_finetuned"] / r["ppl_dense"] - 1)
+    assert (tmp_path / "layers.png").stat().st_size > 0
+    model, _ = load_model(str(out))
+    assert [m.density for m in topk_mlps(model)] == [0.25, 0.25]
+    assert main(["eval", "--model", str(out), "--config", str(out / "hire_config.json"), "--windows", "1",
+                 "--seq-len", "32", "--no-head", "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["reference"].startswith("exact top-k FFN (density 0.25")
+    assert ev["config"]["ffn"]["density"] == 0.25 and ev["config"]["ffn"]["oversample"] == 2.0
+    assert main(["sparsify-train", "--model", model_dir, "--out", str(out)]) == 2
+    assert "already holds" in capsys.readouterr().err
+    assert main(["sparsify-train", "--model", model_dir, "--density", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "density must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_sparsify_train_allocates_per_layer_densities(model_dir, tmp_path, capsys):
+    out = tmp_path / "alloc"
+    assert main(["sparsify-train", "--model", model_dir, "--density", "0.3", "--allocate", "--allocate-densities",
+                 "0.1,0.5", "--sensitivity-windows", "1", "--steps", "2", "--batch", "16", "--windows", "2",
+                 "--seq-len", "32", "--eval-windows", "1", "--eval-seq-len", "32", "--out", str(out), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    dens = r["config"]["layer_density"]
+    assert len(dens) == 2 and set(dens) <= {0.1, 0.3, 0.5} and r["mean_density"] <= 0.3 + 1e-9
+    assert json.loads((out / "hire_config.json").read_text())["ffn"]["layer_density"] == dens
+    assert json.loads((out / "config.json").read_text())["hire_topk"]["density"] == pytest.approx(r["mean_density"])
+
+
+def test_tune_writes_a_per_layer_or_uniform_config(model_dir, tmp_path, capsys):
+    out = tmp_path / "tuned.json"
+    assert main(["tune", "--model", model_dir, "--no-head", "--ffn-proxy", "int8", "--windows", "2", "--seq-len", "32",
+                 "--densities", "0.25,0.5,0.75", "--steps", "4", "--max-ppl-increase", "0.05", "--out", str(out),
+                 "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["winner"] in ("per-layer", "uniform") and r["ppl_increase"] <= 0.05
+    config = json.loads(out.read_text())
+    assert (len(config["ffn"]["layer_density"]) == 2) == (r["winner"] == "per-layer")
+    assert main(["eval", "--model", model_dir, "--config", str(out), "--windows", "1", "--seq-len", "32"]) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -106,6 +107,8 @@ def format_eval(r: dict) -> str:
         f"k'={c['head']['candidates']}   ffn: {c['ffn']['proxy'] if c['ffn']['enabled'] else 'dense'} "
         f"density={c['ffn']['density']} group={c['ffn']['group_size']}",
         "",
+        *([f"reference: the model's own {r['reference']} (it was trained with it); 'dense' below means that"]
+          if r.get("reference", "dense") != "dense" else []),
         f"perplexity      dense {r['ppl_dense']:.3f}   HiRE FFN {r['ppl_hire']:.3f}   ({100 * r['ppl_increase']:+.2f}%)",
         f"greedy agreement, full HiRE vs dense: {_fmt(r['greedy_agreement'])}",
         f"LM head         recall@1 {_fmt(r['head_recall_at_1'])}   recall@{c['head']['k']} {_fmt(r['head_recall_at_k'])}"
@@ -313,6 +316,185 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def _train_config(args):
+    """The TrainConfig from the flags (over the defaults, or over the saved run with --resume)."""
+    from pathlib import Path
+
+    from hire.train import TrainConfig
+
+    data = TrainConfig().to_dict()
+    if args.resume:
+        saved = Path(args.out) / "train_config.json"
+        if not saved.is_file():
+            raise FileNotFoundError(f"cannot resume: {saved} does not exist; start a new run without --resume")
+        data = json.loads(saved.read_text())
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, "t_" + f.name)
+        if value is not None:
+            data[f.name] = value
+    return TrainConfig.from_dict(data)
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from hire.train import train
+
+    torch.set_num_threads(args.threads)
+    cfg = _train_config(args)
+    summary = train(cfg, args.out, resume=args.resume, stop_after=args.stop_after, progress=not args.json)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    elif "stopped_at" in summary:
+        print(f"stopped after step {summary['stopped_at']} of {summary['steps']}; continue with: "
+              f"hire train --out {args.out} --resume")
+    else:
+        print(f"{summary['variant']}: {summary['parameters'] / 1e6:.2f} M parameters, {summary['steps']} steps, "
+              f"{summary['tokens_seen'] / 1e6:.2f} M tokens in {summary['train_seconds'] / 60:.1f} min")
+        print(f"validation loss {summary['val_loss']:.4f} (perplexity {summary['val_ppl']:.2f}) with exact "
+              f"{'top-k' if summary['density'] < 1 else 'dense'} FFNs")
+        if summary["val_head_recall_at_1"] is not None:
+            print(f"jointly trained head proxy: validation recall@1 {summary['val_head_recall_at_1']:.4f}, "
+                  f"recall@{cfg.head_k} {summary['val_head_recall_at_k']:.4f} at k'={cfg.head_candidates} (float factors)")
+        print(f"wrote {args.out} (a Hugging Face model directory + hire_config.json, loss.png); try:\n"
+              f"  hire eval --model {args.out} --config {summary['hire_config']} --seq-len {cfg.seq_len}\n"
+              f"  hire bench --model {args.out} --config {summary['hire_config']}")
+    return 0
+
+
+def cmd_sparsify_train(args) -> int:
+    import copy
+    from pathlib import Path
+
+    import torch
+
+    from hire.data import load_corpus, token_windows
+    from hire.layers.topk_ffn import apply_topk_
+    from hire.models import load_model
+    from hire.recommended import recommended_config
+    from hire.eval import perplexity
+    from hire.train.sparse_ft import SparseFTConfig, sparse_finetune
+
+    torch.set_num_threads(args.threads)
+    cfg = SparseFTConfig(density=args.density, group_size=args.group_size, steps=args.steps, batch=args.batch,
+                         lr=args.lr, seed=args.seed)
+    out = Path(args.out or f"hire-{Path(args.model).name}-topk{args.density:g}")
+    if (out / "sparse_ft.json").exists():
+        raise ValueError(f"{out} already holds a fine-tuned model; choose another --out")
+    model, tokenizer = load_model(args.model)
+    corpus = load_corpus()
+    calib = token_windows(tokenizer, corpus.text("calibration"), args.seq_len, args.windows)
+    held = token_windows(tokenizer, corpus.text("evaluation"), args.eval_seq_len, args.eval_windows)
+    quiet = args.json
+    result = {"model": args.model, "calibration_tokens": calib.numel(), "held_out_tokens": held.numel()}
+    if args.allocate:
+        from hire.tune import allocate_mean_density, topk_sensitivity
+
+        grid = tuple(sorted({float(d) for d in args.allocate_densities.split(",")} | {cfg.density}))
+        kl = topk_sensitivity(model, calib[: args.sensitivity_windows], grid, progress=not quiet)
+        cfg.layer_density = allocate_mean_density(kl, grid, cfg.density)
+        result["allocation"] = {"densities": grid, "kl": kl, "layer_density": cfg.layer_density}
+    result["config"] = dataclasses.asdict(cfg)
+    densities = cfg.layer_density or cfg.density
+    result["mean_density"] = sum(cfg.layer_density) / len(cfg.layer_density) if cfg.layer_density else cfg.density
+    result["ppl_dense"] = perplexity(model, held, progress=not quiet)
+    free = apply_topk_(copy.deepcopy(model), densities, cfg.group_size)
+    result["ppl_topk_training_free"] = perplexity(free, held, progress=not quiet)
+    del free
+    start = time.time()
+    log = sparse_finetune(model, calib, cfg, progress=not quiet)
+    result["seconds"] = time.time() - start
+    result["ppl_topk_finetuned"] = perplexity(model, held, progress=not quiet)
+    result["ppl_increase"] = result["ppl_topk_finetuned"] / result["ppl_dense"] - 1
+    result["ppl_increase_training_free"] = result["ppl_topk_training_free"] / result["ppl_dense"] - 1
+    result["layers"] = log
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    base = recommended_config(args.model).to_dict()
+    base["ffn"].update(enabled=True, density=result["mean_density"], layer_density=list(cfg.layer_density),
+                       group_size=cfg.group_size, oversample=args.oversample)
+    HiReConfig.from_dict(base).save(out / "hire_config.json")
+    result["out"] = str(out)
+    result["hire_config"] = str(out / "hire_config.json")
+    (out / "sparse_ft.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.plot:
+        _plot_layer_errors(log, args.plot, f"{args.model}: top-{100 * cfg.density:g}% FFNs, layer-wise fine-tuning")
+        result["plot"] = args.plot
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "layers"}, indent=2))
+    else:
+        if cfg.layer_density:
+            print("per-layer densities (allocated by output-KL sensitivity): "
+                  + " ".join(f"{d:g}" for d in cfg.layer_density))
+        print(f"{args.model}: FFN density {result['mean_density']:.3g} (groups of {cfg.group_size}), {cfg.steps} steps per layer on "
+              f"{calib.numel()} calibration tokens, {result['seconds'] / 60:.1f} min")
+        print(f"held-out perplexity ({held.numel()} tokens): dense {result['ppl_dense']:.3f}   top-k training-free "
+              f"{result['ppl_topk_training_free']:.3f} ({100 * result['ppl_increase_training_free']:+.1f}%)   "
+              f"top-k fine-tuned {result['ppl_topk_finetuned']:.3f} ({100 * result['ppl_increase']:+.1f}%)")
+        print(f"wrote {out}; try:\n  hire eval --model {out} --config {out / 'hire_config.json'}\n"
+              f"  hire bench --model {out} --config {out / 'hire_config.json'}")
+    return 0
+
+
+def _plot_layer_errors(log: dict, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    ax.plot(log["layer"], log["rel_error_before"], "o-", ms=3, label="top-k, training-free")
+    ax.plot(log["layer"], log["rel_error_after"], "o-", ms=3, label="top-k, fine-tuned")
+    ax.set_yscale("log")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("held-out ||y - y_dense||^2 / ||y_dense||^2")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cmd_tune(args) -> int:
+    from pathlib import Path
+
+    from hire.data import load_corpus, token_windows
+    from hire.models import load_model
+    from hire.tune import DENSITIES, tune_ffn
+
+    config = build_config(args)
+    model, tokenizer = load_model(args.model)
+    windows = token_windows(tokenizer, load_corpus().text("calibration"), args.seq_len, args.windows)
+    densities = tuple(float(d) for d in args.densities.split(",")) if args.densities else DENSITIES
+    r = tune_ffn(model, config, windows, args.max_ppl_increase, densities=densities,
+                 sensitivity_windows=min(args.sensitivity_windows, windows.shape[0]), steps=args.steps,
+                 progress=not args.json)
+    out = args.out or f"hire-{Path(args.model).name}-tuned.json"
+    r.config.save(out)
+    result = {"model": args.model, "config": out, "max_ppl_increase": args.max_ppl_increase, "winner": r.winner,
+              "ppl_dense": r.ppl_dense, "ppl_hire": r.ppl_hire, "ppl_increase": r.ppl_hire / r.ppl_dense - 1,
+              "ffn_bytes_fraction": r.ffn_bytes / r.ffn_bytes_dense, "tuned": r.tuned, "uniform": r.uniform,
+              "densities": r.densities, "kl": r.kl, "trials": r.trials}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{args.model}: FFN densities within +{100 * args.max_ppl_increase:.2f} % perplexity on "
+              f"{windows.shape[0]} calibration windows (dense {r.ppl_dense:.3f})")
+        for name, t in (("per-layer", r.tuned), ("uniform", r.uniform)):
+            if t is None:
+                print(f"  {name:9s}: nothing within the budget")
+            else:
+                print(f"  {name:9s}: mean density {t['mean_density']:.3f}, FFN bytes "
+                      f"{100 * t['ffn_bytes'] / r.ffn_bytes_dense:.1f} % of dense, perplexity {100 * t['ppl_increase']:+.2f} %")
+        if r.tuned is not None:
+            print("  per-layer densities: " + " ".join(f"{d:g}" for d in r.tuned["layer_density"]))
+        print(f"wrote {out} ({r.winner}: fewer bytes); check it on held-out text: "
+              f"hire eval --model {args.model} --config {out}")
+    return 0
+
+
 def _plot_loss(log, path: str, title: str) -> None:
     import matplotlib
 
@@ -331,6 +513,8 @@ def _plot_loss(log, path: str, title: str) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    from hire.train import TrainConfig
+
     parser = argparse.ArgumentParser(prog="hire", description="HiRE: high-recall approximate top-k for faster LLM decoding")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -357,6 +541,75 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write a PNG of the training loss")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("train", help="train a small decoder from scratch: dense, top-k FFN, group top-k, + HiRE-LR head",
+                       description="Train a Llama-layout decoder from scratch on the corpus (a byte-level BPE "
+                                   "tokenizer is trained first) with dense FFNs (--density 1), top-k FFNs "
+                                   "(--density 0.1), group top-k (--group-size 16) and/or a jointly trained low-rank "
+                                   "LM-head proxy (--head-rank 32). Checkpoints every --save-every steps; --resume "
+                                   "continues an interrupted run exactly. Writes a Hugging Face model directory with "
+                                   "hire_config.json (how HiRE decodes it), head_proxy.safetensors, train_log.json "
+                                   "and loss.png.")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after this many steps")
+    p.add_argument("--threads", type=int, default=torch_threads_default(), help="torch threads (default: all cores)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    for f in dataclasses.fields(TrainConfig):  # the flags mirror the config's fields
+        p.add_argument("--" + f.name.replace("_", "-"), dest="t_" + f.name, type=type(f.default), default=None,
+                       metavar=f.name.upper(),
+                       help=f"default {f.default}")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sparsify-train", help="fine-tune a pretrained model's FFNs to top-k, layer by layer",
+                       description="Make every FFN of a pretrained gated model (Llama, Gemma, Qwen layouts) a top-k "
+                                   "FFN and train it, one layer at a time in order, to reproduce the dense FFN's "
+                                   "output on calibration text (inputs from the already sparse layers before it). "
+                                   "Reports held-out perplexity dense / top-k training-free / top-k fine-tuned and "
+                                   "writes a Hugging Face directory (config.hire_topk; hire.load_model re-applies it) "
+                                   "with hire_config.json for HiRE decoding.")
+    p.add_argument("--model", default="smollm2-135m", help="built-in name, Hugging Face directory or .gguf file")
+    p.add_argument("--density", type=float, default=0.2, help="FFN neurons kept per token (default 0.2)")
+    p.add_argument("--group-size", type=int, default=1, help="contiguous neurons selected together (default 1)")
+    p.add_argument("--steps", type=int, default=200, help="Adam steps per layer (default 200)")
+    p.add_argument("--batch", type=int, default=512, help="tokens per step (default 512)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine-decayed to 10%% (default 1e-3)")
+    p.add_argument("--windows", type=int, default=64, help="calibration windows (default 64)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
+    p.add_argument("--eval-windows", type=int, default=8, help="held-out windows for perplexity (default 8)")
+    p.add_argument("--eval-seq-len", type=int, default=512, help="tokens per held-out window (default 512, as hire eval)")
+    p.add_argument("--oversample", type=float, default=2.0,
+                   help="FFN candidates / kept neurons in the written HiRE config (default 2)")
+    p.add_argument("--allocate", action="store_true",
+                   help="per-layer densities averaging --density, allocated by each layer's output-KL sensitivity "
+                        "to exact top-k (a knapsack, as hire tune), instead of one density everywhere")
+    p.add_argument("--allocate-densities", default="0.05,0.1,0.15,0.2,0.3,0.4,0.5,0.6",
+                   help="candidate densities for --allocate (default 0.05,0.1,0.15,0.2,0.3,0.4,0.5,0.6)")
+    p.add_argument("--sensitivity-windows", type=int, default=2,
+                   help="calibration windows for the --allocate sensitivities (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=torch_threads_default(), help="torch threads (default: all cores)")
+    p.add_argument("--out", help="output directory (default hire-MODEL-topkDENSITY)")
+    p.add_argument("--plot", help="write a PNG of the per-layer errors")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_sparsify_train)
+
+    p = sub.add_parser("tune", help="per-layer FFN densities that read the fewest bytes within a perplexity budget",
+                       description="Measure each FFN layer's sensitivity (output KL with only that layer sparse, at "
+                                   "each candidate density) on calibration text, allocate densities by a knapsack "
+                                   "over bytes and KL, bisect its price on the real calibration perplexity, compare "
+                                   "with the best uniform density, and write the cheaper as a config (per-layer "
+                                   "densities in ffn.layer_density). The head settings are kept as given.")
+    _add_model_args(p)
+    p.add_argument("--max-ppl-increase", type=float, default=0.03, help="allowed perplexity increase (default 0.03 = +3 %%)")
+    p.add_argument("--windows", type=int, default=4, help="calibration windows of --seq-len tokens (default 4)")
+    p.add_argument("--sensitivity-windows", type=int, default=1,
+                   help="of those, windows for the per-layer sensitivities (default 1)")
+    p.add_argument("--densities", help="candidate densities, comma-separated (default 0.2,0.3,...,1.0)")
+    p.add_argument("--steps", type=int, default=10, help="bisection steps on the price, one perplexity pass each (default 10)")
+    p.add_argument("--out", help="config file to write (default hire-MODEL-tuned.json)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("generate", help="stream text from the HiRE engine",
                        description="Generate with the HiRE decode engine (Llama, Mistral, Qwen2 and Gemma-3 "
