@@ -8,7 +8,8 @@ benchmarks/from_scratch.json and benchmarks/from_scratch_loss.png.
     .venv/bin/python benchmarks/from_scratch.py --no-train # only evaluate existing runs
 
 The top-k run trains its head proxy jointly (the proxy's loss does not reach the model), so the
-"top-k" row is that run decoded without the head proxy and the "+ HiRE-LR head" row with it.
+"top-k" row is that run decoded without the head proxy and the "+ HiRE-LR head (joint)" row with it;
+the "(calibrated)" row uses a proxy fitted and trained on the finished model (``hire calibrate``).
 """
 
 from __future__ import annotations
@@ -27,12 +28,15 @@ RUNS = {  # run name -> hire train flags
     "topk": ["--density", "0.1", "--head-rank", "32"],
     "group16": ["--density", "0.1", "--group-size", "16"],
 }
-ROWS = [  # label, run, extra flags for eval/bench
-    ("dense", "dense", []),
-    ("top-k 10%", "topk", ["--no-head"]),
-    ("group top-k 10% (groups of 16)", "group16", []),
-    ("top-k 10% + HiRE-LR head (joint, rank 32)", "topk", []),
+ROWS = [  # label, run, its HiRE config (relative to the run directory), extra flags for eval/bench
+    ("dense", "dense", "hire_config.json", []),
+    ("top-k 10%", "topk", "hire_config.json", ["--no-head"]),
+    ("group top-k 10% (groups of 16)", "group16", "hire_config.json", []),
+    ("top-k 10% + HiRE-LR head (joint, rank 32)", "topk", "hire_config.json", []),
+    ("top-k 10% + HiRE-LR head (calibrated, rank 32)", "topk", "../topk-cal/config.json", []),
 ]
+CALIBRATE = ["--head-proxy-file", "", "--head-select-blocks", "0", "--steps", "300", "--calib-windows", "32",
+             "--seq-len", "256", "--eval-windows", "8"]
 
 
 def run_json(cmd: list[str]) -> dict:
@@ -42,22 +46,12 @@ def run_json(cmd: list[str]) -> dict:
 
 
 def plot(runs: dict[str, dict], path: Path) -> None:
-    import matplotlib
+    from hire.plots import save_lines
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for name, log in runs.items():
-        ax.plot(log["log"]["val_step"], log["log"]["val_loss"], "o-", ms=3, label=f"{log['summary']['variant']}")
-    ax.set_xlabel("step (16 x 256 tokens)")
-    ax.set_ylabel("validation loss (nats, exact top-k)")
-    ax.set_title("from scratch on 2 CPU cores: 4-layer, 6.3 M-parameter Llama-layout decoder", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_lines(path, [{"x": log["log"]["val_step"], "y": log["log"]["val_loss"], "label": log["summary"]["variant"],
+                       "style": {"marker": "o", "ms": 3}} for log in runs.values()],
+               xlabel="step (16 x 256 tokens)", ylabel="validation loss (nats, exact top-k)", size=(6.5, 3.8),
+               title="from scratch on 2 CPU cores: 4-layer, 6.3 M-parameter Llama-layout decoder")
 
 
 def main() -> None:
@@ -78,10 +72,14 @@ def main() -> None:
             resume = ["--resume"] if (out / "checkpoint.pt").is_file() else ["--steps", str(args.steps), *flags]
             run_json([*HIRE, "train", "--out", str(out), *resume, "--json"])
         logs[name] = json.loads((out / "train_log.json").read_text())
+    cal = root / "topk-cal"
+    if not (cal / "config.json").is_file():  # the head proxy refitted and trained on the finished top-k model
+        run_json([*HIRE, "calibrate", "--model", str(root / "topk"), "--config", str(root / "topk" / "hire_config.json"),
+                  *CALIBRATE, "--out", str(cal), "--json"])
     rows = []
-    for label, name, extra in ROWS:
+    for label, name, config, extra in ROWS:
         out = root / name
-        common = ["--model", str(out), "--config", str(out / "hire_config.json"), *extra]
+        common = ["--model", str(out), "--config", str(out / config), *extra]
         ev = run_json([*HIRE, "eval", *common, "--seq-len", "256", "--windows", str(args.eval_windows), "--json"])
         be = run_json([*HIRE, "bench", *common, "--rounds", str(args.rounds), "--json"])
         rows.append({

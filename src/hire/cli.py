@@ -10,6 +10,7 @@ import sys
 import time
 
 from hire.config import HiReConfig
+from hire.plots import save_lines
 
 # flag -> (config part, field, type)
 CONFIG_FLAGS = {
@@ -301,7 +302,8 @@ def cmd_calibrate(args) -> int:
     result["config"] = str(out / "config.json")
     result["proxy_file"] = str(out / "head_proxy.safetensors")
     if args.plot:
-        _plot_loss(log, args.plot, f"{args.model}: head proxy training (KL, T=3)")
+        save_lines(args.plot, [{"x": log.steps, "y": log.loss, "style": {"lw": 0.8}}], xlabel="step",
+                   ylabel="KL(model || proxy)", title=f"{args.model}: head proxy training (KL, T=3)")
         result["plot"] = args.plot
     if args.json:
         print(json.dumps(result, indent=2))
@@ -396,7 +398,8 @@ def cmd_sparsify_train(args) -> int:
         result["allocation"] = {"densities": grid, "kl": kl, "layer_density": cfg.layer_density}
     result["config"] = dataclasses.asdict(cfg)
     densities = cfg.layer_density or cfg.density
-    result["mean_density"] = sum(cfg.layer_density) / len(cfg.layer_density) if cfg.layer_density else cfg.density
+    layer = cfg.layer_density
+    result["mean_density"] = (layer[0] if len(set(layer)) == 1 else sum(layer) / len(layer)) if layer else cfg.density
     result["ppl_dense"] = perplexity(model, held, progress=not quiet)
     free = apply_topk_(copy.deepcopy(model), densities, cfg.group_size)
     result["ppl_topk_training_free"] = perplexity(free, held, progress=not quiet)
@@ -419,7 +422,11 @@ def cmd_sparsify_train(args) -> int:
     result["hire_config"] = str(out / "hire_config.json")
     (out / "sparse_ft.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.plot:
-        _plot_layer_errors(log, args.plot, f"{args.model}: top-{100 * cfg.density:g}% FFNs, layer-wise fine-tuning")
+        save_lines(args.plot, [
+            {"x": log["layer"], "y": log["rel_error_before"], "label": "top-k, training-free", "style": {"marker": "o", "ms": 3}},
+            {"x": log["layer"], "y": log["rel_error_after"], "label": "top-k, fine-tuned", "style": {"marker": "o", "ms": 3}},
+        ], xlabel="decoder layer", ylabel="held-out ||y - y_dense||^2 / ||y_dense||^2", logy=True, size=(6.5, 3.5),
+            title=f"{args.model}: top-{100 * result['mean_density']:.3g}% FFNs, layer-wise fine-tuning")
         result["plot"] = args.plot
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "layers"}, indent=2))
@@ -435,26 +442,6 @@ def cmd_sparsify_train(args) -> int:
         print(f"wrote {out}; try:\n  hire eval --model {out} --config {out / 'hire_config.json'}\n"
               f"  hire bench --model {out} --config {out / 'hire_config.json'}")
     return 0
-
-
-def _plot_layer_errors(log: dict, path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
-    ax.plot(log["layer"], log["rel_error_before"], "o-", ms=3, label="top-k, training-free")
-    ax.plot(log["layer"], log["rel_error_after"], "o-", ms=3, label="top-k, fine-tuned")
-    ax.set_yscale("log")
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("held-out ||y - y_dense||^2 / ||y_dense||^2")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def cmd_tune(args) -> int:
@@ -493,23 +480,6 @@ def cmd_tune(args) -> int:
         print(f"wrote {out} ({r.winner}: fewer bytes); check it on held-out text: "
               f"hire eval --model {args.model} --config {out}")
     return 0
-
-
-def _plot_loss(log, path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(log.steps, log.loss, lw=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("KL(model || proxy)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -102,8 +102,10 @@ def apply_topk_(model: nn.Module, density: float | list[float], group_size: int 
             mlp.set_density(d)
         else:
             setattr(layer, spec.mlp, TopKMLP(mlp, d, group_size))
-    record = {"density": float(sum(per_layer) / len(per_layer)), "group_size": int(group_size)}
-    if len(set(per_layer)) > 1:
+    uniform = len(set(per_layer)) == 1
+    mean = per_layer[0] if uniform else sum(per_layer) / len(per_layer)
+    record = {"density": float(mean), "group_size": int(group_size)}
+    if not uniform:
         record["layer_density"] = [float(d) for d in per_layer]
     model.config.hire_topk = record
     return model

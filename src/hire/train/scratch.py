@@ -234,23 +234,12 @@ def hire_greedy(model: nn.Module, tokenizer, config: HiReConfig, head_proxy=None
 
 
 def _plot(log: dict, path: Path, title: str) -> None:
-    import matplotlib
+    from hire.plots import save_lines
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(log["step"], log["loss"], lw=0.6, alpha=0.6, label="train")
+    series = [{"x": log["step"], "y": log["loss"], "label": "train", "style": {"lw": 0.6, "alpha": 0.6}}]
     if log["val_step"]:
-        ax.plot(log["val_step"], log["val_loss"], "o-", ms=3, label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("next-token loss (nats)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        series.append({"x": log["val_step"], "y": log["val_loss"], "label": "validation", "style": {"marker": "o", "ms": 3}})
+    save_lines(path, series, xlabel="step", ylabel="next-token loss (nats)", title=title)
 
 
 def train(
