@@ -39,7 +39,7 @@ def _tensors(path):
     return load_file(str(path))
 
 
-@pytest.mark.parametrize("extra", [dict(density=0.25, head_rank=4), dict(density=0.25, group_size=8)])
+@pytest.mark.parametrize("extra", [dict(density=0.25, head_rank=16, head_refit_every=4), dict(density=0.25, group_size=8)])
 def test_resume_gives_the_uninterrupted_result(texts, tmp_path, extra):
     cfg = TrainConfig(**{**TINY, "steps": 10, **extra})
     whole = train(cfg, tmp_path / "whole", train_text=texts[0], val_text=texts[1], progress=False)

@@ -29,8 +29,10 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from hire.calibrate.train import rms_adam
 from hire.config import FFNConfig, HeadConfig, HiReConfig
 from hire.layers.topk_ffn import apply_topk_, check_topk, topk_mlps
+from hire.proxies import LowRankProxy
 from hire.train.tokenizer import encode, load_tokenizer, train_tokenizer
 
 FILES = ("train_config.json", "checkpoint.pt")
@@ -61,6 +63,7 @@ class TrainConfig:
     head_temperature: float = 3.0
     head_lr: float = 2e-3  # relative to each factor's RMS
     head_batch: int = 512  # head inputs per step for the proxy loss
+    head_refit_every: int = 50  # refit the proxy activation-aware on the batch's head inputs every N steps (0 = never)
     decode_oversample: float = 2.0  # FFN candidates / kept neurons in the written HiRE config
     seed: int = 0
     eval_every: int = 50
@@ -87,6 +90,7 @@ class TrainConfig:
         check(self.head_k <= self.head_candidates <= self.vocab_size,
               f"need head_k <= head_candidates <= vocab_size, got {self.head_k}, {self.head_candidates}, {self.vocab_size}")
         check(self.head_temperature > 0, "head_temperature must be > 0")
+        check(self.head_refit_every >= 0, f"head_refit_every must be >= 0, got {self.head_refit_every}")
         check(self.decode_oversample >= 1.0, f"decode_oversample must be >= 1, got {self.decode_oversample}")
 
     @property
@@ -300,8 +304,6 @@ def train(
     head_w = model.get_output_embeddings().weight
     proxy = popt = None
     if cfg.head_rank:
-        from hire.calibrate.train import rms_adam
-        from hire.proxies import LowRankProxy
 
         init = LowRankProxy.from_weight(head_w.detach(), cfg.head_rank, u_bits=16)
         proxy = (init.u.float().requires_grad_(True), init.v.float().requires_grad_(True))
@@ -361,6 +363,13 @@ def train(
                 from hire.calibrate.train import proxy_kl_loss
 
                 h = grab.value.detach().flatten(0, 1)
+                if cfg.head_refit_every and (step + 1) % cfg.head_refit_every == 0 and h.shape[0] >= cfg.hidden_size:
+                    # the embedding moves fast early on: re-anchor the proxy on the current head, activation-aware
+                    refit = LowRankProxy.from_weight(head_w.detach(), cfg.head_rank, states=h, u_bits=16)
+                    with torch.no_grad():
+                        proxy[0].copy_(refit.u.float())
+                        proxy[1].copy_(refit.v.float())
+                    popt = rms_adam(list(proxy), cfg.head_lr)
                 gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 7)
                 h = h[torch.randperm(h.shape[0], generator=gen)[: cfg.head_batch]]
                 ploss = proxy_kl_loss(h, head_w, proxy[0], proxy[1], cfg.head_temperature)
@@ -397,7 +406,6 @@ def export(cfg: TrainConfig, out: Path, model: nn.Module, tokenizer, log: dict, 
     """Write the finished run: the model directory, its HiRE config, head proxy, log and plot."""
     from hire.calibrate import proxy_meta, save_head_proxy
     from hire.calibrate.train import quantized_like
-    from hire.proxies import LowRankProxy
     from hire.proxies.quantized import QuantizedMatrix
 
     model.eval()
