@@ -397,11 +397,9 @@ def cmd_sparsify_train(args) -> int:
         cfg.layer_density = allocate_mean_density(kl, grid, cfg.density)
         result["allocation"] = {"densities": grid, "kl": kl, "layer_density": cfg.layer_density}
     result["config"] = dataclasses.asdict(cfg)
-    densities = cfg.layer_density or cfg.density
-    layer = cfg.layer_density
-    result["mean_density"] = (layer[0] if len(set(layer)) == 1 else sum(layer) / len(layer)) if layer else cfg.density
     result["ppl_dense"] = perplexity(model, held, progress=not quiet)
-    free = apply_topk_(copy.deepcopy(model), densities, cfg.group_size)
+    free = apply_topk_(copy.deepcopy(model), cfg.layer_density or cfg.density, cfg.group_size)
+    result["mean_density"] = free.config.hire_topk["density"]
     result["ppl_topk_training_free"] = perplexity(free, held, progress=not quiet)
     del free
     start = time.time()

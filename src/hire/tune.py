@@ -28,6 +28,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from hire.config import HiReConfig
+from hire.eval.quality import perplexity
 from hire.patch import hire_layers, set_mode, sparsify_, unsparsify_
 
 DENSITIES = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -146,7 +147,7 @@ def _try(model, base: HiReConfig, windows, layer_density, ppl_dense) -> dict:
     try:
         _, ffns = hire_layers(model)
         set_mode(model, ffn="always")
-        ppl = _ppl(_logprobs(model, windows), windows)
+        ppl = perplexity(model, windows)
         ffn_bytes = sum(f.nbytes() for f in ffns)
     finally:
         set_mode(model, ffn="decode")

@@ -91,23 +91,25 @@ class HiReFFN(nn.Module):
                 f"choose a divisor of {n}"
             )
         self.groups = n // config.group_size
-        self.keep_groups = count_for_density(n, config.density, config.group_size)
-        self.candidate_groups = ceil_count(self.keep_groups, config.oversample, self.groups)
+        self._count(config.density)
         self.mode = "decode"
         self.track_recall = False
         self.recall_sum = 0.0
         self.recall_count = 0
+
+    def _count(self, density: float) -> None:
+        c = self.config
+        self.keep_groups = count_for_density(self.weights.neurons, density, c.group_size)
+        self.candidate_groups = ceil_count(self.keep_groups, c.oversample, self.groups)
 
     def set_density(self, density: float) -> None:
         """Keep a different fraction of neurons (the autotuner tries several per layer)."""
         from dataclasses import replace
 
         self.config = replace(self.config, density=density, layer_density=[])
-        n, c = self.weights.neurons, self.config
-        self.keep_groups = count_for_density(n, density, c.group_size)
-        self.candidate_groups = ceil_count(self.keep_groups, c.oversample, self.groups)
-        if hasattr(self, "_fused"):
-            self._fused = self._native_act is not None and c.group_size == 1 and self.candidate_groups == self.keep_groups
+        self._count(density)
+        if hasattr(self, "_native_act"):  # already prepared for decoding
+            self._fused = self._fusable()
 
     # --- selection -------------------------------------------------------------------------
     def estimate(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,8 +184,11 @@ class HiReFFN(nn.Module):
         # the native kernels read the selected rows in place: gated, or plain without a bias
         act = native.activation_name(w.act) if w.gated or w.b_in is None else None
         self._native_act = act if act is not None and native.usable(self._in) else None
-        # single neurons, no oversampling: the whole step after the proxy is one native call
-        self._fused = self._native_act is not None and self.config.group_size == 1 \
+        self._fused = self._fusable()
+
+    def _fusable(self) -> bool:
+        """Single neurons, no oversampling: the whole step after the proxy is one native call."""
+        return self._native_act is not None and self.config.group_size == 1 \
             and self.candidate_groups == self.keep_groups
 
     @property

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hire.topk import count_for_density, expand_groups, group_scores
+from hire.topk import count_for_density, expand_groups, group_scores, idx_to_mask
 
 
 def check_topk(neurons: int, density: float, group_size: int) -> None:
@@ -63,9 +63,7 @@ class TopKMLP(nn.Module):
             return torch.ones_like(a, dtype=torch.bool)
         flat = a.detach().reshape(-1, self.neurons).abs()
         top = group_scores(flat, self.group_size, "sum").topk(self.keep_groups, dim=-1, sorted=False).indices
-        keep = torch.zeros_like(flat, dtype=torch.bool)
-        keep.scatter_(1, expand_groups(top, self.group_size), True)
-        return keep.view(a.shape)
+        return idx_to_mask(expand_groups(top, self.group_size), self.neurons).view(a.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.act_fn(self.gate_proj(x)) * self.up_proj(x)  # (..., I)

@@ -405,7 +405,6 @@ def train(
 def export(cfg: TrainConfig, out: Path, model: nn.Module, tokenizer, log: dict, final: dict, proxy) -> dict:
     """Write the finished run: the model directory, its HiRE config, head proxy, log and plot."""
     from hire.calibrate import proxy_meta, save_head_proxy
-    from hire.calibrate.train import quantized_like
     from hire.proxies.quantized import QuantizedMatrix
 
     model.eval()
@@ -417,8 +416,7 @@ def export(cfg: TrainConfig, out: Path, model: nn.Module, tokenizer, log: dict, 
     head_proxy = None
     if proxy is not None:
         u, v = (p.detach() for p in proxy)
-        template = LowRankProxy(QuantizedMatrix.from_weight(u, bits=8, group_size=cfg.head_rank), v.half())
-        head_proxy = quantized_like(template, u, v)
+        head_proxy = LowRankProxy(QuantizedMatrix.from_weight(u, bits=8, group_size=cfg.head_rank), v.half())
         save_head_proxy(out / "head_proxy.safetensors", head_proxy, proxy_meta(model, config.head))
     config.save(out / "hire_config.json")
     params = sum(p.numel() for p in model.parameters())

@@ -20,6 +20,7 @@ after training. The result is a Hugging Face directory whose config records ``hi
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -125,7 +126,7 @@ def sparse_finetune(model: nn.Module, windows: torch.Tensor, cfg: SparseFTConfig
         n_hold = max(1, x.shape[0] // 10)
         perm = torch.randperm(x.shape[0], generator=gen)
         hold, fit = perm[:n_hold], perm[n_hold:]
-        sparse = TopKMLP(_copy_mlp(dense), densities[index], cfg.group_size)
+        sparse = TopKMLP(copy.deepcopy(dense), densities[index], cfg.group_size)  # the dense original stays until the swap
         before = _rel_error(sparse, x[hold], y[hold])
         params = [sparse.gate_proj.weight, sparse.up_proj.weight, sparse.down_proj.weight]
         for p in sparse.parameters():
@@ -167,10 +168,3 @@ def sparse_finetune(model: nn.Module, windows: torch.Tensor, cfg: SparseFTConfig
     apply_topk_(model, densities, cfg.group_size)  # records config.hire_topk (the FFNs are already top-k)
     log["config"] = asdict(cfg)
     return log
-
-
-def _copy_mlp(mlp: nn.Module) -> nn.Module:
-    """A copy of a gated MLP's projections (the dense original stays untouched until the swap)."""
-    import copy
-
-    return copy.deepcopy(mlp)
