@@ -6,21 +6,6 @@ from hire.cli import build_config, main, make_parser
 from tiny_models import make
 
 
-@pytest.fixture
-def model_dir(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[UNK]": 0, "<s>": 1}
-    for word in "the and of to a i you my in that is not with me it be your his this but he have as thou so".split():
-        vocab.setdefault(word, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    make("llama").save_pretrained(tmp_path)
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path)
-    return str(tmp_path)
-
-
 def test_eval_json_on_a_model_directory(model_dir, capsys):
     code = main(["eval", "--model", model_dir, "--windows", "2", "--seq-len", "64", "--calib-windows", "2",
                  "--head-rank", "8", "--head-candidates", "64", "--head-stage-candidates", "128", "--ffn-density", "0.5",

@@ -48,6 +48,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
 
 
+def _add_tp_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=None,
+                   help="tensor parallel over TP processes (torch.distributed, gloo on CPU): attention heads, FFN "
+                        "neurons and the LM head's vocabulary split over the ranks; compares the selection modes "
+                        "dense / exact (global top-k: local top-k + one gather of (value, index) pairs) / da "
+                        "(DA-TOP-k: local shares, no selection collective for the FFN). Launches torchrun itself, "
+                        "or runs as one rank under `torchrun --nproc_per_node=TP -m hire ...`")
+    p.add_argument("--modes", default="dense,exact,da", help="with --tp: the modes to run (default dense,exact,da)")
+    p.add_argument("--timeout", type=float, default=300,
+                   help="with --tp: seconds a collective may wait for the other ranks before the run fails (default 300)")
+
+
 def build_config(args: argparse.Namespace) -> HiReConfig:
     from hire.recommended import recommended_config
 
@@ -82,6 +94,9 @@ def cmd_eval(args) -> int:
     from hire.data import load_corpus, token_windows
     from hire.eval import evaluate
 
+    if args.tp is not None:
+        return cmd_tp(args)
+    args.windows = 8 if args.windows is None else args.windows
     config = build_config(args)
     model, tokenizer, head_proxy = _prepare(args, config)
     windows = token_windows(tokenizer, load_corpus().text("evaluation"), args.seq_len, args.windows)
@@ -186,15 +201,101 @@ def _generate_transformers(args, model, tokenizer, config, head_proxy, prompt) -
     return 0
 
 
+def cmd_tp(args) -> int:
+    """`hire bench/eval --tp P`: launch P ranks with torchrun, or be one of them."""
+    import os
+
+    import torch
+
+    from hire.distributed import MODES, TPEngine, init_tp, launch, launched_by_torchrun
+    from hire.distributed.measure import tp_bench, tp_eval
+    from hire.engine import Engine
+
+    modes = tuple(m.strip() for m in args.modes.split(","))
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"--modes takes a comma-separated subset of {','.join(MODES)}, got {args.modes!r}")
+    if args.tp > 1 and not launched_by_torchrun():
+        return launch(args.argv, args.tp, getattr(args, "threads", None))
+    comm = init_tp(args.tp, args.timeout)
+    try:
+        threads = getattr(args, "threads", None) or os.environ.get("HIRE_TP_THREADS")
+        torch.set_num_threads(int(threads) if threads else max(1, torch_threads_default() // comm.world))
+        comm.check_same("command line", " ".join(args.argv))
+        config = build_config(args)
+        quiet = args.json or not comm.is_main
+        if not comm.is_main:  # rank 0 converts the model and fits the head proxy once; the others read its caches
+            comm.barrier(max(args.timeout, 3600))
+        model, tokenizer, head_proxy = _prepare(args, config)
+        if comm.is_main:
+            comm.barrier(max(args.timeout, 3600))
+        dtype = getattr(torch, args.dtype)
+        if args.command == "bench":
+            prompt = _encode(tokenizer, args.prompt)
+            length = prompt.numel() + args.tokens + 1
+        else:
+            from hire.data import load_corpus, token_windows
+
+            windows = list(token_windows(tokenizer, load_corpus().text("evaluation"), args.seq_len, args.windows))
+            length = args.seq_len + 1
+        engine = TPEngine(model, config, comm, head_proxy=head_proxy, dtype=dtype, max_seq_len=length)
+        reference = Engine(model, None, dtype=dtype, max_seq_len=length)  # the same patched model, one process
+        if args.command == "bench":
+            result = tp_bench(engine, reference, prompt, tokens=args.tokens, rounds=args.rounds, warmup=args.warmup,
+                              modes=modes, progress=not quiet)
+        else:
+            result = tp_eval(engine, reference, windows, modes=modes, progress=not quiet)
+        result.update(model=args.model, backend="gloo" if comm.world > 1 else "single process",
+                      config=config.to_dict())
+        if comm.is_main:
+            print(json.dumps(result, indent=2) if args.json else format_tp(result))
+            if getattr(args, "plot", None):
+                from hire.distributed.scaling import plot_tp_bench
+
+                plot_tp_bench(result, args.plot)
+    finally:
+        comm.close()
+    return 0
+
+
+def format_tp(r: dict) -> str:
+    bench = "tokens_per_s" in next(iter(r["modes"].values()))
+    lines = [f"model {r['model']}, tensor parallel over {r['tp']} ranks ({r['backend']})"]
+    if bench:
+        lines.append(f"{r['new_tokens']} new tokens, {r['rounds']} interleaved rounds (medians), "
+                     f"{r['threads_per_rank']} threads per rank, query heads per rank {r['heads_per_rank'][0]}")
+        lines.append(f"{'mode':6s} {'tok/s':>7s} {'coll/tok':>9s} {'select':>7s} {'KiB/tok':>8s} "
+                     f"{'FFN recall':>10s} {'head rec':>9s} {'agree':>6s}  reference")
+        for mode, m in r["modes"].items():
+            head = "-" if m["head_recall_vs_exact"] is None else f"{m['head_recall_vs_exact']:.4f}"
+            lines.append(f"{mode:6s} {m['tokens_per_s']:7.1f} {m['collectives_per_token']:9.1f} "
+                         f"{m['selection_collectives_per_token']:7.1f} {m['bytes_exchanged_per_token'] / 1024:8.1f} "
+                         f"{m['recall_vs_exact']:10.4f} {head:>9s} {m['greedy_agreement']:6.3f}  {m['greedy_reference']}")
+        if "da_vs_exact_speedup" in r:
+            lines.append(f"DA-TOP-k vs exact global top-k: {r['da_vs_exact_speedup']:.2f}x tokens/s")
+    else:
+        sp = r["single_process"]
+        lines.append(f"{r['windows']} windows, {r['positions']} positions decoded one at a time; single process: "
+                     f"dense {sp['dense_perplexity']:.3f}, HiRE {sp['hire_perplexity']:.3f}")
+        lines.append(f"{'mode':6s} {'perplexity':>10s} {'vs dense':>9s} {'vs 1 proc':>9s} {'FFN recall':>10s} {'agree':>6s}")
+        for mode, m in r["modes"].items():
+            lines.append(f"{mode:6s} {m['perplexity']:10.3f} {100 * m['perplexity_change_vs_dense']:+8.2f}% "
+                         f"{100 * m['perplexity_change_vs_single_process']:+8.2f}% {m['recall_vs_exact']:10.4f} "
+                         f"{m['greedy_agreement']:6.3f}")
+    return "\n".join(lines)
+
+
 def cmd_bench(args) -> int:
     import torch
 
+    if args.tp is not None:
+        return cmd_tp(args)
     from hire.bench import run_bench
     from hire.bench.decode import llama_cpp_tokens_per_s, plot_bench, transformers_tokens_per_s
     from hire.engine import Engine
     from hire.models import BUILTIN_MODELS
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or torch_threads_default())
     config = build_config(args)
     model, tokenizer, head_proxy = _prepare(args, config)
     prompt = _encode(tokenizer, args.prompt)
@@ -491,9 +592,13 @@ def make_parser() -> argparse.ArgumentParser:
                        description="Perplexity dense vs HiRE-FFN, greedy agreement, LM-head and FFN recall, and "
                                    "bytes read per decoded token, on the evaluation split of the packaged corpus.")
     _add_model_args(p)
-    p.add_argument("--windows", type=int, default=8, help="evaluation windows of --seq-len tokens (default 8)")
+    p.add_argument("--windows", type=int, default=None,
+                   help="evaluation windows of --seq-len tokens (default 8; with --tp 2, decoded token by token)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--compact", action="store_true", help="with --json: on one line")
+    _add_tp_args(p)
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="with --tp: weights in the engine (default float16)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("calibrate", help="fit and train the low-rank LM-head proxy; write it and its config",
@@ -603,20 +708,24 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=64, help="new tokens per round (default 64)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved dense/HiRE rounds (default 5)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=torch_threads_default(), help="torch threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: all cores; with --tp, cores / TP per rank)")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="weights in the engine (default float16; the residual stream stays float32)")
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-part timing and the profile")
     p.add_argument("--vs-transformers", action="store_true", help="also time transformers' eager generate()")
     p.add_argument("--llama-cpp", action="store_true", help="also time llama.cpp (needs llama-cpp-python)")
-    p.add_argument("--plot", help="write a PNG of the breakdown")
+    p.add_argument("--plot", help="write a PNG of the breakdown (with --tp: tokens/s and collectives per mode)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_tp_args(p)
     p.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = make_parser().parse_args(argv)
+    args.argv = argv  # --tp relaunches the same command under torchrun
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="hire: %(message)s")
     try:
         return args.func(args)

@@ -111,6 +111,7 @@ class Engine:
             self.layers.append(
                 _Layer(qkv, attn.o_proj.weight.detach(), layer, norms, sliding, self.rope_index[layer_type])
             )
+        self.kv_for_q = None  # (Hq,) kv head of each query head, where the grouping is not uniform (a TP shard)
         shape = (len(self.layers), self.n_kv, max_seq_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype)
         self.v_cache = torch.zeros(shape, dtype=dtype)
@@ -157,6 +158,8 @@ class Engine:
         self.v_cache[index, :, start:end] = v
         first = 0 if layer.sliding is None else max(0, end - layer.sliding - T + 1)
         keys, values = self.k_cache[index, :, first:end], self.v_cache[index, :, first:end]  # (Hkv, S, hd)
+        if self.kv_for_q is not None:
+            keys, values = keys.index_select(0, self.kv_for_q), values.index_select(0, self.kv_for_q)  # (Hq, S, hd)
         if T == 1:
             mask = None
         else:  # causal (and sliding) mask over the keys first..end-1 for queries start..end-1
@@ -202,6 +205,12 @@ class Engine:
             return self.head.decode(hidden)
         return F.linear(hidden, self.head_weight), None
 
+    @torch.no_grad()
+    def log_prob(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """log p(target) under the exact logits over the whole vocabulary.  # hidden: (1, D), target: (1,) -> (1,)"""
+        logits = F.linear(hidden, self.head_weight).float()  # (1, V)
+        return logits.gather(-1, target.view(1, 1))[:, 0] - logits.logsumexp(-1)
+
     def kernel_report(self) -> dict:
         """Which decode kernels the HiRE layers run on (a fallback means a slower, dequantizing path)."""
         def kind(proxy):
@@ -217,6 +226,25 @@ class Engine:
         return report
 
     # --- generation ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def teacher_forced(self, tokens: torch.Tensor, *, hire: bool, start: int = 1,
+                       log_probs: bool = False) -> tuple[list[int], float]:
+        """Feed ``tokens`` (T,): a dense prefill of the first ``start``, then one decode step per
+        token. Returns the greedy prediction for each position from start - 1 on (T - start + 1
+        of them: compare them with tokens[start:]) and, with ``log_probs``, the summed exact
+        log-probability of tokens[start:]."""
+        tokens = tokens.reshape(-1)
+        hidden = self.forward(tokens[:start], 0, hire=False)
+        preds, total = [], 0.0
+        for pos in range(start, tokens.numel() + 1):
+            preds.append(int(sample(*self.logits(hidden, hire))))
+            if pos == tokens.numel():
+                break
+            if log_probs:
+                total += float(self.log_prob(hidden, tokens[pos : pos + 1]))
+            hidden = self.forward(tokens[pos : pos + 1], pos, hire=hire)
+        return preds, total
+
     @torch.inference_mode()
     def generate(
         self,

@@ -50,6 +50,26 @@ class FFNWeights:
             a = a * F.linear(x, pick(self.w_up))
         return a
 
+    def neuron_major(self, dtype: torch.dtype):
+        """Copies for decoding: row i of ``w_in`` holds neuron i's gate and up rows side by side
+        (one contiguous read per neuron), row i of ``w_out`` its output column.
+        -> w_in (I, 2D or D), b_in (I,) or None, w_out (I, D_out), b_out (D_out,) or None"""
+        rows = torch.stack([self.w_in, self.w_up], dim=1) if self.gated else self.w_in.unsqueeze(1)  # (I, 1|2, D)
+        w_in = rows.detach().to(dtype).reshape(self.neurons, -1).contiguous()
+        w_out = self.w_out_t.detach().to(dtype).contiguous()
+        return (w_in, None if self.b_in is None else self.b_in.detach().to(dtype), w_out,
+                None if self.b_out is None else self.b_out.detach().to(dtype))
+
+    def dense_decode_layout(self, x: torch.Tensor, w_in: torch.Tensor, b_in, w_out: torch.Tensor, b_out) -> torch.Tensor:
+        """The dense FFN on the neuron-major copies.  # x: (T, D) -> (T, D_out)"""
+        pre = F.linear(x, w_in.view(-1, x.shape[-1]))  # (T, I*2) gate/up interleaved, or (T, I)
+        if self.gated:
+            pre = pre.view(x.shape[0], -1, 2)
+            a = self.act(pre[..., 0]) * pre[..., 1]  # (T, I)
+        else:
+            a = self.act(pre if b_in is None else pre + b_in)
+        return F.linear(a, w_out.t(), b_out)
+
     def project(self, a: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Output projection from the activations of ``rows`` (reads only those rows of W_out^T).
 
@@ -175,11 +195,7 @@ class HiReFFN(nn.Module):
         side by side (one contiguous read per neuron), row i of ``_out`` its down column; the
         proxy on its fused kernel. Costs a copy of the FFN weights."""
         w = self.weights
-        rows = torch.stack([w.w_in, w.w_up], dim=1) if w.gated else w.w_in.unsqueeze(1)  # (I, 1|2, D)
-        self._in = rows.detach().to(dtype).reshape(w.neurons, -1).contiguous()  # (I, 2D)
-        self._b_in = None if w.b_in is None else w.b_in.detach().to(dtype)
-        self._out = w.w_out_t.detach().to(dtype).contiguous()  # (I, D_out)
-        self._b_out = None if w.b_out is None else w.b_out.detach().to(dtype)
+        self._in, self._b_in, self._out, self._b_out = w.neuron_major(dtype)
         self.proxy.prepare_decode(dtype)
         # the native kernels read the selected rows in place: gated, or plain without a bias
         act = native.activation_name(w.act) if w.gated or w.b_in is None else None
@@ -207,16 +223,27 @@ class HiReFFN(nn.Module):
             return y if self._b_out is None else y + self._b_out
         est = self._estimate_from_scores(self.proxy.decode_scores(x), self._b_in)  # (1, I)
         cand = self._rows(self._top_groups(est, self.candidate_groups))[0]  # (c,)
+        a, cand = self._keep_best(self.rows_activations(x, cand), cand)
+        return self.rows_output(a, cand, x.dtype)
+
+    def rows_activations(self, x: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        """Exact activations of the neurons ``cand`` only (reads their input rows).  # x: (1, D), cand: (c,) -> (c,)"""
+        w = self.weights
         if self._native_act is not None:
-            return self._decode_native(x, cand)
-        pre = torch.nn.functional.linear(x, self._in.index_select(0, cand).view(-1, x.shape[-1]))  # (1, c*2)
+            return native.rows_dot(x, self._in, cand, parts=2 if w.gated else 1, act=self._native_act)
+        pre = F.linear(x, self._in.index_select(0, cand).view(-1, x.shape[-1]))  # (1, c*2)
         if w.gated:
             pre = pre.view(-1, 2)
-            a = (w.act(pre[:, 0]) * pre[:, 1]).unsqueeze(0)  # (1, c)
+            return w.act(pre[:, 0]) * pre[:, 1]
+        return w.act(pre if self._b_in is None else pre + self._b_in.index_select(0, cand))[0]
+
+    def rows_output(self, a: torch.Tensor, cand: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Output from the neurons ``cand`` only (reads their output rows).  # a, cand: (c,) -> (1, D_out)"""
+        if self._native_act is not None:
+            y = native.rows_axpy(self._out, cand, a).view(1, -1).to(dtype)
         else:
-            a = w.act(pre if self._b_in is None else pre + self._b_in.index_select(0, cand))
-        a, cand = self._keep_best(a[0], cand)
-        y = F.embedding_bag(cand.unsqueeze(0), self._out, per_sample_weights=a.to(self._out.dtype).unsqueeze(0), mode="sum")
+            y = F.embedding_bag(cand.unsqueeze(0), self._out, per_sample_weights=a.to(self._out.dtype).unsqueeze(0),
+                                mode="sum").to(dtype)
         return y if self._b_out is None else y + self._b_out
 
     def _keep_best(self, a: torch.Tensor, cand: torch.Tensor):
@@ -226,12 +253,6 @@ class HiReFFN(nn.Module):
         g = group_scores(a.abs().unsqueeze(0), self.config.group_size, self.config.aggregate)
         pos = self._rows(g.topk(self.keep_groups, dim=-1, sorted=False).indices)[0]
         return a.index_select(0, pos), cand.index_select(0, pos)
-
-    def _decode_native(self, x: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-        a = native.rows_dot(x, self._in, cand, parts=2 if self.weights.gated else 1, act=self._native_act)  # (c,)
-        a, cand = self._keep_best(a, cand)
-        y = native.rows_axpy(self._out, cand, a).view(1, -1).to(x.dtype)
-        return y if self._b_out is None else y + self._b_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, T, D) or (N, D) -> same leading shape, D_out

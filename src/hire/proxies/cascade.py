@@ -31,6 +31,11 @@ class Cascade:
         self.keep = keep
         self.blocks = blocks
 
+    def take_rows(self, rows: torch.Tensor, keep: list[int]) -> "Cascade":
+        """The same stages over ``rows`` only, keeping ``keep[i]`` at stage i (a tensor-parallel shard
+        keeps its share). The first pass is one exact top-k over the shard.  # rows: (m,)"""
+        return Cascade([p.take_rows(rows) for p in self.proxies], keep)
+
     def _first(self, scores: torch.Tensor) -> torch.Tensor:
         if self.blocks:
             return local_topk(scores, self.keep[0], self.blocks)

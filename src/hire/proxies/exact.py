@@ -19,6 +19,9 @@ class ExactProxy:
     def shape(self) -> tuple[int, int]:
         return tuple(self.weight.shape)
 
+    def take_rows(self, rows: torch.Tensor) -> "ExactProxy":
+        return ExactProxy(self.weight.index_select(0, rows))
+
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         # x: (N, D) -> (N, n)
         return x @ self.weight.t().to(x.dtype)

@@ -74,6 +74,11 @@ class LowRankProxy:
     def shape(self) -> tuple[int, int]:
         return (self.u.shape[0], self.v.shape[1])
 
+    def take_rows(self, rows: torch.Tensor) -> "LowRankProxy":
+        """This proxy restricted to ``rows``: U's rows, the shared V.  # rows: (m,)"""
+        u = self.u.take_rows(rows) if isinstance(self.u, QuantizedMatrix) else self.u.index_select(0, rows).contiguous()
+        return LowRankProxy(u, self.v)
+
     def _u_rows(self, rows: torch.Tensor | None, dtype) -> torch.Tensor:
         if isinstance(self.u, QuantizedMatrix):
             return self.u.dequantize(rows, dtype=dtype)

@@ -55,6 +55,11 @@ class QuantizedMatrix:
     def shape(self) -> tuple[int, int]:
         return (self.packed.shape[0], self.width)
 
+    def take_rows(self, rows: torch.Tensor) -> "QuantizedMatrix":
+        """The same codes and scales for ``rows`` only (a tensor-parallel shard).  # rows: (m,) -> (m, D)"""
+        return QuantizedMatrix(self.packed.index_select(0, rows).contiguous(),
+                               self.scales.index_select(0, rows).contiguous(), self.bits, self.group_size, self.width)
+
     def _codes(self, packed: torch.Tensor) -> torch.Tensor:
         if self.bits == 8:
             return packed
@@ -112,6 +117,10 @@ class QuantizedProxy:
     @property
     def shape(self) -> tuple[int, int]:
         return self.matrix.shape
+
+    def take_rows(self, rows: torch.Tensor) -> "QuantizedProxy":
+        """This proxy restricted to ``rows`` (the same scores for them).  # rows: (m,)"""
+        return QuantizedProxy(self.matrix.take_rows(rows))
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         # x: (N, D) -> (N, n)

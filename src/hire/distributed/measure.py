@@ -1,0 +1,147 @@
+"""What ``hire bench --tp P`` and ``hire eval --tp P`` measure: per mode, decode tokens/s
+(interleaved rounds, medians), collectives and bytes exchanged per token, DA-TOP-k's recall of
+the exact global top-k, greedy agreement with the single-process engine, perplexity."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter
+
+import torch
+
+from hire.distributed.tp import MODES, TPEngine
+from hire.engine import Engine
+
+SELECTION_KINDS = ("ffn_select", "head_select")
+
+
+def _run(engine: TPEngine, prompt: torch.Tensor, tokens: int, mode: str):
+    engine.set_mode(mode)
+    return engine.generate(prompt, tokens, hire=mode != "dense")
+
+
+def collectives_per_token(engine: TPEngine, prompt: torch.Tensor, tokens: int, mode: str) -> dict:
+    """Collectives and bytes (this rank's messages) per decode step, by kind: an n-token run minus
+    a one-token run (the prefill and its token), over n - 1 steps."""
+    before = engine.comm.snapshot()
+    _run(engine, prompt, 1, mode)
+    mid = engine.comm.snapshot()
+    _run(engine, prompt, tokens, mode)
+    after = engine.comm.snapshot()
+    steps = tokens - 1
+    out = {}
+    for i, name in ((0, "collectives"), (1, "bytes")):
+        decode = after[i] - mid[i]
+        decode.subtract(mid[i] - before[i])
+        out[name] = {kind: v / steps for kind, v in sorted(decode.items()) if v}
+    return out
+
+
+def greedy_agreement(engine: Engine, prompt: torch.Tensor, reference: list[int], hire: bool) -> float:
+    """Teacher-forced on ``reference`` (the single-process greedy tokens after ``prompt``): the
+    fraction of its positions where ``engine`` picks the same greedy token."""
+    forced = torch.cat([prompt.reshape(-1), torch.tensor(reference)])
+    preds, _ = engine.teacher_forced(forced, hire=hire, start=prompt.numel())
+    return sum(p == r for p, r in zip(preds, reference)) / len(reference)
+
+
+def tp_bench(engine: TPEngine, reference: Engine, prompt: torch.Tensor, *, tokens: int = 64, rounds: int = 5,
+             warmup: int = 1, modes=MODES, progress: bool = True) -> dict:
+    """Every mode in the same run, rounds interleaved (dense, exact, da, dense, ...), with the
+    single-process engine ``reference`` over the same (patched) model as the yardstick."""
+    from tqdm.auto import tqdm
+
+    if tokens < 2:
+        raise ValueError(f"--tokens must be >= 2 to time decode steps, got {tokens}")
+    ref = {"dense": reference.generate(prompt, tokens, hire=False).token_ids,
+           "hire": reference.generate(prompt, tokens, hire=True).token_ids}
+    for mode in modes:
+        for _ in range(warmup):
+            _run(engine, prompt, tokens, mode)
+    speeds = {mode: [] for mode in modes}
+    last = {}
+    for _ in tqdm(range(rounds), desc=f"bench rounds ({', '.join(modes)})", disable=not progress):
+        for mode in modes:
+            stats = _run(engine, prompt, tokens, mode)
+            speeds[mode].append(stats.tokens_per_s)
+            last[mode] = stats.token_ids
+    result = {"tp": engine.comm.world, "new_tokens": tokens, "prompt_tokens": int(prompt.numel()), "rounds": rounds,
+              "threads_per_rank": torch.get_num_threads(), "dtype": str(engine.dtype).replace("torch.", ""),
+              "heads_per_rank": [len(h) for h in engine.heads], "modes": {}}
+    for mode in tqdm(modes, desc="counting, agreement, recall", disable=not progress):
+        counts = collectives_per_token(engine, prompt, tokens, mode)
+        target = ref["dense" if mode == "dense" else "hire"]
+        engine.set_mode(mode)
+        engine.track(mode != "dense")
+        agreement = greedy_agreement(engine, prompt, target, hire=mode != "dense")
+        recall = engine.recall() if mode != "dense" else {}
+        engine.track(False)
+        tps = statistics.median(speeds[mode])
+        result["modes"][mode] = {
+            "tokens_per_s": tps,
+            "ms_per_token": 1000 / tps if tps else None,
+            "tokens_per_s_rounds": speeds[mode],
+            "collectives_per_token": sum(counts["collectives"].values()),
+            "selection_collectives_per_token": sum(counts["collectives"].get(k, 0) for k in SELECTION_KINDS),
+            "collectives_per_token_by_kind": counts["collectives"],
+            "bytes_exchanged_per_token": sum(counts["bytes"].values()),
+            "bytes_exchanged_per_token_by_kind": counts["bytes"],
+            # the FFN's kept neurons vs the exact global top-k (dense keeps all; exact is it)
+            "recall_vs_exact": 1.0 if mode in ("dense", "exact") or recall.get("ffn") is None else recall["ffn"],
+            "head_recall_vs_exact": recall.get("head_recall_at_k", 1.0 if mode == "dense" else None),
+            "head_top1_vs_exact": recall.get("head_top1", 1.0 if mode == "dense" else None),
+            "greedy_agreement": agreement,
+            "greedy_reference": "single-process dense" if mode == "dense" else "single-process HiRE (exact top-k)",
+            "greedy_tokens_equal": last[mode] == target,
+        }
+    m = result["modes"]
+    if "exact" in m and "da" in m:
+        result["da_vs_exact_speedup"] = m["da"]["tokens_per_s"] / m["exact"]["tokens_per_s"]
+    if "dense" in m and "da" in m:
+        result["da_vs_dense_speedup"] = m["da"]["tokens_per_s"] / m["dense"]["tokens_per_s"]
+    return result
+
+
+def tp_eval(engine: TPEngine, reference: Engine, windows: list[torch.Tensor], *, modes=MODES,
+            progress: bool = True) -> dict:
+    """Teacher-forced decoding, one token per step, over ``windows``: perplexity (exact
+    vocabulary-parallel log-softmax), greedy agreement with the single-process engine at every
+    position, and DA-TOP-k's recall of the exact global top-k."""
+    from tqdm.auto import tqdm
+
+    def passes(eng, hire, track=False):
+        preds, logp, count = [], 0.0, 0
+        for w in windows:
+            p, lp = eng.teacher_forced(w, hire=hire, start=1, log_probs=True)
+            preds += p[:-1]
+            logp += lp
+            count += w.numel() - 1
+        return preds, math.exp(-logp / count), count
+
+    bar = tqdm(total=len(modes) + 2, desc="tp eval passes", disable=not progress)
+    ref = {}
+    for name, hire in (("dense", False), ("hire", True)):
+        ref[name] = passes(reference, hire)
+        bar.update()
+    out = {"tp": engine.comm.world, "windows": len(windows), "positions": ref["dense"][2],
+           "single_process": {"dense_perplexity": ref["dense"][1], "hire_perplexity": ref["hire"][1]}, "modes": {}}
+    for mode in modes:
+        engine.set_mode(mode)
+        engine.track(mode != "dense")
+        preds, ppl, _ = passes(engine, mode != "dense")
+        recall = engine.recall() if mode != "dense" else {}
+        engine.track(False)
+        target = ref["dense" if mode == "dense" else "hire"][0]
+        out["modes"][mode] = {
+            "perplexity": ppl,
+            "perplexity_change_vs_dense": ppl / ref["dense"][1] - 1,
+            "perplexity_change_vs_single_process": ppl / ref["dense" if mode == "dense" else "hire"][1] - 1,
+            "greedy_agreement": sum(a == b for a, b in zip(preds, target)) / len(target),
+            "greedy_reference": "single-process dense" if mode == "dense" else "single-process HiRE (exact top-k)",
+            "recall_vs_exact": 1.0 if mode in ("dense", "exact") or recall.get("ffn") is None else recall["ffn"],
+            "head_recall_vs_exact": recall.get("head_recall_at_k", 1.0 if mode == "dense" else None),
+        }
+        bar.update()
+    bar.close()
+    return out

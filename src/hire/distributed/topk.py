@@ -1,0 +1,56 @@
+"""Top-k over rows sharded across ranks: the exact global top-k (local top-k, one small gather of
+(value, index) pairs, a merge) and DA-TOP-k's local shares (no collective)."""
+
+from __future__ import annotations
+
+import torch
+
+from hire.distributed.comm import Comm
+
+
+def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows [start, end) of rank ``rank`` when n rows are split evenly over ``world`` ranks."""
+    if n % world:
+        raise ValueError(f"{n} rows do not split evenly over {world} ranks")
+    size = n // world
+    return rank * size, (rank + 1) * size
+
+
+def split_count(count: int, rank: int, world: int) -> int:
+    """Rank ``rank``'s share of ``count`` selections: the shares differ by at most one and sum to count."""
+    return count // world + (1 if rank < count % world else 0)
+
+
+def global_topk(values: torch.Tensor, index: int | torch.Tensor, k: int, comm: Comm,
+                kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact top-k over all ranks' rows, on every rank: each rank takes its exact local top-k,
+    one all-gather exchanges k (value, global index) pairs per rank (8 bytes a pair), every rank
+    merges them the same way. Equals ``torch.topk`` over all ranks' rows concatenated.
+
+    ``index``: the global row of each column of ``values`` (N, n), or the global row of column 0
+    when this rank's rows are contiguous. A rank with fewer than k rows pads its message with -inf.
+    # values: (N, n) -> values (N, k) descending, global idx (N, k)
+    """
+    N, n = values.shape
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    local = values.float().topk(min(k, n), dim=-1)  # (N, <=k)
+    idx = local.indices + index if isinstance(index, int) else index.gather(-1, local.indices)
+    if local.values.shape[-1] < k:  # pad to the common message size
+        pad = k - local.values.shape[-1]
+        vals = torch.cat([local.values, local.values.new_full((N, pad), float("-inf"))], dim=-1)
+        idx = torch.cat([idx, idx.new_full((N, pad), -1)], dim=-1)
+    else:
+        vals = local.values
+    pairs = torch.cat([vals, idx.to(torch.int32).view(torch.float32)], dim=-1)  # (N, 2k): values, then ids' bits
+    everyone = comm.all_gather(pairs, kind)  # (P, N, 2k)
+    all_vals = everyone[..., :k].permute(1, 0, 2).reshape(N, -1)  # (N, P*k)
+    all_idx = everyone[..., k:].contiguous().view(torch.int32).permute(1, 0, 2).reshape(N, -1)
+    top = all_vals.topk(k, dim=-1)
+    return top.values.to(values.dtype), all_idx.gather(-1, top.indices).long()
+
+
+def owned(global_idx: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """This rank's rows among ``global_idx``, as local indices.  # global_idx: (k,) -> (m,)"""
+    mine = global_idx[(global_idx >= start) & (global_idx < end)]
+    return mine - start
