@@ -75,6 +75,11 @@ def test_check_tp_names_every_shape_that_does_not_split():
     with pytest.raises(ValueError, match="FFN width 128 does not split into 3 ranks"):
         check_tp(model, HiReConfig(), 3)
     check_tp(model, HiReConfig(), 2)
+    from hire.layers import apply_topk_
+
+    apply_topk_(model, 0.5)
+    with pytest.raises(ValueError, match="does not run top-k-trained FFNs"):
+        check_tp(model, HiReConfig(), 2)
 
 
 def test_init_tp_without_torchrun_says_how_to_launch(monkeypatch):
@@ -153,7 +158,8 @@ def test_two_ranks_engine_modes(tmp_path):
         # DA-TOP-k has no selection collective for the FFN; the exact mode has one per layer (two with oversampling)
         assert "ffn_select" not in case["da"]["counts"] and case["exact"]["counts"]["ffn_select"] > 0
         assert case["da"]["counts"]["ffn"] == case["dense"]["counts"]["ffn"]
-        assert case["exact"]["counts"]["head_select"] > case["da"]["counts"]["head_select"]
+        assert "head_select" not in case["da"]["counts"] and case["exact"]["counts"]["head_select"] > 0
+        assert case["da"]["counts"]["head_topk"] == case["exact"]["counts"]["head_topk"] == 16  # one per token
         assert case["da_recall"]["ffn"] >= 0.8 and case["da_recall"]["head_recall_at_k"] >= 0.8
         assert case["log_prob_tp"] == pytest.approx(case["log_prob"], abs=1e-4)
     assert r0[2]["heads"] == [3, 2]  # 6 query heads over 2 ranks, kv head 1 held by both
@@ -196,7 +202,7 @@ def test_cli_bench_tp_launches_two_ranks_and_prints_the_modes(model_dir):
         for key in ("tokens_per_s", "collectives_per_token", "recall_vs_exact", "greedy_agreement"):
             assert isinstance(mode[key], float | int), key
     m = result["modes"]
-    assert m["da"]["selection_collectives_per_token"] < m["exact"]["selection_collectives_per_token"]
+    assert m["da"]["selection_collectives_per_token"] == 0 < m["exact"]["selection_collectives_per_token"]
     assert m["dense"]["greedy_agreement"] == 1.0
 
 
@@ -209,6 +215,8 @@ def test_cli_eval_tp_reports_perplexity_per_mode(model_dir):
     dense = result["modes"]["dense"]
     assert dense["perplexity"] == pytest.approx(result["single_process"]["dense_perplexity"], rel=1e-3)
     assert result["modes"]["exact"]["greedy_agreement"] == 1.0
+    da = result["modes"]["da"]
+    assert da["stable_positions"] == 23 and 0 <= da["greedy_agreement_vs_exact_mode_at_stable_positions"] <= 1
 
 
 def test_cli_tp_with_a_wrong_mode_is_a_clear_error(model_dir, capsys):

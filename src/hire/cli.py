@@ -207,7 +207,7 @@ def cmd_tp(args) -> int:
 
     import torch
 
-    from hire.distributed import MODES, TPEngine, init_tp, launch, launched_by_torchrun
+    from hire.distributed import MODES, TPEngine, init_tp, launch, launched_by_torchrun, main_rank_first
     from hire.distributed.measure import tp_bench, tp_eval
     from hire.engine import Engine
 
@@ -224,11 +224,8 @@ def cmd_tp(args) -> int:
         comm.check_same("command line", " ".join(args.argv))
         config = build_config(args)
         quiet = args.json or not comm.is_main
-        if not comm.is_main:  # rank 0 converts the model and fits the head proxy once; the others read its caches
-            comm.barrier(max(args.timeout, 3600))
-        model, tokenizer, head_proxy = _prepare(args, config)
-        if comm.is_main:
-            comm.barrier(max(args.timeout, 3600))
+        with main_rank_first(comm, max(args.timeout, 3600)):
+            model, tokenizer, head_proxy = _prepare(args, config)
         dtype = getattr(torch, args.dtype)
         if args.command == "bench":
             prompt = _encode(tokenizer, args.prompt)
@@ -236,7 +233,7 @@ def cmd_tp(args) -> int:
         else:
             from hire.data import load_corpus, token_windows
 
-            windows = list(token_windows(tokenizer, load_corpus().text("evaluation"), args.seq_len, args.windows))
+            windows = list(token_windows(tokenizer, load_corpus().text("evaluation"), args.seq_len, args.windows or 2))
             length = args.seq_len + 1
         engine = TPEngine(model, config, comm, head_proxy=head_proxy, dtype=dtype, max_seq_len=length)
         reference = Engine(model, None, dtype=dtype, max_seq_len=length)  # the same patched model, one process
@@ -271,6 +268,12 @@ def format_tp(r: dict) -> str:
             lines.append(f"{mode:6s} {m['tokens_per_s']:7.1f} {m['collectives_per_token']:9.1f} "
                          f"{m['selection_collectives_per_token']:7.1f} {m['bytes_exchanged_per_token'] / 1024:8.1f} "
                          f"{m['recall_vs_exact']:10.4f} {head:>9s} {m['greedy_agreement']:6.3f}  {m['greedy_reference']}")
+        sp = r["single_process_tokens_per_s"]
+        lines.append(f"one process with {r['threads_per_rank']} thread(s), same run: dense {sp['dense']:.1f} tok/s, "
+                     f"HiRE {sp['hire']:.1f} tok/s")
+        if "greedy_agreement_vs_exact_mode" in r["modes"].get("da", {}):
+            lines.append(f"DA-TOP-k vs the exact mode, same forced tokens: greedy agreement "
+                         f"{r['modes']['da']['greedy_agreement_vs_exact_mode']:.4f}")
         if "da_vs_exact_speedup" in r:
             lines.append(f"DA-TOP-k vs exact global top-k: {r['da_vs_exact_speedup']:.2f}x tokens/s")
     else:
@@ -282,6 +285,121 @@ def format_tp(r: dict) -> str:
             lines.append(f"{mode:6s} {m['perplexity']:10.3f} {100 * m['perplexity_change_vs_dense']:+8.2f}% "
                          f"{100 * m['perplexity_change_vs_single_process']:+8.2f}% {m['recall_vs_exact']:10.4f} "
                          f"{m['greedy_agreement']:6.3f}")
+        da = r["modes"].get("da", {})
+        if "greedy_agreement_vs_exact_mode" in da:
+            lines.append(f"DA-TOP-k vs the exact mode, same positions: greedy agreement "
+                         f"{da['greedy_agreement_vs_exact_mode']:.4f}; at the {da['stable_positions']} positions where "
+                         f"the exact mode agrees with one process: {_fmt(da['greedy_agreement_vs_exact_mode_at_stable_positions'])}")
+    return "\n".join(lines)
+
+
+def cmd_scaling(args) -> int:
+    """`hire scaling`: fit gloo's collectives here (P = --tp ranks), then model P = 1..64 devices."""
+    import dataclasses as dc
+    from pathlib import Path
+
+    from hire.distributed import init_tp, launch, launched_by_torchrun
+    from hire.distributed import scaling as sc
+
+    devices = [int(p) for p in args.devices.split(",")]
+    names = [n.strip() for n in args.models.split(",")]
+    unknown = [n for n in names if n not in sc.MODELS]
+    if unknown or any(p < 1 for p in devices):
+        raise ValueError(f"--models takes a subset of {','.join(sc.MODELS)} (got {args.models!r}) and --devices "
+                         f"positive integers (got {args.devices!r})")
+    hardware = dict(sc.HARDWARE)
+    if any(v is not None for v in (args.mem_gbs, args.link_latency_us, args.link_gbs)):
+        base = sc.HARDWARE["nvlink"]
+        hardware["custom"] = sc.Hardware("custom (--mem-gbs/--link-latency-us/--link-gbs)",
+                                         args.mem_gbs or base.mem_gbs, args.link_latency_us or base.link_latency_us,
+                                         args.link_gbs or base.link_gbs)
+    result = {"assumptions": sc.__doc__.strip(), "hire": dc.asdict(sc.HiReShape()),
+              "hardware": {k: dc.asdict(v) for k, v in hardware.items()},
+              "models": {n: dc.asdict(sc.MODELS[n]) | {"params_b": sc.MODELS[n].params / 1e9} for n in names}}
+    comm = None
+    if not args.no_measure:
+        if args.tp < 2:
+            raise ValueError("fitting the link needs --tp >= 2 ranks (or --no-measure)")
+        if not launched_by_torchrun():
+            return launch(args.argv, args.tp)
+        comm = init_tp(args.tp, args.timeout)
+    try:
+        if comm is not None:
+            import torch
+
+            torch.set_num_threads(1)
+            times = sc.measure_collectives(comm, repeats=args.repeats)
+            fit = sc.fit_link(times, comm.world)
+            result["measured_gloo"] = {"ranks": comm.world, "seconds": {op: {str(k): v for k, v in t.items()}
+                                                                        for op, t in times.items()}, **fit}
+            if not comm.is_main:
+                return 0
+            if args.measured:
+                result["check"] = _scaling_check(Path(args.measured), fit)
+        rows = sc.scaling_table(hardware, [sc.MODELS[n] for n in names], devices)
+        result["table"] = rows
+        if args.plot:
+            sc.plot_scaling(rows, args.plot)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result, indent=2) if args.json else format_scaling(result, devices))
+    finally:
+        if comm is not None:
+            comm.close()
+    return 0
+
+
+def _scaling_check(path, fit: dict) -> dict:
+    """Measured vs modelled on this machine: the collectives a `hire bench --tp P --json` run counted,
+    timed with the fitted link, against the time the run measured per token."""
+    from hire.distributed import scaling as sc
+
+    bench = json.loads(path.read_text())
+    P = bench["tp"]
+    out = {"bench": str(path), "model": bench.get("model"), "tp": P, "modes": {}}
+    for mode, m in bench["modes"].items():
+        modelled = 0.0
+        for kind, count in m["collectives_per_token_by_kind"].items():
+            per = m["bytes_exchanged_per_token_by_kind"][kind] / count
+            op = "all_reduce" if kind in ("attention", "ffn") else "all_gather"
+            modelled += count * sc.collective_seconds(op, per, P, fit["link_latency_us"] * 1e-6, fit["link_gbs"] * 1e9)
+        out["modes"][mode] = {"measured_ms_per_token": m["ms_per_token"], "modelled_ms_collectives": 1e3 * modelled,
+                              "collectives_per_token": m["collectives_per_token"]}
+    if "exact" in out["modes"] and "da" in out["modes"]:
+        e, d = out["modes"]["exact"], out["modes"]["da"]
+        out["measured_ms_exact_minus_da"] = e["measured_ms_per_token"] - d["measured_ms_per_token"]
+        out["modelled_ms_exact_minus_da_collectives"] = e["modelled_ms_collectives"] - d["modelled_ms_collectives"]
+    return out
+
+
+def format_scaling(r: dict, devices: list[int]) -> str:
+    lines = []
+    if "measured_gloo" in r:
+        g = r["measured_gloo"]
+        lines.append(f"measured here (gloo, {g['ranks']} ranks): all-reduce {g['fits']['all_reduce']['intercept_us']:.0f} us "
+                     f"+ {g['fits']['all_reduce']['us_per_kib']:.2f} us/KiB, all-gather "
+                     f"{g['fits']['all_gather']['intercept_us']:.0f} us + {g['fits']['all_gather']['us_per_kib']:.2f} us/KiB "
+                     f"-> latency {g['link_latency_us']:.1f} us/phase, {g['link_gbs']:.2f} GB/s")
+    if "check" in r:
+        c = r["check"]
+        lines.append(f"check on {c['model']} at P={c['tp']}: " + ", ".join(
+            f"{mode} {m['measured_ms_per_token']:.1f} ms/token measured, {m['modelled_ms_collectives']:.1f} ms of it "
+            f"collectives (modelled)" for mode, m in c["modes"].items()))
+        if "measured_ms_exact_minus_da" in c:
+            lines.append(f"  exact - DA: {c['measured_ms_exact_minus_da']:.1f} ms/token measured, "
+                         f"{c['modelled_ms_exact_minus_da_collectives']:.1f} ms modelled for the selection collectives")
+    lines.append("modelled tokens/s (dense / exact / DA-TOP-k):")
+    shown = [p for p in devices if p in (1, 8, 64)] or devices
+    header = f"{'hardware':8s} {'model':5s} " + " ".join(f"{'P=' + str(p):>22s}" for p in shown)
+    lines.append(header)
+    for hw in r["hardware"]:
+        for model in r["models"]:
+            cells = []
+            for p in shown:
+                t = {row["mode"]: row["tokens_per_s"] for row in r["table"]
+                     if row["hardware"] == hw and row["model"] == model and row["devices"] == p}
+                cells.append(f"{t['dense']:6.0f} /{t['exact']:6.0f} /{t['da']:6.0f}")
+            lines.append(f"{hw:8s} {model:5s} " + " ".join(f"{c:>22s}" for c in cells))
     return "\n".join(lines)
 
 
@@ -593,7 +711,7 @@ def make_parser() -> argparse.ArgumentParser:
                                    "bytes read per decoded token, on the evaluation split of the packaged corpus.")
     _add_model_args(p)
     p.add_argument("--windows", type=int, default=None,
-                   help="evaluation windows of --seq-len tokens (default 8; with --tp 2, decoded token by token)")
+                   help="evaluation windows of --seq-len tokens (default 8; with --tp, 2: they are decoded token by token)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--compact", action="store_true", help="with --json: on one line")
     _add_tp_args(p)
@@ -719,6 +837,28 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_tp_args(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("scaling", help="model tensor-parallel tokens/s for P = 1..64 devices, 1B-70B models",
+                       description="Fit gloo's all-reduce / all-gather latency and bandwidth on this machine (--tp "
+                                   "ranks, launched with torchrun), then model decode tokens/s of dense, exact global "
+                                   "top-k and DA-TOP-k for P devices and Llama-shaped 1B-70B models on NVLink- and "
+                                   "ICI-class hardware (their bandwidths and latencies are inputs, see --help of the "
+                                   "flags). --measured BENCH.json compares the fitted collective costs with a "
+                                   "`hire bench --tp P --json` run.")
+    p.add_argument("--tp", type=int, default=2, help="ranks for fitting gloo here (default 2)")
+    p.add_argument("--no-measure", action="store_true", help="skip fitting gloo; model only")
+    p.add_argument("--repeats", type=int, default=30, help="timed repeats per message size (default 30)")
+    p.add_argument("--timeout", type=float, default=300, help="seconds a collective may wait (default 300)")
+    p.add_argument("--measured", help="a `hire bench --tp P --json` result to check the fitted model against")
+    p.add_argument("--devices", default="1,2,4,8,16,32,64", help="device counts to model (default 1,2,4,...,64)")
+    p.add_argument("--models", default="1B,3B,8B,70B", help="model sizes to model (default 1B,3B,8B,70B)")
+    p.add_argument("--mem-gbs", type=float, default=None, help="add a 'custom' device: weight-read GB/s per device")
+    p.add_argument("--link-latency-us", type=float, default=None, help="custom device: latency per collective phase, us")
+    p.add_argument("--link-gbs", type=float, default=None, help="custom device: link GB/s per device")
+    p.add_argument("--out", help="write the whole result (table, fit, assumptions) as JSON")
+    p.add_argument("--plot", help="write a PNG of tokens/s vs P")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_scaling)
     return parser
 
 

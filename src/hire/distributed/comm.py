@@ -1,4 +1,4 @@
-"""The tensor-parallel group: torch.distributed (gloo on CPU, NCCL on GPU) under torchrun, with
+"""The tensor-parallel group: torch.distributed (gloo: the engine decodes on the CPU) under torchrun, with
 every collective counted (how many, how many bytes, of which kind) and every failure turned into
 an error that names the rank and the likely cause instead of a hang."""
 
@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -24,7 +25,7 @@ class Comm:
     collective as the identity, so the same code is the single-process engine.
 
     ``counts`` / ``nbytes`` count collectives by kind ("attention", "ffn", "ffn_select",
-    "head_select", ...); bytes are what this rank contributes to each (its message).
+    "head_select", "head_topk", ...); bytes are what this rank contributes to each (its message).
     """
 
     def __init__(self, rank: int = 0, world: int = 1):
@@ -97,13 +98,24 @@ class Comm:
             dist.destroy_process_group()
 
 
+@contextmanager
+def main_rank_first(comm: Comm, timeout_s: float = 3600.0):
+    """Rank 0 runs the block first (it fills the caches: the converted model, the fitted head
+    proxy), then the other ranks run it and read them."""
+    if not comm.is_main:
+        comm.barrier(timeout_s)
+    yield
+    if comm.is_main:
+        comm.barrier(timeout_s)
+
+
 def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
 def init_tp(tp: int, timeout_s: float = 300.0) -> Comm:
-    """Join the tensor-parallel group of ``tp`` ranks that torchrun started (gloo on CPU, NCCL with
-    CUDA). ``tp == 1`` outside torchrun is the single process. Checks the world size first."""
+    """Join the tensor-parallel group of ``tp`` ranks that torchrun started (gloo). ``tp == 1``
+    outside torchrun is the single process. Checks the world size first."""
     if tp < 1:
         raise ValueError(f"--tp must be >= 1, got {tp}")
     if not launched_by_torchrun():
@@ -118,8 +130,8 @@ def init_tp(tp: int, timeout_s: float = 300.0) -> Comm:
         )
     if world == 1:
         return Comm()
-    backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    # the engine decodes on the CPU, so its tensors travel over gloo (NCCL wants them on the GPU)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
     return Comm(rank, world)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections import Counter
 
 import torch
 
@@ -38,12 +37,15 @@ def collectives_per_token(engine: TPEngine, prompt: torch.Tensor, tokens: int, m
     return out
 
 
-def greedy_agreement(engine: Engine, prompt: torch.Tensor, reference: list[int], hire: bool) -> float:
+def forced_predictions(engine: Engine, prompt: torch.Tensor, reference: list[int], hire: bool) -> list[int]:
     """Teacher-forced on ``reference`` (the single-process greedy tokens after ``prompt``): the
-    fraction of its positions where ``engine`` picks the same greedy token."""
+    greedy token ``engine`` picks at each of its positions."""
     forced = torch.cat([prompt.reshape(-1), torch.tensor(reference)])
-    preds, _ = engine.teacher_forced(forced, hire=hire, start=prompt.numel())
-    return sum(p == r for p, r in zip(preds, reference)) / len(reference)
+    return engine.teacher_forced(forced, hire=hire, start=prompt.numel())[0][: len(reference)]
+
+
+def agreement(a: list[int], b: list[int]) -> float:
+    return sum(x == y for x, y in zip(a, b)) / len(b)
 
 
 def tp_bench(engine: TPEngine, reference: Engine, prompt: torch.Tensor, *, tokens: int = 64, rounds: int = 5,
@@ -66,15 +68,19 @@ def tp_bench(engine: TPEngine, reference: Engine, prompt: torch.Tensor, *, token
             stats = _run(engine, prompt, tokens, mode)
             speeds[mode].append(stats.tokens_per_s)
             last[mode] = stats.token_ids
-    result = {"tp": engine.comm.world, "new_tokens": tokens, "prompt_tokens": int(prompt.numel()), "rounds": rounds,
+    # the same model in one process with one rank's threads, timed meanwhile on every rank (no collectives)
+    single = {name: statistics.median(reference.generate(prompt, tokens, hire=name == "hire").tokens_per_s
+                                      for _ in range(3)) for name in ("dense", "hire")}
+    result = {"tp": engine.comm.world, "new_tokens": tokens, "single_process_tokens_per_s": single, "prompt_tokens": int(prompt.numel()), "rounds": rounds,
               "threads_per_rank": torch.get_num_threads(), "dtype": str(engine.dtype).replace("torch.", ""),
               "heads_per_rank": [len(h) for h in engine.heads], "modes": {}}
+    preds = {}
     for mode in tqdm(modes, desc="counting, agreement, recall", disable=not progress):
         counts = collectives_per_token(engine, prompt, tokens, mode)
         target = ref["dense" if mode == "dense" else "hire"]
         engine.set_mode(mode)
         engine.track(mode != "dense")
-        agreement = greedy_agreement(engine, prompt, target, hire=mode != "dense")
+        preds[mode] = forced_predictions(engine, prompt, target, hire=mode != "dense")
         recall = engine.recall() if mode != "dense" else {}
         engine.track(False)
         tps = statistics.median(speeds[mode])
@@ -91,11 +97,13 @@ def tp_bench(engine: TPEngine, reference: Engine, prompt: torch.Tensor, *, token
             "recall_vs_exact": 1.0 if mode in ("dense", "exact") or recall.get("ffn") is None else recall["ffn"],
             "head_recall_vs_exact": recall.get("head_recall_at_k", 1.0 if mode == "dense" else None),
             "head_top1_vs_exact": recall.get("head_top1", 1.0 if mode == "dense" else None),
-            "greedy_agreement": agreement,
+            "greedy_agreement": agreement(preds[mode], target),
             "greedy_reference": "single-process dense" if mode == "dense" else "single-process HiRE (exact top-k)",
             "greedy_tokens_equal": last[mode] == target,
         }
     m = result["modes"]
+    if "exact" in preds and "da" in preds:  # the same forced tokens, the same TP engine: only the selection differs
+        m["da"]["greedy_agreement_vs_exact_mode"] = agreement(preds["da"], preds["exact"])
     if "exact" in m and "da" in m:
         result["da_vs_exact_speedup"] = m["da"]["tokens_per_s"] / m["exact"]["tokens_per_s"]
     if "dense" in m and "da" in m:
@@ -126,6 +134,7 @@ def tp_eval(engine: TPEngine, reference: Engine, windows: list[torch.Tensor], *,
         bar.update()
     out = {"tp": engine.comm.world, "windows": len(windows), "positions": ref["dense"][2],
            "single_process": {"dense_perplexity": ref["dense"][1], "hire_perplexity": ref["hire"][1]}, "modes": {}}
+    all_preds = {}
     for mode in modes:
         engine.set_mode(mode)
         engine.track(mode != "dense")
@@ -133,15 +142,25 @@ def tp_eval(engine: TPEngine, reference: Engine, windows: list[torch.Tensor], *,
         recall = engine.recall() if mode != "dense" else {}
         engine.track(False)
         target = ref["dense" if mode == "dense" else "hire"][0]
+        all_preds[mode] = preds
         out["modes"][mode] = {
             "perplexity": ppl,
             "perplexity_change_vs_dense": ppl / ref["dense"][1] - 1,
             "perplexity_change_vs_single_process": ppl / ref["dense" if mode == "dense" else "hire"][1] - 1,
-            "greedy_agreement": sum(a == b for a, b in zip(preds, target)) / len(target),
+            "greedy_agreement": agreement(preds, target),
             "greedy_reference": "single-process dense" if mode == "dense" else "single-process HiRE (exact top-k)",
             "recall_vs_exact": 1.0 if mode in ("dense", "exact") or recall.get("ffn") is None else recall["ffn"],
             "head_recall_vs_exact": recall.get("head_recall_at_k", 1.0 if mode == "dense" else None),
         }
         bar.update()
     bar.close()
+    if "exact" in all_preds and "da" in all_preds:
+        da, exact, single = all_preds["da"], all_preds["exact"], ref["hire"][0]
+        out["modes"]["da"]["greedy_agreement_vs_exact_mode"] = agreement(da, exact)
+        # positions where float summation order alone does not move HiRE's greedy token (the exact mode
+        # agrees with the single-process engine there): DA's own effect, beyond that noise floor
+        stable = [i for i, (e, r) in enumerate(zip(exact, single)) if e == r]
+        out["modes"]["da"]["stable_positions"] = len(stable)
+        out["modes"]["da"]["greedy_agreement_vs_exact_mode_at_stable_positions"] = (
+            agreement([da[i] for i in stable], [exact[i] for i in stable]) if stable else None)
     return out

@@ -24,28 +24,31 @@ def split_count(count: int, rank: int, world: int) -> int:
 def global_topk(values: torch.Tensor, index: int | torch.Tensor, k: int, comm: Comm,
                 kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact top-k over all ranks' rows, on every rank: each rank takes its exact local top-k,
-    one all-gather exchanges k (value, global index) pairs per rank (8 bytes a pair), every rank
+    one all-gather exchanges up to k (value, global index) pairs per rank (8 bytes a pair), every rank
     merges them the same way. Equals ``torch.topk`` over all ranks' rows concatenated.
 
     ``index``: the global row of each column of ``values`` (N, n), or the global row of column 0
-    when this rank's rows are contiguous. A rank with fewer than k rows pads its message with -inf.
+    when this rank's rows are an even, contiguous shard (every rank then holds n rows and sends
+    min(k, n) pairs). With explicit indices the ranks may hold different numbers of rows: each
+    sends k pairs, padded with -inf.
     # values: (N, n) -> values (N, k) descending, global idx (N, k)
     """
     N, n = values.shape
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    size = min(k, n) if isinstance(index, int) else k  # the message, the same on every rank
     local = values.float().topk(min(k, n), dim=-1)  # (N, <=k)
     idx = local.indices + index if isinstance(index, int) else index.gather(-1, local.indices)
-    if local.values.shape[-1] < k:  # pad to the common message size
-        pad = k - local.values.shape[-1]
+    if local.values.shape[-1] < size:  # pad to the common message size
+        pad = size - local.values.shape[-1]
         vals = torch.cat([local.values, local.values.new_full((N, pad), float("-inf"))], dim=-1)
         idx = torch.cat([idx, idx.new_full((N, pad), -1)], dim=-1)
     else:
         vals = local.values
-    pairs = torch.cat([vals, idx.to(torch.int32).view(torch.float32)], dim=-1)  # (N, 2k): values, then ids' bits
-    everyone = comm.all_gather(pairs, kind)  # (P, N, 2k)
-    all_vals = everyone[..., :k].permute(1, 0, 2).reshape(N, -1)  # (N, P*k)
-    all_idx = everyone[..., k:].contiguous().view(torch.int32).permute(1, 0, 2).reshape(N, -1)
+    pairs = torch.cat([vals, idx.to(torch.int32).view(torch.float32)], dim=-1)  # (N, 2 size): values, ids' bits
+    everyone = comm.all_gather(pairs, kind)  # (P, N, 2 size)
+    all_vals = everyone[..., :size].permute(1, 0, 2).reshape(N, -1)  # (N, P*size)
+    all_idx = everyone[..., size:].contiguous().view(torch.int32).permute(1, 0, 2).reshape(N, -1)
     top = all_vals.topk(k, dim=-1)
     return top.values.to(values.dtype), all_idx.gather(-1, top.indices).long()
 

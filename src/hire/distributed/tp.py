@@ -2,7 +2,8 @@
 in, row-parallel out, one all-reduce each), the LM head split by vocabulary, and three ways to
 select the top-k rows of a sharded layer:
 
-* ``dense``: no selection; the head's top-k is each rank's exact local top-k merged by one gather.
+* ``dense``: no selection; the head's top-k is each rank's exact local top-k merged by one gather
+  (``head_topk``: every mode ends with it, sampling needs the k best (value, token) pairs).
 * ``exact``: single-process HiRE, done globally: every selection (the FFN's candidates, each
   cascade stage of the head) is the exact global top-k of the proxy scores, by each rank's local
   top-k plus one gather of (value, index) pairs and a merge (``global_topk``).
@@ -27,7 +28,7 @@ from hire.config import HiReConfig
 from hire.distributed.comm import Comm
 from hire.distributed.topk import global_topk, owned, shard_range, split_count
 from hire.engine import Engine
-from hire.layers import HiReFFN, HiReLMHead
+from hire.layers import HiReFFN, HiReLMHead, TopKMLP
 from hire.patch import arch_spec, ffn_weights
 from hire.topk import expand_groups, group_scores, recall_at_k
 
@@ -56,6 +57,9 @@ def check_tp(model: nn.Module, config: HiReConfig | None, world: int) -> None:
         problems.append(f"the FFN width {inter} does not split into {world} ranks x groups of {group} neurons")
     if cfg.vocab_size % world:
         problems.append(f"the vocabulary ({cfg.vocab_size}) does not split evenly over {world} ranks")
+    if any(isinstance(m, TopKMLP) for m in model.modules()):
+        raise ValueError("tensor parallel does not run top-k-trained FFNs (hire train / sparsify-train models) yet: "
+                         "its dense mode would compute every neuron; decode them in one process (hire bench without --tp)")
     if problems:
         raise ValueError(f"--tp {world} does not fit {cfg.model_type} ({'; '.join(problems)}); choose another --tp")
 
@@ -202,11 +206,11 @@ class TPHead:
 
     def _final(self, logits: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # this rank's exact logits (1, m) of local rows idx (m,) -> merged top-k over all ranks
-        return global_topk(logits, (idx + self.start).unsqueeze(0), self.k, self.comm, "head_select")
+        return global_topk(logits, (idx + self.start).unsqueeze(0), self.k, self.comm, "head_topk")
 
     def dense(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = F.linear(h.to(self.weight.dtype), self.weight)  # (1, V/P)
-        return global_topk(logits, self.start, self.k, self.comm, "head_select")
+        return global_topk(logits, self.start, self.k, self.comm, "head_topk")
 
     def __call__(self, h: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
         """# h: (1, D) -> values (1, k), token ids (1, k)"""
