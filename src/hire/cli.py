@@ -215,6 +215,8 @@ def cmd_tp(args) -> int:
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise ValueError(f"--modes takes a comma-separated subset of {','.join(MODES)}, got {args.modes!r}")
+    if getattr(args, "vs_transformers", False) or getattr(args, "llama_cpp", False):
+        raise ValueError("--vs-transformers and --llama-cpp time one process: run them without --tp")
     if args.tp > 1 and not launched_by_torchrun():
         return launch(args.argv, args.tp, getattr(args, "threads", None))
     comm = init_tp(args.tp, args.timeout)
@@ -365,6 +367,12 @@ def _scaling_check(path, fit: dict) -> dict:
             modelled += count * sc.collective_seconds(op, per, P, fit["link_latency_us"] * 1e-6, fit["link_gbs"] * 1e9)
         out["modes"][mode] = {"measured_ms_per_token": m["ms_per_token"], "modelled_ms_collectives": 1e3 * modelled,
                               "collectives_per_token": m["collectives_per_token"]}
+    single = bench.get("single_process_tokens_per_s", {}).get("dense")
+    if single and "dense" in bench["modes"] and bench["modes"]["dense"]["collectives_per_token"]:
+        # what a collective really costs inside the decode loop: the measured step minus this rank's share of
+        # the one-process step, over the collectives (it includes waiting for the other rank)
+        d = bench["modes"]["dense"]
+        out["effective_ms_per_collective"] = (d["ms_per_token"] - 1000 / single / P) / d["collectives_per_token"]
     if "exact" in out["modes"] and "da" in out["modes"]:
         e, d = out["modes"]["exact"], out["modes"]["da"]
         out["measured_ms_exact_minus_da"] = e["measured_ms_per_token"] - d["measured_ms_per_token"]
@@ -385,6 +393,9 @@ def format_scaling(r: dict, devices: list[int]) -> str:
         lines.append(f"check on {c['model']} at P={c['tp']}: " + ", ".join(
             f"{mode} {m['measured_ms_per_token']:.1f} ms/token measured, {m['modelled_ms_collectives']:.1f} ms of it "
             f"collectives (modelled)" for mode, m in c["modes"].items()))
+        if "effective_ms_per_collective" in c:
+            lines.append(f"  in the decode loop a collective costs {c['effective_ms_per_collective']:.2f} ms (dense step minus "
+                         f"1/{c['tp']} of the one-process step, over its collectives), waiting for the other rank included")
         if "measured_ms_exact_minus_da" in c:
             lines.append(f"  exact - DA: {c['measured_ms_exact_minus_da']:.1f} ms/token measured, "
                          f"{c['modelled_ms_exact_minus_da_collectives']:.1f} ms modelled for the selection collectives")

@@ -24,7 +24,7 @@ class Comm:
     """Rank ``rank`` of ``world`` tensor-parallel ranks. One rank (``world == 1``) runs every
     collective as the identity, so the same code is the single-process engine.
 
-    ``counts`` / ``nbytes`` count collectives by kind ("attention", "ffn", "ffn_select",
+    ``counts`` / ``nbytes`` count collectives (none with one rank) by kind ("attention", "ffn", "ffn_select",
     "head_select", "head_topk", ...); bytes are what this rank contributes to each (its message).
     """
 
@@ -43,10 +43,14 @@ class Comm:
             "Another rank failed (see its error above) or stopped responding within the timeout (--timeout)"
         )
 
+    def _count(self, t: torch.Tensor, kind: str) -> None:
+        if self.world > 1:  # one rank exchanges nothing
+            self.counts[kind] += 1
+            self.nbytes[kind] += t.numel() * t.element_size()
+
     def all_reduce(self, t: torch.Tensor, kind: str) -> torch.Tensor:
         """Sum ``t`` over the ranks, in place.  # t: any -> same"""
-        self.counts[kind] += 1
-        self.nbytes[kind] += t.numel() * t.element_size()
+        self._count(t, kind)
         if self.world > 1:
             try:
                 dist.all_reduce(t)
@@ -56,8 +60,7 @@ class Comm:
 
     def all_gather(self, t: torch.Tensor, kind: str) -> torch.Tensor:
         """Every rank's ``t``, stacked in rank order.  # t: (...) -> (world, ...)"""
-        self.counts[kind] += 1
-        self.nbytes[kind] += t.numel() * t.element_size()
+        self._count(t, kind)
         if self.world == 1:
             return t.unsqueeze(0)
         out = t.new_empty((self.world * t.numel(),))  # gloo wants the ranks' messages concatenated

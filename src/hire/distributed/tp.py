@@ -96,9 +96,12 @@ class TPFFN:
             self.local.keep_groups = share_keep  # DA-TOP-k: this rank's share of the selection
             self.local.candidate_groups = split_count(mlp.candidate_groups, rank, world)
             self.local.prepare_decode(dtype)
-            self._in, self._b_in, self._out, self._b_out = self.local._in, self.local._b_in, self.local._out, self.local._b_out
-        else:
-            self._in, self._b_in, self._out, self._b_out = local.neuron_major(dtype)
+        # the dense shard as a dense engine reads it: gate and up rows stacked, the down projection row-major
+        rows = [local.w_in, local.w_up] if local.gated else [local.w_in]
+        self._dense_in = torch.cat(rows).detach().to(dtype).contiguous()  # (2n or n, D)
+        self._dense_b_in = None if local.b_in is None else local.b_in.detach().to(dtype)
+        self._dense_out = local.w_out_t.t().detach().to(dtype).contiguous()  # (D_out, n)
+        self._dense_b_out = None if local.b_out is None else local.b_out.detach().to(dtype)
         self.track = False
         self.hits = 0.0
         self.kept = 0.0
@@ -106,7 +109,13 @@ class TPFFN:
     # --- this rank's partial outputs ---------------------------------------------------------
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         """All of this rank's neurons.  # x: (T, D) -> (T, D_out) partial"""
-        return self.weights.dense_decode_layout(x, self._in, self._b_in, self._out, self._b_out)
+        w = self.weights
+        if w.gated:
+            gate, up = F.linear(x, self._dense_in).chunk(2, dim=-1)  # (T, n) each
+            a = w.act(gate) * up
+        else:
+            a = w.act(F.linear(x, self._dense_in, self._dense_b_in))
+        return F.linear(a, self._dense_out, self._dense_b_out)
 
     def _estimate(self, x: torch.Tensor) -> torch.Tensor:
         # x: (1, D) -> proxy group scores of this rank's groups (1, G_local)
@@ -157,7 +166,7 @@ class TPFFN:
             y = self.local.decode(x)
         elif mode == "exact":
             cand, a = self.select_exact(x)
-            y = self.local.rows_output(a, cand, x.dtype) if cand.numel() else x.new_zeros(1, self._out.shape[1])
+            y = self.local.rows_output(a, cand, x.dtype) if cand.numel() else x.new_zeros(1, self._dense_out.shape[0])
             if self.local._b_out is not None and not cand.numel():
                 y = y + self.local._b_out
         else:

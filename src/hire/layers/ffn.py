@@ -60,16 +60,6 @@ class FFNWeights:
         return (w_in, None if self.b_in is None else self.b_in.detach().to(dtype), w_out,
                 None if self.b_out is None else self.b_out.detach().to(dtype))
 
-    def dense_decode_layout(self, x: torch.Tensor, w_in: torch.Tensor, b_in, w_out: torch.Tensor, b_out) -> torch.Tensor:
-        """The dense FFN on the neuron-major copies.  # x: (T, D) -> (T, D_out)"""
-        pre = F.linear(x, w_in.view(-1, x.shape[-1]))  # (T, I*2) gate/up interleaved, or (T, I)
-        if self.gated:
-            pre = pre.view(x.shape[0], -1, 2)
-            a = self.act(pre[..., 0]) * pre[..., 1]  # (T, I)
-        else:
-            a = self.act(pre if b_in is None else pre + b_in)
-        return F.linear(a, w_out.t(), b_out)
-
     def project(self, a: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Output projection from the activations of ``rows`` (reads only those rows of W_out^T).
 
