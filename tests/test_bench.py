@@ -7,7 +7,6 @@ from hire.bench.decode import plot_bench
 from hire.cli import main
 from hire.config import FFNConfig, HeadConfig, HiReConfig
 from hire.engine import Engine
-from test_cli import model_dir  # noqa: F401  (fixture)
 from tiny_models import make
 
 PROMPT = torch.tensor([5, 17, 42, 99, 3, 250, 7, 11])

@@ -3,7 +3,6 @@ import json
 import pytest
 
 from hire.cli import build_config, main, make_parser
-from tiny_models import make
 
 
 def test_eval_json_on_a_model_directory(model_dir, capsys):
