@@ -22,13 +22,12 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 from hire.distributed.comm import Comm
-
-MODES = ("dense", "exact", "da")
+from hire.distributed.tp import MODES
 
 
 @dataclass(frozen=True)
@@ -248,7 +247,3 @@ def plot_tp_bench(result: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def hardware_dict(hw: Hardware) -> dict:
-    return asdict(hw)

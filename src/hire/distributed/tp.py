@@ -312,11 +312,6 @@ class TPEngine(Engine):
             self.tp_ffns[id(layer.module)] = TPFFN(mlp, weights, comm, dtype)
         k = config.head.k if config is not None and config.head.enabled else 50
         self.tp_head = TPHead(self.head_weight, self.head, k, comm, dtype)
-        if self.head is not None or self.ffns:  # the full-size decode copies are not used any more
-            for part in ([self.head] if self.head is not None else []) + self.ffns:
-                for name in ("_in", "_out", "_weight"):
-                    if hasattr(part, name):
-                        delattr(part, name)
 
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:

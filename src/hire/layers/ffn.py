@@ -50,16 +50,6 @@ class FFNWeights:
             a = a * F.linear(x, pick(self.w_up))
         return a
 
-    def neuron_major(self, dtype: torch.dtype):
-        """Copies for decoding: row i of ``w_in`` holds neuron i's gate and up rows side by side
-        (one contiguous read per neuron), row i of ``w_out`` its output column.
-        -> w_in (I, 2D or D), b_in (I,) or None, w_out (I, D_out), b_out (D_out,) or None"""
-        rows = torch.stack([self.w_in, self.w_up], dim=1) if self.gated else self.w_in.unsqueeze(1)  # (I, 1|2, D)
-        w_in = rows.detach().to(dtype).reshape(self.neurons, -1).contiguous()
-        w_out = self.w_out_t.detach().to(dtype).contiguous()
-        return (w_in, None if self.b_in is None else self.b_in.detach().to(dtype), w_out,
-                None if self.b_out is None else self.b_out.detach().to(dtype))
-
     def project(self, a: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Output projection from the activations of ``rows`` (reads only those rows of W_out^T).
 
@@ -185,7 +175,11 @@ class HiReFFN(nn.Module):
         side by side (one contiguous read per neuron), row i of ``_out`` its down column; the
         proxy on its fused kernel. Costs a copy of the FFN weights."""
         w = self.weights
-        self._in, self._b_in, self._out, self._b_out = w.neuron_major(dtype)
+        rows = torch.stack([w.w_in, w.w_up], dim=1) if w.gated else w.w_in.unsqueeze(1)  # (I, 1|2, D)
+        self._in = rows.detach().to(dtype).reshape(w.neurons, -1).contiguous()  # (I, 2D)
+        self._b_in = None if w.b_in is None else w.b_in.detach().to(dtype)
+        self._out = w.w_out_t.detach().to(dtype).contiguous()  # (I, D_out)
+        self._b_out = None if w.b_out is None else w.b_out.detach().to(dtype)
         self.proxy.prepare_decode(dtype)
         # the native kernels read the selected rows in place: gated, or plain without a bias
         act = native.activation_name(w.act) if w.gated or w.b_in is None else None
