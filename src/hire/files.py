@@ -1,0 +1,80 @@
+"""Atomic writes: a reader (or a crash) never sees half a file, and nobody's file is replaced unasked.
+
+Every write goes to a temporary name in the same directory and is renamed into place only when
+complete (``os.replace`` is atomic on one filesystem). One helper for files, one for directories.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from hire.errors import OverwriteError
+
+
+def refuse_overwrite(path: str | Path, force: bool, flag: str = "--out") -> None:
+    """Raise OverwriteError when ``path`` exists and ``force`` is False."""
+    path = Path(path)
+    if path.exists() and not force:
+        kind = "directory" if path.is_dir() else "file"
+        raise OverwriteError(f"{path} exists ({kind}); pass --force to overwrite it or choose another {flag}")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; write it inside the block. On success it is renamed
+    to ``path``; on an exception it is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+@contextmanager
+def atomic_dir(path: str | Path, replace: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``path``; fill it inside the block. On success it
+    becomes ``path`` (an existing ``path`` is replaced only with ``replace=True``, else the rename
+    fails with OverwriteError); on an exception it is removed and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            if not replace:
+                raise OverwriteError(f"{path} appeared while it was being written; not replacing it")
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)  # moved aside, removed once the new one is in place
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
