@@ -1,5 +1,7 @@
 """hire tune: per-layer FFN densities from output-KL sensitivities and a knapsack, vs uniform."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -49,6 +51,10 @@ def test_tune_meets_the_budget_and_beats_or_matches_uniform():
     assert result.ppl_hire / result.ppl_dense - 1 <= 0.02
     dens = result.config.ffn.layer_density or [result.config.ffn.density] * model.config.num_hidden_layers
     assert all(d in (0.25, 0.5, 0.75, 1.0) for d in dens)
+    assert isinstance(result.config.ffn.layer_density, tuple)
+    # only the FFN densities change: the input's head (and the input itself, which is frozen) stay as given
+    assert result.config.head == CFG.head and CFG.ffn.layer_density == ()
+    assert dataclasses.replace(result.config.ffn, density=CFG.ffn.density, layer_density=()) == CFG.ffn
     # the written config reproduces the reported perplexity
     sparsify_(model, result.config)
     set_mode(model, ffn="always")

@@ -1,17 +1,30 @@
-"""Configuration dataclasses for HiRE, validated on construction and JSON round-trippable.
+"""Configuration dataclasses for HiRE: frozen, validated on construction, JSON round-trippable.
 
 Field names are the CLI flag names (``--head-k`` sets ``HeadConfig.k``, ``--ffn-density`` sets
-``FFNConfig.density``...). Checks that need the model (k above the vocabulary, a rank above the
-hidden width) happen in :func:`hire.sparsify_`, which knows the shapes.
+``FFNConfig.density``...). Configs are frozen: change one with ``dataclasses.replace(config, k=20)``,
+which builds a new config and so validates it again. Checks that need the model (k above the
+vocabulary, a rank above the hidden width, one layer density per decoder layer) happen in
+:func:`hire.sparsify_`, which knows the shapes.
+
+Every config dataclass that reads JSON (these and ``hire.train``'s ``TrainConfig`` and
+``SparseFTConfig``) reads it with :func:`config_from_dict`: it checks each value against the field's
+annotation and names the field (``head.k``) when the type is wrong, so a bad file is an error
+message, not a traceback.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-from dataclasses import dataclass, field
+import numbers
+import typing
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from hire.errors import ConfigError
+from hire.files import atomic_write_text
 
 CONFIG_VERSION = 1
 
@@ -19,13 +32,132 @@ HEAD_PROXIES = ("int8", "int4", "lowrank", "cascade")
 FFN_PROXIES = ("int8", "int4", "exact")
 AGGREGATES = ("sum", "max")
 
+C = TypeVar("C")
+
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:
-        raise ValueError(msg)
+        raise ConfigError(msg)
 
 
-@dataclass
+# --- reading and checking config dataclasses (one reader for all of them) -------------------------
+
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_EXPECTED_ITEMS = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """The resolved annotation of each constructor field of a config dataclass, in field order."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _scalar(kind: type, value: Any) -> tuple[bool, Any]:
+    """(True, the value as a ``kind`` field holds it) when it fits, else (False, None). An integer
+    is accepted for a float (and stored as one); true/false is not accepted for a number."""
+    if kind is bool or kind is str:
+        return isinstance(value, kind), value
+    if isinstance(value, bool):
+        return False, None
+    if kind is int and isinstance(value, numbers.Integral):
+        return True, int(value)
+    if kind is float and isinstance(value, numbers.Real):
+        return True, float(value)
+    return False, None
+
+
+def _quoted_number(kind: type, value: Any) -> str:
+    """A hint for the commonest JSON slip: a number written as a string."""
+    if kind in (int, float) and isinstance(value, str):
+        try:
+            kind(value)
+        except ValueError:
+            return ""
+        return "; write the number without quotes"
+    return ""
+
+
+def _coerce(kind: Any, value: Any, path: str) -> Any:
+    """``value`` as the field ``path`` of type ``kind`` holds it (an int given for a float becomes a
+    float, a list for a tuple a tuple, a dict for a nested config that config); ConfigError naming
+    ``path`` when its type is wrong."""
+    if dataclasses.is_dataclass(kind):
+        if isinstance(value, kind):
+            return value
+        if isinstance(value, dict):
+            return config_from_dict(kind, value, where=f"{path}.")
+        keys = ", ".join(_field_types(kind))
+        raise ConfigError(f"config field {path} must be an object (JSON {{...}}) with keys {keys}, got {_describe(value)}")
+    if kind in _EXPECTED:
+        ok, out = _scalar(kind, value)
+        if not ok:
+            raise ConfigError(f"config field {path} must be {_EXPECTED[kind]}, got {_describe(value)}"
+                              + _quoted_number(kind, value))
+        return out
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) is tuple and len(args) == 2 and args[1] is Ellipsis and args[0] in _EXPECTED:
+        expected = f"config field {path} must be a list of {_EXPECTED_ITEMS[args[0]]}"
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{expected}, got {_describe(value)}")
+        items = []
+        for i, item in enumerate(value):
+            ok, out = _scalar(args[0], item)
+            if not ok:
+                raise ConfigError(f"{expected}; item {i} is {_describe(item)}" + _quoted_number(args[0], item))
+            items.append(out)
+        return tuple(items)
+    raise TypeError(f"config field {path}: fields of type {kind} are not supported by config_from_dict")
+
+
+def check_field_types(config: Any, where: str = "") -> None:
+    """Check the type of every field of a (frozen) config dataclass and normalise it in place (int ->
+    float, list -> tuple, dict -> nested config). Each config calls it first in ``__post_init__``, so
+    code, ``dataclasses.replace`` and JSON are held to the same types. ``where``: the field names'
+    prefix in messages (``"head."``)."""
+    for name, kind in _field_types(type(config)).items():
+        object.__setattr__(config, name, _coerce(kind, getattr(config, name), where + name))
+
+
+def config_from_dict(cls: type[C], data: Any, where: str = "", *, what: str = "a config") -> C:
+    """A ``cls`` config dataclass from JSON-shaped ``data``, recursing into nested configs.
+
+    Every key must be a field of ``cls`` (missing ones take their defaults) and every value of its
+    field's type; otherwise ConfigError naming the field (``where`` + name, e.g. ``head.k``).
+    ``what`` names the whole config when ``data`` is not a JSON object at all."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} must be a JSON object, got {type(data).__name__}")
+    types = _field_types(cls)
+    unknown = [key for key in data if key not in types]
+    if unknown:
+        names = ", ".join(f"{where}{key}" for key in unknown)
+        holder = f"the {where[:-1]} section" if where else what
+        raise ConfigError(f"unknown config key{'s' if len(unknown) > 1 else ''} {names}: {holder} takes "
+                          f"{', '.join(types)}; remove or rename {'them' if len(unknown) > 1 else 'it'}")
+    return cls(**{key: _coerce(types[key], value, where + key) for key, value in data.items()})
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass as JSON-shaped data: nested configs as dicts, tuples as lists (a fresh
+    dict: changing it does not change the config)."""
+    return {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return config_to_dict(value)
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --- the HiRE configs -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
 class HeadConfig:
     """HiRE on the LM head: proxy scores all vocabulary rows, exact logits for the best ``candidates``.
 
@@ -49,6 +181,7 @@ class HeadConfig:
     #                         survivors from each of B interleaved vocabulary blocks (local top-k, faster)
 
     def __post_init__(self) -> None:
+        check_field_types(self, "head.")
         _check(self.proxy in HEAD_PROXIES, f"head proxy must be one of {HEAD_PROXIES}, got {self.proxy!r}")
         _check(self.k >= 1, f"head k must be >= 1, got {self.k}")
         _check(
@@ -77,7 +210,7 @@ class HeadConfig:
             )
 
 
-@dataclass
+@dataclass(frozen=True)
 class FFNConfig:
     """HiRE on the FFN: a quantized proxy predicts each neuron's activation, the best ``density``
     fraction of neurons (in groups of ``group_size`` contiguous neurons) is computed exactly."""
@@ -89,9 +222,11 @@ class FFNConfig:
     bits_group_size: int = 64  # columns sharing one scale in the quantized proxy
     group_size: int = 1  # contiguous neurons selected together (1 = single neurons)
     aggregate: str = "sum"  # group score from its neurons' |activation| estimates
-    layer_density: list[float] = field(default_factory=list)  # per decoder layer (hire tune); empty = density
+    layer_density: tuple[float, ...] = ()  # one per decoder layer (hire tune); empty = density for all
+    #                                          (a list given is stored as a tuple: configs are immutable)
 
     def __post_init__(self) -> None:
+        check_field_types(self, "ffn.")
         _check(
             0.0 < self.density <= 1.0,
             f"ffn density must be in (0, 1], got {self.density}",
@@ -109,7 +244,7 @@ class FFNConfig:
         return {"int8": 8, "int4": 4, "exact": 16}[self.proxy]
 
 
-@dataclass
+@dataclass(frozen=True)
 class HiReConfig:
     """Everything :func:`hire.sparsify_` needs. ``HiReConfig()`` is the recommended setting."""
 
@@ -118,49 +253,51 @@ class HiReConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        if isinstance(self.head, dict):
-            self.head = HeadConfig(**self.head)
-        if isinstance(self.ffn, dict):
-            self.ffn = FFNConfig(**self.ffn)
+        check_field_types(self)  # also turns a dict given for head or ffn into its config
         _check(
             self.version == CONFIG_VERSION,
             f"config version {self.version} is not supported (this HiRE reads version {CONFIG_VERSION})",
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """JSON-shaped (``layer_density`` as a list); ``from_dict(to_dict())`` gives an equal config."""
+        return config_to_dict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "HiReConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        _check(not unknown, f"unknown config keys {sorted(unknown)}; expected {sorted(known)}")
-        for part, klass in (("head", HeadConfig), ("ffn", FFNConfig)):
-            if part in data and isinstance(data[part], dict):
-                names = {f.name for f in dataclasses.fields(klass)}
-                bad = set(data[part]) - names
-                _check(not bad, f"unknown {part} config keys {sorted(bad)}; expected {sorted(names)}")
-        return cls(**data)
+    def from_dict(cls, data: Any) -> "HiReConfig":
+        """A config from JSON-shaped data; ConfigError naming the field for a wrong key, type or value."""
+        return config_from_dict(cls, data, what="a HiRE config")
 
     @classmethod
     def from_json(cls, text: str) -> "HiReConfig":
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"a HiRE config must be valid JSON: {err}") from err
+        return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        """Write the config as JSON, atomically: a crash leaves the old file or the new one, never half."""
+        atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "HiReConfig":
+        """Read a saved config; a relative ``head.proxy_file`` is resolved against the file's folder."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         try:
-            config = cls.from_json(path.read_text())
+            data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"config file {path} is not valid JSON: {err}") from err
-        if config.head.proxy_file and not Path(config.head.proxy_file).is_absolute():
-            config.head.proxy_file = str(path.parent / config.head.proxy_file)
+            raise ConfigError(f"config file {path} is not valid JSON: {err}") from err
+        try:
+            config = cls.from_dict(data)
+        except ConfigError as err:
+            raise ConfigError(f"config file {path}: {err}") from err
+        proxy_file = config.head.proxy_file
+        if proxy_file and not Path(proxy_file).is_absolute():
+            config = replace(config, head=replace(config.head, proxy_file=str(path.parent / proxy_file)))
         return config

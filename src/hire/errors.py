@@ -13,3 +13,8 @@ class HireError(Exception):
 
 class OverwriteError(HireError, FileExistsError):
     """A command would replace a file or directory the user has; ``--force`` allows it."""
+
+
+class ConfigError(HireError, ValueError):
+    """A config value (from a JSON file, flags or code) has the wrong type or is out of range; the
+    message names the field. A ValueError too, so callers that catch bad values keep working."""

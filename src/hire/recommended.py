@@ -28,4 +28,5 @@ RECOMMENDED: dict[str, HiReConfig] = {
 
 
 def recommended_config(model_name: str) -> HiReConfig:
-    return HiReConfig.from_dict(RECOMMENDED[model_name].to_dict()) if model_name in RECOMMENDED else HiReConfig()
+    # configs are frozen: the table's entry is handed out as it is (change it with dataclasses.replace)
+    return RECOMMENDED.get(model_name, HiReConfig())

@@ -27,7 +27,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from hire.config import HiReConfig
+from hire.config import FFNConfig, HeadConfig, HiReConfig
 from hire.eval.quality import perplexity
 from hire.patch import hire_layers, set_mode, sparsify_, unsparsify_
 
@@ -128,8 +128,6 @@ def allocate_mean_density(kl, densities, mean_density: float) -> list[float]:
 def topk_sensitivity(model, windows: torch.Tensor, densities, progress: bool = True):
     """KL table (layers, densities) of exact top-k FFNs (what a trained top-k model computes), one
     layer at a time, on the dense ``model``."""
-    from hire.config import FFNConfig, HeadConfig
-
     ref = _logprobs(model, windows)
     sparsify_(model, HiReConfig(head=HeadConfig(enabled=False), ffn=FFNConfig(proxy="exact")))
     try:
@@ -141,8 +139,7 @@ def topk_sensitivity(model, windows: torch.Tensor, densities, progress: bool = T
 
 @torch.no_grad()
 def _try(model, base: HiReConfig, windows, layer_density, ppl_dense) -> dict:
-    trial = HiReConfig.from_dict(base.to_dict())
-    trial.ffn.layer_density = list(layer_density)
+    trial = replace(base, ffn=replace(base.ffn, layer_density=tuple(layer_density)))
     sparsify_(model, trial)
     try:
         _, ffns = hire_layers(model)
@@ -180,9 +177,8 @@ def tune_ffn(
     if not 1 <= sensitivity_windows <= windows.shape[0]:
         raise ValueError(f"sensitivity_windows must be in [1, {windows.shape[0]}], got {sensitivity_windows}")
     densities = tuple(sorted(set(densities) | {1.0}))
-    base = HiReConfig.from_dict(config.to_dict())
-    base.head = replace(base.head, enabled=False)  # perplexity uses the dense head anyway
-    base.ffn = replace(base.ffn, layer_density=[])
+    # perplexity uses the dense head anyway; each trial sets its own layer densities
+    base = replace(config, head=replace(config.head, enabled=False), ffn=replace(config.ffn, layer_density=()))
     ref_all = _logprobs(model, windows)
     ppl_dense = _ppl(ref_all, windows)
     sens = windows[:sensitivity_windows]
@@ -228,13 +224,11 @@ def tune_ffn(
             f"no tried setting kept the perplexity increase within {100 * max_ppl_increase:.2f} % "
             f"(best {100 * best['ppl_increase']:.2f} %); allow more or add denser candidates"
         )
-    out = HiReConfig.from_dict(config.to_dict())
     if tuned is not None and (uniform is None or tuned["ffn_bytes"] < uniform["ffn_bytes"]):
-        out.ffn.layer_density = tuned["layer_density"]
-        chosen = tuned
+        chosen, ffn = tuned, replace(config.ffn, layer_density=tuple(tuned["layer_density"]))
     else:
-        out.ffn = replace(out.ffn, density=uniform["layer_density"][0], layer_density=[])
-        chosen = uniform
+        chosen, ffn = uniform, replace(config.ffn, density=uniform["layer_density"][0], layer_density=())
+    out = replace(config, ffn=ffn)
     dense_ffn = sum(row[-1] for row in nbytes)
     return TuneResult(out, ppl_dense, chosen["ppl"], chosen["ffn_bytes"], dense_ffn, densities, kl, nbytes,
                       tuned, uniform, trials)
