@@ -1,7 +1,11 @@
 """Layer-wise sparse fine-tuning (hire sparsify-train) on tiny models."""
 
+import dataclasses
+
 import pytest
 import torch
+
+from hire.errors import ConfigError
 
 from hire.layers.topk_ffn import topk_mlps
 from hire.eval import perplexity
@@ -72,3 +76,34 @@ def test_bad_settings_fail_clearly():
     sparse_finetune(model, _windows(), SparseFTConfig(density=0.5, steps=1, batch=8), progress=False)
     with pytest.raises(ValueError, match="already has top-k FFNs"):
         sparse_finetune(model, _windows(), SparseFTConfig(density=0.5, steps=1), progress=False)
+
+
+def test_config_is_frozen_typed_and_round_trips():
+    cfg = SparseFTConfig(density=0.5, layer_density=[0.25, 0.75])
+    assert cfg.layer_density == (0.25, 0.75)
+    assert cfg.to_dict()["layer_density"] == [0.25, 0.75]
+    assert SparseFTConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.layer_density = (0.5, 0.5)
+    assert dataclasses.replace(cfg, layer_density=[0.5, 0.5]).layer_density == (0.5, 0.5)
+    with pytest.raises(ConfigError, match=r"layer densities must be in \(0, 1\], got \[0.0\]"):
+        dataclasses.replace(cfg, layer_density=[0.5, 0.0])
+    for data, message in [
+        ({"steps": 2.5}, "config field steps must be an integer, got 2.5 (float)"),
+        ({"layer_density": [0.5, "0.2"]}, "config field layer_density must be a list of numbers; item 1 is '0.2' (str)"),
+        ("x", "a sparse fine-tuning config must be a JSON object, got str"),
+        ({"lr_decay": 1}, "unknown config key lr_decay: a sparse fine-tuning config takes density, group_size, steps, "
+                          "batch, lr, seed, layer_density; remove or rename it"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            SparseFTConfig.from_dict(data)
+        assert str(err.value).startswith(message)
+
+
+def test_per_layer_densities_from_a_tuple_and_a_clear_error_for_the_wrong_count():
+    model = make("llama")
+    log = sparse_finetune(model, _windows(), SparseFTConfig(layer_density=(0.25, 0.5), steps=1, batch=8), progress=False)
+    assert [m.density for m in topk_mlps(model)] == [0.25, 0.5]
+    assert log["config"]["layer_density"] == [0.25, 0.5]  # JSON-shaped in the log
+    with pytest.raises(ValueError, match="3 layer densities for a model with 2 decoder layers"):
+        sparse_finetune(make("llama"), _windows(), SparseFTConfig(layer_density=(0.5,) * 3, steps=1), progress=False)

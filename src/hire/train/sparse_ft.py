@@ -23,33 +23,46 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hire.config import check_field_types, config_from_dict, config_to_dict
+from hire.errors import ConfigError
 from hire.layers.topk_ffn import TopKMLP, apply_topk_, check_topk
 
 
-@dataclass
+@dataclass(frozen=True)
 class SparseFTConfig:
+    """Layer-wise sparse fine-tuning. Frozen: change it with ``dataclasses.replace``."""
+
     density: float = 0.2  # FFN neurons kept per token
     group_size: int = 1
     steps: int = 200  # Adam steps per layer
     batch: int = 512  # tokens per step
     lr: float = 1e-3
     seed: int = 0
-    layer_density: list[float] = field(default_factory=list)  # one per decoder layer (hire tune's allocation); empty = density
+    layer_density: tuple[float, ...] = ()  # one per decoder layer (hire tune's allocation); empty = density
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if not 0.0 < self.density <= 1.0:
-            raise ValueError(f"density must be in (0, 1], got {self.density}")
+            raise ConfigError(f"density must be in (0, 1], got {self.density}")
         bad = [d for d in self.layer_density if not 0.0 < d <= 1.0]
         if bad:
-            raise ValueError(f"layer densities must be in (0, 1], got {bad}")
+            raise ConfigError(f"layer densities must be in (0, 1], got {bad}")
         if self.steps < 0 or self.batch < 1 or self.lr <= 0:
-            raise ValueError(f"need steps >= 0, batch >= 1, lr > 0; got {self.steps}, {self.batch}, {self.lr}")
+            raise ConfigError(f"need steps >= 0, batch >= 1, lr > 0; got {self.steps}, {self.batch}, {self.lr}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "SparseFTConfig":
+        return config_from_dict(cls, data, what="a sparse fine-tuning config")
 
 
 class _Stop(Exception):
@@ -166,5 +179,5 @@ def sparse_finetune(model: nn.Module, windows: torch.Tensor, cfg: SparseFTConfig
         log["seconds"].append(time.perf_counter() - t0)
     bar.close()
     apply_topk_(model, densities, cfg.group_size)  # records config.hire_topk (the FFNs are already top-k)
-    log["config"] = asdict(cfg)
+    log["config"] = cfg.to_dict()
     return log
