@@ -1,5 +1,6 @@
 """hire train: a small decoder from scratch, dense / top-k / group top-k / + jointly trained head proxy."""
 
+import dataclasses
 import json
 
 import pytest
@@ -12,7 +13,8 @@ from hire.cli import main
 from hire.data import load_corpus
 from hire.layers.topk_ffn import topk_mlps
 from hire.train import TrainConfig, train
-from hire.train.scratch import batch_at, density_at, hire_greedy, lr_at
+from hire.errors import ConfigError
+from hire.train.scratch import batch_at, density_at, hire_greedy, load_checkpoint, lr_at, save_checkpoint
 
 TINY = dict(vocab_size=320, hidden_size=32, intermediate_size=64, layers=2, heads=2, seq_len=32, batch_size=4,
             warmup_steps=1, eval_every=5, eval_windows=2, save_every=4, head_k=5, head_candidates=32)
@@ -111,6 +113,55 @@ def test_bad_configs_fail_clearly(kw, match):
         TrainConfig(**{**TINY, **kw})
 
 
+@pytest.mark.parametrize("data,message", [
+    ({"steps": "5"}, "config field steps must be an integer, got '5' (str); write the number without quotes"),
+    ({"lr": "fast"}, "config field lr must be a number, got 'fast' (str)"),
+    ({"density": None}, "config field density must be a number, got None (NoneType)"),
+    ({"layers": True}, "config field layers must be an integer, got True (bool)"),
+    ([], "a train config must be a JSON object, got list"),
+    ({"step": 5}, "unknown config key step: a train config takes vocab_size, hidden_size, intermediate_size, layers, "
+                  "heads, seq_len, batch_size, steps, lr, warmup_steps, min_lr_ratio, weight_decay, density, group_size, "
+                  "density_warmup, head_rank, head_k, head_candidates, head_temperature, head_lr, head_batch, "
+                  "head_refit_every, decode_oversample, seed, eval_every, eval_windows, save_every; remove or rename it"),
+])
+def test_train_config_from_dict_names_the_field(data, message):
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_dict(data)
+    assert str(err.value) == message
+
+
+def test_train_config_is_frozen_and_round_trips():
+    cfg = TrainConfig(**{**TINY, "lr": 1})
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)  # an int is accepted for a float
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.steps = 5
+    with pytest.raises(ConfigError, match="steps must be >= 1"):
+        dataclasses.replace(cfg, steps=0)
+
+
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    """A save that fails half-way leaves the previous checkpoint, which still loads."""
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, model, opt, None, 4, {"loss": [1.0]})
+    real_save = torch.save
+
+    def fail_half_way(obj, f, *args, **kwargs):
+        real_save({"half": torch.zeros(1)}, f)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", fail_half_way)
+    with torch.no_grad():
+        model.weight.zero_()
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, model, opt, None, 8, {"loss": [1.0, 0.5]})
+    monkeypatch.undo()
+    assert load_checkpoint(path, torch.nn.Linear(3, 2), torch.optim.AdamW(model.parameters()), None) == (4, {"loss": [1.0]})
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
 def test_runs_are_not_overwritten_and_resume_checks(texts, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(FileNotFoundError, match="cannot resume"):
@@ -120,6 +171,11 @@ def test_runs_are_not_overwritten_and_resume_checks(texts, tmp_path):
         train(TrainConfig(**{**TINY, "steps": 4}), out, train_text=texts[0], val_text=texts[1], progress=False)
     with pytest.raises(ValueError, match=r"different settings.*'steps': \(4, 5\)"):
         train(TrainConfig(**{**TINY, "steps": 5}), out, train_text=texts[0], val_text=texts[1], progress=False,
+              resume=True)
+    saved = json.loads((out / "train_config.json").read_text())
+    (out / "train_config.json").write_text(json.dumps({**saved, "steps": "4"}))
+    with pytest.raises(ConfigError, match=r"train_config.json: config field steps must be an integer, got '4' \(str\)"):
+        train(TrainConfig(**{**TINY, "steps": 4}), out, train_text=texts[0], val_text=texts[1], progress=False,
               resume=True)
 
 

@@ -16,31 +16,40 @@ therefore replays exactly what the interrupted one would have done.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from hire.calibrate.train import rms_adam
-from hire.config import FFNConfig, HeadConfig, HiReConfig
+from hire.calibrate import proxy_meta, save_head_proxy
+from hire.calibrate.train import proxy_kl_loss, rms_adam
+from hire.config import (FFNConfig, HeadConfig, HiReConfig, check_field_types, config_from_dict, config_to_dict)
+from hire.data import load_corpus
+from hire.engine import Engine
+from hire.errors import ConfigError
+from hire.files import atomic_path, atomic_write_json
 from hire.layers.topk_ffn import apply_topk_, check_topk, topk_mlps
+from hire.plots import save_lines
 from hire.proxies import LowRankProxy
+from hire.proxies.quantized import QuantizedMatrix
+from hire.topk import recall_at_k
 from hire.train.tokenizer import encode, load_tokenizer, train_tokenizer
 
-FILES = ("train_config.json", "checkpoint.pt")
+FILES = ("train_config.json", "checkpoint.pt")  # what makes a directory a (resumable) run
+SAMPLE_PROMPT = "KING HENRY. Now, lords, "
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    """A from-scratch run. ``density < 1`` trains top-k FFNs; ``head_rank > 0`` trains HiRE-LR."""
+    """A from-scratch run. ``density < 1`` trains top-k FFNs; ``head_rank > 0`` trains HiRE-LR.
+    Frozen: change it with ``dataclasses.replace``, which validates the result."""
 
     vocab_size: int = 8192
     hidden_size: int = 256
@@ -71,9 +80,11 @@ class TrainConfig:
     save_every: int = 100
 
     def __post_init__(self) -> None:
+        check_field_types(self)
+
         def check(cond: bool, msg: str) -> None:
             if not cond:
-                raise ValueError(msg)
+                raise ConfigError(msg)
 
         for name in ("vocab_size", "hidden_size", "intermediate_size", "layers", "heads", "seq_len", "batch_size",
                      "steps", "head_k", "head_candidates", "head_batch", "eval_every", "eval_windows", "save_every"):
@@ -101,20 +112,33 @@ class TrainConfig:
             name = "top-k" if self.group_size == 1 else f"group top-k (groups of {self.group_size})"
         return name + (f" + HiRE-LR head (rank {self.head_rank})" if self.head_rank else "")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        return config_to_dict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown train config keys {sorted(unknown)}")
-        return cls(**data)
+    def from_dict(cls, data: Any) -> "TrainConfig":
+        """A config from JSON-shaped data; ConfigError naming the field for a wrong key, type or value."""
+        return config_from_dict(cls, data, what="a train config")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        """A run's saved ``train_config.json``; errors name the file."""
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path} is not valid JSON: {err}") from err
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from err
+
+
+# --- the model, its optimizer and the schedules ------------------------------------------------------------
 
 
 def build_model(cfg: TrainConfig, tokenizer) -> nn.Module:
     """A Llama-layout decoder with tied embeddings, initialised from ``cfg.seed``."""
+    # imported here: transformers takes seconds to import, and `hire --help` imports this module
+    # (its flags come from TrainConfig)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if len(tokenizer) != cfg.vocab_size:
@@ -130,6 +154,14 @@ def build_model(cfg: TrainConfig, tokenizer) -> nn.Module:
     if cfg.density < 1.0:
         apply_topk_(model, cfg.density, cfg.group_size)
     return model
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices only (not on norms' gains)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -156,55 +188,112 @@ def batch_at(ids: torch.Tensor, cfg: TrainConfig, step: int) -> torch.Tensor:
     return ids[starts[:, None] + torch.arange(cfg.seq_len + 1)]
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+# --- the jointly trained head proxy ------------------------------------------------------------------------
 
 
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-class _HeadInputs:
-    """Captures the LM head's input during a forward pass."""
+class HeadInputs:
+    """Captures the LM head's input on every forward pass (the proxy learns from the training batch's)."""
 
     def __init__(self, model: nn.Module):
-        self.value = None
+        self.value: torch.Tensor | None = None  # (B, T, D), the last forward's
         self._hook = model.get_output_embeddings().register_forward_hook(self._grab)
 
-    def _grab(self, module, args, out):
+    def _grab(self, module, args, out) -> None:
         self.value = args[0]
 
     def remove(self) -> None:
         self._hook.remove()
 
 
-@torch.no_grad()
-def validate(model: nn.Module, windows: torch.Tensor, proxy=None, k: int = 50, candidates: int = 256) -> dict:
-    """Mean next-token loss on ``windows`` (W, T) and, with a proxy (u, v), its recall@1 / @k."""
-    from hire.topk import recall_at_k
+class HeadProxyFactors:
+    """HiRE-LR trained jointly with the model: float factors U (V, r) and V (r, D), scores = U (V h),
+    and their Adam (step sizes relative to each factor's RMS). Exported with U in int8."""
 
+    def __init__(self, u: torch.Tensor, v: torch.Tensor, lr: float):
+        self.u = u.float().requires_grad_(True)  # (V, r)
+        self.v = v.float().requires_grad_(True)  # (r, D)
+        self.lr = lr
+        self.opt = rms_adam([self.u, self.v], lr)
+
+    @classmethod
+    def fit(cls, head_weight: torch.Tensor, rank: int, lr: float) -> "HeadProxyFactors":
+        """The plain SVD of the head (no head inputs exist before training). # head_weight: (V, D)"""
+        init = LowRankProxy.from_weight(head_weight.detach(), rank, u_bits=16)
+        return cls(init.u, init.v, lr)
+
+    def refit(self, head_weight: torch.Tensor, states: torch.Tensor) -> None:
+        """Re-anchor on the current head, activation-aware on ``states`` (N, D), with a fresh optimizer
+        (its step sizes follow the new factors' RMS)."""
+        refit = LowRankProxy.from_weight(head_weight.detach(), self.rank, states=states, u_bits=16)
+        with torch.no_grad():
+            self.u.copy_(refit.u.float())
+            self.v.copy_(refit.v.float())
+        self.opt = rms_adam([self.u, self.v], self.lr)
+
+    @property
+    def rank(self) -> int:
+        return self.v.shape[0]
+
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
+        """# h: (N, D) -> (N, V)"""
+        return (h @ self.v.t()) @ self.u.t()
+
+    def learn(self, h: torch.Tensor, head_weight: torch.Tensor, temperature: float) -> float:
+        """One Adam step on KL(softmax(W h / T) || softmax(U V h / T)); returns the loss. # h: (N, D)"""
+        loss = proxy_kl_loss(h, head_weight, self.u, self.v, temperature)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.item()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"proxy_u": self.u.detach(), "proxy_v": self.v.detach(), "proxy_opt": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.u.copy_(state["proxy_u"])
+            self.v.copy_(state["proxy_v"])
+        self.opt.load_state_dict(state["proxy_opt"])
+
+    def export(self) -> LowRankProxy:
+        """The proxy HiRE decodes with: U in int8 (one scale per row), V in float16."""
+        u, v = self.u.detach(), self.v.detach()
+        return LowRankProxy(QuantizedMatrix.from_weight(u, bits=8, group_size=self.rank), v.half())
+
+
+def head_proxy_step(proxy: HeadProxyFactors, cfg: TrainConfig, step: int, h: torch.Tensor,
+                    head_weight: torch.Tensor) -> float:
+    """Train the proxy on this step's head inputs ``h`` (N, D) against the just-updated head."""
+    if cfg.head_refit_every and (step + 1) % cfg.head_refit_every == 0 and h.shape[0] >= cfg.hidden_size:
+        proxy.refit(head_weight, h)  # the embedding moves fast early on: re-anchor the proxy on the current head
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 7)  # a function of the step: resumable
+    h = h[torch.randperm(h.shape[0], generator=gen)[: cfg.head_batch]]
+    return proxy.learn(h, head_weight, cfg.head_temperature)
+
+
+# --- validation ------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def validate(model: nn.Module, windows: torch.Tensor, proxy: HeadProxyFactors | None = None, k: int = 50,
+             candidates: int = 256) -> dict:
+    """Mean next-token loss on ``windows`` (W, T) and, with a proxy, its recall@1 / @k at ``candidates``."""
     was_training = model.training
     model.eval()
-    grab = _HeadInputs(model)
+    head_inputs = HeadInputs(model)
     nll, count, r1, rk = 0.0, 0, [], []
     try:
         for w in windows.split(4):
-            logits = model(input_ids=w, use_cache=False).logits
+            logits = model(input_ids=w, use_cache=False).logits  # (w, T, V)
             nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), w[:, 1:].flatten(), reduction="sum"))
             count += w[:, 1:].numel()
             if proxy is not None:
-                u, v = proxy
-                h = grab.value.flatten(0, 1)
-                true = logits.flatten(0, 1).topk(k, dim=-1).indices
-                cand = ((h @ v.t()) @ u.t()).topk(candidates, dim=-1).indices
+                true = logits.flatten(0, 1).topk(k, dim=-1).indices  # (w * T, k)
+                cand = proxy.scores(head_inputs.value.flatten(0, 1)).topk(candidates, dim=-1).indices
                 r1.append(recall_at_k(true[:, :1], cand))
                 rk.append(recall_at_k(true, cand))
     finally:
-        grab.remove()
+        head_inputs.remove()
         model.train(was_training)
     out = {"val_loss": nll / count}
     if proxy is not None:
@@ -212,38 +301,75 @@ def validate(model: nn.Module, windows: torch.Tensor, proxy=None, k: int = 50, c
     return out
 
 
-def _decode_config(cfg: TrainConfig) -> HiReConfig:
-    """How HiRE decodes the trained model: FFN int4 proxy over-selecting ``decode_oversample`` x the
-    trained density, exact on the candidates; the jointly trained head proxy when there is one."""
-    head = HeadConfig(enabled=cfg.head_rank > 0, proxy="lowrank", rank=cfg.head_rank or min(64, cfg.hidden_size),
-                      rank_bits=8, k=cfg.head_k, candidates=cfg.head_candidates,
-                      proxy_file="head_proxy.safetensors" if cfg.head_rank else "")
-    ffn = FFNConfig(enabled=cfg.density < 1.0, density=cfg.density, oversample=cfg.decode_oversample,
-                    proxy="int4", group_size=cfg.group_size)
-    return HiReConfig(head=head, ffn=ffn)
+def new_log() -> dict[str, Any]:
+    """The run's log: per step, per validation, and the training seconds (kept in the checkpoint)."""
+    return {"step": [], "loss": [], "lr": [], "density": [], "proxy_loss": [], "val_step": [], "val_loss": [],
+            "val_head_recall_at_1": [], "val_head_recall_at_k": [], "seconds": 0.0}
 
 
-SAMPLE_PROMPT = "KING HENRY. Now, lords, "
+def evaluate(cfg: TrainConfig, model: nn.Module, val_windows: torch.Tensor, proxy: HeadProxyFactors | None,
+             log: dict, step: int) -> dict:
+    """Validate after ``step`` steps and append the result to ``log``."""
+    result = validate(model, val_windows, proxy, k=cfg.head_k, candidates=cfg.head_candidates)
+    log["val_step"].append(step)
+    log["val_loss"].append(result["val_loss"])
+    log["val_head_recall_at_1"].append(result.get("head_recall_at_1"))
+    log["val_head_recall_at_k"].append(result.get("head_recall_at_k"))
+    return result
 
 
-def hire_greedy(model: nn.Module, tokenizer, config: HiReConfig, head_proxy=None, prompt: str = SAMPLE_PROMPT,
-                tokens: int = 24) -> list[int]:
-    """Greedy token ids from the HiRE engine (float32) over ``model`` patched with ``config``.
-    Patches ``model`` in place (the engine's way); call it last."""
-    from hire.engine import Engine
-
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    engine = Engine(model, config, head_proxy=head_proxy, dtype=torch.float32, max_seq_len=ids.numel() + tokens + 1)
-    return engine.generate(ids, tokens, hire=True).token_ids
+# --- the run directory: checks, data, checkpoints ----------------------------------------------------------
 
 
-def _plot(log: dict, path: Path, title: str) -> None:
-    from hire.plots import save_lines
+def check_run_dir(cfg: TrainConfig, out: Path, resume: bool) -> None:
+    """A new run needs a directory without one; a resumed run its checkpoint and the same settings."""
+    if resume:
+        missing = [name for name in FILES if not (out / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"cannot resume: {out} has no {', '.join(missing)}; start a new run without --resume")
+        saved = TrainConfig.load(out / "train_config.json")
+        if saved != cfg:
+            diff = {k: (v, getattr(cfg, k)) for k, v in saved.to_dict().items() if getattr(cfg, k) != v}
+            raise ValueError(f"cannot resume {out}: its run used different settings (saved, given): {diff}")
+    elif out.exists() and any((out / name).exists() for name in FILES):
+        raise ValueError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
 
-    series = [{"x": log["step"], "y": log["loss"], "label": "train", "style": {"lw": 0.6, "alpha": 0.6}}]
-    if log["val_step"]:
-        series.append({"x": log["val_step"], "y": log["val_loss"], "label": "validation", "style": {"marker": "o", "ms": 3}})
-    save_lines(path, series, xlabel="step", ylabel="next-token loss (nats)", title=title)
+
+def token_data(cfg: TrainConfig, tokenizer, train_text: str, val_text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training text as one id stream and the first ``eval_windows`` validation windows.
+    # -> ids: (N,), val_windows: (W, T)"""
+    ids = encode(tokenizer, train_text)
+    if ids.numel() < cfg.seq_len + 2:
+        raise ValueError(f"training text has {ids.numel()} tokens, fewer than one window of {cfg.seq_len + 1}")
+    val_ids = encode(tokenizer, val_text)
+    n_val = min(cfg.eval_windows, val_ids.numel() // cfg.seq_len)
+    if n_val == 0:
+        raise ValueError(f"validation text has {val_ids.numel()} tokens, fewer than one window of {cfg.seq_len}")
+    return ids, val_ids[: n_val * cfg.seq_len].view(n_val, cfg.seq_len)
+
+
+def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, proxy: HeadProxyFactors | None,
+                    step: int, log: dict) -> None:
+    """Everything a resumed run needs, written atomically (a crash leaves the previous checkpoint)."""
+    state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log}
+    if proxy is not None:
+        state.update(proxy.state_dict())
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer,
+                    proxy: HeadProxyFactors | None) -> tuple[int, dict]:
+    """Restore the model, optimizers and proxy in place; returns (steps done, log)."""
+    state = torch.load(path, weights_only=True)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    if proxy is not None:
+        proxy.load_state_dict(state)
+    return int(state["step"]), state["log"]
+
+
+# --- the training loop -------------------------------------------------------------------------------------
 
 
 def train(
@@ -263,167 +389,126 @@ def train(
     run would leave it); ``resume=True`` continues it.
     """
     out = Path(out)
-    if resume:
-        missing = [name for name in FILES if not (out / name).is_file()]
-        if missing:
-            raise FileNotFoundError(f"cannot resume: {out} has no {', '.join(missing)}; start a new run without --resume")
-        saved = TrainConfig.from_dict(json.loads((out / "train_config.json").read_text()))
-        if saved != cfg:
-            diff = {k: (v, getattr(cfg, k)) for k, v in saved.to_dict().items() if getattr(cfg, k) != v}
-            raise ValueError(f"cannot resume {out}: its run used different settings (saved, given): {diff}")
-    elif out.exists() and any((out / name).exists() for name in FILES):
-        raise ValueError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    check_run_dir(cfg, out, resume)
     if train_text is None or val_text is None:
-        from hire.data import load_corpus
-
         corpus = load_corpus()
         train_text = corpus.text("calibration") if train_text is None else train_text
         val_text = corpus.text("evaluation") if val_text is None else val_text
     out.mkdir(parents=True, exist_ok=True)
-
     if resume:
         tokenizer = load_tokenizer(out)
     else:
         tokenizer = train_tokenizer(train_text, cfg.vocab_size)
         tokenizer.save_pretrained(str(out))
-        _write_json(out / "train_config.json", cfg.to_dict())
-    ids = encode(tokenizer, train_text)
-    if ids.numel() < cfg.seq_len + 2:
-        raise ValueError(f"training text has {ids.numel()} tokens, fewer than one window of {cfg.seq_len + 1}")
-    val_ids = encode(tokenizer, val_text)
-    n_val = min(cfg.eval_windows, val_ids.numel() // cfg.seq_len)
-    if n_val == 0:
-        raise ValueError(f"validation text has {val_ids.numel()} tokens, fewer than one window of {cfg.seq_len}")
-    val_windows = val_ids[: n_val * cfg.seq_len].view(n_val, cfg.seq_len)
+        atomic_write_json(out / "train_config.json", cfg.to_dict())
+    ids, val_windows = token_data(cfg, tokenizer, train_text, val_text)
 
     model = build_model(cfg, tokenizer)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    head_w = model.get_output_embeddings().weight
-    proxy = popt = None
-    if cfg.head_rank:
-
-        init = LowRankProxy.from_weight(head_w.detach(), cfg.head_rank, u_bits=16)
-        proxy = (init.u.float().requires_grad_(True), init.v.float().requires_grad_(True))
-        popt = rms_adam(list(proxy), cfg.head_lr)
-    log = {"step": [], "loss": [], "lr": [], "density": [], "proxy_loss": [], "val_step": [], "val_loss": [],
-           "val_head_recall_at_1": [], "val_head_recall_at_k": [], "seconds": 0.0}
-    start = 0
-    if resume:
-        state = torch.load(out / "checkpoint.pt", weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        if proxy is not None:
-            with torch.no_grad():
-                proxy[0].copy_(state["proxy_u"])
-                proxy[1].copy_(state["proxy_v"])
-            popt.load_state_dict(state["proxy_opt"])
-        log, start = state["log"], int(state["step"])
-
-    def checkpoint(step: int) -> None:
-        state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log}
-        if proxy is not None:
-            state.update(proxy_u=proxy[0].detach(), proxy_v=proxy[1].detach(), proxy_opt=popt.state_dict())
-        _atomic_save(state, out / "checkpoint.pt")
-
-    def evaluate(step: int) -> dict:
-        v = validate(model, val_windows, proxy=None if proxy is None else tuple(p.detach() for p in proxy),
-                     k=cfg.head_k, candidates=cfg.head_candidates)
-        log["val_step"].append(step)
-        log["val_loss"].append(v["val_loss"])
-        log["val_head_recall_at_1"].append(v.get("head_recall_at_1"))
-        log["val_head_recall_at_k"].append(v.get("head_recall_at_k"))
-        return v
-
+    opt = build_optimizer(cfg, model)
+    head_weight = model.get_output_embeddings().weight  # (V, D), tied to the embedding: the proxy chases it
+    proxy = HeadProxyFactors.fit(head_weight, cfg.head_rank, cfg.head_lr) if cfg.head_rank else None
+    start, log = load_checkpoint(out / "checkpoint.pt", model, opt, proxy) if resume else (0, new_log())
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+
     mlps = topk_mlps(model)
-    grab = _HeadInputs(model) if proxy is not None else None
+    head_inputs = HeadInputs(model) if proxy is not None else None
     model.train()
     t0 = time.perf_counter()
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc=f"train {cfg.variant}", disable=not progress)
     try:
         for step in bar:
-            density = density_at(cfg, step)
-            for m in mlps:
-                m.set_density(density)
-            lr = lr_at(cfg, step)
+            # every quantity of a step is a function of the step number: a resumed run replays it exactly
+            density, lr = density_at(cfg, step), lr_at(cfg, step)
+            for mlp in mlps:
+                mlp.set_density(density)
             for group in opt.param_groups:
                 group["lr"] = lr
-            x = batch_at(ids, cfg, step)
-            logits = model(input_ids=x[:, :-1], use_cache=False).logits
+            x = batch_at(ids, cfg, step)  # (B, T + 1)
+            logits = model(input_ids=x[:, :-1], use_cache=False).logits  # (B, T, V)
             loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            ploss = None
-            if proxy is not None:
-                from hire.calibrate.train import proxy_kl_loss
+            proxy_loss = None
+            if proxy is not None:  # after the model's step: the proxy follows the updated head
+                proxy_loss = head_proxy_step(proxy, cfg, step, head_inputs.value.detach().flatten(0, 1), head_weight)
 
-                h = grab.value.detach().flatten(0, 1)
-                if cfg.head_refit_every and (step + 1) % cfg.head_refit_every == 0 and h.shape[0] >= cfg.hidden_size:
-                    # the embedding moves fast early on: re-anchor the proxy on the current head, activation-aware
-                    refit = LowRankProxy.from_weight(head_w.detach(), cfg.head_rank, states=h, u_bits=16)
-                    with torch.no_grad():
-                        proxy[0].copy_(refit.u.float())
-                        proxy[1].copy_(refit.v.float())
-                    popt = rms_adam(list(proxy), cfg.head_lr)
-                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 7)
-                h = h[torch.randperm(h.shape[0], generator=gen)[: cfg.head_batch]]
-                ploss = proxy_kl_loss(h, head_w, proxy[0], proxy[1], cfg.head_temperature)
-                popt.zero_grad(set_to_none=True)
-                ploss.backward()
-                popt.step()
             log["step"].append(step + 1)
             log["loss"].append(loss.item())
             log["lr"].append(lr)
             log["density"].append(density)
-            log["proxy_loss"].append(None if ploss is None else ploss.item())
-            post = {"loss": f"{loss.item():.3f}"}
+            log["proxy_loss"].append(proxy_loss)
+            postfix = {"loss": f"{log['loss'][-1]:.3f}"}
             if (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-                post["val"] = f"{evaluate(step + 1)['val_loss']:.3f}"
-            bar.set_postfix(post)
+                postfix["val"] = f"{evaluate(cfg, model, val_windows, proxy, log, step + 1)['val_loss']:.3f}"
+            bar.set_postfix(postfix)
             if (step + 1) % cfg.save_every == 0 and step + 1 < end:
                 log["seconds"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
-                checkpoint(step + 1)
+                save_checkpoint(out / "checkpoint.pt", model, opt, proxy, step + 1, log)
     finally:
         bar.close()
-        if grab is not None:
-            grab.remove()
+        if head_inputs is not None:
+            head_inputs.remove()
     log["seconds"] += time.perf_counter() - t0
     if end < cfg.steps:
-        checkpoint(end)
+        save_checkpoint(out / "checkpoint.pt", model, opt, proxy, end, log)
         return {"stopped_at": end, "steps": cfg.steps, "out": str(out)}
-    final = evaluate(cfg.steps)
-    checkpoint(cfg.steps)
+    final = evaluate(cfg, model, val_windows, proxy, log, cfg.steps)
+    # the finished state too: a crash while exporting is recovered by --resume (no steps left, export again)
+    save_checkpoint(out / "checkpoint.pt", model, opt, proxy, cfg.steps, log)
     return export(cfg, out, model, tokenizer, log, final, proxy)
 
 
-def export(cfg: TrainConfig, out: Path, model: nn.Module, tokenizer, log: dict, final: dict, proxy) -> dict:
-    """Write the finished run: the model directory, its HiRE config, head proxy, log and plot."""
-    from hire.calibrate import proxy_meta, save_head_proxy
-    from hire.proxies.quantized import QuantizedMatrix
+# --- the finished run --------------------------------------------------------------------------------------
 
+
+def decode_config(cfg: TrainConfig) -> HiReConfig:
+    """How HiRE decodes the trained model: FFN int4 proxy over-selecting ``decode_oversample`` x the
+    trained density, exact on the candidates; the jointly trained head proxy when there is one."""
+    head = HeadConfig(enabled=cfg.head_rank > 0, proxy="lowrank", rank=cfg.head_rank or min(64, cfg.hidden_size),
+                      rank_bits=8, k=cfg.head_k, candidates=cfg.head_candidates,
+                      proxy_file="head_proxy.safetensors" if cfg.head_rank else "")
+    ffn = FFNConfig(enabled=cfg.density < 1.0, density=cfg.density, oversample=cfg.decode_oversample,
+                    proxy="int4", group_size=cfg.group_size)
+    return HiReConfig(head=head, ffn=ffn)
+
+
+def hire_greedy(model: nn.Module, tokenizer, config: HiReConfig, head_proxy=None, prompt: str = SAMPLE_PROMPT,
+                tokens: int = 24) -> list[int]:
+    """Greedy token ids from the HiRE engine (float32) over ``model`` patched with ``config``.
+    Patches ``model`` in place (the engine's way); call it last."""
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    engine = Engine(model, config, head_proxy=head_proxy, dtype=torch.float32, max_seq_len=ids.numel() + tokens + 1)
+    return engine.generate(ids, tokens, hire=True).token_ids
+
+
+def plot_loss(log: dict, path: Path, title: str) -> None:
+    series = [{"x": log["step"], "y": log["loss"], "label": "train", "style": {"lw": 0.6, "alpha": 0.6}}]
+    if log["val_step"]:
+        series.append({"x": log["val_step"], "y": log["val_loss"], "label": "validation", "style": {"marker": "o", "ms": 3}})
+    save_lines(path, series, xlabel="step", ylabel="next-token loss (nats)", title=title)
+
+
+def export(cfg: TrainConfig, out: Path, model: nn.Module, tokenizer, log: dict, final: dict,
+           proxy: HeadProxyFactors | None) -> dict:
+    """Write the finished run: the model directory, its HiRE config, head proxy, log and plot."""
     model.eval()
-    config = _decode_config(cfg)
-    for m in topk_mlps(model):
-        m.set_density(cfg.density)
+    config = decode_config(cfg)
+    for mlp in topk_mlps(model):
+        mlp.set_density(cfg.density)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     head_proxy = None
     if proxy is not None:
-        u, v = (p.detach() for p in proxy)
-        head_proxy = LowRankProxy(QuantizedMatrix.from_weight(u, bits=8, group_size=cfg.head_rank), v.half())
+        head_proxy = proxy.export()
         save_head_proxy(out / "head_proxy.safetensors", head_proxy, proxy_meta(model, config.head))
     config.save(out / "hire_config.json")
-    params = sum(p.numel() for p in model.parameters())
     summary = {
         "variant": cfg.variant,
         "out": str(out),
-        "parameters": params,
+        "parameters": sum(p.numel() for p in model.parameters()),
         "density": cfg.density,
         "group_size": cfg.group_size,
         "head_rank": cfg.head_rank,
@@ -437,8 +522,8 @@ def export(cfg: TrainConfig, out: Path, model: nn.Module, tokenizer, log: dict, 
         "train_seconds": log["seconds"],
         "hire_config": str(out / "hire_config.json"),
     }
-    _plot(log, out / "loss.png", f"{cfg.variant}: val loss {final['val_loss']:.3f}")
+    plot_loss(log, out / "loss.png", f"{cfg.variant}: val loss {final['val_loss']:.3f}")
     sample = hire_greedy(model, tokenizer, config, head_proxy)  # last: the engine patches the model
     summary["hire_greedy_sample"] = {"prompt": SAMPLE_PROMPT, "token_ids": sample, "text": tokenizer.decode(sample)}
-    _write_json(out / "train_log.json", {"summary": summary, "config": cfg.to_dict(), "log": log})
+    atomic_write_json(out / "train_log.json", {"summary": summary, "config": cfg.to_dict(), "log": log})
     return summary

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 SPECIAL = "<|endoftext|>"
 
 
 def train_tokenizer(text: str, vocab_size: int):
     """A byte-level BPE tokenizer with ``vocab_size`` entries (one special token, ``<|endoftext|>``,
     used as BOS and EOS) learned from ``text``."""
+    # tokenizers and transformers are imported where they are used: they take seconds to import,
+    # and `hire --help` imports this package
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -36,7 +40,5 @@ def load_tokenizer(folder: str | Path):
 
 
 def encode(tokenizer, text: str):
-    """All of ``text`` as one int64 tensor of token ids (no special tokens)."""
-    import torch
-
+    """All of ``text`` as one int64 tensor of token ids (no special tokens). # -> (N,)"""
     return torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
