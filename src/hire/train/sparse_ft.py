@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hire.arch import arch_spec, decoder_layers
 from hire.layers.topk_ffn import TopKMLP, apply_topk_, check_topk
 
 
@@ -60,8 +61,6 @@ class _Stop(Exception):
 def _layer_inputs(model: nn.Module, windows: torch.Tensor):
     """The first decoder layer's hidden states and the keyword arguments the model passes every
     layer (rotary cos/sin, causal mask), captured from the model's own forward."""
-    from hire.patch import decoder_layers
-
     captured = {}
 
     def grab(module, args, kwargs):
@@ -90,8 +89,6 @@ def sparse_finetune(model: nn.Module, windows: torch.Tensor, cfg: SparseFTConfig
 
     Returns per-layer relative errors on held-out calibration tokens before and after training.
     """
-    from hire.patch import arch_spec, decoder_layers
-
     spec = arch_spec(model)
     if spec.ffn != "gated":
         raise ValueError(f"sparse fine-tuning is implemented for gated MLPs; {model.config.model_type!r} has a {spec.ffn} MLP")
