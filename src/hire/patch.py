@@ -1,93 +1,22 @@
 """sparsify_ / unsparsify_: swap a transformers model's LM head and FFNs for HiRE layers in place.
 
-One table maps each architecture (``config.model_type``) to where its head, decoder layers and FFN
-live. The originals are kept as ``base_layer`` so ``unsparsify_`` restores them exactly.
+Where each architecture keeps its head, decoder layers and FFN is ``hire.arch``'s table. The
+originals are kept as ``base_layer`` so ``unsparsify_`` restores them exactly.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import nn
 
+from hire.arch import ArchSpec, FFNWeights, arch_spec, decoder_layers, ffn_weights, head_module, mlp_module
 from hire.config import HeadConfig, HiReConfig
-from hire.layers import FFNWeights, HiReFFN, HiReLMHead
+from hire.layers import HiReFFN, HiReLMHead
 from hire.layers.head import MODES
 from hire.proxies import Cascade, ExactProxy, LowRankProxy, QuantizedProxy
 from hire.topk import check_k
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    layers: str  # dotted path to the ModuleList of decoder layers
-    ffn: str  # "gated" (gate/up/down), "conv1d" (GPT-2 c_fc/c_proj) or "inline" (OPT fc1/fc2 on the layer)
-    mlp: str = "mlp"  # attribute of a decoder layer holding the MLP module
-    head: str = "lm_head"
-
-
-_GATED = ArchSpec(layers="model.layers", ffn="gated")
-ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": _GATED,
-    "mistral": _GATED,
-    "qwen2": _GATED,
-    "qwen3": _GATED,
-    "gemma": _GATED,
-    "gemma3_text": _GATED,
-    "gpt2": ArchSpec(layers="transformer.h", ffn="conv1d"),
-    "opt": ArchSpec(layers="model.decoder.layers", ffn="inline"),
-}
-
-
-class InlineMLP(nn.Module):
-    """OPT keeps fc1, its activation and fc2 on the decoder layer itself. While patched, they are
-    held here (HiReFFN's ``base_layer``) and the layer's slots run HiReFFN then pass-throughs."""
-
-    def __init__(self, fc1: nn.Linear, act: nn.Module, fc2: nn.Linear):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = fc1, act, fc2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-def arch_spec(model: nn.Module) -> ArchSpec:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise ValueError(
-            f"unsupported architecture {model_type!r}: HiRE knows {sorted(ARCHITECTURES)}. "
-            "Add an entry to hire.patch.ARCHITECTURES for a model with the same layout."
-        )
-    return ARCHITECTURES[model_type]
-
-
-def head_module(model: nn.Module) -> nn.Module:
-    """The LM head (a HiReLMHead while patched)."""
-    return model.get_submodule(arch_spec(model).head)
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return model.get_submodule(arch_spec(model).layers)
-
-
-def ffn_weights(spec: ArchSpec, mlp: nn.Module) -> FFNWeights:
-    """Views of an FFN's weights in HiRE's neuron-major orientation."""
-    if spec.ffn == "gated":
-        return FFNWeights(
-            w_in=mlp.gate_proj.weight,
-            w_up=mlp.up_proj.weight,
-            w_out_t=mlp.down_proj.weight.t(),
-            act=mlp.act_fn,
-            b_in=mlp.gate_proj.bias,
-            b_out=mlp.down_proj.bias,
-        )
-    if spec.ffn == "conv1d":  # GPT-2's Conv1D stores (in, out)
-        return FFNWeights(
-            w_in=mlp.c_fc.weight.t(), w_out_t=mlp.c_proj.weight, act=mlp.act, b_in=mlp.c_fc.bias, b_out=mlp.c_proj.bias
-        )
-    if spec.ffn == "inline":
-        return FFNWeights(w_in=mlp.fc1.weight, w_out_t=mlp.fc2.weight.t(), act=mlp.act, b_in=mlp.fc1.bias, b_out=mlp.fc2.bias)
-    raise AssertionError(spec.ffn)
 
 
 def _ffn_proxy(weights: FFNWeights, proxy: str, group_size: int):
@@ -178,10 +107,10 @@ def sparsify_(
                 "layers: it was tuned for another model; re-tune it (hire tune) or clear ffn.layer_density"
             )
         for i, layer in enumerate(layers):
-            base = InlineMLP(layer.fc1, layer.activation_fn, layer.fc2) if spec.ffn == "inline" else getattr(layer, spec.mlp)
+            base = mlp_module(spec, layer)
             weights = ffn_weights(spec, base)
             proxy = _ffn_proxy(weights, config.ffn.proxy, config.ffn.bits_group_size)
-            cfg = replace(config.ffn, density=per_layer[i], layer_density=[]) if per_layer else config.ffn
+            cfg = replace(config.ffn, density=per_layer[i], layer_density=()) if per_layer else config.ffn
             swaps.append(_ffn_swap(spec, layer, HiReFFN(base, weights, cfg, proxy)))
     for swap in swaps:
         swap()

@@ -1,149 +1,18 @@
-"""Fitting data-aware proxies from real hidden states, and saving / loading them."""
+"""Fitting data-aware proxies from real hidden states (``states``), training them (``train``), and
+saving / loading / caching them (``proxy_cache``)."""
 
-from __future__ import annotations
+from hire.calibrate.proxy_cache import (
+    cached_head_proxy,
+    fit_and_train,
+    fit_head_proxy,
+    load_head_proxy,
+    proxy_meta,
+    save_head_proxy,
+    weight_fingerprint,
+)
+from hire.calibrate.states import collect_head_states, head_recall, head_weight, needs_states
 
-import hashlib
-import json
-import os
-from pathlib import Path
-
-import torch
-from torch import nn
-from tqdm.auto import tqdm
-
-from hire.config import HeadConfig
-from hire.patch import head_module
-from hire.proxies import LowRankProxy
-
-
-@torch.no_grad()
-def collect_head_states(model: nn.Module, windows: torch.Tensor, progress: bool = True, max_states: int | None = None):
-    """Inputs of the LM head over token windows (a dense forward pass each).
-
-    # windows: (W, T) -> states: (W * T, D)
-    """
-    head = head_module(model)
-    captured: list[torch.Tensor] = []
-    hook = head.register_forward_hook(lambda mod, args, out: captured.append(args[0].detach().reshape(-1, args[0].shape[-1])))
-    try:
-        for window in tqdm(windows, desc="calibration states", disable=not progress, leave=False):
-            model(window.unsqueeze(0), use_cache=False)
-    finally:
-        hook.remove()
-    states = torch.cat(captured)
-    return states if max_states is None else states[:max_states]
-
-
-def head_weight(model: nn.Module) -> torch.Tensor:
-    head = head_module(model)
-    return getattr(head, "base_layer", head).weight.detach()
-
-
-def fit_head_proxy(model: nn.Module, cfg: HeadConfig, states: torch.Tensor) -> LowRankProxy:
-    """Activation-aware low-rank proxy of the LM head, for ``lowrank`` and ``cascade`` heads."""
-    return LowRankProxy.from_weight(head_weight(model), cfg.rank, states=states, u_bits=cfg.rank_bits)
-
-
-def weight_fingerprint(weight: torch.Tensor) -> str:
-    """A cheap identity of a weight: shape and a hash of a strided sample of its values."""
-    flat = weight.detach().reshape(-1)
-    sample = flat[:: max(1, flat.numel() // 65536)].float().numpy().tobytes()
-    return hashlib.sha256(f"{tuple(weight.shape)}".encode() + sample).hexdigest()[:16]
-
-
-def save_head_proxy(path: str | Path, proxy: LowRankProxy, meta: dict) -> None:
-    """Write atomically (temporary file, then rename): a half-written file is never read."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    state = {k: v.contiguous() for k, v in proxy.state_dict().items()}
-    save_file(state, str(tmp), metadata={"hire": json.dumps(meta, sort_keys=True)})
-    os.replace(tmp, path)
-
-
-def load_head_proxy(path: str | Path, expect: dict | None = None) -> LowRankProxy:
-    """Load a saved proxy; raise ValueError if it is corrupt or was fitted for something else."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"head proxy file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["hire"])
-            state = {k: f.get_tensor(k) for k in f.keys()}
-        proxy = LowRankProxy.from_state(state)
-    except Exception as err:
-        raise ValueError(f"head proxy file {path} is corrupt ({type(err).__name__}: {err}); delete it to refit") from err
-    for key, value in (expect or {}).items():
-        if meta.get(key) != value:
-            raise ValueError(f"head proxy file {path} was fitted for {key}={meta.get(key)!r}, not {value!r}; refit it")
-    return proxy
-
-
-def needs_states(cfg: HeadConfig) -> bool:
-    return cfg.enabled and cfg.proxy in ("lowrank", "cascade")
-
-
-@torch.no_grad()
-def head_recall(weight: torch.Tensor, selector, states: torch.Tensor, k: int, chunk: int = 512) -> tuple[float, float]:
-    """Recall@1 and recall@k of ``selector``'s candidates against the exact top-k of ``weight``
-    over head inputs ``states`` (N, D)."""
-    from hire.topk import recall_at_k
-
-    r1, rk = [], []
-    for h in states.split(chunk):
-        true = torch.nn.functional.linear(h, weight.to(h.dtype)).topk(k, dim=-1).indices
-        idx = selector.select(h)
-        r1.append(recall_at_k(true[:, :1], idx))
-        rk.append(recall_at_k(true, idx))
-    return torch.cat(r1).mean().item(), torch.cat(rk).mean().item()
-
-
-def proxy_meta(model: nn.Module, cfg: HeadConfig) -> dict:
-    """What a saved low-rank head proxy must match to be used for ``model`` under ``cfg``."""
-    return {"weight": weight_fingerprint(head_weight(model)), "rank": cfg.rank, "rank_bits": cfg.rank_bits}
-
-
-def fit_and_train(model: nn.Module, cfg: HeadConfig, states: torch.Tensor, progress: bool = True):
-    """The activation-aware fit, then ``cfg.train_steps`` of recall training when asked.
-    Returns the proxy and the training log (None without training)."""
-    from hire.calibrate.train import train_lowrank_proxy
-
-    proxy = fit_head_proxy(model, cfg, states)
-    if not cfg.train_steps:
-        return proxy, None
-    return train_lowrank_proxy(head_weight(model), proxy, states, cfg.train_steps, progress=progress)
-
-
-def cached_head_proxy(model: nn.Module, cfg: HeadConfig, windows: torch.Tensor, progress: bool = True):
-    """The low-rank head proxy for ``cfg``: loaded from ``cfg.proxy_file`` when the config names
-    one, else from the cache, else fitted (and trained, with ``cfg.train_steps``) on ``windows``
-    and cached.
-
-    Returns None when the head config needs no fitted proxy.
-    """
-    from hire.models import cache_root
-
-    if not needs_states(cfg):
-        return None
-    if cfg.proxy_file:
-        return load_head_proxy(cfg.proxy_file, expect=proxy_meta(model, cfg))
-    meta = {**proxy_meta(model, cfg), "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]}
-    if cfg.train_steps:
-        meta["train_steps"] = cfg.train_steps
-    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_root() / "proxies" / f"head-lowrank-{key}.safetensors"
-    if path.is_file():
-        try:
-            return load_head_proxy(path, expect=meta)
-        except ValueError as err:
-            import logging
-
-            logging.getLogger("hire").warning("%s; refitting", err)
-    states = collect_head_states(model, windows, progress=progress)
-    proxy, _ = fit_and_train(model, cfg, states, progress=progress)
-    save_head_proxy(path, proxy, meta)
-    return proxy
+__all__ = [
+    "cached_head_proxy", "collect_head_states", "fit_and_train", "fit_head_proxy", "head_recall", "head_weight",
+    "load_head_proxy", "needs_states", "proxy_meta", "save_head_proxy", "weight_fingerprint",
+]

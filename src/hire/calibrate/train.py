@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from hire.proxies import LowRankProxy
-from hire.proxies.quantized import QuantizedMatrix
+from hire.proxies.quantized_matrix import QuantizedMatrix
 
 
 @dataclass

@@ -24,12 +24,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from hire import native
+from hire.arch import arch_spec, ffn_weights
 from hire.config import HiReConfig
 from hire.distributed.comm import Comm
 from hire.distributed.topk import global_topk, owned, shard_range, split_count
 from hire.engine import Engine
 from hire.layers import HiReFFN, HiReLMHead, TopKMLP
-from hire.patch import arch_spec, ffn_weights
 from hire.topk import expand_groups, group_scores, recall_at_k
 
 MODES = ("dense", "exact", "da")

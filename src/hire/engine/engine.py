@@ -11,21 +11,21 @@ from torch import nn
 from torch.nn import functional as F
 
 from hire import native
+from hire.arch import EngineSpec, arch_spec, decoder_layers, engine_architectures, engine_spec
 from hire.config import HiReConfig
 from hire.engine.sampling import sample
-from hire.patch import decoder_layers, hire_layers, sparsify_
+from hire.patch import hire_layers, sparsify_
 
-SUPPORTED = ("llama", "mistral", "qwen2", "gemma3_text")
+SUPPORTED = engine_architectures()  # kept for callers that test membership; hire.arch.engine_supported says the same
 
 
 class _RMSNorm:
     """A Llama or Gemma RMSNorm module as one fused op (torch's rms_norm in float32): the
     module's several elementwise ops per call add up over every layer of every token."""
 
-    def __init__(self, module: nn.Module, gemma: bool):
-        weight = module.weight.detach().float()
-        self.weight = 1.0 + weight if gemma else weight  # Gemma scales by (1 + w)
-        self.eps = module.eps if gemma else module.variance_epsilon
+    def __init__(self, module: nn.Module, spec: EngineSpec):
+        self.weight = module.weight.detach().float() + spec.norm_weight_offset  # Gemma scales by (1 + w)
+        self.eps = getattr(module, spec.norm_eps)
 
     def __call__(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).to(dtype or x.dtype)
@@ -36,7 +36,7 @@ class _Layer:
     qkv: torch.Tensor  # (Hq*hd + 2*Hkv*hd, D): q, k, v projections fused into one read
     o: torch.Tensor  # (D, Hq*hd)
     module: nn.Module  # the HF decoder layer: its (maybe HiRE) FFN
-    norms: dict[str, _RMSNorm]  # the layer's norms by attribute name
+    norms: dict[str, _RMSNorm]  # the layer's norms by their EngineSpec attribute names
     sliding: int | None  # sliding-window length, None for global attention
     rope: int  # which rotary table
 
@@ -71,45 +71,43 @@ class Engine:
         dtype: torch.dtype = torch.float16,
         max_seq_len: int = 1024,
     ):
-        arch = model.config.model_type
-        if arch not in SUPPORTED:
-            raise ValueError(f"the engine supports {SUPPORTED}, not {arch!r}; use the patched model's generate() instead")
+        self.spec = spec = engine_spec(model)
+        self.mlp = arch_spec(model).mlp
         self.model = model.to(dtype).eval()
         self.dtype = dtype
         self.max_seq_len = max_seq_len
         cfg = model.config
-        self.gemma = arch == "gemma3_text"
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.scale = (cfg.query_pre_attn_scalar ** -0.5) if self.gemma else self.head_dim ** -0.5
+        scale_base = getattr(cfg, spec.attention_scale) if spec.attention_scale else self.head_dim
+        self.scale = scale_base ** -0.5
         if config is not None:
             sparsify_(model, config, head_proxy=head_proxy)
         self.config = config
         self.head, self.ffns = hire_layers(model)
         for part in ([self.head] if self.head is not None else []) + self.ffns:
             part.prepare_decode(dtype)
-        inner = model.model
-        self.embed = inner.embed_tokens
-        self.norm = _RMSNorm(inner.norm, self.gemma)
+        self.embed = model.get_submodule(spec.embed)
+        self.norm = _RMSNorm(model.get_submodule(spec.final_norm), spec)
         head = model.get_output_embeddings()
         self.head_weight = (head.base_layer if self.head is not None else head).weight.detach()
-        self._build_rope(inner)
+        self._build_rope(model.get_submodule(spec.rotary))
+        layer_norms = [spec.pre_attention_norm, spec.post_attention_norm, spec.pre_ffn_norm, spec.post_ffn_norm]
         self.layers = []
         for i, layer in enumerate(decoder_layers(model)):
-            attn = layer.self_attn
-            qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach().contiguous()
-            if attn.q_proj.bias is not None:
+            attn = getattr(layer, spec.attention)
+            q, k, v = (getattr(attn, name) for name in (spec.q, spec.k, spec.v))
+            qkv = torch.cat([q.weight, k.weight, v.weight]).detach().contiguous()
+            if any(proj.bias is not None for proj in (q, k, v)):
                 raise ValueError("attention biases are not supported by the engine yet (qwen2-style q/k/v bias)")
             layer_type = cfg.layer_types[i] if getattr(cfg, "layer_types", None) else "full_attention"
             sliding = cfg.sliding_window if layer_type == "sliding_attention" else None
-            names = ["input_layernorm", "post_attention_layernorm"]
-            names += ["pre_feedforward_layernorm", "post_feedforward_layernorm"] if self.gemma else []
-            norms = {name: _RMSNorm(getattr(layer, name), self.gemma) for name in names}
-            if self.gemma:
-                norms.update(q_norm=_RMSNorm(attn.q_norm, True), k_norm=_RMSNorm(attn.k_norm, True))
+            norms = {name: _RMSNorm(getattr(layer, name), spec) for name in layer_norms if name is not None}
+            for name in spec.qk_norms or ():
+                norms[name] = _RMSNorm(getattr(attn, name), spec)
             self.layers.append(
-                _Layer(qkv, attn.o_proj.weight.detach(), layer, norms, sliding, self.rope_index[layer_type])
+                _Layer(qkv, getattr(attn, spec.o).weight.detach(), layer, norms, sliding, self.rope_index[layer_type])
             )
         self.kv_for_q = None  # (Hq,) kv head of each query head, where the grouping is not uniform (a TP shard)
         shape = (len(self.layers), self.n_kv, max_seq_len, self.head_dim)
@@ -117,7 +115,7 @@ class Engine:
         self.v_cache = torch.zeros(shape, dtype=dtype)
 
     # --- set-up ----------------------------------------------------------------------------
-    def _build_rope(self, inner: nn.Module) -> None:
+    def _build_rope(self, rotary: nn.Module) -> None:
         """cos/sin for every position, per layer type, computed once by the model's own rotary module."""
         positions = torch.arange(self.max_seq_len).unsqueeze(0)
         probe = torch.zeros(1, 1, dtype=torch.float32)
@@ -125,10 +123,7 @@ class Engine:
         self.rope_index = {t: i for i, t in enumerate(types)}
         self.rope_tables = []
         for t in types:
-            if self.gemma:
-                cos, sin = inner.rotary_emb(probe, positions, t)
-            else:
-                cos, sin = inner.rotary_emb(probe, positions)
+            cos, sin = rotary(probe, positions, t) if self.spec.rotary_per_layer_type else rotary(probe, positions)
             self.rope_tables.append((cos[0].to(self.dtype), sin[0].to(self.dtype)))  # (L, hd)
 
     # --- the decoder -----------------------------------------------------------------------
@@ -148,8 +143,9 @@ class Engine:
         q = q.view(T, self.n_heads, self.head_dim).transpose(0, 1)  # (Hq, T, hd)
         k = k.view(T, self.n_kv, self.head_dim).transpose(0, 1)  # (Hkv, T, hd)
         v = v.view(T, self.n_kv, self.head_dim).transpose(0, 1)
-        if self.gemma:
-            q, k = layer.norms["q_norm"](q), layer.norms["k_norm"](k)
+        if self.spec.qk_norms:
+            q_norm, k_norm = self.spec.qk_norms
+            q, k = layer.norms[q_norm](q), layer.norms[k_norm](k)
         cos, sin = self.rope_tables[layer.rope]
         cos, sin = cos[start : start + T], sin[start : start + T]
         q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
@@ -174,7 +170,7 @@ class Engine:
         return F.linear(out[0].transpose(0, 1).reshape(T, -1), layer.o)
 
     def _ffn(self, layer: nn.Module, x: torch.Tensor, hire: bool) -> torch.Tensor:
-        mlp = layer.mlp
+        mlp = getattr(layer, self.mlp)
         if hasattr(mlp, "decode"):
             return mlp.decode(x) if hire and x.shape[0] == 1 else mlp.base_layer(x)
         return mlp(x)
@@ -185,18 +181,14 @@ class Engine:
         The residual stream stays in float32 (Gemma's overflows float16); every weight product
         runs in the engine's 16-bit dtype on normalised inputs.
         """
-        dt = self.dtype
+        dt, spec = self.dtype, self.spec
         h = self.embed(tokens).float()  # (T, D); Gemma's embedding module applies its sqrt(D) scale
         for i, layer in enumerate(self.layers):
-            m, n = layer.module, layer.norms
-            a = self._attention(layer, i, n["input_layernorm"](h, dt), start)
-            if self.gemma:
-                h = h + n["post_attention_layernorm"](a, torch.float32)
-                f = self._ffn(m, n["pre_feedforward_layernorm"](h, dt), hire)
-                h = h + n["post_feedforward_layernorm"](f, torch.float32)
-            else:
-                h = h + a.float()
-                h = h + self._ffn(m, n["post_attention_layernorm"](h, dt), hire).float()
+            n = layer.norms
+            a = self._attention(layer, i, n[spec.pre_attention_norm](h, dt), start)
+            h = h + (n[spec.post_attention_norm](a, torch.float32) if spec.post_attention_norm else a.float())
+            f = self._ffn(layer.module, n[spec.pre_ffn_norm](h, dt), hire)
+            h = h + (n[spec.post_ffn_norm](f, torch.float32) if spec.post_ffn_norm else f.float())
         return self.norm(h[-1:], dt)
 
     def logits(self, hidden: torch.Tensor, hire: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from hire.arch import arch_spec, decoder_layers, head_module
 from hire.layers import HiReFFN, HiReLMHead
-from hire.patch import arch_spec, decoder_layers, head_module
 
 BYTES_16 = 2
 PARTS = ("head", "ffn", "attention", "embedding", "other")

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hire.arch import head_module
 from hire.config import HiReConfig
 from hire.eval.bytes import bytes_per_token
-from hire.patch import head_module, hire_layers, set_mode, sparsify_, unsparsify_
+from hire.patch import hire_layers, set_mode, sparsify_, unsparsify_
 from hire.topk import recall_at_k
 
 

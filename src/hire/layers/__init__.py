@@ -1,4 +1,5 @@
-from hire.layers.ffn import FFNWeights, HiReFFN
+from hire.arch import FFNWeights
+from hire.layers.ffn import HiReFFN
 from hire.layers.head import HiReLMHead
 from hire.layers.topk_ffn import TopKMLP, apply_topk_
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -10,53 +9,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from hire import native
+from hire.arch import FFNWeights  # defined with the architecture table that builds it; re-exported by hire.layers
 from hire.config import FFNConfig
 from hire.topk import ceil_count, count_for_density, expand_groups, group_scores, idx_to_mask, mask_recall
-
-@dataclass
-class FFNWeights:
-    """An FFN's weights as views of the original parameters (no copies), neuron-major where
-    the original allows: row i of ``w_in``/``w_up``/``w_out_t`` all belong to neuron i.
-
-    gated (Llama SwiGLU, Gemma GeGLU): y = (act(x W_in^T) * (x W_up^T)) W_out_t
-    plain (GPT-2, OPT):                y = act(x W_in^T + b_in) W_out_t + b_out
-    """
-
-    w_in: torch.Tensor  # (I, D)
-    w_out_t: torch.Tensor  # (I, D_out)
-    act: Callable[[torch.Tensor], torch.Tensor]
-    w_up: torch.Tensor | None = None  # (I, D), gated MLPs only
-    b_in: torch.Tensor | None = None  # (I,)
-    b_out: torch.Tensor | None = None  # (D_out,)
-
-    @property
-    def gated(self) -> bool:
-        return self.w_up is not None
-
-    @property
-    def neurons(self) -> int:
-        return self.w_in.shape[0]
-
-    def activations(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Exact neuron activations, of all neurons or of ``rows`` only (reads only those rows).
-
-        # x: (N, D), rows: (m,) or None -> (N, m or I)
-        """
-        def pick(t):
-            return t if t is None or rows is None else t.index_select(0, rows)
-
-        a = self.act(F.linear(x, pick(self.w_in), pick(self.b_in)))
-        if self.gated:
-            a = a * F.linear(x, pick(self.w_up))
-        return a
-
-    def project(self, a: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Output projection from the activations of ``rows`` (reads only those rows of W_out^T).
-
-        # a: (N, m), rows: (m,) or None -> (N, D_out)
-        """
-        w = self.w_out_t if rows is None else self.w_out_t.index_select(0, rows)
-        return F.linear(a, w.t(), self.b_out)
 
 
 class HiReFFN(nn.Module):

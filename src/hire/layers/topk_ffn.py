@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hire.arch import arch_spec, decoder_layers
 from hire.topk import count_for_density, expand_groups, group_scores, idx_to_mask
 
 
@@ -81,8 +82,6 @@ def apply_topk_(model: nn.Module, density: float | list[float], group_size: int 
 
     Validates against every layer before changing any. Returns the model.
     """
-    from hire.patch import arch_spec, decoder_layers
-
     spec = arch_spec(model)
     if spec.ffn != "gated":
         raise ValueError(f"top-k FFNs are implemented for gated MLPs; {model.config.model_type!r} has a {spec.ffn} MLP")

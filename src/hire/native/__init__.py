@@ -57,7 +57,7 @@ def _build():
     try:
         from torch.utils import cpp_extension
 
-        from hire.models import cache_root
+        from hire.paths import cache_root
 
         digest = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode() + _cpu_id()).hexdigest()[:12]
         build = cache_root() / "native" / digest

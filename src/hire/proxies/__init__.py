@@ -7,7 +7,8 @@ cascade can refine survivors), ``nbytes(rows)`` for the bytes it reads per token
 
 from hire.proxies.exact import ExactProxy
 from hire.proxies.lowrank import LowRankProxy
-from hire.proxies.quantized import QuantizedMatrix, QuantizedProxy
+from hire.proxies.quantized import QuantizedProxy
+from hire.proxies.quantized_matrix import QuantizedMatrix
 from hire.proxies.cascade import Cascade
 
 __all__ = ["ExactProxy", "LowRankProxy", "QuantizedMatrix", "QuantizedProxy", "Cascade"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from hire.topk import rescore
+
 
 class ExactProxy:
     """scores = W x exactly, reading W in 16 bits."""
@@ -28,8 +30,6 @@ class ExactProxy:
 
     def scores_rows(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         # x: (N, D), idx: (N, m) -> (N, m)
-        from hire.topk import rescore
-
         return rescore(self.weight, x, idx)
 
     def prepare_decode(self, dtype: torch.dtype) -> None:

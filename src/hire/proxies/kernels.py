@@ -9,7 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from hire import native
-from hire.proxies.quantized import QuantizedMatrix
+from hire.proxies.quantized_matrix import QuantizedMatrix
 
 INT4_GROUPS = (32, 64, 128, 256)
 KERNEL_DTYPE = torch.bfloat16

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from hire.proxies.quantized import QuantizedMatrix
+from hire.proxies.kernels import QuantizedGEMV
+from hire.proxies.quantized_matrix import QuantizedMatrix
 
 
 class LowRankProxy:
@@ -96,8 +97,6 @@ class LowRankProxy:
         return torch.einsum("nmr,nr->nm", u, z)
 
     def prepare_decode(self, dtype: torch.dtype) -> None:
-        from hire.proxies.kernels import QuantizedGEMV
-
         self._v = self.v.to(dtype)
         self._u = QuantizedGEMV(self.u, dtype) if isinstance(self.u, QuantizedMatrix) else self.u.to(dtype)
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hire.arch import arch_spec, decoder_layers
 from hire.config import check_field_types, config_from_dict, config_to_dict
 from hire.errors import ConfigError
 from hire.layers.topk_ffn import TopKMLP, apply_topk_, check_topk
@@ -73,8 +74,6 @@ class _Stop(Exception):
 def _layer_inputs(model: nn.Module, windows: torch.Tensor):
     """The first decoder layer's hidden states and the keyword arguments the model passes every
     layer (rotary cos/sin, causal mask), captured from the model's own forward."""
-    from hire.patch import decoder_layers
-
     captured = {}
 
     def grab(module, args, kwargs):
@@ -103,8 +102,6 @@ def sparse_finetune(model: nn.Module, windows: torch.Tensor, cfg: SparseFTConfig
 
     Returns per-layer relative errors on held-out calibration tokens before and after training.
     """
-    from hire.patch import arch_spec, decoder_layers
-
     spec = arch_spec(model)
     if spec.ffn != "gated":
         raise ValueError(f"sparse fine-tuning is implemented for gated MLPs; {model.config.model_type!r} has a {spec.ffn} MLP")

@@ -1,0 +1,103 @@
+"""The low-rank head proxy: fitted (and trained) once per model, config and calibration data, saved
+atomically, and found again in the cache by what it was fitted for."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hire.calibrate.states import collect_head_states, head_weight, needs_states
+from hire.calibrate.train import train_lowrank_proxy
+from hire.config import HeadConfig
+from hire.files import atomic_path
+from hire.paths import cache_dir
+from hire.proxies import LowRankProxy
+
+log = logging.getLogger("hire")
+
+
+def fit_head_proxy(model: nn.Module, cfg: HeadConfig, states: torch.Tensor) -> LowRankProxy:
+    """Activation-aware low-rank proxy of the LM head, for ``lowrank`` and ``cascade`` heads."""
+    return LowRankProxy.from_weight(head_weight(model), cfg.rank, states=states, u_bits=cfg.rank_bits)
+
+
+def fit_and_train(model: nn.Module, cfg: HeadConfig, states: torch.Tensor, progress: bool = True):
+    """The activation-aware fit, then ``cfg.train_steps`` of recall training when asked.
+    Returns the proxy and the training log (None without training)."""
+    proxy = fit_head_proxy(model, cfg, states)
+    if not cfg.train_steps:
+        return proxy, None
+    return train_lowrank_proxy(head_weight(model), proxy, states, cfg.train_steps, progress=progress)
+
+
+def weight_fingerprint(weight: torch.Tensor) -> str:
+    """A cheap identity of a weight: shape and a hash of a strided sample of its values."""
+    flat = weight.detach().reshape(-1)
+    sample = flat[:: max(1, flat.numel() // 65536)].float().numpy().tobytes()
+    return hashlib.sha256(f"{tuple(weight.shape)}".encode() + sample).hexdigest()[:16]
+
+
+def proxy_meta(model: nn.Module, cfg: HeadConfig) -> dict:
+    """What a saved low-rank head proxy must match to be used for ``model`` under ``cfg``."""
+    return {"weight": weight_fingerprint(head_weight(model)), "rank": cfg.rank, "rank_bits": cfg.rank_bits}
+
+
+def save_head_proxy(path: str | Path, proxy: LowRankProxy, meta: dict) -> None:
+    """Write atomically (hire.files.atomic_path): a half-written file is never read."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in proxy.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"hire": json.dumps(meta, sort_keys=True)})
+
+
+def load_head_proxy(path: str | Path, expect: dict | None = None) -> LowRankProxy:
+    """Load a saved proxy; raise ValueError if it is corrupt or was fitted for something else."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"head proxy file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["hire"])
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        proxy = LowRankProxy.from_state(state)
+    except Exception as err:
+        raise ValueError(f"head proxy file {path} is corrupt ({type(err).__name__}: {err}); delete it to refit") from err
+    for key, value in (expect or {}).items():
+        if meta.get(key) != value:
+            raise ValueError(f"head proxy file {path} was fitted for {key}={meta.get(key)!r}, not {value!r}; refit it")
+    return proxy
+
+
+def cached_head_proxy(model: nn.Module, cfg: HeadConfig, windows: torch.Tensor, progress: bool = True):
+    """The low-rank head proxy for ``cfg``: loaded from ``cfg.proxy_file`` when the config names
+    one, else from the cache, else fitted (and trained, with ``cfg.train_steps``) on ``windows``
+    and cached.
+
+    Returns None when the head config needs no fitted proxy.
+    """
+    if not needs_states(cfg):
+        return None
+    if cfg.proxy_file:
+        return load_head_proxy(cfg.proxy_file, expect=proxy_meta(model, cfg))
+    meta = {**proxy_meta(model, cfg), "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]}
+    if cfg.train_steps:
+        meta["train_steps"] = cfg.train_steps
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir("proxies") / f"head-lowrank-{key}.safetensors"
+    if path.is_file():
+        try:
+            return load_head_proxy(path, expect=meta)
+        except ValueError as err:
+            log.warning("%s; refitting", err)
+    states = collect_head_states(model, windows, progress=progress)
+    proxy, _ = fit_and_train(model, cfg, states, progress=progress)
+    save_head_proxy(path, proxy, meta)
+    return proxy

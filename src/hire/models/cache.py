@@ -1,0 +1,127 @@
+"""GGUF files converted once into a verified cache.
+
+A GGUF file is converted once (transformers dequantizes it to float32) and cached as a
+safetensors state dict + config + tokenizer, so later loads take seconds. A cache entry is
+written to a temporary folder and renamed into place only when complete (``hire.files.atomic_dir``),
+with a manifest of its files' sizes and sha256; an entry that fails the check is rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from hire.errors import OverwriteError
+from hire.files import atomic_dir
+from hire.paths import cache_dir
+
+log = logging.getLogger("hire")
+
+MANIFEST = "hire-manifest.json"
+CACHE_FORMAT = 1
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_gguf(path: Path) -> None:
+    """Clear errors for a missing, truncated or non-GGUF file before transformers sees it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); re-download or reinstall it")
+    try:
+        from gguf import GGUFReader
+
+        GGUFReader(str(path))
+    except Exception as err:  # gguf raises assorted errors on truncated files
+        raise ValueError(f"{path} is a corrupt or truncated GGUF file ({type(err).__name__}: {err}); re-download it") from err
+
+
+def _cache_key(gguf: Path) -> str:
+    st = gguf.stat()
+    raw = f"{CACHE_FORMAT}:{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+    return f"{gguf.stem}-{hashlib.sha256(raw.encode()).hexdigest()[:12]}"
+
+
+def verify_cache(entry: Path) -> str | None:
+    """None if ``entry`` is a complete cache entry, else why not."""
+    manifest_path = entry / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest (the conversion did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        return f"unreadable manifest ({err})"
+    for name, meta in files.items():
+        path = entry / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != meta["size"]:
+            return f"{name} has {path.stat().st_size} bytes, expected {meta['size']}"
+        if sha256_file(path) != meta["sha256"]:
+            return f"{name} does not match its sha256"
+    return None
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """Write ``gguf`` as a Hugging Face model directory (config, tokenizer, float32 safetensors) into ``out``."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_gguf(gguf)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as err:
+        raise ValueError(f"transformers could not load {gguf} ({type(err).__name__}: {err})") from err
+    config = model.config
+    if hasattr(config, "quantization_config"):  # the weights are dequantized now
+        del config.quantization_config
+    config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    save_model(model, str(out / "model.safetensors"))  # drops the tied duplicate of the head
+
+
+def _write_manifest(entry: Path, source: Path) -> None:
+    """Sizes and sha256 of every file in ``entry``, which ``verify_cache`` checks before each use."""
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(entry.iterdir()) if p.is_file()
+    }
+    (entry / MANIFEST).write_text(json.dumps({"format": CACHE_FORMAT, "source": str(source), "files": files}, indent=1))
+
+
+def gguf_cache_dir(gguf: Path) -> Path:
+    """The converted copy of ``gguf``, converted (or rebuilt when corrupt) if needed."""
+    gguf = Path(gguf)
+    if not gguf.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf} does not exist")
+    entry = cache_dir("models") / _cache_key(gguf)
+    rebuild = entry.exists()
+    if rebuild:
+        problem = verify_cache(entry)
+        if problem is None:
+            return entry
+        log.warning("cache %s is unusable (%s); rebuilding it", entry, problem)
+    log.warning("converting %s (first load; cached in %s)", gguf.name, entry)
+    try:
+        with atomic_dir(entry, replace=rebuild) as tmp:  # the entry appears complete or not at all
+            convert_gguf(gguf, tmp)
+            _write_manifest(tmp, gguf)
+    except OverwriteError:
+        if verify_cache(entry) is not None:
+            raise
+        log.warning("%s was converted by another process meanwhile; using that copy", entry)
+    return entry
