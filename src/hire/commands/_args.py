@@ -142,8 +142,9 @@ def names(choices) -> Callable[[str], tuple[str, ...]]:
 
 
 # --- flags from the config dataclasses ------------------------------------------------------------
-# One line per field: the flag's help. Kept here, beside the only code that reads it; the test
-# suite checks that every flagged field has one (a new field without help fails it).
+# One line per field: the flag's help, unless the field carries its own (``metadata={"help": ...}``).
+# Kept here, beside the only code that reads it; a flagged field with neither stops the parser
+# from being built, and the test suite checks that no entry here is stale.
 FIELD_HELP: dict[type, dict[str, str]] = {
     HeadConfig: {
         "k": "the top-k the sampler needs (recall@k is reported for it)",
@@ -212,6 +213,14 @@ NOT_FLAGS = {(HeadConfig, "enabled"): "--no-head", (FFNConfig, "enabled"): "--no
              (FFNConfig, "layer_density"): "hire tune writes it", (SparseFTConfig, "layer_density"): "--allocate"}
 
 
+def field_help(cls: type, f: dataclasses.Field) -> str:
+    text = f.metadata.get("help") or FIELD_HELP.get(cls, {}).get(f.name)
+    if not text:
+        raise TypeError(f"{cls.__name__}.{f.name} has no help line: add metadata={{'help': ...}} to the field or an "
+                        "entry to hire.commands._args.FIELD_HELP")
+    return text
+
+
 def config_fields(cls: type) -> list[tuple[dataclasses.Field, type]]:
     """The fields of ``cls`` that are flags, with their types (int, float or str)."""
     hints = typing.get_type_hints(cls)
@@ -231,7 +240,7 @@ def add_config_flags(group, cls: type, *, prefix: str = "", dest_prefix: str = "
     """A ``--PREFIXFIELD`` flag for each field of the dataclass ``cls`` (dest ``DEST_PREFIXFIELD``,
     default None = not given), typed from the field's type, with its FIELD_HELP line."""
     for f, kind in config_fields(cls):
-        text = FIELD_HELP[cls][f.name]
+        text = field_help(cls, f)
         if show_default:
             text += f" (default {f.default})"
         parse = {int: integer(), float: number(), str: str}[kind]
