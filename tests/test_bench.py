@@ -3,7 +3,7 @@ import json
 import torch
 
 from hire.bench import run_bench
-from hire.bench.decode import plot_bench
+from hire.plots import plot_bench
 from hire.cli import main
 from hire.config import FFNConfig, HeadConfig, HiReConfig
 from hire.engine import Engine

@@ -61,13 +61,20 @@ def test_cli_scaling_model_only_writes_table_and_plot(tmp_path, capsys):
     from hire.cli import main
 
     out, png = tmp_path / "s.json", tmp_path / "s.png"
-    assert main(["scaling", "--no-measure", "--models", "1B,70B", "--devices", "1,8,64", "--link-gbs", "50",
-                 "--out", str(out), "--plot", str(png)]) == 0
+    run = ["scaling", "--no-measure", "--models", "1B,70B", "--devices", "1,8,64", "--link-gbs", "50",
+           "--out", str(out), "--plot", str(png)]
+    assert main(run) == 0
     assert "modelled tokens/s" in capsys.readouterr().out
     result = json.loads(out.read_text())
     assert {r["hardware"] for r in result["table"]} == {"nvlink", "ici", "custom"}
+    assert result["hardware"]["custom"]["link_gbs"] == 50 and result["hardware"]["custom"]["mem_gbs"] == 3350
     assert len(result["table"]) == 3 * 2 * 3 * 3 and png.stat().st_size > 10_000
     assert main(["scaling", "--no-measure", "--models", "5B"]) == 2
+    assert main([*run[:-4], "--out", str(out)]) == 2  # the report exists: kept
+    assert f"{out} exists (file); pass --force" in capsys.readouterr().err
+    assert json.loads(out.read_text()) == result
+    assert main([*run[:-4], "--models", "8B", "--out", str(out), "--force"]) == 0
+    assert set(json.loads(out.read_text())["models"]) == {"8B"}
 
 
 def test_cli_scaling_fits_gloo_on_two_ranks(tmp_path):

@@ -232,3 +232,41 @@ def tune_ffn(
     dense_ffn = sum(row[-1] for row in nbytes)
     return TuneResult(out, ppl_dense, chosen["ppl"], chosen["ffn_bytes"], dense_ffn, densities, kl, nbytes,
                       tuned, uniform, trials)
+
+
+def tune_model(
+    model_name: str,
+    config: HiReConfig,
+    out: str,
+    max_ppl_increase: float,
+    *,
+    windows: int = 4,
+    seq_len: int = 512,
+    sensitivity_windows: int = 1,
+    densities=DENSITIES,
+    steps: int = 10,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
+    """`hire tune`: :func:`tune_ffn` for ``model_name`` on ``windows`` calibration windows of
+    ``seq_len`` tokens (sensitivities on the first ``sensitivity_windows`` of them, at most all),
+    the chosen config written to ``out`` (atomically; an existing file only with ``force``).
+    Returns the report (the JSON of ``hire tune``)."""
+    from hire.data import load_corpus, token_windows
+    from hire.files import atomic_write_text, refuse_overwrite
+    from hire.models import load_model
+
+    if not max_ppl_increase > 0:  # before the model loads: tune_ffn checks it only after
+        raise ValueError(f"--max-ppl-increase must be > 0 (e.g. 0.03 for +3 %), got {max_ppl_increase}")
+    if not config.ffn.enabled:
+        raise ValueError("the FFN is disabled in this config (--no-ffn): nothing to tune")
+    refuse_overwrite(out, force, "--out")
+    model, tokenizer = load_model(model_name)
+    calib = token_windows(tokenizer, load_corpus().text("calibration"), seq_len, windows)
+    r = tune_ffn(model, config, calib, max_ppl_increase, densities=tuple(densities),
+                 sensitivity_windows=min(sensitivity_windows, calib.shape[0]), steps=steps, progress=progress)
+    atomic_write_text(out, r.config.to_json() + "\n")
+    return {"model": model_name, "config": str(out), "max_ppl_increase": max_ppl_increase, "winner": r.winner,
+            "windows": int(calib.shape[0]), "ppl_dense": r.ppl_dense, "ppl_hire": r.ppl_hire,
+            "ppl_increase": r.ppl_hire / r.ppl_dense - 1, "ffn_bytes_fraction": r.ffn_bytes / r.ffn_bytes_dense,
+            "ffn_bytes_dense": r.ffn_bytes_dense, "tuned": r.tuned, "uniform": r.uniform, "densities": r.densities, "kl": r.kl, "trials": r.trials}

@@ -9,15 +9,21 @@ achieved bandwidth = bytes x tokens/s, the roofline number that matters for deco
 from __future__ import annotations
 
 import statistics
-from contextlib import contextmanager
 import time
 from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from hire.calibrate.prepare import prepare_model
+from hire.config import HiReConfig
 from hire.engine import Engine
 from hire.eval.bytes import bytes_per_token
+from hire.files import refuse_overwrite
+from hire.models import BUILTIN_MODELS
+from hire.plots import plot_bench
 
 
 def _median(values: list[float]) -> float:
@@ -117,6 +123,16 @@ def llama_cpp_tokens_per_s(gguf_path, prompt_text: str, tokens: int) -> dict:
     return {"available": True, "tokens_per_s": _decode_rate(run, tokens)}
 
 
+def check_bench_counts(tokens: int, rounds: int, warmup: int) -> None:
+    """A decode rate needs two tokens (the first comes from the prefill) and a median one round."""
+    if tokens < 2:
+        raise ValueError(f"--tokens must be >= 2 (the first token comes from the prefill), got {tokens}")
+    if rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {rounds}")
+    if warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {warmup}")
+
+
 def run_bench(
     engine: Engine,
     prompt: torch.Tensor,
@@ -129,6 +145,8 @@ def run_bench(
 ) -> dict:
     """Dense vs HiRE in ``engine``: interleaved rounds, median decode tokens/s and the rest."""
     from tqdm.auto import tqdm
+
+    check_bench_counts(tokens, rounds, warmup)
 
     for _ in range(warmup):
         engine.generate(prompt, tokens, hire=False)
@@ -178,41 +196,50 @@ def run_bench(
     return result
 
 
-def plot_bench(result: dict, path: str) -> None:
-    """Bar chart: ms per decoded token by part, and bytes per token by part, dense vs HiRE."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    parts = ["head", "ffn", "attention", "other"]
-    for ax, key_d, key_h, unit, title in (
-        (axes[0], "ms_per_part_dense", "ms_per_part_hire", "ms / token", "decode time per token"),
-        (axes[1], "bytes_dense", "bytes_hire", "MiB / token", "weights read per token"),
-    ):
-        if key_d not in result:
-            ax.set_visible(False)
-            continue
-        div = 2**20 if unit.startswith("MiB") else 1
-        bottom_d = bottom_h = 0.0
-        for i, part in enumerate(parts):
-            dv = result[key_d].get(part, 0) / div + (result[key_d].get("embedding", 0) / div if part == "other" and div > 1 else 0)
-            hv = result[key_h].get(part, 0) / div + (result[key_h].get("embedding", 0) / div if part == "other" and div > 1 else 0)
-            color = f"C{i}"
-            ax.bar(0, dv, bottom=bottom_d, color=color, label=part)
-            ax.bar(1, hv, bottom=bottom_h, color=color)
-            bottom_d += dv
-            bottom_h += hv
-        ax.set_xticks([0, 1], ["dense", "HiRE"])
-        ax.set_ylabel(unit)
-        ax.set_title(title)
-    visible = [ax for ax in axes if ax.get_visible()]
-    visible[0].legend(loc="upper right")
-    fig.suptitle(
-        f"{result.get('model', '')}: {result['tokens_per_s_dense']:.1f} -> {result['tokens_per_s_hire']:.1f} tokens/s "
-        f"({result['speedup']:.2f}x; ideal from bytes {result['ideal_speedup']:.2f}x)"
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def bench_model(
+    model_name: str,
+    config: HiReConfig,
+    *,
+    prompt: str,
+    tokens: int = 64,
+    rounds: int = 5,
+    warmup: int = 1,
+    dtype: str = "float16",
+    breakdown: bool = True,
+    vs_transformers: bool = False,
+    llama_cpp: bool = False,
+    seq_len: int = 512,
+    calib_windows: int = 16,
+    plot: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
+    """`hire bench`: load ``model_name`` (with the head proxy ``config`` needs, fitted on
+    ``calib_windows`` windows of ``seq_len`` tokens), optionally time transformers' generate() and
+    llama.cpp on it, then :func:`run_bench` in an engine of ``dtype`` weights; a breakdown PNG at
+    ``plot``. Returns the report (the JSON of ``hire bench``)."""
+    check_bench_counts(tokens, rounds, warmup)
+    if plot:
+        refuse_overwrite(plot, force, "--plot")
+    model, tokenizer, head_proxy = prepare_model(model_name, config, seq_len=seq_len, calib_windows=calib_windows,
+                                                 progress=progress)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
+    extra = {}
+    if vs_transformers:  # before the engine casts and patches the model
+        extra["tokens_per_s_transformers"] = transformers_tokens_per_s(model, ids, tokens)
+    if llama_cpp:
+        gguf = BUILTIN_MODELS[model_name].locate() if model_name in BUILTIN_MODELS else (
+            model_name if model_name.endswith(".gguf") else None)
+        extra["llama_cpp"] = (llama_cpp_tokens_per_s(gguf, prompt, tokens) if gguf else
+                              {"available": False, "reason": "no GGUF file for this model"})
+    engine = Engine(model, config, head_proxy=head_proxy, dtype=getattr(torch, dtype), max_seq_len=ids.numel() + tokens + 1)
+    result = {"model": model_name, "config": config.to_dict()}
+    result.update(run_bench(engine, ids, tokens=tokens, rounds=rounds, warmup=warmup, breakdown=breakdown,
+                            progress=progress))
+    result.update(extra)
+    if "tokens_per_s_transformers" in result:
+        result["engine_dense_vs_transformers"] = result["tokens_per_s_dense"] / result["tokens_per_s_transformers"]
+    if plot:
+        plot_bench(result, plot)
+        result["plot"] = str(plot)
+    return result

@@ -164,3 +164,87 @@ def tp_eval(engine: TPEngine, reference: Engine, windows: list[torch.Tensor], *,
         out["modes"]["da"]["greedy_agreement_vs_exact_mode_at_stable_positions"] = (
             agreement([da[i] for i in stable], [exact[i] for i in stable]) if stable else None)
     return out
+
+
+def run_tp(
+    command: str,
+    argv: list[str],
+    model_name: str,
+    config,
+    *,
+    tp: int,
+    modes=MODES,
+    timeout: float = 300.0,
+    threads: int | None = None,
+    dtype: str = "float16",
+    seq_len: int = 512,
+    calib_windows: int = 16,
+    prompt: str = "",
+    tokens: int = 64,
+    rounds: int = 5,
+    warmup: int = 1,
+    windows: int = 2,
+    plot=None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict | int:
+    """`hire bench --tp P` (``command="bench"``: :func:`tp_bench`) and `hire eval --tp P`
+    (``command="eval"``: :func:`tp_eval` on ``windows`` evaluation windows of ``seq_len`` tokens).
+
+    Outside torchrun with ``tp > 1`` it launches ``hire argv`` on ``tp`` ranks and returns their exit
+    status (an int). As one rank it joins the group, loads the model (rank 0 first: it fills the
+    caches), measures, and returns the report on rank 0 (a dict, plotted at ``plot``) and 0 on the
+    others, which have nothing to print.
+    """
+    import os
+
+    from hire.calibrate.prepare import prepare_model
+    from hire.distributed.comm import init_tp, launch, launched_by_torchrun, main_rank_first
+    from hire.files import refuse_overwrite
+    from hire.plots import plot_tp_bench
+    from hire.system import available_cores
+
+    if command not in ("bench", "eval"):
+        raise ValueError(f"run_tp measures 'bench' or 'eval', not {command!r}")
+    modes = tuple(modes)
+    if not modes or any(m not in MODES for m in modes):
+        raise ValueError(f"--modes takes a comma-separated subset of {','.join(MODES)}, got {','.join(modes)!r}")
+    if plot:
+        refuse_overwrite(plot, force, "--plot")
+    if tp > 1 and not launched_by_torchrun():
+        return launch(argv, tp, threads)
+    comm = init_tp(tp, timeout)
+    try:
+        threads = threads or os.environ.get("HIRE_TP_THREADS")  # set by launch(): cores // tp
+        torch.set_num_threads(int(threads) if threads else max(1, available_cores() // comm.world))
+        comm.check_same("command line", " ".join(argv))
+        quiet = not progress or not comm.is_main
+        with main_rank_first(comm, max(timeout, 3600)):
+            model, tokenizer, head_proxy = prepare_model(model_name, config, seq_len=seq_len,
+                                                         calib_windows=calib_windows, progress=not quiet)
+        torch_dtype = getattr(torch, dtype)
+        if command == "bench":
+            ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
+            length = ids.numel() + tokens + 1
+        else:
+            from hire.data import load_corpus, token_windows
+
+            held = list(token_windows(tokenizer, load_corpus().text("evaluation"), seq_len, windows))
+            length = seq_len + 1
+        engine = TPEngine(model, config, comm, head_proxy=head_proxy, dtype=torch_dtype, max_seq_len=length)
+        reference = Engine(model, None, dtype=torch_dtype, max_seq_len=length)  # the same patched model, one process
+        if command == "bench":
+            result = tp_bench(engine, reference, ids, tokens=tokens, rounds=rounds, warmup=warmup, modes=modes,
+                              progress=not quiet)
+        else:
+            result = tp_eval(engine, reference, held, modes=modes, progress=not quiet)
+        result.update(model=model_name, backend="gloo" if comm.world > 1 else "single process",
+                      config=config.to_dict())
+        if not comm.is_main:
+            return 0
+        if plot:
+            plot_tp_bench(result, plot)
+            result["plot"] = str(plot)
+    finally:
+        comm.close()
+    return result

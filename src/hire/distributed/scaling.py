@@ -19,15 +19,20 @@ bandwidth parameters, so the model can be checked against this machine's P = 2 m
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from hire.distributed.comm import Comm
+from hire.distributed.comm import Comm, init_tp, launch, launched_by_torchrun
 from hire.distributed.tp import MODES
+from hire.files import atomic_write_json, refuse_overwrite
+from hire.plots import plot_scaling
 
 
 @dataclass(frozen=True)
@@ -196,54 +201,110 @@ def fit_link(times: dict, P: int) -> dict:
     return {"fits": fits, "link_latency_us": latency_us, "link_gbs": link_gbs}
 
 
-# --- plots ---------------------------------------------------------------------------------------
-def plot_scaling(rows: list[dict], path: str, title: str = "") -> None:
-    import matplotlib
+# --- checking the fit against a measured run -----------------------------------------------------
+def check_against_bench(path: str | Path, fit: dict) -> dict:
+    """Measured vs modelled on this machine: the collectives a `hire bench --tp P --json` run (the
+    file at ``path``) counted, timed with the fitted link (``fit_link``'s result), against the time
+    the run measured per token."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--measured {path} does not exist: pass a `hire bench --tp P --json` result")
+    try:
+        bench = json.loads(path.read_text())
+        P = bench["tp"]
+        modes = bench["modes"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"--measured {path} is not a `hire bench --tp P --json` result ({type(err).__name__}: {err})") from err
+    out = {"bench": str(path), "model": bench.get("model"), "tp": P, "modes": {}}
+    for mode, m in modes.items():
+        modelled = 0.0
+        for kind, count in m["collectives_per_token_by_kind"].items():
+            per = m["bytes_exchanged_per_token_by_kind"][kind] / count
+            op = "all_reduce" if kind in ("attention", "ffn") else "all_gather"
+            modelled += count * collective_seconds(op, per, P, fit["link_latency_us"] * 1e-6, fit["link_gbs"] * 1e9)
+        out["modes"][mode] = {"measured_ms_per_token": m["ms_per_token"], "modelled_ms_collectives": 1e3 * modelled,
+                              "collectives_per_token": m["collectives_per_token"]}
+    single = bench.get("single_process_tokens_per_s", {}).get("dense")
+    if single and "dense" in modes and modes["dense"]["collectives_per_token"]:
+        # what a collective really costs inside the decode loop: the measured step minus this rank's share of
+        # the one-process step, over the collectives (it includes waiting for the other rank)
+        d = modes["dense"]
+        out["effective_ms_per_collective"] = (d["ms_per_token"] - 1000 / single / P) / d["collectives_per_token"]
+    if "exact" in out["modes"] and "da" in out["modes"]:
+        e, d = out["modes"]["exact"], out["modes"]["da"]
+        out["measured_ms_exact_minus_da"] = e["measured_ms_per_token"] - d["measured_ms_per_token"]
+        out["modelled_ms_exact_minus_da_collectives"] = e["modelled_ms_collectives"] - d["modelled_ms_collectives"]
+    return out
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    hws = list(dict.fromkeys(r["hardware"] for r in rows))
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(hws), figsize=(6 * len(hws), 4.6), squeeze=False)
-    styles = {"dense": ":", "exact": "--", "da": "-"}
-    for ax, hw in zip(axes[0], hws):
-        for i, model in enumerate(models):
-            for mode in MODES:
-                pts = [r for r in rows if r["hardware"] == hw and r["model"] == model and r["mode"] == mode]
-                ax.plot([r["devices"] for r in pts], [r["tokens_per_s"] for r in pts], styles[mode], color=f"C{i}",
-                        marker="o" if mode == "da" else None, ms=3, label=f"{model} {mode}")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("devices P (tensor parallel)")
-        ax.set_ylabel("tokens/s (one sequence, modelled)")
-        ax.set_title(hw)
-        ax.grid(alpha=0.3, which="both")
-    axes[0][0].legend(fontsize=7, ncol=len(models))
-    fig.suptitle(title or "Modelled decode tokens/s: dense (dotted), exact global top-k (dashed), DA-TOP-k (solid)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+# --- `hire scaling` ------------------------------------------------------------------------------
+def scaling_report(
+    argv: list[str],
+    *,
+    models=tuple(MODELS),
+    devices=(1, 2, 4, 8, 16, 32, 64),
+    custom: dict | None = None,
+    measure: bool = True,
+    tp: int = 2,
+    repeats: int = 30,
+    timeout: float = 300.0,
+    measured: str | Path | None = None,
+    out: str | Path | None = None,
+    plot: str | Path | None = None,
+    force: bool = False,
+) -> dict | int:
+    """`hire scaling`: fit gloo's collectives here on ``tp`` ranks (unless ``measure`` is False), then
+    model tokens/s of every mode for ``models`` (keys of MODELS) on ``devices`` and every HARDWARE,
+    plus a "custom" device built from ``custom`` (``mem_gbs``, ``link_latency_us``, ``link_gbs``; the
+    ones given override NVLink's). ``measured``: a bench result to check the fit against. Writes the
+    whole report to ``out`` (JSON) and a plot to ``plot``.
 
-
-def plot_tp_bench(result: dict, path: str) -> None:
-    """Measured tokens/s and collectives per token of each mode (hire bench --tp P --plot)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    modes = list(result["modes"])
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    axes[0].bar(modes, [result["modes"][m]["tokens_per_s"] for m in modes], color=["C0", "C1", "C2"][: len(modes)])
-    axes[0].set_ylabel("decode tokens/s (median)")
-    sel = [result["modes"][m]["selection_collectives_per_token"] for m in modes]
-    tot = [result["modes"][m]["collectives_per_token"] for m in modes]
-    axes[1].bar(modes, [t - s for t, s in zip(tot, sel)], label="all-reduces + the head's final top-k gather")
-    axes[1].bar(modes, sel, bottom=[t - s for t, s in zip(tot, sel)], label="selection gathers")
-    axes[1].set_ylabel("collectives per token")
-    axes[1].legend(fontsize=8)
-    fig.suptitle(f"{result.get('model', '')}: tensor parallel over {result['tp']} ranks ({result.get('backend', '')})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    Outside torchrun, measuring launches ``hire argv`` on ``tp`` ranks and returns their exit status
+    (an int); as a rank it returns the report on rank 0 and 0 on the others.
+    """
+    unknown = [n for n in models if n not in MODELS]
+    if unknown or not models:
+        raise ValueError(f"--models takes a comma-separated subset of {','.join(MODELS)}, got {','.join(models)!r}")
+    if not devices or any(p < 1 for p in devices):
+        raise ValueError(f"--devices takes positive integers, got {','.join(map(str, devices))!r}")
+    if measure and tp < 2:
+        raise ValueError(f"fitting the link needs --tp >= 2 ranks (or --no-measure), got --tp {tp}")
+    if measured and not measure:
+        raise ValueError("--measured checks the fitted link: it needs the fit (drop --no-measure)")
+    for path, flag in ((out, "--out"), (plot, "--plot")):
+        if path:
+            refuse_overwrite(path, force, flag)
+    hardware = dict(HARDWARE)
+    custom = {k: v for k, v in (custom or {}).items() if v is not None}
+    if custom:
+        hardware["custom"] = dataclasses.replace(HARDWARE["nvlink"], name="custom (--mem-gbs/--link-latency-us/--link-gbs)",
+                                                 **custom)
+    result = {"assumptions": __doc__.strip(), "hire": dataclasses.asdict(HiReShape()),
+              "hardware": {k: dataclasses.asdict(v) for k, v in hardware.items()},
+              "models": {n: dataclasses.asdict(MODELS[n]) | {"params_b": MODELS[n].params / 1e9} for n in models}}
+    comm = None
+    if measure:
+        if not launched_by_torchrun():
+            return launch(argv, tp)
+        comm = init_tp(tp, timeout)
+    try:
+        if comm is not None:
+            torch.set_num_threads(1)
+            times = measure_collectives(comm, repeats=repeats)
+            fit = fit_link(times, comm.world)
+            result["measured_gloo"] = {"ranks": comm.world, "seconds": {op: {str(k): v for k, v in t.items()}
+                                                                        for op, t in times.items()}, **fit}
+            if not comm.is_main:
+                return 0
+            if measured:
+                result["check"] = check_against_bench(measured, fit)
+        rows = scaling_table(hardware, [MODELS[n] for n in models], devices)
+        result["table"] = rows
+        if plot:
+            plot_scaling(rows, plot)
+        if out:
+            atomic_write_json(out, result, indent=1)
+    finally:
+        if comm is not None:
+            comm.close()
+    return result

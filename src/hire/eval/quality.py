@@ -143,3 +143,18 @@ def evaluate(
     result["ppl_increase"] = result["ppl_hire"] / result["ppl_dense"] - 1
     result["ideal_speedup"] = dense_b["total"] / hire_b["total"]
     return result
+
+
+def evaluate_model(model_name: str, config: HiReConfig, *, windows: int = 8, seq_len: int = 512,
+                   calib_windows: int = 16, progress: bool = True) -> dict:
+    """`hire eval`: load ``model_name`` with the head proxy ``config`` needs, then :func:`evaluate` on
+    ``windows`` windows of ``seq_len`` tokens of the corpus's evaluation split."""
+    from hire.calibrate.prepare import prepare_model
+    from hire.data import load_corpus, token_windows
+
+    model, tokenizer, head_proxy = prepare_model(model_name, config, seq_len=seq_len, calib_windows=calib_windows,
+                                                 progress=progress)
+    held = token_windows(tokenizer, load_corpus().text("evaluation"), seq_len, windows)
+    result = evaluate(model, held, config, head_proxy=head_proxy, progress=progress)
+    result["model"] = model_name
+    return result

@@ -178,3 +178,108 @@ def sparse_finetune(model: nn.Module, windows: torch.Tensor, cfg: SparseFTConfig
     apply_topk_(model, densities, cfg.group_size)  # records config.hire_topk (the FFNs are already top-k)
     log["config"] = cfg.to_dict()
     return log
+
+
+EXPORT_MARKER = "sparse_ft.json"  # the report in every directory sparsify_train writes
+
+
+def sparsify_train(
+    model_name: str,
+    cfg: SparseFTConfig,
+    out: str | Path,
+    *,
+    windows: int = 64,
+    seq_len: int = 256,
+    eval_windows: int = 8,
+    eval_seq_len: int = 512,
+    oversample: float = 2.0,
+    allocate_densities: tuple[float, ...] | None = None,
+    sensitivity_windows: int = 2,
+    plot: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
+    """`hire sparsify-train`: :func:`sparse_finetune` ``model_name`` on ``windows`` calibration
+    windows of ``seq_len`` tokens, with held-out perplexity (``eval_windows`` x ``eval_seq_len``)
+    dense / top-k training-free / top-k fine-tuned, and export a Hugging Face directory ``out``
+    (``config.hire_topk``, ``hire_config.json`` whose FFN over-selects ``oversample`` x, and this
+    report as ``sparse_ft.json``), written whole or not at all.
+
+    ``allocate_densities``: candidate densities for per-layer densities averaging ``cfg.density``,
+    allocated by each layer's output-KL sensitivity to exact top-k on ``sensitivity_windows``
+    windows, instead of one density everywhere. An existing ``out`` is replaced only with
+    ``force``, and only when it is a directory this function wrote (it holds sparse_ft.json).
+    Returns the report; its ``layers`` entry holds the per-layer log.
+    """
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from hire.config import FFNConfig
+    from hire.data import load_corpus, token_windows
+    from hire.errors import OverwriteError
+    from hire.eval import perplexity
+    from hire.files import atomic_dir, refuse_overwrite
+    from hire.models import load_model
+    from hire.plots import save_lines
+    from hire.recommended import recommended_config
+
+    out = Path(out)
+    if out.exists():
+        refuse_overwrite(out, force, "--out")
+        if not (out / EXPORT_MARKER).is_file():  # --force replaces our own export, never a user's directory
+            raise OverwriteError(f"{out} exists and is not a directory hire sparsify-train wrote (no {EXPORT_MARKER}); "
+                                 "--force does not replace it: choose another --out")
+    if plot:
+        refuse_overwrite(plot, force, "--plot")
+    FFNConfig(density=cfg.density, group_size=cfg.group_size, oversample=oversample)  # the written config must be valid
+    grid = None
+    if allocate_densities is not None:
+        grid = tuple(sorted(set(allocate_densities) | {cfg.density}))
+        if any(not 0 < d <= 1 for d in grid):
+            raise ValueError(f"--allocate-densities must be in (0, 1], got {allocate_densities}")
+
+    model, tokenizer = load_model(model_name)
+    corpus = load_corpus()
+    calib = token_windows(tokenizer, corpus.text("calibration"), seq_len, windows)
+    held = token_windows(tokenizer, corpus.text("evaluation"), eval_seq_len, eval_windows)
+    result = {"model": model_name, "calibration_tokens": calib.numel(), "held_out_tokens": held.numel()}
+    if grid is not None:
+        from hire.tune import allocate_mean_density, topk_sensitivity
+
+        kl = topk_sensitivity(model, calib[:sensitivity_windows], grid, progress=progress)
+        cfg = dataclasses.replace(cfg, layer_density=tuple(allocate_mean_density(kl, grid, cfg.density)))
+        result["allocation"] = {"densities": grid, "kl": kl, "layer_density": cfg.layer_density}
+    result["config"] = dataclasses.asdict(cfg)
+    result["ppl_dense"] = perplexity(model, held, progress=progress)
+    free = apply_topk_(copy.deepcopy(model), list(cfg.layer_density) or cfg.density, cfg.group_size)
+    result["mean_density"] = free.config.hire_topk["density"]
+    result["ppl_topk_training_free"] = perplexity(free, held, progress=progress)
+    del free
+    start = time.time()
+    log = sparse_finetune(model, calib, cfg, progress=progress)
+    result["seconds"] = time.time() - start
+    result["ppl_topk_finetuned"] = perplexity(model, held, progress=progress)
+    result["ppl_increase"] = result["ppl_topk_finetuned"] / result["ppl_dense"] - 1
+    result["ppl_increase_training_free"] = result["ppl_topk_training_free"] / result["ppl_dense"] - 1
+    result["layers"] = log
+    result["out"] = str(out)
+    result["hire_config"] = str(out / "hire_config.json")
+
+    base = recommended_config(model_name)
+    hire_config = dataclasses.replace(base, ffn=dataclasses.replace(
+        base.ffn, enabled=True, density=result["mean_density"], layer_density=tuple(cfg.layer_density),
+        group_size=cfg.group_size, oversample=oversample))
+    with atomic_dir(out, replace=force) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "hire_config.json").write_text(hire_config.to_json() + "\n")
+        (tmp / EXPORT_MARKER).write_text(json.dumps(result, indent=2) + "\n")
+    if plot:
+        save_lines(plot, [
+            {"x": log["layer"], "y": log["rel_error_before"], "label": "top-k, training-free", "style": {"marker": "o", "ms": 3}},
+            {"x": log["layer"], "y": log["rel_error_after"], "label": "top-k, fine-tuned", "style": {"marker": "o", "ms": 3}},
+        ], xlabel="decoder layer", ylabel="held-out ||y - y_dense||^2 / ||y_dense||^2", logy=True, size=(6.5, 3.5),
+            title=f"{model_name}: top-{100 * result['mean_density']:.3g}% FFNs, layer-wise fine-tuning")
+        result["plot"] = str(plot)
+    return result

@@ -1,0 +1,304 @@
+"""What the verbs share: a parser whose errors return to ``main``, argparse types that check a
+number's range while parsing, flags derived from the config dataclasses, and the model flags.
+
+Every numeric flag is checked here, before anything loads: the message names the flag and the
+allowed range (``--rounds must be an integer >= 1, got '0'``). Config fields are checked by
+building the config right after parsing (``build_config``: the dataclasses validate themselves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+import typing
+from typing import Any, Callable
+
+from hire.config import AGGREGATES, FFN_PROXIES, HEAD_PROXIES, FFNConfig, HeadConfig, HiReConfig
+from hire.recommended import recommended_config
+from hire.train.scratch import TrainConfig
+from hire.train.sparse_ft import SparseFTConfig
+
+
+class UsageError(Exception):
+    """A command line argparse rejected; ``main`` prints it with the verb's usage and returns 2."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str):
+        super().__init__(message)
+        self.parser, self.message = parser, message
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises UsageError instead of exiting, so ``main`` returns the status
+    (``--help`` still exits 0 after printing)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        # argparse words a rejected value "argument --rounds: must be ..."; the range checks below
+        # read as one sentence, like the errors raised after parsing: "--rounds must be ..."
+        ours = re.fullmatch(r"argument (-[-\w]+)(?:/-[-\w]+)*: ((?:must be|takes) .*)", message, flags=re.S)
+        raise UsageError(self, f"{ours[1]} {ours[2]}" if ours else message)
+
+
+# --- numbers checked while parsing ----------------------------------------------------------------
+def _bounds(minimum, maximum, above, integer: bool) -> str:
+    parts = []
+    if above is not None:
+        parts.append(f"> {above:g}")
+    if minimum is not None:
+        parts.append(f">= {minimum:g}")
+    if maximum is not None:
+        parts.append(f"<= {maximum:g}")
+    kind = "an integer" if integer else "a number"
+    return f"{kind} {' and '.join(parts)}".rstrip()
+
+
+def _in_range(value, minimum, maximum, above) -> bool:
+    return ((minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+            and (above is None or value > above))
+
+
+def integer(minimum: int | None = None, maximum: int | None = None) -> Callable[[str], int]:
+    """argparse type: an int in [minimum, maximum] (either bound optional)."""
+    want = _bounds(minimum, maximum, None, True)
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}") from None
+        if not _in_range(value, minimum, maximum, None):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
+        return value
+
+    parse.__name__ = want  # argparse names the type in some messages
+    return parse
+
+
+def number(minimum: float | None = None, maximum: float | None = None, *, above: float | None = None
+           ) -> Callable[[str], float]:
+    """argparse type: a finite float >= minimum (or > above) and <= maximum."""
+    want = _bounds(minimum, maximum, above, False)
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}") from None
+        if not math.isfinite(value) or not _in_range(value, minimum, maximum, above):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
+        return value
+
+    parse.__name__ = want
+    return parse
+
+
+def integers(minimum: int = 1) -> Callable[[str], tuple[int, ...]]:
+    """argparse type: comma-separated integers, each >= minimum (e.g. ``1,2,4``)."""
+    want = f"comma-separated integers >= {minimum}"
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(part) for part in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}") from None
+        if any(v < minimum for v in values):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
+        return values
+
+    parse.__name__ = want
+    return parse
+
+
+def fractions() -> Callable[[str], tuple[float, ...]]:
+    """argparse type: comma-separated numbers in (0, 1] (densities, e.g. ``0.2,0.5,1``)."""
+    want = "comma-separated numbers in (0, 1]"
+
+    def parse(text: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(part) for part in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}") from None
+        if any(not 0 < v <= 1 for v in values):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
+        return values
+
+    parse.__name__ = want
+    return parse
+
+
+def names(choices) -> Callable[[str], tuple[str, ...]]:
+    """argparse type: a comma-separated subset of ``choices`` (e.g. ``dense,da``)."""
+    want = f"a comma-separated subset of {','.join(choices)}"
+
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(part.strip() for part in text.split(","))
+        if any(v not in choices for v in values):
+            raise argparse.ArgumentTypeError(f"takes {want}, got {text!r}")
+        return values
+
+    parse.__name__ = want
+    return parse
+
+
+# --- flags from the config dataclasses ------------------------------------------------------------
+# One line per field: the flag's help, unless the field carries its own (``metadata={"help": ...}``).
+# Kept here, beside the only code that reads it; a flagged field with neither stops the parser
+# from being built, and the test suite checks that no entry here is stale.
+FIELD_HELP: dict[type, dict[str, str]] = {
+    HeadConfig: {
+        "k": "the top-k the sampler needs (recall@k is reported for it)",
+        "candidates": "k' >= k: rows whose logits are computed exactly; more -> higher recall, more bytes",
+        "proxy": "the estimator that scores every vocabulary row",
+        "rank": "low-rank proxy width (lowrank, cascade)",
+        "rank_bits": "storage of the low-rank factor U: 8 or 16 bits",
+        "bits": "the quantized proxy's bits: 4 or 8 (int4/int8 and the cascade's second stage)",
+        "group_size": "columns sharing one scale in the quantized copies",
+        "stage_candidates": "cascade: survivors of the low-rank pass given to the quantized pass",
+        "train_steps": "low-rank proxy: Adam steps of recall training after the fit (0 = fit only)",
+        "proxy_file": "a saved low-rank proxy (hire calibrate writes one)",
+        "select_blocks": "first pass: 0 = one exact top-k over the vocabulary; B = the best 1/B from each of "
+                         "B interleaved vocabulary blocks (faster)",
+    },
+    FFNConfig: {
+        "density": "fraction of FFN neurons computed per token, in (0, 1]",
+        "oversample": "candidates = oversample x kept neurons (> 1: exact rescoring picks the final set)",
+        "proxy": "the estimator of each neuron's activation (exact = the true activation, for measuring)",
+        "bits_group_size": "columns sharing one scale in the quantized proxy",
+        "group_size": "contiguous neurons selected together (1 = single neurons)",
+        "aggregate": "a group's score from its neurons' |activation| estimates",
+    },
+    TrainConfig: {
+        "vocab_size": "byte-level BPE vocabulary trained on the corpus",
+        "hidden_size": "model width",
+        "intermediate_size": "FFN neurons per layer",
+        "layers": "decoder layers",
+        "heads": "attention heads (hidden_size / heads must be even)",
+        "seq_len": "tokens per training window",
+        "batch_size": "windows per step",
+        "steps": "optimizer steps",
+        "lr": "peak learning rate (AdamW)",
+        "warmup_steps": "linear warm-up steps, then cosine decay",
+        "min_lr_ratio": "cosine decay from lr to lr x min_lr_ratio",
+        "weight_decay": "AdamW weight decay",
+        "density": "fraction of FFN neurons kept per token (1 = dense, 0.1 = top-10%%)",
+        "group_size": "contiguous neurons selected together (group top-k)",
+        "density_warmup": "fraction of the steps over which the density anneals from 1 to its target",
+        "head_rank": "> 0: train a rank-r LM-head proxy jointly (HiRE-LR)",
+        "head_k": "top-k the head proxy is measured for",
+        "head_candidates": "k' of the head proxy",
+        "head_temperature": "temperature of the head proxy's KL loss",
+        "head_lr": "head proxy learning rate, relative to each factor's RMS",
+        "head_batch": "head inputs per step for the proxy loss",
+        "head_refit_every": "refit the proxy activation-aware every N steps (0 = never)",
+        "decode_oversample": "FFN candidates / kept neurons in the written HiRE config",
+        "seed": "seed of the initial weights and the batches",
+        "eval_every": "steps between validation losses",
+        "eval_windows": "validation windows",
+        "save_every": "steps between checkpoints",
+    },
+    SparseFTConfig: {
+        "density": "FFN neurons kept per token, in (0, 1]",
+        "group_size": "contiguous neurons selected together",
+        "steps": "Adam steps per layer",
+        "batch": "tokens per step",
+        "lr": "Adam learning rate, cosine-decayed to 10%%",
+        "seed": "seed of the minibatches and the held-out split",
+    },
+}
+FIELD_CHOICES = {(HeadConfig, "proxy"): HEAD_PROXIES, (FFNConfig, "proxy"): FFN_PROXIES,
+                 (FFNConfig, "aggregate"): AGGREGATES}
+# fields set another way, not by a flag of their own
+NOT_FLAGS = {(HeadConfig, "enabled"): "--no-head", (FFNConfig, "enabled"): "--no-ffn",
+             (FFNConfig, "layer_density"): "hire tune writes it", (SparseFTConfig, "layer_density"): "--allocate"}
+
+
+def field_help(cls: type, f: dataclasses.Field) -> str:
+    text = f.metadata.get("help") or FIELD_HELP.get(cls, {}).get(f.name)
+    if not text:
+        raise TypeError(f"{cls.__name__}.{f.name} has no help line: add metadata={{'help': ...}} to the field or an "
+                        "entry to hire.commands._args.FIELD_HELP")
+    return text
+
+
+def config_fields(cls: type) -> list[tuple[dataclasses.Field, type]]:
+    """The fields of ``cls`` that are flags, with their types (int, float or str)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if (cls, f.name) in NOT_FLAGS:
+            continue
+        kind = hints[f.name]
+        if kind not in (int, float, str):
+            raise TypeError(f"{cls.__name__}.{f.name} ({kind}) has no flag type: add it to NOT_FLAGS or teach "
+                            "add_config_flags its type")
+        out.append((f, kind))
+    return out
+
+
+def add_config_flags(group, cls: type, *, prefix: str = "", dest_prefix: str = "", show_default: bool = True) -> None:
+    """A ``--PREFIXFIELD`` flag for each field of the dataclass ``cls`` (dest ``DEST_PREFIXFIELD``,
+    default None = not given), typed from the field's type, with its FIELD_HELP line."""
+    for f, kind in config_fields(cls):
+        text = field_help(cls, f)
+        if show_default:
+            text += f" (default {f.default})"
+        parse = {int: integer(), float: number(), str: str}[kind]
+        group.add_argument("--" + (prefix + f.name).replace("_", "-"), dest=dest_prefix + f.name, type=parse,
+                           default=None, choices=FIELD_CHOICES.get((cls, f.name)), metavar=f.name.upper()
+                           if (cls, f.name) not in FIELD_CHOICES else None, help=text)
+
+
+def given(args: argparse.Namespace, cls: type, dest_prefix: str = "") -> dict[str, Any]:
+    """The fields of ``cls`` whose flags were given: {field: value}."""
+    values = {f.name: getattr(args, dest_prefix + f.name) for f, _ in config_fields(cls)}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+# --- the model and its HiRE config ----------------------------------------------------------------
+def add_model_args(p: argparse.ArgumentParser, *, calib_default: int = 16, seq_len_default: int = 512) -> None:
+    p.add_argument("--model", default="smollm2-135m",
+                   help="built-in name (smollm2-135m, gemma3-270m), a Hugging Face model directory, or a .gguf file "
+                        "(default: smollm2-135m)")
+    p.add_argument("--config", help="HiRE config JSON (default: the recommended settings for the model)")
+    head = p.add_argument_group("LM head", "each flag overrides that field of head in the config (--config, else "
+                                           "the model's recommended settings)")
+    add_config_flags(head, HeadConfig, prefix="head_", dest_prefix="head_", show_default=False)
+    head.add_argument("--no-head", action="store_true", help="leave the LM head dense")
+    ffn = p.add_argument_group("FFN", "each flag overrides that field of ffn in the config")
+    add_config_flags(ffn, FFNConfig, prefix="ffn_", dest_prefix="ffn_", show_default=False)
+    ffn.add_argument("--no-ffn", action="store_true", help="leave the FFNs dense")
+    p.add_argument("--calib-windows", type=integer(minimum=1), default=calib_default,
+                   help=f"calibration windows (of --seq-len tokens) for fitting the low-rank head proxy "
+                        f"(default {calib_default})")
+    p.add_argument("--seq-len", type=integer(minimum=2), default=seq_len_default,
+                   help=f"tokens per window (default {seq_len_default})")
+
+
+def build_config(args: argparse.Namespace) -> HiReConfig:
+    """The HiRE config: --config (or the model's recommended one) with the flags given over it.
+    Validated as it is built (a bad value raises ValueError naming the field), before anything loads."""
+    base = HiReConfig.load(args.config) if args.config else recommended_config(args.model)
+    head = dataclasses.replace(base.head, **given(args, HeadConfig, "head_"))
+    ffn = dataclasses.replace(base.ffn, **given(args, FFNConfig, "ffn_"))
+    if args.no_head:
+        head = dataclasses.replace(head, enabled=False)
+    if args.no_ffn:
+        ffn = dataclasses.replace(ffn, enabled=False)
+    return dataclasses.replace(base, head=head, ffn=ffn)
+
+
+def add_force(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="replace outputs (--out, --plot) that exist already")
+
+
+def add_json(p: argparse.ArgumentParser, what: str = "print one JSON object") -> None:
+    p.add_argument("--json", action="store_true", help=what)
+
+
+DTYPES = ["float16", "bfloat16", "float32"]
+
+
+def fmt(value, spec: str = ".4f") -> str:
+    """A number for a report, or '-' where there is none."""
+    return "-" if value is None else format(value, spec)

@@ -1,0 +1,85 @@
+"""`hire bench`: decode tokens/s, dense vs HiRE, in one engine (with --tp: over P ranks)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from hire.bench.decode import bench_model
+from hire.commands import _tp
+from hire.commands._args import DTYPES, add_force, add_json, add_model_args, build_config, integer
+from hire.system import set_threads
+
+HELP = "decode tokens/s, dense vs HiRE, in one engine"
+DESCRIPTION = ("Dense vs HiRE decode speed in the same engine and run: interleaved rounds after a warm-up, medians; "
+               "bytes per token, achieved bandwidth, the ideal speedup from bytes and the fraction reached, a "
+               "per-part breakdown.")
+DEFAULT_PROMPT = "The king's daughter walked alone by the river, and as the evening fell she began to sing"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt decoding starts from")
+    p.add_argument("--tokens", type=integer(minimum=2), default=64,
+                   help="new tokens per round (default 64; the first comes from the prefill, so at least 2)")
+    p.add_argument("--rounds", type=integer(minimum=1), default=5, help="interleaved dense/HiRE rounds (default 5)")
+    p.add_argument("--warmup", type=integer(minimum=0), default=1, help="untimed rounds before them (default 1)")
+    p.add_argument("--threads", type=integer(minimum=1), default=None,
+                   help="torch threads (default: all cores; with --tp, cores / TP per rank)")
+    p.add_argument("--dtype", default="float16", choices=DTYPES,
+                   help="weights in the engine (default float16; the residual stream stays float32)")
+    p.add_argument("--no-breakdown", action="store_true", help="skip the per-part timing and the profile")
+    p.add_argument("--vs-transformers", action="store_true", help="also time transformers' eager generate()")
+    p.add_argument("--llama-cpp", action="store_true", help="also time llama.cpp (needs llama-cpp-python)")
+    p.add_argument("--plot", help="write a PNG of the breakdown (with --tp: tokens/s and collectives per mode)")
+    add_force(p)
+    add_json(p)
+    _tp.add_tp_args(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    if args.tp is not None:
+        return _tp.run(args, config)
+    set_threads(args.threads)
+    result = bench_model(args.model, config, prompt=args.prompt, tokens=args.tokens, rounds=args.rounds,
+                         warmup=args.warmup, dtype=args.dtype, breakdown=not args.no_breakdown,
+                         vs_transformers=args.vs_transformers, llama_cpp=args.llama_cpp, seq_len=args.seq_len,
+                         calib_windows=args.calib_windows, plot=args.plot, force=args.force, progress=not args.json)
+    print(json.dumps(result, indent=2) if args.json else format_bench(result))
+    return 0
+
+
+def format_bench(r: dict) -> str:
+    mb = 1 / 2**20
+    lines = [
+        f"model {r['model']}, {r['dtype']}, {r['threads']} threads: {r['new_tokens']} new tokens after a "
+        f"{r['prompt_tokens']}-token prompt, {r['rounds']} interleaved rounds (medians)",
+        "",
+        f"{'':22s} {'dense':>10s} {'HiRE':>10s}",
+        f"{'decode tokens/s':22s} {r['tokens_per_s_dense']:10.1f} {r['tokens_per_s_hire']:10.1f}   speedup {r['speedup']:.2f}x",
+        f"{'ms per token':22s} {r['ms_per_token_dense']:10.2f} {r['ms_per_token_hire']:10.2f}",
+        f"{'MiB read per token':22s} {r['bytes_per_token_dense'] * mb:10.1f} {r['bytes_per_token_hire'] * mb:10.1f}"
+        f"   ideal speedup {r['ideal_speedup']:.2f}x, reached {100 * r['fraction_of_ideal']:.0f} %",
+        f"{'achieved GB/s':22s} {r['bandwidth_gb_s_dense']:10.2f} {r['bandwidth_gb_s_hire']:10.2f}",
+    ]
+    if "ms_per_part_dense" in r:
+        lines.append("")
+        lines.append(f"{'per part':22s} {'ms dense':>10s} {'ms HiRE':>10s} {'MiB dense':>10s} {'MiB HiRE':>10s}")
+        for part in ("head", "ffn", "attention", "other"):
+            bd = r["bytes_dense"][part] + (r["bytes_dense"]["embedding"] if part == "other" else 0)
+            bh = r["bytes_hire"][part] + (r["bytes_hire"]["embedding"] if part == "other" else 0)
+            lines.append(f"{part:22s} {r['ms_per_part_dense'][part]:10.2f} {r['ms_per_part_hire'][part]:10.2f} "
+                         f"{bd * mb:10.1f} {bh * mb:10.1f}")
+        od, oh = r["overhead_dense"], r["overhead_hire"]
+        lines.append(f"{'Python/dispatch ms':22s} {od['ms_overhead_per_token']:10.2f} {oh['ms_overhead_per_token']:10.2f}"
+                     "   (wall time outside aten operators, torch.profiler)")
+    if "tokens_per_s_transformers" in r:
+        lines.append(f"transformers generate(): {r['tokens_per_s_transformers']:.1f} tokens/s (float32, eager); "
+                     f"dense engine is {r['engine_dense_vs_transformers']:.2f}x that")
+    if "llama_cpp" in r:
+        lc = r["llama_cpp"]
+        lines.append(f"llama.cpp: {lc['tokens_per_s']:.1f} tokens/s" if lc.get("available") else f"llama.cpp: {lc['reason']}")
+    lines.append(f"greedy tokens identical, dense vs HiRE: {100 * r['greedy_agreement_last_round']:.0f} % "
+                 f"(kernels {r['hire_kernels']})")
+    return "\n".join(lines)

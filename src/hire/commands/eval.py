@@ -1,0 +1,61 @@
+"""`hire eval`: quality and bytes of HiRE vs dense on held-out text."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from hire.commands import _tp
+from hire.commands._args import DTYPES, add_json, add_model_args, build_config, fmt, integer
+from hire.eval.quality import evaluate_model
+
+HELP = "quality and bytes of HiRE vs dense on held-out text"
+DESCRIPTION = ("Perplexity dense vs HiRE-FFN, greedy agreement, LM-head and FFN recall, and bytes read per decoded "
+               "token, on the evaluation split of the packaged corpus.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--windows", type=integer(minimum=1), default=None,
+                   help="evaluation windows of --seq-len tokens (default 8; with --tp, 2: they are decoded token by token)")
+    add_json(p)
+    p.add_argument("--compact", action="store_true", help="with --json: on one line")
+    _tp.add_tp_args(p)
+    p.add_argument("--dtype", default="float16", choices=DTYPES, help="with --tp: weights in the engine (default float16)")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    if args.tp is not None:
+        return _tp.run(args, config, windows=args.windows or 2)
+    result = evaluate_model(args.model, config, windows=args.windows or 8, seq_len=args.seq_len,
+                            calib_windows=args.calib_windows, progress=not args.json)
+    print(json.dumps(result, indent=None if args.compact else 2) if args.json else format_eval(result))
+    return 0
+
+
+def format_eval(r: dict) -> str:
+    c = r["config"]
+    mb = 1 / 2**20
+    lines = [
+        f"model {r['model']} ({r['architecture']}), {r['positions']} positions of held-out text "
+        f"({r['windows']} windows x {r['seq_len']})",
+        f"head: {c['head']['proxy'] if c['head']['enabled'] else 'dense'} k={c['head']['k']} "
+        f"k'={c['head']['candidates']}   ffn: {c['ffn']['proxy'] if c['ffn']['enabled'] else 'dense'} "
+        f"density={c['ffn']['density']} group={c['ffn']['group_size']}",
+        "",
+        *([f"reference: the model's own {r['reference']} (it was trained with it); 'dense' below means that"]
+          if r.get("reference", "dense") != "dense" else []),
+        f"perplexity      dense {r['ppl_dense']:.3f}   HiRE FFN {r['ppl_hire']:.3f}   ({100 * r['ppl_increase']:+.2f}%)",
+        f"greedy agreement, full HiRE vs dense: {fmt(r['greedy_agreement'])}",
+        f"LM head         recall@1 {fmt(r['head_recall_at_1'])}   recall@{c['head']['k']} {fmt(r['head_recall_at_k'])}"
+        f"   greedy agreement {fmt(r['head_greedy_agreement'])}",
+        f"FFN             recall (mean over layers) {fmt(r['ffn_recall'])}",
+        "",
+        f"{'bytes/token':12s} {'dense MiB':>10s} {'HiRE MiB':>10s} {'fraction':>9s}",
+    ]
+    for part in ("head", "ffn", "attention", "embedding", "other", "total"):
+        d, h = r["bytes_dense"][part], r["bytes_hire"][part]
+        lines.append(f"{part:12s} {d * mb:10.2f} {h * mb:10.2f} {(h / d if d else 1):9.3f}")
+    lines.append(f"ideal decode speedup from bytes: {r['ideal_speedup']:.2f}x   ({r['seconds']:.0f} s)")
+    return "\n".join(lines)

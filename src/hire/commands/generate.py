@@ -1,0 +1,53 @@
+"""`hire generate`: stream text from the HiRE engine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hire.commands._args import DTYPES, add_model_args, build_config, integer, number
+from hire.generate import generate_text
+
+HELP = "stream text from the HiRE engine"
+DESCRIPTION = ("Generate with the HiRE decode engine (Llama, Mistral, Qwen2 and Gemma-3 layouts; other architectures "
+               "go through the patched model's generate()).")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--dense", action="store_true", help="the dense weights of the same engine, for comparison")
+    p.add_argument("--max-new-tokens", type=integer(minimum=1), default=64, help="(default 64)")
+    p.add_argument("--temperature", type=number(minimum=0), default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=integer(minimum=1), default=None, help="sample from the K most likely tokens")
+    p.add_argument("--top-p", type=number(maximum=1, above=0), default=None,
+                   help="sample from the smallest set of tokens whose probability reaches P, in (0, 1]")
+    p.add_argument("--seed", type=integer(), default=0, help="sampling seed (default 0)")
+    p.add_argument("--dtype", default="float16", choices=DTYPES,
+                   help="weights in the engine (default float16; the residual stream stays float32)")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = build_config(args)  # checked with --dense too: the flags are the same command line
+    started = False
+
+    def show(text: str) -> None:  # the prompt once the model runs, then each new piece
+        nonlocal started
+        if not started:
+            print(args.prompt, end="", flush=True)
+            started = True
+        print(text, end="", flush=True)
+
+    r = generate_text(args.model, None if args.dense else config, args.prompt, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                      dtype=args.dtype, seq_len=args.seq_len, calib_windows=args.calib_windows,
+                      on_text=show)
+    show("")
+    kind = "dense" if args.dense else "HiRE"
+    if r["backend"] == "engine":
+        print(f"\n[{kind} engine, {args.dtype}: {r['new_tokens']} tokens, {r['tokens_per_s']:.1f} tokens/s decode, "
+              f"prefill {1000 * r['prefill_s']:.0f} ms]", file=sys.stderr)
+    else:
+        print(f"\n[{kind}: {r['new_tokens']} tokens in {r['seconds']:.1f} s, {r['tokens_per_s']:.1f} tokens/s through "
+              "transformers generate(); the engine does not run this architecture]", file=sys.stderr)
+    return 0

@@ -1,0 +1,88 @@
+"""`hire generate`: stream text from a model with HiRE (or dense, for comparison).
+
+Architectures the engine runs decode in the engine (static KV cache, HiRE's decode path); others
+go through the patched Hugging Face model's ``generate()``, which takes the same HiRE layers.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from hire.calibrate.prepare import prepare_model
+from hire.config import HiReConfig
+from hire.engine import SUPPORTED, Engine
+from hire.patch import sparsify_
+
+
+def generate_text(
+    model_name: str,
+    config: HiReConfig | None,
+    prompt: str,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    dtype: str = "float16",
+    seq_len: int = 512,
+    calib_windows: int = 16,
+    on_text: Callable[[str], None] = lambda text: None,
+    progress: bool = True,
+) -> dict:
+    """Continue ``prompt`` by up to ``max_new_tokens`` tokens with ``model_name`` under ``config``
+    (``None``: dense), calling ``on_text`` with each new piece of text as it is decoded (the prompt
+    itself is not repeated). Greedy at ``temperature`` 0, else sampled (``top_k``, ``top_p``, ``seed``).
+    Returns what was generated and how fast: ``text``, ``new_tokens``, ``tokens_per_s``, ``seconds``,
+    ``prefill_s`` (engine only) and ``backend`` ("engine" or "transformers")."""
+    model, tokenizer, head_proxy = prepare_model(model_name, config, seq_len=seq_len, calib_windows=calib_windows,
+                                                 progress=progress)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
+    if model.config.model_type not in SUPPORTED:
+        return _generate_transformers(model, tokenizer, config, head_proxy, ids, max_new_tokens=max_new_tokens,
+                                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, on_text=on_text)
+    engine = Engine(model, config, head_proxy=head_proxy, dtype=getattr(torch, dtype),
+                    max_seq_len=ids.numel() + max_new_tokens)
+    new_ids: list[int] = []
+    shown = ""
+
+    def stream(token: int) -> None:
+        # decode the whole continuation each time: a token may complete a character begun by the last
+        nonlocal shown
+        new_ids.append(token)
+        text = tokenizer.decode(new_ids, skip_special_tokens=True)
+        on_text(text[len(shown):])
+        shown = text
+
+    stop = tuple(t for t in [tokenizer.eos_token_id] if t is not None)
+    stats = engine.generate(ids, max_new_tokens, hire=config is not None, temperature=temperature, top_k=top_k,
+                            top_p=top_p, seed=seed, stop_ids=stop, on_token=stream)
+    return {"backend": "engine", "text": shown, "new_tokens": stats.new_tokens, "tokens_per_s": stats.tokens_per_s,
+            "prefill_s": stats.prefill_s, "seconds": stats.prefill_s + stats.decode_s}
+
+
+def _generate_transformers(model, tokenizer, config, head_proxy, ids: torch.Tensor, *, max_new_tokens: int,
+                           temperature: float, top_k, top_p, seed: int, on_text) -> dict:
+    """The patched model through transformers' generate(), streamed through ``on_text``."""
+    from transformers import TextStreamer
+
+    class Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            on_text(text)
+
+    if config is not None:
+        sparsify_(model, config, head_proxy=head_proxy)
+    sampling = dict(do_sample=temperature > 0)
+    if temperature > 0:
+        sampling.update(temperature=temperature, top_k=top_k, top_p=top_p)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    out = model.generate(ids[None], max_new_tokens=max_new_tokens,
+                         streamer=Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True), **sampling)
+    elapsed = time.perf_counter() - start
+    new = out.shape[1] - ids.numel()
+    return {"backend": "transformers", "text": tokenizer.decode(out[0, ids.numel():], skip_special_tokens=True),
+            "new_tokens": new, "tokens_per_s": new / elapsed, "seconds": elapsed}
