@@ -37,7 +37,7 @@ ROWS = [  # label, run, its HiRE config (relative to the run directory), extra f
     ("group top-k 10% (groups of 16)", "group16", "hire_config.json", []),
     ("top-k 10% + HiRE-LR head (joint, rank 32)", "topk", "hire_config.json", []),
     ("top-k 10% + HiRE-LR head (joint with refits, rank 32)", "topk-refit", "hire_config.json", []),
-    ("top-k 10% + HiRE-LR head (calibrated, rank 32)", "topk", "../topk-cal/config.json", []),
+    ("top-k 10% + HiRE-LR head (calibrated, rank 32)", "topk", "../topk-cal/hire_config.json", []),
 ]
 CALIBRATE = ["--head-proxy-file", "", "--head-select-blocks", "0", "--steps", "300", "--calib-windows", "32",
              "--seq-len", "256", "--eval-windows", "8"]
@@ -77,7 +77,7 @@ def main() -> None:
             run_json([*HIRE, "train", "--out", str(out), *resume, "--json"])
         logs[name] = json.loads((out / "train_log.json").read_text())
     cal = root / "topk-cal"
-    if not (cal / "config.json").is_file():  # the head proxy refitted and trained on the finished top-k model
+    if not (cal / "hire_config.json").is_file():  # the head proxy refitted and trained on the finished top-k model
         run_json([*HIRE, "calibrate", "--model", str(root / "topk"), "--config", str(root / "topk" / "hire_config.json"),
                   *CALIBRATE, "--out", str(cal), "--json"])
     rows = []

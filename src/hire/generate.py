@@ -11,9 +11,10 @@ from typing import Callable
 
 import torch
 
+from hire.arch import engine_supported
 from hire.calibrate.prepare import prepare_model
 from hire.config import HiReConfig
-from hire.engine import SUPPORTED, Engine
+from hire.engine import Engine
 from hire.patch import sparsify_
 
 
@@ -41,7 +42,7 @@ def generate_text(
     model, tokenizer, head_proxy = prepare_model(model_name, config, seq_len=seq_len, calib_windows=calib_windows,
                                                  progress=progress)
     ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
-    if model.config.model_type not in SUPPORTED:
+    if not engine_supported(model.config.model_type):
         return _generate_transformers(model, tokenizer, config, head_proxy, ids, max_new_tokens=max_new_tokens,
                                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, on_text=on_text)
     engine = Engine(model, config, head_proxy=head_proxy, dtype=getattr(torch, dtype),

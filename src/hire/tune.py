@@ -28,7 +28,10 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from hire.config import FFNConfig, HeadConfig, HiReConfig
+from hire.data import load_corpus, token_windows
 from hire.eval.quality import perplexity
+from hire.files import atomic_write_text, refuse_overwrite
+from hire.models import load_model
 from hire.patch import hire_layers, set_mode, sparsify_, unsparsify_
 
 DENSITIES = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -252,9 +255,6 @@ def tune_model(
     ``seq_len`` tokens (sensitivities on the first ``sensitivity_windows`` of them, at most all),
     the chosen config written to ``out`` (atomically; an existing file only with ``force``).
     Returns the report (the JSON of ``hire tune``)."""
-    from hire.data import load_corpus, token_windows
-    from hire.files import atomic_write_text, refuse_overwrite
-    from hire.models import load_model
 
     if not max_ppl_increase > 0:  # before the model loads: tune_ffn checks it only after
         raise ValueError(f"--max-ppl-increase must be > 0 (e.g. 0.03 for +3 %), got {max_ppl_increase}")

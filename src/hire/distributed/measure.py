@@ -5,12 +5,19 @@ the exact global top-k, greedy agreement with the single-process engine, perplex
 from __future__ import annotations
 
 import math
+import os
 import statistics
 
 import torch
 
+from hire.calibrate.prepare import prepare_model
+from hire.data import load_corpus, token_windows
+from hire.distributed.comm import init_tp, launch, launched_by_torchrun, main_rank_first
 from hire.distributed.tp import MODES, TPEngine
 from hire.engine import Engine
+from hire.files import refuse_overwrite
+from hire.plots import plot_tp_bench
+from hire.system import available_cores
 
 SELECTION_KINDS = ("ffn_select", "head_select")
 
@@ -196,13 +203,6 @@ def run_tp(
     caches), measures, and returns the report on rank 0 (a dict, plotted at ``plot``) and 0 on the
     others, which have nothing to print.
     """
-    import os
-
-    from hire.calibrate.prepare import prepare_model
-    from hire.distributed.comm import init_tp, launch, launched_by_torchrun, main_rank_first
-    from hire.files import refuse_overwrite
-    from hire.plots import plot_tp_bench
-    from hire.system import available_cores
 
     if command not in ("bench", "eval"):
         raise ValueError(f"run_tp measures 'bench' or 'eval', not {command!r}")
@@ -227,7 +227,6 @@ def run_tp(
             ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
             length = ids.numel() + tokens + 1
         else:
-            from hire.data import load_corpus, token_windows
 
             held = list(token_windows(tokenizer, load_corpus().text("evaluation"), seq_len, windows))
             length = seq_len + 1

@@ -7,7 +7,7 @@ layout, see ``prepare_decode``). ``hire=False`` runs the dense weights of the sa
 dense and HiRE are compared on equal terms.
 """
 
-from hire.engine.engine import SUPPORTED, Engine
+from hire.engine.engine import Engine
 from hire.engine.sampling import sample
 
-__all__ = ["SUPPORTED", "Engine", "sample"]
+__all__ = ["Engine", "sample"]

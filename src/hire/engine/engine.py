@@ -11,12 +11,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from hire import native
-from hire.arch import EngineSpec, arch_spec, decoder_layers, engine_architectures, engine_spec
+from hire.arch import EngineSpec, arch_spec, decoder_layers, engine_spec
 from hire.config import HiReConfig
 from hire.engine.sampling import sample
 from hire.patch import hire_layers, sparsify_
 
-SUPPORTED = engine_architectures()  # kept for callers that test membership; hire.arch.engine_supported says the same
 
 
 class _RMSNorm:

@@ -18,7 +18,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hire.arch import head_module
+from hire.calibrate.prepare import prepare_model
 from hire.config import HiReConfig
+from hire.data import load_corpus, token_windows
 from hire.eval.bytes import bytes_per_token
 from hire.patch import hire_layers, set_mode, sparsify_, unsparsify_
 from hire.topk import recall_at_k
@@ -149,8 +151,6 @@ def evaluate_model(model_name: str, config: HiReConfig, *, windows: int = 8, seq
                    calib_windows: int = 16, progress: bool = True) -> dict:
     """`hire eval`: load ``model_name`` with the head proxy ``config`` needs, then :func:`evaluate` on
     ``windows`` windows of ``seq_len`` tokens of the corpus's evaluation split."""
-    from hire.calibrate.prepare import prepare_model
-    from hire.data import load_corpus, token_windows
 
     model, tokenizer, head_proxy = prepare_model(model_name, config, seq_len=seq_len, calib_windows=calib_windows,
                                                  progress=progress)

@@ -21,9 +21,12 @@ after training. The result is a Hugging Face directory whose config records ``hi
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,9 +34,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hire.arch import arch_spec, decoder_layers
-from hire.config import check_field_types, config_from_dict, config_to_dict
-from hire.errors import ConfigError
+from hire.config import FFNConfig, check_field_types, config_from_dict, config_to_dict
+from hire.data import load_corpus, token_windows
+from hire.errors import ConfigError, OverwriteError
+from hire.eval import perplexity
+from hire.files import atomic_dir, refuse_overwrite
 from hire.layers.topk_ffn import TopKMLP, apply_topk_, check_topk
+from hire.models import load_model
+from hire.plots import save_lines
+from hire.recommended import recommended_config
+from hire.tune import allocate_mean_density, topk_sensitivity
 
 
 @dataclass(frozen=True)
@@ -211,18 +221,6 @@ def sparsify_train(
     ``force``, and only when it is a directory this function wrote (it holds sparse_ft.json).
     Returns the report; its ``layers`` entry holds the per-layer log.
     """
-    import dataclasses
-    import json
-    from pathlib import Path
-
-    from hire.config import FFNConfig
-    from hire.data import load_corpus, token_windows
-    from hire.errors import OverwriteError
-    from hire.eval import perplexity
-    from hire.files import atomic_dir, refuse_overwrite
-    from hire.models import load_model
-    from hire.plots import save_lines
-    from hire.recommended import recommended_config
 
     out = Path(out)
     if out.exists():
@@ -245,7 +243,6 @@ def sparsify_train(
     held = token_windows(tokenizer, corpus.text("evaluation"), eval_seq_len, eval_windows)
     result = {"model": model_name, "calibration_tokens": calib.numel(), "held_out_tokens": held.numel()}
     if grid is not None:
-        from hire.tune import allocate_mean_density, topk_sensitivity
 
         kl = topk_sensitivity(model, calib[:sensitivity_windows], grid, progress=progress)
         cfg = dataclasses.replace(cfg, layer_density=tuple(allocate_mean_density(kl, grid, cfg.density)))
