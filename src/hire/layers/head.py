@@ -69,9 +69,8 @@ class HiReLMHead(nn.Module):
         idx = self.selector.decode_select(h)
         if self._native:  # only the candidates' rows are read, in place
             logits = native.rows_dot(h, self._weight, idx[0]).view(1, -1).to(self._weight.dtype)
-        else:
-            rows = self._weight.index_select(0, idx[0])  # (k', D)
-            logits = torch.nn.functional.linear(h.to(rows.dtype), rows)
+        else:  # eager, float32 like the kernel, so that a machine without it picks the same tokens
+            logits = native.reference_rows_dot(h, self._weight, idx[0]).view(1, -1).to(self._weight.dtype)
         if self.base_layer.bias is not None:
             logits = logits + self.base_layer.bias[idx]
         return logits, idx
