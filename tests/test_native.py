@@ -22,6 +22,7 @@ from hire.engine.sampling import sample
 from hire.errors import HireError
 from hire.native import build
 from hire.patch import hire_layers, sparsify_
+from hire.proxies import LowRankProxy
 from tiny_models import make
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,19 +196,29 @@ def _decode_trace(engine: Engine, prompt: torch.Tensor, steps: int, feed: list[i
     return tokens, logits
 
 
+# the int8 head: one proxy pass over the vocabulary; the cascade: a low-rank pass, then its survivors
+# rescored by an int8 copy read row by row (QuantizedGEMV.rows: native kernel or its float32 reference)
+HEADS = {"int8": HeadConfig(k=5, candidates=64, proxy="int8", group_size=1024),
+         "cascade": HeadConfig(k=5, candidates=64, proxy="cascade", rank=16, bits=8, group_size=64,
+                               stage_candidates=128)}
+
+
 @needs_kernels
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 @pytest.mark.parametrize("oversample", [1.0, 1.5])  # the fused FFN kernel, and the unfused ones
-def test_engine_float16_decodes_the_same_tokens_with_and_without_the_kernels(arch, oversample):
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_engine_float16_decodes_the_same_tokens_with_and_without_the_kernels(arch, oversample, head):
     """The engine's default dtype: with the kernels or on the eager fallback (a machine without a
     compiler), greedy decoding gives the same tokens, and the same logits within 4 float16 ulps at
     the logits' scale (~1 here): each layer's output may round one ulp apart (see LAYER_TOL), and
     the later float16 layers carry such a difference on (measured: at most 2**-11)."""
-    cfg = HiReConfig(head=HeadConfig(k=5, candidates=64, proxy="int8", group_size=1024),
-                     ffn=FFNConfig(density=0.5, oversample=oversample))
-    fast = Engine(make(arch, seed=3), cfg, max_seq_len=64)
+    cfg = HiReConfig(head=HEADS[head], ffn=FFNConfig(density=0.5, oversample=oversample))
+    lowrank = None
+    if head == "cascade":  # the low-rank stage from the head's SVD (no calibration text needed here)
+        lowrank = LowRankProxy.from_weight(make(arch, seed=3).get_output_embeddings().weight.detach(), 16)
+    fast = Engine(make(arch, seed=3), cfg, head_proxy=lowrank, max_seq_len=64)
     with native.disabled():  # layers prepared here take the eager path for good
-        eager = Engine(make(arch, seed=3), cfg, max_seq_len=64)
+        eager = Engine(make(arch, seed=3), cfg, head_proxy=lowrank, max_seq_len=64)
     assert fast.dtype == eager.dtype == torch.float16
     assert fast.head._native and all(f._native_act for f in fast.ffns)
     assert not eager.head._native and not any(f._native_act for f in eager.ffns)

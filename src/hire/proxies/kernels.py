@@ -30,8 +30,11 @@ class QuantizedGEMV:
             self.kind = "int8pack"
             self.codes = codes.contiguous()  # (n, D) int8
             self.scales = matrix.scales[:, 0].to(KERNEL_DTYPE).contiguous()  # (n,)
-            # survivors' rows read in place by the native kernel (no gathered copy), when built
-            self.row_scales = matrix.scales[:, 0].float().contiguous() if native.usable(self.codes) else None
+            # survivors' rows: read in place by the native kernel (no gathered copy) when it is built, else
+            # gathered by its eager reference; both accumulate in float32 with float32 scales, so the
+            # candidates a cascade passes on do not depend on whether this machine built the kernels
+            self.row_scales = matrix.scales[:, 0].float().contiguous()  # (n,)
+            self.native_rows = native.usable(self.codes)
         elif not rows_only and matrix.bits == 4 and matrix.group_size in INT4_GROUPS and width % matrix.group_size == 0 \
                 and n % 16 == 0:
             self.kind = "int4pack"
@@ -43,11 +46,9 @@ class QuantizedGEMV:
 
     def rows(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Scores of the rows ``idx`` only (reads only those rows).  # x: (1, D), idx: (m,) -> (1, m)"""
-        if self.kind == "int8pack" and self.row_scales is not None:
-            return native.rows_dot(x, self.codes, idx, self.row_scales).view(1, -1).to(self.dtype)
         if self.kind == "int8pack":
-            rows = self.codes.index_select(0, idx)
-            return torch._weight_int8pack_mm(x.to(KERNEL_DTYPE), rows, self.scales.index_select(0, idx)).to(self.dtype)
+            rows_dot = native.rows_dot if self.native_rows else native.reference_rows_dot
+            return rows_dot(x, self.codes, idx, self.row_scales).view(1, -1).to(self.dtype)
         return F.linear(x.to(self.dtype), self.matrix.dequantize(idx, dtype=self.dtype))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
