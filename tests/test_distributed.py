@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 
 from hire.config import FFNConfig, HeadConfig, HiReConfig
 from hire.distributed import Comm, TPEngine, check_tp, global_topk, head_split, init_tp, shard_range, split_count
+from hire.distributed.comm import CommError, TPSetupError, tp_group
 from hire.engine import Engine
+from hire.errors import HireError
 from tiny_models import make
 
 WORKER = Path(__file__).parent / "tp_worker.py"
@@ -86,8 +88,22 @@ def test_init_tp_without_torchrun_says_how_to_launch(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(var, raising=False)
     assert init_tp(1).world == 1
-    with pytest.raises(ValueError, match="torchrun --nproc_per_node=2"):
+    with pytest.raises(TPSetupError, match="torchrun --nproc_per_node=2"):
         init_tp(2)
+
+
+def test_comm_errors_are_hire_errors_the_cli_prints():
+    assert issubclass(CommError, HireError) and issubclass(CommError, RuntimeError)
+    assert issubclass(TPSetupError, HireError) and issubclass(TPSetupError, ValueError)
+
+
+def test_tp_group_of_one_process_has_nothing_to_leave(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    with tp_group(1) as comm:
+        assert comm.world == 1
+    with pytest.raises(KeyError), tp_group(1):
+        raise KeyError("the error passes through")
 
 
 # --- one rank: DA-TOP-k and the exact mode are single-process HiRE ------------------------------
@@ -171,7 +187,21 @@ def test_a_failing_rank_ends_the_run_with_its_error(tmp_path):
     assert run.returncode != 0
     assert "rank 1 fails on purpose" in run.stderr
     assert "rank      : 1" in run.stderr  # torchrun names the failed rank
+    assert "terminate called" not in run.stderr and "SIGABRT" not in run.stderr
     assert time.monotonic() - t < 90
+
+
+def test_leaving_the_group_joins_gloos_threads_on_every_rank(tmp_path):
+    """The group must be gone, with its gloo threads, when tp_group's block ends: a group that a
+    late import kept alive freed its threads only while Python shut down, and a worker still
+    releasing its last collective's tensors then aborted the rank ("terminate called without an
+    active exception", SIGABRT) at random. Here rank 1 also returns early from the block."""
+    run = torchrun("shutdown", tmp_path, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "terminate called" not in run.stderr
+    for rank in ranks(tmp_path):
+        assert "pt_gloo_runloop" in rank["inside"] and "gloo_tcp_loop" in rank["inside"]  # the count sees them
+        assert rank["after"] == []
 
 
 def test_a_rank_that_stops_responding_times_out_with_a_clear_error(tmp_path):

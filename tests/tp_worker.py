@@ -4,6 +4,7 @@
 
 Each rank writes OUT_DIR/rank{r}.json with what it saw; the test compares."""
 
+import importlib
 import json
 import os
 import sys
@@ -11,15 +12,18 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from hire.config import FFNConfig, HeadConfig, HiReConfig  # noqa: E402
 from hire.distributed import TPEngine, global_topk, init_tp  # noqa: E402
+from hire.distributed.comm import tp_group  # noqa: E402
 from hire.engine import Engine  # noqa: E402
 from tiny_models import make  # noqa: E402
 
 PROMPT = torch.tensor([5, 17, 42, 99, 3, 250, 7, 11, 64, 2, 33, 120])
+GLOO_THREAD_NAMES = ("pt_gloo_runloop", "gloo_tcp_loop")  # what gloo names its worker and socket threads
 
 
 def topk_cases(comm):
@@ -83,9 +87,51 @@ def engine_case(comm, arch: str, heads: int, kv: int):
     return result
 
 
+def gloo_threads() -> list[str]:
+    """The gloo threads alive in this process, by name (Linux: /proc/self/task/*/comm)."""
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        if name in GLOO_THREAD_NAMES:
+            names.append(name)
+    return sorted(names)
+
+
+LATE_IMPORTS = []  # functions of "modules" imported while the group was up: they live until the interpreter exits
+
+
+def import_late():
+    """What a module imported while the group is up does to it: torch.distributed.nn (transformers
+    imports it while loading a model) and anything else that reads ``dist.group.WORLD`` into a
+    default argument keep the live group referenced after destroy_process_group."""
+    importlib.import_module("torch.distributed.nn")
+
+    def broadcast(tensor, src, group=dist.group.WORLD):
+        return tensor
+
+    LATE_IMPORTS.append(broadcast)
+
+
+def shutdown_case(rank: int, timeout_s: float) -> dict:
+    """Leave the group the way a command does: imports after init, rank 1 returning early from
+    the block while rank 0 still works; then count the gloo threads left behind."""
+    with tp_group(2, timeout_s) as comm:
+        import_late()
+        comm.all_reduce(torch.ones(4), "test")
+        inside = gloo_threads()  # gloo starts its worker threads with the first collective
+        if rank == 1:
+            return {"inside": inside, "after": None}  # early return: tp_group waits for rank 0 at its barrier
+        time.sleep(1.0)  # rank 0 is still busy (printing its report) when rank 1 leaves
+    return {"inside": inside, "after": None}
+
+
 def main():
     scenario, out = sys.argv[1], Path(sys.argv[2])
     rank = int(os.environ["RANK"])
+    timeout_s = float(os.environ.get("HIRE_TEST_TIMEOUT", "60"))
     if scenario == "mismatch":
         try:
             init_tp(3)
@@ -94,24 +140,28 @@ def main():
             result = {"error": str(err)}
         (out / f"rank{rank}.json").write_text(json.dumps(result))
         return
-    comm = init_tp(2, timeout_s=float(os.environ.get("HIRE_TEST_TIMEOUT", "60")))
-    torch.set_num_threads(1)
-    if scenario == "topk":
-        result = topk_cases(comm)
-    elif scenario == "engine":
-        result = [engine_case(comm, "llama", 4, 2), engine_case(comm, "gemma3_text", 4, 2),
-                  engine_case(comm, "llama", 6, 3)]
-    elif scenario in ("fail", "hang"):
-        if rank == 1:
-            if scenario == "fail":
-                raise RuntimeError("rank 1 fails on purpose")
-            time.sleep(120)  # alive but never joins the collective
-        comm.all_reduce(torch.ones(4), "test")
-        result = {"finished": True}
-    else:
-        raise ValueError(scenario)
-    (out / f"rank{rank}.json").write_text(json.dumps(result))
-    comm.close()
+    if scenario == "shutdown":
+        result = shutdown_case(rank, timeout_s)
+        result["after"] = gloo_threads()
+        (out / f"rank{rank}.json").write_text(json.dumps(result))
+        return
+    with tp_group(2, timeout_s) as comm:
+        torch.set_num_threads(1)
+        if scenario == "topk":
+            result = topk_cases(comm)
+        elif scenario == "engine":
+            result = [engine_case(comm, "llama", 4, 2), engine_case(comm, "gemma3_text", 4, 2),
+                      engine_case(comm, "llama", 6, 3)]
+        elif scenario in ("fail", "hang"):
+            if rank == 1:
+                if scenario == "fail":
+                    raise RuntimeError("rank 1 fails on purpose")  # tp_group leaves without its barrier
+                time.sleep(120)  # alive but never joins the collective
+            comm.all_reduce(torch.ones(4), "test")
+            result = {"finished": True}
+        else:
+            raise ValueError(scenario)
+        (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":
