@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from hire.errors import HireError
+from hire.system import available_cores
 
 # torch renamed all_gather_into_tensor (now deprecated) to all_gather_single
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -243,7 +244,7 @@ def launch(argv: list[str], tp: int, threads: int | None = None) -> int:
     """Run ``hire argv`` on ``tp`` processes with torchrun (torch.distributed.run) on this machine;
     returns its exit status. When a rank fails torchrun stops the others and prints which rank
     failed and why. Each rank gets ``threads`` torch threads (default: cores // tp)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     per_rank = threads or max(1, cores // tp)
     env = dict(os.environ, OMP_NUM_THREADS=str(per_rank), HIRE_TP_THREADS=str(per_rank))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp}",

@@ -12,7 +12,7 @@ import torch
 
 from hire.calibrate.prepare import prepare_model
 from hire.data import load_corpus, token_windows
-from hire.distributed.comm import init_tp, launch, launched_by_torchrun, main_rank_first
+from hire.distributed.comm import launch, launched_by_torchrun, main_rank_first, tp_group
 from hire.distributed.tp import MODES, TPEngine
 from hire.engine import Engine
 from hire.files import refuse_overwrite
@@ -213,8 +213,7 @@ def run_tp(
         refuse_overwrite(plot, force, "--plot")
     if tp > 1 and not launched_by_torchrun():
         return launch(argv, tp, threads)
-    comm = init_tp(tp, timeout)
-    try:
+    with tp_group(tp, timeout) as comm:  # every rank leaves the group in a safe order, however the block ends
         threads = threads or os.environ.get("HIRE_TP_THREADS")  # set by launch(): cores // tp
         torch.set_num_threads(int(threads) if threads else max(1, available_cores() // comm.world))
         comm.check_same("command line", " ".join(argv))
@@ -227,7 +226,6 @@ def run_tp(
             ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
             length = ids.numel() + tokens + 1
         else:
-
             held = list(token_windows(tokenizer, load_corpus().text("evaluation"), seq_len, windows))
             length = seq_len + 1
         engine = TPEngine(model, config, comm, head_proxy=head_proxy, dtype=torch_dtype, max_seq_len=length)
@@ -244,6 +242,4 @@ def run_tp(
         if plot:
             plot_tp_bench(result, plot)
             result["plot"] = str(plot)
-    finally:
-        comm.close()
     return result

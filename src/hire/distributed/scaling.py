@@ -24,12 +24,13 @@ import json
 import math
 import statistics
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from hire.distributed.comm import Comm, init_tp, launch, launched_by_torchrun
+from hire.distributed.comm import Comm, launch, launched_by_torchrun, tp_group
 from hire.distributed.tp import MODES
 from hire.files import atomic_write_json, refuse_overwrite
 from hire.plots import plot_scaling
@@ -282,12 +283,9 @@ def scaling_report(
     result = {"assumptions": __doc__.strip(), "hire": dataclasses.asdict(HiReShape()),
               "hardware": {k: dataclasses.asdict(v) for k, v in hardware.items()},
               "models": {n: dataclasses.asdict(MODELS[n]) | {"params_b": MODELS[n].params / 1e9} for n in models}}
-    comm = None
-    if measure:
-        if not launched_by_torchrun():
-            return launch(argv, tp)
-        comm = init_tp(tp, timeout)
-    try:
+    if measure and not launched_by_torchrun():
+        return launch(argv, tp)
+    with tp_group(tp, timeout) if measure else nullcontext() as comm:  # left in a safe order on every way out
         if comm is not None:
             torch.set_num_threads(1)
             times = measure_collectives(comm, repeats=repeats)
@@ -304,7 +302,4 @@ def scaling_report(
             plot_scaling(rows, plot)
         if out:
             atomic_write_json(out, result, indent=1)
-    finally:
-        if comm is not None:
-            comm.close()
     return result
