@@ -78,3 +78,23 @@ def atomic_dir(path: str | Path, replace: bool = False) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_files(directory: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``directory``; on success every file written in it
+    is moved into ``directory`` (created if missing), each by one atomic rename: a reader sees each
+    file whole, new or old, never half written. For a directory that holds other files too (a
+    training run's checkpoint beside its exported model), which ``atomic_dir`` would replace."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        yield tmp
+        for path in sorted(tmp.rglob("*")):
+            if path.is_file():
+                target = directory / path.relative_to(tmp)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

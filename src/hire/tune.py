@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from hire.config import FFNConfig, HeadConfig, HiReConfig
 from hire.data import load_corpus, token_windows
 from hire.eval.quality import perplexity
-from hire.files import atomic_write_text, refuse_overwrite
+from hire.files import refuse_overwrite
 from hire.models import load_model
 from hire.patch import hire_layers, set_mode, sparsify_, unsparsify_
 
@@ -265,7 +265,7 @@ def tune_model(
     calib = token_windows(tokenizer, load_corpus().text("calibration"), seq_len, windows)
     r = tune_ffn(model, config, calib, max_ppl_increase, densities=tuple(densities),
                  sensitivity_windows=min(sensitivity_windows, calib.shape[0]), steps=steps, progress=progress)
-    atomic_write_text(out, r.config.to_json() + "\n")
+    r.config.save(out)  # atomic
     return {"model": model_name, "config": str(out), "max_ppl_increase": max_ppl_increase, "winner": r.winner,
             "windows": int(calib.shape[0]), "ppl_dense": r.ppl_dense, "ppl_hire": r.ppl_hire,
             "ppl_increase": r.ppl_hire / r.ppl_dense - 1, "ffn_bytes_fraction": r.ffn_bytes / r.ffn_bytes_dense,

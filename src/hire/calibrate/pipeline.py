@@ -16,7 +16,7 @@ from hire.calibrate import collect_head_states, fit_head_proxy, head_recall, hea
 from hire.calibrate.train import train_lowrank_proxy
 from hire.config import HiReConfig
 from hire.data import load_corpus, token_windows
-from hire.files import atomic_write_text, refuse_overwrite
+from hire.files import refuse_overwrite
 from hire.models import load_model
 from hire.patch import build_head_selector
 from hire.plots import save_lines
@@ -74,7 +74,7 @@ def calibrate_head(
     # the proxy first: the config that names it must never exist without it
     save_head_proxy(proxy_path, trained, {**proxy_meta(model, head), "train_steps": steps})
     saved = dataclasses.replace(config, head=dataclasses.replace(head, proxy_file=PROXY_NAME))  # relative to the config
-    atomic_write_text(config_path, saved.to_json() + "\n")
+    saved.save(config_path)  # atomic
     result["config"] = str(config_path)
     result["proxy_file"] = str(proxy_path)
     if plot:

@@ -33,7 +33,7 @@ from hire.config import (FFNConfig, HeadConfig, HiReConfig, check_field_types, c
 from hire.data import load_corpus
 from hire.engine import Engine
 from hire.errors import ConfigError
-from hire.files import atomic_path, atomic_write_json
+from hire.files import atomic_files, atomic_path, atomic_write_json
 from hire.layers.topk_ffn import apply_topk_, check_topk, topk_mlps
 from hire.plots import save_lines
 from hire.topk import recall_at_k
@@ -327,7 +327,8 @@ def train(
         tokenizer = load_tokenizer(out)
     else:
         tokenizer = train_tokenizer(train_text, cfg.vocab_size)
-        tokenizer.save_pretrained(str(out))
+        with atomic_files(out) as tmp:
+            tokenizer.save_pretrained(str(tmp))
         atomic_write_json(out / "train_config.json", cfg.to_dict())
     ids, val_windows = token_data(cfg, tokenizer, train_text, val_text)
 
@@ -426,8 +427,9 @@ def export(cfg: TrainConfig, out: Path, model: nn.Module, tokenizer, log: dict, 
     config = decode_config(cfg)
     for mlp in topk_mlps(model):
         mlp.set_density(cfg.density)
-    model.save_pretrained(str(out), safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
+    with atomic_files(out) as tmp:  # the run directory keeps its checkpoint: each file replaced whole
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
     head_proxy = None
     if proxy is not None:
         head_proxy = proxy.export()

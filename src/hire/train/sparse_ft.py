@@ -270,7 +270,7 @@ def sparsify_train(
     with atomic_dir(out, replace=force) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        (tmp / "hire_config.json").write_text(hire_config.to_json() + "\n")
+        hire_config.save(tmp / "hire_config.json")
         (tmp / EXPORT_MARKER).write_text(json.dumps(result, indent=2) + "\n")
     if plot:
         save_lines(plot, [
