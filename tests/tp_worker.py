@@ -123,9 +123,9 @@ def shutdown_case(rank: int, timeout_s: float) -> dict:
         comm.all_reduce(torch.ones(4), "test")
         inside = gloo_threads()  # gloo starts its worker threads with the first collective
         if rank == 1:
-            return {"inside": inside, "after": None}  # early return: tp_group waits for rank 0 at its barrier
+            return {"inside": inside}  # early return: tp_group waits for rank 0 at its barrier
         time.sleep(1.0)  # rank 0 is still busy (printing its report) when rank 1 leaves
-    return {"inside": inside, "after": None}
+    return {"inside": inside}
 
 
 def main():
@@ -141,8 +141,7 @@ def main():
         (out / f"rank{rank}.json").write_text(json.dumps(result))
         return
     if scenario == "shutdown":
-        result = shutdown_case(rank, timeout_s)
-        result["after"] = gloo_threads()
+        result = shutdown_case(rank, timeout_s) | {"after": gloo_threads()}
         (out / f"rank{rank}.json").write_text(json.dumps(result))
         return
     with tp_group(2, timeout_s) as comm:
