@@ -35,6 +35,11 @@ AGGREGATES = ("sum", "max")
 C = TypeVar("C")
 
 
+def setting(default: Any, help: str) -> Any:
+    """A config field with its one-line reason; the CLI's flag for it shows the line as its help."""
+    return field(default=default, metadata={"help": help})
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -167,18 +172,19 @@ class HeadConfig:
     """
 
     enabled: bool = True
-    k: int = 50  # the top-k the sampler needs (recall@k is reported for it)
-    candidates: int = 256  # k' >= k: rows computed exactly; more -> higher recall, more bytes
-    proxy: str = "cascade"  # int8 | int4 | lowrank | cascade
-    rank: int = 64  # low-rank proxy width (lowrank, cascade)
-    rank_bits: int = 8  # storage of the low-rank factor U (8 or 16 bits)
-    bits: int = 4  # the quantized proxy (int4/int8/cascade second stage)
-    group_size: int = 64  # columns sharing one scale in the quantized copies
-    stage_candidates: int = 2048  # cascade: survivors of the low-rank pass given to the int4 pass
-    train_steps: int = 0  # low-rank proxy: Adam steps of recall training after the fit (hire calibrate); 0 = fit only
-    proxy_file: str = ""  # a saved low-rank proxy (hire calibrate writes one); relative to the config file
-    select_blocks: int = 0  # first pass: 0 = one exact top-k over the vocabulary; B = best 1/B of the
-    #                         survivors from each of B interleaved vocabulary blocks (local top-k, faster)
+    k: int = setting(50, "the top-k the sampler needs (recall@k is reported for it)")
+    candidates: int = setting(256, "k' >= k: rows whose logits are computed exactly; more -> higher recall, "
+                                   "more bytes")
+    proxy: str = setting("cascade", "the estimator that scores every vocabulary row")
+    rank: int = setting(64, "low-rank proxy width (lowrank, cascade)")
+    rank_bits: int = setting(8, "storage of the low-rank factor U: 8 or 16 bits")
+    bits: int = setting(4, "the quantized proxy's bits: 4 or 8 (int4/int8 and the cascade's second stage)")
+    group_size: int = setting(64, "columns sharing one scale in the quantized copies")
+    stage_candidates: int = setting(2048, "cascade: survivors of the low-rank pass given to the quantized pass")
+    train_steps: int = setting(0, "low-rank proxy: Adam steps of recall training after the fit (0 = fit only)")
+    proxy_file: str = setting("", "a saved low-rank proxy (hire calibrate writes one); relative to the config file")
+    select_blocks: int = setting(0, "first pass: 0 = one exact top-k over the vocabulary; B = the best 1/B from "
+                                    "each of B interleaved vocabulary blocks (local top-k, faster)")
 
     def __post_init__(self) -> None:
         check_field_types(self, "head.")
@@ -216,12 +222,15 @@ class FFNConfig:
     fraction of neurons (in groups of ``group_size`` contiguous neurons) is computed exactly."""
 
     enabled: bool = True
-    density: float = 0.6  # fraction of FFN neurons computed per token (training-free: ~0.5-0.6)
-    oversample: float = 1.0  # candidates = oversample * kept neurons (>1: exact rescoring picks the final set)
-    proxy: str = "int4"  # int8 | int4 | exact (exact = the true activation, for measuring)
-    bits_group_size: int = 64  # columns sharing one scale in the quantized proxy
-    group_size: int = 1  # contiguous neurons selected together (1 = single neurons)
-    aggregate: str = "sum"  # group score from its neurons' |activation| estimates
+    density: float = setting(0.6, "fraction of FFN neurons computed per token, in (0, 1] "
+                                  "(training-free: ~0.5-0.6)")
+    oversample: float = setting(1.0, "candidates = oversample x kept neurons (> 1: exact rescoring picks the "
+                                     "final set)")
+    proxy: str = setting("int4", "the estimator of each neuron's activation (exact = the true activation, "
+                                 "for measuring)")
+    bits_group_size: int = setting(64, "columns sharing one scale in the quantized proxy")
+    group_size: int = setting(1, "contiguous neurons selected together (1 = single neurons)")
+    aggregate: str = setting("sum", "a group's score from its neurons' |activation| estimates")
     layer_density: tuple[float, ...] = ()  # one per decoder layer (hire tune); empty = density for all
     #                                          (a list given is stored as a tuple: configs are immutable)
 

@@ -17,7 +17,6 @@ from typing import Any, Callable
 
 from hire.config import AGGREGATES, FFN_PROXIES, HEAD_PROXIES, FFNConfig, HeadConfig, HiReConfig
 from hire.recommended import recommended_config
-from hire.train.scratch import TrainConfig
 from hire.train.sparse_ft import SparseFTConfig
 
 
@@ -142,70 +141,6 @@ def names(choices) -> Callable[[str], tuple[str, ...]]:
 
 
 # --- flags from the config dataclasses ------------------------------------------------------------
-# One line per field: the flag's help, unless the field carries its own (``metadata={"help": ...}``).
-# Kept here, beside the only code that reads it; a flagged field with neither stops the parser
-# from being built, and the test suite checks that no entry here is stale.
-FIELD_HELP: dict[type, dict[str, str]] = {
-    HeadConfig: {
-        "k": "the top-k the sampler needs (recall@k is reported for it)",
-        "candidates": "k' >= k: rows whose logits are computed exactly; more -> higher recall, more bytes",
-        "proxy": "the estimator that scores every vocabulary row",
-        "rank": "low-rank proxy width (lowrank, cascade)",
-        "rank_bits": "storage of the low-rank factor U: 8 or 16 bits",
-        "bits": "the quantized proxy's bits: 4 or 8 (int4/int8 and the cascade's second stage)",
-        "group_size": "columns sharing one scale in the quantized copies",
-        "stage_candidates": "cascade: survivors of the low-rank pass given to the quantized pass",
-        "train_steps": "low-rank proxy: Adam steps of recall training after the fit (0 = fit only)",
-        "proxy_file": "a saved low-rank proxy (hire calibrate writes one)",
-        "select_blocks": "first pass: 0 = one exact top-k over the vocabulary; B = the best 1/B from each of "
-                         "B interleaved vocabulary blocks (faster)",
-    },
-    FFNConfig: {
-        "density": "fraction of FFN neurons computed per token, in (0, 1]",
-        "oversample": "candidates = oversample x kept neurons (> 1: exact rescoring picks the final set)",
-        "proxy": "the estimator of each neuron's activation (exact = the true activation, for measuring)",
-        "bits_group_size": "columns sharing one scale in the quantized proxy",
-        "group_size": "contiguous neurons selected together (1 = single neurons)",
-        "aggregate": "a group's score from its neurons' |activation| estimates",
-    },
-    TrainConfig: {
-        "vocab_size": "byte-level BPE vocabulary trained on the corpus",
-        "hidden_size": "model width",
-        "intermediate_size": "FFN neurons per layer",
-        "layers": "decoder layers",
-        "heads": "attention heads (hidden_size / heads must be even)",
-        "seq_len": "tokens per training window",
-        "batch_size": "windows per step",
-        "steps": "optimizer steps",
-        "lr": "peak learning rate (AdamW)",
-        "warmup_steps": "linear warm-up steps, then cosine decay",
-        "min_lr_ratio": "cosine decay from lr to lr x min_lr_ratio",
-        "weight_decay": "AdamW weight decay",
-        "density": "fraction of FFN neurons kept per token (1 = dense, 0.1 = top-10%%)",
-        "group_size": "contiguous neurons selected together (group top-k)",
-        "density_warmup": "fraction of the steps over which the density anneals from 1 to its target",
-        "head_rank": "> 0: train a rank-r LM-head proxy jointly (HiRE-LR)",
-        "head_k": "top-k the head proxy is measured for",
-        "head_candidates": "k' of the head proxy",
-        "head_temperature": "temperature of the head proxy's KL loss",
-        "head_lr": "head proxy learning rate, relative to each factor's RMS",
-        "head_batch": "head inputs per step for the proxy loss",
-        "head_refit_every": "refit the proxy activation-aware every N steps (0 = never)",
-        "decode_oversample": "FFN candidates / kept neurons in the written HiRE config",
-        "seed": "seed of the initial weights and the batches",
-        "eval_every": "steps between validation losses",
-        "eval_windows": "validation windows",
-        "save_every": "steps between checkpoints",
-    },
-    SparseFTConfig: {
-        "density": "FFN neurons kept per token, in (0, 1]",
-        "group_size": "contiguous neurons selected together",
-        "steps": "Adam steps per layer",
-        "batch": "tokens per step",
-        "lr": "Adam learning rate, cosine-decayed to 10%%",
-        "seed": "seed of the minibatches and the held-out split",
-    },
-}
 FIELD_CHOICES = {(HeadConfig, "proxy"): HEAD_PROXIES, (FFNConfig, "proxy"): FFN_PROXIES,
                  (FFNConfig, "aggregate"): AGGREGATES}
 # fields set another way, not by a flag of their own
@@ -214,11 +149,11 @@ NOT_FLAGS = {(HeadConfig, "enabled"): "--no-head", (FFNConfig, "enabled"): "--no
 
 
 def field_help(cls: type, f: dataclasses.Field) -> str:
-    text = f.metadata.get("help") or FIELD_HELP.get(cls, {}).get(f.name)
+    """The flag's help: the field's one-line reason (``hire.config.setting``), % escaped for argparse."""
+    text = f.metadata.get("help")
     if not text:
-        raise TypeError(f"{cls.__name__}.{f.name} has no help line: add metadata={{'help': ...}} to the field or an "
-                        "entry to hire.commands._args.FIELD_HELP")
-    return text
+        raise TypeError(f"{cls.__name__}.{f.name} has no help line: declare it with hire.config.setting(default, help)")
+    return text.replace("%", "%%")
 
 
 def config_fields(cls: type) -> list[tuple[dataclasses.Field, type]]:
@@ -238,7 +173,7 @@ def config_fields(cls: type) -> list[tuple[dataclasses.Field, type]]:
 
 def add_config_flags(group, cls: type, *, prefix: str = "", dest_prefix: str = "", show_default: bool = True) -> None:
     """A ``--PREFIXFIELD`` flag for each field of the dataclass ``cls`` (dest ``DEST_PREFIXFIELD``,
-    default None = not given), typed from the field's type, with its FIELD_HELP line."""
+    default None = not given), typed from the field's type, with the field's help line."""
     for f, kind in config_fields(cls):
         text = field_help(cls, f)
         if show_default:

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from hire.calibrate import proxy_meta, save_head_proxy
-from hire.config import (FFNConfig, HeadConfig, HiReConfig, check_field_types, config_from_dict, config_to_dict)
+from hire.config import FFNConfig, HeadConfig, HiReConfig, check_field_types, config_from_dict, config_to_dict, setting
 from hire.data import load_corpus
 from hire.engine import Engine
 from hire.errors import ConfigError
@@ -49,33 +49,33 @@ class TrainConfig:
     """A from-scratch run. ``density < 1`` trains top-k FFNs; ``head_rank > 0`` trains HiRE-LR.
     Frozen: change it with ``dataclasses.replace``, which validates the result."""
 
-    vocab_size: int = 8192
-    hidden_size: int = 256
-    intermediate_size: int = 1024
-    layers: int = 4
-    heads: int = 4
-    seq_len: int = 256
-    batch_size: int = 16
-    steps: int = 300
-    lr: float = 3e-3
-    warmup_steps: int = 30
-    min_lr_ratio: float = 0.1  # cosine decay from lr to lr * min_lr_ratio
-    weight_decay: float = 0.1
-    density: float = 1.0  # fraction of FFN neurons kept per token (1 = dense)
-    group_size: int = 1  # contiguous neurons selected together
-    density_warmup: float = 0.2  # fraction of the steps over which the density anneals from 1 to its target
-    head_rank: int = 0  # > 0: train a rank-r LM-head proxy jointly (KL to the model's distribution)
-    head_k: int = 50
-    head_candidates: int = 256
-    head_temperature: float = 3.0
-    head_lr: float = 2e-3  # relative to each factor's RMS
-    head_batch: int = 512  # head inputs per step for the proxy loss
-    head_refit_every: int = 50  # refit the proxy activation-aware on the batch's head inputs every N steps (0 = never)
-    decode_oversample: float = 2.0  # FFN candidates / kept neurons in the written HiRE config
-    seed: int = 0
-    eval_every: int = 50
-    eval_windows: int = 16
-    save_every: int = 100
+    vocab_size: int = setting(8192, "byte-level BPE vocabulary trained on the corpus")
+    hidden_size: int = setting(256, "model width")
+    intermediate_size: int = setting(1024, "FFN neurons per layer")
+    layers: int = setting(4, "decoder layers")
+    heads: int = setting(4, "attention heads (hidden_size / heads must be even)")
+    seq_len: int = setting(256, "tokens per training window")
+    batch_size: int = setting(16, "windows per step")
+    steps: int = setting(300, "optimizer steps")
+    lr: float = setting(3e-3, "peak learning rate (AdamW)")
+    warmup_steps: int = setting(30, "linear warm-up steps, then cosine decay")
+    min_lr_ratio: float = setting(0.1, "cosine decay from lr to lr x min_lr_ratio")
+    weight_decay: float = setting(0.1, "AdamW weight decay")
+    density: float = setting(1.0, "fraction of FFN neurons kept per token (1 = dense, 0.1 = top-10%)")
+    group_size: int = setting(1, "contiguous neurons selected together (group top-k)")
+    density_warmup: float = setting(0.2, "fraction of the steps over which the density anneals from 1 to its target")
+    head_rank: int = setting(0, "> 0: train a rank-r LM-head proxy jointly (HiRE-LR)")
+    head_k: int = setting(50, "top-k the head proxy is measured for")
+    head_candidates: int = setting(256, "k' of the head proxy")
+    head_temperature: float = setting(3.0, "temperature of the head proxy's KL loss")
+    head_lr: float = setting(2e-3, "head proxy learning rate, relative to each factor's RMS")
+    head_batch: int = setting(512, "head inputs per step for the proxy loss")
+    head_refit_every: int = setting(50, "refit the proxy activation-aware every N steps (0 = never)")
+    decode_oversample: float = setting(2.0, "FFN candidates / kept neurons in the written HiRE config")
+    seed: int = setting(0, "seed of the initial weights and the batches")
+    eval_every: int = setting(50, "steps between validation losses")
+    eval_windows: int = setting(16, "validation windows")
+    save_every: int = setting(100, "steps between checkpoints")
 
     def __post_init__(self) -> None:
         check_field_types(self)

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hire.arch import arch_spec, decoder_layers
-from hire.config import FFNConfig, check_field_types, config_from_dict, config_to_dict
+from hire.config import FFNConfig, check_field_types, config_from_dict, config_to_dict, setting
 from hire.data import load_corpus, token_windows
 from hire.errors import ConfigError, OverwriteError
 from hire.eval import perplexity
@@ -50,12 +50,12 @@ from hire.tune import allocate_mean_density, topk_sensitivity
 class SparseFTConfig:
     """Layer-wise sparse fine-tuning. Frozen: change it with ``dataclasses.replace``."""
 
-    density: float = 0.2  # FFN neurons kept per token
-    group_size: int = 1
-    steps: int = 200  # Adam steps per layer
-    batch: int = 512  # tokens per step
-    lr: float = 1e-3
-    seed: int = 0
+    density: float = setting(0.2, "FFN neurons kept per token, in (0, 1]")
+    group_size: int = setting(1, "contiguous neurons selected together")
+    steps: int = setting(200, "Adam steps per layer")
+    batch: int = setting(512, "tokens per step")
+    lr: float = setting(1e-3, "Adam learning rate, cosine-decayed to 10%")
+    seed: int = setting(0, "seed of the minibatches and the held-out split")
     layer_density: tuple[float, ...] = ()  # one per decoder layer (hire tune's allocation); empty = density
 
     def __post_init__(self) -> None:
