@@ -1,3 +1,6 @@
+import math
+import statistics
+
 import pytest
 import torch
 from hypothesis import given
@@ -145,17 +148,33 @@ def test_cascade_with_local_first_pass():
         Cascade([ExactProxy(w)], [30], blocks=8)
 
 
+def _count_sd(n: int, frac: float) -> float:
+    """Standard deviation of the count a Gaussian threshold keeps, relative to k = frac * n: binomial
+    noise of the sample plus the threshold's own error (mean and std estimated from the n scores,
+    Var(t) ~ (1 + z^2/2) / n), moved into a count by the density at the threshold. It treats the two
+    as independent, which overstates the spread about 2x (measured over 600 rows: 0.021 vs 0.038 at
+    frac 0.05, 0.004 vs 0.009 at 0.5)."""
+    z = statistics.NormalDist().inv_cdf(1 - frac)
+    density = math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+    k = frac * n
+    return math.sqrt(k * (1 - frac) + (n * density) ** 2 * (1 + z * z / 2) / n) / k
+
+
 @given(st.integers(0, 2**31 - 1), st.sampled_from([0.05, 0.1, 0.3, 0.5]))
 def test_statistical_topk_keeps_about_k_of_gaussian_scores(seed, frac):
-    scores = torch.randn(4, 20000, generator=torch.Generator().manual_seed(seed)) * 3 + 1
-    k = int(frac * 20000)
+    n = 20000
+    scores = torch.randn(4, n, generator=torch.Generator().manual_seed(seed)) * 3 + 1
+    k = int(frac * n)
     mask = statistical_topk(scores, k)
     counts = mask.sum(-1).float()
-    assert ((counts - k).abs() / k < 0.08).all(), counts
+    # 4 (overstated) standard deviations, ~8 real ones: a fixed 8 % failed about once in 300 seeds at
+    # frac 0.05 (a random CI failure), while a wrong threshold misses k by far more than this
+    tolerance = 4 * _count_sd(n, frac)
+    assert ((counts - k).abs() / k < tolerance).all(), (counts, tolerance)
     thr = statistical_threshold(scores, k)
     assert torch.equal(mask, scores >= thr)  # a threshold: everything kept beats everything dropped
-    exact = idx_to_mask(scores.topk(k).indices, 20000)
-    assert mask_recall(exact, mask).min() > 0.9
+    exact = idx_to_mask(scores.topk(k).indices, n)
+    assert mask_recall(exact, mask).min() > 1 - tolerance  # kept rows are the best ones: recall = min(count, k) / k
 
 
 def test_statistical_topk_with_k_equal_n_keeps_everything():
