@@ -4,10 +4,12 @@ them, and their build (a stale lock, a broken source under CI)."""
 import fcntl
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from hire.engine import Engine
 from hire.engine.sampling import sample
 from hire.errors import HireError
 from hire.native import build
+from hire.native import ops as native_ops
 from hire.patch import hire_layers, sparsify_
 from hire.proxies import LowRankProxy
 from tiny_models import make
@@ -239,6 +242,123 @@ def _at(logits: torch.Tensor, idx: torch.Tensor, tokens: torch.Tensor) -> torch.
     """The candidate logits of ``tokens`` (all among the candidates).  # (1, k'), (1, k'), (m,) -> (m,)"""
     order = idx[0].argsort()
     return logits[0, order[torch.searchsorted(idx[0, order], tokens)]]
+
+
+# --- the other SIMD paths, built beside the default one ------------------------------------------
+# -march=native picks the widest path this CPU has; the narrower ones are built as variants (their
+# ops under torch.ops.hire_<variant>) and held to the same eager references and tolerances.
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), ":").split(":", 1)[1].split())
+    except OSError:
+        return set()
+
+
+CPU_FLAGS = _cpu_flags()
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+AVX2 = X86 and {"avx2", "fma", "f16c"} <= CPU_FLAGS
+# variant -> (its extra compiler flags, whether this machine can build and run it)
+VARIANTS = {"avx2": (("-mno-avx512f",), AVX2), "scalar": (("-mno-avx",), X86)}
+
+
+def test_simd_path_follows_the_cpu():
+    if not BUILT:
+        assert native.simd_path() is None
+        return
+    if X86 and "avx512f" in CPU_FLAGS:
+        assert native.simd_path() == "avx512"
+    elif AVX2:
+        assert native.simd_path() == "avx2"
+    else:
+        assert native.simd_path() in ("avx512", "avx2", "scalar")  # not an x86 /proc/cpuinfo to read
+
+
+@pytest.fixture(scope="module", params=["avx2", pytest.param("scalar", marks=pytest.mark.slow)])
+def variant(request):
+    """(name, torch.ops.hire_<name>): the kernels built with the variant's flags (once per machine)."""
+    name = request.param
+    flags, runs_here = VARIANTS[name]
+    if not (BUILT and runs_here):
+        pytest.skip(f"the {name} build needs the default build and an x86 CPU with its instructions")
+    build.build_variant(name, flags)
+    return name, getattr(torch.ops, build.variant_namespace(name))
+
+
+def _on(library):
+    """The hire.native functions run the variant's ops inside this block (same argument handling)."""
+    return mock.patch.object(native_ops, "_ops", lambda: library)
+
+
+def test_a_variant_takes_its_simd_path(variant):
+    name, library = variant
+    assert library.simd_path() == name
+    with pytest.raises(ValueError, match="Python identifier"):
+        build.build_variant("no-dashes")
+
+
+SIZES = [(1, 1, 0), (9, 7, 5), (30, 8, 12), (40, 16, 40), (70, 17, 90), (50, 33, 64), (64, 80, 70)]  # (n, d, c)
+
+
+@pytest.mark.parametrize("act", [None, "silu", "gelu_tanh", "gelu", "relu"])
+@pytest.mark.parametrize("parts", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_variant_rows_dot_matches_eager(variant, dtype, parts, act):
+    for seed, (n, d, c) in enumerate(SIZES):  # d covers a lane block's tails on 8 and 16 lanes
+        w, x, idx = _case(seed, n, d, c, parts, dtype)
+        with _on(variant[1]):
+            got = native.rows_dot(x, w, idx, parts=parts, act=act)
+        want = native.reference_rows_dot(x, w, idx, parts=parts, act=act)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype] * d)
+
+
+def test_variant_rows_dot_int8_with_row_scales(variant):
+    for seed, (n, d, c) in enumerate(SIZES):
+        w, x, idx = _case(seed, n, d, c, 1, torch.int8)
+        scales = torch.rand(n, generator=torch.Generator().manual_seed(seed)) / 100
+        with _on(variant[1]):
+            got = native.rows_dot(x, w, idx, scales)
+        torch.testing.assert_close(got, native.reference_rows_dot(x, w, idx, scales), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_variant_rows_axpy_matches_eager(variant, dtype):
+    for seed, (n, d, c) in enumerate(SIZES + [(20, 100, 33)]):
+        w, _, idx = _case(seed, n, d, c, 1, dtype)
+        a = torch.randn(c, generator=torch.Generator().manual_seed(seed + 1))
+        with _on(variant[1]):
+            got = native.rows_axpy(w, idx, a)
+        torch.testing.assert_close(got, native.reference_rows_axpy(w, idx, a), rtol=TOL[dtype], atol=TOL[dtype] * max(c, 1))
+
+
+def _reference_ffn_decode(scores, x, w_in, w_out, count, act, gated):
+    """What ffn_decode computes, in eager torch: the ``count`` largest |activation| estimates (no
+    ties among random floats), then rows_dot and rows_axpy over those rows in ascending order."""
+    parts = 2 if gated else 1
+    s = scores.reshape(parts, -1).float()
+    est = native.EAGER_ACTIVATIONS[act](s[0])
+    if gated:
+        est = est * s[1]
+    idx = est.abs().topk(count).indices.sort().values
+    a = native.reference_rows_dot(x, w_in, idx, parts=parts, act=act)
+    return native.reference_rows_axpy(w_out, idx, a)
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_variant_ffn_decode_matches_eager(variant, dtype, gated):
+    parts = 2 if gated else 1
+    for seed, (neurons, d, d_out, count) in enumerate([(16, 8, 4, 16), (64, 24, 40, 20), (96, 57, 33, 31)]):
+        g = torch.Generator().manual_seed(seed)
+        w_in, w_out = torch.randn(neurons, parts * d, generator=g).to(dtype), torch.randn(neurons, d_out, generator=g).to(dtype)
+        scores, x = torch.randn(1, parts * neurons, generator=g), torch.randn(1, d, generator=g).to(dtype)
+        for act in ("silu", "gelu_tanh", "gelu", "relu"):
+            with _on(variant[1]):
+                got = native.ffn_decode(scores, x, w_in, w_out, count, act, gated)
+            want = _reference_ffn_decode(scores, x, w_in, w_out, count, act, gated)
+            torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype] * (d + count))
 
 
 def test_disabled_forces_the_eager_path_in_one_process():

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hire import native
 from hire.calibrate.prepare import prepare_model
 from hire.config import HiReConfig
 from hire.engine import Engine
@@ -186,7 +187,7 @@ def run_bench(
         "bytes_hire": hire_b,
         "greedy_agreement_last_round": agreement,
         "first_divergence": first_diff,
-        "hire_kernels": engine.kernel_report(),
+        "hire_kernels": {**engine.kernel_report(), "simd": native.simd_path()},
     }
     if breakdown:
         result["ms_per_part_dense"] = part_times(engine, prompt, tokens, hire=False)

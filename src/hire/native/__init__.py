@@ -13,6 +13,7 @@ from hire.native.build import (
     NativeUnavailableError,
     available,
     build_dir,
+    build_variant,
     disabled,
     explicitly_disabled,
     unavailable_reason,
@@ -27,6 +28,7 @@ from hire.native.ops import (
     reference_rows_dot,
     rows_axpy,
     rows_dot,
+    simd_path,
     usable,
 )
 
@@ -39,6 +41,7 @@ __all__ = [
     "activation_name",
     "available",
     "build_dir",
+    "build_variant",
     "disabled",
     "explicitly_disabled",
     "ffn_decode",
@@ -46,6 +49,7 @@ __all__ = [
     "reference_rows_dot",
     "rows_axpy",
     "rows_dot",
+    "simd_path",
     "unavailable_reason",
     "usable",
 ]

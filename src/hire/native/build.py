@@ -70,9 +70,9 @@ def _cpu_id() -> bytes:
     return platform.machine().encode() + flags
 
 
-def _digest() -> str:
+def _digest(cflags: tuple[str, ...] = CFLAGS) -> str:
     # everything the binary depends on: a change to any of them builds into a fresh directory
-    parts = (SOURCE.read_bytes(), torch.__version__.encode(), _cpu_id(), " ".join(CFLAGS + LDFLAGS).encode())
+    parts = (SOURCE.read_bytes(), torch.__version__.encode(), _cpu_id(), " ".join(cflags + LDFLAGS).encode())
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:12]
 
 
@@ -143,7 +143,7 @@ def _holder(path: Path) -> str:
     return f"process {pid}" if pid.isdigit() else "another process"
 
 
-def _compile(directory: Path, name: str) -> None:
+def _compile(directory: Path, name: str, cflags: tuple[str, ...]) -> None:
     from torch.utils import cpp_extension
 
     print("hire: building the native kernels (once per machine, ~30 s)", file=sys.stderr, flush=True)
@@ -151,10 +151,10 @@ def _compile(directory: Path, name: str) -> None:
         cpp_extension.load(
             name=name,
             sources=[str(SOURCE)],
-            extra_cflags=list(CFLAGS),
+            extra_cflags=list(cflags),
             extra_ldflags=list(LDFLAGS),
             build_directory=str(directory),
-            is_python_module=False,  # the library registers torch.ops.hire.* and is loaded into torch
+            is_python_module=False,  # the library registers torch.ops.hire.* (or a variant's) and is loaded into torch
             verbose=False,
         )
     except Exception as exc:
@@ -167,10 +167,8 @@ def _compile(directory: Path, name: str) -> None:
         raise NativeUnavailableError(f"the build failed: {summary} (full log: {log})") from exc
 
 
-def _load() -> str:
-    """Build (when needed) and load the library into torch; return its path."""
-    directory = build_dir()
-    name = library_name()
+def _load(directory: Path, name: str, cflags: tuple[str, ...] = CFLAGS) -> str:
+    """Build ``name`` into ``directory`` (when needed) and load the library into torch; return its path."""
     library = directory / f"{name}.so"
     if (directory / BUILT_MARK).exists() and library.exists():
         torch.ops.load_library(str(library))
@@ -183,9 +181,33 @@ def _load() -> str:
         # no HiRE process is building while we hold our lock: torch's lock is left by a killed build
         (directory / TORCH_LOCK).unlink(missing_ok=True)
         (directory / ERROR_LOG).unlink(missing_ok=True)
-        _compile(directory, name)
+        _compile(directory, name, cflags)
         atomic_write_text(directory / BUILT_MARK, f"{name}\n")
     return str(library)
+
+
+def _variant_cflags(variant: str, extra_cflags: tuple[str, ...]) -> tuple[str, ...]:
+    if not variant.isidentifier() or not variant.isascii():
+        raise ValueError(f"a variant name must be a Python identifier (it names torch.ops.hire_<variant>), got {variant!r}")
+    return CFLAGS + tuple(extra_cflags) + (f"-DHIRE_OPS_NAMESPACE={variant_namespace(variant)}",)
+
+
+def variant_namespace(variant: str) -> str:
+    """The ``torch.ops`` namespace a variant build registers its ops under: ``hire_<variant>``."""
+    return f"hire_{variant}"
+
+
+def build_variant(variant: str, extra_cflags: tuple[str, ...] = ()) -> str:
+    """Build (once, with the same lock and ``built`` mark as the default build) and load the kernels
+    compiled with ``extra_cflags`` after the usual flags, e.g. ``("-mno-avx512f",)`` for the AVX2
+    path on an AVX-512 machine; return the library's path. Its ops are
+    ``torch.ops.hire_<variant>.*`` (see ``variant_namespace``), so it loads beside the default
+    build. Built into ``<cache>/native/<variant>-<digest>``. For tests and benchmarks of other
+    SIMD paths; raises NativeUnavailableError when the build fails. ``HIRE_NATIVE`` and ``disabled()`` do not apply."""
+    cflags = _variant_cflags(variant, tuple(extra_cflags))
+    digest = _digest(cflags)
+    directory = cache_root() / "native" / f"{variant}-{digest}"
+    return _load(directory, f"hire_sparse_rows_{variant}_{digest}", cflags)
 
 
 def loaded() -> bool:
@@ -199,7 +221,7 @@ def loaded() -> bool:
         _error = "disabled by HIRE_NATIVE=0"
         return False
     try:
-        _library = _load()
+        _library = _load(build_dir(), library_name())
     except NativeUnavailableError as exc:
         _error = str(exc)
     except Exception as exc:  # no compiler / ninja / headers: callers keep their eager path

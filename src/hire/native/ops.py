@@ -4,6 +4,8 @@
   without an activation): ``act(W[idx[j], :D] . x) * (W[idx[j], D:] . x)`` for gated rows.
 * ``rows_axpy(W, idx, a)`` -> float32 ``(D_out,)``: ``sum_j a[j] * W[idx[j]]``.
 * ``ffn_decode(scores, x, w_in, w_out, count, act, gated)``: one sparse FFN step after its proxy.
+* ``simd_path()``: the build's SIMD path, "avx512", "avx2" or "scalar" (all give the same results
+  up to float32 summation order).
 
 ``reference_rows_dot`` / ``reference_rows_axpy`` compute the same in eager torch, in float32 as
 the kernels accumulate: the tests hold the kernels to them, and callers without the kernels use
@@ -70,6 +72,12 @@ def ffn_decode(scores, x, w_in, w_out, count: int, act: str, gated: bool) -> tor
     if act not in ACTIVATIONS or act is None:
         raise ValueError(f"act must be one of {sorted(a for a in ACTIVATIONS if a)}, got {act!r}")
     return mod.ffn_decode(scores, x, w_in, w_out, count, ACTIVATIONS[act], gated)
+
+
+def simd_path() -> str | None:
+    """Which SIMD path the built kernels take ("avx512", "avx2" or "scalar", fixed at compile
+    time by -march=native); None without the kernels."""
+    return str(torch.ops.hire.simd_path()) if available() else None
 
 
 def reference_rows_dot(x, w, idx, scales=None, parts: int = 1, act: str | None = None) -> torch.Tensor:
