@@ -57,87 +57,54 @@ def _in_range(value, minimum, maximum, above) -> bool:
             and (above is None or value > above))
 
 
-def integer(minimum: int | None = None, maximum: int | None = None) -> Callable[[str], int]:
-    """argparse type: an int in [minimum, maximum] (either bound optional)."""
-    want = _bounds(minimum, maximum, None, True)
+def _checked(want: str, convert: Callable[[str], Any], ok: Callable[[Any], bool], verb: str = "must be"
+             ) -> Callable[[str], Any]:
+    """argparse type: ``convert(text)`` when it converts and passes ``ok``, else the error
+    "<verb> <want>, got '<text>'" (argparse puts the flag in front)."""
 
-    def parse(text: str) -> int:
+    def parse(text: str) -> Any:
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}") from None
-        if not _in_range(value, minimum, maximum, None):
-            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"{verb} {want}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{verb} {want}, got {text!r}")
         return value
 
     parse.__name__ = want  # argparse names the type in some messages
     return parse
 
 
+def _split(convert: Callable[[str], Any]) -> Callable[[str], tuple]:
+    return lambda text: tuple(convert(part.strip()) for part in text.split(","))
+
+
+def integer(minimum: int | None = None, maximum: int | None = None) -> Callable[[str], int]:
+    """argparse type: an int in [minimum, maximum] (either bound optional)."""
+    return _checked(_bounds(minimum, maximum, None, True), int, lambda v: _in_range(v, minimum, maximum, None))
+
+
 def number(minimum: float | None = None, maximum: float | None = None, *, above: float | None = None
            ) -> Callable[[str], float]:
     """argparse type: a finite float >= minimum (or > above) and <= maximum."""
-    want = _bounds(minimum, maximum, above, False)
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}") from None
-        if not math.isfinite(value) or not _in_range(value, minimum, maximum, above):
-            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
-        return value
-
-    parse.__name__ = want
-    return parse
+    return _checked(_bounds(minimum, maximum, above, False), float,
+                    lambda v: math.isfinite(v) and _in_range(v, minimum, maximum, above))
 
 
 def integers(minimum: int = 1) -> Callable[[str], tuple[int, ...]]:
     """argparse type: comma-separated integers, each >= minimum (e.g. ``1,2,4``)."""
-    want = f"comma-separated integers >= {minimum}"
-
-    def parse(text: str) -> tuple[int, ...]:
-        try:
-            values = tuple(int(part) for part in text.split(","))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}") from None
-        if any(v < minimum for v in values):
-            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
-        return values
-
-    parse.__name__ = want
-    return parse
+    return _checked(f"comma-separated integers >= {minimum}", _split(int), lambda vs: all(v >= minimum for v in vs))
 
 
 def fractions() -> Callable[[str], tuple[float, ...]]:
     """argparse type: comma-separated numbers in (0, 1] (densities, e.g. ``0.2,0.5,1``)."""
-    want = "comma-separated numbers in (0, 1]"
-
-    def parse(text: str) -> tuple[float, ...]:
-        try:
-            values = tuple(float(part) for part in text.split(","))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}") from None
-        if any(not 0 < v <= 1 for v in values):
-            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
-        return values
-
-    parse.__name__ = want
-    return parse
+    return _checked("comma-separated numbers in (0, 1]", _split(float), lambda vs: all(0 < v <= 1 for v in vs))
 
 
 def names(choices) -> Callable[[str], tuple[str, ...]]:
     """argparse type: a comma-separated subset of ``choices`` (e.g. ``dense,da``)."""
-    want = f"a comma-separated subset of {','.join(choices)}"
-
-    def parse(text: str) -> tuple[str, ...]:
-        values = tuple(part.strip() for part in text.split(","))
-        if any(v not in choices for v in values):
-            raise argparse.ArgumentTypeError(f"takes {want}, got {text!r}")
-        return values
-
-    parse.__name__ = want
-    return parse
+    return _checked(f"a comma-separated subset of {','.join(choices)}", _split(str),
+                    lambda vs: all(v in choices for v in vs), verb="takes")
 
 
 # --- flags from the config dataclasses ------------------------------------------------------------
