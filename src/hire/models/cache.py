@@ -16,21 +16,13 @@ from pathlib import Path
 import torch
 
 from hire.errors import OverwriteError
-from hire.files import atomic_dir
+from hire.files import atomic_dir, sha256_file
 from hire.paths import cache_dir
 
 log = logging.getLogger("hire")
 
 MANIFEST = "hire-manifest.json"
 CACHE_FORMAT = 1
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_gguf(path: Path) -> None:
