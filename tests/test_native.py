@@ -160,13 +160,42 @@ def test_ffn_decode_native_equals_eager(arch, oversample, dtype):
 
 @needs_kernels
 def test_ffn_decode_refuses_bad_shapes():
-    w_in, w_out = torch.randn(16, 2 * 8), torch.randn(16, 4)
+    rows = torch.randn(16, 3 * 8)
     with pytest.raises(RuntimeError, match="proxy scores have 16 values, expected 32"):
-        native.ffn_decode(torch.randn(1, 16), torch.randn(1, 8), w_in, w_out, 4, "silu", True)
+        native.ffn_decode(torch.randn(1, 16), torch.randn(1, 8), rows, 4, "silu", True)
     with pytest.raises(RuntimeError, match=r"count must be in \[1, 16\]"):
-        native.ffn_decode(torch.randn(1, 32), torch.randn(1, 8), w_in, w_out, 17, "silu", True)
-    with pytest.raises(RuntimeError, match="one row per neuron"):
-        native.ffn_decode(torch.randn(1, 32), torch.randn(1, 8), w_in, w_out[:8], 4, "silu", True)
+        native.ffn_decode(torch.randn(1, 32), torch.randn(1, 8), rows, 17, "silu", True)
+    with pytest.raises(RuntimeError, match="the FFN rows are 20 wide; expected 3 x 8"):
+        native.ffn_decode(torch.randn(1, 32), torch.randn(1, 8), rows[:, :20], 4, "silu", True)
+
+
+@needs_kernels
+def test_row_kernels_read_views_with_a_row_stride():
+    """The FFN's input and output rows are views of one neuron-major buffer."""
+    rows = torch.randn(40, 3 * 16).half()
+    x, idx, a = torch.randn(1, 16).half(), torch.tensor([3, 0, 39, 7]), torch.randn(4)
+    inputs, outputs = rows[:, :32], rows[:, 32:]
+    torch.testing.assert_close(native.rows_dot(x, inputs, idx, parts=2, act="silu"),
+                               native.reference_rows_dot(x, inputs, idx, parts=2, act="silu"), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(native.rows_axpy(outputs, idx, a), native.reference_rows_axpy(outputs, idx, a),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match="contiguous rows"):
+        native.rows_axpy(rows.t(), idx, a)
+
+
+@needs_kernels
+def test_ffn_decode_selects_what_select_neurons_selects_ties_included():
+    """Scores on a coarse grid tie often: the kernel takes the lowest indices first, like hire.topk."""
+    from hire.topk import select_neurons
+
+    g = torch.Generator().manual_seed(0)
+    for count in (1, 7, 20, 31, 32):
+        rows = torch.randn(32, 3 * 8, generator=g)
+        scores = torch.randint(-3, 4, (1, 64), generator=g).float()  # few distinct estimates
+        x = torch.randn(1, 8, generator=g)
+        est = (F.relu(scores[0, :32]) * scores[0, 32:]).abs()
+        want = native.reference_ffn_rows(x, rows, select_neurons(est, count), "relu", 2)
+        torch.testing.assert_close(native.ffn_decode(scores, x, rows, count, "relu", True), want, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernels
@@ -219,7 +248,9 @@ def test_engine_float16_decodes_the_same_tokens_with_and_without_the_kernels(arc
     lowrank = None
     if head == "cascade":  # the low-rank stage from the head's SVD (no calibration text needed here)
         lowrank = LowRankProxy.from_weight(make(arch, seed=3).get_output_embeddings().weight.detach(), 16)
-    fast = Engine(make(arch, seed=3), cfg, head_proxy=lowrank, max_seq_len=64)
+    # the eager step on both sides: its row kernels against their fallback (tests/test_plan.py holds
+    # the native step, which keeps activations in float32, to this eager step)
+    fast = Engine(make(arch, seed=3), cfg, head_proxy=lowrank, max_seq_len=64, fused=False)
     with native.disabled():  # layers prepared here take the eager path for good
         eager = Engine(make(arch, seed=3), cfg, head_proxy=lowrank, max_seq_len=64)
     assert fast.dtype == eager.dtype == torch.float16
@@ -333,32 +364,103 @@ def test_variant_rows_axpy_matches_eager(variant, dtype):
         torch.testing.assert_close(got, native.reference_rows_axpy(w, idx, a), rtol=TOL[dtype], atol=TOL[dtype] * max(c, 1))
 
 
-def _reference_ffn_decode(scores, x, w_in, w_out, count, act, gated):
-    """What ffn_decode computes, in eager torch: the ``count`` largest |activation| estimates (no
-    ties among random floats), then rows_dot and rows_axpy over those rows in ascending order."""
+def _reference_ffn_decode(scores, x, rows, count, act, gated):
+    """What ffn_decode computes, in eager torch: the ``count`` largest |activation| estimates
+    (hire.topk.select_neurons), then those neurons' FFN from their rows."""
+    from hire.topk import select_neurons
+
     parts = 2 if gated else 1
     s = scores.reshape(parts, -1).float()
     est = native.EAGER_ACTIVATIONS[act](s[0])
     if gated:
         est = est * s[1]
-    idx = est.abs().topk(count).indices.sort().values
-    a = native.reference_rows_dot(x, w_in, idx, parts=parts, act=act)
-    return native.reference_rows_axpy(w_out, idx, a)
+    return native.reference_ffn_rows(x, rows, select_neurons(est.abs(), count), act, parts)
 
 
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_variant_ffn_decode_matches_eager(variant, dtype, gated):
     parts = 2 if gated else 1
-    for seed, (neurons, d, d_out, count) in enumerate([(16, 8, 4, 16), (64, 24, 40, 20), (96, 57, 33, 31)]):
+    for seed, (neurons, d, count) in enumerate([(16, 8, 16), (64, 24, 20), (96, 57, 31)]):
         g = torch.Generator().manual_seed(seed)
-        w_in, w_out = torch.randn(neurons, parts * d, generator=g).to(dtype), torch.randn(neurons, d_out, generator=g).to(dtype)
+        rows = torch.randn(neurons, (parts + 1) * d, generator=g).to(dtype)
         scores, x = torch.randn(1, parts * neurons, generator=g), torch.randn(1, d, generator=g).to(dtype)
         for act in ("silu", "gelu_tanh", "gelu", "relu"):
             with _on(variant[1]):
-                got = native.ffn_decode(scores, x, w_in, w_out, count, act, gated)
-            want = _reference_ffn_decode(scores, x, w_in, w_out, count, act, gated)
+                got = native.ffn_decode(scores, x, rows, count, act, gated)
+            want = _reference_ffn_decode(scores, x, rows, count, act, gated)
             torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype] * (d + count))
+
+
+@pytest.mark.parametrize("parts", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_variant_ffn_rows_match_eager(variant, dtype, parts):
+    for seed, (neurons, d, c) in enumerate([(5, 7, 0), (40, 16, 40), (70, 33, 23), (300, 64, 150)]):
+        g = torch.Generator().manual_seed(seed)
+        rows = torch.randn(neurons, (parts + 1) * d, generator=g).to(dtype)
+        x = torch.randn(1, d, generator=g)
+        idx = None if c == 0 else torch.randperm(neurons, generator=g)[:c].sort().values
+        for act in ("silu", "gelu_tanh", "gelu", "relu"):
+            with _on(variant[1]):
+                got = native.ffn_rows(x, rows, idx, act, parts)
+            want = native.reference_ffn_rows(x, rows, idx, act, parts)
+            torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype] * neurons)
+
+
+@pytest.mark.parametrize("parts", [1, 2])
+@pytest.mark.parametrize("group", [64, 128])
+def test_variant_int4_estimates_match_eager(variant, group, parts):
+    """The fused 4-bit proxy: exact integer sums, so only float32 rounding of the scales' products."""
+    from hire.proxies.quantized_matrix import QuantizedMatrix
+
+    for seed, (neurons, d) in enumerate([(8, 64), (48, 192), (96, 576), (32, 640)]):  # widths padded to the group
+        g = torch.Generator().manual_seed(seed)
+        matrix = QuantizedMatrix.from_weight(torch.randn(parts * neurons, d, generator=g), bits=4, group_size=group)
+        x = torch.randn(1, d, generator=g) * 3
+        for act in ("silu", "gelu_tanh", "relu"):
+            with _on(variant[1]):
+                got = native.int4_estimates(x, matrix.packed, matrix.scales, matrix.group_size, parts, act)
+            want = native.reference_int4_estimates(x, matrix.packed, matrix.scales, matrix.group_size, parts, act)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_int4_estimates_track_the_float_proxy():
+    """Quantizing x to int8 moves the proxy's estimates by about a percent: the selection barely."""
+    if not BUILT:
+        pytest.skip(f"native kernels: {native.unavailable_reason()}")
+    from hire.proxies.quantized_matrix import QuantizedMatrix
+
+    g = torch.Generator().manual_seed(0)
+    neurons, d = 1536, 576
+    matrix = QuantizedMatrix.from_weight(torch.randn(2 * neurons, d, generator=g), bits=4, group_size=64)
+    x = torch.randn(1, d, generator=g)
+    got = native.int4_estimates(x, matrix.packed, matrix.scales, 64, 2, "silu")
+    gate, up = (x @ matrix.dequantize().t())[0].split(neurons)
+    exact = (F.silu(gate) * up).abs()
+    assert ((got - exact).norm() / exact.norm()).item() < 0.03
+    keep = 922
+    overlap = set(got.topk(keep).indices.tolist()) & set(exact.topk(keep).indices.tolist())
+    assert len(overlap) / keep > 0.98
+
+
+def test_variant_decode_step_matches_the_default_build(variant):
+    """The whole native decode step built for another SIMD path gives the default build's hidden states."""
+    from hire.engine.plan import native_steps
+
+    name, _ = variant
+    model = make("qwen3", seed=2)
+    engine = Engine(model, HiReConfig(head=HeadConfig(enabled=False), ffn=FFNConfig(density=0.5)),
+                    dtype=torch.float16, max_seq_len=32)
+    other, reason = native_steps(engine, getattr(torch.classes, build.variant_namespace(name)).DecodeModel)
+    assert reason is None
+    engine.forward(torch.arange(1, 9), 0, hire=False)
+    h = engine.embed(torch.tensor([7])).float()
+    for hire in (False, True):
+        caches = engine.k_cache.clone(), engine.v_cache.clone()
+        want = engine.native_steps[hire].step(h, 8)
+        engine.k_cache.copy_(caches[0]), engine.v_cache.copy_(caches[1])
+        got = other[hire].step(h, 8)
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
 
 
 def test_disabled_forces_the_eager_path_in_one_process():
@@ -444,7 +546,7 @@ def test_a_broken_kernel_source_fails_under_ci(tmp_path):
     shutil.copytree(ROOT / "src", copy / "src", ignore=ignore)
     shutil.copytree(ROOT / "tests", copy / "tests", ignore=ignore)
     shutil.copy(ROOT / "pyproject.toml", copy)
-    source = copy / "src" / "hire" / "native" / build.SOURCE.name
+    source = copy / "src" / "hire" / "native" / build.SOURCES[0].name
     source.write_text("this is not C++;\n" + source.read_text())  # fails at once (-Wfatal-errors)
     env = _env(tmp_path / "cache", copy / "src", CI="true")
 

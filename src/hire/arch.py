@@ -80,7 +80,7 @@ _GATED = ArchSpec(layers="model.layers", ffn="gated")
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": ArchSpec(layers="model.layers", ffn="gated", engine=_LLAMA_ENGINE),
     "mistral": ArchSpec(layers="model.layers", ffn="gated", engine=_LLAMA_ENGINE),
-    "qwen2": _GATED,  # its q/k/v projections always carry biases, which the engine does not add
+    "qwen2": ArchSpec(layers="model.layers", ffn="gated", engine=_LLAMA_ENGINE),  # + q/k/v biases (the engine adds them)
     "qwen3": ArchSpec(layers="model.layers", ffn="gated", engine=EngineSpec(qk_norms=("q_norm", "k_norm"))),
     "gemma": _GATED,  # Gemma 1 scales its embeddings outside the embedding module
     "gemma3_text": ArchSpec(layers="model.layers", ffn="gated", engine=_GEMMA3_ENGINE),

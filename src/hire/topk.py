@@ -175,3 +175,14 @@ def count_for_density(n: int, density: float, group_size: int = 1) -> int:
 
 def ceil_count(count: int, factor: float, limit: int) -> int:
     return max(count, min(limit, math.ceil(count * factor)))
+
+
+def select_neurons(estimates: torch.Tensor, count: int) -> torch.Tensor:
+    """The FFN decode selection rule: the ``count`` largest estimates, in ascending index order,
+    the lowest indices first among equal values. The native kernels (ffn_decode and the decode
+    step) implement it in C++ and are tested against this.  # estimates: (I,) -> (count,)"""
+    if not 1 <= count <= estimates.numel():
+        raise ValueError(f"count must be in [1, {estimates.numel()}], got {count}")
+    # a stable descending sort keeps equal values in index order
+    order = torch.sort(estimates.reshape(-1), descending=True, stable=True).indices
+    return order[:count].sort().values

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,34 +29,12 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-@contextmanager
-def _timed_parts(engine: Engine):
-    """Seconds spent in the engine's attention, FFN and head calls while the block runs (the CPU
-    runs operators synchronously, so perf_counter around a call is its cost)."""
-    spent: dict[str, float] = defaultdict(float)
-    for method, part in (("_attention", "attention"), ("_ffn", "ffn"), ("logits", "head")):
-        fn = getattr(engine, method)
-
-        def wrapper(*args, _fn=fn, _part=part, **kwargs):
-            t = time.perf_counter()
-            out = _fn(*args, **kwargs)
-            spent[_part] += time.perf_counter() - t
-            return out
-
-        setattr(engine, method, wrapper)
-    try:
-        yield spent
-    finally:
-        for method in ("_attention", "_ffn", "logits"):
-            delattr(engine, method)  # back to the class's methods
-
-
 def part_times(engine: Engine, prompt: torch.Tensor, tokens: int, hire: bool) -> dict[str, float]:
     """Milliseconds per decode step in the head, the FFNs, attention and the rest; the prefill's
     share is measured alone and taken out."""
-    with _timed_parts(engine) as full:
+    with engine.timed() as full:
         stats = engine.generate(prompt, tokens, hire=hire)
-    with _timed_parts(engine) as prefill:
+    with engine.timed() as prefill:
         engine.generate(prompt, 1, hire=hire)
     steps = max(stats.new_tokens - 1, 1)
     out = {part: 1000 * (full[part] - prefill[part]) / steps for part in ("head", "ffn", "attention")}
@@ -85,6 +61,36 @@ def op_overhead(engine: Engine, prompt: torch.Tensor, tokens: int, hire: bool) -
         "ms_in_ops_per_token": 1000 * ops_decode / steps,
         "ms_overhead_per_token": 1000 * max(0.0, (wall - prefill) - ops_decode) / steps,
     }
+
+
+def machine_bandwidth(mib: int = 512, repeats: int = 5) -> float:
+    """The machine's read bandwidth in GB/s: the best of ``repeats`` sums over a float32 buffer of
+    ``mib`` MiB (far larger than the caches) on the current threads."""
+    buffer = torch.ones(mib * 2**20 // 4)
+    buffer.sum()  # touch every page first
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - t)
+    return buffer.numel() * 4 / best / 1e9
+
+
+def roofline(result: dict) -> dict:
+    """What the bench's parts reach: the FFN's achieved GB/s dense and HiRE (and their ratio),
+    attention's ms against its bytes at the dense FFN's bandwidth, and the dense engine's share
+    of the machine's bandwidth."""
+    mode_bytes = {"dense": result["bytes_dense"], "hire": result["bytes_hire"]}
+    out = {}
+    for mode in ("dense", "hire"):
+        ms = result[f"ms_per_part_{mode}"]
+        out[f"ffn_gb_s_{mode}"] = mode_bytes[mode]["ffn"] / max(ms["ffn"], 1e-9) / 1e6
+    out["ffn_hire_vs_dense_gb_s"] = out["ffn_gb_s_hire"] / out["ffn_gb_s_dense"]
+    attention_ideal_ms = mode_bytes["dense"]["attention"] / (out["ffn_gb_s_dense"] * 1e6)
+    out["attention_ms_vs_bytes"] = result["ms_per_part_dense"]["attention"] / attention_ideal_ms
+    if "machine_gb_s" in result:
+        out["dense_vs_machine_gb_s"] = result["bandwidth_gb_s_dense"] / result["machine_gb_s"]
+    return out
 
 
 def _decode_rate(run, tokens: int) -> float:
@@ -189,11 +195,14 @@ def run_bench(
         "first_divergence": first_diff,
         "hire_kernels": {**engine.kernel_report(), "simd": native.simd_path()},
     }
+    result["machine_gb_s"] = machine_bandwidth()
+    result["dense_vs_machine_gb_s"] = result["bandwidth_gb_s_dense"] / result["machine_gb_s"]
     if breakdown:
         result["ms_per_part_dense"] = part_times(engine, prompt, tokens, hire=False)
         result["ms_per_part_hire"] = part_times(engine, prompt, tokens, hire=True)
         result["overhead_dense"] = op_overhead(engine, prompt, tokens, hire=False)
         result["overhead_hire"] = op_overhead(engine, prompt, tokens, hire=True)
+        result.update(roofline(result))
     return result
 
 

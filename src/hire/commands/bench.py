@@ -61,7 +61,8 @@ def format_bench(r: dict) -> str:
         f"{'ms per token':22s} {r['ms_per_token_dense']:10.2f} {r['ms_per_token_hire']:10.2f}",
         f"{'MiB read per token':22s} {r['bytes_per_token_dense'] * mb:10.1f} {r['bytes_per_token_hire'] * mb:10.1f}"
         f"   ideal speedup {r['ideal_speedup']:.2f}x, reached {100 * r['fraction_of_ideal']:.0f} %",
-        f"{'achieved GB/s':22s} {r['bandwidth_gb_s_dense']:10.2f} {r['bandwidth_gb_s_hire']:10.2f}",
+        f"{'achieved GB/s':22s} {r['bandwidth_gb_s_dense']:10.2f} {r['bandwidth_gb_s_hire']:10.2f}"
+        f"   machine {r['machine_gb_s']:.1f} GB/s (dense reaches {100 * r['dense_vs_machine_gb_s']:.0f} %)",
     ]
     if "ms_per_part_dense" in r:
         lines.append("")
@@ -73,7 +74,10 @@ def format_bench(r: dict) -> str:
                          f"{bd * mb:10.1f} {bh * mb:10.1f}")
         od, oh = r["overhead_dense"], r["overhead_hire"]
         lines.append(f"{'Python/dispatch ms':22s} {od['ms_overhead_per_token']:10.2f} {oh['ms_overhead_per_token']:10.2f}"
-                     "   (wall time outside aten operators, torch.profiler)")
+                     "   (wall time outside operators, torch.profiler)")
+        lines.append(f"{'FFN GB/s':22s} {r['ffn_gb_s_dense']:10.2f} {r['ffn_gb_s_hire']:10.2f}   HiRE at "
+                     f"{100 * r['ffn_hire_vs_dense_gb_s']:.0f} % of dense; attention takes "
+                     f"{r['attention_ms_vs_bytes']:.2f}x its bytes' time at the dense FFN's GB/s")
     if "tokens_per_s_transformers" in r:
         lines.append(f"transformers generate(): {r['tokens_per_s_transformers']:.1f} tokens/s (float32, eager); "
                      f"dense engine is {r['engine_dense_vs_transformers']:.2f}x that")

@@ -272,6 +272,8 @@ class TPEngine(Engine):
     tokens. The residual stream, the norms and the embedding are replicated; partial outputs are
     all-reduced in float32."""
 
+    supports_fused = False  # its attention and FFN steps add collectives: the eager step, sharded
+
     def __init__(self, model: nn.Module, config: HiReConfig | None, comm: Comm, *, head_proxy=None,
                  dtype: torch.dtype = torch.float16, max_seq_len: int = 1024):
         check_tp(model, config, comm.world)
@@ -293,7 +295,11 @@ class TPEngine(Engine):
         o_cols = torch.tensor(rows(q_heads, 0))
         for layer in self.layers:
             layer.qkv = layer.qkv.index_select(0, qkv_rows).contiguous()
+            if layer.qkv_bias is not None:
+                layer.qkv_bias = layer.qkv_bias.index_select(0, qkv_rows)
             layer.o = layer.o.index_select(1, o_cols).contiguous()
+            if rank != 0:  # the all-reduce sums the ranks' outputs: the bias is added once
+                layer.o_bias = None
         group = hq // hkv
         kv_for_q = [kv_heads.index(h // group) for h in q_heads]
         uniform = len(q_heads) % len(kv_heads) == 0 and kv_for_q == [

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -13,7 +15,9 @@ from torch.nn import functional as F
 from hire import native
 from hire.arch import EngineSpec, arch_spec, decoder_layers, engine_spec
 from hire.config import HiReConfig
+from hire.engine.plan import native_steps
 from hire.engine.sampling import sample
+from hire.layers import HiReFFN
 from hire.patch import hire_layers, sparsify_
 
 
@@ -33,7 +37,9 @@ class _RMSNorm:
 @dataclass
 class _Layer:
     qkv: torch.Tensor  # (Hq*hd + 2*Hkv*hd, D): q, k, v projections fused into one read
+    qkv_bias: torch.Tensor | None  # (Hq*hd + 2*Hkv*hd,): Qwen2's q/k/v biases
     o: torch.Tensor  # (D, Hq*hd)
+    o_bias: torch.Tensor | None  # (D,)
     module: nn.Module  # the HF decoder layer: its (maybe HiRE) FFN
     norms: dict[str, _RMSNorm]  # the layer's norms by their EngineSpec attribute names
     sliding: int | None  # sliding-window length, None for global attention
@@ -58,8 +64,12 @@ class Engine:
     """Decode loop over ``model`` (patched in place with ``config`` unless ``config`` is None).
 
     Prefill is dense; each decode step runs one token through every layer, with HiRE layers
-    taking their sparse path when ``hire=True``.
+    taking their sparse path when ``hire=True``. A decode step is one native call
+    (``hire.engine.plan``) where the kernels are built and the model's layers allow it
+    (``native_reason`` says why not); ``fused=False`` keeps the eager step, the reference.
     """
+
+    supports_fused = True  # a subclass that replaces the eager step's parts (tensor parallel) sets False
 
     def __init__(
         self,
@@ -69,6 +79,7 @@ class Engine:
         head_proxy=None,
         dtype: torch.dtype = torch.float16,
         max_seq_len: int = 1024,
+        fused: bool = True,
     ):
         self.spec = spec = engine_spec(model)
         self.mlp = arch_spec(model).mlp
@@ -76,6 +87,7 @@ class Engine:
         self.dtype = dtype
         self.max_seq_len = max_seq_len
         cfg = model.config
+        self.hidden = cfg.hidden_size
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -98,20 +110,28 @@ class Engine:
             attn = getattr(layer, spec.attention)
             q, k, v = (getattr(attn, name) for name in (spec.q, spec.k, spec.v))
             qkv = torch.cat([q.weight, k.weight, v.weight]).detach().contiguous()
-            if any(proj.bias is not None for proj in (q, k, v)):
-                raise ValueError("attention biases are not supported by the engine yet (qwen2-style q/k/v bias)")
+            qkv_bias = None
+            if any(proj.bias is not None for proj in (q, k, v)):  # Qwen2: q, k and v all have one
+                qkv_bias = torch.cat([proj.bias if proj.bias is not None else proj.weight.new_zeros(proj.weight.shape[0])
+                                      for proj in (q, k, v)]).detach()
+            o = getattr(attn, spec.o)
             layer_type = cfg.layer_types[i] if getattr(cfg, "layer_types", None) else "full_attention"
             sliding = cfg.sliding_window if layer_type == "sliding_attention" else None
             norms = {name: _RMSNorm(getattr(layer, name), spec) for name in layer_norms if name is not None}
             for name in spec.qk_norms or ():
                 norms[name] = _RMSNorm(getattr(attn, name), spec)
+            o_bias = None if o.bias is None else o.bias.detach()
             self.layers.append(
-                _Layer(qkv, getattr(attn, spec.o).weight.detach(), layer, norms, sliding, self.rope_index[layer_type])
+                _Layer(qkv, qkv_bias, o.weight.detach(), o_bias, layer, norms, sliding, self.rope_index[layer_type])
             )
         self.kv_for_q = None  # (Hq,) kv head of each query head, where the grouping is not uniform (a TP shard)
         shape = (len(self.layers), self.n_kv, max_seq_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype)
         self.v_cache = torch.zeros(shape, dtype=dtype)
+        self._timing: dict[str, float] | None = None  # seconds per part while timed() runs
+        self.native_steps, self.native_reason = None, "fused=False"
+        if fused and self.supports_fused:
+            self.native_steps, self.native_reason = native_steps(self)
 
     # --- set-up ----------------------------------------------------------------------------
     def _build_rope(self, rotary: nn.Module) -> None:
@@ -120,10 +140,11 @@ class Engine:
         probe = torch.zeros(1, 1, dtype=torch.float32)
         types = sorted(set(getattr(self.model.config, "layer_types", None) or ["full_attention"]))
         self.rope_index = {t: i for i, t in enumerate(types)}
-        self.rope_tables = []
+        self.rope_tables, self.rope_tables_f32 = [], []
         for t in types:
             cos, sin = rotary(probe, positions, t) if self.spec.rotary_per_layer_type else rotary(probe, positions)
             self.rope_tables.append((cos[0].to(self.dtype), sin[0].to(self.dtype)))  # (L, hd)
+            self.rope_tables_f32.append((cos[0].float().contiguous(), sin[0].float().contiguous()))  # the native step's
 
     # --- the decoder -----------------------------------------------------------------------
     @staticmethod
@@ -136,7 +157,7 @@ class Engine:
     def _attention(self, layer: _Layer, index: int, x: torch.Tensor, start: int) -> torch.Tensor:
         # x: (T, D) normalised input, positions start..start+T-1 -> (T, D)
         T = x.shape[0]
-        q, k, v = F.linear(x, layer.qkv).split(
+        q, k, v = F.linear(x, layer.qkv, layer.qkv_bias).split(
             [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=-1
         )
         q = q.view(T, self.n_heads, self.head_dim).transpose(0, 1)  # (Hq, T, hd)
@@ -166,35 +187,78 @@ class Engine:
         out = F.scaled_dot_product_attention(
             q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask, scale=self.scale, enable_gqa=True
         )  # (1, Hq, T, hd)
-        return F.linear(out[0].transpose(0, 1).reshape(T, -1), layer.o)
+        return F.linear(out[0].transpose(0, 1).reshape(T, -1), layer.o, layer.o_bias)
 
     def _ffn(self, layer: nn.Module, x: torch.Tensor, hire: bool) -> torch.Tensor:
         mlp = getattr(layer, self.mlp)
-        if hasattr(mlp, "decode"):
+        if isinstance(mlp, HiReFFN):
             return mlp.decode(x) if hire and x.shape[0] == 1 else mlp.base_layer(x)
         return mlp(x)
 
+    # --- timing hooks ----------------------------------------------------------------------
+    @contextmanager
+    def timed(self) -> Iterator[dict[str, float]]:
+        """Seconds spent in attention, the FFNs and the head while the block runs, by part (the
+        CPU runs operators synchronously, so a clock around a part is its cost). The native step
+        times its parts itself. Timing costs a clock read per part per layer."""
+        spent: dict[str, float] = defaultdict(float)
+        self._timing = spent
+        for step in (self.native_steps or {}).values():
+            step.set_timing(True)
+        try:
+            yield spent
+        finally:
+            self._timing = None
+            for step in (self.native_steps or {}).values():
+                attention, ffn = step.timings()
+                spent["attention"] += attention
+                spent["ffn"] += ffn
+                step.set_timing(False)
+
+    def _clock(self, part: str, since: float) -> float:
+        now = time.perf_counter()
+        self._timing[part] += now - since
+        return now
+
+    # --- the decoder -----------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, start: int, hire: bool) -> torch.Tensor:
         """Final hidden state of the last position.  # tokens: (T,) -> (1, D)
 
         The residual stream stays in float32 (Gemma's overflows float16); every weight product
-        runs in the engine's 16-bit dtype on normalised inputs.
+        runs in the engine's 16-bit dtype on normalised inputs. One token runs the native step
+        when there is one.
         """
-        dt, spec = self.dtype, self.spec
         h = self.embed(tokens).float()  # (T, D); Gemma's embedding module applies its sqrt(D) scale
+        if self.native_steps is not None and tokens.numel() == 1:
+            return self.native_steps[hire].step(h, start).to(self.dtype)
+        return self.eager_forward(h, start, hire)
+
+    def eager_forward(self, h: torch.Tensor, start: int, hire: bool) -> torch.Tensor:
+        """The decoder in eager torch (prefill, and the reference of the native step).
+        # h: (T, D) float32 embeddings of positions start.. -> (1, D)"""
+        dt, spec, timing = self.dtype, self.spec, self._timing is not None
         for i, layer in enumerate(self.layers):
+            t = time.perf_counter() if timing else 0.0
             n = layer.norms
             a = self._attention(layer, i, n[spec.pre_attention_norm](h, dt), start)
             h = h + (n[spec.post_attention_norm](a, torch.float32) if spec.post_attention_norm else a.float())
+            t = self._clock("attention", t) if timing else t
             f = self._ffn(layer.module, n[spec.pre_ffn_norm](h, dt), hire)
             h = h + (n[spec.post_ffn_norm](f, torch.float32) if spec.post_ffn_norm else f.float())
+            if timing:
+                self._clock("ffn", t)
         return self.norm(h[-1:], dt)
 
     def logits(self, hidden: torch.Tensor, hire: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """# hidden: (1, D) -> logits (1, m), token ids (1, m) or None for the whole vocabulary"""
+        t = time.perf_counter() if self._timing is not None else 0.0
         if hire and self.head is not None:
-            return self.head.decode(hidden)
-        return F.linear(hidden, self.head_weight), None
+            out = self.head.decode(hidden)
+        else:
+            out = F.linear(hidden, self.head_weight), None
+        if self._timing is not None:
+            self._clock("head", t)
+        return out
 
     @torch.no_grad()
     def log_prob(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -214,6 +278,7 @@ class Engine:
         if self.ffns:
             report["ffn"] = sorted({kind(f.proxy) for f in self.ffns})
         report["rows"] = "native" if native.available() else f"eager gather ({native.unavailable_reason()})"
+        report["step"] = "native" if self.native_steps is not None else f"eager ({self.native_reason})"
         return report
 
     # --- generation ------------------------------------------------------------------------

@@ -14,6 +14,13 @@ from hire.config import FFNConfig
 from hire.topk import ceil_count, count_for_density, expand_groups, group_scores, idx_to_mask, mask_recall
 
 
+def neuron_rows(weights: FFNWeights, dtype: torch.dtype) -> torch.Tensor:
+    """An FFN's weights neuron-major in one buffer: row i = [gate_i | up_i | down column i]
+    (plain: [in_i | out column i]).  # -> (I, (2|1)*D + D_out)"""
+    parts = [weights.w_in, weights.w_up] if weights.gated else [weights.w_in]
+    return torch.cat([p.detach().to(dtype) for p in parts + [weights.w_out_t]], dim=1).contiguous()
+
+
 class HiReFFN(nn.Module):
     """Wraps an FFN (kept as ``base_layer``) and, for decoding, computes only selected neurons.
 
@@ -48,6 +55,14 @@ class HiReFFN(nn.Module):
         self.groups = n // config.group_size
         self._count(config.density)
         self.mode = "decode"
+        # the decode layout (prepare_decode): None until the layer is prepared
+        self.decode_rows: torch.Tensor | None = None
+        self._in: torch.Tensor | None = None
+        self._out: torch.Tensor | None = None
+        self._b_in: torch.Tensor | None = None
+        self._b_out: torch.Tensor | None = None
+        self._native_act: str | None = None
+        self._fused = False
         self.track_recall = False
         self.recall_sum = 0.0
         self.recall_count = 0
@@ -63,8 +78,7 @@ class HiReFFN(nn.Module):
 
         self.config = replace(self.config, density=density, layer_density=[])
         self._count(density)
-        if hasattr(self, "_native_act"):  # already prepared for decoding
-            self._fused = self._fusable()
+        self._fused = self._fusable()
 
     # --- selection -------------------------------------------------------------------------
     def estimate(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,14 +140,15 @@ class HiReFFN(nn.Module):
 
     # --- decode-time layout ----------------------------------------------------------------
     def prepare_decode(self, dtype: torch.dtype) -> None:
-        """Neuron-major copies for decoding: row i of ``_in`` holds neuron i's gate and up rows
-        side by side (one contiguous read per neuron), row i of ``_out`` its down column; the
+        """The decode layout: one neuron-major buffer ``decode_rows`` whose row i holds neuron i's gate
+        and up rows and its down column side by side, so a selected neuron is one contiguous read
+        (~3.5 KB on SmolLM2); ``_in`` and ``_out`` are views of its input and output parts. The
         proxy on its fused kernel. Costs a copy of the FFN weights."""
         w = self.weights
-        rows = torch.stack([w.w_in, w.w_up], dim=1) if w.gated else w.w_in.unsqueeze(1)  # (I, 1|2, D)
-        self._in = rows.detach().to(dtype).reshape(w.neurons, -1).contiguous()  # (I, 2D)
+        self.decode_rows = neuron_rows(w, dtype)  # (I, (1|2)*D + D_out)
+        width = (2 if w.gated else 1) * w.w_in.shape[1]
+        self._in, self._out = self.decode_rows[:, :width], self.decode_rows[:, width:]  # (I, 2D), (I, D_out) views
         self._b_in = None if w.b_in is None else w.b_in.detach().to(dtype)
-        self._out = w.w_out_t.detach().to(dtype).contiguous()  # (I, D_out)
         self._b_out = None if w.b_out is None else w.b_out.detach().to(dtype)
         self.proxy.prepare_decode(dtype)
         # the native kernels read the selected rows in place: gated, or plain without a bias
@@ -157,7 +172,7 @@ class HiReFFN(nn.Module):
             return self._dense_forward(x)
         w = self.weights
         if self._fused:
-            y = native.ffn_decode(self.proxy.decode_scores(x), x, self._in, self._out, self.keep_groups,
+            y = native.ffn_decode(self.proxy.decode_scores(x), x, self.decode_rows, self.keep_groups,
                                   self._native_act, w.gated).view(1, -1).to(x.dtype)
             return y if self._b_out is None else y + self._b_out
         # estimates in float32, as the fused kernel makes them: both paths pick the same neurons

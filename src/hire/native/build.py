@@ -36,7 +36,9 @@ from hire.errors import HireError
 from hire.files import atomic_write_text
 from hire.paths import cache_root
 
-SOURCE = Path(__file__).with_name("sparse_rows.cpp")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "sparse_rows.cpp", HERE / "decode.cpp")  # compiled and linked into one library
+HEADERS = (HERE / "simd.h", HERE / "rows.h")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-Wfatal-errors")  # the first compile error is the message
 LDFLAGS = ("-fopenmp",)
 BUILD_TIMEOUT_S = 600.0  # a cold build takes ~30 s on 2 cores; ten minutes means the holder is stuck
@@ -72,7 +74,8 @@ def _cpu_id() -> bytes:
 
 def _digest(cflags: tuple[str, ...] = CFLAGS) -> str:
     # everything the binary depends on: a change to any of them builds into a fresh directory
-    parts = (SOURCE.read_bytes(), torch.__version__.encode(), _cpu_id(), " ".join(cflags + LDFLAGS).encode())
+    code = tuple(path.read_bytes() for path in SOURCES + HEADERS)
+    parts = (*code, torch.__version__.encode(), _cpu_id(), " ".join(cflags + LDFLAGS).encode())
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:12]
 
 
@@ -150,7 +153,7 @@ def _compile(directory: Path, name: str, cflags: tuple[str, ...]) -> None:
     try:
         cpp_extension.load(
             name=name,
-            sources=[str(SOURCE)],
+            sources=[str(path) for path in SOURCES],
             extra_cflags=list(cflags),
             extra_ldflags=list(LDFLAGS),
             build_directory=str(directory),

@@ -3,7 +3,10 @@
 * ``rows_dot(x, W, idx, scales=None, parts=1, act=None)`` -> float32 ``(c,)`` (or ``(c, parts)``
   without an activation): ``act(W[idx[j], :D] . x) * (W[idx[j], D:] . x)`` for gated rows.
 * ``rows_axpy(W, idx, a)`` -> float32 ``(D_out,)``: ``sum_j a[j] * W[idx[j]]``.
-* ``ffn_decode(scores, x, w_in, w_out, count, act, gated)``: one sparse FFN step after its proxy.
+* ``ffn_rows(x, rows, idx, act, parts)``: an FFN over the neurons ``idx`` (None: all) of its
+  neuron-major rows ``[input part(s) | output row]``, each neuron one contiguous read.
+* ``ffn_decode(scores, x, rows, count, act, gated)``: one sparse FFN step after its proxy.
+* ``torch.classes.hire.DecodeModel``: a whole decode step (hire.engine.plan builds it).
 * ``simd_path()``: the build's SIMD path, "avx512", "avx2" or "scalar" (all give the same results
   up to float32 summation order).
 
@@ -62,16 +65,70 @@ def rows_axpy(w, idx, a) -> torch.Tensor:
     return _ops().rows_axpy(w, idx, a)
 
 
-def ffn_decode(scores, x, w_in, w_out, count: int, act: str, gated: bool) -> torch.Tensor:
-    """One sparse FFN step after its proxy, in one call: |activation| estimates from the proxy
-    ``scores`` (gated: gate then up scores), the best ``count`` neurons, their exact activations
-    from the neuron-major rows ``w_in`` (I, parts*D) and the weighted sum of their ``w_out`` rows.
-
-    # scores: (1, parts*I), x: (1, D), w_in: (I, parts*D), w_out: (I, D_out) -> float32 (D_out,)"""
-    mod = _ops()
+def _act_code(act: str) -> int:
     if act not in ACTIVATIONS or act is None:
         raise ValueError(f"act must be one of {sorted(a for a in ACTIVATIONS if a)}, got {act!r}")
-    return mod.ffn_decode(scores, x, w_in, w_out, count, ACTIVATIONS[act], gated)
+    return ACTIVATIONS[act]
+
+
+def ffn_rows(x, rows, idx, act: str, parts: int) -> torch.Tensor:
+    """The FFN output of the neurons ``idx`` (None: all, in order) from neuron-major ``rows``.
+    Neurons are split across threads, each thread streaming whole rows.
+
+    # x: (1, D), rows: (I, (parts+1)*D), idx: (c,) or None -> float32 (D,)"""
+    mod = _ops()
+    return mod.ffn_rows(x, rows, torch.empty(0, dtype=torch.long) if idx is None else idx, _act_code(act), parts)
+
+
+def ffn_decode(scores, x, rows, count: int, act: str, gated: bool) -> torch.Tensor:
+    """One sparse FFN step after its proxy, in one call: |activation| estimates from the proxy
+    ``scores`` (gated: gate then up scores), the best ``count`` neurons (``hire.topk.select_neurons``)
+    and their output from the neuron-major ``rows`` (see ``ffn_rows``).
+
+    # scores: (1, parts*I), x: (1, D), rows: (I, (parts+1)*D) -> float32 (D,)"""
+    mod = _ops()
+    return mod.ffn_decode(scores, x, rows, count, _act_code(act), gated)
+
+
+def int4_estimates(x, packed, scales, group: int, parts: int, act: str) -> torch.Tensor:
+    """The FFN's |activation| estimates from its 4-bit proxy (a QuantizedMatrix's ``packed`` codes
+    and ``scales``: gate rows then up rows when ``parts`` is 2), fused: the activation is quantized to
+    int8 with one scale (``quantize_activation``) and each 64-column chunk is an exact integer
+    dot product times its group's scale.
+
+    # x: (1, D), packed: (parts*I, Dp/2) uint8, scales: (parts*I, Dp/group) float16 -> float32 (I,)"""
+    return _ops().int4_estimates(x, packed, scales, group, parts, _act_code(act))
+
+
+def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """int8 codes and the scale the 4-bit proxy kernel uses for x: max|x| / 127, round half to even.
+    # x: (D,) -> (D,) int8 codes"""
+    x = x.reshape(-1).float()
+    amax = float(x.abs().max()) if x.numel() else 0.0
+    scale = torch.tensor(amax / 127 if amax > 0 else 1.0, dtype=torch.float32)
+    return torch.round(x / scale).clamp(-127, 127).to(torch.int8), float(scale)
+
+
+def reference_int4_estimates(x, packed, scales, group: int, parts: int, act: str) -> torch.Tensor:
+    """What ``int4_estimates`` computes, in eager torch (float64 sums).  # same shapes"""
+    codes, scale = quantize_activation(x)
+    low = (packed & 0x0F).to(torch.int64) - 8
+    high = (packed >> 4).to(torch.int64) - 8
+    w = torch.stack((low, high), dim=-1).reshape(packed.shape[0], -1)  # (n, Dp) codes
+    xq = torch.zeros(w.shape[1], dtype=torch.int64)
+    xq[: codes.numel()] = codes.to(torch.int64)
+    per_group = (w * xq).reshape(w.shape[0], -1, group).sum(-1).double()  # exact integer sums per group
+    s = (per_group * scales.double()).sum(-1) * scale  # (n,)
+    s = s.float().reshape(parts, -1)
+    a = EAGER_ACTIVATIONS[act](s[0])
+    return (a * s[1] if parts == 2 else a).abs()
+
+
+def decode_model_class():
+    """``torch.classes.hire.DecodeModel``: a whole decode step over an engine's tensors (built by
+    ``hire.engine.plan.native_steps``)."""
+    require()
+    return torch.classes.hire.DecodeModel
 
 
 def simd_path() -> str | None:
@@ -90,6 +147,18 @@ def reference_rows_dot(x, w, idx, scales=None, parts: int = 1, act: str | None =
         return out[:, 0] if parts == 1 else out
     a = EAGER_ACTIVATIONS[act](out[:, 0])
     return a * out[:, 1] if parts == 2 else a
+
+
+def reference_ffn_rows(x, rows, idx, act: str, parts: int) -> torch.Tensor:
+    """What ``ffn_rows`` computes, in eager torch (float32).  # same shapes as ffn_rows"""
+    d = x.numel()
+    picked = rows if idx is None else rows.index_select(0, idx)
+    picked = picked.float()
+    pre = picked[:, : parts * d].reshape(-1, parts, d) @ x.reshape(-1).float()  # (c, parts)
+    a = EAGER_ACTIVATIONS[act](pre[:, 0])
+    if parts == 2:
+        a = a * pre[:, 1]
+    return a @ picked[:, parts * d:]
 
 
 def reference_rows_axpy(w, idx, a) -> torch.Tensor:

@@ -1,0 +1,151 @@
+"""Decode plans: each decoder layer's one-token step in the layout the native decode step reads,
+built once from the engine's tensors (no weight copies beyond the FFN's neuron-major buffer that
+``HiReFFN.prepare_decode`` already holds).
+
+``LayerPlan`` says what a layer computes; ``native_steps`` hands the plans to
+``torch.classes.hire.DecodeModel`` (native/decode.cpp), which runs a whole token in one call. The
+engine's eager ``forward`` is the reference the native step is tested against. A model the native
+step cannot run (a proxy or activation it has no kernel for, oversampled or grouped selection, a
+tensor-parallel shard) keeps the eager path, and ``reason`` says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hire import native
+from hire.arch import arch_spec, ffn_weights, mlp_module
+from hire.layers import HiReFFN
+from hire.layers.ffn import neuron_rows
+
+PROXY_KINDS = {"dense": 0, "int4pack": 1, "matrix": 2, "int4": 3}  # native/decode.cpp's ProxyKind
+EMPTY = torch.empty(0)
+
+
+class NotFusable(Exception):
+    """Why a model keeps the eager decode step (its message is the reason)."""
+
+
+@dataclass(frozen=True)
+class FFNPlan:
+    """One FFN's decode step: the ``keep`` best neurons by the proxy's estimate (all of them: dense)
+    from the neuron-major ``rows`` [input part(s) | output row]."""
+
+    rows: torch.Tensor  # (I, (parts+1)*D)
+    parts: int  # 2 gated, 1 plain
+    act: str
+    keep: int
+    proxy_kind: str = "dense"
+    proxy_a: torch.Tensor = EMPTY  # int4pack: packed codes; matrix: (parts*I, D) weights
+    proxy_b: torch.Tensor = EMPTY  # int4pack: scales and zeros
+    proxy_group: int = 0
+
+    @property
+    def neurons(self) -> int:
+        return self.rows.shape[0]
+
+    def dense(self) -> "FFNPlan":
+        return FFNPlan(self.rows, self.parts, self.act, self.neurons)
+
+
+def ffn_plan(mlp: nn.Module, model: nn.Module, dtype: torch.dtype) -> FFNPlan:
+    """The decode plan of one layer's FFN (a HiReFFN prepared for decoding, or a dense MLP)."""
+    if isinstance(mlp, HiReFFN):
+        weights = mlp.weights
+        if mlp._native_act is None or weights.b_in is not None or weights.b_out is not None:
+            raise NotFusable("an FFN with biases or an activation without a kernel")
+        parts = 2 if weights.gated else 1
+        if mlp.keeps_all:
+            return FFNPlan(mlp.decode_rows, parts, mlp._native_act, weights.neurons)
+        if not mlp._fused:
+            raise NotFusable("grouped or oversampled FFN selection (group_size > 1 or oversample > 1)")
+        kind, a, b, group = _proxy(mlp.proxy)
+        return FFNPlan(mlp.decode_rows, parts, mlp._native_act, mlp.keep_groups, kind, a, b, group)
+    weights = ffn_weights(arch_spec(model), mlp)
+    act = native.activation_name(weights.act)
+    if act is None or weights.b_in is not None or weights.b_out is not None:
+        raise NotFusable("an FFN with biases or an activation without a kernel")
+    return FFNPlan(neuron_rows(weights, dtype), 2 if weights.gated else 1, act, weights.neurons)
+
+
+def _proxy(proxy) -> tuple[str, torch.Tensor, torch.Tensor, int]:
+    gemv = getattr(proxy, "_gemv", None)
+    matrix = getattr(gemv, "matrix", None)
+    if matrix is not None and matrix.bits == 4 and matrix.group_size % 64 == 0:
+        # the fused 4-bit kernel reads the proxy's own codes and scales (native.int4_estimates)
+        return "int4", matrix.packed, matrix.scales, matrix.group_size
+    if gemv is not None and gemv.kind == "int4pack":
+        return "int4pack", gemv.packed, gemv.scales_zeros, gemv.matrix.group_size
+    if gemv is not None and gemv.kind == "dequantize":
+        return "matrix", gemv.weight, EMPTY, 0
+    weight = getattr(proxy, "_weight", None)  # the exact proxy
+    if weight is not None:
+        return "matrix", weight, EMPTY, 0
+    raise NotFusable(f"an FFN proxy without a native kernel ({type(proxy).__name__})")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One decoder layer's decode step (see native/decode.cpp's add_layer for the order)."""
+
+    qkv: torch.Tensor  # (Nq + 2 Nkv, D) in the engine's dtype
+    qkv_bias: torch.Tensor  # float32 (Nq + 2 Nkv,) or empty
+    o: torch.Tensor  # (D, Nq)
+    norms: tuple[torch.Tensor, ...]  # float32: attention, post-attention, FFN, post-FFN, q, k (empty: absent)
+    rope: int
+    sliding: int  # 0: global attention
+    ffn: FFNPlan
+
+    def native_args(self, hire: bool) -> tuple[list[torch.Tensor], list[int]]:
+        f = self.ffn if hire else self.ffn.dense()
+        tensors = [self.qkv, self.qkv_bias, self.o, *self.norms, f.rows, f.proxy_a, f.proxy_b]
+        ints = [self.rope, self.sliding, native.ACTIVATIONS[f.act], f.parts, f.keep, PROXY_KINDS[f.proxy_kind],
+                f.proxy_group]
+        return tensors, ints
+
+
+def layer_plans(engine) -> list[LayerPlan]:
+    """Every layer's plan from a built engine (raises NotFusable with the reason)."""
+    spec, model = engine.spec, engine.model
+    arch = arch_spec(model)
+    eps = {norm.eps for layer in engine.layers for norm in layer.norms.values()} | {engine.norm.eps}
+    if len(eps) != 1:
+        raise NotFusable(f"norms with different epsilons {sorted(eps)}")
+    if any(layer.o_bias is not None for layer in engine.layers):
+        raise NotFusable("an attention output bias")
+    names = [spec.pre_attention_norm, spec.post_attention_norm, spec.pre_ffn_norm, spec.post_ffn_norm,
+             *(spec.qk_norms or (None, None))]
+    plans = []
+    for layer in engine.layers:
+        norms = tuple(layer.norms[n].weight.contiguous() if n is not None else EMPTY for n in names)
+        bias = EMPTY if layer.qkv_bias is None else layer.qkv_bias.float().contiguous()
+        mlp = mlp_module(arch, layer.module)
+        plans.append(LayerPlan(layer.qkv, bias, layer.o, norms, layer.rope, layer.sliding or 0,
+                               ffn_plan(mlp, model, engine.dtype)))
+    return plans
+
+
+def native_steps(engine, model_class=None) -> tuple[dict[bool, object] | None, str | None]:
+    """``({False: dense step, True: HiRE step}, None)``, or ``(None, reason)`` when the model keeps
+    the eager step. ``model_class``: another build's DecodeModel (tests of a SIMD variant)."""
+    if model_class is None and not native.available():
+        return None, f"native kernels unavailable ({native.unavailable_reason()})"
+    if engine.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return None, f"dtype {engine.dtype}"
+    try:
+        plans = layer_plans(engine)
+    except NotFusable as exc:
+        return None, str(exc)
+    cls = model_class or native.decode_model_class()
+    steps = {}
+    for hire in (False, True):
+        step = cls([engine.n_heads, engine.n_kv, engine.head_dim, engine.hidden], engine.scale, engine.norm.eps,
+                   engine.k_cache, engine.v_cache, [c for c, _ in engine.rope_tables_f32],
+                   [s for _, s in engine.rope_tables_f32], engine.norm.weight.contiguous())
+        for plan in plans:
+            step.add_layer(*plan.native_args(hire))
+        steps[hire] = step
+    return steps, None

@@ -1,0 +1,135 @@
+// The SIMD vocabulary the native kernels are written against (one definition per instruction
+// set, picked by the compiler flags: -march=native, or a variant build's -mno-avx512f), plus the
+// scalar helpers they share. Included by every kernel file.
+#pragma once
+#include <torch/torch.h>
+#include <cmath>
+#include <cstdint>
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+#include <immintrin.h>
+#endif
+
+// The ops register under HIRE_OPS_NAMESPACE (torch.ops.<namespace>.*): `hire` normally; a variant
+// build (build.py's build_variant) picks its own, so that it can be loaded beside the default one.
+#ifndef HIRE_OPS_NAMESPACE
+#define HIRE_OPS_NAMESPACE hire
+#endif
+#define HIRE_STR2(x) #x
+#define HIRE_STR(x) HIRE_STR2(x)
+
+namespace hire_simd {
+
+enum Act { NONE = 0, SILU = 1, GELU_TANH = 2, GELU = 3, RELU = 4 };
+
+inline float to_f(float v) { return v; }
+inline float to_f(c10::Half v) { return static_cast<float>(v); }
+inline float to_f(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float to_f(int8_t v) { return static_cast<float>(v); }
+
+// One SIMD vocabulary per instruction set, picked by the compiler flags (-march=native): a vector
+// of kLanes float32 and the operations the kernels need, including load_w, which reads kLanes
+// weights of any kernel dtype as float32. The kernels below are written once against it; without
+// AVX-512 or AVX2 (+FMA, F16C) they run their scalar tail loops only.
+#if defined(__AVX512F__)
+#define HIRE_SIMD "avx512"
+#define HIRE_SCALAR 0
+using vec = __m512;
+constexpr int64_t kLanes = 16;
+inline vec vzero() { return _mm512_setzero_ps(); }
+inline vec vset1(float a) { return _mm512_set1_ps(a); }
+inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+inline vec vfmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+inline vec load_w(const float* p) { return _mm512_loadu_ps(p); }
+inline vec load_w(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline vec load_w(const c10::BFloat16* p) {  // bfloat16 is the top half of a float32
+  __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+inline vec load_w(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define HIRE_SIMD "avx2"
+#define HIRE_SCALAR 0
+using vec = __m256;
+constexpr int64_t kLanes = 8;
+inline vec vzero() { return _mm256_setzero_ps(); }
+inline vec vset1(float a) { return _mm256_set1_ps(a); }
+inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+inline vec vfmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+inline float vsum(vec v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  // 8 -> 4
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));                                           // 4 -> 2
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));                                            // 2 -> 1
+  return _mm_cvtss_f32(s);
+}
+inline vec load_w(const float* p) { return _mm256_loadu_ps(p); }
+inline vec load_w(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline vec load_w(const c10::BFloat16* p) {  // bfloat16 is the top half of a float32
+  __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+inline vec load_w(const int8_t* p) {  // 8 bytes: the load must not read past the row
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+#else
+#define HIRE_SIMD "scalar"
+#define HIRE_SCALAR 1
+#endif
+
+// Rows are picked at random, which defeats the hardware prefetcher: each loop step also
+// prefetches the same part of the next selected row (`next`, may be null).
+constexpr int64_t kAhead = 8;  // rows ahead
+inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }  // read, keep in all cache levels
+
+template <typename T>
+inline float dot(const T* w, const float* x, int64_t n, const T* next) {
+  int64_t i = 0;
+  float s = 0.f;
+#if !HIRE_SCALAR
+  vec a0 = vzero(), a1 = vzero();  // two accumulators: two FMA chains in flight
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    if (next) prefetch(next + i);
+    a0 = vfmadd(load_w(w + i), vload(x + i), a0);
+    a1 = vfmadd(load_w(w + i + kLanes), vload(x + i + kLanes), a1);
+  }
+  for (; i + kLanes <= n; i += kLanes) a0 = vfmadd(load_w(w + i), vload(x + i), a0);
+  s = vsum(vadd(a0, a1));
+#endif
+  for (; i < n; ++i) s += to_f(w[i]) * x[i];
+  return s;
+}
+
+template <typename T>
+inline void axpy(float a, const T* w, float* y, int64_t n, const T* next) {
+  int64_t i = 0;
+#if !HIRE_SCALAR
+  const vec va = vset1(a);
+  for (; i + kLanes <= n; i += kLanes) {
+    if (next && (i * sizeof(T)) % 64 == 0) prefetch(next + i);  // once per cache line
+    vstore(y + i, vfmadd(va, load_w(w + i), vload(y + i)));
+  }
+#endif
+  for (; i < n; ++i) y[i] += a * to_f(w[i]);
+}
+
+inline float activate(float v, int64_t act) {
+  switch (act) {
+    case SILU: return v / (1.f + std::exp(-v));
+    case GELU_TANH: return 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    case GELU: return 0.5f * v * (1.f + std::erf(v * 0.7071067811865476f));
+    case RELU: return v > 0.f ? v : 0.f;
+    default: return v;
+  }
+}
+
+}  // namespace hire_simd
