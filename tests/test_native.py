@@ -71,6 +71,39 @@ def test_rows_dot_matches_eager(seed, n, d, c, dtype, act, parts):
 
 
 @needs_kernels
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 90), st.integers(1, 80), st.floats(0.0, 1.0), st.sampled_from(DTYPES),
+       st.sampled_from(["silu", "gelu_tanh", "gelu", "relu"]), st.sampled_from([1, 2]))
+def test_ffn_rows_match_eager(seed, neurons, d, share, dtype, act, parts):
+    """The decode step's FFN kernel (one contiguous block per neuron, neurons split across threads,
+    vectorised activations) against its eager meaning, on any shape, dtype and activation."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randn(neurons, (parts + 1) * d, generator=g).to(dtype)
+    x = torch.randn(1, d, generator=g) * 2
+    c = round(share * neurons)
+    idx = None if c == 0 else torch.randperm(neurons, generator=g)[:c].sort().values
+    got = native.ffn_rows(x, rows, idx, act, parts)
+    want = native.reference_ffn_rows(x, rows, idx, act, parts)
+    scale = max(want.abs().max().item(), 1.0)
+    torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype] * scale * 4)
+
+
+@needs_kernels
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 40), st.sampled_from([64, 128, 192, 576, 640]), st.sampled_from([1, 2]),
+       st.sampled_from(["silu", "gelu_tanh", "relu"]), st.floats(0.01, 100.0))
+def test_int4_estimates_match_eager(seed, neurons, d, parts, act, magnitude):
+    from hire.proxies.quantized_matrix import QuantizedMatrix
+
+    g = torch.Generator().manual_seed(seed)
+    matrix = QuantizedMatrix.from_weight(torch.randn(parts * neurons, d, generator=g), bits=4, group_size=64)
+    x = torch.randn(1, d, generator=g) * magnitude
+    got = native.int4_estimates(x, matrix.packed, matrix.scales, 64, parts, act)
+    want = native.reference_int4_estimates(x, matrix.packed, matrix.scales, 64, parts, act)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(want.abs().max().item(), 1e-3))
+
+
+@needs_kernels
 @settings(max_examples=40, deadline=None)
 @given(st.integers(0, 2**31 - 1), st.integers(1, 70), st.integers(1, 80), st.integers(0, 90))
 def test_rows_dot_int8_with_row_scales(seed, n, d, c):
@@ -441,6 +474,67 @@ def test_int4_estimates_track_the_float_proxy():
     keep = 922
     overlap = set(got.topk(keep).indices.tolist()) & set(exact.topk(keep).indices.tolist())
     assert len(overlap) / keep > 0.98
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_variant_gemv_matches_eager(variant, dtype):
+    for seed, (n, d) in enumerate([(1, 1), (7, 9), (64, 576), (300, 33)]):
+        g = torch.Generator().manual_seed(seed)
+        w, x = torch.randn(n, d, generator=g).to(dtype), torch.randn(1, d, generator=g)
+        with _on(variant[1]):
+            got = native.gemv(x, w)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, (w.float() @ x[0]), rtol=TOL[dtype], atol=TOL[dtype] * d)
+
+
+@pytest.mark.parametrize("rank", [16, 64, 128])
+def test_variant_lowrank_block_topk_selects_what_local_topk_selects(variant, rank):
+    """The head's first pass: exact integer sums of the int8 codes with z's int8 codes, so the same
+    rows as hire.topk.local_topk over the same scores (random floats: no ties)."""
+    for seed, (rows, blocks, per) in enumerate([(256, 16, 1), (4096, 64, 8), (49152, 512, 8)]):
+        g = torch.Generator().manual_seed(seed)
+        codes = torch.randint(-127, 128, (rows, rank), generator=g, dtype=torch.int8)
+        scales, z = torch.rand(rows, generator=g) / 100, torch.randn(1, rank, generator=g)
+        with _on(variant[1]):
+            packed = native.pack_lowrank(codes)
+            got = native.lowrank_block_topk(z, packed, scales, blocks, per)
+        want = native.reference_lowrank_block_topk(z, codes, scales, blocks, per)
+        assert got.shape == (blocks * per,) and sorted(got.tolist()) == sorted(want.tolist())
+        assert ((got % blocks).bincount(minlength=blocks) == per).all()  # per rows from every block
+
+
+@needs_kernels
+def test_lowrank_block_topk_refuses_bad_shapes():
+    packed = native.pack_lowrank(torch.zeros(64, 16, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="z has 8 values for a rank of 16"):
+        native.lowrank_block_topk(torch.zeros(1, 8), packed, torch.ones(64), 16, 2)
+    with pytest.raises(RuntimeError, match="blocks must be a multiple of 16"):
+        native.lowrank_block_topk(torch.zeros(1, 16), packed, torch.ones(64), 8, 2)
+    with pytest.raises(RuntimeError, match=r"per must be in \[1, 4\]"):
+        native.lowrank_block_topk(torch.zeros(1, 16), packed, torch.ones(64), 16, 5)
+    with pytest.raises(RuntimeError, match="multiples of 16"):
+        native.pack_lowrank(torch.zeros(40, 16, dtype=torch.int8))
+
+
+@needs_kernels
+def test_the_cascade_head_takes_the_fused_first_pass_and_keeps_its_candidates():
+    """A Gemma-like head (rank-16 int8 U, block-local first pass): the native first pass picks the
+    rows the eager one picks from the same quantized scores, and the head's top-k is unchanged."""
+    from hire.proxies import Cascade, QuantizedProxy
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(4096, 64, generator=g)
+    lowrank = LowRankProxy.from_weight(weight, 16, u_bits=8)
+    cascade = Cascade([lowrank, QuantizedProxy.from_weight(weight, bits=8, group_size=64)], [512, 64], blocks=64)
+    cascade.prepare_decode(torch.float16)
+    assert lowrank.packed is not None
+    x = torch.randn(1, 64, generator=g).half()
+    fused = cascade.decode_select(x)
+    z = torch.nn.functional.linear(x, lowrank._v)
+    first = native.reference_lowrank_block_topk(z, lowrank._u.codes, lowrank._u.row_scales, 64, 8)
+    sub = cascade.proxies[1].decode_scores_rows(x, first)
+    eager = first[sub[0].topk(64, sorted=False).indices]
+    assert sorted(fused[0].tolist()) == sorted(eager.tolist())
 
 
 def test_variant_decode_step_matches_the_default_build(variant):

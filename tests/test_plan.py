@@ -140,7 +140,9 @@ def test_timing_hooks_split_the_step_into_parts():
         engine.native_steps = steps
         with engine.timed() as spent:
             engine.generate(PROMPT, 6, hire=True)
-        assert set(spent) == {"attention", "ffn", "head"} and all(v > 0 for v in spent.values())
+        assert {"attention", "ffn", "head"} <= set(spent) and all(v > 0 for v in spent.values())
+        if steps is not None:  # the fused 4-bit proxy times its estimates and its selection too
+            assert 0 < spent["ffn_proxy"] + spent["ffn_select"] < spent["ffn"]
         with engine.timed() as again:
             pass
         assert sum(again.values()) == 0  # each block starts from zero

@@ -30,6 +30,8 @@ class HiReLMHead(nn.Module):
         self.config = config
         self.selector = selector
         self.mode = "decode"
+        self._weight: torch.Tensor | None = None  # the decode layout (prepare_decode)
+        self._native = False
 
     @property
     def weight(self) -> torch.Tensor:  # transformers reads the head's weight (tying, resizing)

@@ -37,7 +37,7 @@ from hire.files import atomic_write_text
 from hire.paths import cache_root
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "sparse_rows.cpp", HERE / "decode.cpp")  # compiled and linked into one library
+SOURCES = (HERE / "sparse_rows.cpp", HERE / "decode.cpp", HERE / "head.cpp")  # compiled and linked into one library
 HEADERS = (HERE / "simd.h", HERE / "rows.h")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-Wfatal-errors")  # the first compile error is the message
 LDFLAGS = ("-fopenmp",)

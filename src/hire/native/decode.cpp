@@ -100,6 +100,7 @@ void attend(const float* q, const T* kc, const T* vc, int64_t seq, int64_t first
 struct QuantX {
   std::vector<int8_t> even, odd;  // x's int8 codes of the even and odd columns, padded with zeros
   std::vector<int32_t> chunk_sum;  // sum of the codes of each 64-column chunk
+  std::vector<int32_t> offset;     // 8 lanes per chunk: -8 * chunk_sum in lane 0, zeros (the codes' +8)
   float scale = 1.f;
 };
 
@@ -117,7 +118,18 @@ QuantX quantize_x(const float* x, int64_t d, int64_t padded) {
     (i % 2 ? q.odd : q.even)[i / 2] = v;
     q.chunk_sum[i / 64] += v;
   }
+  q.offset.assign(chunks * 8, 0);
+  for (int64_t c = 0; c < chunks; ++c) q.offset[c * 8] = -8 * q.chunk_sum[c];
   return q;
+}
+
+// float16 -> float32 in one instruction (c10::Half's conversion is a portable bit-twiddling routine)
+inline float half_f(c10::Half h) {
+#if !HIRE_SCALAR
+  return _cvtsh_ss(h.x);
+#else
+  return static_cast<float>(h);
+#endif
 }
 
 // The scores of `nr` rows (1 or 2: a neuron's gate and up rows, sharing the loads of x): sum over
@@ -129,18 +141,43 @@ inline void int4_rows(const uint8_t* const* p, const c10::Half* const* scales, i
   int64_t c = 0;
   float total[2] = {0.f, 0.f};
 #if !HIRE_SCALAR
-  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+#if defined(__AVX512BW__)
+  // two chunks (128 columns) per step; lanes 0-7 hold chunk c's sums, lanes 8-15 chunk c + 1's
+  const __m512i low512 = _mm512_set1_epi8(0x0F);
+  __m512 acc512[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (; c + 2 <= chunks; c += 2) {
+    const __m512i xe = _mm512_loadu_si512(q.even.data() + c * 32);
+    const __m512i xo = _mm512_loadu_si512(q.odd.data() + c * 32);
+    const __m512i off = _mm512_loadu_si512(q.offset.data() + c * 8);
+    for (int r = 0; r < nr; ++r) {
+      const __m512i b = _mm512_loadu_si512(p[r] + c * 32);
+      const __m512i lo = _mm512_and_si512(b, low512), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low512);
+#if defined(__AVX512VNNI__)
+      const __m512i s32 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(off, lo, xe), hi, xo);
+#else
+      const __m512i s16 = _mm512_add_epi16(_mm512_maddubs_epi16(lo, xe), _mm512_maddubs_epi16(hi, xo));
+      const __m512i s32 = _mm512_add_epi32(_mm512_madd_epi16(s16, _mm512_set1_epi16(1)), off);
+#endif
+      const __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(half_f(scales[r][c / per_group])),
+                                           _mm256_set1_ps(half_f(scales[r][(c + 1) / per_group])), 1);
+      acc512[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s32), sv, acc512[r]);
+    }
+  }
+  for (int r = 0; r < nr; ++r)
+    acc[r] = _mm256_add_ps(_mm512_castps512_ps256(acc512[r]), _mm512_extractf32x8_ps(acc512[r], 1));
+#endif
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   for (; c < chunks; ++c) {
     const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.even.data() + c * 32));
     const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.odd.data() + c * 32));
-    const __m256i off = _mm256_setr_epi32(8 * q.chunk_sum[c], 0, 0, 0, 0, 0, 0, 0);
+    const __m256i off = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.offset.data() + c * 8));
     for (int r = 0; r < nr; ++r) {
       const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p[r] + c * 32));
       const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
       const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
-      const __m256 s = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_madd_epi16(s16, ones), off));
-      acc[r] = _mm256_fmadd_ps(s, _mm256_set1_ps(static_cast<float>(scales[r][c / per_group])), acc[r]);
+      const __m256 s = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(s16, ones), off));
+      acc[r] = _mm256_fmadd_ps(s, _mm256_set1_ps(half_f(scales[r][c / per_group])), acc[r]);
     }
   }
   for (int r = 0; r < nr; ++r) {
@@ -155,7 +192,7 @@ inline void int4_rows(const uint8_t* const* p, const c10::Half* const* scales, i
       int32_t s = -8 * q.chunk_sum[c];
       for (int64_t j = 0; j < 32; ++j)
         s += (p[r][c * 32 + j] & 0x0F) * q.even[c * 32 + j] + (p[r][c * 32 + j] >> 4) * q.odd[c * 32 + j];
-      total[r] += static_cast<float>(s) * static_cast<float>(scales[r][c / per_group]);
+      total[r] += static_cast<float>(s) * half_f(scales[r][c / per_group]);
     }
   }
   for (int r = 0; r < nr; ++r) out[r] = total[r] * q.scale;
@@ -172,13 +209,16 @@ void int4_estimates(const float* x, int64_t d, const Tensor& packed, const Tenso
   const c10::Half* sc = scales.data_ptr<c10::Half>();
   const int64_t pstride = packed.size(1), sstride = scales.size(1);
   at::parallel_for(0, neurons, 64, [&](int64_t b, int64_t e) {
+    std::vector<float> gate(e - b), up(e - b);
     for (int64_t i = b; i < e; ++i) {
       const uint8_t* rp[2] = {p + i * pstride, p + (neurons + i) * pstride};
       const c10::Half* rs[2] = {sc + i * sstride, sc + (neurons + i) * sstride};
       float v[2];
       int4_rows(rp, rs, (int)parts, q, chunks, group, v);
-      est[i] = std::fabs(parts == 2 ? activate(v[0], act) * v[1] : activate(v[0], act));
+      gate[i - b] = v[0];
+      up[i - b] = v[1];
     }
+    activate_n(gate.data(), parts == 2 ? up.data() : nullptr, est + b, e - b, act, true);
   });
 }
 
@@ -221,7 +261,8 @@ struct DecodeModel : torch::CustomClassHolder {
   Tensor final_norm;
   std::vector<Layer> layers;
   bool timing = false;
-  double seconds[2] = {0.0, 0.0};  // attention, FFN (when timing)
+  // when timing: attention, FFN, and within the FFN its proxy estimates and its selection
+  double seconds[4] = {0.0, 0.0, 0.0, 0.0};
 
   DecodeModel(std::vector<int64_t> dims, double scale, double eps, Tensor k_cache, Tensor v_cache,
               std::vector<Tensor> cos, std::vector<Tensor> sin, Tensor final_norm)
@@ -373,9 +414,16 @@ struct DecodeModel : torch::CustomClassHolder {
       return;
     }
     if (L.proxy_kind == INT4) {
+      using clock = std::chrono::steady_clock;
+      const auto t0 = timing ? clock::now() : clock::time_point();
       std::vector<float> est(neurons);
       int4_estimates(x, dim, L.proxy_a, L.proxy_b, L.proxy_group, L.parts, L.act, est.data());
+      const auto t1 = timing ? clock::now() : clock::time_point();
       auto idx = hire_native::select_top(est.data(), neurons, L.keep);
+      if (timing) {
+        seconds[2] += std::chrono::duration<double>(t1 - t0).count();
+        seconds[3] += std::chrono::duration<double>(clock::now() - t1).count();
+      }
       hire_native::ffn_rows(L.ffn, idx.data(), L.keep, x, dim, L.parts, L.act, y);
       return;
     }
@@ -394,13 +442,25 @@ struct DecodeModel : torch::CustomClassHolder {
 
   void set_timing(bool on) {
     timing = on;
-    seconds[0] = seconds[1] = 0.0;
+    seconds[0] = seconds[1] = seconds[2] = seconds[3] = 0.0;
   }
 
-  std::vector<double> timings() { return {seconds[0], seconds[1]}; }
+  // seconds in attention, the FFN, the FFN's proxy and its selection since set_timing(true)
+  std::vector<double> timings() { return {seconds[0], seconds[1], seconds[2], seconds[3]}; }
 };
 }  // namespace HIRE_OPS_NAMESPACE
 using HIRE_OPS_NAMESPACE::DecodeModel;
+
+// y = W x for every row of W, in float32: the dense LM head (its logits then feed a float32 argmax,
+// several times faster on CPU than a float16 one). x: (D,), W: (n, D) -> (n,)
+Tensor gemv_op(Tensor x, Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1 && w.size(1) == x.numel(), "gemv: W must be (n, ", x.numel(),
+              ") with contiguous rows, got ", w.sizes());
+  auto xf = x.reshape({x.numel()}).to(torch::kFloat).contiguous();
+  auto y = torch::empty({w.size(0)}, xf.options());
+  gemv(w, xf.data_ptr<float>(), y.data_ptr<float>());
+  return y;
+}
 
 // The fused 4-bit proxy estimates alone (for tests against hire.proxies' eager meaning).
 // x: (D,), packed: (parts*I, Dp/2), scales: (parts*I, Dp/group) -> float32 (I,)
@@ -419,10 +479,14 @@ Tensor int4_estimates_op(Tensor x, Tensor packed, Tensor scales, int64_t group, 
 #define HIRE_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
 #define HIRE_FRAGMENT_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
 
-HIRE_FRAGMENT_IMPL(HIRE_OPS_NAMESPACE, CPU, m) { m.impl("int4_estimates", &int4_estimates_op); }
+HIRE_FRAGMENT_IMPL(HIRE_OPS_NAMESPACE, CPU, m) {
+  m.impl("int4_estimates", &int4_estimates_op);
+  m.impl("gemv", &gemv_op);
+}
 
 HIRE_FRAGMENT(HIRE_OPS_NAMESPACE, m) {
   m.def("int4_estimates(Tensor x, Tensor packed, Tensor scales, int group, int parts, int act) -> Tensor");
+  m.def("gemv(Tensor x, Tensor w) -> Tensor");
   m.class_<DecodeModel>("DecodeModel")
       .def(torch::init<std::vector<int64_t>, double, double, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>,
                        Tensor>())

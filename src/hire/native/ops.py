@@ -21,6 +21,7 @@ import torch
 from torch.nn import functional as F
 
 from hire.native.build import available, require
+from hire.topk import local_topk
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
 ACTIVATIONS = {None: 0, "silu": 1, "gelu_tanh": 2, "gelu": 3, "relu": 4}  # the kernel's enum Act
@@ -90,6 +91,12 @@ def ffn_decode(scores, x, rows, count: int, act: str, gated: bool) -> torch.Tens
     return mod.ffn_decode(scores, x, rows, count, _act_code(act), gated)
 
 
+def gemv(x, w) -> torch.Tensor:
+    """``W x`` over every row, accumulated and returned in float32, rows split across threads.
+    # x: (1, D), w: (n, D) -> float32 (n,)"""
+    return _ops().gemv(x, w)
+
+
 def int4_estimates(x, packed, scales, group: int, parts: int, act: str) -> torch.Tensor:
     """The FFN's |activation| estimates from its 4-bit proxy (a QuantizedMatrix's ``packed`` codes
     and ``scales``: gate rows then up rows when ``parts`` is 2), fused: the activation is quantized to
@@ -122,6 +129,26 @@ def reference_int4_estimates(x, packed, scales, group: int, parts: int, act: str
     s = s.float().reshape(parts, -1)
     a = EAGER_ACTIVATIONS[act](s[0])
     return (a * s[1] if parts == 2 else a).abs()
+
+
+def pack_lowrank(codes: torch.Tensor) -> torch.Tensor:
+    """A low-rank proxy's int8 U codes repacked for ``lowrank_block_topk``: tiles of 16 rows, 4
+    columns at a time, as unsigned bytes (code + 128).  # codes: (V, r) int8 -> (V/16, r/4, 16, 4) uint8"""
+    return _ops().pack_lowrank(codes)
+
+
+def lowrank_block_topk(z, packed, scales, blocks: int, per: int) -> torch.Tensor:
+    """The best ``per`` rows of each interleaved block (``hire.topk.local_topk``) by the low-rank
+    scores ``scales[i] * (U[i] . z)``, in one pass over the packed codes, with z quantized to int8
+    (one scale, as ``quantize_activation``).  # z: (1, r), scales: (V,) float32 -> (blocks * per,) int64"""
+    return _ops().lowrank_block_topk(z, packed, scales, blocks, per)
+
+
+def reference_lowrank_block_topk(z, codes, scales, blocks: int, per: int) -> torch.Tensor:
+    """What ``lowrank_block_topk`` selects, in eager torch, from the unpacked int8 ``codes`` (V, r)."""
+    zq, _ = quantize_activation(z)
+    scores = (codes.to(torch.int64) @ zq.to(torch.int64)).double() * scales.double()  # exact sums, then the scale
+    return local_topk(scores.float().view(1, -1), blocks * per, blocks)[0]
 
 
 def decode_model_class():

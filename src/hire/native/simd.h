@@ -122,13 +122,89 @@ inline void axpy(float a, const T* w, float* y, int64_t n, const T* next) {
   for (; i < n; ++i) y[i] += a * to_f(w[i]);
 }
 
+// exp over a vector (Cephes' expf: range reduction by ln 2, a degree-6 polynomial; ~1 ulp), for
+// the activations below: silu(v) = v / (1 + exp(-v)), gelu_tanh(v) = v / (1 + exp(-2 y)) since
+// 0.5 (1 + tanh(y)) = sigmoid(2 y).
+#if defined(__AVX512F__)
+inline vec vexp(vec x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, vset1(-87.3f)), vset1(88.3f));  // keeps 2^n a normal float
+  const vec n = _mm512_roundscale_ps(_mm512_mul_ps(x, vset1(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  vec r = _mm512_fnmadd_ps(n, vset1(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, vset1(-2.12194440e-4f), r);
+  vec y = vset1(1.9875691500e-4f);
+  y = vfmadd(y, r, vset1(1.3981999507e-3f));
+  y = vfmadd(y, r, vset1(8.3334519073e-3f));
+  y = vfmadd(y, r, vset1(4.1665795894e-2f));
+  y = vfmadd(y, r, vset1(1.6666665459e-1f));
+  y = vfmadd(y, r, vset1(5.0000001201e-1f));
+  y = vfmadd(y, _mm512_mul_ps(r, r), vadd(r, vset1(1.f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
+inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
+inline vec vabs(vec a) { return _mm512_abs_ps(a); }
+#elif !HIRE_SCALAR
+inline vec vexp(vec x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, vset1(-87.3f)), vset1(88.3f));
+  const vec n = _mm256_round_ps(_mm256_mul_ps(x, vset1(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  vec r = _mm256_fnmadd_ps(n, vset1(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, vset1(-2.12194440e-4f), r);
+  vec y = vset1(1.9875691500e-4f);
+  y = vfmadd(y, r, vset1(1.3981999507e-3f));
+  y = vfmadd(y, r, vset1(8.3334519073e-3f));
+  y = vfmadd(y, r, vset1(4.1665795894e-2f));
+  y = vfmadd(y, r, vset1(1.6666665459e-1f));
+  y = vfmadd(y, r, vset1(5.0000001201e-1f));
+  y = vfmadd(y, _mm256_mul_ps(r, r), vadd(r, vset1(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
+inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
+inline vec vabs(vec a) { return _mm256_andnot_ps(vset1(-0.f), a); }
+#endif
+
 inline float activate(float v, int64_t act) {
   switch (act) {
     case SILU: return v / (1.f + std::exp(-v));
-    case GELU_TANH: return 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    case GELU_TANH: return v / (1.f + std::exp(-1.5957691216057308f * (v + 0.044715f * v * v * v)));  // = 0.5 v (1 + tanh(y))
     case GELU: return 0.5f * v * (1.f + std::erf(v * 0.7071067811865476f));
     case RELU: return v > 0.f ? v : 0.f;
     default: return v;
+  }
+}
+
+// out[i] = act(g[i]) * u[i] (u may be null: act(g[i])), |out[i]| with absval; n values, vectorised
+// for silu, gelu_tanh and relu.
+inline void activate_n(const float* g, const float* u, float* out, int64_t n, int64_t act, bool absval) {
+  int64_t i = 0;
+#if !HIRE_SCALAR
+  if (act == SILU || act == GELU_TANH || act == RELU) {
+    const vec one = vset1(1.f);
+    for (; i + kLanes <= n; i += kLanes) {
+      const vec v = vload(g + i);
+      vec a;
+      if (act == RELU) {
+        a = vmax(v, vzero());
+      } else {
+        vec arg = v;  // silu: exp(-v); gelu_tanh: exp(-2 y), y = 0.79788456 (v + 0.044715 v^3)
+        if (act == GELU_TANH)
+          arg = vmul(vset1(1.5957691216057308f), vfmadd(vmul(vset1(0.044715f), vmul(v, v)), v, v));
+        a = vdiv(v, vadd(one, vexp(vmul(arg, vset1(-1.f)))));
+      }
+      if (u) a = vmul(a, vload(u + i));
+      vstore(out + i, absval ? vabs(a) : a);
+    }
+  }
+#endif
+  for (; i < n; ++i) {
+    const float a = activate(g[i], act) * (u ? u[i] : 1.f);
+    out[i] = absval ? std::fabs(a) : a;
   }
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from hire.proxies.lowrank import LowRankProxy
 from hire.topk import approx_topk, check_blocks, check_k, local_topk
 
 
@@ -64,7 +65,11 @@ class Cascade:
 
     def decode_select(self, x: torch.Tensor) -> torch.Tensor:
         """select() for one token, with the first (full) pass on its fused kernel.  # x: (1, D) -> (1, keep[-1])"""
-        idx = self._first(self.proxies[0].decode_scores(x))
+        first = self.proxies[0]
+        if self.blocks and isinstance(first, LowRankProxy) and first.packed is not None:
+            idx = first.decode_local_topk(x, self.keep[0], self.blocks)  # scores and selection in one native pass
+        else:
+            idx = self._first(first.decode_scores(x))
         for proxy, count in zip(self.proxies[1:], self.keep[1:]):
             sub = proxy.decode_scores_rows(x, idx[0])
             idx = idx.gather(-1, sub.topk(count, dim=-1, sorted=False).indices)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from hire import native
 from hire.proxies.kernels import QuantizedGEMV
 from hire.proxies.quantized_matrix import QuantizedMatrix
 
@@ -22,6 +23,7 @@ class LowRankProxy:
     def __init__(self, u: torch.Tensor | QuantizedMatrix, v: torch.Tensor):
         self.u = u  # (n, r): a float tensor, or an 8-bit QuantizedMatrix
         self.v = v  # (r, D)
+        self.packed: torch.Tensor | None = None  # U for native.lowrank_block_topk (prepare_decode), when it applies
 
     @classmethod
     def from_weight(
@@ -99,6 +101,16 @@ class LowRankProxy:
     def prepare_decode(self, dtype: torch.dtype) -> None:
         self._v = self.v.to(dtype)
         self._u = QuantizedGEMV(self.u, dtype) if isinstance(self.u, QuantizedMatrix) else self.u.to(dtype)
+        self.packed = None
+        if isinstance(self._u, QuantizedGEMV) and self._u.kind == "int8pack" and self.u.shape[0] % 16 == 0 \
+                and self.rank % 4 == 0 and native.usable(self._u.codes):
+            self.packed = native.pack_lowrank(self._u.codes)
+
+    def decode_local_topk(self, x: torch.Tensor, k: int, blocks: int) -> torch.Tensor:
+        """``local_topk(decode_scores(x), k, blocks)`` in one native pass over U's codes (with x's
+        low-rank projection quantized to int8); needs ``packed``.  # x: (1, D) -> (1, k)"""
+        z = torch.nn.functional.linear(x.to(self._v.dtype), self._v)  # (1, r)
+        return native.lowrank_block_topk(z, self.packed, self._u.row_scales, blocks, k // blocks).view(1, -1)
 
     def decode_scores(self, x: torch.Tensor) -> torch.Tensor:
         """# x: (1, D) -> (1, n)"""

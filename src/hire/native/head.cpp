@@ -1,0 +1,184 @@
+// The LM head's first HiRE pass in one call: the low-rank proxy's scores of every vocabulary row
+// (u_i . z, u_i the row's int8 codes times its scale) and the best `per` rows of each interleaved
+// block (block b holds rows b, b + blocks, b + 2 blocks, ...; hire.topk.local_topk is its eager
+// meaning). Gemma's 262,144 rows made torch's int8 GEMV plus a top-k over a (blocks, n/blocks) view
+// ~0.75 ms of a token; this reads the codes once and keeps no score buffer.
+//
+// z is quantized to int8 (one scale per token), and the codes are repacked once (pack_lowrank) into
+// tiles of 16 rows: for each group of 4 columns, the 16 rows' 4 codes side by side. One multiply-add
+// of a tile's 64 bytes with 4 of z's codes (broadcast) then adds 4 products to each of the 16 rows'
+// sums: no horizontal sums. (With VNNI the codes are stored + 128 as unsigned bytes; the 128 comes out
+// as 128 * sum(z's codes).)
+#include <torch/library.h>
+#include <torch/torch.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+#include "simd.h"
+
+namespace {
+using namespace hire_simd;
+using torch::Tensor;
+
+constexpr int64_t kTile = 16;  // rows per tile
+// With VNNI the tiles hold code + 128 as unsigned bytes (vpdpbusd multiplies unsigned by signed bytes
+// without saturating). Without it, pmaddubsw would saturate its 16-bit pair sums (255 * 127 * 2 > 2^15),
+// so the tiles keep the signed codes and the kernel multiplies |code| by z with code's sign.
+#if defined(__AVX512VNNI__)
+constexpr int32_t kBias = 128;
+#else
+constexpr int32_t kBias = 0;
+#endif
+
+// codes: (V, r) int8 -> (V/16, r/4, 16, 4) bytes: code + kBias
+Tensor pack_lowrank(Tensor codes) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kChar, "codes must be a 2-D int8 tensor");
+  const int64_t v = codes.size(0), r = codes.size(1);
+  TORCH_CHECK(v % kTile == 0 && r % 4 == 0, "the packed low-rank proxy needs rows in multiples of ", kTile,
+              " and a rank in multiples of 4, got ", v, " x ", r);
+  auto u = (codes.to(torch::kInt) + kBias).to(kBias ? torch::kByte : torch::kChar);  // (V, r)
+  return u.view({v / kTile, kTile, r / 4, 4}).permute({0, 2, 1, 3}).contiguous();  // (V/16, r/4, 16, 4)
+}
+
+// The 16 rows' scores, scale * sum of code * zq, of one tile; returns a bit per row whose score
+// beats its block's current minimum (floor), which is all the caller then looks at.
+inline uint32_t tile_scores(const uint8_t* tile, const int32_t* z4, int64_t groups, int32_t offset, const float* scale,
+                            const float* floor, float* out) {
+#if defined(__AVX512BW__)
+  __m512i acc = _mm512_set1_epi32(-offset);
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512i t = _mm512_loadu_si512(tile + g * 64);
+    const __m512i zb = _mm512_set1_epi32(z4[g]);
+#if defined(__AVX512VNNI__)
+    acc = _mm512_dpbusd_epi32(acc, t, zb);
+#else  // signed codes: |code| times z with code's sign, in 16-bit pairs that cannot saturate
+    const __m512i zs = _mm512_mask_sub_epi8(zb, _mm512_movepi8_mask(t), _mm512_setzero_si512(), zb);
+    acc = _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(_mm512_abs_epi8(t), zs), _mm512_set1_epi16(1)));
+#endif
+  }
+  const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(scale));
+  _mm512_storeu_ps(out, v);
+  return _mm512_cmp_ps_mask(v, _mm512_loadu_ps(floor), _CMP_GT_OQ);
+#elif !HIRE_SCALAR
+  __m256i acc0 = _mm256_set1_epi32(-offset), acc1 = acc0;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256i zb = _mm256_set1_epi32(z4[g]);
+    const __m256i t0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + g * 64));
+    const __m256i t1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + g * 64 + 32));
+    // signed codes (no VNNI here): |code| times z with code's sign
+    acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(t0), _mm256_sign_epi8(zb, t0)), ones));
+    acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(t1), _mm256_sign_epi8(zb, t1)), ones));
+  }
+  const __m256 v0 = _mm256_mul_ps(_mm256_cvtepi32_ps(acc0), _mm256_loadu_ps(scale));
+  const __m256 v1 = _mm256_mul_ps(_mm256_cvtepi32_ps(acc1), _mm256_loadu_ps(scale + 8));
+  _mm256_storeu_ps(out, v0);
+  _mm256_storeu_ps(out + 8, v1);
+  return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(v0, _mm256_loadu_ps(floor), _CMP_GT_OQ))) |
+         (static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(v1, _mm256_loadu_ps(floor + 8), _CMP_GT_OQ))) << 8);
+#else
+  uint32_t mask = 0;
+  for (int64_t j = 0; j < kTile; ++j) {
+    int32_t sum = -offset;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int8_t* z = reinterpret_cast<const int8_t*>(&z4[g]);
+      for (int64_t k = 0; k < 4; ++k) sum += static_cast<int8_t>(tile[g * 64 + j * 4 + k]) * z[k];  // kBias is 0
+    }
+    out[j] = static_cast<float>(sum) * scale[j];
+    if (out[j] > floor[j]) mask |= 1u << j;
+  }
+  return mask;
+#endif
+}
+
+// One block's best `per` (value, row) so far, with its current minimum.
+struct Best {
+  float* val;
+  int64_t* row;
+  int64_t per;
+  // replace the minimum (at `low`) with (v, r); return the new minimum's position
+  int64_t insert(int64_t low, float v, int64_t r) {
+    val[low] = v;
+    row[low] = r;
+    for (int64_t i = 0; i < per; ++i) low = val[i] < val[low] ? i : low;
+    return low;
+  }
+};
+
+}  // namespace
+
+// z: (r,), packed: (V/16, r/4, 16, 4) uint8, scales: (V,) float32 -> (blocks * per,) int64 rows
+Tensor lowrank_block_topk(Tensor z, Tensor packed, Tensor scales, int64_t blocks, int64_t per) {
+  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kTile && packed.size(3) == 4 && packed.is_contiguous() &&
+              packed.scalar_type() == (kBias ? torch::kByte : torch::kChar), "packed must come from this build's pack_lowrank");
+  const int64_t tiles = packed.size(0), groups = packed.size(1), v = tiles * kTile, r = groups * 4;
+  TORCH_CHECK(z.numel() == r, "z has ", z.numel(), " values for a rank of ", r);
+  TORCH_CHECK(scales.numel() == v && scales.scalar_type() == torch::kFloat && scales.is_contiguous(),
+              "scales: float32, one per row (", v, ")");
+  TORCH_CHECK(blocks >= kTile && blocks % kTile == 0 && v % blocks == 0, "blocks must be a multiple of ", kTile,
+              " dividing ", v, ", got ", blocks);
+  const int64_t stripe_rows = v / blocks;  // rows per block
+  TORCH_CHECK(per >= 1 && per <= stripe_rows, "per must be in [1, ", stripe_rows, "], got ", per);
+  // z as int8 codes (one scale), grouped 4 to an int32 for the broadcast
+  auto zf = z.reshape({r}).to(torch::kFloat).contiguous();
+  const float* zp = zf.data_ptr<float>();
+  float amax = 0.f;
+  for (int64_t k = 0; k < r; ++k) amax = std::max(amax, std::fabs(zp[k]));
+  const float zscale = amax > 0.f ? amax / 127.f : 1.f;
+  std::vector<int32_t> z4(groups);
+  int32_t zsum = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    int8_t q[4];
+    for (int64_t k = 0; k < 4; ++k) {
+      q[k] = static_cast<int8_t>(std::nearbyint(std::min(127.f, std::max(-127.f, zp[g * 4 + k] / zscale))));
+      zsum += q[k];
+    }
+    std::memcpy(&z4[g], q, 4);
+  }
+  const int32_t offset = kBias * zsum;
+  std::vector<float> val(blocks * per, -std::numeric_limits<float>::infinity());
+  auto out = torch::empty({blocks * per}, torch::kLong);
+  int64_t* rows = out.data_ptr<int64_t>();
+  std::fill(rows, rows + blocks * per, 0);
+  const uint8_t* pp = static_cast<const uint8_t*>(packed.data_ptr());  // signed codes where kBias is 0
+  const float* sp = scales.data_ptr<float>();
+  const int64_t block_tiles = blocks / kTile;
+  // threads own ranges of blocks: in every stripe of `blocks` rows, the tiles of their blocks
+  at::parallel_for(0, block_tiles, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> floor(blocks, -std::numeric_limits<float>::infinity());  // each block's current minimum
+    std::vector<int64_t> low(blocks, 0);                                         // and where it is
+    alignas(64) float scores[kTile];
+    for (int64_t s = 0; s < stripe_rows; ++s) {
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t tile = s * block_tiles + t, row0 = tile * kTile;
+        uint32_t mask = tile_scores(pp + tile * groups * 64, z4.data(), groups, offset, sp + row0,
+                                    floor.data() + t * kTile, scores);
+        while (mask) {  // rare once the blocks' lists fill: a row that beats its block's worst kept row
+          const int j = __builtin_ctz(mask);
+          mask &= mask - 1;
+          const int64_t block = t * kTile + j;
+          Best best{val.data() + block * per, rows + block * per, per};
+          low[block] = best.insert(low[block], scores[j], row0 + j);
+          floor[block] = best.val[low[block]];
+        }
+      }
+    }
+  });
+  return out;
+}
+
+#define HIRE_HEAD_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
+#define HIRE_HEAD_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
+HIRE_HEAD_FRAGMENT(HIRE_OPS_NAMESPACE, m) {
+  m.def("pack_lowrank(Tensor codes) -> Tensor");
+  m.def("lowrank_block_topk(Tensor z, Tensor packed, Tensor scales, int blocks, int per) -> Tensor");
+}
+
+HIRE_HEAD_IMPL(HIRE_OPS_NAMESPACE, CPU, m) {
+  m.impl("pack_lowrank", &pack_lowrank);
+  m.impl("lowrank_block_topk", &lowrank_block_topk);
+}
