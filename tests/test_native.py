@@ -457,6 +457,27 @@ def test_variant_int4_estimates_match_eager(variant, group, parts):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("parts", [1, 2])
+def test_variant_int4_ffn_step_matches_its_parts(variant, parts):
+    """The decode step's fused HiRE FFN (estimates, selection, rows in one parallel region) equals
+    its eager meaning: reference estimates, select_neurons, reference rows."""
+    from hire.proxies.quantized_matrix import QuantizedMatrix
+    from hire.topk import select_neurons
+
+    for seed, (neurons, d, keep) in enumerate([(16, 64, 16), (96, 64, 1), (300, 128, 181), (1536, 576, 922)]):
+        g = torch.Generator().manual_seed(seed)
+        matrix = QuantizedMatrix.from_weight(torch.randn(parts * neurons, d, generator=g), bits=4, group_size=64)
+        rows = torch.randn(neurons, (parts + 1) * d, generator=g).half()
+        x = torch.randn(1, d, generator=g)
+        for act in ("silu", "gelu_tanh"):
+            with _on(variant[1]):
+                got = native.int4_ffn(x, rows, matrix.packed, matrix.scales, 64, keep, act, parts)
+            est = native.reference_int4_estimates(x, matrix.packed, matrix.scales, 64, parts, act)
+            want = native.reference_ffn_rows(x, rows, select_neurons(est, keep), act, parts)
+            # (the rows are unrelated to the proxy here, so an output can be ~0: the scale floors at 1)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * max(want.abs().max().item(), 1.0))
+
+
 def test_int4_estimates_track_the_float_proxy():
     """Quantizing x to int8 moves the proxy's estimates by about a percent: the selection barely."""
     if not BUILT:

@@ -107,6 +107,13 @@ def int4_estimates(x, packed, scales, group: int, parts: int, act: str) -> torch
     return _ops().int4_estimates(x, packed, scales, group, parts, _act_code(act))
 
 
+def int4_ffn(x, rows, packed, scales, group: int, keep: int, act: str, parts: int) -> torch.Tensor:
+    """One HiRE FFN step on its 4-bit proxy, as the native decode step runs it: ``int4_estimates``,
+    the best ``keep`` neurons (``hire.topk.select_neurons``), their rows (``ffn_rows``), in one
+    parallel region.  # x: (1, D), rows: (I, (parts+1)*D), packed/scales: (parts*I, ...) -> float32 (D,)"""
+    return _ops().int4_ffn(x, rows, packed, scales, group, keep, _act_code(act), parts)
+
+
 def quantize_activation(x: torch.Tensor) -> tuple[torch.Tensor, float]:
     """int8 codes and the scale the 4-bit proxy kernel uses for x: max|x| / 127, round half to even.
     # x: (D,) -> (D,) int8 codes"""

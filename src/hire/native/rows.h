@@ -2,6 +2,7 @@
 #pragma once
 #include <torch/torch.h>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace hire_native {
@@ -17,5 +18,16 @@ torch::Tensor neuron_estimates(const torch::Tensor& scores, int64_t neurons, int
 // one part or act(gate_i . x) * (up_i . x) for two, from neuron-major rows [part(s) | out] of w.
 void ffn_rows(const torch::Tensor& w, const int64_t* idx, int64_t c, const float* x, int64_t d, int64_t parts,
               int64_t act, float* y);
+
+// One thread's part of ffn_rows: neurons idx[j0..j1) added into acc (d floats), no threads started.
+void ffn_rows_range(const torch::Tensor& w, const int64_t* idx, int64_t j0, int64_t j1, const float* x, int64_t d,
+                    int64_t parts, int64_t act, float* acc);
+
+// A float's bits as an unsigned key with the same order (larger float, larger key).
+inline uint32_t order_key(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  return bits & 0x80000000u ? ~bits : bits | 0x80000000u;
+}
 
 }  // namespace hire_native

@@ -58,21 +58,27 @@ void rows_axpy_impl(const T* wp, int64_t ld, const int64_t* ip, const float* ap,
 constexpr int64_t kBlocksAhead = 2;  // a block is ~3.5 KB (3 x 576 halves): two ahead covers the latency
 // (measured: one neuron at a time streams the dense FFN at the speed of a plain GEMV; batches of 8
 // neurons, dot products first and output rows after, made the dense FFN 1.5x slower)
+// One thread's share: neurons idx[j0..j1) (j0..j1 when idx is null) summed into acc (d floats).
+template <typename T>
+void ffn_rows_range_impl(const T* w, int64_t ld, const int64_t* idx, int64_t j0, int64_t j1, const float* x,
+                         int64_t d, int64_t parts, int64_t act, float* acc) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const T* row = w + (idx ? idx[j] : j) * ld;
+    const T* next = j + kBlocksAhead < j1 ? w + (idx ? idx[j + kBlocksAhead] : j + kBlocksAhead) * ld : nullptr;
+    const float v0 = dot(row, x, d, next);
+    const float a = parts == 2 ? activate(v0, act) * dot(row + d, x, d, next ? next + d : nullptr)
+                               : activate(v0, act);
+    axpy(a, row + parts * d, acc, d, next ? next + parts * d : nullptr);
+  }
+}
+
 template <typename T>
 void ffn_rows_impl(const T* w, int64_t ld, const int64_t* idx, int64_t c, const float* x, int64_t d,
                    int64_t parts, int64_t act, float* y) {
   const int64_t threads = at::get_num_threads();
   std::vector<float> partial(threads * d, 0.f);
   at::parallel_for(0, c, 16, [&](int64_t b, int64_t e) {
-    float* acc = partial.data() + at::get_thread_num() * d;
-    for (int64_t j = b; j < e; ++j) {
-      const T* row = w + (idx ? idx[j] : j) * ld;
-      const T* next = j + kBlocksAhead < e ? w + (idx ? idx[j + kBlocksAhead] : j + kBlocksAhead) * ld : nullptr;
-      const float v0 = dot(row, x, d, next);
-      const float a = parts == 2 ? activate(v0, act) * dot(row + d, x, d, next ? next + d : nullptr)
-                                 : activate(v0, act);
-      axpy(a, row + parts * d, acc, d, next ? next + parts * d : nullptr);
-    }
+    ffn_rows_range_impl(w, ld, idx, b, e, x, d, parts, act, partial.data() + at::get_thread_num() * d);
   });
   for (int64_t i = 0; i < d; ++i) y[i] = 0.f;
   for (int64_t t = 0; t < threads; ++t) {
@@ -162,11 +168,7 @@ std::vector<int64_t> select_top(const float* est, int64_t n, int64_t count) {
   // the count-th largest as a threshold, by radix select on order-preserving integer keys (four
   // byte-wide histogram passes, O(n)); one more pass collects the kept rows in ascending order
   std::vector<uint32_t> key(n);
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t bits;
-    std::memcpy(&bits, est + i, 4);
-    key[i] = bits & 0x80000000u ? ~bits : bits | 0x80000000u;  // larger float -> larger key
-  }
+  for (int64_t i = 0; i < n; ++i) key[i] = order_key(est[i]);
   // each pass histograms the next byte of the keys still in the running, then keeps only those in
   // the bucket that holds the count-th largest (most estimates share an exponent: the first pass
   // leaves a few hundred)
@@ -209,6 +211,19 @@ void ffn_rows(const torch::Tensor& w, const int64_t* idx, int64_t c, const float
     case torch::kFloat: ffn_rows_impl(w.data_ptr<float>(), ld, idx, c, x, d, parts, act, y); break;
     case torch::kHalf: ffn_rows_impl(w.data_ptr<c10::Half>(), ld, idx, c, x, d, parts, act, y); break;
     case torch::kBFloat16: ffn_rows_impl(w.data_ptr<c10::BFloat16>(), ld, idx, c, x, d, parts, act, y); break;
+    default: TORCH_CHECK(false, "ffn rows: unsupported weight dtype ", w.scalar_type());
+  }
+}
+
+void ffn_rows_range(const torch::Tensor& w, const int64_t* idx, int64_t j0, int64_t j1, const float* x, int64_t d,
+                    int64_t parts, int64_t act, float* acc) {
+  const int64_t ld = w.stride(0);
+  switch (w.scalar_type()) {
+    case torch::kFloat: ffn_rows_range_impl(w.data_ptr<float>(), ld, idx, j0, j1, x, d, parts, act, acc); break;
+    case torch::kHalf: ffn_rows_range_impl(w.data_ptr<c10::Half>(), ld, idx, j0, j1, x, d, parts, act, acc); break;
+    case torch::kBFloat16:
+      ffn_rows_range_impl(w.data_ptr<c10::BFloat16>(), ld, idx, j0, j1, x, d, parts, act, acc);
+      break;
     default: TORCH_CHECK(false, "ffn rows: unsupported weight dtype ", w.scalar_type());
   }
 }
