@@ -12,8 +12,9 @@ from hire.system import set_threads
 
 HELP = "decode tokens/s, dense vs HiRE, in one engine"
 DESCRIPTION = ("Dense vs HiRE decode speed in the same engine and run: interleaved rounds after a warm-up, medians; "
-               "bytes per token, achieved bandwidth, the ideal speedup from bytes and the fraction reached, a "
-               "per-part breakdown.")
+               "bytes per token, achieved bandwidth against the machine's read bandwidth (measured in the same run), "
+               "the ideal speedup from bytes and the fraction reached, a per-part breakdown (ms, GB/s) and the "
+               "Python/dispatch overhead; --llama-cpp adds llama.cpp on the same GGUF as an outside anchor.")
 DEFAULT_PROMPT = "The king's daughter walked alone by the river, and as the evening fell she began to sing"
 
 
