@@ -18,6 +18,7 @@ from hire.config import HiReConfig
 from hire.engine.plan import layer_plans, native_steps
 from hire.engine.sampling import sample
 from hire.layers import HiReFFN
+from hire.proxies import LowRankProxy
 from hire.patch import hire_layers, sparsify_
 
 
@@ -274,21 +275,17 @@ class Engine:
 
     def kernel_report(self) -> dict:
         """Which decode kernels the HiRE layers run on (a fallback means a slower, dequantizing path)."""
-        def kind(proxy):
-            k = getattr(proxy, "_gemv", None) or getattr(proxy, "_u", None)
-            return getattr(k, "kind", "dense")
-
         report = {}
         if self.head is not None:
             first = self.head.selector.proxies[0]
-            fused = getattr(first, "packed", None) is not None and self.head.selector.blocks
-            report["head"] = (["lowrank_block_topk" if fused else kind(first)]
+            fused = isinstance(first, LowRankProxy) and first.packed is not None and self.head.selector.blocks
+            report["head"] = (["lowrank_block_topk" if fused else first.decode_kind]
                               + ["rows"] * (len(self.head.selector.proxies) - 1))
         if self.ffns:
             if self.native_steps is not None:  # the proxy kernel the native step runs
                 report["ffn"] = sorted({plan.ffn.proxy_kind for plan in layer_plans(self)})
             else:
-                report["ffn"] = sorted({kind(f.proxy) for f in self.ffns})
+                report["ffn"] = sorted({f.proxy.decode_kind for f in self.ffns})
         report["rows"] = "native" if native.available() else f"eager gather ({native.unavailable_reason()})"
         report["step"] = "native" if self.native_steps is not None else f"eager ({self.native_reason})"
         return report

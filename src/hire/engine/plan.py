@@ -20,6 +20,7 @@ from hire import native
 from hire.arch import arch_spec, ffn_weights, mlp_module
 from hire.layers import HiReFFN
 from hire.layers.ffn import neuron_rows
+from hire.proxies import ExactProxy, QuantizedProxy
 
 PROXY_KINDS = {"dense": 0, "int4pack": 1, "matrix": 2, "int4": 3}  # native/decode.cpp's ProxyKind
 EMPTY = torch.empty(0)
@@ -72,18 +73,17 @@ def ffn_plan(mlp: nn.Module, model: nn.Module, dtype: torch.dtype) -> FFNPlan:
 
 
 def _proxy(proxy) -> tuple[str, torch.Tensor, torch.Tensor, int]:
-    gemv = getattr(proxy, "_gemv", None)
-    matrix = getattr(gemv, "matrix", None)
-    if matrix is not None and matrix.bits == 4 and matrix.group_size % 64 == 0:
-        # the fused 4-bit kernel reads the proxy's own codes and scales (native.int4_estimates)
-        return "int4", matrix.packed, matrix.scales, matrix.group_size
-    if gemv is not None and gemv.kind == "int4pack":
-        return "int4pack", gemv.packed, gemv.scales_zeros, gemv.matrix.group_size
-    if gemv is not None and gemv.kind == "dequantize":
-        return "matrix", gemv.weight, EMPTY, 0
-    weight = getattr(proxy, "_weight", None)  # the exact proxy
-    if weight is not None:
-        return "matrix", weight, EMPTY, 0
+    if isinstance(proxy, QuantizedProxy) and proxy._gemv is not None:
+        matrix, gemv = proxy.matrix, proxy._gemv
+        if matrix.bits == 4 and matrix.group_size % 64 == 0:
+            # the fused 4-bit kernel reads the proxy's own codes and scales (native.int4_estimates)
+            return "int4", matrix.packed, matrix.scales, matrix.group_size
+        if gemv.kind == "int4pack":
+            return "int4pack", gemv.packed, gemv.scales_zeros, matrix.group_size
+        if gemv.kind == "dequantize":
+            return "matrix", gemv.weight, EMPTY, 0
+    if isinstance(proxy, ExactProxy) and proxy._weight is not None:
+        return "matrix", proxy._weight, EMPTY, 0
     raise NotFusable(f"an FFN proxy without a native kernel ({type(proxy).__name__})")
 
 

@@ -12,6 +12,9 @@ class ExactProxy:
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight  # (n, D)
+        self._weight: torch.Tensor | None = None  # in the decode dtype (prepare_decode)
+
+    decode_kind = "dense"  # decode_scores is a 16-bit GEMV
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor) -> "ExactProxy":

@@ -24,6 +24,13 @@ class LowRankProxy:
         self.u = u  # (n, r): a float tensor, or an 8-bit QuantizedMatrix
         self.v = v  # (r, D)
         self.packed: torch.Tensor | None = None  # U for native.lowrank_block_topk (prepare_decode), when it applies
+        self._v: torch.Tensor | None = None  # the decode layout (prepare_decode)
+        self._u: QuantizedGEMV | torch.Tensor | None = None
+
+    @property
+    def decode_kind(self) -> str:
+        """The kernel of decode_scores' U product ("int8pack", "dequantize" or "dense")."""
+        return self._u.kind if isinstance(self._u, QuantizedGEMV) else "dense"
 
     @classmethod
     def from_weight(

@@ -17,6 +17,12 @@ class QuantizedProxy:
 
     def __init__(self, matrix: QuantizedMatrix):
         self.matrix = matrix
+        self._gemv: QuantizedGEMV | None = None  # the decode kernel (prepare_decode)
+
+    @property
+    def decode_kind(self) -> str:
+        """The kernel decode_scores runs ("int8pack", "int4pack", "dequantize"); "unprepared" before prepare_decode."""
+        return self._gemv.kind if self._gemv is not None else "unprepared"
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bits: int = 4, group_size: int = 64) -> "QuantizedProxy":
