@@ -126,19 +126,12 @@ Tensor lowrank_block_topk(Tensor z, Tensor packed, Tensor scales, int64_t blocks
   // z as int8 codes (one scale), grouped 4 to an int32 for the broadcast
   auto zf = z.reshape({r}).to(torch::kFloat).contiguous();
   const float* zp = zf.data_ptr<float>();
-  float amax = 0.f;
-  for (int64_t k = 0; k < r; ++k) amax = std::max(amax, std::fabs(zp[k]));
-  const float zscale = amax > 0.f ? amax / 127.f : 1.f;
+  std::vector<int8_t> zq(r);
+  quantize_int8(zp, r, zq.data());  // its scale does not change the order of the scores
   std::vector<int32_t> z4(groups);
   int32_t zsum = 0;
-  for (int64_t g = 0; g < groups; ++g) {
-    int8_t q[4];
-    for (int64_t k = 0; k < 4; ++k) {
-      q[k] = static_cast<int8_t>(std::nearbyint(std::min(127.f, std::max(-127.f, zp[g * 4 + k] / zscale))));
-      zsum += q[k];
-    }
-    std::memcpy(&z4[g], q, 4);
-  }
+  for (int64_t k = 0; k < r; ++k) zsum += zq[k];
+  for (int64_t g = 0; g < groups; ++g) std::memcpy(&z4[g], zq.data() + g * 4, 4);
   const int32_t offset = kBias * zsum;
   auto out = torch::empty({blocks * per}, torch::kLong);
   int64_t* rows = out.data_ptr<int64_t>();

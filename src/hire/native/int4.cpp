@@ -31,17 +31,15 @@ struct QuantX {
 
 QuantX quantize_x(const float* x, int64_t d, int64_t padded) {
   QuantX q;
-  float amax = 0.f;
-  for (int64_t i = 0; i < d; ++i) amax = std::max(amax, std::fabs(x[i]));
-  q.scale = amax > 0.f ? amax / 127.f : 1.f;
+  std::vector<int8_t> codes(d);
+  q.scale = quantize_int8(x, d, codes.data());
   const int64_t chunks = (padded + 63) / 64;
   q.even.assign(chunks * 32, 0);
   q.odd.assign(chunks * 32, 0);
   q.chunk_sum.assign(chunks, 0);
   for (int64_t i = 0; i < d; ++i) {
-    const int8_t v = static_cast<int8_t>(std::nearbyint(std::min(127.f, std::max(-127.f, x[i] / q.scale))));
-    (i % 2 ? q.odd : q.even)[i / 2] = v;
-    q.chunk_sum[i / 64] += v;
+    (i % 2 ? q.odd : q.even)[i / 2] = codes[i];
+    q.chunk_sum[i / 64] += codes[i];
   }
   q.offset.assign(chunks * 8, 0);
   for (int64_t c = 0; c < chunks; ++c) q.offset[c * 8] = -8 * q.chunk_sum[c];
@@ -171,13 +169,12 @@ void check_int4(const Tensor& packed, const Tensor& scales, int64_t group, int64
 // neurons are split evenly for the rows; the threads' partial outputs are summed by columns.
 void int4_ffn(const Tensor& rows, const Tensor& packed, const Tensor& scales, int64_t group, int64_t keep,
               int64_t parts, int64_t act, const float* x, int64_t dim, float* y, double* timing) {
-  constexpr int kBits = 11, kBuckets = 1 << kBits;
   const int64_t neurons = rows.size(0), padded = packed.size(1) * 2, chunks = padded / 64;
   const QuantX q = quantize_x(x, dim, padded);
   const int nt = std::max(1, at::get_num_threads());
   std::vector<float> est(neurons), partial(static_cast<size_t>(nt) * dim, 0.f);
   std::vector<uint32_t> key(neurons);
-  std::vector<int64_t> hist(static_cast<size_t>(nt) * kBuckets, 0), above(nt, 0), equal(nt, 0), start(nt, 0),
+  std::vector<int64_t> hist(static_cast<size_t>(nt) * hire_native::kKeyBuckets, 0), above(nt, 0), equal(nt, 0), start(nt, 0),
       ties(nt, 0), sel(keep);
   uint32_t thr = 0;
   int64_t take_equal = 0;
@@ -201,32 +198,19 @@ void int4_ffn(const Tensor& rows, const Tensor& packed, const Tensor& scales, in
         up[i - b] = v[1];
       }
       activate_n(gate.data(), parts == 2 ? up.data() : nullptr, est.data() + b, e - b, act, true);
-      int64_t* h = hist.data() + static_cast<size_t>(t) * kBuckets;
+      int64_t* h = hist.data() + static_cast<size_t>(t) * hire_native::kKeyBuckets;
       for (int64_t i = b; i < e; ++i) {
         key[i] = hire_native::order_key(est[i]);
-        ++h[key[i] >> (32 - kBits)];
+        ++h[hire_native::key_bucket(key[i])];
       }
     }
 #pragma omp barrier
 #pragma omp single
     {  // 2. the threshold key, and how many keys equal to it are kept
       if (timing != nullptr) t1 = clock::now();
-      int64_t need = keep;
-      int bucket = kBuckets - 1;
-      for (; bucket > 0; --bucket) {
-        int64_t total = 0;
-        for (int u = 0; u < n_t; ++u) total += hist[static_cast<size_t>(u) * kBuckets + bucket];
-        if (total >= need) break;
-        need -= total;
-      }
-      std::vector<uint32_t> cand;
-      for (int64_t i = 0; i < neurons; ++i)
-        if (static_cast<int>(key[i] >> (32 - kBits)) == bucket) cand.push_back(key[i]);
-      std::nth_element(cand.begin(), cand.begin() + (need - 1), cand.end(), std::greater<uint32_t>());
-      thr = cand[need - 1];
-      int64_t greater = 0;
-      for (uint32_t k : cand) greater += k > thr;
-      take_equal = need - greater;
+      const hire_native::Threshold found = hire_native::find_threshold(key.data(), neurons, keep, hist.data(), n_t);
+      thr = found.key;
+      take_equal = found.equal;
     }
     {  // 3. each thread's kept neurons, in index order, at its offset
       int64_t a = 0, eq = 0;

@@ -23,6 +23,17 @@ void ffn_rows(const torch::Tensor& w, const int64_t* idx, int64_t c, const float
 void ffn_rows_range(const torch::Tensor& w, const int64_t* idx, int64_t j0, int64_t j1, const float* x, int64_t d,
                     int64_t parts, int64_t act, float* acc);
 
+// The selection threshold over order keys: keep every key above `key`, and the first `equal` keys equal
+// to it in index order. From the keys' top kKeyBits histogram (the sum of `parts` histograms of
+// kKeyBuckets counts each), then an exact selection among the one bucket that holds the count-th largest.
+constexpr int kKeyBits = 11, kKeyBuckets = 1 << kKeyBits;
+struct Threshold {
+  uint32_t key;
+  int64_t equal;
+};
+Threshold find_threshold(const uint32_t* keys, int64_t n, int64_t count, const int64_t* hist, int parts);
+inline int key_bucket(uint32_t key) { return static_cast<int>(key >> (32 - kKeyBits)); }
+
 // A float's bits as an unsigned key with the same order (larger float, larger key).
 inline uint32_t order_key(float v) {
   uint32_t bits;

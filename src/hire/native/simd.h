@@ -3,6 +3,7 @@
 // scalar helpers they share. Included by every kernel file.
 #pragma once
 #include <torch/torch.h>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
@@ -177,6 +178,17 @@ inline float activate(float v, int64_t act) {
     case RELU: return v > 0.f ? v : 0.f;
     default: return v;
   }
+}
+
+// x's int8 codes with one scale (max|x| / 127, round half to even; hire.native.quantize_activation is
+// the eager meaning): out[i] = code of x[i]; returns the scale.
+inline float quantize_int8(const float* x, int64_t n, int8_t* out) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float scale = amax > 0.f ? amax / 127.f : 1.f;
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = static_cast<int8_t>(std::nearbyint(std::min(127.f, std::max(-127.f, x[i] / scale))));
+  return scale;
 }
 
 // out[i] = act(g[i]) * u[i] (u may be null: act(g[i])), |out[i]| with absval; n values, vectorised

@@ -164,34 +164,38 @@ torch::Tensor rows_axpy(torch::Tensor w, torch::Tensor idx, torch::Tensor a) {
 
 namespace hire_native {
 
-std::vector<int64_t> select_top(const float* est, int64_t n, int64_t count) {
-  // the count-th largest as a threshold, by radix select on order-preserving integer keys (four
-  // byte-wide histogram passes, O(n)); one more pass collects the kept rows in ascending order
-  std::vector<uint32_t> key(n);
-  for (int64_t i = 0; i < n; ++i) key[i] = order_key(est[i]);
-  // each pass histograms the next byte of the keys still in the running, then keeps only those in
-  // the bucket that holds the count-th largest (most estimates share an exponent: the first pass
-  // leaves a few hundred)
-  std::vector<uint32_t> live(key), next;
-  uint32_t prefix = 0;
-  int64_t need = count;  // how many of the live keys we still have to take from the top
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    int64_t hist[256] = {0};
-    for (uint32_t k : live) ++hist[(k >> shift) & 0xFF];
-    int bucket = 255;
-    for (; bucket > 0 && hist[bucket] < need; --bucket) need -= hist[bucket];
-    prefix |= static_cast<uint32_t>(bucket) << shift;
-    next.clear();
-    for (uint32_t k : live)
-      if (static_cast<int>((k >> shift) & 0xFF) == bucket) next.push_back(k);
-    live.swap(next);
+Threshold find_threshold(const uint32_t* keys, int64_t n, int64_t count, const int64_t* hist, int parts) {
+  int64_t need = count;  // how many to take from the bucket that holds the count-th largest
+  int bucket = kKeyBuckets - 1;
+  for (; bucket > 0; --bucket) {
+    int64_t total = 0;
+    for (int p = 0; p < parts; ++p) total += hist[static_cast<int64_t>(p) * kKeyBuckets + bucket];
+    if (total >= need) break;
+    need -= total;
   }
-  const uint32_t thr = prefix;  // the count-th largest key; `need` rows equal to it are to be taken
+  std::vector<uint32_t> cand;  // most estimates share an exponent: a bucket holds a few hundred
+  for (int64_t i = 0; i < n; ++i)
+    if (key_bucket(keys[i]) == bucket) cand.push_back(keys[i]);
+  std::nth_element(cand.begin(), cand.begin() + (need - 1), cand.end(), std::greater<uint32_t>());
+  const uint32_t key = cand[need - 1];
+  int64_t greater = 0;
+  for (uint32_t k : cand) greater += k > key;
+  return {key, need - greater};
+}
+
+std::vector<int64_t> select_top(const float* est, int64_t n, int64_t count) {
+  std::vector<uint32_t> key(n);
+  std::vector<int64_t> hist(kKeyBuckets, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    key[i] = order_key(est[i]);
+    ++hist[key_bucket(key[i])];
+  }
+  const Threshold thr = find_threshold(key.data(), n, count, hist.data(), 1);
   std::vector<int64_t> idx;
   idx.reserve(count);
-  int64_t ties = need;
+  int64_t ties = thr.equal;
   for (int64_t i = 0; i < n && (int64_t)idx.size() < count; ++i) {
-    if (key[i] > thr || (key[i] == thr && ties-- > 0)) idx.push_back(i);
+    if (key[i] > thr.key || (key[i] == thr.key && ties-- > 0)) idx.push_back(i);
   }
   return idx;
 }
