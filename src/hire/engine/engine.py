@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from hire import native
 from hire.arch import EngineSpec, arch_spec, decoder_layers, engine_spec
 from hire.config import HiReConfig
-from hire.engine.plan import layer_plans, native_steps
+from hire.engine.plan import LayerPlan, NotFusable, layer_plans, native_steps
 from hire.engine.sampling import sample
 from hire.layers import HiReFFN
 from hire.proxies import LowRankProxy
@@ -131,8 +131,17 @@ class Engine:
         self.v_cache = torch.zeros(shape, dtype=dtype)
         self._timing: dict[str, float] | None = None  # seconds per part while timed() runs
         self.native_steps, self.native_reason = None, "fused=False"
-        if fused and self.supports_fused:
-            self.native_steps, self.native_reason = native_steps(self)
+        self.plans: list[LayerPlan] | None = None  # the layers' decode plans, where the native step runs
+        if fused and self.supports_fused and not native.available():
+            self.native_reason = f"native kernels unavailable ({native.unavailable_reason()})"
+        elif fused and self.supports_fused:
+            try:
+                plans = layer_plans(self)
+            except NotFusable as exc:
+                self.native_reason = str(exc)
+            else:
+                self.native_steps, self.native_reason = native_steps(self, plans=plans)
+                self.plans = plans if self.native_steps is not None else None
 
     # --- set-up ----------------------------------------------------------------------------
     def _build_rope(self, rotary: nn.Module) -> None:
@@ -283,7 +292,7 @@ class Engine:
                               + ["rows"] * (len(self.head.selector.proxies) - 1))
         if self.ffns:
             if self.native_steps is not None:  # the proxy kernel the native step runs
-                report["ffn"] = sorted({plan.ffn.proxy_kind for plan in layer_plans(self)})
+                report["ffn"] = sorted({plan.ffn.proxy_kind for plan in self.plans})
             else:
                 report["ffn"] = sorted({f.proxy.decode_kind for f in self.ffns})
         report["rows"] = "native" if native.available() else f"eager gather ({native.unavailable_reason()})"

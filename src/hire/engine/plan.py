@@ -128,17 +128,19 @@ def layer_plans(engine) -> list[LayerPlan]:
     return plans
 
 
-def native_steps(engine, model_class=None) -> tuple[dict[bool, object] | None, str | None]:
+def native_steps(engine, model_class=None, plans: list[LayerPlan] | None = None) -> tuple[dict[bool, object] | None, str | None]:
     """``({False: dense step, True: HiRE step}, None)``, or ``(None, reason)`` when the model keeps
-    the eager step. ``model_class``: another build's DecodeModel (tests of a SIMD variant)."""
+    the eager step. ``plans``: the engine's layer plans when already built; ``model_class``: another
+    build's DecodeModel (tests of a SIMD variant)."""
     if model_class is None and not native.available():
         return None, f"native kernels unavailable ({native.unavailable_reason()})"
     if engine.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return None, f"dtype {engine.dtype}"
-    try:
-        plans = layer_plans(engine)
-    except NotFusable as exc:
-        return None, str(exc)
+    if plans is None:
+        try:
+            plans = layer_plans(engine)
+        except NotFusable as exc:
+            return None, str(exc)
     cls = model_class or native.decode_model_class()
     steps = {}
     for hire in (False, True):
