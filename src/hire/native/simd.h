@@ -123,51 +123,46 @@ inline void axpy(float a, const T* w, float* y, int64_t n, const T* next) {
   for (; i < n; ++i) y[i] += a * to_f(w[i]);
 }
 
-// exp over a vector (Cephes' expf: range reduction by ln 2, a degree-6 polynomial; ~1 ulp), for
-// the activations below: silu(v) = v / (1 + exp(-v)), gelu_tanh(v) = v / (1 + exp(-2 y)) since
-// 0.5 (1 + tanh(y)) = sigmoid(2 y).
+// The few more vector operations the activations need, per instruction set: vround (to nearest),
+// vpow2 (2^n for a whole-number n, built in the exponent bits), and the arithmetic.
 #if defined(__AVX512F__)
-inline vec vexp(vec x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, vset1(-87.3f)), vset1(88.3f));  // keeps 2^n a normal float
-  const vec n = _mm512_roundscale_ps(_mm512_mul_ps(x, vset1(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  vec r = _mm512_fnmadd_ps(n, vset1(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, vset1(-2.12194440e-4f), r);
-  vec y = vset1(1.9875691500e-4f);
-  y = vfmadd(y, r, vset1(1.3981999507e-3f));
-  y = vfmadd(y, r, vset1(8.3334519073e-3f));
-  y = vfmadd(y, r, vset1(4.1665795894e-2f));
-  y = vfmadd(y, r, vset1(1.6666665459e-1f));
-  y = vfmadd(y, r, vset1(5.0000001201e-1f));
-  y = vfmadd(y, _mm512_mul_ps(r, r), vadd(r, vset1(1.f)));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+inline vec vround(vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vec vpow2(vec n) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
 }
+inline vec vfnmadd(vec a, vec b, vec c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b
 inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
 inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
 inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
+inline vec vmin(vec a, vec b) { return _mm512_min_ps(a, b); }
 inline vec vabs(vec a) { return _mm512_abs_ps(a); }
 #elif !HIRE_SCALAR
-inline vec vexp(vec x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, vset1(-87.3f)), vset1(88.3f));
-  const vec n = _mm256_round_ps(_mm256_mul_ps(x, vset1(1.44269504088896341f)),
-                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  vec r = _mm256_fnmadd_ps(n, vset1(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, vset1(-2.12194440e-4f), r);
-  vec y = vset1(1.9875691500e-4f);
-  y = vfmadd(y, r, vset1(1.3981999507e-3f));
-  y = vfmadd(y, r, vset1(8.3334519073e-3f));
-  y = vfmadd(y, r, vset1(4.1665795894e-2f));
-  y = vfmadd(y, r, vset1(1.6666665459e-1f));
-  y = vfmadd(y, r, vset1(5.0000001201e-1f));
-  y = vfmadd(y, _mm256_mul_ps(r, r), vadd(r, vset1(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+inline vec vround(vec a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline vec vpow2(vec n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
 }
+inline vec vfnmadd(vec a, vec b, vec c) { return _mm256_fnmadd_ps(a, b, c); }
 inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
 inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
 inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
+inline vec vmin(vec a, vec b) { return _mm256_min_ps(a, b); }
 inline vec vabs(vec a) { return _mm256_andnot_ps(vset1(-0.f), a); }
+#endif
+
+#if !HIRE_SCALAR
+// exp over a vector (Cephes' expf: range reduction by ln 2, a degree-6 polynomial; ~1 ulp), for
+// the activations below: silu(v) = v / (1 + exp(-v)), gelu_tanh(v) = v / (1 + exp(-2 y)) since
+// 0.5 (1 + tanh(y)) = sigmoid(2 y).
+inline vec vexp(vec x) {
+  x = vmin(vmax(x, vset1(-87.3f)), vset1(88.3f));  // keeps 2^n a normal float
+  const vec n = vround(vmul(x, vset1(1.44269504088896341f)));
+  const vec r = vfnmadd(n, vset1(-2.12194440e-4f), vfnmadd(n, vset1(0.693359375f), x));  // x - n ln 2, in two parts
+  vec y = vset1(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    y = vfmadd(y, r, vset1(c));
+  y = vfmadd(y, vmul(r, r), vadd(r, vset1(1.f)));
+  return vmul(y, vpow2(n));
+}
 #endif
 
 inline float activate(float v, int64_t act) {
