@@ -121,27 +121,32 @@ inline void int4_rows(const uint8_t* const* p, const c10::Half* const* scales, i
   for (int r = 0; r < nr; ++r) out[r] = total[r] * q.scale;
 }
 
+// est[b..e) for neurons b..e-1 of the proxy (packed, scales) and x's codes q (one thread's share).
+void estimate_range(const Tensor& packed, const Tensor& scales, int64_t group, int64_t parts, int64_t act,
+                    const QuantX& q, int64_t b, int64_t e, float* est) {
+  const int64_t neurons = packed.size(0) / parts, chunks = packed.size(1) * 2 / 64;
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  const c10::Half* sc = scales.data_ptr<c10::Half>();
+  const int64_t pstride = packed.size(1), sstride = scales.size(1);
+  std::vector<float> gate(e - b), up(e - b);
+  for (int64_t i = b; i < e; ++i) {
+    const uint8_t* rp[2] = {p + i * pstride, p + (neurons + i) * pstride};
+    const c10::Half* rs[2] = {sc + i * sstride, sc + (neurons + i) * sstride};
+    float v[2];
+    int4_rows(rp, rs, static_cast<int>(parts), q, chunks, group, v);
+    gate[i - b] = v[0];
+    up[i - b] = v[1];
+  }
+  activate_n(gate.data(), parts == 2 ? up.data() : nullptr, est + b, e - b, act, true);
+}
+
 // |act(gate) * up| (gated) or |act(pre)| per neuron from the 4-bit proxy of the gate (and up) rows.
 // packed: (parts*I, Dp/2) uint8, scales: (parts*I, Dp/group) float16 -> est (I,)
 void int4_estimates(const float* x, int64_t d, const Tensor& packed, const Tensor& scales, int64_t group,
                     int64_t parts, int64_t act, float* est) {
-  const int64_t rows = packed.size(0), neurons = rows / parts, padded = packed.size(1) * 2;
-  const int64_t chunks = padded / 64;
-  const QuantX q = quantize_x(x, d, padded);
-  const uint8_t* p = packed.data_ptr<uint8_t>();
-  const c10::Half* sc = scales.data_ptr<c10::Half>();
-  const int64_t pstride = packed.size(1), sstride = scales.size(1);
-  at::parallel_for(0, neurons, 64, [&](int64_t b, int64_t e) {
-    std::vector<float> gate(e - b), up(e - b);
-    for (int64_t i = b; i < e; ++i) {
-      const uint8_t* rp[2] = {p + i * pstride, p + (neurons + i) * pstride};
-      const c10::Half* rs[2] = {sc + i * sstride, sc + (neurons + i) * sstride};
-      float v[2];
-      int4_rows(rp, rs, (int)parts, q, chunks, group, v);
-      gate[i - b] = v[0];
-      up[i - b] = v[1];
-    }
-    activate_n(gate.data(), parts == 2 ? up.data() : nullptr, est + b, e - b, act, true);
+  const QuantX q = quantize_x(x, d, packed.size(1) * 2);
+  at::parallel_for(0, packed.size(0) / parts, 64, [&](int64_t b, int64_t e) {
+    estimate_range(packed, scales, group, parts, act, q, b, e, est);
   });
 }
 
@@ -169,8 +174,8 @@ void check_int4(const Tensor& packed, const Tensor& scales, int64_t group, int64
 // neurons are split evenly for the rows; the threads' partial outputs are summed by columns.
 void int4_ffn(const Tensor& rows, const Tensor& packed, const Tensor& scales, int64_t group, int64_t keep,
               int64_t parts, int64_t act, const float* x, int64_t dim, float* y, double* timing) {
-  const int64_t neurons = rows.size(0), padded = packed.size(1) * 2, chunks = padded / 64;
-  const QuantX q = quantize_x(x, dim, padded);
+  const int64_t neurons = rows.size(0);
+  const QuantX q = quantize_x(x, dim, packed.size(1) * 2);
   const int nt = std::max(1, at::get_num_threads());
   std::vector<float> est(neurons), partial(static_cast<size_t>(nt) * dim, 0.f);
   std::vector<uint32_t> key(neurons);
@@ -178,9 +183,6 @@ void int4_ffn(const Tensor& rows, const Tensor& packed, const Tensor& scales, in
       ties(nt, 0), sel(keep);
   uint32_t thr = 0;
   int64_t take_equal = 0;
-  const uint8_t* p = packed.data_ptr<uint8_t>();
-  const c10::Half* sc = scales.data_ptr<c10::Half>();
-  const int64_t pstride = packed.size(1), sstride = scales.size(1);
   using clock = std::chrono::steady_clock;
   clock::time_point t0 = timing != nullptr ? clock::now() : clock::time_point(), t1 = t0, t2 = t0;
 #pragma omp parallel num_threads(nt)
@@ -188,16 +190,7 @@ void int4_ffn(const Tensor& rows, const Tensor& packed, const Tensor& scales, in
     const int t = omp_get_thread_num(), n_t = omp_get_num_threads();
     const int64_t b = neurons * t / n_t, e = neurons * (t + 1) / n_t;
     {  // 1. estimates, keys, histogram
-      std::vector<float> gate(e - b), up(e - b);
-      for (int64_t i = b; i < e; ++i) {
-        const uint8_t* rp[2] = {p + i * pstride, p + (neurons + i) * pstride};
-        const c10::Half* rs[2] = {sc + i * sstride, sc + (neurons + i) * sstride};
-        float v[2];
-        int4_rows(rp, rs, static_cast<int>(parts), q, chunks, group, v);
-        gate[i - b] = v[0];
-        up[i - b] = v[1];
-      }
-      activate_n(gate.data(), parts == 2 ? up.data() : nullptr, est.data() + b, e - b, act, true);
+      estimate_range(packed, scales, group, parts, act, q, b, e, est.data());
       int64_t* h = hist.data() + static_cast<size_t>(t) * hire_native::kKeyBuckets;
       for (int64_t i = b; i < e; ++i) {
         key[i] = hire_native::order_key(est[i]);
