@@ -681,3 +681,33 @@ def test_a_broken_kernel_source_fails_under_ci(tmp_path):
     no_ci = subprocess.run([sys.executable, "-m", "hire.native"], cwd=copy, env={**env, "CI": ""},
                            capture_output=True, text=True, timeout=300)
     assert no_ci.returncode == 0 and "unavailable (the build failed" in no_ci.stdout
+
+
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
+def test_variant_quantized_products_match_eager(variant, fmt):
+    """qgemv (all and selected rows) and qaxpy of every GGUF format on the variant's SIMD path."""
+    from test_quant import FORMATS, _check_products
+
+    cols = FORMATS[fmt].block * (3 if FORMATS[fmt].block == 32 else 1)  # 96 columns: a padded last chunk
+    _check_products(fmt, 37, cols, 2, ops=variant[1])
+
+
+def test_variant_quantized_decode_step_matches_the_default_build(variant, tmp_path):
+    """The decode step over a GGUF's block codes, built for another SIMD path."""
+    from hire.engine.plan import native_steps
+    from hire.quant import load_quantized
+    from test_quant import write_gguf
+
+    name, _ = variant
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path)
+    engine = Engine(load_quantized(path)[0], None, dtype=torch.float32, max_seq_len=32)
+    other, reason = native_steps(engine, getattr(torch.classes, build.variant_namespace(name)).DecodeModel)
+    assert reason is None
+    engine.forward(torch.arange(1, 9), 0, hire=False)
+    h = engine.embed(torch.tensor([7])).float()
+    caches = engine.k_cache.clone(), engine.v_cache.clone()
+    want = engine.native_steps[False].step(h, 8)
+    engine.k_cache.copy_(caches[0]), engine.v_cache.copy_(caches[1])
+    got = other[False].step(h, 8)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

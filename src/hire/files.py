@@ -108,3 +108,44 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# --- checked cache entries: a directory of files derived from a source file -------------------
+MANIFEST = "hire-manifest.json"
+
+
+def source_key(source: Path, version: int) -> str:
+    """A cache entry's name for what was derived from ``source``: its stem and a hash of its path,
+    size and mtime (a changed file gets a new entry) and of the deriving code's ``version``."""
+    st = source.stat()
+    raw = f"{version}:{source.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+    return f"{source.stem}-{hashlib.sha256(raw.encode()).hexdigest()[:12]}"
+
+
+def write_manifest(entry: Path, source: Path, version: int) -> None:
+    """Sizes and sha256 of every file in ``entry``, which ``verify_cache`` checks before each use."""
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(entry.iterdir()) if p.is_file()
+    }
+    (entry / MANIFEST).write_text(json.dumps({"format": version, "source": str(source), "files": files}, indent=1))
+
+
+def verify_cache(entry: Path) -> str | None:
+    """None if ``entry`` is a complete cache entry, else why not."""
+    manifest_path = entry / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest (the conversion did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        return f"unreadable manifest ({err})"
+    for name, meta in files.items():
+        path = entry / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != meta["size"]:
+            return f"{name} has {path.stat().st_size} bytes, expected {meta['size']}"
+        if sha256_file(path) != meta["sha256"]:
+            return f"{name} does not match its sha256"
+    return None

@@ -15,7 +15,9 @@ from hire.arch import engine_supported
 from hire.calibrate.prepare import prepare_model
 from hire.config import HiReConfig
 from hire.engine import Engine
+from hire.models.load import gguf_source
 from hire.patch import sparsify_
+from hire.recommended import quantized_config
 
 
 def generate_text(
@@ -33,14 +35,19 @@ def generate_text(
     calib_windows: int = 16,
     on_text: Callable[[str], None] = lambda text: None,
     progress: bool = True,
+    quantized: bool = True,
 ) -> dict:
     """Continue ``prompt`` by up to ``max_new_tokens`` tokens with ``model_name`` under ``config``
     (``None``: dense), calling ``on_text`` with each new piece of text as it is decoded (the prompt
     itself is not repeated). Greedy at ``temperature`` 0, else sampled (``top_k``, ``top_p``, ``seed``).
     Returns what was generated and how fast: ``text``, ``new_tokens``, ``tokens_per_s``, ``seconds``,
-    ``prefill_s`` (engine only) and ``backend`` ("engine" or "transformers")."""
+    ``prefill_s`` (engine only) and ``backend`` ("engine" or "transformers"). ``quantized``: a GGUF
+    model runs in its block codes (``quantized_config`` adapts ``config``), else dequantized."""
+    quantized = quantized and gguf_source(model_name) is not None
+    if quantized and config is not None:
+        config = quantized_config(config)
     model, tokenizer, head_proxy = prepare_model(model_name, config, seq_len=seq_len, calib_windows=calib_windows,
-                                                 progress=progress)
+                                                 progress=progress, quantized=quantized)
     ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
     if not engine_supported(model.config.model_type):
         return _generate_transformers(model, tokenizer, config, head_proxy, ids, max_new_tokens=max_new_tokens,

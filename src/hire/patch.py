@@ -16,6 +16,7 @@ from hire.config import HeadConfig, HiReConfig
 from hire.layers import HiReFFN, HiReLMHead
 from hire.layers.head import MODES
 from hire.proxies import Cascade, ExactProxy, LowRankProxy, QuantizedProxy
+from hire.quant.tensor import QLinear
 from hire.topk import check_k
 
 
@@ -93,13 +94,21 @@ def sparsify_(
                 "disable the HiRE head (--no-head / HeadConfig(enabled=False))"
             )
         base = model.get_submodule(spec.head)
-        if not isinstance(base, nn.Linear):
+        if not isinstance(base, (nn.Linear, QLinear)):
             raise ValueError(f"{spec.head} is a {type(base).__name__}, expected nn.Linear")
-        selector = build_head_selector(base.weight.detach(), config.head, head_states, head_proxy)
+        if isinstance(base, QLinear) and head_proxy is not None and config.head.proxy == "lowrank":
+            weight = torch.empty(base.q.shape, device="meta")  # only its shape is read: no dequantized copy
+        else:
+            weight = base.weight.detach()
+        selector = build_head_selector(weight, config.head, head_states, head_proxy)
         head = HiReLMHead(base, config.head, selector)
         swaps.append(lambda: model.set_submodule(spec.head, head))
     if config.ffn.enabled:
         layers = decoder_layers(model)
+        if any(isinstance(m, QLinear) for layer in layers for m in mlp_module(spec, layer).modules()):
+            raise ValueError("the FFNs of this model are in GGUF block codes (hire.quant), and a HiRE FFN over them is "
+                             "not built yet: disable it (--no-ffn / FFNConfig(enabled=False), or "
+                             "hire.recommended.quantized_config) or load the model dequantized (--dequantized)")
         per_layer = config.ffn.layer_density
         if per_layer and len(per_layer) != len(layers):
             raise ValueError(

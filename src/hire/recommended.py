@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hire.config import FFNConfig, HeadConfig, HiReConfig
 
 # One scale per row for the cascade's int8 stage: torch's fused int8 GEMV (_weight_int8pack_mm) takes
@@ -25,6 +27,17 @@ RECOMMENDED: dict[str, HiReConfig] = {
         ffn=FFNConfig(density=0.6, proxy="int4"),
     ),
 }
+
+
+def quantized_config(config: HiReConfig) -> HiReConfig:
+    """``config`` for a model run in its GGUF codes (hire.quant): the head's exact rows are read in
+    the head's own block format, so the cascade's int8 stage (a second copy of the head) is dropped
+    and its candidates are scored exactly; the FFNs stay dense (a HiRE FFN over block codes is not
+    built yet)."""
+    head = config.head
+    if head.enabled and head.proxy == "cascade":
+        head = replace(head, proxy="lowrank", candidates=head.stage_candidates)
+    return replace(config, head=head, ffn=replace(config.ffn, enabled=False))
 
 
 def recommended_config(model_name: str) -> HiReConfig:

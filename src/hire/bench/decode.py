@@ -22,6 +22,9 @@ from hire.engine import Engine
 from hire.eval.bytes import bytes_per_token
 from hire.files import refuse_overwrite
 from hire.models import BUILTIN_MODELS
+from hire.models.load import gguf_source
+from hire.quant import quantized_matrices
+from hire.recommended import quantized_config
 from hire.plots import plot_bench
 
 
@@ -223,16 +226,21 @@ def bench_model(
     plot: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
+    quantized: bool = True,
 ) -> dict:
     """`hire bench`: load ``model_name`` (with the head proxy ``config`` needs, fitted on
     ``calib_windows`` windows of ``seq_len`` tokens), optionally time transformers' generate() and
     llama.cpp on it, then :func:`run_bench` in an engine of ``dtype`` weights; a breakdown PNG at
-    ``plot``. Returns the report (the JSON of ``hire bench``)."""
+    ``plot``. Returns the report (the JSON of ``hire bench``). ``quantized``: a GGUF model runs in its
+    block codes (``quantized_config`` adapts ``config``), else dequantized to ``dtype``."""
     check_bench_counts(tokens, rounds, warmup)
     if plot:
         refuse_overwrite(plot, force, "--plot")
+    quantized = quantized and gguf_source(model_name) is not None
+    if quantized:
+        config = quantized_config(config)
     model, tokenizer, head_proxy = prepare_model(model_name, config, seq_len=seq_len, calib_windows=calib_windows,
-                                                 progress=progress)
+                                                 progress=progress, quantized=quantized)
     ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
     extra = {}
     if vs_transformers:  # before the engine casts and patches the model
@@ -243,7 +251,9 @@ def bench_model(
         extra["llama_cpp"] = (llama_cpp_tokens_per_s(gguf, prompt, tokens) if gguf else
                               {"available": False, "reason": "no GGUF file for this model"})
     engine = Engine(model, config, head_proxy=head_proxy, dtype=getattr(torch, dtype), max_seq_len=ids.numel() + tokens + 1)
-    result = {"model": model_name, "config": config.to_dict()}
+    result = {"model": model_name, "config": config.to_dict(), "weights": "gguf" if quantized else dtype}
+    if quantized:
+        result["weight_formats"] = sorted({q.format for q in quantized_matrices(model).values()})
     result.update(run_bench(engine, ids, tokens=tokens, rounds=rounds, warmup=warmup, breakdown=breakdown,
                             progress=progress))
     result.update(extra)

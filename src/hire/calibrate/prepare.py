@@ -20,10 +20,10 @@ class Prepared(NamedTuple):
 
 
 def prepare_model(model_name: str, config: HiReConfig | None, *, seq_len: int = 512, calib_windows: int = 16,
-                  progress: bool = True) -> Prepared:
+                  progress: bool = True, quantized: bool = False) -> Prepared:
     """Load ``model_name`` and fetch (or fit on ``calib_windows`` calibration windows of ``seq_len``
     tokens, and cache) the low-rank head proxy ``config`` needs. ``config=None``: the model alone."""
-    model, tokenizer = load_model(model_name)
+    model, tokenizer = load_model(model_name, quantized=quantized)
     head_proxy = None
     if config is not None and needs_states(config.head):
         calib = token_windows(tokenizer, load_corpus().text("calibration"), seq_len, calib_windows)

@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch threads (default: all cores; with --tp, cores / TP per rank)")
     p.add_argument("--dtype", default="float16", choices=DTYPES,
                    help="weights in the engine (default float16; the residual stream stays float32)")
+    p.add_argument("--dequantized", action="store_true",
+                   help="run a GGUF model dequantized to --dtype (the default runs it in its GGUF block codes, "
+                        "with the HiRE head only)")
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-part timing and the profile")
     p.add_argument("--vs-transformers", action="store_true", help="also time transformers' eager generate()")
     p.add_argument("--llama-cpp", action="store_true", help="also time llama.cpp (needs llama-cpp-python)")
@@ -46,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     result = bench_model(args.model, config, prompt=args.prompt, tokens=args.tokens, rounds=args.rounds,
                          warmup=args.warmup, dtype=args.dtype, breakdown=not args.no_breakdown,
                          vs_transformers=args.vs_transformers, llama_cpp=args.llama_cpp, seq_len=args.seq_len,
-                         calib_windows=args.calib_windows, plot=args.plot, force=args.force, progress=not args.json)
+                         calib_windows=args.calib_windows, plot=args.plot, force=args.force, progress=not args.json,
+                         quantized=not args.dequantized)
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
     return 0
 
@@ -54,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 def format_bench(r: dict) -> str:
     mb = 1 / 2**20
     lines = [
-        f"model {r['model']}, {r['dtype']}, {r['threads']} threads: {r['new_tokens']} new tokens after a "
+        f"model {r['model']}, {r.get('weights') if r.get('weights') == 'gguf' else r['dtype']}, {r['threads']} threads: {r['new_tokens']} new tokens after a "
         f"{r['prompt_tokens']}-token prompt, {r['rounds']} interleaved rounds (medians)",
         "",
         f"{'':22s} {'dense':>10s} {'HiRE':>10s}",

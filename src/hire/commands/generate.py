@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=integer(), default=0, help="sampling seed (default 0)")
     p.add_argument("--dtype", default="float16", choices=DTYPES,
                    help="weights in the engine (default float16; the residual stream stays float32)")
+    p.add_argument("--dequantized", action="store_true",
+                   help="run a GGUF model dequantized to --dtype (the default runs it in its GGUF block codes, "
+                        "with the HiRE head only)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     r = generate_text(args.model, None if args.dense else config, args.prompt, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                       dtype=args.dtype, seq_len=args.seq_len, calib_windows=args.calib_windows,
-                      on_text=show)
+                      on_text=show, quantized=not args.dequantized)
     show("")
     kind = "dense" if args.dense else "HiRE"
     if r["backend"] == "engine":

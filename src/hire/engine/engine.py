@@ -20,6 +20,7 @@ from hire.engine.sampling import sample
 from hire.layers import HiReFFN
 from hire.proxies import LowRankProxy
 from hire.patch import hire_layers, sparsify_
+from hire.quant.tensor import QLinear, QTensor, fuse_rows
 
 
 
@@ -35,11 +36,25 @@ class _RMSNorm:
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).to(dtype or x.dtype)
 
 
+def _linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T (+ bias) for a 16-bit weight, a GGUF-quantized one, or q/k/v quantized apart."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, bias)
+    parts = [w] if isinstance(w, QTensor) else list(w)
+    y = torch.cat([q.linear(x) for q in parts], dim=-1).to(x.dtype)
+    return y if bias is None else y + bias
+
+
+def _weight(module: nn.Module):
+    """A projection's weight as the engine reads it: the QTensor of a QLinear, else the tensor."""
+    return module.q if isinstance(module, QLinear) else module.weight.detach()
+
+
 @dataclass
 class _Layer:
-    qkv: torch.Tensor  # (Hq*hd + 2*Hkv*hd, D): q, k, v projections fused into one read
+    qkv: torch.Tensor | QTensor | tuple  # (Hq*hd + 2*Hkv*hd, D): q, k, v fused into one read (or quantized apart)
     qkv_bias: torch.Tensor | None  # (Hq*hd + 2*Hkv*hd,): Qwen2's q/k/v biases
-    o: torch.Tensor  # (D, Hq*hd)
+    o: torch.Tensor | QTensor  # (D, Hq*hd)
     o_bias: torch.Tensor | None  # (D,)
     module: nn.Module  # the HF decoder layer: its (maybe HiRE) FFN
     norms: dict[str, _RMSNorm]  # the layer's norms by their EngineSpec attribute names
@@ -103,18 +118,22 @@ class Engine:
         self.embed = model.get_submodule(spec.embed)
         self.norm = _RMSNorm(model.get_submodule(spec.final_norm), spec)
         head = model.get_output_embeddings()
-        self.head_weight = (head.base_layer if self.head is not None else head).weight.detach()
+        # a GGUF-quantized head stays in its codes (head_weight is then its QTensor)
+        self.head_weight = _weight(head.base_layer if self.head is not None else head)
         self._build_rope(model.get_submodule(spec.rotary))
         layer_norms = [spec.pre_attention_norm, spec.post_attention_norm, spec.pre_ffn_norm, spec.post_ffn_norm]
         self.layers = []
         for i, layer in enumerate(decoder_layers(model)):
             attn = getattr(layer, spec.attention)
             q, k, v = (getattr(attn, name) for name in (spec.q, spec.k, spec.v))
-            qkv = torch.cat([q.weight, k.weight, v.weight]).detach().contiguous()
+            if any(isinstance(p, QLinear) for p in (q, k, v)):
+                qkv = fuse_rows([_weight(p) for p in (q, k, v)])
+            else:
+                qkv = torch.cat([q.weight, k.weight, v.weight]).detach().contiguous()
             qkv_bias = None
             if any(proj.bias is not None for proj in (q, k, v)):  # Qwen2: q, k and v all have one
-                qkv_bias = torch.cat([proj.bias if proj.bias is not None else proj.weight.new_zeros(proj.weight.shape[0])
-                                      for proj in (q, k, v)]).detach()
+                qkv_bias = torch.cat([proj.bias if proj.bias is not None else torch.zeros(proj.out_features, dtype=dtype)
+                                      for proj in (q, k, v)]).detach().to(dtype)
             o = getattr(attn, spec.o)
             layer_type = cfg.layer_types[i] if getattr(cfg, "layer_types", None) else "full_attention"
             sliding = cfg.sliding_window if layer_type == "sliding_attention" else None
@@ -123,7 +142,7 @@ class Engine:
                 norms[name] = _RMSNorm(getattr(attn, name), spec)
             o_bias = None if o.bias is None else o.bias.detach()
             self.layers.append(
-                _Layer(qkv, qkv_bias, o.weight.detach(), o_bias, layer, norms, sliding, self.rope_index[layer_type])
+                _Layer(qkv, qkv_bias, _weight(o), o_bias, layer, norms, sliding, self.rope_index[layer_type])
             )
         self.kv_for_q = None  # (Hq,) kv head of each query head, where the grouping is not uniform (a TP shard)
         shape = (len(self.layers), self.n_kv, max_seq_len, self.head_dim)
@@ -167,7 +186,7 @@ class Engine:
     def _attention(self, layer: _Layer, index: int, x: torch.Tensor, start: int) -> torch.Tensor:
         # x: (T, D) normalised input, positions start..start+T-1 -> (T, D)
         T = x.shape[0]
-        q, k, v = F.linear(x, layer.qkv, layer.qkv_bias).split(
+        q, k, v = _linear(x, layer.qkv, layer.qkv_bias).split(
             [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=-1
         )
         q = q.view(T, self.n_heads, self.head_dim).transpose(0, 1)  # (Hq, T, hd)
@@ -197,7 +216,7 @@ class Engine:
         out = F.scaled_dot_product_attention(
             q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask, scale=self.scale, enable_gqa=True
         )  # (1, Hq, T, hd)
-        return F.linear(out[0].transpose(0, 1).reshape(T, -1), layer.o, layer.o_bias)
+        return _linear(out[0].transpose(0, 1).reshape(T, -1), layer.o, layer.o_bias)
 
     def _ffn(self, layer: nn.Module, x: torch.Tensor, hire: bool) -> torch.Tensor:
         mlp = getattr(layer, self.mlp)
@@ -267,6 +286,8 @@ class Engine:
         t = time.perf_counter() if self._timing is not None else 0.0
         if hire and self.head is not None:
             out = self.head.decode(hidden)
+        elif isinstance(self.head_weight, QTensor):
+            out = self.head_weight.linear(hidden).view(hidden.shape[0], -1), None
         elif self.native_steps is not None and hidden.shape[0] == 1:
             # float32 logits: an argmax over float16 is several times slower on CPU (1.2 ms for Gemma's 262k)
             out = native.gemv(hidden, self.head_weight).view(1, -1), None
@@ -279,7 +300,7 @@ class Engine:
     @torch.no_grad()
     def log_prob(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """log p(target) under the exact logits over the whole vocabulary.  # hidden: (1, D), target: (1,) -> (1,)"""
-        logits = F.linear(hidden, self.head_weight).float()  # (1, V)
+        logits = _linear(hidden, self.head_weight).float()  # (1, V)
         return logits.gather(-1, target.view(1, 1))[:, 0] - logits.logsumexp(-1)
 
     def kernel_report(self) -> dict:

@@ -21,8 +21,10 @@ from hire.arch import arch_spec, ffn_weights, mlp_module
 from hire.layers import HiReFFN
 from hire.layers.ffn import neuron_rows
 from hire.proxies import ExactProxy, QuantizedProxy
+from hire.quant.tensor import QLinear, QTensor
 
 PROXY_KINDS = {"dense": 0, "int4pack": 1, "matrix": 2, "int4": 3}  # native/decode.cpp's ProxyKind
+QUANT_SLOTS = {"qkv": 0, "q": 1, "k": 2, "v": 3, "o": 4, "gate": 5, "up": 6, "down": 7}  # its QuantSlot
 EMPTY = torch.empty(0)
 
 
@@ -43,13 +45,14 @@ class FFNPlan:
     proxy_a: torch.Tensor = EMPTY  # int4pack: packed codes; matrix: (parts*I, D) weights
     proxy_b: torch.Tensor = EMPTY  # int4pack: scales and zeros
     proxy_group: int = 0
+    quant: tuple[QTensor, ...] = ()  # a GGUF-quantized dense FFN: (gate, up, down) or (up, down); rows empty
 
     @property
     def neurons(self) -> int:
-        return self.rows.shape[0]
+        return self.quant[-2].shape[0] if self.quant else self.rows.shape[0]
 
     def dense(self) -> "FFNPlan":
-        return FFNPlan(self.rows, self.parts, self.act, self.neurons)
+        return FFNPlan(self.rows, self.parts, self.act, self.neurons, quant=self.quant)
 
 
 def ffn_plan(mlp: nn.Module, model: nn.Module, dtype: torch.dtype) -> FFNPlan:
@@ -65,11 +68,30 @@ def ffn_plan(mlp: nn.Module, model: nn.Module, dtype: torch.dtype) -> FFNPlan:
             raise NotFusable("grouped or oversampled FFN selection (group_size > 1 or oversample > 1)")
         kind, a, b, group = _proxy(mlp.proxy)
         return FFNPlan(mlp.decode_rows, parts, mlp._native_act, mlp.keep_groups, kind, a, b, group)
-    weights = ffn_weights(arch_spec(model), mlp)
+    spec = arch_spec(model)
+    parts = _quantized_ffn(spec, mlp)
+    if parts is not None:
+        act = native.activation_name(mlp.act_fn)
+        if act is None:
+            raise NotFusable("an FFN activation without a kernel")
+        return FFNPlan(EMPTY, len(parts) - 1, act, parts[-2].shape[0], quant=parts)
+    weights = ffn_weights(spec, mlp)
     act = native.activation_name(weights.act)
     if act is None or weights.b_in is not None or weights.b_out is not None:
         raise NotFusable("an FFN with biases or an activation without a kernel")
     return FFNPlan(neuron_rows(weights, dtype), 2 if weights.gated else 1, act, weights.neurons)
+
+
+def _quantized_ffn(spec, mlp: nn.Module) -> tuple[QTensor, ...] | None:
+    """(gate, up, down) or (up, down) QTensors of a GGUF-quantized MLP (None: not quantized)."""
+    if spec.ffn != "gated":
+        return None
+    mods = [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    if not any(isinstance(m, QLinear) for m in mods):
+        return None
+    if not all(isinstance(m, QLinear) and m.bias is None for m in mods):
+        raise NotFusable("an FFN with some matrices quantized and some not, or with biases")
+    return tuple(m.q for m in mods)
 
 
 def _proxy(proxy) -> tuple[str, torch.Tensor, torch.Tensor, int]:
@@ -91,9 +113,9 @@ def _proxy(proxy) -> tuple[str, torch.Tensor, torch.Tensor, int]:
 class LayerPlan:
     """One decoder layer's decode step (see native/decode.cpp's add_layer for the order)."""
 
-    qkv: torch.Tensor  # (Nq + 2 Nkv, D) in the engine's dtype
+    qkv: torch.Tensor | QTensor | tuple[QTensor, ...]  # (Nq + 2 Nkv, D) in the engine's dtype, or quantized
     qkv_bias: torch.Tensor  # float32 (Nq + 2 Nkv,) or empty
-    o: torch.Tensor  # (D, Nq)
+    o: torch.Tensor | QTensor  # (D, Nq)
     norms: tuple[torch.Tensor, ...]  # float32: attention, post-attention, FFN, post-FFN, q, k (empty: absent)
     rope: int
     sliding: int  # 0: global attention
@@ -101,10 +123,25 @@ class LayerPlan:
 
     def native_args(self, hire: bool) -> tuple[list[torch.Tensor], list[int]]:
         f = self.ffn if hire else self.ffn.dense()
-        tensors = [self.qkv, self.qkv_bias, self.o, *self.norms, f.rows, f.proxy_a, f.proxy_b]
+        qkv = self.qkv if isinstance(self.qkv, torch.Tensor) else EMPTY
+        o = self.o if isinstance(self.o, torch.Tensor) else EMPTY
+        tensors = [qkv, self.qkv_bias, o, *self.norms, f.rows, f.proxy_a, f.proxy_b]
         ints = [self.rope, self.sliding, native.ACTIVATIONS[f.act], f.parts, f.keep, PROXY_KINDS[f.proxy_kind],
                 f.proxy_group]
         return tensors, ints
+
+    def quant_args(self) -> list[tuple[int, QTensor]]:
+        """(slot, matrix) of the layer's quantized matrices, for DecodeModel.set_quant."""
+        out = []
+        if isinstance(self.qkv, QTensor):
+            out.append((QUANT_SLOTS["qkv"], self.qkv))
+        elif isinstance(self.qkv, tuple):
+            out += [(QUANT_SLOTS[n], q) for n, q in zip("qkv", self.qkv)]
+        if isinstance(self.o, QTensor):
+            out.append((QUANT_SLOTS["o"], self.o))
+        names = ("gate", "up", "down") if len(self.ffn.quant) == 3 else ("up", "down")
+        out += [(QUANT_SLOTS[n], q) for n, q in zip(names, self.ffn.quant)]
+        return out
 
 
 def layer_plans(engine) -> list[LayerPlan]:
@@ -147,7 +184,11 @@ def native_steps(engine, model_class=None, plans: list[LayerPlan] | None = None)
         step = cls([engine.n_heads, engine.n_kv, engine.head_dim, engine.hidden], engine.scale, engine.norm.eps,
                    engine.k_cache, engine.v_cache, [c for c, _ in engine.rope_tables_f32],
                    [s for _, s in engine.rope_tables_f32], engine.norm.weight.contiguous())
-        for plan in plans:
+        for i, plan in enumerate(plans):
             step.add_layer(*plan.native_args(hire))
+            for slot, q in plan.quant_args():
+                if q.layout != "rows":
+                    raise ValueError(f"layer {i}: the decode step reads quantized matrices in the rows layout")
+                step.set_quant(i, slot, q.codes, q.scales, q.mins, q.bits, q.group, *q.shape)
         steps[hire] = step
     return steps, None

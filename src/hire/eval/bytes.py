@@ -1,4 +1,5 @@
-"""Bytes read from weights per decoded token, dense vs HiRE, in 16-bit storage.
+"""Bytes read from weights per decoded token, dense vs HiRE, in 16-bit storage (a GGUF model run
+in its block codes, hire.quant, counts its codes, scales and mins).
 
 Dense counts every weight a token touches once (of the embedding, one row). HiRE counts the
 proxies it streams plus the exact rows it computes. The KV cache is left out: it depends on the
@@ -11,6 +12,7 @@ from torch import nn
 
 from hire.arch import arch_spec, decoder_layers, head_module
 from hire.layers import HiReFFN, HiReLMHead
+from hire.quant.tensor import QEmbedding, QLinear
 
 BYTES_16 = 2
 PARTS = ("head", "ffn", "attention", "embedding", "other")
@@ -36,13 +38,22 @@ def bytes_per_token(model: nn.Module) -> dict:
     not touch read the same in both."""
     head = head_module(model)
     head_base = head.base_layer if isinstance(head, HiReLMHead) else head
-    embedding = model.get_input_embeddings().weight
+    embed_module = model.get_input_embeddings()
+    embedding = None if isinstance(embed_module, QEmbedding) else embed_module.weight
     head_ids = {id(p) for p in head_base.parameters()}
     ffn_ids = {id(p) for m in _ffn_modules(model) for p in m.parameters()}
     layer_ids = {id(p) for p in decoder_layers(model).parameters()}
 
     dense = dict.fromkeys(PARTS, 0)
-    dense["embedding"] = embedding.shape[1] * BYTES_16  # one row per token, even when tied to the head
+    # one row per token, even when tied to the head
+    dense["embedding"] = int(embed_module.q.row_nbytes()) if embedding is None else embedding.shape[1] * BYTES_16
+    ffn_modules = {id(m) for f in _ffn_modules(model) for m in f.modules()}
+    layer_modules = {id(m) for m in decoder_layers(model).modules()}
+    for module in model.modules():
+        if isinstance(module, QLinear):
+            part = ("head" if module is head_base else "ffn" if id(module) in ffn_modules else
+                    "attention" if id(module) in layer_modules else "other")
+            dense[part] += module.q.nbytes
     for p in {id(p): p for p in model.parameters()}.values():
         if id(p) in head_ids:
             part = "head"

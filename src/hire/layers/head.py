@@ -8,6 +8,7 @@ from torch import nn
 from hire import native
 from hire.config import HeadConfig
 from hire.proxies import Cascade
+from hire.quant.tensor import QLinear
 from hire.topk import rescore, scatter_scores, select_topk
 
 MODES = ("decode", "always", "dense")  # see HiReLMHead and HiReFFN
@@ -31,6 +32,7 @@ class HiReLMHead(nn.Module):
         self.selector = selector
         self.mode = "decode"
         self._weight: torch.Tensor | None = None  # the decode layout (prepare_decode)
+        self._q = base_layer.q if isinstance(base_layer, QLinear) else None  # a GGUF-quantized head: its codes
         self._native = False
 
     @property
@@ -63,13 +65,19 @@ class HiReLMHead(nn.Module):
     def prepare_decode(self, dtype: torch.dtype) -> None:
         """Fix the decode-time form: proxies on fused kernels, the head weight in ``dtype``."""
         self.selector.prepare_decode(dtype)
+        if self._q is not None:  # candidates' rows are read in the head's own block format
+            self._native = native.available()
+            return
         self._weight = self.base_layer.weight.detach().to(dtype).contiguous()
         self._native = native.usable(self._weight)
 
     def decode(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact logits of the candidates for one token.  # h: (1, D) -> logits: (1, k'), idx: (1, k')"""
         idx = self.selector.decode_select(h)
-        if self._native:  # only the candidates' rows are read, in place
+        if self._q is not None:  # the candidates' quantized rows, in place (eager: their dequantized rows)
+            logits = (native.qgemv(h, self._q, idx[0]) if self._native else self._q.matmul(h)[0, idx[0]]).view(1, -1)
+            logits = logits.to(h.dtype)
+        elif self._native:  # only the candidates' rows are read, in place
             logits = native.rows_dot(h, self._weight, idx[0]).view(1, -1).to(self._weight.dtype)
         else:  # eager, float32 like the kernel, so that a machine without it picks the same tokens
             logits = native.reference_rows_dot(h, self._weight, idx[0]).view(1, -1).to(self._weight.dtype)
@@ -78,11 +86,13 @@ class HiReLMHead(nn.Module):
         return logits, idx
 
     def nbytes(self) -> int:
-        """Bytes read per token: the proxies plus the k' exact rows in 16 bits."""
+        """Bytes read per token: the proxies plus the k' exact rows (16 bits, or the head's GGUF codes)."""
+        if self._q is not None:
+            return self.selector.nbytes() + int(self.selector.keep[-1] * self._q.row_nbytes())
         return self.selector.head_nbytes()
 
     def dense_nbytes(self) -> int:
-        return self.base_layer.weight.numel() * 2
+        return self._q.nbytes if self._q is not None else self.base_layer.weight.numel() * 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, T, D) -> logits: (B, T, V)

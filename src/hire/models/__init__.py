@@ -2,7 +2,8 @@
 cache (``cache``), or a local Hugging Face directory (``load``)."""
 
 from hire.models.builtin import BUILTIN_MODELS, DEFAULT_MODEL, GEMMA_PARTS, BuiltinModel, ModelPackageMissing
-from hire.models.cache import CACHE_FORMAT, MANIFEST, check_gguf, convert_gguf, gguf_cache_dir, verify_cache
+from hire.files import MANIFEST, verify_cache
+from hire.models.cache import CACHE_FORMAT, check_gguf, convert_gguf, gguf_cache_dir
 from hire.models.load import load_dir, load_model, resolve
 
 __all__ = [

@@ -8,20 +8,17 @@ with a manifest of its files' sizes and sha256; an entry that fails the check is
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
 import torch
 
 from hire.errors import OverwriteError
-from hire.files import atomic_dir, sha256_file
+from hire.files import atomic_dir, source_key, verify_cache, write_manifest
 from hire.paths import cache_dir
 
 log = logging.getLogger("hire")
 
-MANIFEST = "hire-manifest.json"
 CACHE_FORMAT = 1
 
 
@@ -42,30 +39,7 @@ def check_gguf(path: Path) -> None:
 
 
 def _cache_key(gguf: Path) -> str:
-    st = gguf.stat()
-    raw = f"{CACHE_FORMAT}:{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}"
-    return f"{gguf.stem}-{hashlib.sha256(raw.encode()).hexdigest()[:12]}"
-
-
-def verify_cache(entry: Path) -> str | None:
-    """None if ``entry`` is a complete cache entry, else why not."""
-    manifest_path = entry / MANIFEST
-    if not manifest_path.is_file():
-        return "no manifest (the conversion did not finish)"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        return f"unreadable manifest ({err})"
-    for name, meta in files.items():
-        path = entry / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != meta["size"]:
-            return f"{name} has {path.stat().st_size} bytes, expected {meta['size']}"
-        if sha256_file(path) != meta["sha256"]:
-            return f"{name} does not match its sha256"
-    return None
+    return source_key(gguf, CACHE_FORMAT)
 
 
 def convert_gguf(gguf: Path, out: Path) -> None:
@@ -88,11 +62,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
 
 
 def _write_manifest(entry: Path, source: Path) -> None:
-    """Sizes and sha256 of every file in ``entry``, which ``verify_cache`` checks before each use."""
-    files = {
-        p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(entry.iterdir()) if p.is_file()
-    }
-    (entry / MANIFEST).write_text(json.dumps({"format": CACHE_FORMAT, "source": str(source), "files": files}, indent=1))
+    write_manifest(entry, source, CACHE_FORMAT)
 
 
 def gguf_cache_dir(gguf: Path) -> Path:

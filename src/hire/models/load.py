@@ -44,6 +44,23 @@ def resolve(name_or_path: str) -> Path:
     )
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
-    """Load ``(model, tokenizer)`` offline, in eval mode."""
+def gguf_source(name_or_path: str) -> Path | None:
+    """The GGUF file behind a built-in name or a .gguf path (None for a Hugging Face directory)."""
+    if name_or_path in BUILTIN_MODELS:
+        return BUILTIN_MODELS[name_or_path].locate()
+    path = Path(name_or_path).expanduser()
+    return path if path.suffix == ".gguf" else None
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, *, quantized: bool = False):
+    """Load ``(model, tokenizer)`` offline, in eval mode. ``quantized``: a GGUF model keeps its
+    matrices in their block codes (hire.quant.load_quantized); otherwise, and for Hugging Face
+    directories, the weights are float (a GGUF is dequantized once, cached)."""
+    if quantized:
+        source = gguf_source(name_or_path)
+        if source is not None:
+            from hire.quant import load_quantized
+
+            model, tokenizer, _ = load_quantized(source, dtype=dtype)
+            return model, tokenizer
     return load_dir(resolve(name_or_path), dtype)

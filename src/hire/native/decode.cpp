@@ -18,6 +18,7 @@
 #include <vector>
 #include "simd.h"
 #include "int4.h"
+#include "quant.h"
 #include "rows.h"
 
 namespace {
@@ -99,10 +100,13 @@ struct Layer {
   Tensor q_norm, k_norm;                                      // float32 (hd,) or empty
   Tensor ffn;                                                 // (I, (parts+1)*D) neuron-major [in part(s) | out]
   Tensor proxy_a, proxy_b;                                    // the FFN proxy (see ProxyKind)
+  // GGUF-quantized matrices (set_quant), used where the dense tensors above are empty
+  hire_native::QMat quant[8];  // QuantSlot
   int64_t rope = 0, sliding = 0, act = 0, parts = 2, keep = 0, proxy_kind = 0, proxy_group = 0;
 };
 
 enum ProxyKind { DENSE_FFN = 0, INT4PACK = 1, MATRIX = 2, INT4 = 3 };
+enum QuantSlot { Q_QKV = 0, Q_Q = 1, Q_K = 2, Q_V = 3, Q_O = 4, Q_GATE = 5, Q_UP = 6, Q_DOWN = 7 };
 
 Tensor opt(const Tensor& t) { return t.numel() ? t : Tensor(); }
 
@@ -157,10 +161,13 @@ struct DecodeModel : torch::CustomClassHolder {
     L.rope = ints[0], L.sliding = ints[1], L.act = ints[2], L.parts = ints[3], L.keep = ints[4];
     L.proxy_kind = ints[5], L.proxy_group = ints[6];
     const int64_t nq = hq * hd, nkv = hkv * hd;
-    TORCH_CHECK(L.qkv.dim() == 2 && L.qkv.size(0) == nq + 2 * nkv && L.qkv.size(1) == dim && L.qkv.stride(1) == 1,
-                "qkv must be (", nq + 2 * nkv, ", ", dim, ")");
-    TORCH_CHECK(L.o.dim() == 2 && L.o.size(0) == dim && L.o.size(1) == nq && L.o.stride(1) == 1, "o must be (", dim,
-                ", ", nq, ")");
+    L.qkv = opt(L.qkv), L.o = opt(L.o), L.ffn = opt(L.ffn);  // empty: quantized (set_quant)
+    if (L.qkv.defined())
+      TORCH_CHECK(L.qkv.dim() == 2 && L.qkv.size(0) == nq + 2 * nkv && L.qkv.size(1) == dim && L.qkv.stride(1) == 1,
+                  "qkv must be (", nq + 2 * nkv, ", ", dim, ")");
+    if (L.o.defined())
+      TORCH_CHECK(L.o.dim() == 2 && L.o.size(0) == dim && L.o.size(1) == nq && L.o.stride(1) == 1, "o must be (", dim,
+                  ", ", nq, ")");
     if (L.qkv_bias.defined()) check_vec(L.qkv_bias, nq + 2 * nkv, "qkv bias");
     check_vec(L.attn_norm, dim, "attention norm");
     check_vec(L.ffn_norm, dim, "FFN norm");
@@ -174,6 +181,10 @@ struct DecodeModel : torch::CustomClassHolder {
     TORCH_CHECK(L.rope >= 0 && L.rope < (int64_t)cos.size(), "rotary table ", L.rope, " does not exist");
     TORCH_CHECK(L.parts == 1 || L.parts == 2, "parts must be 1 or 2");
     TORCH_CHECK(L.act >= 1 && L.act <= 4, "unknown activation ", L.act);
+    if (!L.ffn.defined()) {  // a quantized dense FFN: its matrices come with set_quant
+      layers.push_back(std::move(L));
+      return;
+    }
     TORCH_CHECK(L.ffn.dim() == 2 && L.ffn.size(1) == (L.parts + 1) * dim && L.ffn.stride(1) == 1,
                 "FFN rows must be (I, ", (L.parts + 1) * dim, ")");
     const int64_t neurons = L.ffn.size(0);
@@ -194,6 +205,68 @@ struct DecodeModel : torch::CustomClassHolder {
     layers.push_back(std::move(L));
   }
 
+  // a GGUF-quantized matrix of layer l (hire.quant.QTensor's parts, rows layout) in slot (QuantSlot)
+  void set_quant(int64_t l, int64_t slot, Tensor codes, Tensor scales, Tensor mins, int64_t bits, int64_t group,
+                 int64_t out, int64_t in) {
+    TORCH_CHECK(l >= 0 && l < (int64_t)layers.size(), "set_quant: layer ", l, " was not added");
+    TORCH_CHECK(slot >= Q_QKV && slot <= Q_DOWN, "set_quant: unknown slot ", slot);
+    Layer& L = layers[l];
+    const int64_t nq = hq * hd, nkv = hkv * hd;
+    const int64_t want_out[] = {nq + 2 * nkv, nq, nkv, nkv, dim, -1, -1, dim};
+    const int64_t want_in[] = {dim, dim, dim, dim, nq, dim, dim, -1};
+    TORCH_CHECK((want_out[slot] < 0 || out == want_out[slot]) && (want_in[slot] < 0 || in == want_in[slot]),
+                "set_quant: slot ", slot, " of layer ", l, " must be (", want_out[slot], ", ", want_in[slot], "), got (",
+                out, ", ", in, ")");
+    L.quant[slot] = hire_native::make_qmat(codes, scales, mins, bits, group, in, false);
+    TORCH_CHECK(L.quant[slot].n == out, "set_quant: ", L.quant[slot].n, " code rows for ", out, " outputs");
+  }
+
+  // every layer has each matrix either dense or quantized
+  void check_complete() const {
+    for (size_t l = 0; l < layers.size(); ++l) {
+      const Layer& L = layers[l];
+      TORCH_CHECK(L.qkv.defined() || L.quant[Q_QKV].defined() ||
+                  (L.quant[Q_Q].defined() && L.quant[Q_K].defined() && L.quant[Q_V].defined()),
+                  "layer ", l, " has no q/k/v projection");
+      TORCH_CHECK(L.o.defined() || L.quant[Q_O].defined(), "layer ", l, " has no output projection");
+      if (!L.ffn.defined()) {
+        TORCH_CHECK(L.quant[Q_UP].defined() && L.quant[Q_DOWN].defined() && (L.parts == 1 || L.quant[Q_GATE].defined()),
+                    "layer ", l, " has no FFN");
+        const int64_t neurons = L.quant[Q_UP].n;
+        TORCH_CHECK(L.quant[Q_DOWN].width == neurons && (L.parts == 1 || L.quant[Q_GATE].n == neurons),
+                    "layer ", l, ": the quantized FFN's matrices disagree on its neurons");
+        TORCH_CHECK(L.keep == neurons, "layer ", l, ": a quantized FFN runs dense (keep ", L.keep, " of ", neurons, ")");
+      }
+    }
+  }
+
+  void project_qkv(const Layer& L, const float* x, float* qkv) {
+    const int64_t nq = hq * hd, nkv = hkv * hd;
+    if (L.qkv.defined()) {
+      gemv(L.qkv, x, qkv);
+    } else if (L.quant[Q_QKV].defined()) {
+      hire_native::qgemv(L.quant[Q_QKV], x, nullptr, nq + 2 * nkv, qkv);
+    } else {
+      hire_native::qgemv(L.quant[Q_Q], x, nullptr, nq, qkv);
+      hire_native::qgemv(L.quant[Q_K], x, nullptr, nkv, qkv + nq);
+      hire_native::qgemv(L.quant[Q_V], x, nullptr, nkv, qkv + nq + nkv);
+    }
+  }
+
+  // the dense FFN over quantized matrices: down (act(gate x) * up x)
+  void quant_ffn(const Layer& L, const float* x, float* y) {
+    const int64_t neurons = L.quant[Q_UP].n;
+    std::vector<float> h(neurons), g(L.parts == 2 ? neurons : 0);
+    hire_native::qgemv(L.quant[Q_UP], x, nullptr, neurons, h.data());
+    if (L.parts == 2) {
+      hire_native::qgemv(L.quant[Q_GATE], x, nullptr, neurons, g.data());
+      activate_n(g.data(), h.data(), h.data(), neurons, L.act, false);
+    } else {
+      activate_n(h.data(), nullptr, h.data(), neurons, L.act, false);
+    }
+    hire_native::qgemv(L.quant[Q_DOWN], h.data(), nullptr, dim, y);
+  }
+
   // h: (D,) float32 residual stream of the token at position pos -> final-normed hidden (D,) float32
   Tensor step(Tensor h_in, int64_t pos) {
     RECORD_FUNCTION("hire::decode_step", std::vector<c10::IValue>({h_in}));  // an operator to the profiler
@@ -201,6 +274,7 @@ struct DecodeModel : torch::CustomClassHolder {
     TORCH_CHECK(pos >= 0 && pos < k_cache.size(2), "position ", pos, " is outside the cache (", k_cache.size(2), ")");
     TORCH_CHECK((int64_t)layers.size() == k_cache.size(0), "the model has ", layers.size(), " of ", k_cache.size(0),
                 " layers");
+    check_complete();
     auto h = h_in.reshape({dim}).to(torch::kFloat).clone();
     float* hp = h.data_ptr<float>();
     const int64_t nq = hq * hd, nkv = hkv * hd;
@@ -211,7 +285,7 @@ struct DecodeModel : torch::CustomClassHolder {
       const auto t0 = timing ? clock::now() : clock::time_point();
       // --- attention
       rms_norm(hp, L.attn_norm.data_ptr<float>(), dim, eps, x.data());
-      gemv(L.qkv, x.data(), qkv.data());
+      project_qkv(L, x.data(), qkv.data());
       if (L.qkv_bias.defined()) {
         const float* b = L.qkv_bias.data_ptr<float>();
         for (int64_t i = 0; i < nq + 2 * nkv; ++i) qkv[i] += b[i];
@@ -232,7 +306,11 @@ struct DecodeModel : torch::CustomClassHolder {
         case torch::kFloat: cache_attend<float>(l, k, v, q, pos, first, end, att.data()); break;
         default: TORCH_CHECK(false, "decode: unsupported cache dtype ", k_cache.scalar_type());
       }
-      gemv(L.o, att.data(), y.data());
+      if (L.o.defined()) {
+        gemv(L.o, att.data(), y.data());
+      } else {
+        hire_native::qgemv(L.quant[Q_O], att.data(), nullptr, dim, y.data());
+      }
       if (L.post_attn_norm.defined()) rms_norm(y.data(), L.post_attn_norm.data_ptr<float>(), dim, eps, y.data());
       for (int64_t i = 0; i < dim; ++i) hp[i] += y[i];
       const auto t1 = timing ? clock::now() : clock::time_point();
@@ -267,6 +345,10 @@ struct DecodeModel : torch::CustomClassHolder {
   }
 
   void ffn(const Layer& L, const float* x, float* y) {
+    if (!L.ffn.defined()) {
+      quant_ffn(L, x, y);
+      return;
+    }
     const int64_t neurons = L.ffn.size(0);
     if (L.keep == neurons) {
       hire_native::ffn_rows(L.ffn, nullptr, neurons, x, dim, L.parts, L.act, y);
@@ -326,6 +408,7 @@ HIRE_FRAGMENT(HIRE_OPS_NAMESPACE, m) {
       .def(torch::init<std::vector<int64_t>, double, double, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>,
                        Tensor>())
       .def("add_layer", &DecodeModel::add_layer)
+      .def("set_quant", &DecodeModel::set_quant)
       .def("step", &DecodeModel::step)
       .def("set_timing", &DecodeModel::set_timing)
       .def("timings", &DecodeModel::timings);

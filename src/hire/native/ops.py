@@ -97,6 +97,23 @@ def gemv(x, w) -> torch.Tensor:
     return _ops().gemv(x, w)
 
 
+def qgemv(x, q, rows=None, ops=None) -> torch.Tensor:
+    """``W[rows] x`` for a ``hire.quant.QTensor`` in the rows layout (None: every row), x quantized
+    to int8 per 32 columns (``hire.quant.reference_qgemv`` is the eager meaning).
+    # x: (1, in) or (in,), rows: (c,) -> float32 (c,) or (out,); ops: another build's torch.ops namespace"""
+    mod = ops or _ops()
+    r = torch.empty(0, dtype=torch.long) if rows is None else rows
+    return mod.qgemv(x, q.codes, q.scales, q.mins, q.bits, q.group, q.shape[1], r)
+
+
+def qaxpy(q, idx, a, ops=None) -> torch.Tensor:
+    """``sum_j a[j] W[:, idx[j]]`` for a QTensor in the columns layout (idx None: every column), in
+    float32 (``hire.quant.reference_qaxpy``).  # idx: (c,), a: (c,) -> float32 (out,)"""
+    mod = ops or _ops()
+    i = torch.empty(0, dtype=torch.long) if idx is None else idx
+    return mod.qaxpy(a, i, q.codes, q.scales, q.mins, q.bits, q.group, q.shape[0])
+
+
 def int4_estimates(x, packed, scales, group: int, parts: int, act: str) -> torch.Tensor:
     """The FFN's |activation| estimates from its 4-bit proxy (a QuantizedMatrix's ``packed`` codes
     and ``scales``: gate rows then up rows when ``parts`` is 2), fused: the activation is quantized to

@@ -1,0 +1,421 @@
+// Products with GGUF-quantized matrices in their codes (hire.quant: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
+// Q4_K, Q5_K, Q6_K, all read as value = scale * (code - zero) + min per group of 16 or 32 columns):
+//
+// * qgemv: rows . x, for every row or a list of rows (the LM head's candidates). x is quantized to
+//   int8 once per call, one scale per 32 columns (llama.cpp's Q8_0 activations); each 64-column
+//   chunk is one integer multiply-add (VNNI dpbusd, or pmaddubsw + pmaddwd on AVX2: u8 codes x s8
+//   activations, exact in int32) and one float FMA with the lanes' weight x activation scales.
+//   The symmetric formats' zero is taken out of the integer sums with the activation's per-lane
+//   sums; the affine formats' mins add min x (activation scale x lane sum).
+// * qaxpy: sum_j a_j W[:, j] over selected columns of a matrix stored column-major (the FFN's down
+//   projection), in float32: a group's columns share its scales, so each group's codes are summed
+//   first and its scales applied once.
+#include <torch/library.h>
+#include <torch/torch.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+#include <vector>
+#include "simd.h"
+#include "quant.h"
+
+namespace {
+using namespace hire_simd;
+using torch::Tensor;
+using hire_native::QMat;
+
+// The activation, int8 per 32 columns, with its per-lane (4 columns) sums and scales.
+struct QX {
+  int64_t chunks = 0;
+  std::vector<int8_t> q;           // chunks * 64 codes (zero padded)
+  std::vector<int32_t> lanesum;    // chunks * 16: sum of the lane's 4 codes
+  std::vector<float> lane_scale;   // chunks * 16: the lane's activation scale
+  std::vector<float> lane_xsum;    // chunks * 16: scale * lanesum (what a min multiplies)
+};
+
+QX quantize_x(const float* x, int64_t d) {
+  QX r;
+  r.chunks = (d + 63) / 64;
+  const int64_t n = r.chunks * 64;
+  std::vector<float> xp(n, 0.f);
+  std::copy(x, x + d, xp.begin());
+  r.q.assign(n, 0);
+  r.lanesum.assign(r.chunks * 16, 0);
+  r.lane_scale.assign(r.chunks * 16, 0.f);
+  r.lane_xsum.assign(r.chunks * 16, 0.f);
+  for (int64_t g = 0; g < n / 32; ++g) {
+    const float s = quantize_int8(xp.data() + g * 32, 32, r.q.data() + g * 32);
+    for (int64_t l = g * 8; l < g * 8 + 8; ++l) {
+      int32_t sum = 0;
+      for (int64_t e = 0; e < 4; ++e) sum += r.q[l * 4 + e];
+      r.lanesum[l] = sum;
+      r.lane_scale[l] = s;
+      r.lane_xsum[l] = s * static_cast<float>(sum);
+    }
+  }
+  return r;
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(c10::Half v) {
+#if !HIRE_SCALAR
+  return _cvtsh_ss(v.x);
+#else
+  return static_cast<float>(v);
+#endif
+}
+
+constexpr int64_t chunk_bytes(int bits) { return bits == 4 ? 32 : bits == 5 ? 40 : bits == 6 ? 48 : 64; }
+
+// code of column e (0..63) of a chunk (the scalar path and the checks)
+template <int BITS>
+inline int code_at(const uint8_t* p, int e) {
+  if (BITS == 8) return p[e];
+  int c = e < 32 ? (p[e] & 0x0F) : (p[e - 32] >> 4);
+  if (BITS == 5) c |= ((p[32 + e / 8] >> (e % 8)) & 1) << 4;
+  if (BITS == 6) c |= ((p[32 + e % 16] >> (2 * (e / 16))) & 3) << 4;
+  return c;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define HIRE_QUANT_512 1
+// the 64 codes of a chunk as bytes, in column order
+template <int BITS>
+inline __m512i codes512(const uint8_t* p) {
+  if (BITS == 8) return _mm512_loadu_si512(p);
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, m4)),
+                                 _mm256_and_si256(_mm256_srli_epi16(b, 4), m4), 1);
+  if (BITS == 5) {
+    uint64_t mask;
+    std::memcpy(&mask, p + 32, 8);
+    u = _mm512_or_si512(u, _mm512_maskz_mov_epi8(mask, _mm512_set1_epi8(0x10)));
+  }
+  if (BITS == 6) {
+    const __m512i t = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32)));
+    const __m512i shift = _mm512_set_epi64(0x0006000600060006LL, 0x0006000600060006LL, 0x0004000400040004LL,
+                                           0x0004000400040004LL, 0x0002000200020002LL, 0x0002000200020002LL, 0, 0);
+    const __m512i top = _mm512_and_si512(_mm512_srlv_epi16(t, shift), _mm512_set1_epi8(0x03));
+    u = _mm512_or_si512(u, _mm512_slli_epi16(top, 4));
+  }
+  return u;
+}
+
+// the chunk's 2 (group 32) or 4 (group 16) scales, one per lane
+template <int GROUP, typename S>
+inline __m512 lanes512(const S* s) {
+  __m128 v;
+  if constexpr (std::is_same_v<S, float>) {
+    v = GROUP == 32 ? _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s))) : _mm_loadu_ps(s);
+  } else {
+    int64_t raw = 0;
+    std::memcpy(&raw, s, GROUP == 32 ? 4 : 8);
+    v = _mm_cvtph_ps(_mm_cvtsi64_si128(raw));
+  }
+  const __m512i idx = GROUP == 32 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+                                  : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(v));
+}
+#elif !HIRE_SCALAR
+#define HIRE_QUANT_256 1
+// half h (columns 32h..32h+31) of a chunk's codes
+template <int BITS>
+inline __m256i codes256(const uint8_t* p, int h) {
+  if (BITS == 8) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * h));
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  __m256i u = _mm256_and_si256(h ? _mm256_srli_epi16(b, 4) : b, m4);
+  if (BITS == 5) {
+    uint32_t bits;
+    std::memcpy(&bits, p + 32 + 4 * h, 4);
+    // byte k of the 32 gets bit k: replicate byte k/8 of the word into bytes 8(k/8).., test bit k%8
+    const __m256i rep = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)),
+                                            _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL,
+                                                              0x0101010101010101LL, 0));
+    const __m256i sel = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+    const __m256i on = _mm256_cmpeq_epi8(_mm256_and_si256(rep, sel), sel);
+    u = _mm256_or_si256(u, _mm256_and_si256(on, _mm256_set1_epi8(0x10)));
+  }
+  if (BITS == 6) {
+    const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32));
+    const __m128i m3 = _mm_set1_epi8(0x03);
+    const __m128i a = _mm_and_si128(_mm_srli_epi16(t, 4 * h), m3), b2 = _mm_and_si128(_mm_srli_epi16(t, 4 * h + 2), m3);
+    u = _mm256_or_si256(u, _mm256_slli_epi16(_mm256_set_m128i(b2, a), 4));
+  }
+  return u;
+}
+
+template <int GROUP, typename S>
+inline __m256 lanes256(const S* s, int h) {  // s: the chunk's scales
+  if (GROUP == 32) return _mm256_set1_ps(to_float(s[h]));
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(to_float(s[2 * h]))), _mm_set1_ps(to_float(s[2 * h + 1])), 1);
+}
+#endif
+
+// W[row] . x for one row of codes (chunks of planes), its scales and mins (S: float or Half)
+template <int BITS, int GROUP, bool MIN, typename S>
+float qdot(const uint8_t* codes, const S* sc, const S* mn, const QX& x, const int32_t* zsum) {
+  constexpr int64_t cb = chunk_bytes(BITS), per = 64 / GROUP;
+  const int64_t chunks = x.chunks;
+#if HIRE_QUANT_512
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t c = 0; c < chunks; ++c) {
+    const __m512i u = codes512<BITS>(codes + c * cb);
+    const __m512i xq = _mm512_loadu_si512(x.q.data() + c * 64);
+    const __m512i init = MIN ? _mm512_setzero_si512() : _mm512_loadu_si512(zsum + c * 16);
+    const __m512i s = _mm512_dpbusd_epi32(init, u, xq);
+    const __m512 ls = _mm512_loadu_ps(x.lane_scale.data() + c * 16);
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(lanes512<GROUP>(sc + c * per), ls), acc);
+    if (MIN) acc = _mm512_fmadd_ps(lanes512<GROUP>(mn + c * per), _mm512_loadu_ps(x.lane_xsum.data() + c * 16), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+#elif HIRE_QUANT_256
+  __m256 acc = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t c = 0; c < chunks; ++c) {
+    for (int h = 0; h < 2; ++h) {
+      const __m256i u = codes256<BITS>(codes + c * cb, h);
+      const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + c * 64 + 32 * h));
+      __m256i s;
+      if (BITS == 8) {  // u8 x s8 pairs could overflow int16: multiply the signed codes (u - 128) instead
+        const __m256i w = _mm256_xor_si256(u, _mm256_set1_epi8(static_cast<char>(0x80)));
+        s = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(xq, w)), ones);
+      } else {
+        s = _mm256_madd_epi16(_mm256_maddubs_epi16(u, xq), ones);
+        if (!MIN) s = _mm256_add_epi32(s, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(zsum + c * 16 + 8 * h)));
+      }
+      const __m256 ls = _mm256_loadu_ps(x.lane_scale.data() + c * 16 + 8 * h);
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(lanes256<GROUP>(sc + c * per, h), ls), acc);
+      if (MIN)
+        acc = _mm256_fmadd_ps(lanes256<GROUP>(mn + c * per, h), _mm256_loadu_ps(x.lane_xsum.data() + c * 16 + 8 * h), acc);
+    }
+  }
+  return vsum(acc);
+#else
+  float total = 0.f;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const uint8_t* p = codes + c * cb;
+    for (int l = 0; l < 16; ++l) {
+      int32_t s = MIN ? 0 : zsum[c * 16 + l];
+      for (int e = 4 * l; e < 4 * l + 4; ++e) s += code_at<BITS>(p, e) * x.q[c * 64 + e];
+      const int64_t g = c * per + (4 * l) / GROUP;
+      total += static_cast<float>(s) * (to_float(sc[g]) * x.lane_scale[c * 16 + l]);
+      if (MIN) total += to_float(mn[g]) * x.lane_xsum[c * 16 + l];
+    }
+  }
+  return total;
+#endif
+}
+
+template <int BITS, int GROUP, bool MIN, typename S>
+void qgemv_impl(const QMat& w, const QX& x, const int64_t* rows, int64_t count, float* y) {
+  const int64_t rb = w.codes.stride(0), gs = w.scales.stride(0);
+  const uint8_t* codes = w.codes.data_ptr<uint8_t>();
+  const S* sc = w.scales.data_ptr<S>();
+  const S* mn = MIN ? w.mins.data_ptr<S>() : nullptr;
+  std::vector<int32_t> zsum;  // -zero * lane sums: the symmetric codes' offset, in the integer sums
+  if (!MIN) {
+    zsum.resize(x.lanesum.size());
+    for (size_t i = 0; i < zsum.size(); ++i) zsum[i] = -(1 << (BITS - 1)) * x.lanesum[i];
+  }
+  at::parallel_for(0, count, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t r = rows ? rows[i] : i;
+      if (rows && i + 4 < e) prefetch(codes + rows[i + 4] * rb);
+      y[i] = qdot<BITS, GROUP, MIN, S>(codes + r * rb, sc + r * gs, MIN ? mn + r * gs : nullptr, x, zsum.data());
+    }
+  });
+}
+
+// float32 codes of columns [0, n) of one code row (chunks of planes)
+template <int BITS>
+inline void codes_f(const uint8_t* p, int64_t chunks, float* out) {
+  for (int64_t c = 0; c < chunks; ++c) {
+    const uint8_t* q = p + c * chunk_bytes(BITS);
+    float* o = out + c * 64;
+#if HIRE_QUANT_512
+    const __m512i u = codes512<BITS>(q);
+    for (int k = 0; k < 4; ++k)
+      _mm512_storeu_ps(o + 16 * k, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(u, k))));
+#elif HIRE_QUANT_256
+    for (int h = 0; h < 2; ++h) {
+      const __m256i u = codes256<BITS>(q, h);
+      for (int k = 0; k < 4; ++k) {
+        const __m128i part = k < 2 ? _mm256_castsi256_si128(u) : _mm256_extracti128_si256(u, 1);
+        const __m128i eight = (k & 1) ? _mm_srli_si128(part, 8) : part;
+        _mm256_storeu_ps(o + 32 * h + 8 * k, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(eight)));
+      }
+    }
+#else
+    for (int e = 0; e < 64; ++e) o[e] = static_cast<float>(code_at<BITS>(q, e));
+#endif
+  }
+}
+
+// columns layout: y = sum_j a_j W[:, idx_j]; threads split the output rows, each reads its part of
+// every selected column; the selected columns of one group are summed, then the group's scales applied
+template <int BITS, int GROUP, bool MIN, typename S>
+void qaxpy_impl(const QMat& w, const int64_t* idx, const float* a, int64_t count, int64_t out, float* y) {
+  std::vector<std::pair<int64_t, float>> sel(count);
+  for (int64_t j = 0; j < count; ++j) sel[j] = {idx ? idx[j] : j, a[j]};
+  if (idx) std::sort(sel.begin(), sel.end(), [](const auto& p, const auto& q) { return p.first < q.first; });
+  const int64_t chunks = w.chunks(), rb = w.codes.stride(0), gs = w.scales.stride(0);
+  const uint8_t* codes = w.codes.data_ptr<uint8_t>();
+  const S* sc = w.scales.data_ptr<S>();
+  const S* mn = MIN ? w.mins.data_ptr<S>() : nullptr;
+  const float zero = MIN ? 0.f : static_cast<float>(1 << (BITS - 1));
+  std::vector<float> result(chunks * 64, 0.f);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    const int64_t n = (c1 - c0) * 64;
+    std::vector<float> acc(n, 0.f), col(n, 0.f);
+    float* yl = result.data() + c0 * 64;
+    auto flush = [&](int64_t g, float total) {  // y += scale_g * (acc - zero * total) + min_g * total
+      const S* s = sc + g * gs + c0 * 64;
+      const S* m = MIN ? mn + g * gs + c0 * 64 : nullptr;
+      for (int64_t e = 0; e < n; ++e) {
+        yl[e] += to_float(s[e]) * (acc[e] - zero * total) + (MIN ? to_float(m[e]) * total : 0.f);
+        acc[e] = 0.f;
+      }
+    };
+    int64_t group = -1;
+    float total = 0.f;
+    for (size_t j = 0; j < sel.size(); ++j) {
+      const int64_t g = sel[j].first / GROUP;
+      if (g != group) {
+        if (group >= 0) flush(group, total);
+        group = g, total = 0.f;
+      }
+      if (j + 2 < sel.size()) prefetch(codes + sel[j + 2].first * rb + c0 * chunk_bytes(BITS));
+      codes_f<BITS>(codes + sel[j].first * rb + c0 * chunk_bytes(BITS), c1 - c0, col.data());
+      axpy(sel[j].second, col.data(), acc.data(), n, static_cast<const float*>(nullptr));
+      total += sel[j].second;
+    }
+    if (group >= 0) flush(group, total);
+  });
+  std::copy(result.begin(), result.begin() + out, y);
+}
+
+template <template <int, int, bool, typename> class F, typename... Args>
+void dispatch(const QMat& w, Args&&... args) {
+  const bool half = w.scales.scalar_type() == torch::kHalf, has_min = w.mins.numel() > 0;
+#define HIRE_Q(B, G, M)                                                              \
+  if (w.bits == B && w.group == G && has_min == M) {                                 \
+    if (half) return F<B, G, M, c10::Half>::run(w, std::forward<Args>(args)...);     \
+    return F<B, G, M, float>::run(w, std::forward<Args>(args)...);                   \
+  }
+  HIRE_Q(8, 32, false) HIRE_Q(4, 32, false) HIRE_Q(4, 32, true) HIRE_Q(5, 32, false) HIRE_Q(5, 32, true)
+  HIRE_Q(6, 16, false)
+#undef HIRE_Q
+  TORCH_CHECK(false, "no quantized kernel for ", w.bits, "-bit codes in groups of ", w.group,
+              has_min ? " with mins" : "");
+}
+
+template <int B, int G, bool M, typename S>
+struct GemvF {
+  static void run(const QMat& w, const QX& x, const int64_t* rows, int64_t count, float* y) {
+    qgemv_impl<B, G, M, S>(w, x, rows, count, y);
+  }
+};
+template <int B, int G, bool M, typename S>
+struct AxpyF {
+  static void run(const QMat& w, const int64_t* idx, const float* a, int64_t count, int64_t out, float* y) {
+    qaxpy_impl<B, G, M, S>(w, idx, a, count, out, y);
+  }
+};
+
+}  // namespace
+
+namespace hire_native {
+
+QMat make_qmat(const Tensor& codes, const Tensor& scales, const Tensor& mins, int64_t bits, int64_t group,
+               int64_t width, bool columns) {
+  QMat w;
+  w.codes = codes, w.scales = scales, w.mins = mins, w.bits = bits, w.group = group, w.width = width;
+  TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.dim() == 2 && codes.stride(1) == 1,
+              "quantized codes must be uint8 (rows, bytes) with contiguous rows");
+  TORCH_CHECK(bits == 4 || bits == 5 || bits == 6 || bits == 8, "codes must have 4, 5, 6 or 8 bits, got ", bits);
+  TORCH_CHECK(group == 16 || group == 32, "scale groups must be 16 or 32 columns, got ", group);
+  w.n = codes.size(0);
+  TORCH_CHECK(codes.size(1) == w.chunks() * chunk_bytes(bits), "code rows must be ", w.chunks() * chunk_bytes(bits),
+              " bytes for ", width, " columns of ", bits, " bits, got ", codes.size(1));
+  TORCH_CHECK((scales.scalar_type() == torch::kFloat || scales.scalar_type() == torch::kHalf) && scales.dim() == 2 &&
+              scales.stride(1) == 1, "scales must be float32 or float16 (groups, columns) with contiguous rows");
+  if (mins.numel()) {
+    TORCH_CHECK(mins.scalar_type() == scales.scalar_type() && mins.sizes() == scales.sizes() &&
+                mins.strides() == scales.strides(), "mins must match the scales' dtype, shape and strides");
+  }
+  if (columns) {
+    TORCH_CHECK(scales.size(0) * group == w.n && scales.size(1) >= w.chunks() * 64, "column-layout scales must be (",
+                w.n / group, ", ", w.chunks() * 64, "), got ", scales.sizes());
+  } else {
+    TORCH_CHECK(scales.size(0) == w.n && scales.size(1) >= w.chunks() * 64 / group, "row-layout scales must be (", w.n,
+                ", ", w.chunks() * 64 / group, "), got ", scales.sizes());
+  }
+  return w;
+}
+
+void qgemv(const QMat& w, const float* x, const int64_t* rows, int64_t count, float* y) {
+  const QX qx = quantize_x(x, w.width);
+  dispatch<GemvF>(w, qx, rows, count, y);
+}
+
+void qaxpy(const QMat& w, const int64_t* idx, const float* a, int64_t count, int64_t out, float* y) {
+  dispatch<AxpyF>(w, idx, a, count, out, y);
+}
+
+}  // namespace hire_native
+
+namespace {
+
+// x: (width,) float; rows: empty (all) or int64 row ids -> float32 (count,)
+Tensor qgemv_op(Tensor x, Tensor codes, Tensor scales, Tensor mins, int64_t bits, int64_t group, int64_t width,
+                Tensor rows) {
+  const QMat w = hire_native::make_qmat(codes, scales, mins, bits, group, width, false);
+  TORCH_CHECK(x.numel() == width, "qgemv: x has ", x.numel(), " values, the matrix ", width, " columns");
+  auto xf = x.reshape({width}).to(torch::kFloat).contiguous();
+  const bool all = rows.numel() == 0;
+  auto r = all ? rows : rows.to(torch::kLong).contiguous();
+  const int64_t count = all ? w.n : r.numel();
+  if (!all) {
+    const auto [lo, hi] = std::minmax_element(r.data_ptr<int64_t>(), r.data_ptr<int64_t>() + count);
+    TORCH_CHECK(count == 0 || (*lo >= 0 && *hi < w.n), "qgemv: row ids must be in [0, ", w.n, ")");
+  }
+  auto y = torch::empty({count}, xf.options());
+  hire_native::qgemv(w, xf.data_ptr<float>(), all ? nullptr : r.data_ptr<int64_t>(), count, y.data_ptr<float>());
+  return y;
+}
+
+// a: (count,) coefficients of the columns idx (empty: every column, a has one per column) -> float32 (out,)
+Tensor qaxpy_op(Tensor a, Tensor idx, Tensor codes, Tensor scales, Tensor mins, int64_t bits, int64_t group,
+                int64_t out) {
+  const QMat w = hire_native::make_qmat(codes, scales, mins, bits, group, out, true);
+  auto af = a.reshape({a.numel()}).to(torch::kFloat).contiguous();
+  const bool all = idx.numel() == 0;
+  auto ix = all ? idx : idx.to(torch::kLong).contiguous();
+  const int64_t count = all ? w.n : ix.numel();
+  TORCH_CHECK(af.numel() == count, "qaxpy: ", af.numel(), " coefficients for ", count, " columns");
+  if (!all) {
+    const auto [lo, hi] = std::minmax_element(ix.data_ptr<int64_t>(), ix.data_ptr<int64_t>() + count);
+    TORCH_CHECK(count == 0 || (*lo >= 0 && *hi < w.n), "qaxpy: column ids must be in [0, ", w.n, ")");
+  }
+  auto y = torch::zeros({out}, af.options());
+  hire_native::qaxpy(w, all ? nullptr : ix.data_ptr<int64_t>(), af.data_ptr<float>(), count, out, y.data_ptr<float>());
+  return y;
+}
+
+}  // namespace
+
+#define HIRE_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
+#define HIRE_FRAGMENT_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
+HIRE_FRAGMENT(HIRE_OPS_NAMESPACE, m) {
+  m.def("qgemv(Tensor x, Tensor codes, Tensor scales, Tensor mins, int bits, int group, int width, Tensor rows) -> Tensor");
+  m.def("qaxpy(Tensor a, Tensor idx, Tensor codes, Tensor scales, Tensor mins, int bits, int group, int out) -> Tensor");
+}
+
+HIRE_FRAGMENT_IMPL(HIRE_OPS_NAMESPACE, CPU, m) {
+  m.impl("qgemv", &qgemv_op);
+  m.impl("qaxpy", &qaxpy_op);
+}

@@ -1,0 +1,32 @@
+// GGUF-quantized matrices in the kernels' affine-code layout (hire.quant.formats): shared by the
+// quantized products (quant.cpp) and the decode step (decode.cpp).
+#pragma once
+#include <torch/torch.h>
+#include <cstdint>
+#include <vector>
+
+namespace hire_native {
+
+// A QTensor's parts (hire.quant.tensor): codes in 64-column chunks of planes, one scale (and min)
+// per group of columns; value = scale * (code - zero) + min.
+struct QMat {
+  torch::Tensor codes, scales, mins;  // mins empty: symmetric codes (zero = 2^(bits-1))
+  int64_t bits = 0, group = 0;
+  int64_t n = 0;      // rows of codes: out (rows layout) or in (columns layout)
+  int64_t width = 0;  // logical length of a row of codes: in (rows) or out (columns)
+  bool defined() const { return codes.defined() && codes.numel() > 0; }
+  int64_t chunks() const { return (width + 63) / 64; }
+};
+
+// checks the parts of a QTensor whose code rows are `width` long (padded to 64)
+QMat make_qmat(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& mins, int64_t bits,
+               int64_t group, int64_t width, bool columns);
+
+// y[i] = W[rows[i]] . x for i < count (rows null: every row), x int8-quantized per 32 columns
+void qgemv(const QMat& w, const float* x, const int64_t* rows, int64_t count, float* y);
+
+// y[0..out) = sum_j a[j] * W[:, idx[j]] for j < count (idx null: every column, a has w.n entries);
+// W in the columns layout, accumulated in float32
+void qaxpy(const QMat& w, const int64_t* idx, const float* a, int64_t count, int64_t out, float* y);
+
+}  // namespace hire_native

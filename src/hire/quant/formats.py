@@ -1,0 +1,162 @@
+"""GGUF block formats -> one affine-code layout the native kernels read (lossless).
+
+Every supported GGUF format is, per group of ``group`` columns (16 or 32), ``value = scale *
+(code - zero) + min`` with unsigned ``bits``-bit codes: ``zero = 2**(bits-1)`` for the symmetric
+formats (Q8_0, Q4_0, Q5_0, Q6_K; no ``min``), ``zero = 0`` with a ``min`` for the affine ones (Q4_1,
+Q5_1, Q4_K, Q5_K). ``unpack`` reads a format's blocks into codes, scales and mins exactly as the
+``gguf`` package's dequantiser combines them (tests hold them to it), and ``pack_codes`` stores the
+codes in the kernel's planes, per 64-column chunk (``chunk_bytes``):
+
+* a nibble plane of 32 bytes: byte i holds column i in its low nibble and column i + 32 in its high
+  one, so one 32-byte load splits into the chunk's two 32-column groups;
+* 5-bit codes add a 64-bit mask of the fifth bits (bit i: column i);
+* 6-bit codes add 16 bytes of the top two bits: byte i holds columns i, i+16, i+32, i+48 (two bits
+  each, lowest first);
+* 8-bit codes are 64 plain bytes.
+
+Scales and mins are float16 where that is exact for the whole tensor (the legacy formats store
+float16), else float32 (the K formats' scale is float16 times a 6-bit integer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+CHUNK = 64  # columns per kernel chunk: rows are padded to a multiple of it
+
+
+@dataclass(frozen=True)
+class BlockFormat:
+    name: str
+    block: int  # columns per GGUF block
+    nbytes: int  # bytes per GGUF block
+    bits: int
+    group: int  # columns sharing one scale (and min)
+    has_min: bool
+
+
+FORMATS = {
+    f.name: f
+    for f in (
+        BlockFormat("Q8_0", 32, 34, 8, 32, False),
+        BlockFormat("Q4_0", 32, 18, 4, 32, False),
+        BlockFormat("Q4_1", 32, 20, 4, 32, True),
+        BlockFormat("Q5_0", 32, 22, 5, 32, False),
+        BlockFormat("Q5_1", 32, 24, 5, 32, True),
+        BlockFormat("Q4_K", 256, 144, 4, 32, True),
+        BlockFormat("Q5_K", 256, 176, 5, 32, True),
+        BlockFormat("Q6_K", 256, 210, 6, 16, False),
+    )
+}
+FLOAT_FORMATS = ("F32", "F16", "BF16")  # kept as torch tensors (float32 for F32, else their own dtype)
+SUPPORTED = tuple(FORMATS) + FLOAT_FORMATS
+
+
+def chunk_bytes(bits: int) -> int:
+    """Bytes per 64-column chunk of ``bits``-bit codes in the kernel's planes."""
+    return {4: 32, 5: 40, 6: 48, 8: 64}[bits]
+
+
+def zero_point(bits: int, has_min: bool) -> int:
+    return 0 if has_min else 1 << (bits - 1)
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """16 bytes per 32 columns, legacy order (low nibbles: columns 0-15, high: 16-31)."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _k_scales(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The K formats' 12 bytes -> eight 6-bit scales and mins (gguf's own unpacking)."""
+    from gguf.quants import Q4_K
+
+    sc, m = Q4_K.get_scale_min(raw)
+    return sc.reshape(raw.shape[0], 8).astype(np.float32), m.reshape(raw.shape[0], 8).astype(np.float32)
+
+
+def unpack(fmt: BlockFormat, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(codes uint8 (n, block), scales float32 (n, block/group), mins float32 or None)`` of
+    ``blocks`` (n, nbytes) uint8, with value = scale * (code - zero) + min."""
+    n = blocks.shape[0]
+    b = blocks
+    if fmt.name == "Q8_0":
+        return (b[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8), _f16(b[:, :2]), None
+    if fmt.name == "Q4_0":
+        return _nibbles(b[:, 2:]), _f16(b[:, :2]), None
+    if fmt.name == "Q4_1":
+        return _nibbles(b[:, 4:]), _f16(b[:, :2]), _f16(b[:, 2:4])
+    if fmt.name in ("Q5_0", "Q5_1"):
+        off = 2 if fmt.name == "Q5_0" else 4
+        qh = np.ascontiguousarray(b[:, off : off + 4]).view(np.uint32)  # (n, 1)
+        high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+        codes = _nibbles(b[:, off + 4 :]) | (high << 4)
+        return codes, _f16(b[:, :2]), (None if fmt.name == "Q5_0" else _f16(b[:, 2:4]))
+    if fmt.name in ("Q4_K", "Q5_K"):
+        d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
+        sc, m = _k_scales(b[:, 4:16])
+        if fmt.name == "Q4_K":
+            qs, qh = b[:, 16:144], None
+        else:
+            qh, qs = b[:, 16:48], b[:, 48:176]
+        # 64 columns per 32 bytes: low nibbles the first 32, high nibbles the next 32
+        qs = qs.reshape(n, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+        codes = (qs & 0x0F).reshape(n, 256)
+        if qh is not None:
+            high = qh.reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+            codes = codes | ((high & 1).reshape(n, 256) << 4)
+        return codes, d * sc, -(dmin * m)
+    if fmt.name == "Q6_K":
+        ql, qh, sc, d = b[:, :128], b[:, 128:192], b[:, 192:208], b[:, 208:210]
+        low = ql.reshape(n, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+        low = (low & 0x0F).reshape(n, 2, 4, 32)
+        high = qh.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+        high = (high & 0x03).reshape(n, 2, 4, 32)
+        codes = (low | (high << 4)).reshape(n, 256)
+        return codes, _f16(d) * sc.view(np.int8).astype(np.float32), None
+    raise ValueError(f"no unpacking for {fmt.name}")
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Codes (rows, cols) with cols a multiple of 64 -> the kernel's planes (rows, cols/64 * chunk_bytes)."""
+    rows, cols = codes.shape
+    c = codes.reshape(rows, cols // CHUNK, CHUNK)
+    if bits == 8:
+        return np.ascontiguousarray(c).reshape(rows, -1)
+    low = c & 0x0F
+    planes = [low[..., :32] | (low[..., 32:] << 4)]
+    if bits == 5:
+        planes.append(np.packbits((c >> 4) & 1, axis=-1, bitorder="little"))
+    elif bits == 6:
+        top = (c >> 4) & 0x03
+        planes.append(top[..., :16] | (top[..., 16:32] << 2) | (top[..., 32:48] << 4) | (top[..., 48:] << 6))
+    return np.concatenate(planes, axis=-1).reshape(rows, -1)
+
+
+def unpack_codes(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
+    """Inverse of ``pack_codes`` (for tests and the eager reference)."""
+    rows = packed.shape[0]
+    p = packed.reshape(rows, -1, chunk_bytes(bits))
+    if bits == 8:
+        return p.reshape(rows, -1)[:, :cols]
+    nib = p[..., :32]
+    c = np.concatenate([nib & 0x0F, nib >> 4], axis=-1)
+    if bits == 5:
+        c = c | (np.unpackbits(p[..., 32:40], axis=-1, bitorder="little") << 4)
+    elif bits == 6:
+        top = p[..., 32:48]
+        c = c | (np.concatenate([(top >> s) & 0x03 for s in (0, 2, 4, 6)], axis=-1) << 4)
+    return c.reshape(rows, -1)[:, :cols]
+
+
+def compact_scales(values: np.ndarray) -> np.ndarray:
+    """float16 when exact for every value, else float32."""
+    half = values.astype(np.float16)
+    if np.array_equal(half.astype(np.float32), values, equal_nan=False) and np.isfinite(half).all():
+        return half
+    return values.astype(np.float32)

@@ -1,0 +1,246 @@
+"""Load a GGUF file as a Hugging Face model whose weight matrices stay in their block codes.
+
+The ``gguf`` package's reader gives the tensor table (cached with the config); the file is
+memory-mapped and each quantized tensor is repacked once into a ``QTensor`` (lossless: the codes, scales and mins of its own format), and the memory map is
+dropped, so the loaded model holds about the file's bytes and no 16- or 32-bit copy of them. The
+model's modules are built without weights (accelerate's ``init_empty_weights``) and get
+``QLinear`` / ``QEmbedding`` for the quantized tensors and the file's float tensors (norms) for the
+rest. Tensor names, llama's q/k head order and Gemma's norm offset come from transformers' own
+GGUF mapping. Config and tokenizer come from the file's metadata through transformers, cached
+(with a checked manifest) because reading a 262k-token vocabulary takes ~10 s.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from hire.errors import HireError
+from hire.files import atomic_dir, source_key, verify_cache, write_manifest
+from hire.paths import cache_dir
+from hire.quant.formats import FLOAT_FORMATS, SUPPORTED
+from hire.quant.tensor import QEmbedding, QLinear, QTensor
+
+log = logging.getLogger("hire")
+
+META_FORMAT = 1
+TABLE = "tensors.json"
+
+
+class UnsupportedGGUF(HireError, ValueError):
+    """A GGUF tensor in a block format HiRE cannot run, or an architecture the loader does not know."""
+
+
+@dataclass
+class LoadReport:
+    path: Path
+    seconds: float
+    file_bytes: int
+    weight_bytes: int  # what the loaded model holds for its weights
+    formats: dict[str, int]  # GGUF format -> tensors
+
+
+def _read_header(path: Path) -> list[dict]:
+    """The tensor table of ``path`` from the ``gguf`` package's reader (name, format, shape, absolute
+    offset, bytes), with clear errors for a corrupt file."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as err:  # gguf raises assorted errors on truncated files
+        raise ValueError(f"{path} is a corrupt or truncated GGUF file ({type(err).__name__}: {err}); re-download it") from err
+    return [{"name": t.name, "format": t.tensor_type.name, "shape": [int(s) for s in reversed(t.shape)],
+             "offset": int(t.data_offset), "nbytes": int(t.n_bytes)} for t in reader.tensors]
+
+
+def meta_entry(path: Path) -> Path:
+    """Where the metadata of ``path`` is cached."""
+    return cache_dir("gguf-meta") / source_key(path, META_FORMAT)
+
+
+def _meta_dir(path: Path) -> Path:
+    """Config, tokenizer and tensor table of ``path``, read from the file once and cached (reading
+    the metadata of a 262k-token vocabulary takes ~10 s; the cache key has the file's size and mtime)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    entry = meta_entry(path)
+    if entry.exists():
+        problem = verify_cache(entry)
+        if problem is None:
+            return entry
+        log.warning("cache %s is unusable (%s); rebuilding it", entry, problem)
+    log.warning("reading the metadata of %s (first load; cached in %s)", path.name, entry)
+    table = _read_header(path)
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as err:
+        raise UnsupportedGGUF(f"transformers could not read the metadata of {path} ({type(err).__name__}: {err})") from err
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with atomic_dir(entry, replace=entry.exists()) as tmp:
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / TABLE).write_text(json.dumps(table))
+        write_manifest(tmp, path, META_FORMAT)
+    return entry
+
+
+def _name_map(model: nn.Module, config) -> dict[str, str]:
+    """GGUF tensor name -> the model's parameter name (gguf's table for the architecture)."""
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+
+    arch_name = {"gemma3_text": "gemma3"}.get(config.model_type, config.model_type)
+    arch = next((key for key, value in MODEL_ARCH_NAMES.items() if value == arch_name), None)
+    if arch is None:
+        raise UnsupportedGGUF(f"architecture {config.model_type!r} is not one the gguf package knows")
+    table = get_tensor_name_map(arch, config.num_hidden_layers)
+    names = {}
+    for hf in dict(model.named_parameters(remove_duplicate=False)):
+        module, _, suffix = hf.rpartition(".")
+        gguf_name = table.get_name(module)
+        if gguf_name is not None:
+            names[f"{gguf_name}.{suffix}"] = hf
+    return names
+
+
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {path} does not exist")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); re-download or reinstall it")
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _row_order(processor, name: str, rows: int) -> np.ndarray | None:
+    """The row permutation transformers' processor applies to tensor ``name`` (llama's q/k), found
+    by processing the row numbers; None when it leaves rows in place."""
+    probe = np.arange(rows, dtype=np.float64).reshape(rows, 1)
+    out = np.asarray(processor.process(probe.copy(), name).weights).reshape(-1)
+    if np.array_equal(out, probe[:, 0]):
+        return None
+    if not np.array_equal(np.sort(out), probe[:, 0]):
+        raise UnsupportedGGUF(f"{name}: transformers transforms this tensor's values, not only its row order; "
+                              "HiRE cannot keep it quantized")
+    return out.astype(np.int64)
+
+
+def load_quantized(path: str | Path, *, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer, report)``: ``path``'s model with its matrices in their GGUF codes.
+
+    ``dtype``: of the float tensors (norms) and of what modules return."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    path = Path(path)
+    t0 = time.perf_counter()
+    _check_file(path)
+    meta = _meta_dir(path)
+    config = AutoConfig.from_pretrained(meta, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(meta, local_files_only=True)
+    table = json.loads((meta / TABLE).read_text())
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    arch = {"gemma3_text": "gemma3"}.get(config.model_type, config.model_type)
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
+    names = _name_map(model, config)
+    size = path.stat().st_size
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    formats: dict[str, int] = {}
+    quantized: dict[str, QTensor] = {}
+    weight_bytes = 0
+    for t in table:
+        name, fmt = t["name"], t["format"]
+        if t["offset"] + t["nbytes"] > size:
+            raise ValueError(f"{path} is truncated: tensor {name} ({fmt}) ends at byte {t['offset'] + t['nbytes']}, "
+                             f"the file has {size}; re-download it")
+        raw = data[t["offset"] : t["offset"] + t["nbytes"]]
+        hf = names.get(name)
+        if hf is None:
+            if name.startswith("rope_freqs"):
+                continue  # transformers computes the rotary frequencies from the config
+            raise UnsupportedGGUF(f"{path}: tensor {name} has no place in a {config.model_type} model")
+        if fmt not in SUPPORTED:
+            raise UnsupportedGGUF(f"{path}: tensor {name} is {fmt}; HiRE runs {', '.join(SUPPORTED)}. "
+                                  "Re-quantize the model to one of them (e.g. llama.cpp's llama-quantize --allow-requantize)")
+        formats[fmt] = formats.get(fmt, 0) + 1
+        shape = tuple(t["shape"])
+        if fmt in FLOAT_FORMATS:
+            raw = raw.view({"F32": np.float32, "F16": np.float16, "BF16": np.uint16}[fmt])
+            if fmt == "BF16":
+                raw = (raw.astype(np.uint32) << 16).view(np.float32)
+            values = np.asarray(processor.process(raw.astype(np.float32).reshape(shape), name).weights)
+            tensor = torch.from_numpy(np.ascontiguousarray(values)).to(dtype if len(shape) == 1 else
+                                                                       {"F32": torch.float32, "F16": torch.float16,
+                                                                        "BF16": torch.bfloat16}[fmt])
+            weight_bytes += tensor.numel() * tensor.element_size()
+            param = model.get_parameter(hf)
+            if tuple(param.shape) != tuple(tensor.shape):
+                raise UnsupportedGGUF(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, the config expects "
+                                      f"{tuple(param.shape)}")
+            module_name, _, attr = hf.rpartition(".")
+            setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
+            continue
+        if len(shape) != 2:
+            raise UnsupportedGGUF(f"{path}: quantized tensor {name} has {len(shape)} dimensions; HiRE runs 2-D ones")
+        expect = tuple(model.get_parameter(hf).shape)
+        if shape != expect:
+            raise UnsupportedGGUF(f"{path}: tensor {name} has shape {shape}, the config expects {expect}")
+        try:
+            q = QTensor.from_blocks(fmt, raw, shape, row_order=_row_order(processor, name, shape[0]))
+        except ValueError as err:
+            raise UnsupportedGGUF(f"{path}: tensor {name} ({fmt}): {err}") from err
+        weight_bytes += q.nbytes
+        quantized[hf] = q
+    del data, raw  # drops the memory map: only the repacked codes stay resident
+    for hf, q in quantized.items():
+        module_name = hf.rpartition(".")[0]
+        module = model.get_submodule(module_name)
+        if isinstance(module, nn.Embedding):
+            scale = float(getattr(module, "embed_scale", 1.0))
+            _set_module(model, module_name, QEmbedding(q, scale, dtype))
+        elif isinstance(module, nn.Linear):
+            bias = module.bias if module.bias is not None and module.bias.device.type != "meta" else None
+            _set_module(model, module_name, QLinear(q, bias))
+        else:
+            raise UnsupportedGGUF(f"{path}: {hf} is a {type(module).__name__}; HiRE quantizes Linear and Embedding weights")
+    head = model.get_output_embeddings()
+    if isinstance(head, nn.Linear) and head.weight.device.type == "meta":
+        embed = model.get_input_embeddings()
+        if not (config.tie_word_embeddings and isinstance(embed, QEmbedding)):
+            raise UnsupportedGGUF(f"{path} has no output.weight and the config does not tie it to the embedding")
+        model.set_output_embeddings(QLinear(embed.q))
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise UnsupportedGGUF(f"{path} lacks tensors the {config.model_type} model needs: {', '.join(missing[:5])}")
+    model.eval()
+    report = LoadReport(path, time.perf_counter() - t0, path.stat().st_size, weight_bytes, formats)
+    return model, tokenizer, report
+
+
+def quantized_matrices(model: nn.Module) -> dict[str, QTensor]:
+    """Every QTensor of a loaded model by module name (the tied head once)."""
+    seen: dict[int, str] = {}
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (QLinear, QEmbedding)) and id(module.q) not in seen:
+            seen[id(module.q)] = name
+            out[name] = module.q
+    return out
+
+
+__all__ = ["LoadReport", "UnsupportedGGUF", "load_quantized", "quantized_matrices"]

@@ -1,0 +1,251 @@
+"""QTensor: a GGUF-quantized weight kept in its block codes (no 16- or 32-bit copy), and the
+modules that run it inside a Hugging Face model (``QLinear``, ``QEmbedding``).
+
+A QTensor is the logical matrix W (out, in) with ``value = scale * (code - zero) + min`` per group
+of ``group`` input columns (``hire.quant.formats``). Two layouts:
+
+* ``rows`` (the default): row r holds W[r, :] as codes in the kernel's planes; scales and mins are
+  (out, in_padded / group). A token's product is the native ``qgemv`` (the activation quantized to
+  int8 per 32 columns, as llama.cpp does), and a subset of rows is the same kernel over those rows.
+* ``columns``: neuron-major, row j holds W[:, j] (the FFN's down projection, whose selected
+  neurons are columns); scales and mins are (in / group, out_padded). Its product over selected
+  columns is the native ``qaxpy``, in float32 (no activation rounding).
+
+Several tokens at once (prefill, perplexity) dequantize blocks of rows to float32 and multiply:
+the transformers float32 model, computed from the same codes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from hire.quant.formats import CHUNK, FORMATS, chunk_bytes, compact_scales, pack_codes, unpack, unpack_codes, zero_point
+
+DEQUANT_ROWS = 8192  # rows dequantized at a time by the multi-token product (32 MB of float32 at D = 1024)
+QX_GROUP = 32  # columns per activation scale in the native product
+
+
+@dataclass
+class QTensor:
+    codes: torch.Tensor  # uint8 (rows, chunks * chunk_bytes): rows = out (rows layout) or in (columns layout)
+    scales: torch.Tensor  # float16 or float32: (out, groups) or (in / group, out_padded)
+    mins: torch.Tensor  # like scales, or empty (symmetric formats)
+    bits: int
+    group: int
+    shape: tuple[int, int]  # logical (out, in)
+    format: str  # the GGUF format it came from
+    layout: str = "rows"
+
+    @property
+    def zero(self) -> int:
+        return zero_point(self.bits, self.mins.numel() > 0)
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel() + self.scales.numel() * self.scales.element_size() + self.mins.numel() * self.mins.element_size()
+
+    def row_nbytes(self) -> float:
+        """Bytes read per row of the logical matrix (codes, scales and mins)."""
+        return self.nbytes / self.shape[0]
+
+    @classmethod
+    def from_blocks(cls, fmt_name: str, data: np.ndarray, shape: tuple[int, int], layout: str = "rows",
+                    row_order: np.ndarray | None = None) -> "QTensor":
+        """From a GGUF tensor's raw blocks ``data`` (out rows of bytes) of logical ``shape`` (out, in);
+        ``row_order``: a permutation applied to the rows (llama's q/k heads)."""
+        fmt = FORMATS[fmt_name]
+        out, inp = shape
+        if inp % fmt.block:
+            raise ValueError(f"{fmt_name} rows hold whole blocks of {fmt.block} columns, got {inp}")
+        blocks = np.ascontiguousarray(data).reshape(-1, fmt.nbytes)
+        if blocks.shape[0] != out * inp // fmt.block:
+            raise ValueError(f"{fmt_name} tensor of shape {shape} needs {out * inp // fmt.block} blocks, got {blocks.shape[0]}")
+        codes, scales, mins = unpack(fmt, blocks)
+        codes = codes.reshape(out, inp)
+        scales = scales.reshape(out, inp // fmt.group)
+        mins = None if mins is None else mins.reshape(out, inp // fmt.group)
+        if row_order is not None:
+            codes, scales = codes[row_order], scales[row_order]
+            mins = None if mins is None else mins[row_order]
+        return cls.from_codes(codes, scales, mins, fmt.bits, fmt.group, fmt_name, layout)
+
+    @classmethod
+    def from_codes(cls, codes: np.ndarray, scales: np.ndarray, mins: np.ndarray | None, bits: int, group: int,
+                   fmt_name: str, layout: str = "rows") -> "QTensor":
+        """From unpacked codes (out, in) uint8 and per-group scales/mins (out, in / group)."""
+        out, inp = codes.shape
+        if layout == "rows":
+            pad = -inp % CHUNK
+            codes = np.pad(codes, ((0, 0), (0, pad)))
+            scales = np.pad(scales, ((0, 0), (0, pad // group)))  # zero scale and min: padded columns are 0
+            mins = None if mins is None else np.pad(mins, ((0, 0), (0, pad // group)))
+        elif layout == "columns":
+            pad = -out % CHUNK
+            codes = np.pad(np.ascontiguousarray(codes.T), ((0, 0), (0, pad)))
+            scales = np.pad(np.ascontiguousarray(scales.T), ((0, 0), (0, pad)))
+            mins = None if mins is None else np.pad(np.ascontiguousarray(mins.T), ((0, 0), (0, pad)))
+        else:
+            raise ValueError(f"layout must be 'rows' or 'columns', got {layout!r}")
+        packed = torch.from_numpy(pack_codes(codes, bits))
+        if mins is None:
+            s = compact_scales(scales)
+            m = np.zeros(0, dtype=s.dtype)
+        else:  # scales and mins share one dtype (the kernel reads them as a pair)
+            s, m = compact_scales(scales), compact_scales(mins)
+            if s.dtype != m.dtype:
+                s, m = scales.astype(np.float32), mins.astype(np.float32)
+        return cls(packed, torch.from_numpy(np.ascontiguousarray(s)), torch.from_numpy(np.ascontiguousarray(m)),
+                   bits, group, (out, inp), fmt_name, layout)
+
+    def to_layout(self, layout: str) -> "QTensor":
+        if layout == self.layout:
+            return self
+        codes, scales, mins = self.unpacked()
+        return QTensor.from_codes(codes, scales, mins, self.bits, self.group, self.format, layout)
+
+    def unpacked(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(codes (out, in), scales (out, in / group), mins or None), float32 scales."""
+        out, inp = self.shape
+        scales = self.scales.float().numpy()
+        mins = self.mins.float().numpy() if self.mins.numel() else None
+        if self.layout == "rows":
+            codes = unpack_codes(self.codes.numpy(), self.bits, inp)
+            g = inp // self.group
+            return codes, scales[:, :g], None if mins is None else mins[:, :g]
+        codes = unpack_codes(self.codes.numpy(), self.bits, out).T
+        return codes, scales[:, :out].T, None if mins is None else mins[:, :out].T
+
+    def dequantize(self, rows: slice | None = None) -> torch.Tensor:
+        """float32 (out, in), or the rows ``rows`` of it (the rows layout reads only those)."""
+        if self.layout == "rows" and rows is not None:
+            part = QTensor(self.codes[rows], self.scales[rows], self.mins[rows] if self.mins.numel() else self.mins,
+                           self.bits, self.group, (self.codes[rows].shape[0], self.shape[1]), self.format)
+            return part.dequantize()
+        codes, scales, mins = self.unpacked()
+        w = (codes.astype(np.float32) - np.float32(self.zero)).reshape(codes.shape[0], -1, self.group)
+        w = w * scales[:, :, None]
+        if mins is not None:
+            w = w + mins[:, :, None]
+        w = torch.from_numpy(w.reshape(codes.shape))
+        return w if rows is None else w[rows]
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T in float32 over dequantized blocks of rows (several tokens: prefill, perplexity).
+        # x: (T, in) -> (T, out)"""
+        x = x.float()
+        if self.layout == "columns":
+            return x @ self.dequantize().T
+        return torch.cat([x @ self.dequantize(slice(r, r + DEQUANT_ROWS)).T
+                          for r in range(0, self.shape[0], DEQUANT_ROWS)], dim=-1)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T: the native kernels for one token, else ``matmul``.  # x: (..., in) -> float32 (..., out)"""
+        from hire import native
+
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] == 1 and native.available():
+            y = native.qgemv(flat, self) if self.layout == "rows" else native.qaxpy(self, None, flat[0])
+            return y.view(*lead, -1)
+        return self.matmul(flat).view(*lead, -1)
+
+    def chunk_bytes(self) -> int:
+        return chunk_bytes(self.bits)
+
+    def __repr__(self) -> str:
+        return f"QTensor({self.format}, shape={self.shape}, layout={self.layout}, {self.nbytes / 1e6:.1f} MB)"
+
+
+def fuse_rows(parts: list[QTensor]) -> QTensor | tuple[QTensor, ...]:
+    """One QTensor of the parts' rows stacked (q, k, v read in one pass) where they share a
+    layout; else the parts as a tuple."""
+    first = parts[0]
+    same = all(p.layout == "rows" and p.bits == first.bits and p.group == first.group and p.shape[1] == first.shape[1]
+               and p.scales.dtype == first.scales.dtype and (p.mins.numel() > 0) == (first.mins.numel() > 0)
+               and p.scales.shape[1] == first.scales.shape[1] for p in parts)
+    if not same:
+        return tuple(parts)
+    mins = torch.cat([p.mins for p in parts]) if first.mins.numel() else first.mins
+    return QTensor(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), mins, first.bits,
+                   first.group, (sum(p.shape[0] for p in parts), first.shape[1]), "+".join(sorted({p.format for p in parts})))
+
+
+class QLinear(nn.Module):
+    """An nn.Linear whose weight stays in its GGUF codes (``q``)."""
+
+    def __init__(self, q: QTensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.q = q
+        self.out_features, self.in_features = q.shape
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float32 weight, dequantized on each access (fitting proxies, tests): not kept."""
+        return self.q.dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.q.linear(x)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.q.format}"
+
+
+class QEmbedding(nn.Module):
+    """Token embeddings read from quantized rows (times ``scale``: Gemma's sqrt(hidden))."""
+
+    def __init__(self, q: QTensor, scale: float = 1.0, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.q = q
+        self.scale = scale
+        self.dtype = dtype
+        self.num_embeddings, self.embedding_dim = q.shape
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.q.dequantize()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+            raise IndexError(f"token ids must be in [0, {self.num_embeddings}), got {int(flat.min())}..{int(flat.max())}")
+        uniq, inverse = torch.unique(flat, return_inverse=True)
+        rows = torch.stack([self.q.dequantize(slice(int(t), int(t) + 1))[0] for t in uniq]) if uniq.numel() else \
+            torch.zeros(0, self.embedding_dim)
+        out = rows[inverse] * self.scale
+        return out.view(*ids.shape, self.embedding_dim).to(self.dtype)
+
+
+def reference_quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The native product's int8 activation: per 32 columns, scale max|x| / 127 (1 where all zero),
+    round half to even.  # x: (D,) -> codes int8 (D,), scales float32 (ceil(D/32),)"""
+    x = x.reshape(-1).float()
+    pad = -x.numel() % QX_GROUP
+    g = F.pad(x, (0, pad)).view(-1, QX_GROUP)
+    amax = g.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    codes = torch.round(g / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return codes.reshape(-1)[: x.numel()], scale
+
+
+def reference_qgemv(x: torch.Tensor, q: QTensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """What ``native.qgemv`` computes: the dequantized rows times the int8-rounded activation, float32."""
+    codes, scale = reference_quantize_x(x)
+    xr = (codes.float().view(-1) * scale.repeat_interleave(QX_GROUP)[: codes.numel()])
+    w = q.dequantize() if rows is None else q.dequantize()[rows.long()]
+    return w @ xr
+
+
+def reference_qaxpy(q: QTensor, idx: torch.Tensor | None, a: torch.Tensor) -> torch.Tensor:
+    """What ``native.qaxpy`` computes: sum_j a[j] W[:, idx[j]] in float32 (idx None: every column)."""
+    w = q.dequantize()
+    cols = w if idx is None else w[:, idx.long()]
+    return cols @ a.float()

@@ -1,0 +1,295 @@
+"""GGUF models in their block codes (hire.quant): the formats against the gguf package's own
+dequantiser, the native quantized products against their eager meaning, the loader on a small GGUF
+these tests write, and the engine running it."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, dequantize, quantize
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hire import native
+from hire.engine import Engine
+from hire.quant import FORMATS, QLinear, QTensor, UnsupportedGGUF, load_quantized, reference_qaxpy, reference_qgemv
+from hire.quant.formats import pack_codes, unpack_codes
+from hire.files import write_manifest
+from hire.quant.load import META_FORMAT, TABLE, _read_header, meta_entry
+from tiny_models import make
+
+BUILT = native.available()
+needs_kernels = pytest.mark.skipif(not BUILT, reason=f"native kernels: {native.unavailable_reason()}")
+F16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q5_0": (0,), "Q4_1": (0, 2), "Q5_1": (0, 2), "Q4_K": (0, 2),
+              "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_blocks(fmt: str, rows: int, cols: int, seed: int) -> np.ndarray:
+    """Random bytes in ``fmt``'s blocks, with finite float16 scale fields: (rows, bytes per row)."""
+    f = FORMATS[fmt]
+    rng = np.random.default_rng(seed)
+    n = rows * cols // f.block
+    blocks = rng.integers(0, 256, (n, f.nbytes), dtype=np.uint8)
+    for off in F16_FIELDS[fmt]:
+        blocks[:, off : off + 2] = (rng.standard_normal(n) * 0.02).astype(np.float16).view(np.uint8).reshape(n, 2)
+    return blocks.reshape(rows, -1)
+
+
+FORMAT_NAMES = sorted(FORMATS)
+
+
+@settings(max_examples=20)
+@given(fmt=st.sampled_from(FORMAT_NAMES), rows=st.integers(1, 9), blocks=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_codes_scales_and_mins_reproduce_the_gguf_dequantiser_exactly(fmt, rows, blocks, seed):
+    cols = blocks * FORMATS[fmt].block
+    data = random_blocks(fmt, rows, cols, seed)
+    want = dequantize(data, GGMLQuantizationType[fmt]).reshape(rows, cols)
+    for layout in ("rows", "columns"):
+        q = QTensor.from_blocks(fmt, data, (rows, cols), layout)
+        assert np.array_equal(q.dequantize().numpy(), want), (fmt, layout)
+
+
+@given(bits=st.sampled_from([4, 5, 6, 8]), rows=st.integers(1, 5), chunks=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_code_planes_round_trip(bits, rows, chunks, seed):
+    codes = np.random.default_rng(seed).integers(0, 2**bits, (rows, 64 * chunks), dtype=np.uint8)
+    assert np.array_equal(unpack_codes(pack_codes(codes, bits), bits, codes.shape[1]), codes)
+
+
+def test_float16_scales_where_exact_else_float32():
+    assert QTensor.from_blocks("Q8_0", random_blocks("Q8_0", 4, 64, 0), (4, 64)).scales.dtype == torch.float16
+    assert QTensor.from_blocks("Q4_K", random_blocks("Q4_K", 4, 256, 0), (4, 256)).scales.dtype == torch.float32
+
+
+def test_a_wrong_block_count_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs 8 blocks, got 4"):
+        QTensor.from_blocks("Q8_0", random_blocks("Q8_0", 2, 64, 0), (4, 64))
+    with pytest.raises(ValueError, match="whole blocks of 256"):
+        QTensor.from_blocks("Q4_K", random_blocks("Q8_0", 2, 64, 0), (2, 64))
+
+
+# --- the native products ---------------------------------------------------------------------
+def _check_products(fmt: str, rows: int, cols: int, seed: int, ops=None):
+    data = random_blocks(fmt, rows, cols, seed)
+    q = QTensor.from_blocks(fmt, data, (rows, cols))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(cols, generator=g) * torch.rand(cols, generator=g) * 4  # uneven scales per group
+    want = reference_qgemv(x, q)
+    scale = want.abs().max() + 1e-6
+    torch.testing.assert_close(native.qgemv(x, q, ops=ops) / scale, want / scale, rtol=0, atol=2e-6)
+    pick = torch.randperm(rows, generator=g)[: max(1, rows // 3)]
+    torch.testing.assert_close(native.qgemv(x.view(1, -1), q, pick, ops=ops), native.qgemv(x, q, ops=ops)[pick])
+    qc = q.to_layout("columns")
+    a = torch.randn(cols, generator=g)
+    want = reference_qaxpy(qc, None, a)
+    scale = want.abs().max() + 1e-6
+    torch.testing.assert_close(native.qaxpy(qc, None, a, ops=ops) / scale, want / scale, rtol=0, atol=2e-6)
+    idx = torch.randperm(cols, generator=g)[: cols // 3]
+    want = reference_qaxpy(qc, idx, a[: idx.numel()])
+    scale = want.abs().max() + 1e-6
+    torch.testing.assert_close(native.qaxpy(qc, idx, a[: idx.numel()], ops=ops) / scale, want / scale, rtol=0, atol=2e-6)
+
+
+@needs_kernels
+@settings(max_examples=16)
+@given(fmt=st.sampled_from(FORMAT_NAMES), rows=st.integers(1, 70), blocks=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_quantized_products_match_their_eager_meaning(fmt, rows, blocks, seed):
+    _check_products(fmt, rows, blocks * FORMATS[fmt].block, seed)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+def test_every_format_on_rows_that_are_not_whole_chunks(fmt):
+    cols = FORMATS[fmt].block * (3 if FORMATS[fmt].block == 32 else 1)  # 96: a padded last chunk
+    _check_products(fmt, 37, cols, 1)
+
+
+@needs_kernels
+def test_quantized_products_reject_bad_input():
+    q = QTensor.from_blocks("Q8_0", random_blocks("Q8_0", 4, 64, 0), (4, 64))
+    with pytest.raises(RuntimeError, match="x has 32 values"):
+        native.qgemv(torch.randn(32), q)
+    with pytest.raises(RuntimeError, match=r"row ids must be in \[0, 4\)"):
+        native.qgemv(torch.randn(64), q, torch.tensor([4]))
+    with pytest.raises(RuntimeError, match="4, 5, 6 or 8 bits"):
+        torch.ops.hire.qgemv(torch.randn(64), q.codes, q.scales, q.mins, 3, 32, 64, torch.empty(0, dtype=torch.long))
+    qc = q.to_layout("columns")
+    with pytest.raises(RuntimeError, match="3 coefficients for 2 columns"):
+        native.qaxpy(qc, torch.tensor([0, 1]), torch.randn(3))
+
+
+# --- a small GGUF, written here ----------------------------------------------------------------
+LAYER_FORMATS = {"attn_q": "Q4_0", "attn_k": "Q4_1", "attn_v": "Q5_0", "attn_output": "Q5_1",
+                 "ffn_gate": "Q8_0", "ffn_up": "Q4_1", "ffn_down": "Q5_0"}
+HF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+            "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+            "ffn_down": "mlp.down_proj"}
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's conversion order of q/k rows (the loader undoes it)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(path, overrides: dict | None = None, drop: tuple[str, ...] = ()):
+    """A tiny Llama as a GGUF of mixed block formats, and the float32 model of the same values
+    (the dequantized codes). ``overrides``: tensor name -> format; ``drop``: tensors left out."""
+    model = make("llama")
+    cfg = model.config
+    ref = make("llama")
+    writer = GGUFWriter(str(path), "llama")
+    formats = {}
+
+    def add(name: str, hf: str, fmt: str, permute_heads: int | None = None):
+        fmt = (overrides or {}).get(name, fmt)
+        w = model.get_parameter(hf).detach().numpy().astype(np.float32)
+        if permute_heads:
+            w = _permute(w, permute_heads)
+        qtype = None if fmt == "F32" else GGMLQuantizationType[fmt]
+        if qtype is None:
+            data, back = w, w
+        elif fmt in FORMATS:
+            data = quantize(w, qtype) if fmt in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1") else random_blocks(fmt, *w.shape, 0)
+            back = dequantize(data, qtype).reshape(w.shape)
+        else:  # a format HiRE does not run: zero blocks of the right size
+            block, nbytes = GGML_QUANT_SIZES[qtype]
+            data, back = np.zeros((w.shape[0], w.shape[1] // block * nbytes), np.uint8), np.zeros_like(w)
+        if permute_heads:  # the float reference holds the rows in the model's own order
+            back = _unpermute(back, permute_heads)
+        with torch.no_grad():
+            ref.get_parameter(hf).copy_(torch.from_numpy(np.ascontiguousarray(back)))
+        if name in drop:
+            return
+        writer.add_tensor(name, data, raw_dtype=qtype)
+        formats[name] = fmt
+
+    add("token_embd.weight", "model.embed_tokens.weight", "Q8_0")
+    add("output_norm.weight", "model.norm.weight", "F32")
+    for i in range(cfg.num_hidden_layers):
+        add(f"blk.{i}.attn_norm.weight", f"model.layers.{i}.input_layernorm.weight", "F32")
+        add(f"blk.{i}.ffn_norm.weight", f"model.layers.{i}.post_attention_layernorm.weight", "F32")
+        for short, fmt in LAYER_FORMATS.items():
+            heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(short)
+            add(f"blk.{i}.{short}.weight", f"model.layers.{i}.{HF_NAMES[short]}.weight", fmt, heads)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    _write_meta(path, cfg)
+    return ref.eval(), formats
+
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_meta(path, cfg):
+    """The loader's metadata cache entry for ``path`` (config, a word-level tokenizer, the tensor table),
+    as a first load writes it from a real file's metadata."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    entry = meta_entry(path)
+    entry.mkdir(parents=True, exist_ok=True)
+    cfg.save_pretrained(entry)
+    vocab = {"[UNK]": 0, "<s>": 1, **{w: i + 2 for i, w in enumerate("the and of to a i you my in that".split())}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(entry)
+    (entry / TABLE).write_text(json.dumps(_read_header(path)))
+    write_manifest(entry, path, META_FORMAT)
+
+
+@pytest.fixture(scope="module")
+def small_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"
+    ref, formats = write_gguf(path)
+    return path, ref, formats
+
+
+def test_a_loaded_gguf_keeps_its_codes_and_computes_the_float32_model(small_gguf):
+    path, ref, formats = small_gguf
+    model, _, report = load_quantized(path)
+    assert report.formats == {fmt: list(formats.values()).count(fmt) for fmt in set(formats.values())}
+    assert isinstance(model.model.layers[0].self_attn.q_proj, QLinear)
+    assert model.lm_head.q is model.model.embed_tokens.q  # tied: one copy
+    assert not any(p.dim() >= 2 for p in model.parameters())  # no float copy of any matrix
+    ids = torch.randint(0, ref.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_the_engine_runs_the_codes_natively_like_its_eager_step(small_gguf):
+    path, ref, _ = small_gguf
+    model, _, _ = load_quantized(path)
+    engine = Engine(model, None, dtype=torch.float32, max_seq_len=40)
+    assert engine.kernel_report()["step"] == "native"
+    eager = Engine(load_quantized(path)[0], None, dtype=torch.float32, max_seq_len=40, fused=False)
+    prompt = torch.randint(0, ref.config.vocab_size, (6,))
+    with torch.inference_mode():
+        hidden = [e.forward(prompt, 0, hire=False) for e in (engine, eager)]
+        for pos in range(6, 30):
+            token = torch.tensor([pos % ref.config.vocab_size])
+            hidden = [e.forward(token, pos, hire=False) for e in (engine, eager)]
+            torch.testing.assert_close(hidden[0], hidden[1], rtol=1e-4, atol=1e-4)
+    # and against the float32 model: the int8 activations of the one-token product move it a little
+    fp = Engine(ref, None, dtype=torch.float32, max_seq_len=40)
+    tokens = torch.randint(0, ref.config.vocab_size, (24,))
+    got, _ = engine.teacher_forced(tokens, hire=False)
+    want, _ = fp.teacher_forced(tokens, hire=False)
+    assert sum(a == b for a, b in zip(got, want)) >= 0.8 * len(want)
+
+
+@needs_kernels
+def test_the_hire_head_reads_the_candidates_rows_in_their_codes(small_gguf):
+    from hire.config import HeadConfig, HiReConfig, FFNConfig
+
+    path, ref, _ = small_gguf
+    model, _, _ = load_quantized(path)
+    vocab = ref.config.vocab_size
+    cfg = HiReConfig(head=HeadConfig(k=8, candidates=vocab, proxy="int8", group_size=64), ffn=FFNConfig(enabled=False))
+    engine = Engine(model, cfg, dtype=torch.float32, max_seq_len=40)
+    dense = Engine(load_quantized(path)[0], None, dtype=torch.float32, max_seq_len=40)
+    tokens = torch.randint(0, vocab, (20,))
+    assert engine.teacher_forced(tokens, hire=True)[0] == dense.teacher_forced(tokens, hire=False)[0]  # k' = n: exact
+
+
+def test_a_hire_ffn_over_codes_is_refused_with_the_way_out(small_gguf):
+    import hire
+
+    model, _, _ = load_quantized(small_gguf[0])
+    with pytest.raises(ValueError, match="--no-ffn"):
+        hire.sparsify_(model, hire.HiReConfig(head=hire.HeadConfig(enabled=False)))
+
+
+def test_an_unsupported_block_format_names_the_tensor_and_the_format(tmp_path):
+    path = tmp_path / "iq.gguf"
+    write_gguf(path, overrides={"blk.0.ffn_up.weight": "IQ4_NL"})
+    with pytest.raises(UnsupportedGGUF, match=r"iq\.gguf: tensor blk\.0\.ffn_up\.weight is IQ4_NL; HiRE runs"):
+        load_quantized(path)
+
+
+def test_a_truncated_gguf_names_the_file(tmp_path):
+    path = tmp_path / "cut.gguf"
+    write_gguf(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(ValueError, match=r"cut\.gguf is (truncated|a corrupt or truncated GGUF)"):
+        load_quantized(path)
+
+
+def test_a_file_that_is_not_gguf(tmp_path):
+    path = tmp_path / "junk.gguf"
+    path.write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match="is not a GGUF file"):
+        load_quantized(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_quantized(tmp_path / "missing.gguf")
+
+
+def test_a_tensor_the_config_does_not_expect(tmp_path):
+    path = tmp_path / "missing-tensor.gguf"
+    write_gguf(path, drop=("blk.1.ffn_down.weight",))
+    with pytest.raises(UnsupportedGGUF, match="lacks tensors"):
+        load_quantized(path)
