@@ -683,13 +683,14 @@ def test_a_broken_kernel_source_fails_under_ci(tmp_path):
     assert no_ci.returncode == 0 and "unavailable (the build failed" in no_ci.stdout
 
 
+@pytest.mark.parametrize("act_bits", [8, 16])
 @pytest.mark.parametrize("fmt", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
-def test_variant_quantized_products_match_eager(variant, fmt):
+def test_variant_quantized_products_match_eager(variant, fmt, act_bits):
     """qgemv (all and selected rows) and qaxpy of every GGUF format on the variant's SIMD path."""
     from test_quant import FORMATS, _check_products
 
     cols = FORMATS[fmt].block * (3 if FORMATS[fmt].block == 32 else 1)  # 96 columns: a padded last chunk
-    _check_products(fmt, 37, cols, 2, ops=variant[1])
+    _check_products(fmt, 37, cols, 2, ops=variant[1], act_bits=act_bits)
 
 
 def test_variant_quantized_decode_step_matches_the_default_build(variant, tmp_path):

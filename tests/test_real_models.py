@@ -65,3 +65,67 @@ def test_engine_with_all_rows_reproduces_transformers_greedy(loaded):
     engine = hire.Engine(model, cfg, dtype=torch.float32, max_seq_len=64)
     assert engine.generate(prompt, 16, hire=True).token_ids == want
     assert engine.generate(prompt, 16, hire=False).token_ids == want
+
+
+# --- the same files run in their GGUF block codes (hire.quant) -----------------------------------
+PROMPTS = ("The king's daughter walked alone by the river, and", "def fibonacci(n):\n    \"\"\"Return the n-th")
+
+
+@pytest.fixture(scope="module")
+def quantized(loaded):
+    from hire.models.load import gguf_source
+    from hire.quant import load_quantized
+
+    name, _, _ = loaded
+    model, _, report = load_quantized(gguf_source(name))
+    return model, report
+
+
+@torch.no_grad()
+def test_quantized_model_computes_the_float32_model(loaded, quantized):
+    name, reference, tokenizer = loaded
+    model, report = quantized
+    assert report.weight_bytes <= 1.3 * report.file_bytes  # the codes, no float copy of any matrix
+    assert not any(p.dim() >= 2 for p in model.parameters())
+    ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_quantized_engine_keeps_the_float32_perplexity_and_greedy_tokens(loaded, quantized):
+    name, reference, tokenizer = loaded
+    model, _ = quantized
+    windows = token_windows(tokenizer, load_corpus().text("evaluation"), 256, 2)
+    engine = hire.Engine(model, None, max_seq_len=300)
+    assert engine.kernel_report()["step"] == "native"
+    nll = count = 0.0
+    for window in windows:
+        nll -= engine.teacher_forced(window, hire=False, log_probs=True)[1]
+        logits = reference(window[None]).logits[0, :-1].float().log_softmax(-1)
+        count -= logits.gather(-1, window[1:, None]).sum().item()
+    assert abs(nll / count - 1) < 0.005 * 0.2  # perplexity within 0.5 %: log-perplexity within ~0.1 %
+    for text in PROMPTS:
+        prompt = tokenizer(text, return_tensors="pt").input_ids[0]
+        want = reference.generate(prompt[None], max_new_tokens=32, do_sample=False)[0, prompt.numel():].tolist()
+        assert engine.generate(prompt, 32, hire=False).token_ids == want
+
+
+@torch.no_grad()
+def test_quantized_hire_head_agrees_with_the_dense_codes(loaded, quantized):
+    from hire.calibrate import cached_head_proxy
+    from hire.recommended import quantized_config
+
+    name, _, tokenizer = loaded
+    model, _ = quantized
+    cfg = quantized_config(recommended_config(name))
+    corpus = load_corpus()
+    proxy = cached_head_proxy(model, cfg.head, token_windows(tokenizer, corpus.text("calibration"), 512, 16), progress=False)
+    engine = hire.Engine(model, cfg, head_proxy=proxy, max_seq_len=300)
+    assert engine.kernel_report()["head"] == ["lowrank_block_topk"]
+    hits = total = 0
+    for window in token_windows(tokenizer, corpus.text("evaluation"), 256, 2):
+        got = engine.teacher_forced(window, hire=True)[0]
+        want = engine.teacher_forced(window, hire=False)[0]
+        hits += sum(a == b for a, b in zip(got, want))
+        total += len(want)
+    assert hits / total >= 0.995

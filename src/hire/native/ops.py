@@ -99,11 +99,11 @@ def gemv(x, w) -> torch.Tensor:
 
 def qgemv(x, q, rows=None, ops=None) -> torch.Tensor:
     """``W[rows] x`` for a ``hire.quant.QTensor`` in the rows layout (None: every row), x quantized
-    to int8 per 32 columns (``hire.quant.reference_qgemv`` is the eager meaning).
+    per 32 columns to ``q.act_bits`` (``hire.quant.reference_qgemv`` is the eager meaning).
     # x: (1, in) or (in,), rows: (c,) -> float32 (c,) or (out,); ops: another build's torch.ops namespace"""
     mod = ops or _ops()
     r = torch.empty(0, dtype=torch.long) if rows is None else rows
-    return mod.qgemv(x, q.codes, q.scales, q.mins, q.bits, q.group, q.shape[1], r)
+    return mod.qgemv(x, q.codes, q.scales, q.mins, q.bits, q.group, q.shape[1], r, q.act_bits)
 
 
 def qaxpy(q, idx, a, ops=None) -> torch.Tensor:

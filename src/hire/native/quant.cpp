@@ -34,6 +34,36 @@ struct QX {
   std::vector<float> lane_xsum;    // chunks * 16: scale * lanesum (what a min multiplies)
 };
 
+// The activation in int16 per 32 columns (scale max|x| / 32767): the float32 product to ~1e-5.
+struct QX16 {
+  int64_t chunks = 0;
+  std::vector<int16_t> q;       // chunks * 64
+  std::vector<float> scale;     // per 32 columns
+  std::vector<float> gsum;      // per 32 columns: scale * sum of the codes (what a min multiplies)
+};
+
+QX16 quantize_x16(const float* x, int64_t d) {
+  QX16 r;
+  r.chunks = (d + 63) / 64;
+  const int64_t n = r.chunks * 64;
+  r.q.assign(n, 0);
+  r.scale.assign(n / 32, 1.f);
+  r.gsum.assign(n / 32, 0.f);
+  for (int64_t g = 0; g < n / 32; ++g) {
+    float amax = 0.f;
+    for (int64_t i = g * 32; i < std::min(d, g * 32 + 32); ++i) amax = std::max(amax, std::fabs(x[i]));
+    const float s = amax > 0.f ? amax / 32767.f : 1.f;
+    int32_t sum = 0;
+    for (int64_t i = g * 32; i < std::min(d, g * 32 + 32); ++i) {
+      r.q[i] = static_cast<int16_t>(std::nearbyint(std::min(32767.f, std::max(-32767.f, x[i] / s))));
+      sum += r.q[i];
+    }
+    r.scale[g] = s;
+    r.gsum[g] = s * static_cast<float>(sum);
+  }
+  return r;
+}
+
 QX quantize_x(const float* x, int64_t d) {
   QX r;
   r.chunks = (d + 63) / 64;
@@ -209,6 +239,80 @@ float qdot(const uint8_t* codes, const S* sc, const S* mn, const QX& x, const in
 #endif
 }
 
+// the same with x in int16: (u - zero) x summed in int32 pairs (vpdpwssd / pmaddwd), one scale per
+// 32 columns (two per 32 for 16-column groups), mins per group in scalar
+template <int BITS, int GROUP, bool MIN, typename S>
+float qdot16(const uint8_t* codes, const S* sc, const S* mn, const QX16& x) {
+  constexpr int64_t cb = chunk_bytes(BITS), per = 64 / GROUP;
+  constexpr int16_t zero = MIN ? 0 : (1 << (BITS - 1));
+  float total = 0.f;
+#if HIRE_QUANT_512
+  __m512 acc = _mm512_setzero_ps();
+  const __m512i z = _mm512_set1_epi16(zero);
+  for (int64_t c = 0; c < x.chunks; ++c) {
+    const __m512i u = codes512<BITS>(codes + c * cb);
+    for (int h = 0; h < 2; ++h) {  // columns 32h..32h+31: one activation scale
+      __m512i w = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(u, h));
+      if (!MIN) w = _mm512_sub_epi16(w, z);
+      const __m512i s = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x.q.data() + c * 64 + 32 * h));
+      const float xs = x.scale[2 * c + h];
+      const __m512 sv = GROUP == 32 ? _mm512_set1_ps(to_float(sc[c * per + h]) * xs)
+                                    : _mm512_insertf32x8(_mm512_set1_ps(to_float(sc[c * per + 2 * h]) * xs),
+                                                         _mm256_set1_ps(to_float(sc[c * per + 2 * h + 1]) * xs), 1);
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sv, acc);
+      if (MIN) total += to_float(mn[c * per + h]) * x.gsum[2 * c + h];  // MIN formats have 32-column groups
+    }
+  }
+  return total + _mm512_reduce_add_ps(acc);
+#elif HIRE_QUANT_256
+  __m256 acc = _mm256_setzero_ps();
+  const __m256i z = _mm256_set1_epi16(zero);
+  for (int64_t c = 0; c < x.chunks; ++c) {
+    for (int h = 0; h < 2; ++h) {
+      const __m256i u = codes256<BITS>(codes + c * cb, h);
+      const float xs = x.scale[2 * c + h];
+      for (int k = 0; k < 2; ++k) {  // 16 columns
+        __m256i w = _mm256_cvtepu8_epi16(k ? _mm256_extracti128_si256(u, 1) : _mm256_castsi256_si128(u));
+        if (!MIN) w = _mm256_sub_epi16(w, z);
+        const __m256i s = _mm256_madd_epi16(
+            w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + c * 64 + 32 * h + 16 * k)));
+        const float sw = to_float(sc[c * per + (GROUP == 32 ? h : 2 * h + k)]);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(sw * xs), acc);
+      }
+      if (MIN) total += to_float(mn[c * per + h]) * x.gsum[2 * c + h];
+    }
+  }
+  return total + vsum(acc);
+#else
+  for (int64_t c = 0; c < x.chunks; ++c) {
+    const uint8_t* p = codes + c * cb;
+    for (int g = 0; g < per; ++g) {
+      int64_t s = 0;
+      for (int e = g * GROUP; e < (g + 1) * GROUP; ++e) s += (code_at<BITS>(p, e) - zero) * x.q[c * 64 + e];
+      total += static_cast<float>(s) * (to_float(sc[c * per + g]) * x.scale[2 * c + (g * GROUP) / 32]);
+    }
+    if (MIN)
+      for (int h = 0; h < 2; ++h) total += to_float(mn[c * per + h]) * x.gsum[2 * c + h];
+  }
+  return total;
+#endif
+}
+
+template <int BITS, int GROUP, bool MIN, typename S>
+void qgemv16_impl(const QMat& w, const QX16& x, const int64_t* rows, int64_t count, float* y) {
+  const int64_t rb = w.codes.stride(0), gs = w.scales.stride(0);
+  const uint8_t* codes = w.codes.data_ptr<uint8_t>();
+  const S* sc = w.scales.data_ptr<S>();
+  const S* mn = MIN ? w.mins.data_ptr<S>() : nullptr;
+  at::parallel_for(0, count, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t r = rows ? rows[i] : i;
+      if (rows && i + 4 < e) prefetch(codes + rows[i + 4] * rb);
+      y[i] = qdot16<BITS, GROUP, MIN, S>(codes + r * rb, sc + r * gs, MIN ? mn + r * gs : nullptr, x);
+    }
+  });
+}
+
 template <int BITS, int GROUP, bool MIN, typename S>
 void qgemv_impl(const QMat& w, const QX& x, const int64_t* rows, int64_t count, float* y) {
   const int64_t rb = w.codes.stride(0), gs = w.scales.stride(0);
@@ -319,6 +423,12 @@ struct GemvF {
   }
 };
 template <int B, int G, bool M, typename S>
+struct Gemv16F {
+  static void run(const QMat& w, const QX16& x, const int64_t* rows, int64_t count, float* y) {
+    qgemv16_impl<B, G, M, S>(w, x, rows, count, y);
+  }
+};
+template <int B, int G, bool M, typename S>
 struct AxpyF {
   static void run(const QMat& w, const int64_t* idx, const float* a, int64_t count, int64_t out, float* y) {
     qaxpy_impl<B, G, M, S>(w, idx, a, count, out, y);
@@ -330,8 +440,10 @@ struct AxpyF {
 namespace hire_native {
 
 QMat make_qmat(const Tensor& codes, const Tensor& scales, const Tensor& mins, int64_t bits, int64_t group,
-               int64_t width, bool columns) {
+               int64_t width, bool columns, int64_t act_bits) {
+  TORCH_CHECK(act_bits == 8 || act_bits == 16, "activations are quantized to 8 or 16 bits, got ", act_bits);
   QMat w;
+  w.act_bits = act_bits;
   w.codes = codes, w.scales = scales, w.mins = mins, w.bits = bits, w.group = group, w.width = width;
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.dim() == 2 && codes.stride(1) == 1,
               "quantized codes must be uint8 (rows, bytes) with contiguous rows");
@@ -357,8 +469,13 @@ QMat make_qmat(const Tensor& codes, const Tensor& scales, const Tensor& mins, in
 }
 
 void qgemv(const QMat& w, const float* x, const int64_t* rows, int64_t count, float* y) {
-  const QX qx = quantize_x(x, w.width);
-  dispatch<GemvF>(w, qx, rows, count, y);
+  if (w.act_bits == 16) {
+    const QX16 qx = quantize_x16(x, w.width);
+    dispatch<Gemv16F>(w, qx, rows, count, y);
+  } else {
+    const QX qx = quantize_x(x, w.width);
+    dispatch<GemvF>(w, qx, rows, count, y);
+  }
 }
 
 void qaxpy(const QMat& w, const int64_t* idx, const float* a, int64_t count, int64_t out, float* y) {
@@ -371,8 +488,8 @@ namespace {
 
 // x: (width,) float; rows: empty (all) or int64 row ids -> float32 (count,)
 Tensor qgemv_op(Tensor x, Tensor codes, Tensor scales, Tensor mins, int64_t bits, int64_t group, int64_t width,
-                Tensor rows) {
-  const QMat w = hire_native::make_qmat(codes, scales, mins, bits, group, width, false);
+                Tensor rows, int64_t act_bits) {
+  const QMat w = hire_native::make_qmat(codes, scales, mins, bits, group, width, false, act_bits);
   TORCH_CHECK(x.numel() == width, "qgemv: x has ", x.numel(), " values, the matrix ", width, " columns");
   auto xf = x.reshape({width}).to(torch::kFloat).contiguous();
   const bool all = rows.numel() == 0;
@@ -390,7 +507,7 @@ Tensor qgemv_op(Tensor x, Tensor codes, Tensor scales, Tensor mins, int64_t bits
 // a: (count,) coefficients of the columns idx (empty: every column, a has one per column) -> float32 (out,)
 Tensor qaxpy_op(Tensor a, Tensor idx, Tensor codes, Tensor scales, Tensor mins, int64_t bits, int64_t group,
                 int64_t out) {
-  const QMat w = hire_native::make_qmat(codes, scales, mins, bits, group, out, true);
+  const QMat w = hire_native::make_qmat(codes, scales, mins, bits, group, out, true, 8);
   auto af = a.reshape({a.numel()}).to(torch::kFloat).contiguous();
   const bool all = idx.numel() == 0;
   auto ix = all ? idx : idx.to(torch::kLong).contiguous();
@@ -411,7 +528,7 @@ Tensor qaxpy_op(Tensor a, Tensor idx, Tensor codes, Tensor scales, Tensor mins, 
 #define HIRE_FRAGMENT_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
 
 HIRE_FRAGMENT(HIRE_OPS_NAMESPACE, m) {
-  m.def("qgemv(Tensor x, Tensor codes, Tensor scales, Tensor mins, int bits, int group, int width, Tensor rows) -> Tensor");
+  m.def("qgemv(Tensor x, Tensor codes, Tensor scales, Tensor mins, int bits, int group, int width, Tensor rows, int act_bits) -> Tensor");
   m.def("qaxpy(Tensor a, Tensor idx, Tensor codes, Tensor scales, Tensor mins, int bits, int group, int out) -> Tensor");
 }
 

@@ -12,6 +12,7 @@ namespace hire_native {
 struct QMat {
   torch::Tensor codes, scales, mins;  // mins empty: symmetric codes (zero = 2^(bits-1))
   int64_t bits = 0, group = 0;
+  int64_t act_bits = 8;  // qgemv quantizes x to int8 (llama.cpp's way, fastest) or int16 (~float32)
   int64_t n = 0;      // rows of codes: out (rows layout) or in (columns layout)
   int64_t width = 0;  // logical length of a row of codes: in (rows) or out (columns)
   bool defined() const { return codes.defined() && codes.numel() > 0; }
@@ -20,9 +21,9 @@ struct QMat {
 
 // checks the parts of a QTensor whose code rows are `width` long (padded to 64)
 QMat make_qmat(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& mins, int64_t bits,
-               int64_t group, int64_t width, bool columns);
+               int64_t group, int64_t width, bool columns, int64_t act_bits = 8);
 
-// y[i] = W[rows[i]] . x for i < count (rows null: every row), x int8-quantized per 32 columns
+// y[i] = W[rows[i]] . x for i < count (rows null: every row), x quantized per 32 columns to w.act_bits
 void qgemv(const QMat& w, const float* x, const int64_t* rows, int64_t count, float* y);
 
 // y[0..out) = sum_j a[j] * W[:, idx[j]] for j < count (idx null: every column, a has w.n entries);

@@ -28,6 +28,7 @@ from hire.quant.formats import CHUNK, FORMATS, chunk_bytes, compact_scales, pack
 
 DEQUANT_ROWS = 8192  # rows dequantized at a time by the multi-token product (32 MB of float32 at D = 1024)
 QX_GROUP = 32  # columns per activation scale in the native product
+ACT_BITS = 16
 
 
 @dataclass
@@ -40,6 +41,7 @@ class QTensor:
     shape: tuple[int, int]  # logical (out, in)
     format: str  # the GGUF format it came from
     layout: str = "rows"
+    act_bits: int = ACT_BITS  # the one-token product's activation: int16 (float32 to ~1e-5) or int8 (llama.cpp's)
 
     @property
     def zero(self) -> int:
@@ -106,7 +108,9 @@ class QTensor:
         if layout == self.layout:
             return self
         codes, scales, mins = self.unpacked()
-        return QTensor.from_codes(codes, scales, mins, self.bits, self.group, self.format, layout)
+        out = QTensor.from_codes(codes, scales, mins, self.bits, self.group, self.format, layout)
+        out.act_bits = self.act_bits
+        return out
 
     def unpacked(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(codes (out, in), scales (out, in / group), mins or None), float32 scales."""
@@ -124,7 +128,7 @@ class QTensor:
         """float32 (out, in), or the rows ``rows`` of it (the rows layout reads only those)."""
         if self.layout == "rows" and rows is not None:
             part = QTensor(self.codes[rows], self.scales[rows], self.mins[rows] if self.mins.numel() else self.mins,
-                           self.bits, self.group, (self.codes[rows].shape[0], self.shape[1]), self.format)
+                           self.bits, self.group, (self.codes[rows].shape[0], self.shape[1]), self.format, act_bits=self.act_bits)
             return part.dequantize()
         codes, scales, mins = self.unpacked()
         w = (codes.astype(np.float32) - np.float32(self.zero)).reshape(codes.shape[0], -1, self.group)
@@ -172,7 +176,8 @@ def fuse_rows(parts: list[QTensor]) -> QTensor | tuple[QTensor, ...]:
         return tuple(parts)
     mins = torch.cat([p.mins for p in parts]) if first.mins.numel() else first.mins
     return QTensor(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), mins, first.bits,
-                   first.group, (sum(p.shape[0] for p in parts), first.shape[1]), "+".join(sorted({p.format for p in parts})))
+                   first.group, (sum(p.shape[0] for p in parts), first.shape[1]), "+".join(sorted({p.format for p in parts})),
+                   act_bits=first.act_bits)
 
 
 class QLinear(nn.Module):
@@ -224,21 +229,22 @@ class QEmbedding(nn.Module):
         return out.view(*ids.shape, self.embedding_dim).to(self.dtype)
 
 
-def reference_quantize_x(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The native product's int8 activation: per 32 columns, scale max|x| / 127 (1 where all zero),
-    round half to even.  # x: (D,) -> codes int8 (D,), scales float32 (ceil(D/32),)"""
+def reference_quantize_x(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The native product's activation codes: per 32 columns, scale max|x| / (2^(bits-1) - 1) (1
+    where all zero), round half to even.  # x: (D,) -> codes (D,) int8 or int16, scales float32 (ceil(D/32),)"""
     x = x.reshape(-1).float()
+    top = (1 << (bits - 1)) - 1
     pad = -x.numel() % QX_GROUP
     g = F.pad(x, (0, pad)).view(-1, QX_GROUP)
     amax = g.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-    codes = torch.round(g / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    scale = torch.where(amax > 0, amax / top, torch.ones_like(amax))
+    codes = torch.round(g / scale[:, None]).clamp(-top, top).to(torch.int8 if bits == 8 else torch.int16)
     return codes.reshape(-1)[: x.numel()], scale
 
 
 def reference_qgemv(x: torch.Tensor, q: QTensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """What ``native.qgemv`` computes: the dequantized rows times the int8-rounded activation, float32."""
-    codes, scale = reference_quantize_x(x)
+    """What ``native.qgemv`` computes: the dequantized rows times the rounded activation (``q.act_bits``), float32."""
+    codes, scale = reference_quantize_x(x, q.act_bits)
     xr = (codes.float().view(-1) * scale.repeat_interleave(QX_GROUP)[: codes.numel()])
     w = q.dequantize() if rows is None else q.dequantize()[rows.long()]
     return w @ xr
