@@ -58,6 +58,21 @@ def test_generate_streams(model_dir, capsys):
     assert "tokens/s" in captured.err and "HiRE" in captured.err
 
 
+def test_a_gguf_runs_in_its_codes_unless_dequantized(tmp_path, capsys):
+    from test_quant import write_gguf
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path)
+    assert main(["generate", "--model", str(path), "--prompt", "the and of", "--max-new-tokens", "4",
+                 "--head-proxy", "int8", "--head-candidates", "64"]) == 0
+    assert "HiRE engine, GGUF codes" in capsys.readouterr().err
+    assert main(["bench", "--model", str(path), "--rounds", "1", "--tokens", "4", "--no-breakdown", "--json",
+                 "--head-proxy", "int8", "--head-candidates", "64"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["weights"] == "gguf" and report["weight_formats"] == ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+    assert not report["config"]["ffn"]["enabled"]  # quantized_config: the FFNs stay dense over their codes
+
+
 # Every bad number is refused while parsing (or, for config fields and flags that depend on each
 # other, right after), before a model loads: the message names the flag (or the config field) and
 # what it accepts.

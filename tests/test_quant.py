@@ -89,6 +89,9 @@ def _check_products(fmt: str, rows: int, cols: int, seed: int, ops=None, act_bit
     idx = torch.randperm(cols, generator=g)[: cols // 3]
     got = native.qaxpy(qc, idx, a[: idx.numel()], ops=ops)
     torch.testing.assert_close(got, reference_qaxpy(qc, idx, a[: idx.numel()]), rtol=0, atol=bound)
+    torch.testing.assert_close(native.qdequant(q, ops=ops), q.eager_dequantize(), rtol=1e-6, atol=1e-30)
+    torch.testing.assert_close(native.qdequant(q, rows // 2, rows, ops=ops), q.eager_dequantize()[rows // 2 :],
+                               rtol=1e-6, atol=1e-30)
 
 
 @needs_kernels
@@ -109,6 +112,8 @@ def test_every_format_on_rows_that_are_not_whole_chunks(fmt, act_bits):
 
 @needs_kernels
 def test_quantized_products_reject_bad_input():
+    with pytest.raises(RuntimeError, match=r"rows \[2, 9\) outside \[0, 4\)"):
+        native.qdequant(QTensor.from_blocks("Q8_0", random_blocks("Q8_0", 4, 64, 0), (4, 64)), 2, 9)
     q = QTensor.from_blocks("Q8_0", random_blocks("Q8_0", 4, 64, 0), (4, 64))
     with pytest.raises(RuntimeError, match="x has 32 values"):
         native.qgemv(torch.randn(32), q)

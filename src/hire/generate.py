@@ -68,8 +68,9 @@ def generate_text(
     stop = tuple(t for t in [tokenizer.eos_token_id] if t is not None)
     stats = engine.generate(ids, max_new_tokens, hire=config is not None, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed, stop_ids=stop, on_token=stream)
-    return {"backend": "engine", "text": shown, "new_tokens": stats.new_tokens, "tokens_per_s": stats.tokens_per_s,
-            "prefill_s": stats.prefill_s, "seconds": stats.prefill_s + stats.decode_s}
+    return {"backend": "engine", "weights": "GGUF codes" if quantized else dtype, "text": shown,
+            "new_tokens": stats.new_tokens, "tokens_per_s": stats.tokens_per_s, "prefill_s": stats.prefill_s,
+            "seconds": stats.prefill_s + stats.decode_s}
 
 
 def _generate_transformers(model, tokenizer, config, head_proxy, ids: torch.Tensor, *, max_new_tokens: int,

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     show("")
     kind = "dense" if args.dense else "HiRE"
     if r["backend"] == "engine":
-        print(f"\n[{kind} engine, {args.dtype}: {r['new_tokens']} tokens, {r['tokens_per_s']:.1f} tokens/s decode, "
+        print(f"\n[{kind} engine, {r['weights']}: {r['new_tokens']} tokens, {r['tokens_per_s']:.1f} tokens/s decode, "
               f"prefill {1000 * r['prefill_s']:.0f} ms]", file=sys.stderr)
     else:
         print(f"\n[{kind}: {r['new_tokens']} tokens in {r['seconds']:.1f} s, {r['tokens_per_s']:.1f} tokens/s through "

@@ -106,6 +106,14 @@ def qgemv(x, q, rows=None, ops=None) -> torch.Tensor:
     return mod.qgemv(x, q.codes, q.scales, q.mins, q.bits, q.group, q.shape[1], r, q.act_bits)
 
 
+def qdequant(q, start: int = 0, stop: int | None = None, ops=None) -> torch.Tensor:
+    """Rows ``start:stop`` of a rows-layout QTensor as float32 (``QTensor.dequantize`` is the eager
+    meaning).  # -> (stop - start, in)"""
+    mod = ops or _ops()
+    return mod.qdequant(q.codes, q.scales, q.mins, q.bits, q.group, q.shape[1], start,
+                        q.shape[0] if stop is None else stop)
+
+
 def qaxpy(q, idx, a, ops=None) -> torch.Tensor:
     """``sum_j a[j] W[:, idx[j]]`` for a QTensor in the columns layout (idx None: every column), in
     float32 (``hire.quant.reference_qaxpy``).  # idx: (c,), a: (c,) -> float32 (out,)"""

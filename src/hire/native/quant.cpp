@@ -401,6 +401,27 @@ void qaxpy_impl(const QMat& w, const int64_t* idx, const float* a, int64_t count
   std::copy(result.begin(), result.begin() + out, y);
 }
 
+// rows [r0, r1) of a rows-layout matrix as float32 (the multi-token product: prefill, perplexity)
+template <int BITS, int GROUP, bool MIN, typename S>
+void dequant_impl(const QMat& w, int64_t r0, int64_t r1, float* out) {
+  const int64_t rb = w.codes.stride(0), gs = w.scales.stride(0), chunks = w.chunks();
+  const uint8_t* codes = w.codes.data_ptr<uint8_t>();
+  const S* sc = w.scales.data_ptr<S>();
+  const S* mn = MIN ? w.mins.data_ptr<S>() : nullptr;
+  const float zero = MIN ? 0.f : static_cast<float>(1 << (BITS - 1));
+  at::parallel_for(r0, r1, 16, [&](int64_t b, int64_t e) {
+    std::vector<float> row(chunks * 64);
+    for (int64_t r = b; r < e; ++r) {
+      codes_f<BITS>(codes + r * rb, chunks, row.data());
+      float* o = out + (r - r0) * w.width;
+      for (int64_t i = 0; i < w.width; ++i) {
+        const int64_t g = r * gs + i / GROUP;
+        o[i] = to_float(sc[g]) * (row[i] - zero) + (MIN ? to_float(mn[g]) : 0.f);
+      }
+    }
+  });
+}
+
 template <template <int, int, bool, typename> class F, typename... Args>
 void dispatch(const QMat& w, Args&&... args) {
   const bool half = w.scales.scalar_type() == torch::kHalf, has_min = w.mins.numel() > 0;
@@ -427,6 +448,10 @@ struct Gemv16F {
   static void run(const QMat& w, const QX16& x, const int64_t* rows, int64_t count, float* y) {
     qgemv16_impl<B, G, M, S>(w, x, rows, count, y);
   }
+};
+template <int B, int G, bool M, typename S>
+struct DequantF {
+  static void run(const QMat& w, int64_t r0, int64_t r1, float* out) { dequant_impl<B, G, M, S>(w, r0, r1, out); }
 };
 template <int B, int G, bool M, typename S>
 struct AxpyF {
@@ -504,6 +529,16 @@ Tensor qgemv_op(Tensor x, Tensor codes, Tensor scales, Tensor mins, int64_t bits
   return y;
 }
 
+// rows [r0, r1) of a rows-layout matrix, dequantized -> float32 (r1 - r0, width)
+Tensor qdequant_op(Tensor codes, Tensor scales, Tensor mins, int64_t bits, int64_t group, int64_t width, int64_t r0,
+                   int64_t r1) {
+  const QMat w = hire_native::make_qmat(codes, scales, mins, bits, group, width, false, 8);
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= w.n, "qdequant: rows [", r0, ", ", r1, ") outside [0, ", w.n, ")");
+  auto out = torch::empty({r1 - r0, width}, torch::kFloat);
+  dispatch<DequantF>(w, r0, r1, out.data_ptr<float>());
+  return out;
+}
+
 // a: (count,) coefficients of the columns idx (empty: every column, a has one per column) -> float32 (out,)
 Tensor qaxpy_op(Tensor a, Tensor idx, Tensor codes, Tensor scales, Tensor mins, int64_t bits, int64_t group,
                 int64_t out) {
@@ -529,10 +564,12 @@ Tensor qaxpy_op(Tensor a, Tensor idx, Tensor codes, Tensor scales, Tensor mins, 
 
 HIRE_FRAGMENT(HIRE_OPS_NAMESPACE, m) {
   m.def("qgemv(Tensor x, Tensor codes, Tensor scales, Tensor mins, int bits, int group, int width, Tensor rows, int act_bits) -> Tensor");
+  m.def("qdequant(Tensor codes, Tensor scales, Tensor mins, int bits, int group, int width, int r0, int r1) -> Tensor");
   m.def("qaxpy(Tensor a, Tensor idx, Tensor codes, Tensor scales, Tensor mins, int bits, int group, int out) -> Tensor");
 }
 
 HIRE_FRAGMENT_IMPL(HIRE_OPS_NAMESPACE, CPU, m) {
   m.impl("qgemv", &qgemv_op);
   m.impl("qaxpy", &qaxpy_op);
+  m.impl("qdequant", &qdequant_op);
 }

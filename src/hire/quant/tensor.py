@@ -125,11 +125,21 @@ class QTensor:
         return codes, scales[:, :out].T, None if mins is None else mins[:, :out].T
 
     def dequantize(self, rows: slice | None = None) -> torch.Tensor:
-        """float32 (out, in), or the rows ``rows`` of it (the rows layout reads only those)."""
+        """float32 (out, in), or the rows ``rows`` of it (the rows layout reads only those; natively
+        where the kernels are built)."""
+        from hire import native
+
+        if self.layout == "rows" and native.available():
+            start, stop, _ = (rows or slice(None)).indices(self.shape[0])
+            return native.qdequant(self, start, max(start, stop))
+        return self.eager_dequantize(rows)
+
+    def eager_dequantize(self, rows: slice | None = None) -> torch.Tensor:
+        """``dequantize`` in numpy (the reference of the native one)."""
         if self.layout == "rows" and rows is not None:
             part = QTensor(self.codes[rows], self.scales[rows], self.mins[rows] if self.mins.numel() else self.mins,
                            self.bits, self.group, (self.codes[rows].shape[0], self.shape[1]), self.format, act_bits=self.act_bits)
-            return part.dequantize()
+            return part.eager_dequantize()
         codes, scales, mins = self.unpacked()
         w = (codes.astype(np.float32) - np.float32(self.zero)).reshape(codes.shape[0], -1, self.group)
         w = w * scales[:, :, None]
