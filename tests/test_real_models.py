@@ -129,3 +129,35 @@ def test_quantized_hire_head_agrees_with_the_dense_codes(loaded, quantized):
         hits += sum(a == b for a, b in zip(got, want))
         total += len(want)
     assert hits / total >= 0.995
+
+
+def test_every_real_tensor_keeps_its_values_and_the_kernels_match(loaded):
+    """Every quantized tensor of the file, repacked, dequantizes to exactly what the gguf package
+    gives; qgemv and qaxpy on each layer-0 matrix match their eager meaning (float32 rounding)."""
+    from gguf import GGUFReader, dequantize
+
+    from hire import native
+    from hire.models.load import gguf_source
+    from hire.quant import QTensor, reference_qaxpy, reference_qgemv
+
+    name, _, _ = loaded
+    reader = GGUFReader(str(gguf_source(name)))
+    seen = set()
+    for t in reader.tensors:
+        fmt = t.tensor_type.name
+        if fmt == "F32":
+            continue
+        shape = (int(t.shape[1]), int(t.shape[0]))
+        q = QTensor.from_blocks(fmt, t.data, shape)
+        assert torch.equal(q.dequantize(), torch.from_numpy(dequantize(t.data, t.tensor_type).reshape(shape))), t.name
+        if t.name.startswith("blk.0.") and native.available():
+            x = torch.randn(shape[1])
+            w = q.dequantize().abs()
+            torch.testing.assert_close(native.qgemv(x, q), reference_qgemv(x, q), rtol=0,
+                                       atol=1e-5 * (w @ x.abs()).max().item())
+            a = torch.randn(shape[1])
+            qc, idx = q.to_layout("columns"), torch.randperm(shape[1])[: shape[1] // 2]
+            torch.testing.assert_close(native.qaxpy(qc, idx, a[: idx.numel()]), reference_qaxpy(qc, idx, a[: idx.numel()]),
+                                       rtol=0, atol=1e-5 * (w @ a.abs()).max().item())
+            seen.add(fmt)
+    assert seen == {"smollm2-135m": {"Q4_1"}, "gemma3-270m": {"Q5_0", "Q4_K", "Q6_K", "Q8_0"}}[name]

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from hire.quant.formats import CHUNK, FORMATS, chunk_bytes, compact_scales, pack_codes, unpack, unpack_codes, zero_point
 
+REPACK_ROWS = 4096  # rows repacked at a time when loading
 DEQUANT_ROWS = 8192  # rows dequantized at a time by the multi-token product (32 MB of float32 at D = 1024)
 QX_GROUP = 32  # columns per activation scale in the native product
 ACT_BITS = 16
@@ -59,22 +60,39 @@ class QTensor:
     def from_blocks(cls, fmt_name: str, data: np.ndarray, shape: tuple[int, int], layout: str = "rows",
                     row_order: np.ndarray | None = None) -> "QTensor":
         """From a GGUF tensor's raw blocks ``data`` (out rows of bytes) of logical ``shape`` (out, in);
-        ``row_order``: a permutation applied to the rows (llama's q/k heads)."""
+        ``row_order``: a permutation applied to the rows (llama's q/k heads). Repacked REPACK_ROWS
+        rows at a time into the final arrays (the intermediates of a 262k-row head stay small)."""
         fmt = FORMATS[fmt_name]
         out, inp = shape
         if inp % fmt.block:
             raise ValueError(f"{fmt_name} rows hold whole blocks of {fmt.block} columns, got {inp}")
-        blocks = np.ascontiguousarray(data).reshape(-1, fmt.nbytes)
-        if blocks.shape[0] != out * inp // fmt.block:
-            raise ValueError(f"{fmt_name} tensor of shape {shape} needs {out * inp // fmt.block} blocks, got {blocks.shape[0]}")
-        codes, scales, mins = unpack(fmt, blocks)
-        codes = codes.reshape(out, inp)
-        scales = scales.reshape(out, inp // fmt.group)
-        mins = None if mins is None else mins.reshape(out, inp // fmt.group)
+        flat = np.asarray(data).reshape(-1)
+        if flat.size != out * inp // fmt.block * fmt.nbytes:
+            raise ValueError(f"{fmt_name} tensor of shape {shape} needs {out * inp // fmt.block} blocks, "
+                             f"got {flat.size / fmt.nbytes:g}")
+        rows = flat.reshape(out, -1)
         if row_order is not None:
-            codes, scales = codes[row_order], scales[row_order]
-            mins = None if mins is None else mins[row_order]
-        return cls.from_codes(codes, scales, mins, fmt.bits, fmt.group, fmt_name, layout)
+            rows = rows[row_order]
+        if layout != "rows":
+            codes, scales, mins = unpack(fmt, np.ascontiguousarray(rows).reshape(-1, fmt.nbytes))
+            groups = inp // fmt.group
+            return cls.from_codes(codes.reshape(out, inp), scales.reshape(out, groups),
+                                  None if mins is None else mins.reshape(out, groups), fmt.bits, fmt.group, fmt_name, layout)
+        pad = -inp % CHUNK
+        width = inp + pad
+        packed = np.empty((out, width // CHUNK * chunk_bytes(fmt.bits)), np.uint8)
+        scales = np.zeros((out, width // fmt.group), np.float32)  # zero scale and min: padded columns are 0
+        mins = np.zeros_like(scales) if fmt.has_min else None
+        for r0 in range(0, out, REPACK_ROWS):
+            r1 = min(out, r0 + REPACK_ROWS)
+            c, s_, m = unpack(fmt, np.ascontiguousarray(rows[r0:r1]).reshape(-1, fmt.nbytes))
+            packed[r0:r1] = pack_codes(np.pad(c.reshape(r1 - r0, inp), ((0, 0), (0, pad))), fmt.bits)
+            scales[r0:r1, : inp // fmt.group] = s_.reshape(r1 - r0, -1)
+            if mins is not None:
+                mins[r0:r1, : inp // fmt.group] = m.reshape(r1 - r0, -1)
+        s_final, m_final = _scale_pair(scales, mins)
+        return cls(torch.from_numpy(packed), torch.from_numpy(s_final), torch.from_numpy(m_final), fmt.bits, fmt.group,
+                   (out, inp), fmt_name)
 
     @classmethod
     def from_codes(cls, codes: np.ndarray, scales: np.ndarray, mins: np.ndarray | None, bits: int, group: int,
@@ -94,15 +112,8 @@ class QTensor:
         else:
             raise ValueError(f"layout must be 'rows' or 'columns', got {layout!r}")
         packed = torch.from_numpy(pack_codes(codes, bits))
-        if mins is None:
-            s = compact_scales(scales)
-            m = np.zeros(0, dtype=s.dtype)
-        else:  # scales and mins share one dtype (the kernel reads them as a pair)
-            s, m = compact_scales(scales), compact_scales(mins)
-            if s.dtype != m.dtype:
-                s, m = scales.astype(np.float32), mins.astype(np.float32)
-        return cls(packed, torch.from_numpy(np.ascontiguousarray(s)), torch.from_numpy(np.ascontiguousarray(m)),
-                   bits, group, (out, inp), fmt_name, layout)
+        s, m = _scale_pair(scales, mins)
+        return cls(packed, torch.from_numpy(s), torch.from_numpy(m), bits, group, (out, inp), fmt_name, layout)
 
     def to_layout(self, layout: str) -> "QTensor":
         if layout == self.layout:
@@ -188,6 +199,17 @@ def fuse_rows(parts: list[QTensor]) -> QTensor | tuple[QTensor, ...]:
     return QTensor(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), mins, first.bits,
                    first.group, (sum(p.shape[0] for p in parts), first.shape[1]), "+".join(sorted({p.format for p in parts})),
                    act_bits=first.act_bits)
+
+
+def _scale_pair(scales: np.ndarray, mins: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Scales and mins in one dtype (the kernel reads them as a pair): float16 where exact for both."""
+    if mins is None:
+        s = compact_scales(scales)
+        return np.ascontiguousarray(s), np.zeros(0, dtype=s.dtype)
+    s, m = compact_scales(scales), compact_scales(mins)
+    if s.dtype != m.dtype:
+        s, m = scales.astype(np.float32), mins.astype(np.float32)
+    return np.ascontiguousarray(s), np.ascontiguousarray(m)
 
 
 class QLinear(nn.Module):
