@@ -71,6 +71,10 @@ def test_a_gguf_runs_in_its_codes_unless_dequantized(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["weights"] == "gguf" and report["weight_formats"] == ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
     assert not report["config"]["ffn"]["enabled"]  # quantized_config: the FFNs stay dense over their codes
+    assert main(["eval", "--model", str(path), "--windows", "1", "--seq-len", "32", "--calib-windows", "1",
+                 "--head-proxy", "int8", "--head-candidates", "64", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["weights"] == "gguf" and report["ppl_increase"] == 0.0 and report["ffn_recall"] is None
 
 
 # Every bad number is refused while parsing (or, for config fields and flags that depend on each

@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compact", action="store_true", help="with --json: on one line")
     _tp.add_tp_args(p)
     p.add_argument("--dtype", default="float16", choices=DTYPES, help="with --tp: weights in the engine (default float16)")
+    p.add_argument("--dequantized", action="store_true",
+                   help="evaluate a GGUF model dequantized to float32 with the config as given (the default runs it "
+                        "in its GGUF block codes with the HiRE head only, as hire bench and hire generate do)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tp is not None:
         return _tp.run(args, config, windows=args.windows or 2)
     result = evaluate_model(args.model, config, windows=args.windows or 8, seq_len=args.seq_len,
-                            calib_windows=args.calib_windows, progress=not args.json)
+                            calib_windows=args.calib_windows, progress=not args.json, quantized=not args.dequantized)
     print(json.dumps(result, indent=None if args.compact else 2) if args.json else format_eval(result))
     return 0
 
@@ -38,7 +41,8 @@ def format_eval(r: dict) -> str:
     c = r["config"]
     mb = 1 / 2**20
     lines = [
-        f"model {r['model']} ({r['architecture']}), {r['positions']} positions of held-out text "
+        f"model {r['model']} ({r['architecture']}, {'GGUF codes' if r.get('weights') == 'gguf' else 'float32'}), "
+        f"{r['positions']} positions of held-out text "
         f"({r['windows']} windows x {r['seq_len']})",
         f"head: {c['head']['proxy'] if c['head']['enabled'] else 'dense'} k={c['head']['k']} "
         f"k'={c['head']['candidates']}   ffn: {c['ffn']['proxy'] if c['ffn']['enabled'] else 'dense'} "

@@ -22,7 +22,9 @@ from hire.calibrate.prepare import prepare_model
 from hire.config import HiReConfig
 from hire.data import load_corpus, token_windows
 from hire.eval.bytes import bytes_per_token
+from hire.models.load import gguf_source
 from hire.patch import hire_layers, set_mode, sparsify_, unsparsify_
+from hire.recommended import quantized_config
 from hire.topk import recall_at_k
 
 
@@ -148,13 +150,18 @@ def evaluate(
 
 
 def evaluate_model(model_name: str, config: HiReConfig, *, windows: int = 8, seq_len: int = 512,
-                   calib_windows: int = 16, progress: bool = True) -> dict:
+                   calib_windows: int = 16, progress: bool = True, quantized: bool = True) -> dict:
     """`hire eval`: load ``model_name`` with the head proxy ``config`` needs, then :func:`evaluate` on
-    ``windows`` windows of ``seq_len`` tokens of the corpus's evaluation split."""
-
+    ``windows`` windows of ``seq_len`` tokens of the corpus's evaluation split. ``quantized``: a GGUF
+    model runs in its block codes with ``quantized_config(config)`` (HiRE head only), as hire bench
+    and hire generate run it; else dequantized to float32 with ``config`` as given."""
+    quantized = quantized and gguf_source(model_name) is not None
+    if quantized:
+        config = quantized_config(config)
     model, tokenizer, head_proxy = prepare_model(model_name, config, seq_len=seq_len, calib_windows=calib_windows,
-                                                 progress=progress)
+                                                 progress=progress, quantized=quantized)
     held = token_windows(tokenizer, load_corpus().text("evaluation"), seq_len, windows)
     result = evaluate(model, held, config, head_proxy=head_proxy, progress=progress)
     result["model"] = model_name
+    result["weights"] = "gguf" if quantized else "float32"
     return result
