@@ -156,6 +156,9 @@ def write_gguf(path, overrides: dict | None = None, drop: tuple[str, ...] = ()):
         qtype = None if fmt == "F32" else GGMLQuantizationType[fmt]
         if qtype is None:
             data, back = w, w
+        elif fmt in ("F16", "BF16"):
+            data = quantize(w, qtype)
+            back = dequantize(data, qtype).reshape(w.shape)
         elif fmt in FORMATS:
             data = quantize(w, qtype) if fmt in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1") else random_blocks(fmt, *w.shape, 0)
             back = dequantize(data, qtype).reshape(w.shape)
@@ -269,6 +272,20 @@ def test_a_hire_ffn_over_codes_is_refused_with_the_way_out(small_gguf):
     model, _, _ = load_quantized(small_gguf[0])
     with pytest.raises(ValueError, match="--no-ffn"):
         hire.sparsify_(model, hire.HiReConfig(head=hire.HeadConfig(enabled=False)))
+
+
+def test_16_bit_matrices_stay_16_bit_beside_the_codes(tmp_path):
+    path = tmp_path / "f16.gguf"
+    ref, _ = write_gguf(path, overrides={"blk.0.attn_k.weight": "F16", "blk.1.ffn_up.weight": "BF16"})
+    model, _, report = load_quantized(path)
+    assert model.model.layers[0].self_attn.k_proj.weight.dtype == torch.float16
+    assert model.model.layers[1].mlp.up_proj.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, ref.config.vocab_size, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=2e-3, atol=2e-3)  # x cast to 16 bits
+    engine = Engine(model, None, dtype=torch.float32, max_seq_len=32)
+    assert engine.kernel_report()["step"] == "eager (q/k/v projections mixed between GGUF codes and 16-bit weights)"
+    assert len(engine.generate(ids[0], 4, hire=False).token_ids) == 4
 
 
 def test_an_unsupported_block_format_names_the_tensor_and_the_format(tmp_path):

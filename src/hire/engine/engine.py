@@ -41,7 +41,7 @@ def _linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tenso
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, bias)
     parts = [w] if isinstance(w, QTensor) else list(w)
-    y = torch.cat([q.linear(x) for q in parts], dim=-1).to(x.dtype)
+    y = torch.cat([q.linear(x).to(x.dtype) if isinstance(q, QTensor) else F.linear(x, q) for q in parts], dim=-1)
     return y if bias is None else y + bias
 
 

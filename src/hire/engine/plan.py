@@ -160,6 +160,8 @@ def layer_plans(engine) -> list[LayerPlan]:
         norms = tuple(layer.norms[n].weight.contiguous() if n is not None else EMPTY for n in names)
         bias = EMPTY if layer.qkv_bias is None else layer.qkv_bias.float().contiguous()
         mlp = mlp_module(arch, layer.module)
+        if isinstance(layer.qkv, tuple) and not all(isinstance(q, QTensor) for q in layer.qkv):
+            raise NotFusable("q/k/v projections mixed between GGUF codes and 16-bit weights")
         plans.append(LayerPlan(layer.qkv, bias, layer.o, norms, layer.rope, layer.sliding or 0,
                                ffn_plan(mlp, model, engine.dtype)))
     return plans

@@ -26,7 +26,7 @@ from hire.errors import HireError
 from hire.files import atomic_dir, source_key, verify_cache, write_manifest
 from hire.paths import cache_dir
 from hire.quant.formats import FLOAT_FORMATS, SUPPORTED
-from hire.quant.tensor import ACT_BITS, QEmbedding, QLinear, QTensor
+from hire.quant.tensor import ACT_BITS, FloatLinear, QEmbedding, QLinear, QTensor
 
 log = logging.getLogger("hire")
 
@@ -188,16 +188,19 @@ def load_quantized(path: str | Path, *, dtype: torch.dtype = torch.float32, act_
             if fmt == "BF16":
                 raw = (raw.astype(np.uint32) << 16).view(np.float32)
             values = np.asarray(processor.process(raw.astype(np.float32).reshape(shape), name).weights)
-            tensor = torch.from_numpy(np.ascontiguousarray(values)).to(dtype if len(shape) == 1 else
-                                                                       {"F32": torch.float32, "F16": torch.float16,
-                                                                        "BF16": torch.bfloat16}[fmt])
+            module_name, _, attr = hf.rpartition(".")
+            module = model.get_submodule(module_name)
+            keep = len(shape) == 2 and isinstance(module, nn.Linear)  # a 16-bit matrix stays 16-bit
+            tensor = torch.from_numpy(np.ascontiguousarray(values)).to(
+                {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[fmt] if keep else dtype)
             weight_bytes += tensor.numel() * tensor.element_size()
             param = model.get_parameter(hf)
             if tuple(param.shape) != tuple(tensor.shape):
                 raise UnsupportedGGUF(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, the config expects "
                                       f"{tuple(param.shape)}")
-            module_name, _, attr = hf.rpartition(".")
-            setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
+            setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+            if keep and tensor.dtype != dtype and attr == "weight":
+                _set_module(model, module_name, FloatLinear.wrap(module))
             continue
         if len(shape) != 2:
             raise UnsupportedGGUF(f"{path}: quantized tensor {name} has {len(shape)} dimensions; HiRE runs 2-D ones")
@@ -226,9 +229,12 @@ def load_quantized(path: str | Path, *, dtype: torch.dtype = torch.float32, act_
     head = model.get_output_embeddings()
     if isinstance(head, nn.Linear) and head.weight.device.type == "meta":
         embed = model.get_input_embeddings()
-        if not (config.tie_word_embeddings and isinstance(embed, QEmbedding)):
+        if not config.tie_word_embeddings:
             raise UnsupportedGGUF(f"{path} has no output.weight and the config does not tie it to the embedding")
-        model.set_output_embeddings(QLinear(embed.q))
+        if isinstance(embed, QEmbedding):
+            model.set_output_embeddings(QLinear(embed.q))
+        else:
+            head.weight = embed.weight
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise UnsupportedGGUF(f"{path} lacks tensors the {config.model_type} model needs: {', '.join(missing[:5])}")

@@ -190,6 +190,8 @@ def fuse_rows(parts: list[QTensor]) -> QTensor | tuple[QTensor, ...]:
     """One QTensor of the parts' rows stacked (q, k, v read in one pass) where they share a
     layout; else the parts as a tuple."""
     first = parts[0]
+    if not all(isinstance(p, QTensor) for p in parts):
+        return tuple(parts)
     same = all(p.layout == "rows" and p.bits == first.bits and p.group == first.group and p.shape[1] == first.shape[1]
                and p.scales.dtype == first.scales.dtype and (p.mins.numel() > 0) == (first.mins.numel() > 0)
                and p.scales.shape[1] == first.scales.shape[1] for p in parts)
@@ -234,6 +236,20 @@ class QLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.q.format}"
+
+
+class FloatLinear(nn.Linear):
+    """An nn.Linear whose weight keeps the GGUF file's float16/bfloat16: inputs are cast to it."""
+
+    @classmethod
+    def wrap(cls, linear: nn.Linear) -> "FloatLinear":
+        out = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        out.weight, out.bias = linear.weight, linear.bias
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        return F.linear(x.to(w.dtype), w, None if self.bias is None else self.bias.to(w.dtype)).to(x.dtype)
 
 
 class QEmbedding(nn.Module):
