@@ -40,6 +40,8 @@ struct QX16 {
   std::vector<int16_t> q;       // chunks * 64
   std::vector<float> scale;     // per 32 columns
   std::vector<float> gsum;      // per 32 columns: scale * sum of the codes (what a min multiplies)
+  // per chunk, 16 lanes: [scale of columns 0-31 x 8 | of 32-63 x 8], and [gsum 0-31, 0 x 7, gsum 32-63, 0 x 7]
+  std::vector<float> lane_scale, lane_gsum;
 };
 
 QX16 quantize_x16(const float* x, int64_t d) {
@@ -61,6 +63,13 @@ QX16 quantize_x16(const float* x, int64_t d) {
     r.scale[g] = s;
     r.gsum[g] = s * static_cast<float>(sum);
   }
+  r.lane_scale.assign(r.chunks * 16, 0.f);
+  r.lane_gsum.assign(r.chunks * 16, 0.f);
+  for (int64_t c = 0; c < r.chunks; ++c)
+    for (int h = 0; h < 2; ++h) {
+      std::fill_n(r.lane_scale.begin() + c * 16 + 8 * h, 8, r.scale[2 * c + h]);
+      r.lane_gsum[c * 16 + 8 * h] = r.gsum[2 * c + h];
+    }
   return r;
 }
 
@@ -133,17 +142,25 @@ inline __m512i codes512(const uint8_t* p) {
   return u;
 }
 
-// the chunk's 2 (group 32) or 4 (group 16) scales, one per lane
+// 2 (GROUP 32) or 4 (GROUP 16) consecutive scales as float32 in the low lanes
 template <int GROUP, typename S>
-inline __m512 lanes512(const S* s) {
-  __m128 v;
+inline __m128 load_scales(const S* s) {
   if constexpr (std::is_same_v<S, float>) {
-    v = GROUP == 32 ? _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s))) : _mm_loadu_ps(s);
+    return GROUP == 32 ? _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s))) : _mm_loadu_ps(s);
   } else {
     int64_t raw = 0;
     std::memcpy(&raw, s, GROUP == 32 ? 4 : 8);
-    v = _mm_cvtph_ps(_mm_cvtsi64_si128(raw));
+    return _mm_cvtph_ps(_mm_cvtsi64_si128(raw));
   }
+}
+
+template <typename S>
+inline __m128 scales4(const S* s) { return load_scales<16>(s); }
+
+// the chunk's 2 (group 32) or 4 (group 16) scales, one per lane
+template <int GROUP, typename S>
+inline __m512 lanes512(const S* s) {
+  const __m128 v = load_scales<GROUP>(s);
   const __m512i idx = GROUP == 32 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
                                   : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
   return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(v));
@@ -241,26 +258,71 @@ float qdot(const uint8_t* codes, const S* sc, const S* mn, const QX& x, const in
 
 // the same with x in int16: (u - zero) x summed in int32 pairs (vpdpwssd / pmaddwd), one scale per
 // 32 columns (two per 32 for 16-column groups), mins per group in scalar
+#if HIRE_QUANT_512
+// the 64 codes of a chunk widened to int16, columns 0-31 in half[0] and 32-63 in half[1]: the packed
+// nibble bytes are widened once, then masked (low nibbles) and shifted (high nibbles)
+template <int BITS>
+inline void codes512x16(const uint8_t* p, __m512i* half) {
+  if (BITS == 8) {
+    half[0] = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    half[1] = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
+    return;
+  }
+  const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  half[0] = _mm512_and_si512(w, _mm512_set1_epi16(0x0F));
+  half[1] = _mm512_srli_epi16(w, 4);
+  if (BITS == 5) {
+    uint64_t mask;
+    std::memcpy(&mask, p + 32, 8);
+    const __m512i bit = _mm512_set1_epi16(0x10);
+    half[0] = _mm512_or_si512(half[0], _mm512_maskz_mov_epi16(static_cast<__mmask32>(mask), bit));
+    half[1] = _mm512_or_si512(half[1], _mm512_maskz_mov_epi16(static_cast<__mmask32>(mask >> 32), bit));
+  }
+  if (BITS == 6) {  // byte i of the top plane: bits 2k..2k+1 are column i + 16k's
+    const __m256i t = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32)));
+    const __m256i three = _mm256_set1_epi16(3);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i a = _mm256_and_si256(_mm256_srli_epi16(t, 4 * h), three);
+      const __m256i b = _mm256_and_si256(_mm256_srli_epi16(t, 4 * h + 2), three);
+      const __m512i top = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+      half[h] = _mm512_or_si512(half[h], _mm512_slli_epi16(top, 4));
+    }
+  }
+}
+#endif
+
 template <int BITS, int GROUP, bool MIN, typename S>
-float qdot16(const uint8_t* codes, const S* sc, const S* mn, const QX16& x) {
+float qdot16(const uint8_t* codes, const S* sc, const S* mn, const QX16& x, const int32_t* zinit) {
   constexpr int64_t cb = chunk_bytes(BITS), per = 64 / GROUP;
   constexpr int16_t zero = MIN ? 0 : (1 << (BITS - 1));
   float total = 0.f;
 #if HIRE_QUANT_512
   __m512 acc = _mm512_setzero_ps();
-  const __m512i z = _mm512_set1_epi16(zero);
   for (int64_t c = 0; c < x.chunks; ++c) {
-    const __m512i u = codes512<BITS>(codes + c * cb);
+    __m512i half[2], s[2];
+    codes512x16<BITS>(codes + c * cb, half);
     for (int h = 0; h < 2; ++h) {  // columns 32h..32h+31: one activation scale
-      __m512i w = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(u, h));
-      if (!MIN) w = _mm512_sub_epi16(w, z);
-      const __m512i s = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(x.q.data() + c * 64 + 32 * h));
-      const float xs = x.scale[2 * c + h];
-      const __m512 sv = GROUP == 32 ? _mm512_set1_ps(to_float(sc[c * per + h]) * xs)
-                                    : _mm512_insertf32x8(_mm512_set1_ps(to_float(sc[c * per + 2 * h]) * xs),
-                                                         _mm256_set1_ps(to_float(sc[c * per + 2 * h + 1]) * xs), 1);
-      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sv, acc);
-      if (MIN) total += to_float(mn[c * per + h]) * x.gsum[2 * c + h];  // MIN formats have 32-column groups
+      // the zero comes out through the activation's pair sums (zinit), not per code
+      const __m512i init = MIN ? _mm512_setzero_si512() : _mm512_loadu_si512(zinit + c * 32 + 16 * h);
+      s[h] = _mm512_dpwssd_epi32(init, half[h], _mm512_loadu_si512(x.q.data() + c * 64 + 32 * h));
+    }
+    if (GROUP == 32) {
+      // fold each half's 16 lanes to 8 (lanes 0-7: columns 0-31, 8-15: columns 32-63), then one
+      // float FMA with the lanes' weight x activation scales
+      const __m512i t = _mm512_add_epi32(_mm512_shuffle_i64x2(s[0], s[1], 0x44), _mm512_shuffle_i64x2(s[0], s[1], 0xEE));
+      const __m512 sv = _mm512_mul_ps(lanes512<32>(sc + c * per), _mm512_loadu_ps(x.lane_scale.data() + c * 16));
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), sv, acc);
+      if (MIN) acc = _mm512_fmadd_ps(lanes512<32>(mn + c * per), _mm512_loadu_ps(x.lane_gsum.data() + c * 16), acc);
+    } else {  // 16-column groups: lanes 0-7 and 8-15 of each half have their own scale
+      const __m512 four = _mm512_castps128_ps512(scales4(sc + c * per));  // s0..s3 in lanes 0-3
+      const __m512i lo = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+      const __m512i hi = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[0]),
+                            _mm512_mul_ps(_mm512_permutexvar_ps(lo, four), _mm512_set1_ps(x.scale[2 * c])), acc);
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[1]),
+                            _mm512_mul_ps(_mm512_permutexvar_ps(hi, four), _mm512_set1_ps(x.scale[2 * c + 1])), acc);
+      if (MIN)
+        for (int h = 0; h < 2; ++h) total += to_float(mn[c * per + h]) * x.gsum[2 * c + h];  // (no such format)
     }
   }
   return total + _mm512_reduce_add_ps(acc);
@@ -304,11 +366,14 @@ void qgemv16_impl(const QMat& w, const QX16& x, const int64_t* rows, int64_t cou
   const uint8_t* codes = w.codes.data_ptr<uint8_t>();
   const S* sc = w.scales.data_ptr<S>();
   const S* mn = MIN ? w.mins.data_ptr<S>() : nullptr;
+  // -zero * (x[2l] + x[2l+1]) per int32 lane of vpdpwssd: sum (code - zero) x = sum code x - zero sum x
+  std::vector<int32_t> zinit(MIN ? 0 : x.chunks * 32);
+  for (size_t l = 0; l < zinit.size(); ++l) zinit[l] = -(1 << (BITS - 1)) * (x.q[2 * l] + x.q[2 * l + 1]);
   at::parallel_for(0, count, 16, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const int64_t r = rows ? rows[i] : i;
       if (rows && i + 4 < e) prefetch(codes + rows[i + 4] * rb);
-      y[i] = qdot16<BITS, GROUP, MIN, S>(codes + r * rb, sc + r * gs, MIN ? mn + r * gs : nullptr, x);
+      y[i] = qdot16<BITS, GROUP, MIN, S>(codes + r * rb, sc + r * gs, MIN ? mn + r * gs : nullptr, x, zinit.data());
     }
   });
 }
