@@ -247,9 +247,7 @@ struct DecodeModel : torch::CustomClassHolder {
     } else if (L.quant[Q_QKV].defined()) {
       hire_native::qgemv(L.quant[Q_QKV], x, nullptr, nq + 2 * nkv, qkv);
     } else {
-      hire_native::qgemv(L.quant[Q_Q], x, nullptr, nq, qkv);
-      hire_native::qgemv(L.quant[Q_K], x, nullptr, nkv, qkv + nq);
-      hire_native::qgemv(L.quant[Q_V], x, nullptr, nkv, qkv + nq + nkv);
+      hire_native::qgemv_multi({&L.quant[Q_Q], &L.quant[Q_K], &L.quant[Q_V]}, x, {qkv, qkv + nq, qkv + nq + nkv});
     }
   }
 
@@ -257,11 +255,11 @@ struct DecodeModel : torch::CustomClassHolder {
   void quant_ffn(const Layer& L, const float* x, float* y) {
     const int64_t neurons = L.quant[Q_UP].n;
     std::vector<float> h(neurons), g(L.parts == 2 ? neurons : 0);
-    hire_native::qgemv(L.quant[Q_UP], x, nullptr, neurons, h.data());
     if (L.parts == 2) {
-      hire_native::qgemv(L.quant[Q_GATE], x, nullptr, neurons, g.data());
+      hire_native::qgemv_multi({&L.quant[Q_GATE], &L.quant[Q_UP]}, x, {g.data(), h.data()});
       activate_n(g.data(), h.data(), h.data(), neurons, L.act, false);
     } else {
+      hire_native::qgemv(L.quant[Q_UP], x, nullptr, neurons, h.data());
       activate_n(h.data(), nullptr, h.data(), neurons, L.act, false);
     }
     hire_native::qgemv(L.quant[Q_DOWN], h.data(), nullptr, dim, y);
