@@ -115,6 +115,14 @@ class QTensor:
         s, m = _scale_pair(scales, mins)
         return cls(packed, torch.from_numpy(s), torch.from_numpy(m), bits, group, (out, inp), fmt_name, layout)
 
+    def take_rows(self, idx: torch.Tensor) -> "QTensor":
+        """The rows ``idx`` (rows layout) as a QTensor of their own."""
+        if self.layout != "rows":
+            raise ValueError("take_rows reads the rows layout")
+        mins = self.mins[idx] if self.mins.numel() else self.mins
+        return QTensor(self.codes[idx], self.scales[idx], mins, self.bits, self.group, (idx.numel(), self.shape[1]),
+                       self.format, act_bits=self.act_bits)
+
     def to_layout(self, layout: str) -> "QTensor":
         if layout == self.layout:
             return self
@@ -270,10 +278,7 @@ class QEmbedding(nn.Module):
         flat = ids.reshape(-1)
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
             raise IndexError(f"token ids must be in [0, {self.num_embeddings}), got {int(flat.min())}..{int(flat.max())}")
-        uniq, inverse = torch.unique(flat, return_inverse=True)
-        rows = torch.stack([self.q.dequantize(slice(int(t), int(t) + 1))[0] for t in uniq]) if uniq.numel() else \
-            torch.zeros(0, self.embedding_dim)
-        out = rows[inverse] * self.scale
+        out = self.q.take_rows(flat).dequantize() * self.scale
         return out.view(*ids.shape, self.embedding_dim).to(self.dtype)
 
 
