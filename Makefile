@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	$(BIN)/hire eval --model $(MODEL)
 	$(BIN)/hire bench --model $(MODEL)
-	# Gemma-3's 262k-row LM head is most of the model: where HiRE pays most (its first load converts the GGUF, ~2 min)
+	# Gemma-3's 262k-row LM head is most of the model: where HiRE pays most (its first load reads the GGUF's metadata, ~40 s, and fits the head proxy)
 	$(BIN)/hire bench --model gemma3-270m
 
 test: setup
