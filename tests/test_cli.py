@@ -406,3 +406,69 @@ def test_generate_streams_through_transformers_for_other_architectures(model_dir
     captured = capsys.readouterr()
     assert captured.out.startswith("the and of")
     assert "through transformers generate()" in captured.err and "HiRE: 4 tokens" in captured.err
+
+
+WORDS = "the and of to a i you my in that is not with me it be your his this but he have as thou so".split()
+
+
+def _text(path, n: int, seed: int = 0):
+    import random
+
+    rng = random.Random(seed)
+    path.write_text(" ".join(rng.choice(WORDS) for _ in range(n)))
+    return str(path)
+
+
+def test_eval_on_the_users_text_per_domain(model_dir, tmp_path, capsys):
+    one, two = _text(tmp_path / "prose.txt", 400), _text(tmp_path / "chat.txt", 400, seed=1)
+    assert main(["eval", "--model", model_dir, "--windows", "2", "--seq-len", "32", "--head-proxy", "int8",
+                 "--head-candidates", "64", "--text", one, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["text"] == one and result["positions"] == 64
+    assert main(["eval", "--model", model_dir, "--windows", "2", "--seq-len", "32", "--head-proxy", "int8",
+                 "--head-candidates", "64", "--text", one, "--text", two, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert list(result["domains"]) == [one, two]
+    recalls = [r["head_recall_at_1"] for r in result["domains"].values()]
+    assert result["worst"]["head_recall_at_1"] == min(recalls)
+    assert main(["eval", "--model", model_dir, "--windows", "1", "--seq-len", "32", "--head-proxy", "int8",
+                 "--head-candidates", "64", "--text", one, "--text", two]) == 0
+    assert "worst over 2 domains" in capsys.readouterr().out
+
+
+def test_calibrate_and_tune_on_the_users_text(model_dir, tmp_path, capsys):
+    calib = tmp_path / "mine"
+    calib.mkdir()
+    _text(calib / "a.txt", 300)
+    (calib / "b.jsonl").write_text("\n".join(json.dumps({"text": " ".join(WORDS)}) for _ in range(20)))
+    held = _text(tmp_path / "held.txt", 300, seed=3)
+    assert main(["calibrate", "--model", model_dir, "--steps", "2", "--seq-len", "32", "--calib-windows", "2",
+                 "--eval-windows", "1", "--head-rank", "8", "--head-candidates", "64", "--head-stage-candidates", "128",
+                 "--text", str(calib), "--eval-text", held, "--out", str(tmp_path / "out"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["calibration_text"] == str(calib) and r["held_out_text"] == held
+    assert main(["tune", "--model", model_dir, "--seq-len", "32", "--windows", "2", "--steps", "2",
+                 "--text", str(calib), "--out", str(tmp_path / "tuned.json"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == str(calib)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty.txt holds no text"),
+    (b"the and of", "short.txt is too short for one window of 32 tokens"),
+    (b"\x00\x9f\x92\x96junk", "junk.txt is not text"),
+])
+def test_bad_text_is_an_error_naming_the_file(model_dir, tmp_path, capsys, content, message):
+    name = message.split()[0]
+    (tmp_path / name).write_bytes(content)
+    assert main(["eval", "--model", model_dir, "--windows", "1", "--seq-len", "32", "--head-proxy", "int8",
+                 "--head-candidates", "64", "--text", str(tmp_path / name)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_text_sources_fail_before_the_model_loads(tmp_path, capsys):
+    (tmp_path / "x.jsonl").write_text('{"body": 1}\n')
+    for argv, message in ((["eval", "--text", str(tmp_path / "x.jsonl")], "x.jsonl, line 1: JSONL records need"),
+                          (["calibrate", "--text", str(tmp_path / "nope")], "nope does not exist"),
+                          (["tune", "--text", str(tmp_path / "nope")], "nope does not exist")):
+        assert main([*argv, "--model", "/no/such/model"]) == 2
+        assert message in capsys.readouterr().err

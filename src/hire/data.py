@@ -91,7 +91,80 @@ def load_corpus() -> Corpus:
     return Corpus(calibration, evaluation)
 
 
-def token_windows(tokenizer, text: str, seq_len: int, max_windows: int, add_bos: bool | None = None) -> torch.Tensor:
+# files a directory given to read_text contributes (others are left out: images, archives, ...)
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".tex", ".html", ".jsonl", ".py", ".c", ".h", ".cc", ".cpp", ".hpp",
+                 ".java", ".js", ".ts", ".go", ".rs", ".rb", ".sh", ".css", ".sql", ".yaml", ".yml", ".toml")
+
+
+class TextError(HireError, ValueError):
+    """A text source that cannot be used (the message names the file and what is wrong)."""
+
+
+def _decode(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise TextError(f"cannot read {path}: {err.strerror or err}") from err
+    if b"\0" in raw:
+        raise TextError(f"{path} is not text (it holds NUL bytes: a binary file?)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise TextError(f"{path} is not UTF-8 text (byte {err.start}: a binary file, or another encoding?)") from err
+
+
+def _jsonl(path: Path) -> list[str]:
+    import json
+
+    texts = []
+    for number, line in enumerate(_decode(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise TextError(f"{path}, line {number}: not JSON ({err.msg})") from err
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise TextError(f"{path}, line {number}: JSONL records need a string field 'text'")
+        texts.append(record["text"])
+    return texts
+
+
+def read_texts(path: str | Path) -> dict[str, str]:
+    """The documents of a text source, by name: a text file (UTF-8), a JSONL file (one document per
+    line, its ``text`` field), or a directory (its files with a ``TEXT_SUFFIXES`` suffix, recursively,
+    in name order; hidden ones left out). Raises TextError naming the file for a missing or
+    unreadable path, binary content, JSONL without ``text``, or no text at all."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise TextError(f"text source {path} does not exist")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not files:
+            raise TextError(f"directory {path} has no text files ({', '.join(TEXT_SUFFIXES[:4])}, ... JSONL, code)")
+    else:
+        files = [path]
+    docs = {}
+    for file in files:
+        name = str(file.relative_to(path)) if path.is_dir() else file.name
+        parts = _jsonl(file) if file.suffix.lower() == ".jsonl" else [_decode(file)]
+        for i, text in enumerate(parts):
+            text = _clean(text)
+            if text:
+                docs[f"{name}:{i}" if len(parts) > 1 else name] = text
+    if not docs:
+        raise TextError(f"{path} holds no text (empty)")
+    return docs
+
+
+def read_text(path: str | Path) -> str:
+    """All of a text source (``read_texts``) as one text, documents in order, a blank line apart."""
+    return "\n\n".join(read_texts(path).values())
+
+
+def token_windows(tokenizer, text: str, seq_len: int, max_windows: int, add_bos: bool | None = None,
+                  source: str = "the text") -> torch.Tensor:
     """Non-overlapping windows of ``seq_len`` tokens; each starts with BOS where the model wants one.
 
     Gemma needs its BOS at the start of every window or its perplexity is badly inflated;
@@ -109,7 +182,8 @@ def token_windows(tokenizer, text: str, seq_len: int, max_windows: int, add_bos:
     ids = tokenizer(text[: needed * 8], add_special_tokens=False).input_ids
     count = min(max_windows, len(ids) // body)
     if count == 0:
-        raise ValueError(f"text too short for one window of {seq_len} tokens")
+        raise TextError(f"{source} is too short for one window of {seq_len} tokens ({len(ids)} tokens); "
+                        "give more text or a smaller --seq-len")
     windows = torch.tensor(ids[: count * body], dtype=torch.long).reshape(count, body)
     if add_bos:
         windows = torch.cat([torch.full((count, 1), tokenizer.bos_token_id, dtype=torch.long), windows], dim=1)

@@ -21,6 +21,7 @@ check the written config on held-out text with ``hire eval``.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -28,7 +29,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from hire.config import FFNConfig, HeadConfig, HiReConfig
-from hire.data import load_corpus, token_windows
+from hire.data import load_corpus, read_text, token_windows
 from hire.eval.quality import perplexity
 from hire.files import refuse_overwrite
 from hire.models import load_model
@@ -250,9 +251,10 @@ def tune_model(
     steps: int = 10,
     force: bool = False,
     progress: bool = True,
+    text: str | Path | None = None,
 ) -> dict:
     """`hire tune`: :func:`tune_ffn` for ``model_name`` on ``windows`` calibration windows of
-    ``seq_len`` tokens (sensitivities on the first ``sensitivity_windows`` of them, at most all),
+    ``seq_len`` tokens (of ``text``, a file, directory or JSONL, instead of the corpus's calibration split) (sensitivities on the first ``sensitivity_windows`` of them, at most all),
     the chosen config written to ``out`` (atomically; an existing file only with ``force``).
     Returns the report (the JSON of ``hire tune``)."""
 
@@ -261,12 +263,15 @@ def tune_model(
     if not config.ffn.enabled:
         raise ValueError("the FFN is disabled in this config (--no-ffn): nothing to tune")
     refuse_overwrite(out, force, "--out")
+    calib_text = read_text(text) if text is not None else None  # refused before the model loads
     model, tokenizer = load_model(model_name)
-    calib = token_windows(tokenizer, load_corpus().text("calibration"), seq_len, windows)
+    calib = token_windows(tokenizer, calib_text if calib_text is not None else load_corpus().text("calibration"),
+                          seq_len, windows, source=str(text or "the calibration split"))
     r = tune_ffn(model, config, calib, max_ppl_increase, densities=tuple(densities),
                  sensitivity_windows=min(sensitivity_windows, calib.shape[0]), steps=steps, progress=progress)
     r.config.save(out)  # atomic
-    return {"model": model_name, "config": str(out), "max_ppl_increase": max_ppl_increase, "winner": r.winner,
+    return {"model": model_name, "text": str(text or "corpus calibration split"), "config": str(out),
+            "max_ppl_increase": max_ppl_increase, "winner": r.winner,
             "windows": int(calib.shape[0]), "ppl_dense": r.ppl_dense, "ppl_hire": r.ppl_hire,
             "ppl_increase": r.ppl_hire / r.ppl_dense - 1, "ffn_bytes_fraction": r.ffn_bytes / r.ffn_bytes_dense,
             "ffn_bytes_dense": r.ffn_bytes_dense, "tuned": r.tuned, "uniform": r.uniform, "densities": r.densities, "kl": r.kl, "trials": r.trials}

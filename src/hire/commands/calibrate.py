@@ -22,6 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=integer(minimum=1), default=300, help="training steps (default 300)")
     p.add_argument("--eval-windows", type=integer(minimum=1), default=4,
                    help="held-out windows for the recall report (default 4)")
+    p.add_argument("--text", metavar="PATH",
+                   help="calibration text instead of the corpus's calibration split: a text file, a directory of "
+                        "them, or JSONL with a 'text' field")
+    p.add_argument("--eval-text", metavar="PATH", help="held-out text for the recall report (same forms; default: "
+                                                        "the corpus's evaluation split)")
     p.add_argument("--out", help=f"output directory for {CONFIG_NAME} and {PROXY_NAME} (default hire-MODEL)")
     p.add_argument("--plot", help="write a PNG of the training loss")
     add_force(p)
@@ -33,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or f"hire-{Path(args.model).name}"
     r = calibrate_head(args.model, config, out, steps=args.steps, seq_len=args.seq_len,
                        calib_windows=args.calib_windows, eval_windows=args.eval_windows, plot=args.plot,
-                       force=args.force, progress=not args.json)
+                       force=args.force, progress=not args.json, text=args.text, eval_text=args.eval_text)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0

@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compact", action="store_true", help="with --json: on one line")
     _tp.add_tp_args(p)
     p.add_argument("--dtype", default="float16", choices=DTYPES, help="with --tp: weights in the engine (default float16)")
+    p.add_argument("--text", action="append", metavar="PATH",
+                   help="held-out text instead of the corpus's evaluation split: a text file, a directory of them, or "
+                        "JSONL with a 'text' field; give it several times for per-domain results and the worst of each")
     p.add_argument("--dequantized", action="store_true",
                    help="evaluate a GGUF model dequantized to float32 with the config as given (the default runs it "
                         "in its GGUF block codes with the HiRE head only, as hire bench and hire generate do)")
@@ -30,10 +33,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     if args.tp is not None:
+        if args.text:
+            raise ValueError("--text is not available with --tp (it evaluates the corpus's evaluation split)")
         return _tp.run(args, config, windows=args.windows or 2)
     result = evaluate_model(args.model, config, windows=args.windows or 8, seq_len=args.seq_len,
-                            calib_windows=args.calib_windows, progress=not args.json, quantized=not args.dequantized)
-    print(json.dumps(result, indent=None if args.compact else 2) if args.json else format_eval(result))
+                            calib_windows=args.calib_windows, progress=not args.json, quantized=not args.dequantized,
+                            texts=args.text)
+    if args.json:
+        print(json.dumps(result, indent=None if args.compact else 2))
+    elif "domains" in result:
+        blocks = [f"--- {name}\n{format_eval(r)}" for name, r in result["domains"].items()]
+        worst = "   ".join(f"{key} {fmt(value)}" for key, value in result["worst"].items())
+        print("\n\n".join(blocks) + f"\n\nworst over {len(blocks)} domains: {worst}")
+    else:
+        print(format_eval(result))
     return 0
 
 
@@ -42,7 +55,7 @@ def format_eval(r: dict) -> str:
     mb = 1 / 2**20
     lines = [
         f"model {r['model']} ({r['architecture']}, {'GGUF codes' if r.get('weights') == 'gguf' else 'float32'}), "
-        f"{r['positions']} positions of held-out text "
+        f"{r['positions']} positions of {r.get('text', 'held-out text')} "
         f"({r['windows']} windows x {r['seq_len']})",
         f"head: {c['head']['proxy'] if c['head']['enabled'] else 'dense'} k={c['head']['k']} "
         f"k'={c['head']['candidates']}   ffn: {c['ffn']['proxy'] if c['ffn']['enabled'] else 'dense'} "

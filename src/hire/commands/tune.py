@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="candidate densities, comma-separated, in (0, 1] (default 0.2,0.3,...,1.0)")
     p.add_argument("--steps", type=integer(minimum=0), default=10,
                    help="bisection steps on the price, one perplexity pass each (default 10)")
+    p.add_argument("--text", metavar="PATH",
+                   help="calibration text instead of the corpus's calibration split: a text file, a directory of "
+                        "them, or JSONL with a 'text' field")
     p.add_argument("--out", help="config file to write (default hire-MODEL-tuned.json)")
     add_force(p)
     add_json(p)
@@ -37,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or f"hire-{Path(args.model).name}-tuned.json"
     r = tune_model(args.model, config, out, args.max_ppl_increase, windows=args.windows, seq_len=args.seq_len,
                    sensitivity_windows=args.sensitivity_windows, densities=args.densities, steps=args.steps,
-                   force=args.force, progress=not args.json)
+                   force=args.force, progress=not args.json, text=args.text)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0

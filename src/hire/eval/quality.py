@@ -11,6 +11,7 @@ trained: every neuron computed, its exact top-k kept (``reference`` in the resul
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import time
 
 import torch
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 from hire.arch import head_module
 from hire.calibrate.prepare import prepare_model
 from hire.config import HiReConfig
-from hire.data import load_corpus, token_windows
+from hire.data import load_corpus, read_text, token_windows
 from hire.eval.bytes import bytes_per_token
 from hire.models.load import gguf_source
 from hire.patch import hire_layers, set_mode, sparsify_, unsparsify_
@@ -149,19 +150,36 @@ def evaluate(
     return result
 
 
+WORST = {"ppl_increase": max, "greedy_agreement": min, "head_recall_at_1": min, "head_recall_at_k": min,
+         "head_greedy_agreement": min, "ffn_recall": min}  # what "worst" means for each per-domain figure
+
+
 def evaluate_model(model_name: str, config: HiReConfig, *, windows: int = 8, seq_len: int = 512,
-                   calib_windows: int = 16, progress: bool = True, quantized: bool = True) -> dict:
+                   calib_windows: int = 16, progress: bool = True, quantized: bool = True,
+                   texts: list[str | Path] | None = None) -> dict:
     """`hire eval`: load ``model_name`` with the head proxy ``config`` needs, then :func:`evaluate` on
-    ``windows`` windows of ``seq_len`` tokens of the corpus's evaluation split. ``quantized``: a GGUF
-    model runs in its block codes with ``quantized_config(config)`` (HiRE head only), as hire bench
-    and hire generate run it; else dequantized to float32 with ``config`` as given."""
+    ``windows`` windows of ``seq_len`` tokens of the corpus's evaluation split, or of each of
+    ``texts`` (files, directories or JSONL: ``hire.data.read_text``; several give per-domain results
+    and the worst of each figure). ``quantized``: a GGUF model runs in its block codes with
+    ``quantized_config(config)`` (HiRE head only), as hire bench and hire generate run it; else
+    dequantized to float32 with ``config`` as given."""
+    sources = {str(p): read_text(p) for p in texts or []}  # read (and refused) before the model loads
     quantized = quantized and gguf_source(model_name) is not None
     if quantized:
         config = quantized_config(config)
     model, tokenizer, head_proxy = prepare_model(model_name, config, seq_len=seq_len, calib_windows=calib_windows,
                                                  progress=progress, quantized=quantized)
-    held = token_windows(tokenizer, load_corpus().text("evaluation"), seq_len, windows)
-    result = evaluate(model, held, config, head_proxy=head_proxy, progress=progress)
-    result["model"] = model_name
-    result["weights"] = "gguf" if quantized else "float32"
-    return result
+    if not sources:
+        sources = {"corpus evaluation split": load_corpus().text("evaluation")}
+    results = {}
+    for name, text in sources.items():
+        held = token_windows(tokenizer, text, seq_len, windows, source=name)
+        results[name] = evaluate(model, held, config, head_proxy=head_proxy, progress=progress)
+        results[name].update(model=model_name, weights="gguf" if quantized else "float32", text=name)
+    if len(results) == 1:
+        return next(iter(results.values()))
+    worst = {key: pick(r[key] for r in results.values() if r[key] is not None) if any(
+        r[key] is not None for r in results.values()) else None for key, pick in WORST.items()}
+    first = next(iter(results.values()))
+    return {"model": model_name, "weights": first["weights"], "config": first["config"], "domains": results,
+            "worst": worst}
