@@ -102,3 +102,18 @@ def test_read_texts_refuses_bad_jsonl_and_missing_paths(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(TextError, match="has no text files"):
         read_texts(tmp_path / "empty")
+
+
+def test_spread_windows_sample_the_whole_text():
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i + 1 for i in range(8)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    text = " ".join(f"w{i // 500}" for i in range(4000))  # eight domains of 500 words, in order
+    first = token_windows(tokenizer, text, 16, 8, add_bos=False)
+    spread = token_windows(tokenizer, text, 16, 8, add_bos=False, spread=True)
+    assert set(first.unique().tolist()) == {1}  # the first windows see only the first domain
+    assert set(spread.mode(dim=1).values.tolist()) == set(range(1, 9))  # one window in each (parts may cut a word)

@@ -164,11 +164,13 @@ def read_text(path: str | Path) -> str:
 
 
 def token_windows(tokenizer, text: str, seq_len: int, max_windows: int, add_bos: bool | None = None,
-                  source: str = "the text") -> torch.Tensor:
+                  source: str = "the text", spread: bool = False) -> torch.Tensor:
     """Non-overlapping windows of ``seq_len`` tokens; each starts with BOS where the model wants one.
 
     Gemma needs its BOS at the start of every window or its perplexity is badly inflated;
-    ``add_bos=None`` asks the tokenizer whether it adds one itself.
+    ``add_bos=None`` asks the tokenizer whether it adds one itself. The windows are the text's first
+    tokens, or with ``spread`` one from each of ``max_windows`` equal parts of a long text (a user's
+    directory of several domains is then sampled throughout, not only its first files).
     # -> (W, seq_len) int64
     """
     if seq_len < 2:
@@ -178,6 +180,18 @@ def token_windows(tokenizer, text: str, seq_len: int, max_windows: int, add_bos:
         add_bos = tokenizer.bos_token_id is not None and len(probe) > 0 and probe[0] == tokenizer.bos_token_id
     body = seq_len - 1 if add_bos else seq_len
     needed = body * max_windows
+    part = len(text) // max(1, max_windows)
+    if spread and max_windows > 1 and part > body * 8:  # each part holds more than one window's text
+        rows = []
+        for i in range(max_windows):
+            ids = tokenizer(text[i * part : i * part + body * 8], add_special_tokens=False).input_ids
+            if len(ids) >= body:
+                rows.append(ids[:body])
+        if rows:
+            windows = torch.tensor(rows, dtype=torch.long)
+            if add_bos:
+                windows = torch.cat([torch.full((len(rows), 1), tokenizer.bos_token_id, dtype=torch.long), windows], 1)
+            return windows
     # tokenize only as much text as needed (about 4 characters a token, with margin)
     ids = tokenizer(text[: needed * 8], add_special_tokens=False).input_ids
     count = min(max_windows, len(ids) // body)

@@ -266,7 +266,7 @@ def tune_model(
     calib_text = read_text(text) if text is not None else None  # refused before the model loads
     model, tokenizer = load_model(model_name)
     calib = token_windows(tokenizer, calib_text if calib_text is not None else load_corpus().text("calibration"),
-                          seq_len, windows, source=str(text or "the calibration split"))
+                          seq_len, windows, source=str(text or "the calibration split"), spread=text is not None)
     r = tune_ffn(model, config, calib, max_ppl_increase, densities=tuple(densities),
                  sensitivity_windows=min(sensitivity_windows, calib.shape[0]), steps=steps, progress=progress)
     r.config.save(out)  # atomic

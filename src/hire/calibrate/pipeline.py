@@ -64,9 +64,10 @@ def calibrate_head(
         corpus = load_corpus()
         calib_text = corpus.text("calibration") if calib_text is None else calib_text
         held_text = corpus.text("evaluation") if held_text is None else held_text
-    calib = token_windows(tokenizer, calib_text, seq_len, calib_windows, source=str(text or "the calibration split"))
+    calib = token_windows(tokenizer, calib_text, seq_len, calib_windows, source=str(text or "the calibration split"),
+                          spread=text is not None)
     held_windows = token_windows(tokenizer, held_text, seq_len, eval_windows,
-                                 source=str(eval_text or "the evaluation split"))
+                                 source=str(eval_text or "the evaluation split"), spread=eval_text is not None)
     states = collect_head_states(model, calib, progress=progress)
     held = collect_head_states(model, held_windows, progress=progress)
     weight = head_weight(model)

@@ -173,7 +173,7 @@ def evaluate_model(model_name: str, config: HiReConfig, *, windows: int = 8, seq
         sources = {"corpus evaluation split": load_corpus().text("evaluation")}
     results = {}
     for name, text in sources.items():
-        held = token_windows(tokenizer, text, seq_len, windows, source=name)
+        held = token_windows(tokenizer, text, seq_len, windows, source=name, spread=bool(texts))
         results[name] = evaluate(model, held, config, head_proxy=head_proxy, progress=progress)
         results[name].update(model=model_name, weights="gguf" if quantized else "float32", text=name)
     if len(results) == 1:
