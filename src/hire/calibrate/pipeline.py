@@ -15,7 +15,7 @@ from pathlib import Path
 from hire.calibrate import collect_head_states, fit_head_proxy, head_recall, head_weight, proxy_meta, save_head_proxy
 from hire.calibrate.train import train_lowrank_proxy
 from hire.config import HiReConfig
-from hire.data import load_corpus, read_text, token_windows
+from hire.data import domain_windows, load_corpus, load_domains, read_text, token_windows
 from hire.files import refuse_overwrite
 from hire.models import load_model
 from hire.patch import build_head_selector
@@ -39,13 +39,17 @@ def calibrate_head(
     progress: bool = True,
     text: str | Path | None = None,
     eval_text: str | Path | None = None,
+    domains: bool = False,
 ) -> dict:
     """Fit and train ``config.head``'s low-rank proxy for ``model_name`` (``steps`` Adam steps on the
     head inputs of ``calib_windows`` calibration windows of ``seq_len`` tokens), measure recall on
     ``eval_windows`` held-out windows, write ``out/hire_config.json`` + ``out/head_proxy.safetensors``
     (and a loss curve at ``plot``). ``text`` / ``eval_text``: the calibration / held-out text instead
     of the corpus's splits (files, directories or JSONL: ``hire.data.read_text``). Returns the report
-    (the JSON of ``hire calibrate``)."""
+    (the JSON of ``hire calibrate``). ``domains``: calibrate on the calibration side of
+    ``hire.data.load_domains`` (prose, code, docs in equal shares) and measure on its held-out side."""
+    if domains and (text is not None or eval_text is not None):
+        raise ValueError("--domains chooses both texts: leave out --text and --eval-text")
     if config.head.proxy not in ("lowrank", "cascade"):
         raise ValueError(f"hire calibrate trains the low-rank head proxy: use --head-proxy lowrank or cascade, "
                          f"not {config.head.proxy!r}")
@@ -60,21 +64,27 @@ def calibrate_head(
     held_text = read_text(eval_text) if eval_text is not None else None
 
     model, tokenizer = load_model(model_name)
-    if calib_text is None or held_text is None:
+    if not domains and (calib_text is None or held_text is None):
         corpus = load_corpus()
         calib_text = corpus.text("calibration") if calib_text is None else calib_text
         held_text = corpus.text("evaluation") if held_text is None else held_text
-    calib = token_windows(tokenizer, calib_text, seq_len, calib_windows, source=str(text or "the calibration split"),
-                          spread=text is not None)
-    held_windows = token_windows(tokenizer, held_text, seq_len, eval_windows,
-                                 source=str(eval_text or "the evaluation split"), spread=eval_text is not None)
+    if domains:
+        split = load_domains()
+        calib = domain_windows(tokenizer, split["calibration"], seq_len, calib_windows)
+        held_windows = domain_windows(tokenizer, split["held_out"], seq_len, eval_windows)
+    else:
+        calib = token_windows(tokenizer, calib_text, seq_len, calib_windows,
+                              source=str(text or "the calibration split"), spread=text is not None)
+        held_windows = token_windows(tokenizer, held_text, seq_len, eval_windows,
+                                     source=str(eval_text or "the evaluation split"), spread=eval_text is not None)
     states = collect_head_states(model, calib, progress=progress)
     held = collect_head_states(model, held_windows, progress=progress)
     weight = head_weight(model)
     fitted = fit_head_proxy(model, head, states)
     trained, log = train_lowrank_proxy(weight, fitted, states, steps, progress=progress)
-    result = {"model": model_name, "calibration_text": str(text or "corpus calibration split"),
-              "held_out_text": str(eval_text or "corpus evaluation split"),
+    result = {"model": model_name,
+              "calibration_text": "domains: prose, code, docs" if domains else str(text or "corpus calibration split"),
+              "held_out_text": "held-out domains" if domains else str(eval_text or "corpus evaluation split"),
               "calibration_states": states.shape[0], "held_out_states": held.shape[0],
               "steps": steps, "loss_first": log.loss[0], "loss_last": log.loss[-1],
               "rank": head.rank, "k": head.k, "candidates": head.candidates}

@@ -27,6 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "them, or JSONL with a 'text' field")
     p.add_argument("--eval-text", metavar="PATH", help="held-out text for the recall report (same forms; default: "
                                                         "the corpus's evaluation split)")
+    p.add_argument("--domains", action="store_true",
+                   help="calibrate on the packaged domains in equal shares (prose: Shakespeare and Milton; code: "
+                        "jinja2's source; docs: jinja2's documentation) and report recall on the held-out ones "
+                        "(other plays; click's source and documentation)")
     p.add_argument("--out", help=f"output directory for {CONFIG_NAME} and {PROXY_NAME} (default hire-MODEL)")
     p.add_argument("--plot", help="write a PNG of the training loss")
     add_force(p)
@@ -38,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or f"hire-{Path(args.model).name}"
     r = calibrate_head(args.model, config, out, steps=args.steps, seq_len=args.seq_len,
                        calib_windows=args.calib_windows, eval_windows=args.eval_windows, plot=args.plot,
-                       force=args.force, progress=not args.json, text=args.text, eval_text=args.eval_text)
+                       force=args.force, progress=not args.json, text=args.text, eval_text=args.eval_text,
+                       domains=args.domains)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0

@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", action="append", metavar="PATH",
                    help="held-out text instead of the corpus's evaluation split: a text file, a directory of them, or "
                         "JSONL with a 'text' field; give it several times for per-domain results and the worst of each")
+    p.add_argument("--domains", action="store_true",
+                   help="evaluate on the held-out side of the packaged domains (prose: Shakespeare plays; code: "
+                        "click's source; docs: click's documentation), per domain and the worst")
     p.add_argument("--dequantized", action="store_true",
                    help="evaluate a GGUF model dequantized to float32 with the config as given (the default runs it "
                         "in its GGUF block codes with the HiRE head only, as hire bench and hire generate do)")
@@ -33,12 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     if args.tp is not None:
-        if args.text:
-            raise ValueError("--text is not available with --tp (it evaluates the corpus's evaluation split)")
+        if args.text or args.domains:
+            raise ValueError("--text and --domains are not available with --tp (it evaluates the corpus's evaluation split)")
         return _tp.run(args, config, windows=args.windows or 2)
     result = evaluate_model(args.model, config, windows=args.windows or 8, seq_len=args.seq_len,
                             calib_windows=args.calib_windows, progress=not args.json, quantized=not args.dequantized,
-                            texts=args.text)
+                            texts=args.text, domains=args.domains)
     if args.json:
         print(json.dumps(result, indent=None if args.compact else 2))
     elif "domains" in result:

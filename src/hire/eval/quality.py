@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from hire.arch import head_module
 from hire.calibrate.prepare import prepare_model
 from hire.config import HiReConfig
-from hire.data import load_corpus, read_text, token_windows
+from hire.data import load_corpus, load_domains, read_text, token_windows
 from hire.eval.bytes import bytes_per_token
 from hire.models.load import gguf_source
 from hire.patch import hire_layers, set_mode, sparsify_, unsparsify_
@@ -156,14 +156,17 @@ WORST = {"ppl_increase": max, "greedy_agreement": min, "head_recall_at_1": min, 
 
 def evaluate_model(model_name: str, config: HiReConfig, *, windows: int = 8, seq_len: int = 512,
                    calib_windows: int = 16, progress: bool = True, quantized: bool = True,
-                   texts: list[str | Path] | None = None) -> dict:
+                   texts: list[str | Path] | None = None, domains: bool = False) -> dict:
     """`hire eval`: load ``model_name`` with the head proxy ``config`` needs, then :func:`evaluate` on
     ``windows`` windows of ``seq_len`` tokens of the corpus's evaluation split, or of each of
     ``texts`` (files, directories or JSONL: ``hire.data.read_text``; several give per-domain results
     and the worst of each figure). ``quantized``: a GGUF model runs in its block codes with
     ``quantized_config(config)`` (HiRE head only), as hire bench and hire generate run it; else
-    dequantized to float32 with ``config`` as given."""
+    dequantized to float32 with ``config`` as given. ``domains``: the held-out side of
+    ``hire.data.load_domains`` (prose, code, docs) as the texts."""
     sources = {str(p): read_text(p) for p in texts or []}  # read (and refused) before the model loads
+    if domains:
+        sources.update(load_domains()["held_out"])
     quantized = quantized and gguf_source(model_name) is not None
     if quantized:
         config = quantized_config(config)
@@ -173,7 +176,7 @@ def evaluate_model(model_name: str, config: HiReConfig, *, windows: int = 8, seq
         sources = {"corpus evaluation split": load_corpus().text("evaluation")}
     results = {}
     for name, text in sources.items():
-        held = token_windows(tokenizer, text, seq_len, windows, source=name, spread=bool(texts))
+        held = token_windows(tokenizer, text, seq_len, windows, source=name, spread=bool(texts) or domains)
         results[name] = evaluate(model, held, config, head_proxy=head_proxy, progress=progress)
         results[name].update(model=model_name, weights="gguf" if quantized else "float32", text=name)
     if len(results) == 1:
