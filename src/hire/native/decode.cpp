@@ -392,10 +392,6 @@ Tensor gemv_op(Tensor x, Tensor w) {
   return y;
 }
 
-// TORCH_LIBRARY pastes its namespace argument unexpanded: one more macro level expands it first.
-#define HIRE_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
-#define HIRE_FRAGMENT_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
-
 HIRE_FRAGMENT_IMPL(HIRE_OPS_NAMESPACE, CPU, m) {
   m.impl("gemv", &gemv_op);
 }

@@ -186,15 +186,12 @@ Tensor lowrank_block_topk(Tensor z, Tensor packed, Tensor scales, int64_t blocks
   return out;
 }
 
-#define HIRE_HEAD_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
-#define HIRE_HEAD_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
-
-HIRE_HEAD_FRAGMENT(HIRE_OPS_NAMESPACE, m) {
+HIRE_FRAGMENT(HIRE_OPS_NAMESPACE, m) {
   m.def("pack_lowrank(Tensor codes) -> Tensor");
   m.def("lowrank_block_topk(Tensor z, Tensor packed, Tensor scales, int blocks, int per) -> Tensor");
 }
 
-HIRE_HEAD_IMPL(HIRE_OPS_NAMESPACE, CPU, m) {
+HIRE_FRAGMENT_IMPL(HIRE_OPS_NAMESPACE, CPU, m) {
   m.impl("pack_lowrank", &pack_lowrank);
   m.impl("lowrank_block_topk", &lowrank_block_topk);
 }

@@ -46,14 +46,6 @@ QuantX quantize_x(const float* x, int64_t d, int64_t padded) {
   return q;
 }
 
-// float16 -> float32 in one instruction (c10::Half's conversion is a portable bit-twiddling routine)
-inline float half_f(c10::Half h) {
-#if !HIRE_SCALAR
-  return _cvtsh_ss(h.x);
-#else
-  return static_cast<float>(h);
-#endif
-}
 
 // The scores of `nr` rows (1 or 2: a neuron's gate and up rows, sharing the loads of x): sum over
 // columns of (code - 8) * scale[group] * x, with x as its int8 codes. The +8 offset of the codes
@@ -82,8 +74,8 @@ inline void int4_rows(const uint8_t* const* p, const c10::Half* const* scales, i
       const __m512i s16 = _mm512_add_epi16(_mm512_maddubs_epi16(lo, xe), _mm512_maddubs_epi16(hi, xo));
       const __m512i s32 = _mm512_add_epi32(_mm512_madd_epi16(s16, _mm512_set1_epi16(1)), off);
 #endif
-      const __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(half_f(scales[r][c / per_group])),
-                                           _mm256_set1_ps(half_f(scales[r][(c + 1) / per_group])), 1);
+      const __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(to_f(scales[r][c / per_group])),
+                                           _mm256_set1_ps(to_f(scales[r][(c + 1) / per_group])), 1);
       acc512[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s32), sv, acc512[r]);
     }
   }
@@ -100,7 +92,7 @@ inline void int4_rows(const uint8_t* const* p, const c10::Half* const* scales, i
       const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
       const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
       const __m256 s = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(s16, ones), off));
-      acc[r] = _mm256_fmadd_ps(s, _mm256_set1_ps(half_f(scales[r][c / per_group])), acc[r]);
+      acc[r] = _mm256_fmadd_ps(s, _mm256_set1_ps(to_f(scales[r][c / per_group])), acc[r]);
     }
   }
   for (int r = 0; r < nr; ++r) {
@@ -115,7 +107,7 @@ inline void int4_rows(const uint8_t* const* p, const c10::Half* const* scales, i
       int32_t s = -8 * q.chunk_sum[c];
       for (int64_t j = 0; j < 32; ++j)
         s += (p[r][c * 32 + j] & 0x0F) * q.even[c * 32 + j] + (p[r][c * 32 + j] >> 4) * q.odd[c * 32 + j];
-      total[r] += static_cast<float>(s) * half_f(scales[r][c / per_group]);
+      total[r] += static_cast<float>(s) * to_f(scales[r][c / per_group]);
     }
   }
   for (int r = 0; r < nr; ++r) out[r] = total[r] * q.scale;
@@ -284,15 +276,12 @@ Tensor int4_estimates_op(Tensor x, Tensor packed, Tensor scales, int64_t group, 
   return est;
 }
 
-#define HIRE_INT4_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
-#define HIRE_INT4_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
-
-HIRE_INT4_FRAGMENT(HIRE_OPS_NAMESPACE, m) {
+HIRE_FRAGMENT(HIRE_OPS_NAMESPACE, m) {
   m.def("int4_estimates(Tensor x, Tensor packed, Tensor scales, int group, int parts, int act) -> Tensor");
   m.def("int4_ffn(Tensor x, Tensor rows, Tensor packed, Tensor scales, int group, int keep, int act, int parts) -> Tensor");
 }
 
-HIRE_INT4_IMPL(HIRE_OPS_NAMESPACE, CPU, m) {
+HIRE_FRAGMENT_IMPL(HIRE_OPS_NAMESPACE, CPU, m) {
   m.impl("int4_estimates", &int4_estimates_op);
   m.impl("int4_ffn", &int4_ffn_op);
 }

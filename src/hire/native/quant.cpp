@@ -96,15 +96,6 @@ QX quantize_x(const float* x, int64_t d) {
   return r;
 }
 
-inline float to_float(float v) { return v; }
-inline float to_float(c10::Half v) {
-#if !HIRE_SCALAR
-  return _cvtsh_ss(v.x);
-#else
-  return static_cast<float>(v);
-#endif
-}
-
 constexpr int64_t chunk_bytes(int bits) { return bits == 4 ? 32 : bits == 5 ? 40 : bits == 6 ? 48 : 64; }
 
 // code of column e (0..63) of a chunk (the scalar path and the checks)
@@ -196,8 +187,8 @@ inline __m256i codes256(const uint8_t* p, int h) {
 
 template <int GROUP, typename S>
 inline __m256 lanes256(const S* s, int h) {  // s: the chunk's scales
-  if (GROUP == 32) return _mm256_set1_ps(to_float(s[h]));
-  return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(to_float(s[2 * h]))), _mm_set1_ps(to_float(s[2 * h + 1])), 1);
+  if (GROUP == 32) return _mm256_set1_ps(to_f(s[h]));
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(to_f(s[2 * h]))), _mm_set1_ps(to_f(s[2 * h + 1])), 1);
 }
 #endif
 
@@ -248,8 +239,8 @@ float qdot(const uint8_t* codes, const S* sc, const S* mn, const QX& x, const in
       int32_t s = MIN ? 0 : zsum[c * 16 + l];
       for (int e = 4 * l; e < 4 * l + 4; ++e) s += code_at<BITS>(p, e) * x.q[c * 64 + e];
       const int64_t g = c * per + (4 * l) / GROUP;
-      total += static_cast<float>(s) * (to_float(sc[g]) * x.lane_scale[c * 16 + l]);
-      if (MIN) total += to_float(mn[g]) * x.lane_xsum[c * 16 + l];
+      total += static_cast<float>(s) * (to_f(sc[g]) * x.lane_scale[c * 16 + l]);
+      if (MIN) total += to_f(mn[g]) * x.lane_xsum[c * 16 + l];
     }
   }
   return total;
@@ -322,7 +313,7 @@ float qdot16(const uint8_t* codes, const S* sc, const S* mn, const QX16& x, cons
       acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[1]),
                             _mm512_mul_ps(_mm512_permutexvar_ps(hi, four), _mm512_set1_ps(x.scale[2 * c + 1])), acc);
       if (MIN)
-        for (int h = 0; h < 2; ++h) total += to_float(mn[c * per + h]) * x.gsum[2 * c + h];  // (no such format)
+        for (int h = 0; h < 2; ++h) total += to_f(mn[c * per + h]) * x.gsum[2 * c + h];  // (no such format)
     }
   }
   return total + _mm512_reduce_add_ps(acc);
@@ -338,10 +329,10 @@ float qdot16(const uint8_t* codes, const S* sc, const S* mn, const QX16& x, cons
         if (!MIN) w = _mm256_sub_epi16(w, z);
         const __m256i s = _mm256_madd_epi16(
             w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + c * 64 + 32 * h + 16 * k)));
-        const float sw = to_float(sc[c * per + (GROUP == 32 ? h : 2 * h + k)]);
+        const float sw = to_f(sc[c * per + (GROUP == 32 ? h : 2 * h + k)]);
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(sw * xs), acc);
       }
-      if (MIN) total += to_float(mn[c * per + h]) * x.gsum[2 * c + h];
+      if (MIN) total += to_f(mn[c * per + h]) * x.gsum[2 * c + h];
     }
   }
   return total + vsum(acc);
@@ -351,10 +342,10 @@ float qdot16(const uint8_t* codes, const S* sc, const S* mn, const QX16& x, cons
     for (int g = 0; g < per; ++g) {
       int64_t s = 0;
       for (int e = g * GROUP; e < (g + 1) * GROUP; ++e) s += (code_at<BITS>(p, e) - zero) * x.q[c * 64 + e];
-      total += static_cast<float>(s) * (to_float(sc[c * per + g]) * x.scale[2 * c + (g * GROUP) / 32]);
+      total += static_cast<float>(s) * (to_f(sc[c * per + g]) * x.scale[2 * c + (g * GROUP) / 32]);
     }
     if (MIN)
-      for (int h = 0; h < 2; ++h) total += to_float(mn[c * per + h]) * x.gsum[2 * c + h];
+      for (int h = 0; h < 2; ++h) total += to_f(mn[c * per + h]) * x.gsum[2 * c + h];
   }
   return total;
 #endif
@@ -390,9 +381,19 @@ inline void prefetch_row(const uint8_t* row, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) prefetch(row + off);
 }
 
-// rows b..e-1 of the list (rows null: the matrix's rows b..e-1) -> y[b..e-1]; no threads of its own
+// one row's product for either activation width (the int8 or the int16 path)
 template <int BITS, int GROUP, bool MIN, typename S>
-void rows16_range(const QMat& w, const QX16& x, const ZeroSums& z, const int64_t* rows, int64_t b, int64_t e, float* y) {
+inline float qdot_row(const uint8_t* codes, const S* sc, const S* mn, const QX& x, const int32_t* z) {
+  return qdot<BITS, GROUP, MIN, S>(codes, sc, mn, x, z);
+}
+template <int BITS, int GROUP, bool MIN, typename S>
+inline float qdot_row(const uint8_t* codes, const S* sc, const S* mn, const QX16& x, const int32_t* z) {
+  return qdot16<BITS, GROUP, MIN, S>(codes, sc, mn, x, z);
+}
+
+// rows b..e-1 of the list (rows null: the matrix's rows b..e-1) -> y[b..e-1]; no threads of its own
+template <int BITS, int GROUP, bool MIN, typename S, typename X>
+void rows_range(const QMat& w, const X& x, const ZeroSums& z, const int64_t* rows, int64_t b, int64_t e, float* y) {
   const int64_t rb = w.codes.stride(0), gs = w.scales.stride(0);
   const uint8_t* codes = w.codes.data_ptr<uint8_t>();
   const S* sc = w.scales.data_ptr<S>();
@@ -400,20 +401,19 @@ void rows16_range(const QMat& w, const QX16& x, const ZeroSums& z, const int64_t
   for (int64_t i = b; i < e; ++i) {
     const int64_t r = rows ? rows[i] : i;
     if (i + kRowsAhead < e) prefetch_row(codes + (rows ? rows[i + kRowsAhead] : i + kRowsAhead) * rb, rb);
-    y[i] = qdot16<BITS, GROUP, MIN, S>(codes + r * rb, sc + r * gs, MIN ? mn + r * gs : nullptr, x, z.get(BITS));
+    y[i] = qdot_row<BITS, GROUP, MIN, S>(codes + r * rb, sc + r * gs, MIN ? mn + r * gs : nullptr, x, z.get(BITS));
   }
 }
 
-template <int BITS, int GROUP, bool MIN, typename S>
-void rows8_range(const QMat& w, const QX& x, const ZeroSums& z, const int64_t* rows, int64_t b, int64_t e, float* y) {
-  const int64_t rb = w.codes.stride(0), gs = w.scales.stride(0);
-  const uint8_t* codes = w.codes.data_ptr<uint8_t>();
-  const S* sc = w.scales.data_ptr<S>();
-  const S* mn = MIN ? w.mins.data_ptr<S>() : nullptr;
-  for (int64_t i = b; i < e; ++i) {
-    const int64_t r = rows ? rows[i] : i;
-    if (i + kRowsAhead < e) prefetch_row(codes + (rows ? rows[i + kRowsAhead] : i + kRowsAhead) * rb, rb);
-    y[i] = qdot<BITS, GROUP, MIN, S>(codes + r * rb, sc + r * gs, MIN ? mn + r * gs : nullptr, x, z.get(BITS));
+// x quantized to ``act_bits`` (int8 per 4-column lane, int16 per pair) with its zero sums, handed to f
+template <typename F>
+void with_quantized_x(int64_t act_bits, const float* x, int64_t width, F&& f) {
+  if (act_bits == 16) {
+    const QX16 qx = quantize_x16(x, width);
+    f(qx, zero_sums(pair_sums(qx)));
+  } else {
+    const QX qx = quantize_x(x, width);
+    f(qx, zero_sums(qx.lanesum));
   }
 }
 
@@ -463,7 +463,7 @@ void qaxpy_impl(const QMat& w, const int64_t* idx, const float* a, int64_t count
       const S* s = sc + g * gs + c0 * 64;
       const S* m = MIN ? mn + g * gs + c0 * 64 : nullptr;
       for (int64_t e = 0; e < n; ++e) {
-        yl[e] += to_float(s[e]) * (acc[e] - zero * total) + (MIN ? to_float(m[e]) * total : 0.f);
+        yl[e] += to_f(s[e]) * (acc[e] - zero * total) + (MIN ? to_f(m[e]) * total : 0.f);
         acc[e] = 0.f;
       }
     };
@@ -500,7 +500,7 @@ void dequant_impl(const QMat& w, int64_t r0, int64_t r1, float* out) {
       float* o = out + (r - r0) * w.width;
       for (int64_t i = 0; i < w.width; ++i) {
         const int64_t g = r * gs + i / GROUP;
-        o[i] = to_float(sc[g]) * (row[i] - zero) + (MIN ? to_float(mn[g]) : 0.f);
+        o[i] = to_f(sc[g]) * (row[i] - zero) + (MIN ? to_f(mn[g]) : 0.f);
       }
     }
   });
@@ -522,16 +522,10 @@ void dispatch(const QMat& w, Args&&... args) {
 }
 
 template <int B, int G, bool M, typename S>
-struct Rows8F {
-  static void run(const QMat& w, const QX& x, const ZeroSums& z, const int64_t* rows, int64_t b, int64_t e, float* y) {
-    rows8_range<B, G, M, S>(w, x, z, rows, b, e, y);
-  }
-};
-template <int B, int G, bool M, typename S>
-struct Rows16F {
-  static void run(const QMat& w, const QX16& x, const ZeroSums& z, const int64_t* rows, int64_t b, int64_t e,
-                  float* y) {
-    rows16_range<B, G, M, S>(w, x, z, rows, b, e, y);
+struct RowsF {
+  template <typename X>
+  static void run(const QMat& w, const X& x, const ZeroSums& z, const int64_t* rows, int64_t b, int64_t e, float* y) {
+    rows_range<B, G, M, S>(w, x, z, rows, b, e, y);
   }
 };
 template <int B, int G, bool M, typename S>
@@ -579,15 +573,9 @@ QMat make_qmat(const Tensor& codes, const Tensor& scales, const Tensor& mins, in
 }
 
 void qgemv(const QMat& w, const float* x, const int64_t* rows, int64_t count, float* y) {
-  if (w.act_bits == 16) {
-    const QX16 qx = quantize_x16(x, w.width);
-    const ZeroSums z = zero_sums(pair_sums(qx));
-    at::parallel_for(0, count, 16, [&](int64_t b, int64_t e) { dispatch<Rows16F>(w, qx, z, rows, b, e, y); });
-  } else {
-    const QX qx = quantize_x(x, w.width);
-    const ZeroSums z = zero_sums(qx.lanesum);
-    at::parallel_for(0, count, 16, [&](int64_t b, int64_t e) { dispatch<Rows8F>(w, qx, z, rows, b, e, y); });
-  }
+  with_quantized_x(w.act_bits, x, w.width, [&](const auto& qx, const ZeroSums& z) {
+    at::parallel_for(0, count, 16, [&](int64_t b, int64_t e) { dispatch<RowsF>(w, qx, z, rows, b, e, y); });
+  });
 }
 
 void qgemv_multi(const std::vector<const QMat*>& ws, const float* x, const std::vector<float*>& ys) {
@@ -599,23 +587,14 @@ void qgemv_multi(const std::vector<const QMat*>& ws, const float* x, const std::
     start[m + 1] = start[m] + ws[m]->n;
   }
   // rows b..e-1 of the stacked matrices: each matrix's part of them
-  auto run = [&](auto&& one) {
+  with_quantized_x(ws[0]->act_bits, x, ws[0]->width, [&](const auto& qx, const ZeroSums& z) {
     at::parallel_for(0, start.back(), 16, [&](int64_t b, int64_t e) {
       for (size_t m = 0; m < ws.size(); ++m) {
         const int64_t lo = std::max(b, start[m]), hi = std::min(e, start[m + 1]);
-        if (lo < hi) one(*ws[m], lo - start[m], hi - start[m], ys[m]);
+        if (lo < hi) dispatch<RowsF>(*ws[m], qx, z, nullptr, lo - start[m], hi - start[m], ys[m]);
       }
     });
-  };
-  if (ws[0]->act_bits == 16) {
-    const QX16 qx = quantize_x16(x, ws[0]->width);
-    const ZeroSums z = zero_sums(pair_sums(qx));
-    run([&](const QMat& w, int64_t b, int64_t e, float* y) { dispatch<Rows16F>(w, qx, z, nullptr, b, e, y); });
-  } else {
-    const QX qx = quantize_x(x, ws[0]->width);
-    const ZeroSums z = zero_sums(qx.lanesum);
-    run([&](const QMat& w, int64_t b, int64_t e, float* y) { dispatch<Rows8F>(w, qx, z, nullptr, b, e, y); });
-  }
+  });
 }
 
 void qaxpy(const QMat& w, const int64_t* idx, const float* a, int64_t count, int64_t out, float* y) {
@@ -673,9 +652,6 @@ Tensor qaxpy_op(Tensor a, Tensor idx, Tensor codes, Tensor scales, Tensor mins, 
 }
 
 }  // namespace
-
-#define HIRE_FRAGMENT(ns, m) TORCH_LIBRARY_FRAGMENT(ns, m)
-#define HIRE_FRAGMENT_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
 
 HIRE_FRAGMENT(HIRE_OPS_NAMESPACE, m) {
   m.def("qgemv(Tensor x, Tensor codes, Tensor scales, Tensor mins, int bits, int group, int width, Tensor rows, int act_bits) -> Tensor");

@@ -276,10 +276,6 @@ torch::Tensor ffn_decode(torch::Tensor scores, torch::Tensor x, torch::Tensor ro
 // Which SIMD path this build's kernels take: "avx512", "avx2" or "scalar".
 std::string simd_path() { return HIRE_SIMD; }
 
-// TORCH_LIBRARY pastes its namespace argument unexpanded: one more macro level expands it first.
-#define HIRE_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
-#define HIRE_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
-
 // Registered with the dispatcher (torch.ops.hire.*, or a variant's namespace): profiled as operators like aten's.
 HIRE_LIBRARY(HIRE_OPS_NAMESPACE, m) {
   m.def("rows_dot(Tensor x, Tensor w, Tensor idx, Tensor scales, int parts, int act) -> Tensor");
@@ -290,7 +286,7 @@ HIRE_LIBRARY(HIRE_OPS_NAMESPACE, m) {
   // no tensor arguments: a catch-all kernel, no dispatch key
 }
 
-HIRE_LIBRARY_IMPL(HIRE_OPS_NAMESPACE, CPU, m) {
+HIRE_FRAGMENT_IMPL(HIRE_OPS_NAMESPACE, CPU, m) {
   m.impl("rows_dot", &rows_dot);
   m.impl("rows_axpy", &rows_axpy);
   m.impl("ffn_rows", &ffn_rows_op);
