@@ -24,12 +24,9 @@ CACHE_FORMAT = 1
 
 def check_gguf(path: Path) -> None:
     """Clear errors for a missing, truncated or non-GGUF file before transformers sees it."""
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file {path} does not exist")
-    with path.open("rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise ValueError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); re-download or reinstall it")
+    from hire.quant.load import check_gguf_header
+
+    check_gguf_header(path)
     try:
         from gguf import GGUFReader
 

@@ -111,7 +111,8 @@ def _name_map(model: nn.Module, config) -> dict[str, str]:
     return names
 
 
-def _check_file(path: Path) -> None:
+def check_gguf_header(path: Path) -> None:
+    """Clear errors for a missing file or one that is not GGUF (its first four bytes)."""
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {path} does not exist")
     with path.open("rb") as f:
@@ -152,7 +153,7 @@ def load_quantized(path: str | Path, *, dtype: torch.dtype = torch.float32, act_
 
     path = Path(path)
     t0 = time.perf_counter()
-    _check_file(path)
+    check_gguf_header(path)
     meta = _meta_dir(path)
     config = AutoConfig.from_pretrained(meta, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(meta, local_files_only=True)

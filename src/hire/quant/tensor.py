@@ -187,9 +187,6 @@ class QTensor:
             return y.view(*lead, -1)
         return self.matmul(flat).view(*lead, -1)
 
-    def chunk_bytes(self) -> int:
-        return chunk_bytes(self.bits)
-
     def __repr__(self) -> str:
         return f"QTensor({self.format}, shape={self.shape}, layout={self.layout}, {self.nbytes / 1e6:.1f} MB)"
 
