@@ -475,14 +475,18 @@ def test_bad_text_sources_fail_before_the_model_loads(tmp_path, capsys):
 
 
 def test_eval_and_calibrate_on_the_packaged_domains(model_dir, tmp_path, capsys):
+    from hire.data import UNSEEN_DOMAINS
+
     assert main(["eval", "--model", model_dir, "--windows", "1", "--seq-len", "32", "--head-proxy", "int8",
                  "--head-candidates", "64", "--domains", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert list(result["domains"]) == ["prose", "code", "docs"] and result["worst"]["head_recall_at_1"] is not None
-    assert main(["calibrate", "--model", model_dir, "--steps", "2", "--seq-len", "32", "--calib-windows", "3",
-                 "--eval-windows", "3", "--head-rank", "8", "--head-candidates", "64", "--head-stage-candidates", "128",
-                 "--domains", "--out", str(tmp_path / "out"), "--json"]) == 0
+    assert list(result["domains"]) == ["prose", "python", "docs", "c", "english-chat", "languages"]
+    assert result["unseen"] == list(UNSEEN_DOMAINS) and result["worst"]["head_recall_at_1"] is not None
+    # no --text: calibrated on the packaged calibration domains, recall on each held-out one and the worst
+    assert main(["calibrate", "--model", model_dir, "--steps", "2", "--seq-len", "32", "--calib-windows", "5",
+                 "--eval-windows", "1", "--head-rank", "8", "--head-candidates", "64", "--head-stage-candidates", "128",
+                 "--out", str(tmp_path / "out"), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["calibration_states"] == 3 * 32 and r["held_out_text"] == "held-out domains"
-    assert main(["calibrate", "--model", model_dir, "--domains", "--text", str(tmp_path)]) == 2
-    assert "--domains chooses both texts" in capsys.readouterr().err
+    assert r["calibration_states"] == 5 * 32 and r["held_out_text"] == "packaged held-out domains"
+    assert list(r["held_out"]) == list(result["domains"])
+    assert r["trained_recall_at_k"] == min(d["trained_recall_at_k"] for d in r["held_out"].values())

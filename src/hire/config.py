@@ -185,6 +185,12 @@ class HeadConfig:
     proxy_file: str = setting("", "a saved low-rank proxy (hire calibrate writes one); relative to the config file")
     select_blocks: int = setting(0, "first pass: 0 = one exact top-k over the vocabulary; B = the best 1/B from "
                                     "each of B interleaved vocabulary blocks (local top-k, faster)")
+    optimism: float = setting(0.0, "low-rank proxy: add this many times each row's error spread over the calibration "
+                                   "states to its score, so the rows the proxy knows least get the benefit of the "
+                                   "doubt (0 = off)")
+    auto: bool = setting(False, "choose rank and k' on calibration text for the recall targets (hire.calibrate.auto: "
+                                "recall@1 >= 0.995, recall@k >= 0.99), else turn the head off; models without "
+                                "recommended settings get this")
 
     def __post_init__(self) -> None:
         check_field_types(self, "head.")
@@ -199,6 +205,7 @@ class HeadConfig:
         _check(self.bits in (4, 8), f"head bits must be 4 or 8, got {self.bits}")
         _check(self.group_size >= 1, f"head group_size must be >= 1, got {self.group_size}")
         _check(self.train_steps >= 0, f"head train_steps must be >= 0, got {self.train_steps}")
+        _check(self.optimism >= 0, f"head optimism must be >= 0, got {self.optimism}")
         _check(
             not self.proxy_file or self.proxy in ("lowrank", "cascade"),
             f"head proxy_file holds a low-rank proxy: it needs proxy 'lowrank' or 'cascade', not {self.proxy!r}",
@@ -255,7 +262,9 @@ class FFNConfig:
 
 @dataclass(frozen=True)
 class HiReConfig:
-    """Everything :func:`hire.sparsify_` needs. ``HiReConfig()`` is the recommended setting."""
+    """Everything :func:`hire.sparsify_` needs. ``HiReConfig()`` is a generic starting point; the
+    settings per model are ``hire.recommended.recommended_config`` (packaged models: measured;
+    others: the head chosen on calibration text)."""
 
     head: HeadConfig = field(default_factory=HeadConfig)
     ffn: FFNConfig = field(default_factory=FFNConfig)

@@ -14,6 +14,7 @@ import torch
 from hire.arch import engine_supported
 from hire.calibrate.prepare import prepare_model
 from hire.config import HiReConfig
+from hire.data import CALIBRATION_WINDOWS
 from hire.engine import Engine
 from hire.models.load import gguf_source
 from hire.patch import sparsify_
@@ -32,7 +33,7 @@ def generate_text(
     seed: int = 0,
     dtype: str = "float16",
     seq_len: int = 512,
-    calib_windows: int = 16,
+    calib_windows: int = CALIBRATION_WINDOWS,
     on_text: Callable[[str], None] = lambda text: None,
     progress: bool = True,
     quantized: bool = True,
@@ -46,8 +47,9 @@ def generate_text(
     quantized = quantized and gguf_source(model_name) is not None
     if quantized and config is not None:
         config = quantized_config(config)
-    model, tokenizer, head_proxy = prepare_model(model_name, config, seq_len=seq_len, calib_windows=calib_windows,
-                                                 progress=progress, quantized=quantized)
+    prepared = prepare_model(model_name, config, seq_len=seq_len, calib_windows=calib_windows, progress=progress,
+                             quantized=quantized)
+    model, tokenizer, head_proxy, config = prepared.model, prepared.tokenizer, prepared.head_proxy, prepared.config
     ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
     if not engine_supported(model.config.model_type):
         return _generate_transformers(model, tokenizer, config, head_proxy, ids, max_new_tokens=max_new_tokens,

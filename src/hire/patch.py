@@ -31,6 +31,10 @@ def build_head_selector(
     weight: torch.Tensor, cfg: HeadConfig, head_states: torch.Tensor | None = None, lowrank: LowRankProxy | None = None
 ) -> Cascade:
     """The candidate selector for an LM head weight (V, D) under ``cfg``."""
+    if cfg.auto:
+        raise ValueError("the head config says auto: its rank and k' are chosen on calibration text first, with "
+                         "hire.calibrate.prepare.resolve_auto_head(model, config, windows) (hire.prepare_model and "
+                         "every command do this)")
     vocab, width = weight.shape
     check_k(cfg.k, vocab, "head k")
     check_k(cfg.candidates, vocab, "head candidates (k')")

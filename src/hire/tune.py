@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from hire.config import FFNConfig, HeadConfig, HiReConfig
-from hire.data import load_corpus, read_text, token_windows
+from hire.data import calibration_windows, read_text, token_windows
 from hire.eval.quality import perplexity
 from hire.files import refuse_overwrite
 from hire.models import load_model
@@ -254,7 +254,7 @@ def tune_model(
     text: str | Path | None = None,
 ) -> dict:
     """`hire tune`: :func:`tune_ffn` for ``model_name`` on ``windows`` calibration windows of
-    ``seq_len`` tokens (of ``text``, a file, directory or JSONL, instead of the corpus's calibration split) (sensitivities on the first ``sensitivity_windows`` of them, at most all),
+    ``seq_len`` tokens (of ``text``, a file, directory or JSONL, else of the packaged calibration domains) (sensitivities on the first ``sensitivity_windows`` of them, at most all),
     the chosen config written to ``out`` (atomically; an existing file only with ``force``).
     Returns the report (the JSON of ``hire tune``)."""
 
@@ -265,12 +265,14 @@ def tune_model(
     refuse_overwrite(out, force, "--out")
     calib_text = read_text(text) if text is not None else None  # refused before the model loads
     model, tokenizer = load_model(model_name)
-    calib = token_windows(tokenizer, calib_text if calib_text is not None else load_corpus().text("calibration"),
-                          seq_len, windows, source=str(text or "the calibration split"), spread=text is not None)
+    if calib_text is None:
+        calib = calibration_windows(tokenizer, seq_len, windows)
+    else:
+        calib = token_windows(tokenizer, calib_text, seq_len, windows, source=str(text), spread=True)
     r = tune_ffn(model, config, calib, max_ppl_increase, densities=tuple(densities),
                  sensitivity_windows=min(sensitivity_windows, calib.shape[0]), steps=steps, progress=progress)
     r.config.save(out)  # atomic
-    return {"model": model_name, "text": str(text or "corpus calibration split"), "config": str(out),
+    return {"model": model_name, "text": str(text or "packaged calibration domains"), "config": str(out),
             "max_ppl_increase": max_ppl_increase, "winner": r.winner,
             "windows": int(calib.shape[0]), "ppl_dense": r.ppl_dense, "ppl_hire": r.ppl_hire,
             "ppl_increase": r.ppl_hire / r.ppl_dense - 1, "ffn_bytes_fraction": r.ffn_bytes / r.ffn_bytes_dense,

@@ -18,6 +18,7 @@ from torch import nn
 from hire import native
 from hire.calibrate.prepare import prepare_model
 from hire.config import HiReConfig
+from hire.data import CALIBRATION_WINDOWS
 from hire.engine import Engine
 from hire.eval.bytes import bytes_per_token
 from hire.files import refuse_overwrite
@@ -226,7 +227,7 @@ def bench_model(
     vs_transformers: bool = False,
     llama_cpp: bool = False,
     seq_len: int = 512,
-    calib_windows: int = 16,
+    calib_windows: int = CALIBRATION_WINDOWS,
     plot: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
@@ -243,8 +244,9 @@ def bench_model(
     quantized = quantized and gguf_source(model_name) is not None
     if quantized:
         config = quantized_config(config)
-    model, tokenizer, head_proxy = prepare_model(model_name, config, seq_len=seq_len, calib_windows=calib_windows,
-                                                 progress=progress, quantized=quantized)
+    prepared = prepare_model(model_name, config, seq_len=seq_len, calib_windows=calib_windows, progress=progress,
+                             quantized=quantized)
+    model, tokenizer, head_proxy, config = prepared.model, prepared.tokenizer, prepared.head_proxy, prepared.config
     ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
     extra = {}
     if vs_transformers:  # before the engine casts and patches the model

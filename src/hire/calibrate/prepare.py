@@ -3,29 +3,74 @@ when it was fitted before). What every measuring command (eval, bench, generate,
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from typing import NamedTuple
 
+import torch
 from torch import nn
 
-from hire.calibrate import cached_head_proxy, needs_states
+from hire.calibrate.auto import TARGET_RECALL_AT_1, TARGET_RECALL_AT_K, choose_head, chosen_head
+from hire.calibrate.proxy_cache import cached_head_proxy, weight_fingerprint
+from hire.calibrate.states import collect_head_states, head_weight, needs_states
 from hire.config import HiReConfig
-from hire.data import load_corpus, token_windows
+from hire.data import CALIBRATION_WINDOWS, calibration_windows
+from hire.files import atomic_path
 from hire.models import load_model
+from hire.paths import cache_dir
 
 
 class Prepared(NamedTuple):
     model: nn.Module
     tokenizer: object
     head_proxy: object | None  # a LowRankProxy when the head config needs one, else None
+    config: HiReConfig | None  # the config given, with an ``auto`` head resolved to what was chosen
+    auto: dict | None = None  # hire.calibrate.auto.choose_head's report when the head was chosen
 
 
-def prepare_model(model_name: str, config: HiReConfig | None, *, seq_len: int = 512, calib_windows: int = 16,
-                  progress: bool = True, quantized: bool = False) -> Prepared:
-    """Load ``model_name`` and fetch (or fit on ``calib_windows`` calibration windows of ``seq_len``
-    tokens, and cache) the low-rank head proxy ``config`` needs. ``config=None``: the model alone."""
+def resolve_auto_head(model: nn.Module, config: HiReConfig, windows: torch.Tensor,
+                      progress: bool = True) -> tuple[HiReConfig, dict]:
+    """``config`` with its ``auto`` head chosen (hire.calibrate.auto.choose_head) on ``windows``: the
+    proxy is fitted on three windows in four and checked on the fourth. The choice is cached by
+    weight, windows and targets (a JSON file beside the fitted proxies)."""
+    if windows.shape[0] < 4:
+        raise ValueError(f"choosing the head (auto) needs at least 4 calibration windows, got {windows.shape[0]}; "
+                         "raise --calib-windows")
+    head = config.head
+    meta = {"weight": weight_fingerprint(head_weight(model)), "k": head.k, "rank_bits": head.rank_bits,
+            "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16],
+            "targets": [TARGET_RECALL_AT_1, TARGET_RECALL_AT_K], "version": 1}
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir("proxies") / f"head-auto-{key}.json"
+    report = None
+    if path.is_file():
+        try:
+            report = json.loads(path.read_text())
+            head = chosen_head(head, report["chosen"])
+        except (ValueError, KeyError, TypeError):
+            report = None  # a damaged cache entry is chosen again and rewritten
+    if report is None:
+        check = torch.arange(windows.shape[0]) % 4 == 3
+        fit_states = collect_head_states(model, windows[~check], progress=progress)
+        check_states = collect_head_states(model, windows[check], progress=progress)
+        head, report = choose_head(model, config.head, fit_states, check_states)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(report, indent=1))
+    return dataclasses.replace(config, head=head), report
+
+
+def prepare_model(model_name: str, config: HiReConfig | None, *, seq_len: int = 512,
+                  calib_windows: int = CALIBRATION_WINDOWS, progress: bool = True, quantized: bool = False) -> Prepared:
+    """Load ``model_name``; choose its head when ``config.head.auto`` (``resolve_auto_head``); fetch
+    (or fit on ``calib_windows`` windows of ``seq_len`` tokens of ``hire.data.calibration_windows``,
+    and cache) the low-rank head proxy the config needs. ``config=None``: the model alone."""
     model, tokenizer = load_model(model_name, quantized=quantized)
-    head_proxy = None
-    if config is not None and needs_states(config.head):
-        calib = token_windows(tokenizer, load_corpus().text("calibration"), seq_len, calib_windows)
-        head_proxy = cached_head_proxy(model, config.head, calib, progress=progress)
-    return Prepared(model, tokenizer, head_proxy)
+    head_proxy = auto = None
+    if config is not None and config.head.enabled and (config.head.auto or needs_states(config.head)):
+        calib = calibration_windows(tokenizer, seq_len, calib_windows)
+        if config.head.auto:
+            config, auto = resolve_auto_head(model, config, calib, progress=progress)
+        if needs_states(config.head):
+            head_proxy = cached_head_proxy(model, config.head, calib, progress=progress)
+    return Prepared(model, tokenizer, head_proxy, config, auto)

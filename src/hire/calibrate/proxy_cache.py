@@ -27,12 +27,15 @@ def fit_head_proxy(model: nn.Module, cfg: HeadConfig, states: torch.Tensor) -> L
 
 
 def fit_and_train(model: nn.Module, cfg: HeadConfig, states: torch.Tensor, progress: bool = True):
-    """The activation-aware fit, then ``cfg.train_steps`` of recall training when asked.
+    """The activation-aware fit, then ``cfg.train_steps`` of recall training when asked, then the
+    rows' optimism bias (``cfg.optimism``, LowRankProxy.with_optimism) for the final factors.
     Returns the proxy and the training log (None without training)."""
-    proxy = fit_head_proxy(model, cfg, states)
-    if not cfg.train_steps:
-        return proxy, None
-    return train_lowrank_proxy(head_weight(model), proxy, states, cfg.train_steps, progress=progress)
+    proxy, log = fit_head_proxy(model, cfg, states), None
+    if cfg.train_steps:
+        proxy, log = train_lowrank_proxy(head_weight(model), proxy, states, cfg.train_steps, progress=progress)
+    if cfg.optimism:
+        proxy = proxy.with_optimism(head_weight(model), states, cfg.optimism)
+    return proxy, log
 
 
 def weight_fingerprint(weight: torch.Tensor) -> str:
@@ -44,7 +47,11 @@ def weight_fingerprint(weight: torch.Tensor) -> str:
 
 def proxy_meta(model: nn.Module, cfg: HeadConfig) -> dict:
     """What a saved low-rank head proxy must match to be used for ``model`` under ``cfg``."""
-    return {"weight": weight_fingerprint(head_weight(model)), "rank": cfg.rank, "rank_bits": cfg.rank_bits}
+    return {"weight": weight_fingerprint(head_weight(model)), "rank": cfg.rank, "rank_bits": cfg.rank_bits,
+            "optimism": cfg.optimism}
+
+
+META_DEFAULTS = {"optimism": 0.0}  # what a proxy file written before the field existed was fitted with
 
 
 def save_head_proxy(path: str | Path, proxy: LowRankProxy, meta: dict) -> None:
@@ -71,7 +78,7 @@ def load_head_proxy(path: str | Path, expect: dict | None = None) -> LowRankProx
     except Exception as err:
         raise ValueError(f"head proxy file {path} is corrupt ({type(err).__name__}: {err}); delete it to refit") from err
     for key, value in (expect or {}).items():
-        if meta.get(key) != value:
+        if meta.get(key, META_DEFAULTS.get(key)) != value:
             raise ValueError(f"head proxy file {path} was fitted for {key}={meta.get(key)!r}, not {value!r}; refit it")
     return proxy
 

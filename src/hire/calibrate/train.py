@@ -28,10 +28,6 @@ class TrainLog:
     loss: list[float] = field(default_factory=list)
 
 
-def _dense_u(proxy: LowRankProxy) -> torch.Tensor:
-    return proxy.u.dequantize(dtype=torch.float32) if isinstance(proxy.u, QuantizedMatrix) else proxy.u.float()
-
-
 def proxy_kl_loss(h: torch.Tensor, w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(softmax(W h / T) || softmax(U V h / T)), batch mean; no gradient reaches W or h.
 
@@ -86,7 +82,7 @@ def train_lowrank_proxy(
         raise ValueError(f"head states must be (N, {w.shape[1]}), got {tuple(states.shape)}")
     if proxy.shape != tuple(w.shape):
         raise ValueError(f"proxy shape {proxy.shape} does not match the head weight {tuple(w.shape)}")
-    u = _dense_u(proxy).clone().requires_grad_(True)
+    u = proxy.dense_u().clone().requires_grad_(True)
     v = proxy.v.float().clone().requires_grad_(True)
     opt = rms_adam([u, v], lr)
     gen = torch.Generator().manual_seed(seed)

@@ -16,6 +16,7 @@ import typing
 from typing import Any, Callable
 
 from hire.config import AGGREGATES, FFN_PROXIES, HEAD_PROXIES, FFNConfig, HeadConfig, HiReConfig
+from hire.data import CALIBRATION_WINDOWS
 from hire.recommended import recommended_config
 from hire.train.sparse_ft import SparseFTConfig
 
@@ -111,7 +112,7 @@ def names(choices) -> Callable[[str], tuple[str, ...]]:
 FIELD_CHOICES = {(HeadConfig, "proxy"): HEAD_PROXIES, (FFNConfig, "proxy"): FFN_PROXIES,
                  (FFNConfig, "aggregate"): AGGREGATES}
 # fields set another way, not by a flag of their own
-NOT_FLAGS = {(HeadConfig, "enabled"): "--no-head", (FFNConfig, "enabled"): "--no-ffn",
+NOT_FLAGS = {(HeadConfig, "enabled"): "--no-head", (HeadConfig, "auto"): "--head-auto", (FFNConfig, "enabled"): "--no-ffn",
              (FFNConfig, "layer_density"): "hire tune writes it", (SparseFTConfig, "layer_density"): "--allocate"}
 
 
@@ -158,7 +159,7 @@ def given(args: argparse.Namespace, cls: type, dest_prefix: str = "") -> dict[st
 
 
 # --- the model and its HiRE config ----------------------------------------------------------------
-def add_model_args(p: argparse.ArgumentParser, *, calib_default: int = 16, seq_len_default: int = 512) -> None:
+def add_model_args(p: argparse.ArgumentParser, *, calib_default: int = CALIBRATION_WINDOWS, seq_len_default: int = 512) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="built-in name (smollm2-135m, gemma3-270m), a Hugging Face model directory, or a .gguf file "
                         "(default: smollm2-135m)")
@@ -167,6 +168,9 @@ def add_model_args(p: argparse.ArgumentParser, *, calib_default: int = 16, seq_l
                                            "the model's recommended settings)")
     add_config_flags(head, HeadConfig, prefix="head_", dest_prefix="head_", show_default=False)
     head.add_argument("--no-head", action="store_true", help="leave the LM head dense")
+    head.add_argument("--head-auto", action="store_true",
+                      help="choose the head's rank and k' on calibration text for recall@1 >= 0.995 and recall@k >= "
+                           "0.99 (what models without recommended settings get)")
     ffn = p.add_argument_group("FFN", "each flag overrides that field of ffn in the config")
     add_config_flags(ffn, FFNConfig, prefix="ffn_", dest_prefix="ffn_", show_default=False)
     ffn.add_argument("--no-ffn", action="store_true", help="leave the FFNs dense")
@@ -177,12 +181,20 @@ def add_model_args(p: argparse.ArgumentParser, *, calib_default: int = 16, seq_l
                    help=f"tokens per window (default {seq_len_default})")
 
 
+AUTO_KEEPS = {"k", "rank_bits"}  # head flags an auto head (--head-auto, models without settings) is chosen for
+
+
 def build_config(args: argparse.Namespace) -> HiReConfig:
     """The HiRE config: --config (or the model's recommended one) with the flags given over it.
     Validated as it is built (a bad value raises ValueError naming the field), before anything loads."""
     base = HiReConfig.load(args.config) if args.config else recommended_config(args.model)
-    head = dataclasses.replace(base.head, **given(args, HeadConfig, "head_"))
+    head_flags = given(args, HeadConfig, "head_")
+    head = dataclasses.replace(base.head, **head_flags)
+    if head.auto and set(head_flags) - AUTO_KEEPS:  # the user set the head: nothing left to choose
+        head = dataclasses.replace(head, auto=False)
     ffn = dataclasses.replace(base.ffn, **given(args, FFNConfig, "ffn_"))
+    if args.head_auto:
+        head = dataclasses.replace(head, auto=True)
     if args.no_head:
         head = dataclasses.replace(head, enabled=False)
     if args.no_ffn:

@@ -23,14 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-windows", type=integer(minimum=1), default=4,
                    help="held-out windows for the recall report (default 4)")
     p.add_argument("--text", metavar="PATH",
-                   help="calibration text instead of the corpus's calibration split: a text file, a directory of "
-                        "them, or JSONL with a 'text' field")
-    p.add_argument("--eval-text", metavar="PATH", help="held-out text for the recall report (same forms; default: "
-                                                        "the corpus's evaluation split)")
-    p.add_argument("--domains", action="store_true",
-                   help="calibrate on the packaged domains in equal shares (prose: Shakespeare and Milton; code: "
-                        "jinja2's source; docs: jinja2's documentation) and report recall on the held-out ones "
-                        "(other plays; click's source and documentation)")
+                   help="calibration text: a text file, a directory of them, or JSONL with a 'text' field (default: "
+                        "the packaged calibration domains in equal shares: prose, python, code in 400+ languages "
+                        "but not C, docs, chat in 25 languages)")
+    p.add_argument("--eval-text", metavar="PATH",
+                   help="held-out text for the recall report (same forms; default: each packaged held-out domain: "
+                        "prose, python, docs, and c, english-chat, languages, which no calibration text shares)")
     p.add_argument("--out", help=f"output directory for {CONFIG_NAME} and {PROXY_NAME} (default hire-MODEL)")
     p.add_argument("--plot", help="write a PNG of the training loss")
     add_force(p)
@@ -42,16 +40,19 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or f"hire-{Path(args.model).name}"
     r = calibrate_head(args.model, config, out, steps=args.steps, seq_len=args.seq_len,
                        calib_windows=args.calib_windows, eval_windows=args.eval_windows, plot=args.plot,
-                       force=args.force, progress=not args.json, text=args.text, eval_text=args.eval_text,
-                       domains=args.domains)
+                       force=args.force, progress=not args.json, text=args.text, eval_text=args.eval_text)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
     print(f"{args.model}: head proxy rank {r['rank']}, {r['steps']} steps on {r['calibration_states']} calibration "
           f"states; loss {r['loss_first']:.4f} -> {r['loss_last']:.4f}")
-    print(f"held-out ({r['held_out_states']} positions), k'={r['candidates']}:  recall@1 / recall@{r['k']}")
-    for name in ("fitted", "trained"):
-        print(f"  {name:8s} {r[f'{name}_recall_at_1']:.4f} / {r[f'{name}_recall_at_k']:.4f}")
+    if "auto" in r:
+        print(f"chosen on calibration text: rank {r['rank']}, k' {r['candidates']}")
+    first = r["stage_candidates"] or r["candidates"]
+    print(f"held-out ({r['held_out_states']} positions), k'={first}:  recall@1 / recall@{r['k']}, fitted -> trained")
+    for name, h in [*r["held_out"].items(), ("worst", r)]:
+        print(f"  {name:16s} {h['fitted_recall_at_1']:.4f} / {h['fitted_recall_at_k']:.4f} -> "
+              f"{h['trained_recall_at_1']:.4f} / {h['trained_recall_at_k']:.4f}")
     print(f"head bytes {100 * r['head_bytes_fraction']:.1f} % of the 16-bit head")
     print(f"wrote {r['config']} and {r['proxy_file']}; use: hire eval --model {args.model} --config {r['config']}")
     return 0

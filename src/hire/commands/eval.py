@@ -26,8 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="held-out text instead of the corpus's evaluation split: a text file, a directory of them, or "
                         "JSONL with a 'text' field; give it several times for per-domain results and the worst of each")
     p.add_argument("--domains", action="store_true",
-                   help="evaluate on the held-out side of the packaged domains (prose: Shakespeare plays; code: "
-                        "click's source; docs: click's documentation), per domain and the worst")
+                   help="evaluate on the packaged held-out domains, per domain and the worst: prose (Shakespeare "
+                        "plays), python and docs (click's source and documentation), and three no calibration text is "
+                        "of: c (lz4's C source), english-chat, languages (Russian and Swedish dialogue)")
     p.add_argument("--dequantized", action="store_true",
                    help="evaluate a GGUF model dequantized to float32 with the config as given (the default runs it "
                         "in its GGUF block codes with the HiRE head only, as hire bench and hire generate do)")
@@ -45,12 +46,28 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=None if args.compact else 2))
     elif "domains" in result:
-        blocks = [f"--- {name}\n{format_eval(r)}" for name, r in result["domains"].items()]
+        unseen = set(result.get("unseen", ()))
+        blocks = [f"--- {name}{' (no calibration text is of this domain)' if name in unseen else ''}\n{format_eval(r)}"
+                  for name, r in result["domains"].items()]
         worst = "   ".join(f"{key} {fmt(value)}" for key, value in result["worst"].items())
         print("\n\n".join(blocks) + f"\n\nworst over {len(blocks)} domains: {worst}")
     else:
         print(format_eval(result))
+    if result.get("auto"):
+        print(format_auto(result["auto"]))
     return 0
+
+
+def format_auto(auto: dict) -> str:
+    """What hire.calibrate.auto chose for a model without recommended settings."""
+    t = auto["targets"]
+    tried = ", ".join(f"rank {e['rank']}: k' {e['candidates'] or '-'}" for e in auto["tried"])
+    if auto["chosen"] is None:
+        return f"head chosen on calibration text: none ({auto['reason']}); tried {tried}"
+    c = auto["chosen"]
+    return (f"head chosen on calibration text for recall@1 >= {t['recall_at_1']} and recall@k >= {t['recall_at_k']}: "
+            f"rank {c['rank']}, k' {c['candidates']} ({100 * c['bytes_fraction']:.1f} % of the 16-bit head; check "
+            f"recall {c['recall_at_1']:.4f} / {c['recall_at_k']:.4f}); tried {tried}")
 
 
 def format_eval(r: dict) -> str:
@@ -69,7 +86,8 @@ def format_eval(r: dict) -> str:
         f"perplexity      dense {r['ppl_dense']:.3f}   HiRE FFN {r['ppl_hire']:.3f}   ({100 * r['ppl_increase']:+.2f}%)",
         f"greedy agreement, full HiRE vs dense: {fmt(r['greedy_agreement'])}",
         f"LM head         recall@1 {fmt(r['head_recall_at_1'])}   recall@{c['head']['k']} {fmt(r['head_recall_at_k'])}"
-        f"   greedy agreement {fmt(r['head_greedy_agreement'])}",
+        f"   greedy agreement {fmt(r['head_greedy_agreement'])}"
+        f"   bytes {fmt(r.get('head_bytes_fraction_16bit'), '.3f')} of the 16-bit head",
         f"FFN             recall (mean over layers) {fmt(r['ffn_recall'])}",
         "",
         f"{'bytes/token':12s} {'dense MiB':>10s} {'HiRE MiB':>10s} {'fraction':>9s}",

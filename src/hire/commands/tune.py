@@ -28,8 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=integer(minimum=0), default=10,
                    help="bisection steps on the price, one perplexity pass each (default 10)")
     p.add_argument("--text", metavar="PATH",
-                   help="calibration text instead of the corpus's calibration split: a text file, a directory of "
-                        "them, or JSONL with a 'text' field")
+                   help="calibration text: a text file, a directory of them, or JSONL with a 'text' field "
+                        "(default: the packaged calibration domains, as hire calibrate)")
     p.add_argument("--out", help="config file to write (default hire-MODEL-tuned.json)")
     add_force(p)
     add_json(p)

@@ -11,7 +11,7 @@ import statistics
 import torch
 
 from hire.calibrate.prepare import prepare_model
-from hire.data import load_corpus, token_windows
+from hire.data import CALIBRATION_WINDOWS, load_corpus, token_windows
 from hire.distributed.comm import launch, launched_by_torchrun, main_rank_first, tp_group
 from hire.distributed.tp import MODES, TPEngine
 from hire.engine import Engine
@@ -185,7 +185,7 @@ def run_tp(
     threads: int | None = None,
     dtype: str = "float16",
     seq_len: int = 512,
-    calib_windows: int = 16,
+    calib_windows: int = CALIBRATION_WINDOWS,
     prompt: str = "",
     tokens: int = 64,
     rounds: int = 5,
@@ -219,8 +219,8 @@ def run_tp(
         comm.check_same("command line", " ".join(argv))
         quiet = not progress or not comm.is_main
         with main_rank_first(comm, max(timeout, 3600)):
-            model, tokenizer, head_proxy = prepare_model(model_name, config, seq_len=seq_len,
-                                                         calib_windows=calib_windows, progress=not quiet)
+            prepared = prepare_model(model_name, config, seq_len=seq_len, calib_windows=calib_windows, progress=not quiet)
+            model, tokenizer, head_proxy, config = prepared.model, prepared.tokenizer, prepared.head_proxy, prepared.config
         torch_dtype = getattr(torch, dtype)
         if command == "bench":
             ids = tokenizer(prompt, return_tensors="pt").input_ids[0]

@@ -75,4 +75,6 @@ def bytes_per_token(model: nn.Module) -> dict:
         hire["ffn"] = sum(f.nbytes() for f in ffns) + (dense["ffn"] - sum(f.dense_nbytes() for f in ffns))
     dense["total"] = sum(dense[p] for p in PARTS)
     hire["total"] = sum(hire[p] for p in PARTS)
+    # the head in 16 bits, whatever it is stored in: the yardstick of head_bytes_fraction_16bit
+    dense["head_16bit"] = head_base.out_features * head_base.in_features * BYTES_16
     return {"dense": dense, "hire": hire}

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from hire.arch import head_module
 from hire.calibrate.prepare import prepare_model
 from hire.config import HiReConfig
-from hire.data import load_corpus, load_domains, read_text, token_windows
+from hire.data import CALIBRATION_WINDOWS, UNSEEN_DOMAINS, load_corpus, load_domains, read_text, token_windows
 from hire.eval.bytes import bytes_per_token
 from hire.models.load import gguf_source
 from hire.patch import hire_layers, set_mode, sparsify_, unsparsify_
@@ -140,6 +140,7 @@ def evaluate(
         "bytes_per_token_dense": dense_b["total"],
         "bytes_per_token_hire": hire_b["total"],
         "head_bytes_fraction": hire_b["head"] / dense_b["head"],
+        "head_bytes_fraction_16bit": hire_b["head"] / dense_b["head_16bit"],
         "ffn_bytes_fraction": hire_b["ffn"] / dense_b["ffn"] if dense_b["ffn"] else None,
         "bytes_dense": dense_b,
         "bytes_hire": hire_b,
@@ -151,11 +152,11 @@ def evaluate(
 
 
 WORST = {"ppl_increase": max, "greedy_agreement": min, "head_recall_at_1": min, "head_recall_at_k": min,
-         "head_greedy_agreement": min, "ffn_recall": min}  # what "worst" means for each per-domain figure
+         "head_greedy_agreement": min, "ffn_recall": min, "head_bytes_fraction": max, "head_bytes_fraction_16bit": max}  # what "worst" means for each per-domain figure
 
 
 def evaluate_model(model_name: str, config: HiReConfig, *, windows: int = 8, seq_len: int = 512,
-                   calib_windows: int = 16, progress: bool = True, quantized: bool = True,
+                   calib_windows: int = CALIBRATION_WINDOWS, progress: bool = True, quantized: bool = True,
                    texts: list[str | Path] | None = None, domains: bool = False) -> dict:
     """`hire eval`: load ``model_name`` with the head proxy ``config`` needs, then :func:`evaluate` on
     ``windows`` windows of ``seq_len`` tokens of the corpus's evaluation split, or of each of
@@ -163,15 +164,18 @@ def evaluate_model(model_name: str, config: HiReConfig, *, windows: int = 8, seq
     and the worst of each figure). ``quantized``: a GGUF model runs in its block codes with
     ``quantized_config(config)`` (HiRE head only), as hire bench and hire generate run it; else
     dequantized to float32 with ``config`` as given. ``domains``: the held-out side of
-    ``hire.data.load_domains`` (prose, code, docs) as the texts."""
+    ``hire.data.load_domains`` (prose, python, docs, and the unseen c, english-chat, languages) as
+    the texts. An ``auto`` head is chosen on calibration text first (``prepare_model``); the result's
+    ``config`` is the one measured and ``auto`` the choice's report."""
     sources = {str(p): read_text(p) for p in texts or []}  # read (and refused) before the model loads
-    if domains:
-        sources.update(load_domains()["held_out"])
     quantized = quantized and gguf_source(model_name) is not None
     if quantized:
         config = quantized_config(config)
-    model, tokenizer, head_proxy = prepare_model(model_name, config, seq_len=seq_len, calib_windows=calib_windows,
-                                                 progress=progress, quantized=quantized)
+    prepared = prepare_model(model_name, config, seq_len=seq_len, calib_windows=calib_windows, progress=progress,
+                             quantized=quantized)
+    model, tokenizer, head_proxy, config = prepared.model, prepared.tokenizer, prepared.head_proxy, prepared.config
+    if domains:
+        sources.update(load_domains(tokenizer)["held_out"])
     if not sources:
         sources = {"corpus evaluation split": load_corpus().text("evaluation")}
     results = {}
@@ -179,10 +183,16 @@ def evaluate_model(model_name: str, config: HiReConfig, *, windows: int = 8, seq
         held = token_windows(tokenizer, text, seq_len, windows, source=name, spread=bool(texts) or domains)
         results[name] = evaluate(model, held, config, head_proxy=head_proxy, progress=progress)
         results[name].update(model=model_name, weights="gguf" if quantized else "float32", text=name)
+    if prepared.auto is not None:
+        for r in results.values():
+            r["auto"] = prepared.auto
     if len(results) == 1:
         return next(iter(results.values()))
     worst = {key: pick(r[key] for r in results.values() if r[key] is not None) if any(
         r[key] is not None for r in results.values()) else None for key, pick in WORST.items()}
     first = next(iter(results.values()))
-    return {"model": model_name, "weights": first["weights"], "config": first["config"], "domains": results,
-            "worst": worst}
+    out = {"model": model_name, "weights": first["weights"], "config": first["config"], "domains": results,
+           "worst": worst, "unseen": [name for name in UNSEEN_DOMAINS if domains and name in results]}
+    if prepared.auto is not None:
+        out["auto"] = prepared.auto
+    return out

@@ -44,10 +44,11 @@ Tensor pack_lowrank(Tensor codes) {
   return u.view({v / kTile, kTile, r / 4, 4}).permute({0, 2, 1, 3}).contiguous();  // (V/16, r/4, 16, 4)
 }
 
-// The 16 rows' scores, scale * sum of code * zq, of one tile; returns a bit per row whose score
-// beats its block's current minimum (floor), which is all the caller then looks at.
+// The 16 rows' scores, scale * sum of code * zq (+ bias * inv where the proxy has a row bias: inv
+// is 1 / z's scale, so the bias keeps its size next to the unscaled sums), of one tile; returns a bit
+// per row whose score beats its block's current minimum (floor), which is all the caller looks at.
 inline uint32_t tile_scores(const uint8_t* tile, const int32_t* z4, int64_t groups, int32_t offset, const float* scale,
-                            const float* floor, float* out) {
+                            const c10::Half* bias, float inv, const float* floor, float* out) {
 #if defined(__AVX512BW__)
   __m512i acc = _mm512_set1_epi32(-offset);
   for (int64_t g = 0; g < groups; ++g) {
@@ -60,7 +61,9 @@ inline uint32_t tile_scores(const uint8_t* tile, const int32_t* z4, int64_t grou
     acc = _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(_mm512_abs_epi8(t), zs), _mm512_set1_epi16(1)));
 #endif
   }
-  const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(scale));
+  __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(scale));
+  if (bias)
+    v = _mm512_add_ps(v, _mm512_mul_ps(load_w(bias), _mm512_set1_ps(inv)));
   _mm512_storeu_ps(out, v);
   return _mm512_cmp_ps_mask(v, _mm512_loadu_ps(floor), _CMP_GT_OQ);
 #elif !HIRE_SCALAR
@@ -74,8 +77,13 @@ inline uint32_t tile_scores(const uint8_t* tile, const int32_t* z4, int64_t grou
     acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(t0), _mm256_sign_epi8(zb, t0)), ones));
     acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(t1), _mm256_sign_epi8(zb, t1)), ones));
   }
-  const __m256 v0 = _mm256_mul_ps(_mm256_cvtepi32_ps(acc0), _mm256_loadu_ps(scale));
-  const __m256 v1 = _mm256_mul_ps(_mm256_cvtepi32_ps(acc1), _mm256_loadu_ps(scale + 8));
+  __m256 v0 = _mm256_mul_ps(_mm256_cvtepi32_ps(acc0), _mm256_loadu_ps(scale));
+  __m256 v1 = _mm256_mul_ps(_mm256_cvtepi32_ps(acc1), _mm256_loadu_ps(scale + 8));
+  if (bias) {
+    const __m256 iv = _mm256_set1_ps(inv);
+    v0 = _mm256_add_ps(v0, _mm256_mul_ps(load_w(bias), iv));
+    v1 = _mm256_add_ps(v1, _mm256_mul_ps(load_w(bias + 8), iv));
+  }
   _mm256_storeu_ps(out, v0);
   _mm256_storeu_ps(out + 8, v1);
   return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(v0, _mm256_loadu_ps(floor), _CMP_GT_OQ))) |
@@ -89,6 +97,7 @@ inline uint32_t tile_scores(const uint8_t* tile, const int32_t* z4, int64_t grou
       for (int64_t k = 0; k < 4; ++k) sum += static_cast<int8_t>(tile[g * 64 + j * 4 + k]) * z[k];  // kBias is 0
     }
     out[j] = static_cast<float>(sum) * scale[j];
+    if (bias) out[j] += to_f(bias[j]) * inv;
     if (out[j] > floor[j]) mask |= 1u << j;
   }
   return mask;
@@ -111,8 +120,10 @@ struct Best {
 
 }  // namespace
 
-// z: (r,), packed: (V/16, r/4, 16, 4) uint8, scales: (V,) float32 -> (blocks * per,) int64 rows
-Tensor lowrank_block_topk(Tensor z, Tensor packed, Tensor scales, int64_t blocks, int64_t per) {
+// z: (r,), packed: (V/16, r/4, 16, 4) uint8, scales: (V,) float32, bias: (V,) float16 or none
+// -> (blocks * per,) int64 rows
+Tensor lowrank_block_topk(Tensor z, Tensor packed, Tensor scales, int64_t blocks, int64_t per,
+                          std::optional<Tensor> bias) {
   TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kTile && packed.size(3) == 4 && packed.is_contiguous() &&
               packed.scalar_type() == (kBias ? torch::kByte : torch::kChar), "packed must come from this build's pack_lowrank");
   const int64_t tiles = packed.size(0), groups = packed.size(1), v = tiles * kTile, r = groups * 4;
@@ -121,13 +132,16 @@ Tensor lowrank_block_topk(Tensor z, Tensor packed, Tensor scales, int64_t blocks
               "scales: float32, one per row (", v, ")");
   TORCH_CHECK(blocks >= kTile && blocks % kTile == 0 && v % blocks == 0, "blocks must be a multiple of ", kTile,
               " dividing ", v, ", got ", blocks);
+  TORCH_CHECK(!bias || (bias->numel() == v && bias->scalar_type() == torch::kHalf && bias->is_contiguous()),
+              "bias: float16, one per row (", v, ")");
+  const c10::Half* bp = bias ? reinterpret_cast<const c10::Half*>(bias->data_ptr()) : nullptr;
   const int64_t stripe_rows = v / blocks;  // rows per block
   TORCH_CHECK(per >= 1 && per <= stripe_rows, "per must be in [1, ", stripe_rows, "], got ", per);
   // z as int8 codes (one scale), grouped 4 to an int32 for the broadcast
   auto zf = z.reshape({r}).to(torch::kFloat).contiguous();
   const float* zp = zf.data_ptr<float>();
   std::vector<int8_t> zq(r);
-  quantize_int8(zp, r, zq.data());  // its scale does not change the order of the scores
+  const float inv = 1.f / quantize_int8(zp, r, zq.data());  // z's scale does not change the order of the sums
   std::vector<int32_t> z4(groups);
   int32_t zsum = 0;
   for (int64_t k = 0; k < r; ++k) zsum += zq[k];
@@ -159,7 +173,7 @@ Tensor lowrank_block_topk(Tensor z, Tensor packed, Tensor scales, int64_t blocks
           for (int64_t line = 0; line < groups; ++line) prefetch(ahead + line * 64);
         }
         uint32_t mask = tile_scores(pp + tile * groups * 64, z4.data(), groups, offset, sp + row0,
-                                    floor.data() + t * kTile, scores);
+                                    bp ? bp + row0 : nullptr, inv, floor.data() + t * kTile, scores);
         while (mask) {  // rare once the blocks' lists fill: a row that beats its block's worst kept row
           const int j = __builtin_ctz(mask);
           mask &= mask - 1;
@@ -188,7 +202,7 @@ Tensor lowrank_block_topk(Tensor z, Tensor packed, Tensor scales, int64_t blocks
 
 HIRE_FRAGMENT(HIRE_OPS_NAMESPACE, m) {
   m.def("pack_lowrank(Tensor codes) -> Tensor");
-  m.def("lowrank_block_topk(Tensor z, Tensor packed, Tensor scales, int blocks, int per) -> Tensor");
+  m.def("lowrank_block_topk(Tensor z, Tensor packed, Tensor scales, int blocks, int per, Tensor? bias=None) -> Tensor");
 }
 
 HIRE_FRAGMENT_IMPL(HIRE_OPS_NAMESPACE, CPU, m) {

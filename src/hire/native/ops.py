@@ -169,17 +169,20 @@ def pack_lowrank(codes: torch.Tensor) -> torch.Tensor:
     return _ops().pack_lowrank(codes)
 
 
-def lowrank_block_topk(z, packed, scales, blocks: int, per: int) -> torch.Tensor:
+def lowrank_block_topk(z, packed, scales, blocks: int, per: int, bias=None) -> torch.Tensor:
     """The best ``per`` rows of each interleaved block (``hire.topk.local_topk``) by the low-rank
-    scores ``scales[i] * (U[i] . z)``, in one pass over the packed codes, with z quantized to int8
-    (one scale, as ``quantize_activation``).  # z: (1, r), scales: (V,) float32 -> (blocks * per,) int64"""
-    return _ops().lowrank_block_topk(z, packed, scales, blocks, per)
+    scores ``scales[i] * (U[i] . z) + bias[i]``, in one pass over the packed codes, with z quantized
+    to int8 (one scale, as ``quantize_activation``).
+    # z: (1, r), scales: (V,) float32, bias: (V,) float16 or None -> (blocks * per,) int64"""
+    return _ops().lowrank_block_topk(z, packed, scales, blocks, per, bias)
 
 
-def reference_lowrank_block_topk(z, codes, scales, blocks: int, per: int) -> torch.Tensor:
+def reference_lowrank_block_topk(z, codes, scales, blocks: int, per: int, bias=None) -> torch.Tensor:
     """What ``lowrank_block_topk`` selects, in eager torch, from the unpacked int8 ``codes`` (V, r)."""
-    zq, _ = quantize_activation(z)
+    zq, scale = quantize_activation(z)
     scores = (codes.to(torch.int64) @ zq.to(torch.int64)).double() * scales.double()  # exact sums, then the scale
+    if bias is not None:  # the kernel's units: the bias over z's scale
+        scores += bias.double() * float(1 / torch.tensor(scale, dtype=torch.float32))
     return local_topk(scores.float().view(1, -1), blocks * per, blocks)[0]
 
 

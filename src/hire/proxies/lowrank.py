@@ -4,6 +4,12 @@ A plain SVD of W keeps the directions in which W is large, not the ones in which
 vary for real inputs x. The activation-aware ("whitened") SVD minimises E||W x - U V x||^2 over
 calibration inputs instead: with Sigma = E[x x^T] = L L^T, take the best rank-r approximation of
 W L (its top right singular vectors Q_r), then U = W L Q_r and V = Q_r^T L^-1.
+
+Optimism (``with_optimism``): the proxy's error on row i, (W_i - U_i V) x, has spread
+sigma_i = sqrt(r_i Sigma r_i^T) over calibration inputs (r_i the row's residual). Adding c sigma_i
+to row i's score gives the rows the proxy knows least the benefit of the doubt, as an upper
+confidence bound does: on SmolLM2, C source never seen in calibration, recall@50 at k' 3,584
+0.987 -> 0.991 (c = 4, chosen on held-back calibration windows), every other domain up as well.
 """
 
 from __future__ import annotations
@@ -20,9 +26,12 @@ class LowRankProxy:
 
     kind = "lowrank"
 
-    def __init__(self, u: torch.Tensor | QuantizedMatrix, v: torch.Tensor):
+    def __init__(self, u: torch.Tensor | QuantizedMatrix, v: torch.Tensor, bias: torch.Tensor | None = None):
         self.u = u  # (n, r): a float tensor, or an 8-bit QuantizedMatrix
         self.v = v  # (r, D)
+        self.bias = bias  # (n,) float16 added to each row's score (with_optimism), or None
+        if bias is not None and (bias.shape != (u.shape[0],) or bias.dtype != torch.float16):
+            raise ValueError(f"the proxy's row bias must be ({u.shape[0]},) float16, got {tuple(bias.shape)} {bias.dtype}")
         self.packed: torch.Tensor | None = None  # U for native.lowrank_block_topk (prepare_decode), when it applies
         self._v: torch.Tensor | None = None  # the decode layout (prepare_decode)
         self._u: QuantizedGEMV | torch.Tensor | None = None
@@ -87,7 +96,28 @@ class LowRankProxy:
     def take_rows(self, rows: torch.Tensor) -> "LowRankProxy":
         """This proxy restricted to ``rows``: U's rows, the shared V.  # rows: (m,)"""
         u = self.u.take_rows(rows) if isinstance(self.u, QuantizedMatrix) else self.u.index_select(0, rows).contiguous()
-        return LowRankProxy(u, self.v)
+        return LowRankProxy(u, self.v, None if self.bias is None else self.bias.index_select(0, rows).contiguous())
+
+    def dense_u(self) -> torch.Tensor:
+        """U in float32.  # -> (n, r)"""
+        return self.u.dequantize(dtype=torch.float32) if isinstance(self.u, QuantizedMatrix) else self.u.float()
+
+    def with_optimism(self, weight: torch.Tensor, states: torch.Tensor, c: float) -> "LowRankProxy":
+        """This proxy with ``c`` times each row's error spread over ``states`` added to its score
+        (see the module docstring); c = 0 drops the bias.  # weight: (n, D), states: (N, D)"""
+        if c < 0:
+            raise ValueError(f"optimism must be >= 0, got {c}")
+        if c == 0:
+            return LowRankProxy(self.u, self.v)
+        s = states.detach().double()
+        sigma = s.t() @ s / s.shape[0]  # (D, D)
+        spread = torch.empty(weight.shape[0], dtype=torch.float64)
+        v = self.v.double()
+        for start in range(0, weight.shape[0], 16384):  # residual rows r_i = W_i - U_i V, a slice at a time
+            u = self._u_rows(torch.arange(start, min(start + 16384, weight.shape[0])), torch.float64)
+            r = weight[start : start + 16384].double() - u @ v
+            spread[start : start + r.shape[0]] = ((r @ sigma) * r).sum(-1).clamp_min(0).sqrt()
+        return LowRankProxy(self.u, self.v, (c * spread).to(torch.float16))
 
     def _u_rows(self, rows: torch.Tensor | None, dtype) -> torch.Tensor:
         if isinstance(self.u, QuantizedMatrix):
@@ -97,13 +127,15 @@ class LowRankProxy:
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         # x: (N, D) -> (N, n)
         z = x @ self.v.t().to(x.dtype)  # (N, r)
-        return z @ self._u_rows(None, x.dtype).t()
+        out = z @ self._u_rows(None, x.dtype).t()
+        return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def scores_rows(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         # x: (N, D), idx: (N, m) -> (N, m)
         z = x @ self.v.t().to(x.dtype)  # (N, r)
         u = self._u_rows(idx.reshape(-1), x.dtype).reshape(*idx.shape, -1)  # (N, m, r)
-        return torch.einsum("nmr,nr->nm", u, z)
+        out = torch.einsum("nmr,nr->nm", u, z)
+        return out if self.bias is None else out + self.bias.to(out.dtype)[idx]
 
     def prepare_decode(self, dtype: torch.dtype) -> None:
         self._v = self.v.to(dtype)
@@ -117,20 +149,23 @@ class LowRankProxy:
         """``local_topk(decode_scores(x), k, blocks)`` in one native pass over U's codes (with x's
         low-rank projection quantized to int8); needs ``packed``.  # x: (1, D) -> (1, k)"""
         z = torch.nn.functional.linear(x.to(self._v.dtype), self._v)  # (1, r)
-        return native.lowrank_block_topk(z, self.packed, self._u.row_scales, blocks, k // blocks).view(1, -1)
+        return native.lowrank_block_topk(z, self.packed, self._u.row_scales, blocks, k // blocks, self.bias).view(1, -1)
 
     def decode_scores(self, x: torch.Tensor) -> torch.Tensor:
         """# x: (1, D) -> (1, n)"""
         z = torch.nn.functional.linear(x.to(self._v.dtype), self._v)  # (1, r)
-        return self._u(z) if callable(self._u) else torch.nn.functional.linear(z, self._u)
+        out = self._u(z) if callable(self._u) else torch.nn.functional.linear(z, self._u)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def nbytes(self, rows: int | None = None) -> int:
         n = self.u.shape[0] if rows is None else rows
         u_bytes = self.u.nbytes(n) if isinstance(self.u, QuantizedMatrix) else n * self.rank * 2
-        return u_bytes + self.v.numel() * 2
+        return u_bytes + self.v.numel() * 2 + (0 if self.bias is None else n * 2)
 
     def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         out = {prefix + "v": self.v}
+        if self.bias is not None:
+            out[prefix + "bias"] = self.bias
         if isinstance(self.u, QuantizedMatrix):
             out.update(self.u.state_dict(prefix + "u."))
         else:
@@ -140,4 +175,4 @@ class LowRankProxy:
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor], prefix: str = "") -> "LowRankProxy":
         u = state[prefix + "u"] if prefix + "u" in state else QuantizedMatrix.from_state(state, prefix + "u.")
-        return cls(u, state[prefix + "v"])
+        return cls(u, state[prefix + "v"], state.get(prefix + "bias"))
