@@ -34,7 +34,7 @@ RECOMMENDED: dict[str, HiReConfig] = {
     "gemma3-270m": HiReConfig(
         head=HeadConfig(k=50, candidates=256, proxy="cascade", rank=64, stage_candidates=16384, bits=8, group_size=PER_ROW,
                         select_blocks=LOCAL_BLOCKS, optimism=OPTIMISM_GEMMA),
-        ffn=FFNConfig(density=0.6, proxy="int4"),
+        ffn=FFNConfig(density=0.65, proxy="int4"),  # at 0.6: +3.1 % perplexity on C source
     ),
 }
 

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         print("\n\n".join(blocks) + f"\n\nworst over {len(blocks)} domains: {worst}")
     else:
         print(format_eval(result))
-    if result.get("auto"):
+    if result.get("auto") and not args.json:
         print(format_auto(result["auto"]))
     return 0
 
