@@ -59,7 +59,7 @@ def test_configs_are_frozen_and_replace_validates():
         # the three from the issue
         ({"head": {"k": "5"}}, "config field head.k must be an integer, got '5' (str); write the number without quotes"),
         ({"head": 5}, "config field head must be an object (JSON {...}) with keys enabled, k, candidates, proxy, rank, "
-                      "rank_bits, bits, group_size, stage_candidates, train_steps, proxy_file, select_blocks, got 5 (int)"),
+                      "rank_bits, bits, group_size, stage_candidates, train_steps, proxy_file, select_blocks, optimism, auto, got 5 (int)"),
         ([], "a HiRE config must be a JSON object, got list"),
         ("cascade", "a HiRE config must be a JSON object, got str"),
         (None, "a HiRE config must be a JSON object, got NoneType"),
@@ -88,7 +88,7 @@ def test_configs_are_frozen_and_replace_validates():
         ({"heads": {}}, "unknown config key heads: a HiRE config takes head, ffn, version; remove or rename it"),
         ({"head": {"kk": 3, "kprime": 4}}, "unknown config keys head.kk, head.kprime: the head section takes enabled, k, "
                                            "candidates, proxy, rank, rank_bits, bits, group_size, stage_candidates, "
-                                           "train_steps, proxy_file, select_blocks; remove or rename them"),
+                                           "train_steps, proxy_file, select_blocks, optimism, auto; remove or rename them"),
         # right types, wrong values: the __post_init__ checks
         ({"head": {"k": 0}}, "head k must be >= 1, got 0"),
         ({"ffn": {"layer_density": [0.5, 1.5]}}, "ffn layer_density values must be in (0, 1], got [1.5]"),
