@@ -30,22 +30,13 @@ RANKS = (32, 64, 96, 128, 192, 256)
 CANDIDATES = (256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768, 49152, 65536)
 
 
-def head_bytes(vocab: int, width: int, rank: int, candidates: int, rank_bits: int = 8) -> int:
-    """Bytes a low-rank HiRE head reads per token: U (int8 with a float32 scale per row, or 16-bit), V,
-    and the candidates' exact rows in 16 bits."""
-    u = vocab * (rank + 4) if rank_bits == 8 else vocab * rank * 2
-    return u + rank * width * 2 + candidates * width * 2
-
-
 @torch.no_grad()
-def _needed(scores: torch.Tensor, true: torch.Tensor, ladder: list[int]) -> tuple[list[float], list[float]]:
-    """Recall@1 and recall@k of the proxy's top-c for every c of the ladder (one sort)."""
+def _recalls(scores: torch.Tensor, true: torch.Tensor, ladder: list[int]) -> torch.Tensor:
+    """Per position, recall@1 and recall@k of the proxy's top-c for every c of the ladder (one sort).
+    # scores: (N, V), true: (N, k) -> (N, len(ladder), 2)"""
     order = scores.topk(ladder[-1], dim=-1).indices
-    r1, rk = [], []
-    for c in ladder:
-        r1.append(recall_at_k(true[:, :1], order[:, :c]).mean().item())
-        rk.append(recall_at_k(true, order[:, :c]).mean().item())
-    return r1, rk
+    return torch.stack([torch.stack([recall_at_k(true[:, :1], order[:, :c]), recall_at_k(true, order[:, :c])], -1)
+                        for c in ladder], 1)
 
 
 @torch.no_grad()
@@ -61,19 +52,18 @@ def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor, che
     vocab, width = weight.shape
     ranks = [r for r in ranks if r <= width // 4] or [max(1, width // 4)]
     ladder = [c for c in candidates if cfg.k <= c <= vocab // 4] or [max(cfg.k, vocab // 4)]
-    true = torch.cat([(h @ weight.t()).topk(cfg.k, dim=-1).indices for h in check_states.split(256)])
+    chunks = check_states.split(256)
+    true = [(h @ weight.t()).topk(cfg.k, dim=-1).indices for h in chunks]
     tried, best = [], None
     for rank in ranks:
         proxy = LowRankProxy.from_weight(weight, rank, states=fit_states, u_bits=cfg.rank_bits)
-        rows = [_needed(proxy.scores(h).float(), t, ladder) for h, t in zip(check_states.split(256), true.split(256))]
-        sizes = [len(h) for h in check_states.split(256)]
-        r1 = [sum(r[0][i] * n for r, n in zip(rows, sizes)) / sum(sizes) for i in range(len(ladder))]
-        rk = [sum(r[1][i] * n for r, n in zip(rows, sizes)) / sum(sizes) for i in range(len(ladder))]
+        recall = torch.cat([_recalls(proxy.scores(h).float(), t, ladder) for h, t in zip(chunks, true)]).mean(0)
+        r1, rk = recall[:, 0].tolist(), recall[:, 1].tolist()
         ok = [i for i in range(len(ladder)) if r1[i] >= target_recall_at_1 and rk[i] >= target_recall_at_k]
         entry = {"rank": rank, "candidates": ladder[ok[0]] if ok else None,
                  "recall_at_1": r1[ok[0] if ok else -1], "recall_at_k": rk[ok[0] if ok else -1]}
-        if ok:
-            entry["bytes_fraction"] = head_bytes(vocab, width, rank, ladder[ok[0]], cfg.rank_bits) / (vocab * width * 2)
+        if ok:  # what the head reads per token: the proxy, then the candidates' exact rows in 16 bits
+            entry["bytes_fraction"] = (proxy.nbytes() + ladder[ok[0]] * width * 2) / (vocab * width * 2)
             if best is None or entry["bytes_fraction"] < best["bytes_fraction"]:
                 best = entry
         tried.append(entry)
