@@ -258,20 +258,24 @@ def _conversations(languages: tuple[str, ...]) -> list[list[str]]:
     return [chats[i] for i in range(max(map(len, per_language))) for chats in per_language if i < len(chats)]
 
 
+def chat_text(tokenizer, messages: list[dict], *, generation_prompt: bool = False) -> str:
+    """Messages ({"role", "content"}) as the model sees them: its tokenizer's chat template, else
+    ``Role: content`` lines; ``generation_prompt`` opens the assistant's turn."""
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    text = "\n".join(f"{m['role'].title()}: {m['content']}" for m in messages)
+    return text + "\nAssistant:" if generation_prompt else text
+
+
 def render_chats(tokenizer, chats: list[list[str]]) -> str:
-    """Conversations as the model sees them: its tokenizer's chat template (turns alternate user and
-    assistant; a leading BOS the template writes is left to the windows), else ``User:``/``Assistant:``
-    lines."""
-    template = tokenizer is not None and getattr(tokenizer, "chat_template", None)
+    """Conversations as the model sees them (``chat_text``; turns alternate user and assistant; a
+    leading BOS the template writes is left to the windows)."""
     out = []
+    bos = getattr(tokenizer, "bos_token", None) if tokenizer is not None else None
     for turns in chats:
         messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
-        if template:
-            text = tokenizer.apply_chat_template(messages, tokenize=False)
-            bos = tokenizer.bos_token
-            out.append(text[len(bos):] if bos and text.startswith(bos) else text)
-        else:
-            out.append("\n".join(f"{m['role'].title()}: {m['content']}" for m in messages))
+        text = chat_text(tokenizer, messages)
+        out.append(text[len(bos):] if bos and text.startswith(bos) else text)
     return "\n".join(out)
 
 

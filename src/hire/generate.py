@@ -21,6 +21,15 @@ from hire.patch import sparsify_
 from hire.recommended import quantized_config
 
 
+def stop_token_ids(tokenizer, model) -> list[int]:
+    """The tokens that end a generation: the tokenizer's EOS and the model's generation config's
+    (an instruct model's end of turn)."""
+    ids = [tokenizer.eos_token_id]
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += extra if isinstance(extra, (list, tuple)) else [extra]
+    return sorted({int(t) for t in ids if t is not None})
+
+
 def generate_text(
     model_name: str,
     config: HiReConfig | None,
@@ -67,7 +76,7 @@ def generate_text(
         on_text(text[len(shown):])
         shown = text
 
-    stop = tuple(t for t in [tokenizer.eos_token_id] if t is not None)
+    stop = tuple(stop_token_ids(tokenizer, model))
     stats = engine.generate(ids, max_new_tokens, hire=config is not None, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed, stop_ids=stop, on_token=stream)
     return {"backend": "engine", "weights": "GGUF codes" if quantized else dtype, "text": shown,

@@ -2,12 +2,13 @@
 it checks the flags, calls one library function and prints the result. ``VERBS`` is the order
 ``hire --help`` lists them in; ``hire.cli`` assembles the parser from it."""
 
-from hire.commands import bench, calibrate, eval, generate, scaling, sparsify_train, train, tune
+from hire.commands import bench, calibrate, eval, generate, scaling, serve, sparsify_train, train, tune
 
 VERBS = {
     "eval": eval,
     "bench": bench,
     "generate": generate,
+    "serve": serve,
     "calibrate": calibrate,
     "train": train,
     "sparsify-train": sparsify_train,

@@ -5,10 +5,12 @@ an ``EngineSpec``: Llama, Mistral, Qwen2, Qwen3, Gemma 3), cast to 16 bits where
 the same HiReLMHead / HiReFFN layers as the patched Hugging Face model (their decode-time
 layout, see ``prepare_decode``). A decode step is one native call (``plan.py`` builds it from
 per-layer decode plans; the eager step is its reference). ``hire=False`` runs the dense weights
-of the same engine, so dense and HiRE are compared on equal terms.
+of the same engine, so dense and HiRE are compared on equal terms. ``BatchDecoder`` runs several
+sequences' tokens in one step (a KV cache slot each), for serving.
 """
 
+from hire.engine.batch import BatchDecoder, UnionStats
 from hire.engine.engine import Engine
 from hire.engine.sampling import sample
 
-__all__ = ["Engine", "sample"]
+__all__ = ["BatchDecoder", "Engine", "UnionStats", "sample"]

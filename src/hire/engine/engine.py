@@ -224,6 +224,19 @@ class Engine:
             return mlp.decode(x) if hire and x.shape[0] == 1 else mlp.base_layer(x)
         return mlp(x)
 
+    @contextmanager
+    def using_cache(self, k: torch.Tensor, v: torch.Tensor) -> Iterator[None]:
+        """The eager path reads and writes ``k``/``v`` (L, Hkv, S, hd) while the block runs (a batch
+        slot's cache, hire.engine.batch); the native step keeps the engine's own."""
+        if k.shape != self.k_cache.shape or v.shape != self.v_cache.shape:
+            raise ValueError(f"a cache must be {tuple(self.k_cache.shape)}, got {tuple(k.shape)} and {tuple(v.shape)}")
+        saved = self.k_cache, self.v_cache
+        self.k_cache, self.v_cache = k, v
+        try:
+            yield
+        finally:
+            self.k_cache, self.v_cache = saved
+
     # --- timing hooks ----------------------------------------------------------------------
     @contextmanager
     def timed(self) -> Iterator[dict[str, float]]:

@@ -332,15 +332,189 @@ struct DecodeModel : torch::CustomClassHolder {
   template <typename T>
   void cache_attend(int64_t l, const float* k, const float* v, const float* q, int64_t pos, int64_t first,
                     int64_t end, float* out) {
-    const int64_t seq = k_cache.size(2);
-    T* kc = k_cache.data_ptr<T>() + l * hkv * seq * hd;
-    T* vc = v_cache.data_ptr<T>() + l * hkv * seq * hd;
+    cache_attend_in<T>(k_cache, v_cache, l, k, v, q, pos, first, end, out);
+  }
+
+  // the same over any (L, Hkv, S, hd) cache pair (a batch slot's)
+  template <typename T>
+  void cache_attend_in(const Tensor& kcache, const Tensor& vcache, int64_t l, const float* k, const float* v,
+                       const float* q, int64_t pos, int64_t first, int64_t end, float* out) {
+    const int64_t seq = kcache.size(2);
+    T* kc = kcache.data_ptr<T>() + l * hkv * seq * hd;
+    T* vc = vcache.data_ptr<T>() + l * hkv * seq * hd;
     for (int64_t i = 0; i < hkv; ++i) {
       store(kc + (i * seq + pos) * hd, k + i * hd, hd);
       store(vc + (i * seq + pos) * hd, v + i * hd, hd);
     }
     attend<T>(q, kc, vc, seq, first, end, hq, hkv, hd, (float)scale, out);
   }
+
+  void attend_slot(const Tensor& kcache, const Tensor& vcache, int64_t l, const float* k, const float* v,
+                   const float* q, int64_t pos, int64_t first, int64_t end, float* out) {
+    switch (kcache.scalar_type()) {
+      case torch::kHalf: cache_attend_in<c10::Half>(kcache, vcache, l, k, v, q, pos, first, end, out); break;
+      case torch::kBFloat16: cache_attend_in<c10::BFloat16>(kcache, vcache, l, k, v, q, pos, first, end, out); break;
+      case torch::kFloat: cache_attend_in<float>(kcache, vcache, l, k, v, q, pos, first, end, out); break;
+      default: TORCH_CHECK(false, "decode: unsupported cache dtype ", kcache.scalar_type());
+    }
+  }
+
+  // W x for the rows of x (B, in): quantized matrices read once for the batch (qgemv_batch, each row
+  // bit for bit what qgemv gives it); a 16-bit matrix row by row (gemv)
+  void project_batch(const Tensor& dense, const hire_native::QMat& q, const float* x, int64_t batch, int64_t in,
+                     int64_t out, float* y) {
+    if (dense.defined()) {
+      for (int64_t j = 0; j < batch; ++j) gemv(dense, x + j * in, y + j * out);
+    } else {
+      hire_native::qgemv_batch(q, x, batch, nullptr, out, y);
+    }
+  }
+
+  void project_qkv_batch(const Layer& L, const float* x, int64_t batch, float* qkv) {
+    const int64_t nq = hq * hd, nkv = hkv * hd, n = nq + 2 * nkv;
+    if (L.qkv.defined() || L.quant[Q_QKV].defined()) {
+      project_batch(L.qkv, L.quant[Q_QKV], x, batch, dim, n, qkv);
+      return;
+    }
+    // q, k, v quantized apart: each for the batch, then interleaved per row as the fused layout is
+    std::vector<float> part(batch * nq);
+    const int64_t sizes[] = {nq, nkv, nkv}, offsets[] = {0, nq, nq + nkv};
+    for (int m = 0; m < 3; ++m) {
+      hire_native::qgemv_batch(L.quant[Q_Q + m], x, batch, nullptr, sizes[m], part.data());
+      for (int64_t j = 0; j < batch; ++j)
+        std::copy_n(part.data() + j * sizes[m], sizes[m], qkv + j * n + offsets[m]);
+    }
+  }
+
+  // the FFN of a batch: quantized dense (matrices read once), 16-bit dense (row by row), or sparse
+  // over the union of the rows' selected neurons (each row's output from every neuron of the union)
+  void ffn_batch(const Layer& L, const float* x, int64_t batch, float* y) {
+    if (!L.ffn.defined()) {
+      const int64_t neurons = L.quant[Q_UP].n;
+      std::vector<float> h(batch * neurons), g(L.parts == 2 ? batch * neurons : 0);
+      if (L.parts == 2) {
+        hire_native::qgemv_batch(L.quant[Q_GATE], x, batch, nullptr, neurons, g.data());
+        hire_native::qgemv_batch(L.quant[Q_UP], x, batch, nullptr, neurons, h.data());
+        for (int64_t j = 0; j < batch; ++j)
+          activate_n(g.data() + j * neurons, h.data() + j * neurons, h.data() + j * neurons, neurons, L.act, false);
+      } else {
+        hire_native::qgemv_batch(L.quant[Q_UP], x, batch, nullptr, neurons, h.data());
+        for (int64_t j = 0; j < batch; ++j)
+          activate_n(h.data() + j * neurons, nullptr, h.data() + j * neurons, neurons, L.act, false);
+      }
+      hire_native::qgemv_batch(L.quant[Q_DOWN], h.data(), batch, nullptr, dim, y);
+      return;
+    }
+    const int64_t neurons = L.ffn.size(0);
+    if (L.keep == neurons || batch == 1) {
+      for (int64_t j = 0; j < batch; ++j) ffn(L, x + j * dim, y + j * dim);
+      if (L.keep < neurons) union_sum += L.keep, union_count += 1;
+      return;
+    }
+    std::vector<char> chosen(neurons, 0);
+    for (int64_t j = 0; j < batch; ++j) {
+      Tensor scores, est;
+      if (L.proxy_kind == INT4) {
+        est = torch::empty({neurons}, torch::kFloat);
+        hire_native::int4_estimates_into(L.proxy_a, L.proxy_b, L.proxy_group, L.parts, L.act, x + j * dim, dim,
+                                         est.data_ptr<float>());
+      } else if (L.proxy_kind == INT4PACK) {
+        auto xb = torch::from_blob(const_cast<float*>(x + j * dim), {1, dim}, torch::kFloat).to(torch::kBFloat16);
+        scores = at::_weight_int4pack_mm_for_cpu(xb, L.proxy_a, L.proxy_group, L.proxy_b);
+      } else {
+        scores = torch::empty({L.parts * neurons}, torch::kFloat);
+        gemv(L.proxy_a, x + j * dim, scores.data_ptr<float>());
+      }
+      if (!est.defined()) est = hire_native::neuron_estimates(scores, neurons, L.act, L.parts == 2);
+      for (int64_t i : hire_native::select_top(est.data_ptr<float>(), neurons, L.keep)) chosen[i] = 1;
+    }
+    std::vector<int64_t> idx;
+    for (int64_t i = 0; i < neurons; ++i)
+      if (chosen[i]) idx.push_back(i);
+    union_sum += static_cast<int64_t>(idx.size()), union_count += 1;
+    for (int64_t j = 0; j < batch; ++j)
+      hire_native::ffn_rows(L.ffn, idx.data(), static_cast<int64_t>(idx.size()), x + j * dim, dim, L.parts, L.act,
+                            y + j * dim);
+  }
+
+  // B tokens of B sequences, token j at position pos[j] of batch slot slots[j] of the caches
+  // (slots, L, Hkv, S, hd): h (B, D) float32 -> final-normed hidden (B, D) float32. Weights are read
+  // once for the batch where they are quantized; each row's arithmetic is step()'s.
+  Tensor step_batch(Tensor h_in, Tensor pos_in, Tensor slots_in, Tensor k_slots, Tensor v_slots) {
+    RECORD_FUNCTION("hire::decode_step_batch", std::vector<c10::IValue>({h_in}));
+    TORCH_CHECK(h_in.dim() == 2 && h_in.size(1) == dim, "step_batch: h must be (batch, ", dim, "), got ", h_in.sizes());
+    const int64_t batch = h_in.size(0);
+    TORCH_CHECK(pos_in.numel() == batch && slots_in.numel() == batch, "step_batch: one position and one slot per row");
+    TORCH_CHECK(k_slots.dim() == 5 && k_slots.is_contiguous() && v_slots.is_contiguous() &&
+                k_slots.sizes() == v_slots.sizes() && k_slots.size(1) == (int64_t)layers.size() &&
+                k_slots.size(2) == hkv && k_slots.size(4) == hd && k_slots.scalar_type() == v_slots.scalar_type(),
+                "step_batch: the caches must be contiguous (slots, ", layers.size(), ", ", hkv, ", S, ", hd, ")");
+    check_complete();
+    auto pos_t = pos_in.to(torch::kLong).contiguous(), slot_t = slots_in.to(torch::kLong).contiguous();
+    const int64_t* pos = pos_t.data_ptr<int64_t>();
+    const int64_t* slot = slot_t.data_ptr<int64_t>();
+    std::vector<Tensor> kc(batch), vc(batch);
+    for (int64_t j = 0; j < batch; ++j) {
+      TORCH_CHECK(slot[j] >= 0 && slot[j] < k_slots.size(0), "step_batch: slot ", slot[j], " is not in the caches");
+      TORCH_CHECK(pos[j] >= 0 && pos[j] < k_slots.size(3) && pos[j] < cos[0].size(0), "step_batch: position ", pos[j],
+                  " is outside the cache (", k_slots.size(3), ")");
+      for (int64_t i = 0; i < j; ++i) TORCH_CHECK(slot[i] != slot[j], "step_batch: slot ", slot[j], " appears twice");
+      kc[j] = k_slots[slot[j]], vc[j] = v_slots[slot[j]];
+    }
+    auto h = h_in.to(torch::kFloat).contiguous().clone();
+    float* hp = h.data_ptr<float>();
+    const int64_t nq = hq * hd, nkv = hkv * hd, nqkv = nq + 2 * nkv;
+    std::vector<float> x(batch * dim), qkv(batch * nqkv), att(batch * nq), y(batch * dim);
+    for (size_t l = 0; l < layers.size(); ++l) {
+      const Layer& L = layers[l];
+      for (int64_t j = 0; j < batch; ++j)
+        rms_norm(hp + j * dim, L.attn_norm.data_ptr<float>(), dim, eps, x.data() + j * dim);
+      project_qkv_batch(L, x.data(), batch, qkv.data());
+      for (int64_t j = 0; j < batch; ++j) {
+        float* row = qkv.data() + j * nqkv;
+        if (L.qkv_bias.defined()) {
+          const float* b = L.qkv_bias.data_ptr<float>();
+          for (int64_t i = 0; i < nqkv; ++i) row[i] += b[i];
+        }
+        float *q = row, *k = q + nq, *v = k + nkv;
+        if (L.q_norm.defined()) {
+          for (int64_t i = 0; i < hq; ++i) rms_norm(q + i * hd, L.q_norm.data_ptr<float>(), hd, eps, q + i * hd);
+          for (int64_t i = 0; i < hkv; ++i) rms_norm(k + i * hd, L.k_norm.data_ptr<float>(), hd, eps, k + i * hd);
+        }
+        const float* c = cos[L.rope].data_ptr<float>() + pos[j] * hd;
+        const float* s = sin[L.rope].data_ptr<float>() + pos[j] * hd;
+        rope(q, hq, hd, c, s);
+        rope(k, hkv, hd, c, s);
+        const int64_t end = pos[j] + 1, first = L.sliding ? std::max<int64_t>(0, end - L.sliding) : 0;
+        attend_slot(kc[j], vc[j], l, k, v, q, pos[j], first, end, att.data() + j * nq);
+      }
+      project_batch(L.o, L.quant[Q_O], att.data(), batch, nq, dim, y.data());
+      for (int64_t j = 0; j < batch; ++j) {
+        float* yj = y.data() + j * dim;
+        if (L.post_attn_norm.defined()) rms_norm(yj, L.post_attn_norm.data_ptr<float>(), dim, eps, yj);
+        for (int64_t i = 0; i < dim; ++i) hp[j * dim + i] += yj[i];
+        rms_norm(hp + j * dim, L.ffn_norm.data_ptr<float>(), dim, eps, x.data() + j * dim);
+      }
+      ffn_batch(L, x.data(), batch, y.data());
+      for (int64_t j = 0; j < batch; ++j) {
+        float* yj = y.data() + j * dim;
+        if (L.post_ffn_norm.defined()) rms_norm(yj, L.post_ffn_norm.data_ptr<float>(), dim, eps, yj);
+        for (int64_t i = 0; i < dim; ++i) hp[j * dim + i] += yj[i];
+      }
+    }
+    auto out = torch::empty({batch, dim}, h.options());
+    for (int64_t j = 0; j < batch; ++j)
+      rms_norm(hp + j * dim, final_norm.data_ptr<float>(), dim, eps, out.data_ptr<float>() + j * dim);
+    return out;
+  }
+
+  // the sparse FFNs' union of selected neurons since the last call: (sum of union sizes, layer steps)
+  std::vector<int64_t> take_union() {
+    std::vector<int64_t> r = {union_sum, union_count};
+    union_sum = union_count = 0;
+    return r;
+  }
+  int64_t union_sum = 0, union_count = 0;
 
   void ffn(const Layer& L, const float* x, float* y) {
     if (!L.ffn.defined()) {
@@ -404,6 +578,8 @@ HIRE_FRAGMENT(HIRE_OPS_NAMESPACE, m) {
       .def("add_layer", &DecodeModel::add_layer)
       .def("set_quant", &DecodeModel::set_quant)
       .def("step", &DecodeModel::step)
+      .def("step_batch", &DecodeModel::step_batch)
+      .def("take_union", &DecodeModel::take_union)
       .def("set_timing", &DecodeModel::set_timing)
       .def("timings", &DecodeModel::timings);
 }

@@ -241,6 +241,13 @@ void int4_ffn(const Tensor& rows, const Tensor& packed, const Tensor& scales, in
   }
 }
 
+void int4_estimates_into(const Tensor& packed, const Tensor& scales, int64_t group, int64_t parts, int64_t act,
+                         const float* x, int64_t d, float* est) {
+  const QuantX q = quantize_x(x, d, packed.size(1) * 2);
+  at::parallel_for(0, packed.size(0) / parts, 64, [&](int64_t b, int64_t e) {
+    estimate_range(packed, scales, group, parts, act, q, b, e, est);
+  });
+}
 
 }  // namespace hire_native
 

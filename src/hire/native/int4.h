@@ -14,4 +14,8 @@ void check_int4(const torch::Tensor& packed, const torch::Tensor& scales, int64_
 void int4_ffn(const torch::Tensor& rows, const torch::Tensor& packed, const torch::Tensor& scales, int64_t group,
               int64_t keep, int64_t parts, int64_t act, const float* x, int64_t d, float* y, double* timing);
 
+// Every neuron's |activation| estimate from the 4-bit proxy (what int4_ffn selects on) into est (n / parts).
+void int4_estimates_into(const torch::Tensor& packed, const torch::Tensor& scales, int64_t group, int64_t parts,
+                         int64_t act, const float* x, int64_t d, float* est);
+
 }  // namespace hire_native

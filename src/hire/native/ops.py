@@ -6,7 +6,9 @@
 * ``ffn_rows(x, rows, idx, act, parts)``: an FFN over the neurons ``idx`` (None: all) of its
   neuron-major rows ``[input part(s) | output row]``, each neuron one contiguous read.
 * ``ffn_decode(scores, x, rows, count, act, gated)``: one sparse FFN step after its proxy.
-* ``torch.classes.hire.DecodeModel``: a whole decode step (hire.engine.plan builds it).
+* ``qgemv`` / ``qgemv_batch`` / ``qaxpy`` / ``qdequant``: products with GGUF block codes.
+* ``torch.classes.hire.DecodeModel``: a whole decode step (hire.engine.plan builds it); its
+  ``step_batch`` runs B sequences' tokens at once over their KV cache slots.
 * ``simd_path()``: the build's SIMD path, "avx512", "avx2" or "scalar" (all give the same results
   up to float32 summation order).
 
@@ -104,6 +106,15 @@ def qgemv(x, q, rows=None, ops=None) -> torch.Tensor:
     mod = ops or _ops()
     r = torch.empty(0, dtype=torch.long) if rows is None else rows
     return mod.qgemv(x, q.codes, q.scales, q.mins, q.bits, q.group, q.shape[1], r, q.act_bits)
+
+
+def qgemv_batch(x, q, rows=None, ops=None) -> torch.Tensor:
+    """``qgemv`` for B activations at once (B sequences' decode step): each row of codes is read from
+    memory once for the batch, and each activation's products are exactly what ``qgemv`` gives it.
+    # x: (B, in), rows: (c,) or None -> float32 (B, c) or (B, out)"""
+    mod = ops or _ops()
+    r = torch.empty(0, dtype=torch.long) if rows is None else rows
+    return mod.qgemv_batch(x, q.codes, q.scales, q.mins, q.bits, q.group, q.shape[1], r, q.act_bits)
 
 
 def qdequant(q, start: int = 0, stop: int | None = None, ops=None) -> torch.Tensor:

@@ -7,6 +7,9 @@
 //   activations, exact in int32) and one float FMA with the lanes' weight x activation scales.
 //   The symmetric formats' zero is taken out of the integer sums with the activation's per-lane
 //   sums; the affine formats' mins add min x (activation scale x lane sum).
+// * qgemv_batch: the same for B activations at once (a decode step of B sequences): each row's codes
+//   are read from memory once and stay in L1 for its B products, which are qgemv's own, so a row of
+//   the batch gets bit for bit what qgemv gives it alone.
 // * qaxpy: sum_j a_j W[:, j] over selected columns of a matrix stored column-major (the FFN's down
 //   projection), in float32: a group's columns share its scales, so each group's codes are summed
 //   first and its scales applied once.
@@ -405,6 +408,24 @@ void rows_range(const QMat& w, const X& x, const ZeroSums& z, const int64_t* row
   }
 }
 
+// rows b..e-1 of the list (as rows_range) for each of the B activations: y[j * stride + i]
+template <int BITS, int GROUP, bool MIN, typename S, typename X>
+void rows_range_batch(const QMat& w, const std::vector<X>& xs, const std::vector<ZeroSums>& zs, const int64_t* rows,
+                      int64_t b, int64_t e, float* y, int64_t stride) {
+  const int64_t rb = w.codes.stride(0), gs = w.scales.stride(0);
+  const uint8_t* codes = w.codes.data_ptr<uint8_t>();
+  const S* sc = w.scales.data_ptr<S>();
+  const S* mn = MIN ? w.mins.data_ptr<S>() : nullptr;
+  const int64_t batch = static_cast<int64_t>(xs.size());
+  for (int64_t i = b; i < e; ++i) {
+    const int64_t r = rows ? rows[i] : i;
+    if (i + kRowsAhead < e) prefetch_row(codes + (rows ? rows[i + kRowsAhead] : i + kRowsAhead) * rb, rb);
+    for (int64_t j = 0; j < batch; ++j)
+      y[j * stride + i] = qdot_row<BITS, GROUP, MIN, S>(codes + r * rb, sc + r * gs, MIN ? mn + r * gs : nullptr,
+                                                        xs[j], zs[j].get(BITS));
+  }
+}
+
 // x quantized to ``act_bits`` (int8 per 4-column lane, int16 per pair) with its zero sums, handed to f
 template <typename F>
 void with_quantized_x(int64_t act_bits, const float* x, int64_t width, F&& f) {
@@ -414,6 +435,28 @@ void with_quantized_x(int64_t act_bits, const float* x, int64_t width, F&& f) {
   } else {
     const QX qx = quantize_x(x, width);
     f(qx, zero_sums(qx.lanesum));
+  }
+}
+
+// B activations (rows of x, `width` apart) quantized each on its own, as with_quantized_x does one
+template <typename F>
+void with_quantized_batch(int64_t act_bits, const float* x, int64_t batch, int64_t width, F&& f) {
+  if (act_bits == 16) {
+    std::vector<QX16> qx;
+    std::vector<ZeroSums> z;
+    for (int64_t j = 0; j < batch; ++j) {
+      qx.push_back(quantize_x16(x + j * width, width));
+      z.push_back(zero_sums(pair_sums(qx.back())));
+    }
+    f(qx, z);
+  } else {
+    std::vector<QX> qx;
+    std::vector<ZeroSums> z;
+    for (int64_t j = 0; j < batch; ++j) {
+      qx.push_back(quantize_x(x + j * width, width));
+      z.push_back(zero_sums(qx.back().lanesum));
+    }
+    f(qx, z);
   }
 }
 
@@ -529,6 +572,14 @@ struct RowsF {
   }
 };
 template <int B, int G, bool M, typename S>
+struct RowsBatchF {
+  template <typename X>
+  static void run(const QMat& w, const std::vector<X>& xs, const std::vector<ZeroSums>& zs, const int64_t* rows,
+                  int64_t b, int64_t e, float* y, int64_t stride) {
+    rows_range_batch<B, G, M, S>(w, xs, zs, rows, b, e, y, stride);
+  }
+};
+template <int B, int G, bool M, typename S>
 struct DequantF {
   static void run(const QMat& w, int64_t r0, int64_t r1, float* out) { dequant_impl<B, G, M, S>(w, r0, r1, out); }
 };
@@ -578,6 +629,12 @@ void qgemv(const QMat& w, const float* x, const int64_t* rows, int64_t count, fl
   });
 }
 
+void qgemv_batch(const QMat& w, const float* x, int64_t batch, const int64_t* rows, int64_t count, float* y) {
+  with_quantized_batch(w.act_bits, x, batch, w.width, [&](const auto& qx, const std::vector<ZeroSums>& z) {
+    at::parallel_for(0, count, 16, [&](int64_t b, int64_t e) { dispatch<RowsBatchF>(w, qx, z, rows, b, e, y, count); });
+  });
+}
+
 void qgemv_multi(const std::vector<const QMat*>& ws, const float* x, const std::vector<float*>& ys) {
   TORCH_CHECK(!ws.empty() && ws.size() == ys.size(), "qgemv_multi: one output per matrix");
   std::vector<int64_t> start(ws.size() + 1, 0);
@@ -623,6 +680,26 @@ Tensor qgemv_op(Tensor x, Tensor codes, Tensor scales, Tensor mins, int64_t bits
   return y;
 }
 
+// x: (B, width) float; rows: empty (all) or int64 row ids -> float32 (B, count)
+Tensor qgemv_batch_op(Tensor x, Tensor codes, Tensor scales, Tensor mins, int64_t bits, int64_t group, int64_t width,
+                      Tensor rows, int64_t act_bits) {
+  const QMat w = hire_native::make_qmat(codes, scales, mins, bits, group, width, false, act_bits);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == width, "qgemv_batch: x must be (batch, ", width, "), got ", x.sizes());
+  auto xf = x.to(torch::kFloat).contiguous();
+  const bool all = rows.numel() == 0;
+  auto r = all ? rows : rows.to(torch::kLong).contiguous();
+  const int64_t count = all ? w.n : r.numel();
+  if (!all) {
+    const auto [lo, hi] = std::minmax_element(r.data_ptr<int64_t>(), r.data_ptr<int64_t>() + count);
+    TORCH_CHECK(count == 0 || (*lo >= 0 && *hi < w.n), "qgemv_batch: row ids must be in [0, ", w.n, ")");
+  }
+  auto y = torch::empty({x.size(0), count}, xf.options());
+  if (x.size(0) > 0)
+    hire_native::qgemv_batch(w, xf.data_ptr<float>(), x.size(0), all ? nullptr : r.data_ptr<int64_t>(), count,
+                             y.data_ptr<float>());
+  return y;
+}
+
 // rows [r0, r1) of a rows-layout matrix, dequantized -> float32 (r1 - r0, width)
 Tensor qdequant_op(Tensor codes, Tensor scales, Tensor mins, int64_t bits, int64_t group, int64_t width, int64_t r0,
                    int64_t r1) {
@@ -655,12 +732,14 @@ Tensor qaxpy_op(Tensor a, Tensor idx, Tensor codes, Tensor scales, Tensor mins, 
 
 HIRE_FRAGMENT(HIRE_OPS_NAMESPACE, m) {
   m.def("qgemv(Tensor x, Tensor codes, Tensor scales, Tensor mins, int bits, int group, int width, Tensor rows, int act_bits) -> Tensor");
+  m.def("qgemv_batch(Tensor x, Tensor codes, Tensor scales, Tensor mins, int bits, int group, int width, Tensor rows, int act_bits) -> Tensor");
   m.def("qdequant(Tensor codes, Tensor scales, Tensor mins, int bits, int group, int width, int r0, int r1) -> Tensor");
   m.def("qaxpy(Tensor a, Tensor idx, Tensor codes, Tensor scales, Tensor mins, int bits, int group, int out) -> Tensor");
 }
 
 HIRE_FRAGMENT_IMPL(HIRE_OPS_NAMESPACE, CPU, m) {
   m.impl("qgemv", &qgemv_op);
+  m.impl("qgemv_batch", &qgemv_batch_op);
   m.impl("qaxpy", &qaxpy_op);
   m.impl("qdequant", &qdequant_op);
 }

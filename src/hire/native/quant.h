@@ -26,6 +26,10 @@ QMat make_qmat(const torch::Tensor& codes, const torch::Tensor& scales, const to
 // y[i] = W[rows[i]] . x for i < count (rows null: every row), x quantized per 32 columns to w.act_bits
 void qgemv(const QMat& w, const float* x, const int64_t* rows, int64_t count, float* y);
 
+// the same for the rows of x (batch, w.width): y[j * count + i] = W[rows[i]] . x[j], each x[j]
+// quantized on its own as qgemv quantizes it (so each product equals qgemv's)
+void qgemv_batch(const QMat& w, const float* x, int64_t batch, const int64_t* rows, int64_t count, float* y);
+
 // the same x times several matrices of one width (q, k and v; gate and up): x quantized once, all
 // their rows in one parallel region; ys[m] gets matrix m's rows
 void qgemv_multi(const std::vector<const QMat*>& ws, const float* x, const std::vector<float*>& ys);

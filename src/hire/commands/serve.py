@@ -1,0 +1,53 @@
+"""`hire serve`: an OpenAI-compatible server over the HiRE engine, with batched decoding."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hire.commands._args import DTYPES, add_model_args, build_config, integer, number
+from hire.errors import HireError
+
+HELP = "serve a model over the OpenAI API (completions, chat, streaming), batched"
+DESCRIPTION = (
+    "Serve a model over an OpenAI-compatible HTTP API: POST /v1/completions and /v1/chat/completions (with "
+    "stream), GET /v1/models and /health. Requests that arrive together share decode steps (continuous batching, "
+    "up to --slots at once); with HiRE, a step computes the union of its rows' head candidates. Not supported: "
+    "logprobs, echo, best_of, suffix, logit_bias, penalties, n > 1, tools. SIGTERM or Ctrl-C lets requests in "
+    "flight finish (up to --shutdown-timeout), then exits.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=integer(minimum=0, maximum=65535), default=8000, help="(default 8000)")
+    p.add_argument("--name", help="the model's name in the API (default: --model)")
+    p.add_argument("--dense", action="store_true", help="serve the dense engine (no HiRE), for comparison")
+    p.add_argument("--slots", type=integer(minimum=1, maximum=64), default=8,
+                   help="sequences decoded together at most; more requests wait (default 8)")
+    p.add_argument("--context", type=integer(minimum=2), default=2048,
+                   help="tokens per sequence, prompt and completion (a KV cache slot each; default 2048)")
+    p.add_argument("--dense-above", type=number(above=0, maximum=1), default=0.5,
+                   help="read the whole head when a batch's union of candidates exceeds this share of its rows "
+                        "(default 0.5)")
+    p.add_argument("--dtype", default="float16", choices=DTYPES, help="weights in the engine (default float16)")
+    p.add_argument("--dequantized", action="store_true",
+                   help="run a GGUF model dequantized to --dtype (the default runs it in its GGUF block codes)")
+    p.add_argument("--shutdown-timeout", type=number(minimum=0), default=30.0,
+                   help="seconds requests in flight get to finish on SIGTERM before they are cancelled (default 30)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from hire.serve import load_service, serve
+    except ImportError as exc:  # fastapi/uvicorn are the [serve] extra
+        raise HireError(f"hire serve needs the serve extra ({exc.name} is missing): pip install 'hire[serve]'") from None
+    config = None if args.dense else build_config(args)
+    service = load_service(args.model, config, slots=args.slots, context=args.context, dense_above=args.dense_above,
+                           quantized=not args.dequantized, dtype=args.dtype, seq_len=args.seq_len,
+                           calib_windows=args.calib_windows, name=args.name)
+    kind = "HiRE" if config is not None else "dense"
+    print(f"hire serve: {service.name} ({kind}, {service.info['weights']}), {args.slots} slots of "
+          f"{args.context} tokens, on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    serve(service, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout)
+    return 0

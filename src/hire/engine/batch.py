@@ -1,0 +1,159 @@
+"""Several sequences decoding together (continuous batching): a KV cache slot per sequence and one
+decode step for all of them.
+
+A decode step is memory-bound: its time is the weights' bytes. B sequences that share a step read
+each weight once for B tokens (``DecodeModel.step_batch``, whose quantized products are
+``qgemv_batch``). HiRE's rows then stop being one token's: the head computes the exact logits of
+the *union* of the B rows' candidates for every row, and a sparse FFN the union of their selected
+neurons. The union grows with B, and with it the rows read; past ``dense_above`` of the head's
+rows the step reads them all (a scattered read of most rows costs more than the dense one).
+``UnionStats`` counts what the unions were.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from hire import native
+from hire.engine.engine import Engine
+from hire.quant.tensor import QTensor
+
+
+@dataclass
+class UnionStats:
+    """The HiRE unions of the steps since the last ``reset`` (sums, for means over steps)."""
+
+    steps: int = 0  # batched head evaluations
+    rows: int = 0  # sequences over those steps (sum of the batch sizes)
+    head_union: int = 0  # head rows computed exactly (the union of the rows' candidates), summed over steps
+    head_candidates: int = 0  # one row's candidates (k'), summed over steps
+    head_dense: int = 0  # steps whose union passed dense_above and read every row
+    ffn_union: int = 0  # FFN neurons computed, summed over layers and steps (the native step's count)
+    ffn_layer_steps: int = 0
+
+    def summary(self, vocab: int | None = None) -> dict:
+        out = {"steps": self.steps, "mean_batch": self.rows / self.steps if self.steps else 0.0,
+               "head_dense_steps": self.head_dense}
+        if self.head_candidates:
+            out["head_union_mean"] = self.head_union / self.steps
+            out["head_union_over_candidates"] = self.head_union / self.head_candidates
+            if vocab:
+                out["head_union_share"] = self.head_union / self.steps / vocab
+        if self.ffn_layer_steps:
+            out["ffn_union_mean"] = self.ffn_union / self.ffn_layer_steps
+        return out
+
+
+class BatchDecoder:
+    """Up to ``slots`` sequences over one ``Engine``'s weights, each in its own KV cache slot.
+
+    ``acquire``/``release`` hand out slots; ``prefill`` runs one sequence's prompt densely into
+    its slot; ``step`` runs one token of each of several sequences; ``logits`` gives their next
+    tokens' logits (HiRE: over the union of their candidates). Without the native kernels each
+    row runs the engine's eager step alone (the same tokens, no shared reads, no unions).
+    """
+
+    def __init__(self, engine: Engine, slots: int, *, dense_above: float = 0.5):
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        if not 0.0 < dense_above <= 1.0:
+            raise ValueError(f"dense_above must be in (0, 1] (a share of the head's rows), got {dense_above}")
+        self.engine = engine
+        self.slots = slots
+        self.dense_above = dense_above
+        shape = (slots, *engine.k_cache.shape)  # (slots, L, Hkv, S, hd)
+        self.k = torch.zeros(shape, dtype=engine.k_cache.dtype)
+        self.v = torch.zeros(shape, dtype=engine.v_cache.dtype)
+        self.free = list(range(slots - 1, -1, -1))  # slot 0 handed out first
+        self.stats = UnionStats()
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.engine.max_seq_len
+
+    @property
+    def vocab_size(self) -> int:
+        w = self.engine.head_weight
+        return w.shape[0]
+
+    def acquire(self) -> int:
+        if not self.free:
+            raise RuntimeError(f"all {self.slots} slots are in use")
+        return self.free.pop()
+
+    def release(self, slot: int) -> None:
+        if slot in self.free or not 0 <= slot < self.slots:
+            raise ValueError(f"slot {slot} is not in use")
+        self.free.append(slot)
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, prompt: torch.Tensor) -> torch.Tensor:
+        """The prompt's keys and values into ``slot``; the last position's hidden state.
+        # prompt: (T,) -> (1, D)"""
+        prompt = prompt.reshape(-1)
+        if not 0 < prompt.numel() < self.max_seq_len:
+            raise ValueError(f"a prompt of {prompt.numel()} tokens does not fit a context of {self.max_seq_len}")
+        with self.engine.using_cache(self.k[slot], self.v[slot]):
+            return self.engine.eager_forward(self.engine.embed(prompt).float(), 0, hire=False)
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, positions: list[int], slots: list[int], hire: bool) -> torch.Tensor:
+        """One token of each sequence: token j at position positions[j] of slot slots[j].
+        # tokens: (B,) -> final-normed hidden (B, D)"""
+        e = self.engine
+        h = e.embed(tokens.reshape(-1)).float()  # (B, D)
+        if e.native_steps is not None:
+            step = e.native_steps[hire]
+            out = step.step_batch(h, torch.tensor(positions), torch.tensor(slots), self.k, self.v)
+            if hire:
+                union, layer_steps = step.take_union()
+                self.stats.ffn_union += union
+                self.stats.ffn_layer_steps += layer_steps
+            return out.to(e.dtype)
+        rows = []
+        for j, (pos, slot) in enumerate(zip(positions, slots)):
+            with e.using_cache(self.k[slot], self.v[slot]):
+                rows.append(e.eager_forward(h[j : j + 1], pos, hire))
+        return torch.cat(rows)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor, hire: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each row's exact logits over the union of the rows' head candidates (HiRE), or over the
+        whole vocabulary (dense, or a union past ``dense_above``).
+        # hidden: (B, D) -> logits (B, m), token ids (B, m) or None for the whole vocabulary"""
+        head = self.engine.head
+        if not (hire and head is not None):
+            return self._rows(hidden, None), None
+        picks = [head.selector.decode_select(hidden[j : j + 1])[0] for j in range(hidden.shape[0])]  # (k',) each
+        union = picks[0] if len(picks) == 1 else torch.unique(torch.cat(picks))  # (m,) sorted
+        s = self.stats
+        s.steps += 1
+        s.rows += hidden.shape[0]
+        s.head_union += union.numel()
+        s.head_candidates += picks[0].numel()
+        if union.numel() > self.dense_above * head.vocab_size:
+            s.head_dense += 1
+            return self._rows(hidden, None), None
+        logits = self._rows(hidden, union)
+        if head.base_layer.bias is not None:
+            logits = logits + head.base_layer.bias[union].float()
+        return logits, union.expand(hidden.shape[0], -1)
+
+    def _rows(self, hidden: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """float32 logits of the head rows ``rows`` (None: all), each head row read once for the batch
+        where it is quantized.  # hidden: (B, D), rows: (m,) -> (B, m)"""
+        w = self.engine.head_weight
+        if isinstance(w, QTensor):
+            if native.available():
+                return native.qgemv_batch(hidden, w, rows)
+            full = w.matmul(hidden)  # (B, V) eager: dequantized blocks
+            return full if rows is None else full[:, rows]
+        if native.usable(w):
+            if rows is None:
+                return torch.stack([native.gemv(hidden[j : j + 1], w) for j in range(hidden.shape[0])])
+            return torch.stack([native.rows_dot(hidden[j : j + 1], w, rows) for j in range(hidden.shape[0])])
+        picked = w if rows is None else w.index_select(0, rows)
+        return F.linear(hidden.float(), picked.float())

@@ -1,0 +1,220 @@
+"""The OpenAI-compatible HTTP API (FastAPI) over the decode loop (``Scheduler``).
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream``, as
+server-sent events ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /health``. Errors are
+OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``, with a 4xx for what the client
+sent: malformed JSON, unknown fields, wrong types, ``max_tokens`` < 1, a prompt past the context.
+A streaming client that disconnects has its request cancelled: its batch slot is freed before
+the next decode step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from hire.serve.protocol import APIError, ChatRequest, CompletionRequest, error_body
+from hire.serve.scheduler import Sampling, Scheduler, SchedulerStopped, Sequence
+from hire.serve.text import TextStream, chat_prompt, completion_prompt, stop_list
+
+
+@dataclass
+class Service:
+    """What the app serves: one model under one name, its tokenizer and its decode loop."""
+
+    name: str
+    tokenizer: object
+    scheduler: Scheduler
+    stop_ids: frozenset[int]
+    context: int  # the longest prompt + completion, in tokens
+    info: dict = field(default_factory=dict)  # weights, config, kernels: shown by /health and /v1/models
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    if err.get("type") == "json_invalid":
+        return "the request body is not valid JSON: " + str(err.get("ctx", {}).get("error", err.get("msg"))), None
+    if err.get("type") == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {param}", param
+    if err.get("type") == "missing":
+        return f"Missing required parameter: {param}", param
+    return f"Invalid value for {param}: {err.get('msg')}", param
+
+
+def create_app(service: Service) -> FastAPI:
+    """The ASGI app; it starts the decode loop on startup and stops it on shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.scheduler.start()
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, service.scheduler.stop)
+
+    app = FastAPI(title="HiRE", lifespan=lifespan)
+    process = psutil.Process()
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return JSONResponse(error_body(message, param=param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return JSONResponse(error_body(message, kind=kind), status_code=exc.status_code)
+
+    @app.get("/health")
+    async def health():
+        load = service.scheduler.load()
+        s = service.scheduler
+        return {"status": "ok" if s.error is None else "failed", "model": service.name, **load,
+                "rss_mb": process.memory_info().rss / 2**20, "loop": s.stats.summary(),
+                "union": s.decoder.stats.summary(s.decoder.vocab_size), **service.info}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": service.name, "object": "model", "created": service.created,
+                                            "owned_by": "hire"}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        body.check()
+        prompt = completion_prompt(service.tokenizer, body.text)
+        return await _respond(service, body, prompt, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        body.check()
+        prompt = chat_prompt(service.tokenizer, [m.plain() for m in body.messages])
+        return await _respond(service, body, prompt, chat=True)
+
+    return app
+
+
+def _sequence(service: Service, body, prompt: torch.Tensor, emit) -> Sequence:
+    if body.model != service.name:
+        raise APIError(404, f"The model '{body.model}' does not exist; this server serves '{service.name}'",
+                       param="model", code="model_not_found")
+    room = service.context - prompt.numel()
+    if room < 1:
+        raise APIError(400, f"This model's maximum context length is {service.context} tokens; the prompt has "
+                       f"{prompt.numel()}. Shorten it, or start the server with a larger --context.",
+                       param="messages" if isinstance(body, ChatRequest) else "prompt", code="context_length_exceeded")
+    max_tokens = room if body.max_tokens is None else body.max_tokens
+    if max_tokens > room:
+        raise APIError(400, f"This model's maximum context length is {service.context} tokens; the prompt has "
+                       f"{prompt.numel()} and max_tokens asks for {max_tokens} more ({room} fit).",
+                       param="max_tokens", code="context_length_exceeded")
+    greedy = body.temperature == 0
+    sampling = Sampling(temperature=body.temperature, top_k=None if greedy else body.top_k,
+                        top_p=None if greedy or body.top_p >= 1 else body.top_p, seed=body.seed)
+    return Sequence(prompt=prompt, max_tokens=max_tokens, sampling=sampling, stop_ids=service.stop_ids, emit=emit)
+
+
+async def _events(service: Service, seq: Sequence, queue: asyncio.Queue, stream: TextStream):
+    """(text piece, finish reason or None) as the decode loop delivers; cancels the sequence if
+    the consumer goes away (a disconnected client) before it ends."""
+    try:
+        while True:
+            event = await queue.get()
+            if event[0] == "token":
+                piece = stream.add(event[1])
+                if stream.stopped:
+                    service.scheduler.cancel(seq)
+                    yield piece, "stop"
+                    return
+                if piece:
+                    yield piece, None
+                continue
+            _, reason, message = event
+            if reason == "error" or (reason == "cancelled" and message):
+                raise APIError(503 if reason == "cancelled" else 500, message or "generation failed",
+                               kind="server_error")
+            yield stream.flush(), reason
+            return
+    finally:
+        if not seq.finished:
+            service.scheduler.cancel(seq)
+
+
+async def _respond(service: Service, body, prompt: torch.Tensor, *, chat: bool):
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    seq = _sequence(service, body, prompt, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+    stream = TextStream(service.tokenizer, stop_list(body.stop))
+    try:
+        service.scheduler.submit(seq)
+    except SchedulerStopped as exc:
+        raise APIError(503, str(exc), kind="server_error") from None
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    created = int(time.time())
+
+    def usage() -> dict:
+        n = len(seq.tokens)
+        return {"prompt_tokens": prompt.numel(), "completion_tokens": n, "total_tokens": prompt.numel() + n}
+
+    if not body.stream:
+        parts, reason = [], None
+        async for piece, reason in _events(service, seq, queue, stream):
+            parts.append(piece)
+        text = "".join(parts)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                   "finish_reason": reason} if chat else
+                  {"index": 0, "text": text, "logprobs": None, "finish_reason": reason})
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": service.name, "choices": [choice], "usage": usage()}
+
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(piece: str | None, reason: str | None, first: bool = False) -> str:
+        if chat:
+            delta = ({"role": "assistant", "content": ""} if first else
+                     {} if piece is None else {"content": piece})
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": reason}
+        data = {"id": rid, "object": kind, "created": created, "model": service.name, "choices": [choice]}
+        if include_usage:
+            data["usage"] = None
+        return f"data: {json.dumps(data)}\n\n"
+
+    async def sse():
+        try:
+            if chat:
+                yield chunk(None, None, first=True)
+            async for piece, reason in _events(service, seq, queue, stream):
+                if piece:
+                    yield chunk(piece, None)
+                if reason is not None:
+                    yield chunk(None, reason)
+            if include_usage:
+                data = {"id": rid, "object": kind, "created": created, "model": service.name, "choices": [],
+                        "usage": usage()}
+                yield f"data: {json.dumps(data)}\n\n"
+            yield "data: [DONE]\n\n"
+        except APIError as exc:  # the stream has begun: the error goes in it, as OpenAI's does
+            yield f"data: {json.dumps(exc.body())}\n\n"
+
+    return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

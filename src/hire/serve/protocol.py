@@ -1,0 +1,128 @@
+"""The OpenAI API's request bodies as the server takes them, and its error bodies.
+
+Fields the server does not implement are refused with a 400 that names them, rather than
+ignored: ``logprobs``, ``echo``, ``best_of``, ``suffix``, ``logit_bias``, penalties other than 0,
+``n`` other than 1, tools. Unknown fields are refused as OpenAI refuses them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class APIError(Exception):
+    """An error the client caused (or the server's state), sent as OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return error_body(self.message, param=self.param, code=self.code, kind=self.kind)
+
+
+def error_body(message: str, *, param: str | None = None, code: str | None = None,
+               kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _Sampled(BaseModel):
+    """What both endpoints share."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    max_tokens: int | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=1)  # not OpenAI's, as vLLM and llama.cpp's server take it
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    def check(self) -> None:
+        """What pydantic's types cannot say: the parts of the API this server does not implement."""
+        if self.n != 1:
+            raise APIError(400, f"n={self.n} is not supported: this server returns one choice (n=1)", param="n")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise APIError(400, f"max_tokens must be at least 1, got {self.max_tokens}", param="max_tokens")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) != 0:
+                raise APIError(400, f"{name} is not supported (only 0)", param=name)
+        if self.logit_bias:
+            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise APIError(400, "stop takes up to 4 non-empty strings", param="stop")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options needs stream=true", param="stream_options")
+
+
+class CompletionRequest(_Sampled):
+    prompt: str | list[str]
+    max_tokens: int | None = 16  # OpenAI's default for completions
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def check(self) -> None:
+        super().check()
+        if isinstance(self.prompt, list) and len(self.prompt) != 1:
+            raise APIError(400, f"one prompt per request ({len(self.prompt)} given)", param="prompt")
+        for name, default in (("echo", False), ("logprobs", None), ("best_of", None), ("suffix", None)):
+            if getattr(self, name) not in (default, 1 if name == "best_of" else default):
+                raise APIError(400, f"{name} is not supported by this server", param=name)
+
+    @property
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def plain(self) -> dict:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class ChatRequest(_Sampled):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def check(self) -> None:
+        super().check()
+        if self.max_completion_tokens is not None:
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise APIError(400, "max_tokens and max_completion_tokens disagree", param="max_completion_tokens")
+            if self.max_completion_tokens < 1:
+                raise APIError(400, f"max_completion_tokens must be at least 1, got {self.max_completion_tokens}",
+                               param="max_completion_tokens")
+            self.max_tokens = self.max_completion_tokens
+        if self.logprobs or self.top_logprobs is not None:
+            raise APIError(400, "logprobs are not supported by this server", param="logprobs")

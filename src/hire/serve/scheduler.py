@@ -1,0 +1,205 @@
+"""The decode loop of the server: continuous batching over a ``BatchDecoder``, on its own thread.
+
+Requests join the running batch between steps (their prompt is prefilled densely into a free KV
+cache slot, which stalls the batch for that prefill) and leave it when they stop, reach their
+length, or are cancelled (a client that went away); their slot is then free for the next one.
+Each request gets its tokens through its ``emit`` callback, called on the decode thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from hire.engine.batch import BatchDecoder
+from hire.engine.sampling import sample
+
+
+class SchedulerStopped(RuntimeError):
+    """The server is shutting down and takes no new requests."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None  # None: a fresh random seed
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request in the decode loop. ``emit`` receives ("token", id), then one
+    ("end", "stop" | "length" | "cancelled" | "error", message)."""
+
+    prompt: torch.Tensor  # (T,) token ids
+    max_tokens: int
+    sampling: Sampling
+    stop_ids: frozenset[int]
+    emit: Callable[[tuple], None]
+    tokens: list[int] = field(default_factory=list)  # generated so far (a stop id included)
+    slot: int = -1
+    cancelled: bool = False
+    finished: bool = False
+    generator: torch.Generator | None = None
+
+    @property
+    def position(self) -> int:
+        """Position of the last generated token (the next step's input)."""
+        return self.prompt.numel() + len(self.tokens) - 1
+
+
+@dataclass
+class LoopStats:
+    steps: int = 0
+    step_tokens: int = 0  # sum of batch sizes
+    decode_s: float = 0.0
+    prefills: int = 0
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    finished: int = 0
+    cancelled: int = 0
+
+    def summary(self) -> dict:
+        return {"steps": self.steps, "mean_batch": self.step_tokens / self.steps if self.steps else 0.0,
+                "decode_tokens_per_s": self.step_tokens / self.decode_s if self.decode_s else 0.0,
+                "prefills": self.prefills, "prefill_tokens": self.prefill_tokens,
+                "prefill_ms_per_token": 1000 * self.prefill_s / self.prefill_tokens if self.prefill_tokens else 0.0,
+                "finished": self.finished, "cancelled": self.cancelled}
+
+
+class Scheduler:
+    """Runs ``decoder`` on a thread: ``submit`` a Sequence, ``cancel`` it, ``stop`` the loop."""
+
+    def __init__(self, decoder: BatchDecoder, *, hire: bool):
+        self.decoder = decoder
+        self.hire = hire
+        self.pending: deque[Sequence] = deque()
+        self.active: list[Sequence] = []
+        self.stats = LoopStats()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="hire-decode", daemon=True)
+        self.error: BaseException | None = None  # what ended the loop, if it failed
+
+    # --- the other threads' side -------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, seq: Sequence) -> None:
+        with self._cond:
+            if self._stopping or not self._thread.is_alive():
+                raise SchedulerStopped("the server is shutting down" if self._stopping else
+                                       f"the decode loop has stopped ({self.error!r})")
+            self.pending.append(seq)
+            self._cond.notify()
+
+    def cancel(self, seq: Sequence) -> None:
+        """Drop ``seq`` before its next step (its slot is freed); no-op once it has finished."""
+        with self._cond:
+            seq.cancelled = True
+            self._cond.notify()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Cancel what is still running or waiting, end the loop and wait for it."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def load(self) -> dict:
+        with self._cond:
+            return {"active": len(self.active), "waiting": len(self.pending), "slots": self.decoder.slots}
+
+    # --- the decode thread -------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._stopping or self.pending or self.active):
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    admit = []
+                    while self.pending and len(self.active) + len(admit) < self.decoder.slots:
+                        admit.append(self.pending.popleft())
+                for seq in admit:
+                    self._admit(seq)
+                for seq in [s for s in self.active if s.cancelled]:
+                    self._finish(seq, "cancelled")
+                if self.active:
+                    self._step()
+        except BaseException as exc:  # noqa: BLE001 - every waiting client must hear why
+            self.error = exc
+            for seq in list(self.active):
+                self._finish(seq, "error", f"the decode loop failed: {exc!r}")
+        finally:
+            with self._cond:
+                self._stopping = True
+                waiting, self.pending = list(self.pending), deque()
+            for seq in list(self.active) + waiting:
+                self._finish(seq, "cancelled", "the server is shutting down")
+
+    def _admit(self, seq: Sequence) -> None:
+        if seq.cancelled:
+            self._finish(seq, "cancelled")
+            return
+        if seq.generator is None:
+            seed = seq.sampling.seed if seq.sampling.seed is not None else int(torch.seed())
+            seq.generator = torch.Generator().manual_seed(seed)
+        seq.slot = self.decoder.acquire()
+        self.active.append(seq)
+        t = time.perf_counter()
+        try:
+            hidden = self.decoder.prefill(seq.slot, seq.prompt)
+        except ValueError as exc:
+            self._finish(seq, "error", str(exc))
+            return
+        self.stats.prefill_s += time.perf_counter() - t
+        self.stats.prefills += 1
+        self.stats.prefill_tokens += seq.prompt.numel()
+        self._sample_and_deliver([seq], hidden)
+
+    def _step(self) -> None:
+        batch = list(self.active)
+        t = time.perf_counter()
+        tokens = torch.tensor([s.tokens[-1] for s in batch])
+        hidden = self.decoder.step(tokens, [s.position for s in batch], [s.slot for s in batch], self.hire)
+        self._sample_and_deliver(batch, hidden)
+        self.stats.decode_s += time.perf_counter() - t
+        self.stats.steps += 1
+        self.stats.step_tokens += len(batch)
+
+    def _sample_and_deliver(self, batch: list[Sequence], hidden: torch.Tensor) -> None:
+        # hidden: (B, D) -> one token per sequence
+        logits, idx = self.decoder.logits(hidden, self.hire)
+        for j, seq in enumerate(batch):
+            s = seq.sampling
+            token = int(sample(logits[j : j + 1], None if idx is None else idx[j : j + 1], s.temperature, s.top_k,
+                               s.top_p, seq.generator))
+            seq.tokens.append(token)
+            if token in seq.stop_ids:
+                self._finish(seq, "stop")
+                continue
+            seq.emit(("token", token))
+            if len(seq.tokens) >= seq.max_tokens or seq.position + 1 >= self.decoder.max_seq_len:
+                self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str, message: str = "") -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        if seq in self.active:
+            self.active.remove(seq)
+            self.decoder.release(seq.slot)
+        if reason == "cancelled":
+            self.stats.cancelled += 1
+        else:
+            self.stats.finished += 1
+        seq.emit(("end", reason, message))

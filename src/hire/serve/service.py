@@ -1,0 +1,65 @@
+"""Load a model for serving and run the server (uvicorn)."""
+
+from __future__ import annotations
+
+import torch
+
+from hire.calibrate.prepare import prepare_model
+from hire.config import HiReConfig
+from hire.data import CALIBRATION_WINDOWS
+from hire.engine import BatchDecoder, Engine
+from hire.arch import engine_supported
+from hire.errors import ConfigError, HireError
+from hire.generate import stop_token_ids
+from hire.models.load import gguf_source
+from hire.recommended import quantized_config
+from hire.serve.app import Service, create_app
+from hire.serve.scheduler import Scheduler
+
+
+class UnsupportedForServing(HireError, ValueError):
+    """The model cannot be served (the engine does not run its architecture)."""
+
+
+def load_service(model_name: str, config: HiReConfig | None, *, slots: int = 8, context: int = 2048,
+                 dense_above: float = 0.5, quantized: bool = True, dtype: str = "float16",
+                 seq_len: int = 512, calib_windows: int = CALIBRATION_WINDOWS, progress: bool = True,
+                 name: str | None = None) -> Service:
+    """``model_name`` under ``config`` (None: dense) in a decode loop of ``slots`` sequences of up to
+    ``context`` tokens each; a GGUF model runs in its block codes unless ``quantized`` is False.
+    ``dense_above``: the share of the head's rows past which a batch's union of candidates is read
+    as the whole head."""
+    quantized = quantized and gguf_source(model_name) is not None
+    if quantized and config is not None:
+        config = quantized_config(config)
+    prepared = prepare_model(model_name, config, seq_len=seq_len, calib_windows=calib_windows, progress=progress,
+                             quantized=quantized)
+    model, tokenizer = prepared.model, prepared.tokenizer
+    if not engine_supported(model.config.model_type):
+        raise UnsupportedForServing(
+            f"hire serve runs the decode engine, which does not run {model.config.model_type!r} models "
+            "(Llama, Mistral, Qwen2/3 and Gemma-3 layouts); use `hire generate` for this model")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and context > limit:
+        raise ConfigError(f"--context {context} is longer than the model's {limit} positions; lower it")
+    engine = Engine(model, prepared.config, head_proxy=prepared.head_proxy, dtype=getattr(torch, dtype),
+                    max_seq_len=context)
+    decoder = BatchDecoder(engine, slots, dense_above=dense_above)
+    hire = prepared.config is not None
+    info = {"hire": hire, "weights": "GGUF codes" if quantized else dtype, "kernels": engine.kernel_report(),
+            "context": context, "dense_above": dense_above}
+    if hire:
+        info["config"] = prepared.config.to_dict()
+    return Service(name=name or model_name, tokenizer=tokenizer, scheduler=Scheduler(decoder, hire=hire),
+                   stop_ids=frozenset(stop_token_ids(tokenizer, model)), context=context, info=info)
+
+
+def serve(service: Service, *, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 30.0,
+          log_level: str = "info") -> None:
+    """Serve until SIGINT/SIGTERM: then no new connections; requests in flight finish, or are
+    cancelled after ``shutdown_timeout`` seconds; the decode loop stops; the process returns."""
+    import uvicorn
+
+    config = uvicorn.Config(create_app(service), host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=shutdown_timeout)
+    uvicorn.Server(config).run()

@@ -1,0 +1,66 @@
+"""Text in and out of the decode loop: prompts (the chat template), and the generated text streamed
+piece by piece with the request's stop strings cut out."""
+
+from __future__ import annotations
+
+import torch
+
+from hire.data import chat_text
+
+
+class TextStream:
+    """The text of the tokens added so far, given out in pieces (``add``) that never end inside a
+    character (a token may carry part of one) nor inside what could still become a stop string.
+    The first stop string in the text ends it there (it is not part of the text)."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tokenizer = tokenizer
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1  # characters a stop may still be completing
+        self.ids: list[int] = []
+        self.sent = 0  # characters given out
+        self.text = ""
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        """The new piece of text after ``token`` ("" while it holds a piece back). Once a stop
+        string appears, ``stopped`` is set and the text ends before it."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a character that the next token completes
+            return ""
+        self.text = text
+        cut = min((i for i in (text.find(s) for s in self.stops) if i != -1), default=-1)
+        if cut != -1:
+            self.stopped = True
+            return self._upto(cut)
+        return self._upto(max(self.sent, len(text) - self.hold))
+
+    def flush(self) -> str:
+        """What was held back, once no more tokens come (not after a stop string)."""
+        return "" if self.stopped else self._upto(len(self.text))
+
+    def _upto(self, end: int) -> str:
+        piece = self.text[self.sent : end]
+        self.sent = max(self.sent, end)
+        return piece
+
+
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> torch.Tensor:
+    """The messages as the model sees them (``hire.data.chat_text``: its chat template, else
+    ``Role: content`` lines), ready for the assistant's turn.  # -> (T,) token ids"""
+    text = chat_text(tokenizer, messages, generation_prompt=True)
+    bos = tokenizer.bos_token
+    ids = tokenizer(text, add_special_tokens=not (bos and text.startswith(bos))).input_ids  # one BOS, not two
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def completion_prompt(tokenizer, prompt: str) -> torch.Tensor:
+    """The prompt as ``hire generate`` tokenizes it (with the tokenizer's BOS).  # -> (T,) token ids"""
+    return torch.tensor(tokenizer(prompt).input_ids, dtype=torch.long)

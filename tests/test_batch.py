@@ -1,0 +1,192 @@
+"""Batched decoding (hire.engine.batch) and the server's decode loop (hire.serve.scheduler) on tiny
+models: every row of a batched step is what the one-token step gives it, HiRE's unions contain each
+row's own selection, and sequences joining and leaving the batch decode what they decode alone."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from hire import native
+from hire.config import FFNConfig, HeadConfig, HiReConfig
+from hire.engine import BatchDecoder, Engine
+from hire.quant import load_quantized
+from hire.serve.scheduler import Sampling, Scheduler, SchedulerStopped, Sequence
+from tiny_models import VOCAB, make
+
+needs_kernels = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable_reason()}")
+
+HEAD = HeadConfig(k=8, candidates=64, proxy="int8", group_size=64)
+
+
+@pytest.fixture(scope="module")
+def gguf_engine(tmp_path_factory):
+    from test_quant import write_gguf
+
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_gguf(path)
+    return Engine(load_quantized(path)[0], None, dtype=torch.float32, max_seq_len=48)
+
+
+def _prompts(n: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (3 + 2 * i,), generator=g) for i in range(n)]
+
+
+def _solo_step_rows(engine: Engine, decoder: BatchDecoder, tokens, positions, slots, hire: bool) -> torch.Tensor:
+    """Each row through the one-token native step, in the slot's cache (copied to the engine's)."""
+    rows = []
+    for t, pos, slot in zip(tokens.tolist(), positions, slots):
+        engine.k_cache.copy_(decoder.k[slot])
+        engine.v_cache.copy_(decoder.v[slot])
+        h = engine.embed(torch.tensor([t])).float()
+        rows.append(engine.native_steps[hire].step(h, pos))
+    return torch.cat(rows)
+
+
+def _prefilled(engine: Engine, prompts: list[torch.Tensor]) -> tuple[BatchDecoder, list[int], list[int]]:
+    decoder = BatchDecoder(engine, len(prompts) + 1, dense_above=1.0)
+    slots = [decoder.acquire() for _ in prompts]
+    for slot, p in zip(slots, prompts):
+        decoder.prefill(slot, p)
+    return decoder, slots, [p.numel() for p in prompts]
+
+
+@needs_kernels
+def test_a_batched_step_over_gguf_codes_gives_each_row_its_one_token_step(gguf_engine):
+    prompts = _prompts(3)
+    decoder, slots, positions = _prefilled(gguf_engine, prompts)
+    tokens = torch.tensor([5, 9, 5])
+    solo = _solo_step_rows(gguf_engine, decoder, tokens, positions, slots, hire=False)
+    batch = decoder.step(tokens, positions, slots, hire=False)
+    assert torch.equal(batch.float(), solo)  # the same kernels' arithmetic per row: equal, not close
+
+
+@needs_kernels
+def test_sparse_ffn_rows_share_the_union_of_their_neurons():
+    cfg = HiReConfig(head=HeadConfig(enabled=False), ffn=FFNConfig(density=0.5, proxy="int4"))
+    engine = Engine(make("llama", seed=3), cfg, dtype=torch.float32, max_seq_len=48)
+    keep = engine.ffns[0].keep_groups
+    prompt = _prompts(1)[0]
+    # three copies of one sequence: the union is each row's own selection, and each row its solo step
+    decoder, slots, positions = _prefilled(engine, [prompt] * 3)
+    tokens = torch.tensor([7, 7, 7])
+    solo = _solo_step_rows(engine, decoder, tokens, positions, slots, hire=True)
+    batch = decoder.step(tokens, positions, slots, hire=True)
+    torch.testing.assert_close(batch.float(), solo, rtol=1e-5, atol=1e-5)
+    assert decoder.stats.ffn_union == keep * len(engine.ffns)
+    # different sequences: a larger union, at most every row's selection
+    decoder, slots, positions = _prefilled(engine, _prompts(3, seed=1))
+    decoder.step(torch.tensor([1, 50, 200]), positions, slots, hire=True)
+    mean = decoder.stats.ffn_union / decoder.stats.ffn_layer_steps
+    assert keep < mean <= min(3 * keep, engine.ffns[0].groups)
+
+
+@needs_kernels
+def test_the_head_union_holds_every_rows_candidates_with_exact_logits():
+    engine = Engine(make("llama", seed=4), HiReConfig(head=HEAD, ffn=FFNConfig(enabled=False)),
+                    dtype=torch.float32, max_seq_len=48)
+    decoder = BatchDecoder(engine, 3, dense_above=1.0)
+    hidden = torch.randn(3, engine.hidden)
+    logits, idx = decoder.logits(hidden, hire=True)
+    union = idx[0]
+    assert torch.equal(idx, union.expand(3, -1)) and torch.equal(union, union.unique())
+    for j in range(3):
+        own = engine.head.selector.decode_select(hidden[j : j + 1])[0]
+        assert torch.isin(own, union).all()
+    assert HEAD.candidates <= union.numel() <= 3 * HEAD.candidates
+    exact = hidden @ engine.head_weight.float()[union].T
+    torch.testing.assert_close(logits, exact, rtol=1e-4, atol=1e-4)
+    assert decoder.stats.head_union == union.numel() and decoder.stats.steps == 1
+    # past dense_above the whole head is read
+    decoder.dense_above = HEAD.candidates / VOCAB
+    logits, idx = decoder.logits(hidden, hire=True)
+    assert idx is None and logits.shape == (3, VOCAB) and decoder.stats.head_dense == 1
+
+
+def test_bad_decoder_settings_are_refused():
+    engine = Engine(make("llama"), None, dtype=torch.float32, max_seq_len=16)
+    with pytest.raises(ValueError, match="slots must be >= 1"):
+        BatchDecoder(engine, 0)
+    with pytest.raises(ValueError, match="dense_above must be in"):
+        BatchDecoder(engine, 2, dense_above=0)
+    decoder = BatchDecoder(engine, 1)
+    slot = decoder.acquire()
+    with pytest.raises(RuntimeError, match="all 1 slots are in use"):
+        decoder.acquire()
+    with pytest.raises(ValueError, match="does not fit a context of 16"):
+        decoder.prefill(slot, torch.zeros(16, dtype=torch.long))
+    decoder.release(slot)
+    with pytest.raises(ValueError, match="not in use"):
+        decoder.release(slot)
+
+
+@pytest.mark.parametrize("fused", [pytest.param(True, marks=needs_kernels), False])
+def test_the_decode_loop_gives_each_sequence_what_it_decodes_alone(fused):
+    """Sequences of different lengths join a running batch and leave it (length, cancel); the
+    greedy tokens of each equal Engine.generate's for it alone, on the native and the eager path."""
+    engine = Engine(make("llama", seed=2), None, dtype=torch.float32, max_seq_len=48, fused=fused)
+    prompts = _prompts(4, seed=3)
+    want = [engine.generate(p, 10, hire=False).token_ids for p in prompts]
+    scheduler = Scheduler(BatchDecoder(engine, 2), hire=False)  # 2 slots for 4 requests: two wait
+    ended = threading.Semaphore(0)
+    got: list[list] = [[] for _ in prompts]
+
+    def emit_for(i):
+        def emit(event):  # on the decode thread: must not block
+            got[i].append(event)
+            if event[0] == "end":
+                ended.release()
+        return emit
+
+    seqs = [Sequence(p, 10, Sampling(), frozenset(), emit_for(i)) for i, p in enumerate(prompts)]
+    doomed = Sequence(prompts[0], 40, Sampling(), frozenset(), lambda e: None)
+    scheduler.start()
+    scheduler.submit(doomed)
+    scheduler.cancel(doomed)  # cancelled while waiting or running: its slot comes back
+    for s in seqs:
+        scheduler.submit(s)
+    for _ in seqs:
+        assert ended.acquire(timeout=60)
+    for i, events in enumerate(got):
+        assert [e[1] for e in events if e[0] == "token"] == want[i]
+        assert events[-1] == ("end", "length", "")
+    assert sorted(scheduler.decoder.free) == [0, 1] and scheduler.stats.cancelled == 1
+    assert scheduler.stats.summary()["mean_batch"] > 1  # they did share steps
+    scheduler.stop()
+    with pytest.raises(SchedulerStopped):
+        scheduler.submit(seqs[0])
+
+
+def test_stop_tokens_and_sampling_seeds():
+    engine = Engine(make("llama", seed=2), None, dtype=torch.float32, max_seq_len=48)
+    prompt = _prompts(1, seed=5)[0]
+    greedy = engine.generate(prompt, 6, hire=False).token_ids
+    assert len(set(greedy)) > 1  # (the test needs a token that ends the greedy text early)
+    events = []
+    finished = threading.Event()
+
+    def run(seq):
+        scheduler = Scheduler(BatchDecoder(engine, 1), hire=False)
+        scheduler.start()
+        scheduler.submit(seq)
+        assert finished.wait(30)
+        scheduler.stop()
+        finished.clear()
+
+    def emit(event):
+        events.append(event)
+        if event[0] == "end":
+            finished.set()
+
+    first_new = next(i for i in range(1, len(greedy)) if greedy[i] not in greedy[:i])
+    run(Sequence(prompt, 6, Sampling(), frozenset({greedy[first_new]}), emit))  # that token stops it, unsent
+    assert [e[1] for e in events if e[0] == "token"] == greedy[:first_new] and events[-1][1] == "stop"
+    samples = []
+    for _ in range(2):
+        events.clear()
+        run(Sequence(prompt, 6, Sampling(temperature=1.0, seed=7), frozenset(), emit))
+        samples.append([e[1] for e in events if e[0] == "token"])
+    assert samples[0] == samples[1]  # one seed, one sample
