@@ -1,0 +1,314 @@
+"""`hire serve`: the OpenAI-compatible API. In process on a tiny model (errors, text pieces), and
+as a live server on 127.0.0.1 talked to with the official ``openai`` client (SmolLM2: greedy text
+equal to `hire generate --dense`, concurrent streams, disconnects, many requests, SIGTERM)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hire.serve.protocol import APIError, ChatRequest, CompletionRequest
+from hire.serve.text import TextStream
+
+HIRE = str(Path(sys.executable).with_name("hire"))
+
+
+# --- text pieces and request checks --------------------------------------------------------------
+class Pieces:
+    """A tokenizer whose token i decodes to PIECES[i] (3 and 4 are the two halves of one character)."""
+
+    PIECES = ["Hello", " wor", "ld", b"\xc3".decode("latin-1"), "", "!", " END", " more"]
+
+    def decode(self, ids, skip_special_tokens=True):
+        raw = "".join(self.PIECES[i] for i in ids)
+        # tokens 3 then 4 make "é": alone, 3 is an incomplete character
+        return raw.replace(self.PIECES[3], "\ufffd") if ids[-1] == 3 else raw.replace(self.PIECES[3], "é")
+
+
+def test_text_pieces_hold_back_partial_characters_and_possible_stops():
+    s = TextStream(Pieces(), ["END"])
+    got = [s.add(t) for t in (0, 1, 2, 3, 4, 5)]
+    assert "".join(got) + s.flush() == "Hello worldé!"
+    assert got[3] == ""  # half a character is not sent
+    s = TextStream(Pieces(), [" wor", "xyz"])
+    assert s.add(0) == "He" and s.add(1) == "llo" and s.stopped  # "llo" held back until the stop appeared
+    s = TextStream(Pieces(), ["END"])
+    assert "".join(s.add(t) for t in (0, 6, 7)) == "Hello " and s.stopped and s.flush() == ""
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"n": 2}, "n"), ({"max_tokens": 0}, "max_tokens"), ({"logprobs": 2}, "logprobs"), ({"echo": True}, "echo"),
+    ({"presence_penalty": 0.5}, "presence_penalty"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": ["a", "b"]}, "prompt"), ({"stream_options": {"include_usage": True}}, "stream_options"),
+])
+def test_unsupported_completion_settings_are_named(body, param):
+    req = CompletionRequest(**{"model": "m", "prompt": "x", **body})
+    with pytest.raises(APIError) as err:
+        req.check()
+    assert err.value.status == 400 and err.value.param == param
+
+
+def test_chat_takes_max_completion_tokens_and_refuses_logprobs():
+    req = ChatRequest(model="m", messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                      max_completion_tokens=5)
+    req.check()
+    assert req.max_tokens == 5 and req.messages[0].plain() == {"role": "user", "content": "hi"}
+    with pytest.raises(APIError, match="logprobs"):
+        ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}], logprobs=True).check()
+
+
+# --- the app in process, on a tiny model ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_client(tmp_path_factory):
+    from fastapi.testclient import TestClient
+
+    from hire.serve import create_app, load_service
+
+    path = _tiny_dir(tmp_path_factory.mktemp("tiny"))
+    service = load_service(path, None, slots=2, context=32, name="tiny", progress=False)
+    with TestClient(create_app(service)) as client:
+        yield client
+
+
+def _tiny_dir(path: Path) -> str:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tiny_models import make
+
+    vocab = {"[UNK]": 0, "<s>": 1, **{w: i + 2 for i, w in enumerate("the and of to a i you my in that".split())}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    make("llama").save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
+    return str(path)
+
+
+BAD = [
+    (b"{not json", 400, None),
+    (json.dumps({"model": "tiny", "prompt": "the", "foo": 1}).encode(), 400, "foo"),
+    (json.dumps({"model": "tiny", "prompt": "the", "max_tokens": "many"}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": "tiny", "prompt": "the", "max_tokens": 0}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": "tiny", "prompt": "the " * 40}).encode(), 400, "prompt"),
+    (json.dumps({"model": "tiny", "prompt": "the", "max_tokens": 32}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": "other", "prompt": "the"}).encode(), 404, "model"),
+    (json.dumps({"prompt": "the"}).encode(), 400, "model"),
+    (json.dumps(["a list"]).encode(), 400, None),
+]
+
+
+@pytest.mark.parametrize("body, status, param", BAD)
+def test_bad_requests_get_an_openai_error_and_the_server_keeps_serving(tiny_client, body, status, param):
+    r = tiny_client.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"] and error["param"] == param
+    ok = tiny_client.post("/v1/completions", json={"model": "tiny", "prompt": "the and", "max_tokens": 3,
+                                                   "temperature": 0})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_routes_and_usage_in_process(tiny_client):
+    assert tiny_client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+    assert tiny_client.get("/nowhere").json()["error"]["type"] == "not_found_error"
+    r = tiny_client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "a"}],
+                                                       "max_tokens": 4, "temperature": 0}).json()
+    assert r["object"] == "chat.completion" and r["choices"][0]["message"]["role"] == "assistant"
+    assert r["usage"]["total_tokens"] == r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"]
+    lines = tiny_client.post("/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": 4, "stream": True,
+                                                      "stream_options": {"include_usage": True}}).text.split("\n\n")
+    assert lines[-2] == "data: [DONE]" and json.loads(lines[-3][6:])["usage"]["completion_tokens"] == 4
+    health = tiny_client.get("/health").json()
+    assert health["status"] == "ok" and health["slots"] == 2 and health["active"] == 0
+
+
+# --- a live server, the openai client ------------------------------------------------------------
+MODEL = "smollm2-135m"
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+           "The three laws of thermodynamics", "import numpy as np\n", "My favourite recipe for bread",
+           "In the year 1492,", "Q: What is the boiling point of water?\nA:"]
+EXACT_HEAD = ["--head-proxy", "int8", "--head-candidates", "49152", "--dense-above", "1"]  # every k = n
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, *args: str, log: Path):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.proc = subprocess.Popen([HIRE, "serve", "--model", MODEL, "--port", str(self.port), *args],
+                                     stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            assert self.proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(1)
+        raise AssertionError("the server did not start:\n" + log.read_text())
+
+    def client(self):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=10).json()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(120)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(*EXACT_HEAD, "--slots", "8", "--context", "512", log=tmp_path_factory.mktemp("serve") / "log")
+    yield s
+    s.stop()
+
+
+def _complete(client, prompt: str, n: int = 24, **kw) -> str:
+    return client.completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0, **kw).choices[0].text
+
+
+def _stream(client, prompt: str, n: int = 24) -> str:
+    parts = []
+    for chunk in client.completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0, stream=True):
+        parts.append(chunk.choices[0].text)
+    return "".join(parts)
+
+
+@pytest.mark.slow
+def test_greedy_text_equals_hire_generate_dense(server):
+    from hire.generate import generate_text
+
+    client = server.client()
+    for prompt in PROMPTS[:2]:
+        want = generate_text(MODEL, None, prompt, max_new_tokens=24, progress=False)["text"]
+        assert _complete(client, prompt) == want
+        assert _stream(client, prompt) == want
+
+
+@pytest.mark.slow
+def test_chat_streamed_and_not(server):
+    client = server.client()
+    messages = [{"role": "user", "content": "Name a colour."}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
+    text = whole.choices[0].message.content
+    assert text and whole.choices[0].finish_reason in ("stop", "length")
+    assert whole.usage.completion_tokens <= 20 and whole.usage.prompt_tokens > 5
+    parts = [c.choices[0].delta.content or "" for c in
+             client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0, stream=True)]
+    assert "".join(parts) == text
+    assert client.models.list().data[0].id == MODEL
+
+
+@pytest.mark.slow
+def test_eight_concurrent_streams_get_their_own_complete_answers(server):
+    client = server.client()
+    alone = [_complete(client, p) for p in PROMPTS]
+    before = server.health()["loop"]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda p: _stream(server.client(), p), PROMPTS))
+    assert together == alone
+    after = server.health()["loop"]
+    shared = (after["steps"] - before["steps"], after["mean_batch"])
+    assert after["steps"] - before["steps"] < 8 * 23, shared  # steps were shared, not one sequence at a time
+
+
+@pytest.mark.slow
+def test_errors_are_4xx_openai_bodies_and_the_server_keeps_serving(server):
+    import openai
+
+    client = server.client()
+    with pytest.raises(openai.BadRequestError, match="Unrecognized request argument supplied: foo"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=4, extra_body={"foo": 1})
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=0)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="word " * 600, max_tokens=4)
+    assert err.value.code == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=4)
+    r = httpx.post(server.url + "/v1/chat/completions", content=b'{"model": ', timeout=10,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    assert _complete(client, PROMPTS[0], 4)
+
+
+@pytest.mark.slow
+def test_a_client_that_disconnects_frees_its_slot(server):
+    body = {"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]  # a few tokens in, then the client goes away
+    assert any(line.startswith("data: ") for line in got)
+    deadline = time.time() + 30
+    while server.health()["active"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert server.health()["active"] == 0
+    assert server.health()["loop"]["cancelled"] >= 1
+    assert _complete(server.client(), PROMPTS[0], 8)
+
+
+@pytest.mark.slow
+def test_two_hundred_requests_do_not_leak(server):
+    client = server.client()
+    for _ in range(20):  # warm: allocator pools and caches settle
+        _complete(client, PROMPTS[1], 4)
+    before = server.health()["rss_mb"]
+    for i in range(200):
+        _complete(client, PROMPTS[i % len(PROMPTS)], 4)
+    after = server.health()["rss_mb"]
+    print(f"resident memory: {before:.1f} MB before, {after:.1f} MB after 200 requests")
+    assert after - before < 32, (before, after)
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_requests_in_flight_and_exits(tmp_path):
+    s = Server(*EXACT_HEAD, "--slots", "2", "--context", "256", log=tmp_path / "log")
+    result = {}
+
+    def client():
+        result["text"] = _stream(s.client(), PROMPTS[0], 48)
+
+    t = threading.Thread(target=client)
+    t.start()
+    deadline = time.time() + 60
+    while not s.health()["active"] and time.time() < deadline:
+        time.sleep(0.05)
+    s.proc.send_signal(signal.SIGTERM)
+    # uvicorn re-raises the signal once shut down, so the exit status says how the server ended
+    assert s.proc.wait(120) in (0, -signal.SIGTERM)
+    t.join(60)
+    assert result.get("text"), s.log.read_text()  # the whole answer, not a broken stream
+    log = s.log.read_text()
+    assert "Application shutdown complete" in log and "Traceback" not in log
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(s.url + "/health", timeout=2)
+
+
+def test_serve_help_and_a_missing_model(tmp_path):
+    out = subprocess.run([HIRE, "serve", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "/v1/chat/completions" in out.stdout
+    out = subprocess.run([HIRE, "serve", "--model", str(tmp_path / "none.gguf"), "--dense"], capture_output=True,
+                         text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 2 and "hire: error:" in out.stderr and "Traceback" not in out.stderr
