@@ -134,7 +134,7 @@ class BatchDecoder:
         s.rows += hidden.shape[0]
         s.head_union += union.numel()
         s.head_candidates += picks[0].numel()
-        if union.numel() > self.dense_above * head.vocab_size:
+        if union.numel() > self.dense_above * self.vocab_size:
             s.head_dense += 1
             return self._rows(hidden, None), None
         logits = self._rows(hidden, union)

@@ -41,7 +41,8 @@ class HiReLMHead(nn.Module):
 
     @property
     def vocab_size(self) -> int:
-        return self.base_layer.weight.shape[0]
+        # a quantized head's .weight dequantizes the whole matrix: its codes know the shape
+        return self._q.shape[0] if self._q is not None else self.base_layer.weight.shape[0]
 
     def candidate_logits(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact logits of the candidate rows.
