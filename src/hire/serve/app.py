@@ -55,12 +55,14 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"Invalid value for {param}: {err.get('msg')}", param
 
 
-def create_app(service: Service) -> FastAPI:
-    """The ASGI app; it starts the decode loop on startup and stops it on shutdown."""
+def create_app(service: Service, *, start_loop: bool = True) -> FastAPI:
+    """The ASGI app; it stops the decode loop on shutdown, and starts it on a thread of its own on
+    startup unless ``start_loop`` is False (``serve`` runs it in the main thread)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        service.scheduler.start()
+        if start_loop:
+            service.scheduler.start()
         try:
             yield
         finally:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+
 import torch
 
 from hire.calibrate.prepare import prepare_model
@@ -57,9 +60,36 @@ def load_service(model_name: str, config: HiReConfig | None, *, slots: int = 8, 
 def serve(service: Service, *, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 30.0,
           log_level: str = "info") -> None:
     """Serve until SIGINT/SIGTERM: then no new connections; requests in flight finish, or are
-    cancelled after ``shutdown_timeout`` seconds; the decode loop stops; the process returns."""
+    cancelled after ``shutdown_timeout`` seconds; the decode loop stops; the call returns.
+
+    The decode loop runs in this (the main) thread and uvicorn on another (see ``Scheduler``);
+    the signals reach uvicorn through the handlers installed here. A second signal stops at once."""
     import uvicorn
 
-    config = uvicorn.Config(create_app(service), host=host, port=port, log_level=log_level,
+    config = uvicorn.Config(create_app(service, start_loop=False), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=shutdown_timeout)
-    uvicorn.Server(config).run()
+    server = uvicorn.Server(config)
+
+    def http() -> None:
+        try:
+            server.run()
+        finally:  # shut down, or failed to start (a port in use): the decode loop ends too
+            service.scheduler.stop()
+
+    def on_signal(signum, frame) -> None:
+        if server.should_exit:
+            server.force_exit = True
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=http, name="hire-http")
+    thread.start()
+    try:
+        service.scheduler.run()
+    finally:
+        server.should_exit = True
+        thread.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.started:
+        raise OSError(f"the server could not start on {host}:{port} (is the port in use?)")
