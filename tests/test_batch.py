@@ -190,3 +190,29 @@ def test_stop_tokens_and_sampling_seeds():
         run(Sequence(prompt, 6, Sampling(temperature=1.0, seed=7), frozenset(), emit))
         samples.append([e[1] for e in events if e[0] == "token"])
     assert samples[0] == samples[1]  # one seed, one sample
+
+
+@needs_kernels
+def test_a_short_prompt_prefills_as_one_batched_step(gguf_engine):
+    """Engine.prefill runs a prompt of <= STEPPED_PREFILL tokens as one step_batch in its slot:
+    exactly what feeding its tokens one at a time through the decode step gives, and close to the
+    eager (dequantized) prefill; longer prompts take the eager prefill."""
+    from hire.engine.engine import STEPPED_PREFILL
+
+    e = gguf_engine
+    prompt = _prompts(1, seed=9)[0][:6]
+    stepped = e.prefill(prompt).float()
+    caches = e.k_cache.clone(), e.v_cache.clone()
+    for t, tok in enumerate(prompt.tolist()):
+        one = e.native_steps[False].step(e.embed(torch.tensor([tok])).float(), t)
+    assert torch.equal(stepped, one.float())
+    assert torch.equal(e.k_cache[:, :, :6], caches[0][:, :, :6])
+    eager = e.eager_forward(e.embed(prompt).float(), 0, hire=False).float()
+    torch.testing.assert_close(stepped, eager, rtol=1e-3, atol=1e-3 * eager.abs().max().item())
+    decoder = BatchDecoder(e, 2)
+    with pytest.raises(RuntimeError, match="increasing positions"):
+        e.native_steps[False].step_batch(e.embed(prompt[:2]).float(), torch.tensor([3, 2]), torch.tensor([0, 0]),
+                                         decoder.k, decoder.v)
+    assert STEPPED_PREFILL < e.max_seq_len - 1
+    long = torch.randint(0, VOCAB, (STEPPED_PREFILL + 1,))
+    torch.testing.assert_close(e.prefill(long).float(), e.eager_forward(e.embed(long).float(), 0, hire=False).float())

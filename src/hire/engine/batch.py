@@ -96,8 +96,7 @@ class BatchDecoder:
         prompt = prompt.reshape(-1)
         if not 0 < prompt.numel() < self.max_seq_len:
             raise ValueError(f"a prompt of {prompt.numel()} tokens does not fit a context of {self.max_seq_len}")
-        with self.engine.using_cache(self.k[slot], self.v[slot]):
-            return self.engine.eager_forward(self.engine.embed(prompt).float(), 0, hire=False)
+        return self.engine.prefill(prompt, (self.k, self.v), slot)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, positions: list[int], slots: list[int], hire: bool) -> torch.Tensor:

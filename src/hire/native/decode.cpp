@@ -437,7 +437,8 @@ struct DecodeModel : torch::CustomClassHolder {
                             y + j * dim);
   }
 
-  // B tokens of B sequences, token j at position pos[j] of batch slot slots[j] of the caches
+  // B tokens, token j at position pos[j] of batch slot slots[j] of the caches (B sequences' next
+  // tokens, or a prompt's tokens in one slot)
   // (slots, L, Hkv, S, hd): h (B, D) float32 -> final-normed hidden (B, D) float32. Weights are read
   // once for the batch where they are quantized; each row's arithmetic is step()'s.
   Tensor step_batch(Tensor h_in, Tensor pos_in, Tensor slots_in, Tensor k_slots, Tensor v_slots) {
@@ -458,7 +459,11 @@ struct DecodeModel : torch::CustomClassHolder {
       TORCH_CHECK(slot[j] >= 0 && slot[j] < k_slots.size(0), "step_batch: slot ", slot[j], " is not in the caches");
       TORCH_CHECK(pos[j] >= 0 && pos[j] < k_slots.size(3) && pos[j] < cos[0].size(0), "step_batch: position ", pos[j],
                   " is outside the cache (", k_slots.size(3), ")");
-      for (int64_t i = 0; i < j; ++i) TORCH_CHECK(slot[i] != slot[j], "step_batch: slot ", slot[j], " appears twice");
+      // a slot may hold several rows (a prompt's tokens): in increasing positions, each row writes its
+      // keys and values before the later rows of its slot attend to them (causal, layer by layer)
+      for (int64_t i = 0; i < j; ++i)
+        TORCH_CHECK(slot[i] != slot[j] || pos[i] < pos[j], "step_batch: the rows of slot ", slot[j],
+                    " must come in increasing positions");
       kc[j] = k_slots[slot[j]], vc[j] = v_slots[slot[j]];
     }
     auto h = h_in.to(torch::kFloat).contiguous().clone();
