@@ -82,11 +82,19 @@ def _check_products(fmt: str, rows: int, cols: int, seed: int, ops=None, act_bit
     torch.testing.assert_close(native.qgemv(x, q, ops=ops), reference_qgemv(x, q), rtol=0, atol=bound)
     pick = torch.randperm(rows, generator=g)[: max(1, rows // 3)]
     torch.testing.assert_close(native.qgemv(x.view(1, -1), q, pick, ops=ops), native.qgemv(x, q, ops=ops)[pick])
-    # a batch of activations: each row's products are exactly qgemv's (the same arithmetic, codes read once)
-    xs = torch.stack([x, -0.5 * x, torch.randn(cols, generator=g)])
-    for rows_ in (None, pick):
-        want = torch.stack([native.qgemv(r, q, rows_, ops=ops) for r in xs])
-        assert torch.equal(native.qgemv_batch(xs, q, rows_, ops=ops), want)
+    # a batch of activations, codes read once: up to 5, each row's products are exactly qgemv's; from 6
+    # (activations in vector lanes on AVX-512) the same integer sums added in another order; 19 and 24
+    # rows take two passes of 16 lanes, the second a short tail or lanes again
+    for n in (3, 5, 6, 19, 24):
+        xs = torch.stack([x, -0.5 * x] + [torch.randn(cols, generator=g) * 3 for _ in range(n - 2)])
+        for rows_ in (None, pick):
+            want = torch.stack([native.qgemv(r, q, rows_, ops=ops) for r in xs])
+            got = native.qgemv_batch(xs, q, rows_, ops=ops)
+            if n < 6:
+                assert torch.equal(got, want)
+            else:
+                bound = 1e-5 * (w @ xs.abs().T).max() + 1e-12
+                torch.testing.assert_close(got, want, rtol=0, atol=bound)
     qc = q.to_layout("columns")
     a = torch.randn(cols, generator=g)
     bound = 1e-5 * (w @ a.abs()).max() + 1e-12

@@ -7,9 +7,10 @@
 //   activations, exact in int32) and one float FMA with the lanes' weight x activation scales.
 //   The symmetric formats' zero is taken out of the integer sums with the activation's per-lane
 //   sums; the affine formats' mins add min x (activation scale x lane sum).
-// * qgemv_batch: the same for B activations at once (a decode step of B sequences): each row's codes
-//   are read from memory once and stay in L1 for its B products, which are qgemv's own, so a row of
-//   the batch gets bit for bit what qgemv gives it alone.
+// * qgemv_batch: the same for B activations at once (a decode step of B sequences; a prompt): each
+//   row's codes are read from memory once. Up to 5 activations (and without AVX-512) the products
+//   are qgemv's own, bit for bit; from 6, on AVX-512 with int16 activations, the activations sit in
+//   a vector's lanes (rows_lanes): the same integer sums, float sums in another order.
 // * qaxpy: sum_j a_j W[:, j] over selected columns of a matrix stored column-major (the FFN's down
 //   projection), in float32: a group's columns share its scales, so each group's codes are summed
 //   first and its scales applied once.
@@ -426,6 +427,128 @@ void rows_range_batch(const QMat& w, const std::vector<X>& xs, const std::vector
   }
 }
 
+#if HIRE_QUANT_512
+// A batch of 4..16 int16 activations with one activation per lane of a zmm: row by row, each pair of
+// a row's codes is broadcast and multiplied (vpdpwssd) with the 16 activations' codes of those two
+// columns, four rows at a time. A 64-column chunk of 4 rows x B activations is then 32 loads and
+// 128 multiply-adds, where the one-activation layout (qdot16) spends ~15 instructions per row, chunk
+// and activation on loads, folds and scales. The integer sums are qdot16's; the float sums run in
+// another order (per group, not per lane), so a row equals qgemv's to float32 rounding.
+constexpr int64_t kActLanes = 16, kRowsT = 4;
+// from this many activations the lanes layout pays: its cost is ~flat up to 16 (SmolLM2's batched step
+// 10.3 ms at 4, 11.1 at 8), the one-activation layout's grows with them (8.2 ms at 4, 17.3 at 8)
+constexpr int64_t kLanesFrom = 6;
+
+struct QXLanes {
+  int64_t batch = 0, pairs = 0;
+  std::vector<int32_t> xi;  // pairs x 16: activation b's int16 codes of columns 2p, 2p+1 in lane b
+  std::vector<float> sx;    // (pairs / 16) x 16: activation scale per 32 columns
+  std::vector<float> gsum;  // (pairs / 16) x 16: scale x sum of codes per 32 columns (what a min multiplies)
+};
+
+QXLanes lanes_of(const std::vector<QX16>& xs) {
+  QXLanes X;
+  X.batch = static_cast<int64_t>(xs.size());
+  X.pairs = xs[0].chunks * 32;
+  X.xi.assign(X.pairs * kActLanes, 0);
+  X.sx.assign(X.pairs / 16 * kActLanes, 0.f);
+  X.gsum.assign(X.pairs / 16 * kActLanes, 0.f);
+  for (int64_t b = 0; b < X.batch; ++b) {
+    const QX16& x = xs[b];
+    for (int64_t p = 0; p < X.pairs; ++p) {
+      const uint32_t lo = static_cast<uint16_t>(x.q[2 * p]), hi = static_cast<uint16_t>(x.q[2 * p + 1]);
+      X.xi[p * kActLanes + b] = static_cast<int32_t>(lo | (hi << 16));
+    }
+    for (int64_t h = 0; h < X.pairs / 16; ++h) {
+      X.sx[h * kActLanes + b] = x.scale[h];
+      X.gsum[h * kActLanes + b] = x.gsum[h];
+    }
+  }
+  return X;
+}
+
+// 16 activations in a zmm (8 in a ymm measured no faster on Zen 4: the broadcasts of the codes and
+// the row loop cost as much as the multiply-adds)
+struct Lanes16 {
+  using I = __m512i;
+  using F = __m512;
+  static I zero() { return _mm512_setzero_si512(); }
+  static F fzero() { return _mm512_setzero_ps(); }
+  static I load(const int32_t* p) { return _mm512_loadu_si512(p); }
+  static I dot(I s, I x, int32_t w) { return _mm512_dpwssd_epi32(s, x, _mm512_set1_epi32(w)); }
+  static F loadf(const float* p) { return _mm512_loadu_ps(p); }
+  static F fma(I s, float sw, F sx, F acc) { return _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(_mm512_set1_ps(sw), sx), acc); }
+  static F fma_min(float m, F g, F acc) { return _mm512_fmadd_ps(_mm512_set1_ps(m), g, acc); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+};
+// rows (count R <= 4, ids rid) . the lanes' activations -> y[b * stride + out[r]]
+template <int BITS, int GROUP, bool MIN, typename S, int R, typename L>
+inline void rows_lanes(const QMat& w, const QXLanes& X, const int64_t* rid, const int64_t* out, float* y,
+                       int64_t stride, int16_t* buf) {
+  constexpr int64_t cb = chunk_bytes(BITS), per = 64 / GROUP;
+  constexpr int16_t zero = MIN ? 0 : (1 << (BITS - 1));
+  const int64_t chunks = X.pairs / 32, rb = w.codes.stride(0), gs = w.scales.stride(0);
+  const uint8_t* codes = w.codes.data_ptr<uint8_t>();
+  const S* sc[R];
+  const S* mn[R];
+  for (int r = 0; r < R; ++r) {  // the rows' codes as int16 (code - zero), once for every activation
+    const uint8_t* row = codes + rid[r] * rb;
+    sc[r] = w.scales.data_ptr<S>() + rid[r] * gs;
+    mn[r] = MIN ? w.mins.data_ptr<S>() + rid[r] * gs : nullptr;
+    for (int64_t c = 0; c < chunks; ++c) {
+      __m512i half[2];
+      codes512x16<BITS>(row + c * cb, half);
+      for (int h = 0; h < 2; ++h)
+        _mm512_storeu_si512(buf + r * chunks * 64 + c * 64 + 32 * h,
+                            _mm512_sub_epi16(half[h], _mm512_set1_epi16(zero)));
+    }
+  }
+  typename L::F acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = L::fzero();
+  const int32_t* pairs = reinterpret_cast<const int32_t*>(buf);
+  constexpr int64_t group_pairs = GROUP / 2;
+  for (int64_t g = 0; g < X.pairs / group_pairs; ++g) {  // one weight scale per group of columns
+    typename L::I s[R];
+    for (int r = 0; r < R; ++r) s[r] = L::zero();
+    for (int64_t p = g * group_pairs; p < (g + 1) * group_pairs; ++p) {
+      const typename L::I xv = L::load(X.xi.data() + p * kActLanes);
+      for (int r = 0; r < R; ++r) s[r] = L::dot(s[r], xv, pairs[r * chunks * 32 + p]);
+    }
+    const int64_t h = g * GROUP / 32;  // the activation's 32-column scale
+    const typename L::F sxv = L::loadf(X.sx.data() + h * kActLanes);
+    for (int r = 0; r < R; ++r) {
+      acc[r] = L::fma(s[r], to_f(sc[r][g]), sxv, acc[r]);
+      if (MIN) acc[r] = L::fma_min(to_f(mn[r][g]), L::loadf(X.gsum.data() + h * kActLanes), acc[r]);
+    }
+  }
+  alignas(64) float lanes[kActLanes];
+  for (int r = 0; r < R; ++r) {
+    L::store(lanes, acc[r]);
+    for (int64_t b = 0; b < X.batch; ++b) y[b * stride + out[r]] = lanes[b];
+  }
+}
+
+template <int BITS, int GROUP, bool MIN, typename S>
+void rows_range_lanes(const QMat& w, const QXLanes& X, const int64_t* rows, int64_t b, int64_t e, float* y,
+                      int64_t stride) {
+  std::vector<int16_t> buf(kRowsT * X.pairs * 2);
+  const int64_t rb = w.codes.stride(0);
+  const uint8_t* codes = w.codes.data_ptr<uint8_t>();
+  int64_t rid[kRowsT], out[kRowsT];
+  int64_t i = b;
+  for (; i + kRowsT <= e; i += kRowsT) {
+    for (int r = 0; r < kRowsT; ++r) rid[r] = rows ? rows[i + r] : i + r, out[r] = i + r;
+    if (i + 2 * kRowsT <= e)
+      for (int r = 0; r < kRowsT; ++r) prefetch_row(codes + (rows ? rows[i + kRowsT + r] : i + kRowsT + r) * rb, rb);
+    rows_lanes<BITS, GROUP, MIN, S, kRowsT, Lanes16>(w, X, rid, out, y, stride, buf.data());
+  }
+  for (; i < e; ++i) {
+    rid[0] = rows ? rows[i] : i, out[0] = i;
+    rows_lanes<BITS, GROUP, MIN, S, 1, Lanes16>(w, X, rid, out, y, stride, buf.data());
+  }
+}
+#endif
+
 // x quantized to ``act_bits`` (int8 per 4-column lane, int16 per pair) with its zero sums, handed to f
 template <typename F>
 void with_quantized_x(int64_t act_bits, const float* x, int64_t width, F&& f) {
@@ -579,6 +702,15 @@ struct RowsBatchF {
     rows_range_batch<B, G, M, S>(w, xs, zs, rows, b, e, y, stride);
   }
 };
+#if HIRE_QUANT_512
+template <int B, int G, bool M, typename S>
+struct RowsLanesF {
+  static void run(const QMat& w, const QXLanes& X, const int64_t* rows, int64_t b, int64_t e, float* y,
+                  int64_t stride) {
+    rows_range_lanes<B, G, M, S>(w, X, rows, b, e, y, stride);
+  }
+};
+#endif
 template <int B, int G, bool M, typename S>
 struct DequantF {
   static void run(const QMat& w, int64_t r0, int64_t r1, float* out) { dequant_impl<B, G, M, S>(w, r0, r1, out); }
@@ -630,6 +762,24 @@ void qgemv(const QMat& w, const float* x, const int64_t* rows, int64_t count, fl
 }
 
 void qgemv_batch(const QMat& w, const float* x, int64_t batch, const int64_t* rows, int64_t count, float* y) {
+#if HIRE_QUANT_512
+  if (w.act_bits == 16 && batch >= kLanesFrom) {  // activations in lanes, 16 at a time
+    for (int64_t b0 = 0; b0 < batch; b0 += kActLanes) {
+      const int64_t n = std::min(kActLanes, batch - b0);
+      if (n < kLanesFrom) {  // a short tail: the one-activation layout
+        qgemv_batch(w, x + b0 * w.width, n, rows, count, y + b0 * count);
+        continue;
+      }
+      std::vector<QX16> xs;
+      for (int64_t j = 0; j < n; ++j) xs.push_back(quantize_x16(x + (b0 + j) * w.width, w.width));
+      const QXLanes X = lanes_of(xs);
+      at::parallel_for(0, count, 16, [&](int64_t b, int64_t e) {
+        dispatch<RowsLanesF>(w, X, rows, b, e, y + b0 * count, count);
+      });
+    }
+    return;
+  }
+#endif
   with_quantized_batch(w.act_bits, x, batch, w.width, [&](const auto& qx, const std::vector<ZeroSums>& z) {
     at::parallel_for(0, count, 16, [&](int64_t b, int64_t e) { dispatch<RowsBatchF>(w, qx, z, rows, b, e, y, count); });
   });
