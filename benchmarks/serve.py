@@ -1,13 +1,16 @@
 """`hire serve` under load: total tokens/s and per-request latency at 1, 2, 4 and 8 concurrent
 streams, dense vs HiRE, each model's two servers up side by side and measured in turns (dense,
-HiRE, dense, HiRE, ...) so that both see the same machine. Every request is a greedy streamed
+HiRE, dense, HiRE, ...) so that both see the same machine. HiRE runs with ``--dense-batch 0``
+(candidates at every batch size), so the table shows the unions and where HiRE stops paying. Every request is a greedy streamed
 completion through the official ``openai`` client; the servers' /health gives the HiRE unions (how
 many head rows a step computes for its batch) and the prefill cost.
 
     .venv/bin/python benchmarks/serve.py                      # both packaged models, JSON beside this file
     .venv/bin/python benchmarks/serve.py --models smollm2-135m --streams 1 8 --rounds 1
 
-Writes benchmarks/serve_<model>.json and prints a table per model.
+Writes benchmarks/serve_<model>.json and prints a table per model. ``--unions`` measures in process,
+without HTTP, how the unions of the head's candidates and of the sparse FFNs' neurons grow with the
+batch on the 16-bit (``--dequantized``) path, where the FFNs are HiRE too (serve_unions_<model>.json).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [HIRE, "serve", "--model", model, "--port", str(self.port), "--slots", str(slots),
-                "--context", str(context)] + (["--dense"] if dense else [])
+                "--context", str(context)] + (["--dense"] if dense else ["--dense-batch", "0"])
         self.proc = subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT)
         self.log = log
         deadline = time.time() + 900
@@ -164,6 +167,49 @@ def show(report: dict) -> None:
               f"{h['prefill_ms_mean']:>10.0f}")
 
 
+def unions(model: str, steps: int = 16) -> dict:
+    """Head and FFN unions per batch size, 16-bit weights with the recommended HiRE config (greedy)."""
+    import torch
+
+    from hire.recommended import recommended_config
+    from hire.serve import load_service
+
+    service = load_service(model, recommended_config(model), slots=8, context=256, quantized=False,
+                           dense_batch=None, dense_above=1.0, progress=False)
+    decoder = service.scheduler.decoder
+    tok = service.tokenizer
+    out = {"model": model, "weights": service.info["weights"], "config": service.info["config"], "batches": {}}
+    ffn = decoder.engine.ffns[0]
+    for batch in (1, 2, 4, 8):
+        slots = [decoder.acquire() for _ in range(batch)]
+        tokens, positions = [], []
+        for slot, prompt in zip(slots, PROMPTS):
+            ids = torch.tensor(tok(prompt).input_ids)
+            logits, idx = decoder.logits(decoder.prefill(slot, ids), True)
+            tokens.append(int(idx[0, logits.argmax(-1)]) if idx is not None else int(logits.argmax(-1)))
+            positions.append(ids.numel())
+        seconds = {True: 0.0, False: 0.0}
+        decoder.stats.__init__()
+        for i in range(2 * steps):  # HiRE and dense steps in turns (A B A B), the HiRE ones decoding
+            hire = i % 2 == 0
+            t0 = time.perf_counter()
+            hidden = decoder.step(torch.tensor(tokens), positions, slots, hire)
+            logits, idx = decoder.logits(hidden, hire)
+            seconds[hire] += time.perf_counter() - t0
+            if hire:
+                best = logits.argmax(-1)
+                tokens = (idx.gather(-1, best[:, None])[:, 0] if idx is not None else best).tolist()
+                positions = [p + 1 for p in positions]
+        st = decoder.stats.summary(decoder.vocab_size)
+        out["batches"][str(batch)] = {
+            **st, "ffn_neurons": ffn.weights.neurons, "ffn_kept_per_row": ffn.keep_groups * ffn.config.group_size,
+            "ffn_union_share": st.get("ffn_union_mean", 0) / ffn.weights.neurons,
+            "tokens_per_s": batch * steps / seconds[True], "dense_tokens_per_s": batch * steps / seconds[False]}
+        for slot in slots:
+            decoder.release(slot)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
@@ -171,8 +217,20 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64, help="max_tokens per request (default 64)")
     p.add_argument("--rounds", type=int, default=2, help="measurements per mode and concurrency (default 2)")
     p.add_argument("--context", type=int, default=512)
+    p.add_argument("--unions", action="store_true", help="measure the head and FFN unions in process (16-bit path)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent, help="directory for serve_<model>.json")
     args = p.parse_args()
+    if args.unions:
+        for model in args.models:
+            report = unions(model)
+            (args.out / f"serve_unions_{model}.json").write_text(json.dumps(report, indent=1))
+            print(f"\n{model} (16-bit, recommended HiRE config): unions per batch size")
+            for b, r in report["batches"].items():
+                print(f"  batch {b}: head union {r['head_union_mean']:.0f} ({r['head_union_share']:.3f} of the rows), "
+                      f"FFN union {r['ffn_union_mean']:.0f} of {r['ffn_neurons']} neurons ({r['ffn_union_share']:.3f}; "
+                      f"{r['ffn_kept_per_row']} per row); in process {r['tokens_per_s']:.0f} tok/s, dense "
+                      f"{r['dense_tokens_per_s']:.0f} ({r['tokens_per_s'] / r['dense_tokens_per_s']:.2f}x)")
+        return
     for model in args.models:
         report = run_model(model, args.streams, args.tokens, args.rounds, args.context)
         (args.out / f"serve_{model}.json").write_text(json.dumps(report, indent=1))

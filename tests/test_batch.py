@@ -216,3 +216,16 @@ def test_a_short_prompt_prefills_as_one_batched_step(gguf_engine):
     assert STEPPED_PREFILL < e.max_seq_len - 1
     long = torch.randint(0, VOCAB, (STEPPED_PREFILL + 1,))
     torch.testing.assert_close(e.prefill(long).float(), e.eager_forward(e.embed(long).float(), 0, hire=False).float())
+
+
+def test_a_large_batch_reads_the_whole_head_without_selecting():
+    engine = Engine(make("llama", seed=4), HiReConfig(head=HEAD, ffn=FFNConfig(enabled=False)),
+                    dtype=torch.float32, max_seq_len=48)
+    decoder = BatchDecoder(engine, 4, dense_batch=3)
+    hidden = torch.randn(3, engine.hidden)
+    logits, idx = decoder.logits(hidden, hire=True)
+    assert idx is None and logits.shape == (3, VOCAB)
+    assert decoder.stats.batch_dense == 1 and decoder.stats.steps == 0
+    assert decoder.logits(hidden[:2], hire=True)[1] is not None  # below it: candidates
+    with pytest.raises(ValueError, match="dense_batch must be >= 1"):
+        BatchDecoder(engine, 2, dense_batch=0)

@@ -6,7 +6,9 @@ each weight once for B tokens (``DecodeModel.step_batch``, whose quantized produ
 ``qgemv_batch``). HiRE's rows then stop being one token's: the head computes the exact logits of
 the *union* of the B rows' candidates for every row, and a sparse FFN the union of their selected
 neurons. The union grows with B, and with it the rows read; past ``dense_above`` of the head's
-rows the step reads them all (a scattered read of most rows costs more than the dense one).
+rows the step reads them all (a scattered read of most rows costs more than the dense one), and
+a step of ``dense_batch`` or more sequences reads them all without selecting (each row's selection
+costs as much as a token's whole head at batch 1: past some batch size the dense head is cheaper).
 ``UnionStats`` counts what the unions were.
 """
 
@@ -31,12 +33,13 @@ class UnionStats:
     head_union: int = 0  # head rows computed exactly (the union of the rows' candidates), summed over steps
     head_candidates: int = 0  # one row's candidates (k'), summed over steps
     head_dense: int = 0  # steps whose union passed dense_above and read every row
+    batch_dense: int = 0  # steps of dense_batch or more sequences (dense head, no selection, not in the sums)
     ffn_union: int = 0  # FFN neurons computed, summed over layers and steps (the native step's count)
     ffn_layer_steps: int = 0
 
     def summary(self, vocab: int | None = None) -> dict:
         out = {"steps": self.steps, "mean_batch": self.rows / self.steps if self.steps else 0.0,
-               "head_dense_steps": self.head_dense}
+               "head_dense_steps": self.head_dense, "batch_dense_steps": self.batch_dense}
         if self.head_candidates:
             out["head_union_mean"] = self.head_union / self.steps
             out["head_union_over_candidates"] = self.head_union / self.head_candidates
@@ -56,14 +59,17 @@ class BatchDecoder:
     row runs the engine's eager step alone (the same tokens, no shared reads, no unions).
     """
 
-    def __init__(self, engine: Engine, slots: int, *, dense_above: float = 0.5):
+    def __init__(self, engine: Engine, slots: int, *, dense_above: float = 0.5, dense_batch: int | None = None):
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         if not 0.0 < dense_above <= 1.0:
             raise ValueError(f"dense_above must be in (0, 1] (a share of the head's rows), got {dense_above}")
+        if dense_batch is not None and dense_batch < 1:
+            raise ValueError(f"dense_batch must be >= 1 (or None: never), got {dense_batch}")
         self.engine = engine
         self.slots = slots
         self.dense_above = dense_above
+        self.dense_batch = dense_batch
         shape = (slots, *engine.k_cache.shape)  # (slots, L, Hkv, S, hd)
         self.k = torch.zeros(shape, dtype=engine.k_cache.dtype)
         self.v = torch.zeros(shape, dtype=engine.v_cache.dtype)
@@ -125,6 +131,9 @@ class BatchDecoder:
         # hidden: (B, D) -> logits (B, m), token ids (B, m) or None for the whole vocabulary"""
         head = self.engine.head
         if not (hire and head is not None):
+            return self._rows(hidden, None), None
+        if self.dense_batch is not None and hidden.shape[0] >= self.dense_batch:
+            self.stats.batch_dense += 1
             return self._rows(hidden, None), None
         picks = [head.selector.decode_select(hidden[j : j + 1])[0] for j in range(hidden.shape[0])]  # (k',) each
         if len(picks) == 1:

@@ -25,13 +25,13 @@ class UnsupportedForServing(HireError, ValueError):
 
 
 def load_service(model_name: str, config: HiReConfig | None, *, slots: int = 8, context: int = 2048,
-                 dense_above: float = 0.5, quantized: bool = True, dtype: str = "float16",
+                 dense_above: float = 0.5, dense_batch: int | None = None, quantized: bool = True, dtype: str = "float16",
                  seq_len: int = 512, calib_windows: int = CALIBRATION_WINDOWS, progress: bool = True,
                  name: str | None = None) -> Service:
     """``model_name`` under ``config`` (None: dense) in a decode loop of ``slots`` sequences of up to
     ``context`` tokens each; a GGUF model runs in its block codes unless ``quantized`` is False.
     ``dense_above``: the share of the head's rows past which a batch's union of candidates is read
-    as the whole head."""
+    as the whole head; ``dense_batch``: the batch size from which the head is dense (None: never)."""
     quantized = quantized and gguf_source(model_name) is not None
     if quantized and config is not None:
         config = quantized_config(config)
@@ -47,10 +47,10 @@ def load_service(model_name: str, config: HiReConfig | None, *, slots: int = 8, 
         raise ConfigError(f"--context {context} is longer than the model's {limit} positions; lower it")
     engine = Engine(model, prepared.config, head_proxy=prepared.head_proxy, dtype=getattr(torch, dtype),
                     max_seq_len=context)
-    decoder = BatchDecoder(engine, slots, dense_above=dense_above)
+    decoder = BatchDecoder(engine, slots, dense_above=dense_above, dense_batch=dense_batch)
     hire = prepared.config is not None
     info = {"hire": hire, "weights": "GGUF codes" if quantized else dtype, "kernels": engine.kernel_report(),
-            "context": context, "dense_above": dense_above}
+            "context": context, "dense_above": dense_above, "dense_batch": dense_batch}
     if hire:
         info["config"] = prepared.config.to_dict()
     return Service(name=name or model_name, tokenizer=tokenizer, scheduler=Scheduler(decoder, hire=hire),
