@@ -171,6 +171,7 @@ def unions(model: str, steps: int = 16) -> dict:
     """Head and FFN unions per batch size, 16-bit weights with the recommended HiRE config (greedy)."""
     import torch
 
+    from hire.engine import UnionStats
     from hire.recommended import recommended_config
     from hire.serve import load_service
 
@@ -189,7 +190,7 @@ def unions(model: str, steps: int = 16) -> dict:
             tokens.append(int(idx[0, logits.argmax(-1)]) if idx is not None else int(logits.argmax(-1)))
             positions.append(ids.numel())
         seconds = {True: 0.0, False: 0.0}
-        decoder.stats.__init__()
+        decoder.stats = UnionStats()
         for i in range(2 * steps):  # HiRE and dense steps in turns (A B A B), the HiRE ones decoding
             hire = i % 2 == 0
             t0 = time.perf_counter()

@@ -46,6 +46,12 @@ def _solo_step_rows(engine: Engine, decoder: BatchDecoder, tokens, positions, sl
     return torch.cat(rows)
 
 
+def _head_engine() -> Engine:
+    """A tiny Llama with a HiRE head (int8 proxy, k' 64 of 384) and dense FFNs."""
+    return Engine(make("llama", seed=4), HiReConfig(head=HEAD, ffn=FFNConfig(enabled=False)),
+                  dtype=torch.float32, max_seq_len=48)
+
+
 def _prefilled(engine: Engine, prompts: list[torch.Tensor]) -> tuple[BatchDecoder, list[int], list[int]]:
     decoder = BatchDecoder(engine, len(prompts) + 1, dense_above=1.0)
     slots = [decoder.acquire() for _ in prompts]
@@ -86,8 +92,7 @@ def test_sparse_ffn_rows_share_the_union_of_their_neurons():
 
 @needs_kernels
 def test_the_head_union_holds_every_rows_candidates_with_exact_logits():
-    engine = Engine(make("llama", seed=4), HiReConfig(head=HEAD, ffn=FFNConfig(enabled=False)),
-                    dtype=torch.float32, max_seq_len=48)
+    engine = _head_engine()
     decoder = BatchDecoder(engine, 3, dense_above=1.0)
     hidden = torch.randn(3, engine.hidden)
     logits, idx = decoder.logits(hidden, hire=True)
@@ -220,8 +225,7 @@ def test_a_prompt_prefills_as_batched_steps(gguf_engine, monkeypatch):
 
 
 def test_a_large_batch_reads_the_whole_head_without_selecting():
-    engine = Engine(make("llama", seed=4), HiReConfig(head=HEAD, ffn=FFNConfig(enabled=False)),
-                    dtype=torch.float32, max_seq_len=48)
+    engine = _head_engine()
     decoder = BatchDecoder(engine, 4, dense_batch=3)
     hidden = torch.randn(3, engine.hidden)
     logits, idx = decoder.logits(hidden, hire=True)

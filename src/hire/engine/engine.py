@@ -50,10 +50,10 @@ def _weight(module: nn.Module):
     return module.q if isinstance(module, QLinear) else module.weight.detach()
 
 
-# a prompt prefills as batched native steps of this many tokens (Engine.prefill). Measured on the GGUF
-# codes, stepped against eager (ms): SmolLM2 8 tokens 26 / 173, 32: 26 / 85, 128: 107 / 204, 512:
-# 567 / 864, 768: 993 / 1,495; Gemma-3 32: 24 / 77, 512: 451 / 776; the 16-bit SmolLM2 32: 62 / 155,
-# 256: 474 / 1,184. The chunk bounds a step's buffers, not its cost.
+# a prompt prefills as batched native steps of this many tokens (Engine.prefill). Batched steps against
+# the eager prefill, ms (benchmarks/batch_step.py --parts prefill): SmolLM2 codes 8 tokens 11 / 58,
+# 32: 26 / 83, 512: 652 / 960; Gemma-3 codes 8: 11 / 70, 512: 516 / 860; SmolLM2 16-bit 8: 19 / 46,
+# 512: 1,278 / 2,525. The chunk bounds a step's buffers, not its cost.
 PREFILL_CHUNK = 512
 
 
@@ -293,7 +293,7 @@ class Engine:
         With the native kernels the prompt runs as batched decode steps of ``PREFILL_CHUNK`` of its
         tokens (``step_batch``: each matrix read once per chunk, causal within the slot): per token what
         decoding it computes (to float32 rounding), and cheaper than the eager prefill at every length
-        measured (8-768 tokens; see PREFILL_CHUNK). Without them, the eager prefill.
+        measured (8-512 tokens; see PREFILL_CHUNK). Without them, the eager prefill.
         # prompt: (T,) -> (1, D)"""
         prompt = prompt.reshape(-1)
         k, v = caches if caches is not None else (self.k_cache.unsqueeze(0), self.v_cache.unsqueeze(0))

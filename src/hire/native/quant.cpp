@@ -435,8 +435,9 @@ void rows_range_batch(const QMat& w, const std::vector<X>& xs, const std::vector
 // and activation on loads, folds and scales. The integer sums are qdot16's; the float sums run in
 // another order (per group, not per lane), so a row equals qgemv's to float32 rounding.
 constexpr int64_t kActLanes = 16, kRowsT = 4;
-// from this many activations the lanes layout pays: its cost is ~flat up to 16 (SmolLM2's batched step
-// 10.3 ms at 4, 11.1 at 8), the one-activation layout's grows with them (8.2 ms at 4, 17.3 at 8)
+// from this many activations the lanes layout pays: its cost is ~flat up to 16, the one-activation
+// layout's grows with them (SmolLM2's batched step when this was chosen: lanes 10.3 ms at 4 and 11.1
+// at 8, one activation 8.2 and 17.3; benchmarks/batch_step.py --parts step times the current choice)
 constexpr int64_t kLanesFrom = 6;
 
 struct QXLanes {

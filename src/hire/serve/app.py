@@ -100,13 +100,13 @@ def create_app(service: Service, *, start_loop: bool = True) -> FastAPI:
                                             "owned_by": "hire"}]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(body: CompletionRequest):
         body.check()
         prompt = completion_prompt(service.tokenizer, body.text)
         return await _respond(service, body, prompt, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, request: Request):
+    async def chat(body: ChatRequest):
         body.check()
         prompt = chat_prompt(service.tokenizer, [m.plain() for m in body.messages])
         return await _respond(service, body, prompt, chat=True)

@@ -77,9 +77,9 @@ class Scheduler:
     """Runs ``decoder``: ``run`` the loop in this thread (or ``start`` it on its own), ``submit`` a
     Sequence, ``cancel`` it, ``stop`` the loop.
 
-    ``hire serve`` runs the loop in the main thread: OpenMP parallel regions (every kernel of a
-    decode step) started from another thread cost ~35 us more each here, which made a SmolLM2 step
-    3.2x slower (9.2 ms against 2.8 ms)."""
+    ``hire serve`` runs the loop in the main thread: a decode step (dozens of OpenMP parallel
+    regions) run from a second thread took 3.4-4.3x as long here (SmolLM2 12.5 ms against 2.9;
+    benchmarks/batch_step.py --parts thread)."""
 
     def __init__(self, decoder: BatchDecoder, *, hire: bool):
         self.decoder = decoder
