@@ -1,9 +1,10 @@
 """Several sequences decoding together (continuous batching): a KV cache slot per sequence and one
 decode step for all of them.
 
-A decode step is memory-bound: its time is the weights' bytes. B sequences that share a step read
-each weight once for B tokens (``DecodeModel.step_batch``, whose quantized products are
-``qgemv_batch``). HiRE's rows then stop being one token's: the head computes the exact logits of
+B sequences that share a decode step read each weight once for B tokens (``DecodeModel.step_batch``,
+whose quantized products are ``qgemv_batch``); on a machine where the step is bound by memory that
+makes B tokens cost little more than one (on this project's 2 cores the int16-activation products
+are bound by arithmetic too: 8 tokens cost ~4.5x one, benchmarks/batch_step.py). HiRE's rows then stop being one token's: the head computes the exact logits of
 the *union* of the B rows' candidates for every row, and a sparse FFN the union of their selected
 neurons. The union grows with B, and with it the rows read; past ``dense_above`` of the head's
 rows the step reads them all (a scattered read of most rows costs more than the dense one), and
@@ -26,7 +27,7 @@ from hire.quant.tensor import QTensor
 
 @dataclass
 class UnionStats:
-    """The HiRE unions of the steps since the last ``reset`` (sums, for means over steps)."""
+    """The HiRE unions of the steps since it was made (sums, for means over steps; a new one starts over)."""
 
     steps: int = 0  # batched head evaluations
     rows: int = 0  # sequences over those steps (sum of the batch sizes)
