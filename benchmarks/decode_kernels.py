@@ -1,4 +1,4 @@
-"""Microbenchmarks behind the README's "Decode speed" notes, each an A B A B comparison in one process
+"""Microbenchmarks behind docs/speed.md's notes, each an A B A B comparison in one process
 (medians of --repeats): where the HiRE FFN's time goes, and what the head's fused first pass and the
 float32 dense head save.
 

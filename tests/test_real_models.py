@@ -1,6 +1,6 @@
 """The packaged real models, end to end (slow: conversion on first use, then about a minute each).
 
-They hold the figures the README reports, on fewer positions: the recommended settings keep
+They hold the figures docs/quality.md reports, on fewer positions: the recommended settings keep
 LM-head recall and FFN perplexity within the issue's bounds.
 """
 
@@ -36,7 +36,7 @@ def test_recommended_settings_hold_on_domains_calibration_never_saw(loaded):
     proxy = cached_head_proxy(model, cfg.head, calibration_windows(tokenizer, 512), progress=False)
     r = evaluate(model, unseen_windows(tokenizer), cfg, head_proxy=proxy, progress=False)
     assert r["head_recall_at_1"] >= 0.995
-    # the README's >= 0.99 is over 2,048 positions per domain; on these 1,536 (a window each) SmolLM2 has 0.988
+    # docs/quality.md's >= 0.99 is over 2,048 positions per domain; on these 1,536 (a window each) SmolLM2 has 0.988
     assert r["head_recall_at_k"] >= 0.985
     assert r["head_greedy_agreement"] >= 0.995
     assert r["head_bytes_fraction"] <= 0.11

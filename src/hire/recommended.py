@@ -1,4 +1,4 @@
-"""Recommended HiRE settings per packaged model: the ones whose figures the README reports
+"""Recommended HiRE settings per packaged model: the ones whose figures docs/quality.md reports
 (`hire eval --model M` with no config uses them). Other models get ``AUTO``: their head's rank and
 k' are chosen on calibration text for the recall targets (hire.calibrate.auto)."""
 
