@@ -1,6 +1,6 @@
 """Recall vs bytes of LM-head proxies on held-out text: plain SVD, activation-aware low rank,
 trained low rank (hire calibrate's training), int4/int8 copies, and cascades. Prints one line per
-setting (the proxy table in docs/quality.md); --plot draws recall@k against head bytes, sweeping k' for the
+setting (the proxy table in docs/training.md); --plot draws recall@k against head bytes, sweeping k' for the
 low-rank proxies.
 
     .venv/bin/python benchmarks/head_proxies.py --model smollm2-135m --plot benchmarks/head_proxies_smollm2-135m.png
