@@ -4,6 +4,10 @@ Rounds alternate dense, HiRE, dense, HiRE... after a warm-up of each, so drift o
 noisy machine hits both alike. Speed is decode tokens/s (the first token, which comes from the
 prefill, is excluded). Bytes per token are the weights each decode step reads (hire.eval.bytes);
 achieved bandwidth = bytes x tokens/s, the roofline number that matters for decoding.
+
+With an outside anchor (llama.cpp's llama-bench, hire.bench.llama_cpp) each round is dense, HiRE,
+our prefill of ``prefill_tokens``, then one llama-bench run (pp and tg) on the same GGUF and
+threads, so every ratio to llama.cpp is taken between figures of the same rounds.
 """
 
 from __future__ import annotations
@@ -16,13 +20,13 @@ import torch
 from torch import nn
 
 from hire import native
+from hire.bench.llama_cpp import LlamaBenchRound, find_tools
 from hire.calibrate.prepare import prepare_model
 from hire.config import HiReConfig
 from hire.data import CALIBRATION_WINDOWS
 from hire.engine import Engine
 from hire.eval.bytes import bytes_per_token
 from hire.files import refuse_overwrite
-from hire.models import BUILTIN_MODELS
 from hire.models.load import gguf_source
 from hire.quant import quantized_matrices
 from hire.recommended import quantized_config
@@ -124,20 +128,6 @@ def transformers_tokens_per_s(model: nn.Module, prompt: torch.Tensor, tokens: in
     return _decode_rate(run, tokens)
 
 
-def llama_cpp_tokens_per_s(gguf_path, prompt_text: str, tokens: int) -> dict:
-    """llama.cpp on the same GGUF (only when llama-cpp-python is installed)."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return {"available": False, "reason": "llama-cpp-python is not installed (pip install llama-cpp-python)"}
-    llm = Llama(model_path=str(gguf_path), n_ctx=1024, n_threads=torch.get_num_threads(), verbose=False)
-
-    def run(n: int) -> int:
-        return llm(prompt_text, max_tokens=n, temperature=0.0)["usage"]["completion_tokens"]
-
-    return {"available": True, "tokens_per_s": _decode_rate(run, tokens)}
-
-
 def check_bench_counts(tokens: int, rounds: int, warmup: int) -> None:
     """A decode rate needs two tokens (the first comes from the prefill) and a median one round."""
     if tokens < 2:
@@ -146,6 +136,53 @@ def check_bench_counts(tokens: int, rounds: int, warmup: int) -> None:
         raise ValueError(f"--rounds must be >= 1, got {rounds}")
     if warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {warmup}")
+
+
+def prefill_rate(engine: Engine, prompt: torch.Tensor) -> float:
+    """Prompt tokens/s of the engine's prefill of ``prompt`` up to the first token's logits (dense),
+    what llama-bench's pp test times. # prompt: (T,) -> tokens/s"""
+    with torch.inference_mode():
+        t = time.perf_counter()
+        hidden = engine.prefill(prompt)
+        engine.logits(hidden, hire=False)[0].float().sum()  # the logits are made, not just scheduled
+        return prompt.numel() / (time.perf_counter() - t)
+
+
+def prefill_prompt(prompt: torch.Tensor, length: int) -> torch.Tensor:
+    """``prompt`` repeated to ``length`` tokens: a prefill prompt of real tokens (speed does not depend
+    on which). # prompt: (T,) -> (length,)"""
+    return prompt.reshape(-1).repeat(-(-length // prompt.numel()))[:length].clone()
+
+
+def anchor_report(anchor_rounds: list[dict], speeds: dict[str, list[float]], anchor) -> dict:
+    """The llama.cpp part of the report: per-round tg and pp tokens/s from ``anchor_rounds`` (parsed
+    llama-bench runs), their medians, and our medians over theirs (ratios of the medians, as
+    ``speedup``), with the per-round ratios beside them."""
+    tg = [r["tg"]["tokens_per_s"] for r in anchor_rounds]
+    pp = [r["pp"]["tokens_per_s"] for r in anchor_rounds if "pp" in r]
+    last = anchor_rounds[-1]
+    out = {
+        "available": True,
+        "command": anchor.command(),
+        "build": {**anchor.tools.build, **{k: last[k] for k in ("build_commit", "build_number", "cpu_info", "backends")
+                                           if k in last}},
+        "threads": anchor.threads,
+        "tg_tokens": last["tg"]["tokens"],
+        "tg_tokens_per_s": _median(tg),
+        "tg_tokens_per_s_rounds": tg,
+        "hire_vs_llama_cpp": _median(speeds["hire"]) / _median(tg),
+        "dense_vs_llama_cpp": _median(speeds["dense"]) / _median(tg),
+        "hire_vs_llama_cpp_rounds": [h / t for h, t in zip(speeds["hire"], tg)],
+        "dense_vs_llama_cpp_rounds": [d / t for d, t in zip(speeds["dense"], tg)],
+    }
+    if pp:
+        out.update({"pp_tokens": last["pp"]["tokens"], "pp_tokens_per_s": _median(pp), "pp_tokens_per_s_rounds": pp})
+        if speeds.get("prefill"):
+            out["prefill_vs_llama_cpp"] = _median(speeds["prefill"]) / _median(pp)
+    for key in ("model_type", "model_size", "model_n_params"):
+        if key in last:
+            out[key] = last[key]
+    return out
 
 
 def run_bench(
@@ -157,21 +194,39 @@ def run_bench(
     warmup: int = 1,
     breakdown: bool = True,
     progress: bool = True,
+    prefill_tokens: int | None = None,
+    anchor=None,
 ) -> dict:
-    """Dense vs HiRE in ``engine``: interleaved rounds, median decode tokens/s and the rest."""
+    """Dense vs HiRE in ``engine``: interleaved rounds, median decode tokens/s and the rest.
+    ``prefill_tokens``: also time the prefill of a prompt that long in every round. ``anchor``
+    (a :class:`hire.bench.llama_cpp.LlamaBenchRound`): one llama-bench run per round after ours."""
     from tqdm.auto import tqdm
 
     check_bench_counts(tokens, rounds, warmup)
+    long_prompt = None
+    if prefill_tokens is not None:
+        if prefill_tokens < 1 or prefill_tokens + 1 > engine.max_seq_len:
+            raise ValueError(f"prefill_tokens must be in 1..{engine.max_seq_len - 1} (the engine's max_seq_len - 1), "
+                             f"got {prefill_tokens}")
+        long_prompt = prefill_prompt(prompt, prefill_tokens)
 
     for _ in range(warmup):
         engine.generate(prompt, tokens, hire=False)
         engine.generate(prompt, tokens, hire=True)
-    speeds: dict[str, list[float]] = {"dense": [], "hire": []}
-    for _ in tqdm(range(rounds), desc="bench rounds (dense, HiRE)", disable=not progress):
+        if long_prompt is not None:
+            prefill_rate(engine, long_prompt)
+    speeds: dict[str, list[float]] = {"dense": [], "hire": [], "prefill": []}
+    anchor_rounds: list[dict] = []
+    parts = "dense, HiRE" + (", prefill" if long_prompt is not None else "") + (", llama.cpp" if anchor else "")
+    for _ in tqdm(range(rounds), desc=f"bench rounds ({parts})", disable=not progress):
         d = engine.generate(prompt, tokens, hire=False)
         h = engine.generate(prompt, tokens, hire=True)
         speeds["dense"].append(d.tokens_per_s)
         speeds["hire"].append(h.tokens_per_s)
+        if long_prompt is not None:
+            speeds["prefill"].append(prefill_rate(engine, long_prompt))
+        if anchor is not None:
+            anchor_rounds.append(anchor.run())
     agreement = sum(a == b for a, b in zip(d.token_ids, h.token_ids)) / len(d.token_ids)
     first_diff = next((i for i, (a, b) in enumerate(zip(d.token_ids, h.token_ids)) if a != b), None)
     nbytes = bytes_per_token(engine.model)  # 16-bit weights, proxies as stored
@@ -203,6 +258,12 @@ def run_bench(
         "first_divergence": first_diff,
         "hire_kernels": {**engine.kernel_report(), "simd": native.simd_path()},
     }
+    if long_prompt is not None:
+        result["prefill_tokens"] = prefill_tokens
+        result["prefill_tokens_per_s"] = _median(speeds["prefill"])
+        result["prefill_tokens_per_s_rounds"] = speeds["prefill"]
+    if anchor is not None:
+        result["llama_cpp"] = anchor_report(anchor_rounds, speeds, anchor)
     result["machine_gb_s"] = machine_bandwidth()
     result["dense_vs_machine_gb_s"] = result["bandwidth_gb_s_dense"] / result["machine_gb_s"]
     if breakdown:
@@ -226,6 +287,9 @@ def bench_model(
     breakdown: bool = True,
     vs_transformers: bool = False,
     llama_cpp: bool = False,
+    llama_bench: str | Path | None = None,
+    llama_cpp_repetitions: int = 1,
+    prefill_tokens: int = 512,
     seq_len: int = 512,
     calib_windows: int = CALIBRATION_WINDOWS,
     plot: str | Path | None = None,
@@ -234,34 +298,43 @@ def bench_model(
     quantized: bool = True,
 ) -> dict:
     """`hire bench`: load ``model_name`` (with the head proxy ``config`` needs, fitted on
-    ``calib_windows`` windows of ``seq_len`` tokens), optionally time transformers' generate() and
-    llama.cpp on it, then :func:`run_bench` in an engine of ``dtype`` weights; a breakdown PNG at
-    ``plot``. Returns the report (the JSON of ``hire bench``). ``quantized``: a GGUF model runs in its
-    block codes (``quantized_config`` adapts ``config``), else dequantized to ``dtype``."""
+    ``calib_windows`` windows of ``seq_len`` tokens), optionally time transformers' generate() on it,
+    then :func:`run_bench` in an engine of ``dtype`` weights (with the prefill of ``prefill_tokens``
+    tokens, 0: none); ``llama_cpp``: llama.cpp's llama-bench (``llama_bench``: its path, else found or
+    built by hire.bench.llama_cpp) on the same GGUF, in the same rounds; a breakdown PNG at ``plot``.
+    Returns the report (the JSON of ``hire bench``). ``quantized``: a GGUF model runs in its block
+    codes (``quantized_config`` adapts ``config``), else dequantized to ``dtype``."""
     check_bench_counts(tokens, rounds, warmup)
+    if prefill_tokens < 0:
+        raise ValueError(f"--prefill-tokens must be >= 0 (0: no prefill timing), got {prefill_tokens}")
     if plot:
         refuse_overwrite(plot, force, "--plot")
-    quantized = quantized and gguf_source(model_name) is not None
+    gguf = gguf_source(model_name)
+    anchor, extra = None, {}
+    if llama_cpp and gguf is None:
+        extra["llama_cpp"] = {"available": False, "reason": "no GGUF file for this model (llama.cpp reads GGUF only)"}
+    elif llama_cpp:  # found (or built) before the model loads, so a missing llama.cpp fails fast
+        if llama_cpp_repetitions < 1:
+            raise ValueError(f"--llama-cpp-reps must be >= 1, got {llama_cpp_repetitions}")
+        tools = find_tools(llama_bench)
+        anchor = LlamaBenchRound(tools, gguf, threads=torch.get_num_threads(), n_prompt=prefill_tokens, n_gen=tokens,
+                                 repetitions=llama_cpp_repetitions)
+    quantized = quantized and gguf is not None
     if quantized:
         config = quantized_config(config)
     prepared = prepare_model(model_name, config, seq_len=seq_len, calib_windows=calib_windows, progress=progress,
                              quantized=quantized)
     model, tokenizer, head_proxy, config = prepared.model, prepared.tokenizer, prepared.head_proxy, prepared.config
     ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
-    extra = {}
     if vs_transformers:  # before the engine casts and patches the model
         extra["tokens_per_s_transformers"] = transformers_tokens_per_s(model, ids, tokens)
-    if llama_cpp:
-        gguf = BUILTIN_MODELS[model_name].locate() if model_name in BUILTIN_MODELS else (
-            model_name if model_name.endswith(".gguf") else None)
-        extra["llama_cpp"] = (llama_cpp_tokens_per_s(gguf, prompt, tokens) if gguf else
-                              {"available": False, "reason": "no GGUF file for this model"})
-    engine = Engine(model, config, head_proxy=head_proxy, dtype=getattr(torch, dtype), max_seq_len=ids.numel() + tokens + 1)
+    max_seq_len = max(ids.numel() + tokens, prefill_tokens) + 1
+    engine = Engine(model, config, head_proxy=head_proxy, dtype=getattr(torch, dtype), max_seq_len=max_seq_len)
     result = {"model": model_name, "config": config.to_dict(), "weights": "gguf" if quantized else dtype}
     if quantized:
         result["weight_formats"] = sorted({q.format for q in quantized_matrices(model).values()})
     result.update(run_bench(engine, ids, tokens=tokens, rounds=rounds, warmup=warmup, breakdown=breakdown,
-                            progress=progress))
+                            progress=progress, prefill_tokens=prefill_tokens or None, anchor=anchor))
     result.update(extra)
     if "tokens_per_s_transformers" in result:
         result["engine_dense_vs_transformers"] = result["tokens_per_s_dense"] / result["tokens_per_s_transformers"]

@@ -14,7 +14,9 @@ HELP = "decode tokens/s, dense vs HiRE, in one engine"
 DESCRIPTION = ("Dense vs HiRE decode speed in the same engine and run: interleaved rounds after a warm-up, medians; "
                "bytes per token, achieved bandwidth against the machine's read bandwidth (measured in the same run), "
                "the ideal speedup from bytes and the fraction reached, a per-part breakdown (ms, GB/s) and the "
-               "Python/dispatch overhead; --llama-cpp adds llama.cpp on the same GGUF as an outside anchor.")
+               "Python/dispatch overhead; our prefill of --prefill-tokens tokens; --llama-cpp adds llama.cpp's own "
+               "C++ llama-bench (decode tg and prefill pp) on the same GGUF and threads, one run per round, as an "
+               "outside anchor.")
 DEFAULT_PROMPT = "The king's daughter walked alone by the river, and as the evening fell she began to sing"
 
 
@@ -34,7 +36,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "with the HiRE head only)")
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-part timing and the profile")
     p.add_argument("--vs-transformers", action="store_true", help="also time transformers' eager generate()")
-    p.add_argument("--llama-cpp", action="store_true", help="also time llama.cpp (needs llama-cpp-python)")
+    p.add_argument("--prefill-tokens", type=integer(minimum=0), default=512,
+                   help="time our prefill of a prompt this long in every round (default 512, as llama-bench's pp512; "
+                        "0: skip)")
+    p.add_argument("--llama-cpp", action="store_true",
+                   help="also run llama.cpp's llama-bench (C++, no Python in its loop) on the same GGUF and threads in "
+                        "every round: tg --tokens and pp --prefill-tokens; built once into the cache if not found "
+                        "(see --llama-bench)")
+    p.add_argument("--llama-bench", metavar="PATH", default=None,
+                   help="the llama-bench binary for --llama-cpp (implies it; default: $HIRE_LLAMA_BENCH, else the "
+                        "cached build, else build it from the llama-cpp-python sdist's llama.cpp)")
+    p.add_argument("--llama-cpp-reps", type=integer(minimum=1), default=1,
+                   help="llama-bench repetitions per round (-r; default 1: the rounds give the median)")
     p.add_argument("--plot", help="write a PNG of the breakdown (with --tp: tokens/s and collectives per mode)")
     add_force(p)
     add_json(p)
@@ -43,12 +56,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = build_config(args)
+    args.llama_cpp = args.llama_cpp or args.llama_bench is not None  # a path is a request too (and --tp refuses it)
     if args.tp is not None:
         return _tp.run(args, config)
     set_threads(args.threads)
     result = bench_model(args.model, config, prompt=args.prompt, tokens=args.tokens, rounds=args.rounds,
                          warmup=args.warmup, dtype=args.dtype, breakdown=not args.no_breakdown,
-                         vs_transformers=args.vs_transformers, llama_cpp=args.llama_cpp, seq_len=args.seq_len,
+                         vs_transformers=args.vs_transformers, llama_cpp=args.llama_cpp,
+                         llama_bench=args.llama_bench, llama_cpp_repetitions=args.llama_cpp_reps,
+                         prefill_tokens=args.prefill_tokens, seq_len=args.seq_len,
                          calib_windows=args.calib_windows, plot=args.plot, force=args.force, progress=not args.json,
                          quantized=not args.dequantized)
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
@@ -86,9 +102,40 @@ def format_bench(r: dict) -> str:
     if "tokens_per_s_transformers" in r:
         lines.append(f"transformers generate(): {r['tokens_per_s_transformers']:.1f} tokens/s (float32, eager); "
                      f"dense engine is {r['engine_dense_vs_transformers']:.2f}x that")
+    if "prefill_tokens_per_s" in r:
+        lines.append(f"prefill of {r['prefill_tokens']} tokens: {r['prefill_tokens_per_s']:.1f} tokens/s (dense, "
+                     f"to the first logits)")
     if "llama_cpp" in r:
-        lc = r["llama_cpp"]
-        lines.append(f"llama.cpp: {lc['tokens_per_s']:.1f} tokens/s" if lc.get("available") else f"llama.cpp: {lc['reason']}")
+        lines += format_llama_cpp(r)
     lines.append(f"greedy tokens identical, dense vs HiRE: {100 * r['greedy_agreement_last_round']:.0f} % "
                  f"(kernels {r['hire_kernels']})")
     return "\n".join(lines)
+
+
+def _rounds(values: list[float]) -> str:
+    return ", ".join(f"{v:.1f}" for v in values)
+
+
+def format_llama_cpp(r: dict) -> list[str]:
+    """The llama.cpp lines of the report: its tg and pp per round and medians, our ratios to it, its build."""
+    lc = r["llama_cpp"]
+    if not lc.get("available"):
+        return [f"llama.cpp: {lc['reason']}"]
+    lines = [
+        "",
+        f"llama.cpp llama-bench, {lc['threads']} threads, one run per round (medians; per round in brackets):",
+        f"{'tg' + str(lc['tg_tokens']) + ' tokens/s':22s} {lc['tg_tokens_per_s']:10.1f}   [{_rounds(lc['tg_tokens_per_s_rounds'])}]",
+        f"{'dense / llama.cpp':22s} {lc['dense_vs_llama_cpp']:10.2f}x  [{_rounds(r['tokens_per_s_dense_rounds'])} tokens/s dense]",
+        f"{'HiRE / llama.cpp':22s} {lc['hire_vs_llama_cpp']:10.2f}x  [{_rounds(r['tokens_per_s_hire_rounds'])} tokens/s HiRE]",
+    ]
+    if "pp_tokens_per_s" in lc:
+        lines.append(f"{'pp' + str(lc['pp_tokens']) + ' tokens/s':22s} {lc['pp_tokens_per_s']:10.1f}   "
+                     f"[{_rounds(lc['pp_tokens_per_s_rounds'])}]")
+    if "prefill_vs_llama_cpp" in lc:
+        lines.append(f"{'our prefill / pp':22s} {lc['prefill_vs_llama_cpp']:10.2f}x  "
+                     f"[{_rounds(r['prefill_tokens_per_s_rounds'])} tokens/s ours]")
+    b = lc["build"]
+    lines.append(f"build: {b.get('source', '?')}, commit {b.get('build_commit', b.get('commit', '?'))}, "
+                 f"SIMD {'+'.join(b['simd']) if b.get('simd') else 'unknown'}")
+    lines.append(f"command: {' '.join(lc['command'])}")
+    return lines
