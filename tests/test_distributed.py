@@ -17,6 +17,7 @@ from hire.distributed import Comm, TPEngine, check_tp, global_topk, head_split, 
 from hire.distributed.comm import CommError, TPSetupError, tp_group
 from hire.engine import Engine
 from hire.errors import HireError
+from hire.topk import ranked_topk
 from tiny_models import make
 
 WORKER = Path(__file__).parent / "tp_worker.py"
@@ -44,6 +45,21 @@ def test_global_topk_on_one_rank_is_torch_topk(n, world_dummy, rows, data):
     values, idx = global_topk(scores, 0, k, Comm(), "test")
     want = scores.topk(k, dim=-1)
     assert torch.equal(values, want.values) and torch.equal(idx, want.indices)
+
+
+@given(st.integers(1, 40), st.integers(1, 3), st.data())
+def test_global_topk_breaks_ties_by_the_lowest_global_row(n, rows, data):
+    """The selection rule's order (hire.topk.ranked_topk), so that TP's exact mode selects what one
+    process selects, ties included; with explicit indices too."""
+    k = data.draw(st.integers(1, n))
+    scores = torch.randint(0, 3, (rows, n)).float()
+    want_values, want_pos = ranked_topk(scores, k)
+    values, idx = global_topk(scores, 5, k, Comm(), "test")
+    assert torch.equal(values, want_values) and torch.equal(idx, want_pos + 5)
+    perm = torch.randperm(n).expand(rows, n)  # the global row of each column
+    values, idx = global_topk(scores, perm, k, Comm(), "test")
+    want_values, want_pos = ranked_topk(scores, k, perm)
+    assert torch.equal(values, want_values) and torch.equal(idx, perm.gather(-1, want_pos))
 
 
 @given(st.integers(0, 200), st.integers(1, 8))
@@ -178,7 +194,8 @@ def test_two_ranks_engine_modes(tmp_path):
         assert case["da"]["counts"]["head_topk"] == case["exact"]["counts"]["head_topk"] == 16  # one per token
         assert case["da_recall"]["ffn"] >= 0.8 and case["da_recall"]["head_recall_at_k"] >= 0.8
         assert case["log_prob_tp"] == pytest.approx(case["log_prob"], abs=1e-4)
-    assert r0[2]["heads"] == [3, 2]  # 6 query heads over 2 ranks, kv head 1 held by both
+    # 6 query heads over 2 ranks, kv head 1 split between them: each rank holds one kv head per query head
+    assert r0[2]["heads"] == [3, 3]
 
 
 def test_a_failing_rank_ends_the_run_with_its_error(tmp_path):

@@ -8,6 +8,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
@@ -179,16 +180,15 @@ def test_ffn_decode_native_equals_eager(arch, oversample, dtype):
     x = torch.randn(1, model.config.hidden_size).to(dtype)
     for ffn in hire_layers(model)[1]:
         ffn.prepare_decode(dtype)
-        native_act, fused = ffn._native_act, ffn._fused
-        assert fused == (native_act is not None and oversample == 1.0)
+        plan = ffn.decode_plan()
+        assert plan.fused == (plan.native_act is not None and oversample == 1.0)
         got = ffn.decode(x)
         assert got.dtype == dtype
-        ffn._fused = False  # the unfused native kernels
-        torch.testing.assert_close(got, ffn.decode(x), **LAYER_TOL[dtype])
-        ffn._native_act = None  # the eager path
-        torch.testing.assert_close(got, ffn.decode(x), **LAYER_TOL[dtype])
-        ffn._native_act, ffn._fused = native_act, fused
-        assert (native_act is not None) == (arch != "gpt2")  # GPT-2's c_fc has a bias: eager path
+        unfused = replace(plan, fuse=False)  # the unfused native kernels
+        torch.testing.assert_close(got, unfused.decode(x), **LAYER_TOL[dtype])
+        eager = replace(plan, fuse=False, native_act=None)  # the eager path
+        torch.testing.assert_close(got, eager.decode(x), **LAYER_TOL[dtype])
+        assert (plan.native_act is not None) == (arch != "gpt2")  # GPT-2's c_fc has a bias: eager path
 
 
 @needs_kernels
@@ -287,8 +287,8 @@ def test_engine_float16_decodes_the_same_tokens_with_and_without_the_kernels(arc
     with native.disabled():  # layers prepared here take the eager path for good
         eager = Engine(make(arch, seed=3), cfg, head_proxy=lowrank, max_seq_len=64)
     assert fast.dtype == eager.dtype == torch.float16
-    assert fast.head._native and all(f._native_act for f in fast.ffns)
-    assert not eager.head._native and not any(f._native_act for f in eager.ffns)
+    assert fast.head._native and all(f.decode_plan().native_act for f in fast.ffns)
+    assert not eager.head._native and not any(f.decode_plan().native_act for f in eager.ffns)
     prompt = torch.tensor([5, 17, 42, 99, 3, 250, 7, 11])
     tokens, logits = _decode_trace(fast, prompt, 20)
     eager_tokens, eager_logits = _decode_trace(eager, prompt, 20, feed=tokens)

@@ -182,3 +182,169 @@ def test_statistical_topk_with_k_equal_n_keeps_everything():
     assert statistical_topk(scores, 50).all()
     with pytest.raises(ValueError):
         statistical_topk(scores, 0)
+
+
+# --- the FFN selection rule: one function (select_neurons) every path runs -------------------------
+from dataclasses import replace  # noqa: E402
+
+from torch.nn import functional as F  # noqa: E402
+
+from hire import native  # noqa: E402
+from hire.config import FFNConfig, HeadConfig, HiReConfig  # noqa: E402
+from hire.layers import TopKMLP  # noqa: E402
+from hire.patch import hire_layers, sparsify_  # noqa: E402
+from hire.topk import order_keys, ranked_topk, select_neurons  # noqa: E402
+from tiny_models import make  # noqa: E402
+
+needs_kernels = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.unavailable_reason()}")
+# estimates on a coarse grid tie often; hypothesis also tries the all-equal and all-distinct extremes
+tie_heavy = st.lists(st.integers(0, 4), min_size=1, max_size=64).map(lambda v: torch.tensor(v, dtype=torch.float32))
+
+
+def _obeys_the_rule(est: torch.Tensor, chosen: torch.Tensor) -> bool:
+    """Every chosen value beats every other, or equals it from a lower index."""
+    mask = torch.zeros(est.numel(), dtype=torch.bool)
+    mask[chosen] = True
+    i, j = torch.nonzero(mask).flatten(), torch.nonzero(~mask).flatten()
+    if not i.numel() or not j.numel():
+        return True
+    vi, vj = est[i].unsqueeze(1), est[j].unsqueeze(0)
+    return bool(((vi > vj) | ((vi == vj) & (i.unsqueeze(1) < j.unsqueeze(0)))).all())
+
+
+@given(tie_heavy, st.data())
+def test_select_neurons_takes_torch_topks_values_ties_by_lowest_index(est, data):
+    count = data.draw(st.integers(1, est.numel()))
+    got = select_neurons(est, count)
+    assert got.shape == (count,) and torch.equal(got, got.sort().values)  # ascending, no repeats
+    assert got.unique().numel() == count
+    assert torch.equal(est[got].sort().values, est.topk(count).values.sort().values)  # the same values as torch.topk
+    assert _obeys_the_rule(est, got)
+
+
+@given(st.integers(1, 8), st.integers(1, 4), st.sampled_from(["sum", "max"]), st.integers(0, 2**31 - 1), st.data())
+def test_select_neurons_in_groups_takes_whole_groups_by_their_rule(groups, size, aggregate, seed, data):
+    g = torch.Generator().manual_seed(seed)
+    est = torch.randint(0, 3, (groups * size,), generator=g).float()
+    count = data.draw(st.integers(1, groups))
+    got = select_neurons(est, count, size, aggregate)
+    scores = group_scores(est.unsqueeze(0), size, aggregate)[0]
+    chosen = got.view(count, size)
+    assert torch.equal(chosen, chosen[:, :1] + torch.arange(size))  # whole contiguous groups
+    assert torch.equal(chosen[:, 0] % size, torch.zeros(count, dtype=torch.long))
+    assert torch.equal(chosen[:, 0] // size, select_neurons(scores, count))  # the same rule over group scores
+    assert _obeys_the_rule(scores, chosen[:, 0] // size)
+
+
+@given(st.integers(1, 5), st.integers(1, 40), st.integers(0, 2**31 - 1), st.data())
+def test_select_neurons_on_a_batch_selects_each_row(rows, n, seed, data):
+    est = torch.randint(0, 4, (rows, n), generator=torch.Generator().manual_seed(seed)).float()
+    count = data.draw(st.integers(1, n))
+    got = select_neurons(est, count)
+    assert torch.equal(got, torch.stack([select_neurons(r, count) for r in est]))
+
+
+def test_select_neurons_orders_as_the_kernels_key_floats():
+    """NaN ranks above +inf and -0 below +0 (native order_key); the rule compares in float32."""
+    est = torch.tensor([1.0, float("nan"), float("inf"), -0.0, 0.0, -1.0])
+    assert select_neurons(est, 1).tolist() == [1]
+    assert select_neurons(est, 2).tolist() == [1, 2]
+    assert select_neurons(est, 4).tolist() == [0, 1, 2, 4]
+    assert select_neurons(est.half(), 4).tolist() == [0, 1, 2, 4]
+    keys = order_keys(torch.tensor([-2.0, -1.0, -0.0, 0.0, 1e-30, 1.0, float("inf")]))
+    assert torch.equal(keys, keys.sort().values) and keys.unique().numel() == keys.numel()
+
+
+def test_select_neurons_refuses_bad_counts_and_groups():
+    with pytest.raises(ValueError, match=r"count must be an int in \[1, 4\]"):
+        select_neurons(torch.zeros(8), 5, 2)
+    with pytest.raises(ValueError, match="group_size 3 must divide the number of neurons 8"):
+        select_neurons(torch.zeros(8), 1, 3)
+
+
+@given(tie_heavy, st.data())
+def test_ranked_topk_is_torch_topk_with_its_ties_ordered(values, data):
+    k = data.draw(st.integers(1, values.numel()))
+    got, pos = ranked_topk(values, k)
+    assert torch.equal(got, values.topk(k).values)  # the same values, descending
+    assert torch.equal(values[pos], got)
+    assert torch.equal(pos.sort().values, select_neurons(values, k))
+
+
+@given(st.integers(0, 2**31 - 1), st.sampled_from([1, 2, 4]), st.sampled_from([1.0, 1.5]))
+def test_hireffn_every_eager_path_selects_by_the_rule(seed, group, oversample):
+    """forward_sparse, forward_masked, the decode plan's eager path and TopKMLP all pick what
+    select_neurons picks, on a model whose weights repeat so that estimates tie."""
+    model = make("llama", seed=seed % 1000)
+    with torch.no_grad():  # neurons 2i and 2i+1 get the same gate and up rows: equal estimates and activations
+        for layer in model.model.layers:
+            for proj in (layer.mlp.gate_proj, layer.mlp.up_proj):
+                proj.weight[1::2] = proj.weight[0::2]
+    cfg = FFNConfig(density=0.5, group_size=group, oversample=oversample, proxy="exact")
+    sparsify_(model, HiReConfig(head=HeadConfig(enabled=False), ffn=cfg))
+    x = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(seed))
+    for ffn in hire_layers(model)[1]:
+        w = ffn.weights
+        a = w.activations(x)  # (3, I) exact
+        cand = select_neurons(ffn.estimate(x), ffn.candidate_groups, group)  # (3, c)
+        masked = a.abs().masked_fill(~idx_to_mask(cand, w.neurons), float("-inf"))
+        keep = select_neurons(masked, ffn.keep_groups, group)  # (3, kept)
+        want = torch.stack([w.project(a[i : i + 1, keep[i]], keep[i])[0] for i in range(3)])
+        torch.testing.assert_close(ffn.forward_masked(x), want, rtol=1e-5, atol=1e-5)
+        for i in range(3):
+            torch.testing.assert_close(ffn.forward_sparse(x[i : i + 1])[0], want[i], rtol=1e-5, atol=1e-5)
+        ffn.prepare_decode(torch.float32)
+        plan = replace(ffn.decode_plan(), fuse=False, native_act=None)  # the eager decode path
+        est = plan.estimates(x[:1])
+        cand = select_neurons(est[0], ffn.candidate_groups, group)
+        act = plan.activations(x[:1], cand)
+        kept = cand[select_neurons(act.abs(), ffn.keep_groups, group)]
+        assert torch.equal(plan.keep_best(act, cand)[1], kept)
+        want = native.reference_rows_axpy(plan.out_rows, kept, act[torch.searchsorted(cand, kept)]).view(1, -1)
+        torch.testing.assert_close(plan.decode(x[:1]), want, rtol=1e-5, atol=1e-5)
+    mlp = TopKMLP(make("llama", seed=1).model.layers[0].mlp, 0.5, group)
+    acts = torch.randint(-2, 3, (4, mlp.neurons)).float()  # ties
+    want = idx_to_mask(select_neurons(acts.abs(), mlp.keep_groups, group, "sum"), mlp.neurons)
+    assert torch.equal(mlp.mask(acts), want)
+
+
+# --- the C++ kernels against the rule (ties included; the kernels select single neurons) ------------
+@needs_kernels
+@given(st.integers(0, 2**31 - 1), st.booleans(), st.data())
+def test_ffn_decode_kernel_selects_by_the_rule(seed, gated, data):
+    """native.ffn_decode and, through the same hire_native::select_top, the decode step's one-token
+    and batched FFNs: estimates on a coarse grid, so the threshold usually falls among equal ones."""
+    g = torch.Generator().manual_seed(seed)
+    neurons, d, parts = data.draw(st.integers(1, 80)), 8, 2 if gated else 1
+    count = data.draw(st.integers(1, neurons))
+    rows = torch.randn(neurons, (parts + 1) * d, generator=g)
+    scores = torch.randint(-3, 4, (1, parts * neurons), generator=g).float()
+    x = torch.randn(1, d, generator=g)
+    s = scores.view(parts, neurons)
+    est = (F.relu(s[0]) * s[1]).abs() if gated else F.relu(s[0]).abs()
+    want = native.reference_ffn_rows(x, rows, select_neurons(est, count), "relu", parts)
+    torch.testing.assert_close(native.ffn_decode(scores, x, rows, count, "relu", gated), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("parts", [1, 2])
+def test_int4_ffn_kernel_selects_by_the_rule_ties_included(parts):
+    """int4_ffn selects with its own threaded code (native/int4.cpp): proxy rows repeated four times
+    give four equal estimates each (exact integer sums times one scale), the output rows all differ."""
+    from hire.proxies.quantized_matrix import QuantizedMatrix
+
+    tied_at_threshold = 0
+    for seed, (neurons, d, keep) in enumerate([(64, 64, 30), (300, 128, 150), (1536, 128, 922), (96, 64, 1)]):
+        g = torch.Generator().manual_seed(seed)
+        base = torch.randn(parts * neurons // 4, d, generator=g)
+        matrix = QuantizedMatrix.from_weight(base.repeat_interleave(4, dim=0), bits=4, group_size=64)
+        rows = torch.randn(neurons, (parts + 1) * d, generator=g).half()
+        x = torch.randn(1, d, generator=g)
+        for act in ("silu", "relu"):
+            est = native.reference_int4_estimates(x, matrix.packed, matrix.scales, 64, parts, act)
+            top = est.sort(descending=True).values
+            tied_at_threshold += keep < neurons and bool(top[keep - 1] == top[keep])
+            got = native.int4_ffn(x, rows, matrix.packed, matrix.scales, 64, keep, act, parts)
+            want = native.reference_ffn_rows(x, rows, select_neurons(est, keep), act, parts)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * max(want.abs().max().item(), 1.0))
+    assert tied_at_threshold >= 4  # the ties the test is about did occur

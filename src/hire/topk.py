@@ -43,12 +43,15 @@ def local_topk(scores: torch.Tensor, k: int, blocks: int) -> torch.Tensor:
     k / blocks: DA-TOP-k's local shares, on one device. Interleaving matters because vocabularies
     cluster related tokens in neighbouring ids; contiguous blocks would crowd the true top-k into a
     few blocks. A true top-k row is missed only when more than k / blocks better rows share its
-    block. Many small selections are several times faster than one large top-k on CPU.
+    block. Many small selections are several times faster than one large top-k on CPU. A NaN
+    score counts as -inf, so it is never kept over a real score (torch.topk alone keeps NaN first;
+    the native lowrank_block_topk puts NaN last too).
 
     # scores: (N, n) -> idx: (N, k)
     """
     n = scores.shape[-1]
     check_blocks(k, n, blocks)
+    scores = scores.masked_fill(scores.isnan(), float("-inf"))
     local = scores.reshape(-1, n // blocks, blocks).topk(k // blocks, dim=1, sorted=False).indices  # (N, k/B, B)
     return (local * blocks + torch.arange(blocks, device=scores.device)).reshape(scores.shape[0], k)
 
@@ -173,16 +176,68 @@ def count_for_density(n: int, density: float, group_size: int = 1) -> int:
     return max(1, min(groups, round(density * groups)))
 
 
+def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows [start, end) of rank ``rank`` when n rows are split evenly over ``world`` ranks."""
+    if n % world:
+        raise ValueError(f"{n} rows do not split evenly over {world} ranks")
+    size = n // world
+    return rank * size, (rank + 1) * size
+
+
+def split_count(count: int, rank: int, world: int) -> int:
+    """Rank ``rank``'s share of ``count`` selections: the shares differ by at most one and sum to count."""
+    return count // world + (1 if rank < count % world else 0)
+
+
 def ceil_count(count: int, factor: float, limit: int) -> int:
     return max(count, min(limit, math.ceil(count * factor)))
 
 
-def select_neurons(estimates: torch.Tensor, count: int) -> torch.Tensor:
-    """The FFN decode selection rule: the ``count`` largest estimates, in ascending index order,
-    the lowest indices first among equal values. The native kernels (ffn_decode and the decode
-    step) implement it in C++ and are tested against this.  # estimates: (I,) -> (count,)"""
-    if not 1 <= count <= estimates.numel():
-        raise ValueError(f"count must be in [1, {estimates.numel()}], got {count}")
-    # a stable descending sort keeps equal values in index order
-    order = torch.sort(estimates.reshape(-1), descending=True, stable=True).indices
-    return order[:count].sort().values
+def order_keys(values: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 keys that put ``values`` in the selection order: larger values first, equal values by
+    ascending ``index`` (default: the column). Values compare as float32 bit patterns, the native
+    kernels' ``order_key``: a positive NaN above +inf, -0 below +0. One key per value makes every
+    ``topk`` over them exact and deterministic, ties included.
+
+    # values: (..., n) float, index: (..., n) int in [-1, 2**32 - 2] -> (..., n) int64
+    """
+    bits = values.float().contiguous().view(torch.int32)
+    # a negative float's bits order backwards: flip them below the sign so that int32 order is float order
+    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    if index is None:
+        index = torch.arange(values.shape[-1], device=values.device)
+    return (key << 32) | (0xFFFFFFFE - index.to(torch.int64))  # a lower index is a larger low word
+
+
+def ranked_topk(values: torch.Tensor, k: int, index: torch.Tensor | None = None):
+    """The ``k`` best of ``values`` in the selection order (``order_keys``), descending, as
+    (values, positions). ``torch.topk`` with its tie order defined.
+
+    # values: (..., n) -> values (..., k), positions (..., k)
+    """
+    pos = order_keys(values, index).topk(k, dim=-1).indices
+    return values.gather(-1, pos), pos
+
+
+def select_neurons(estimates: torch.Tensor, count: int, group_size: int = 1, aggregate: str = "sum") -> torch.Tensor:
+    """The FFN selection rule, the one every path runs (the eager HiReFFN, its oversampled second
+    pass, tensor parallel, TopKMLP): the ``count`` best groups of ``group_size`` contiguous neurons,
+    a group scored by the ``aggregate`` ("sum" or "max") of its estimates in float32, equal scores
+    taking the lowest group first (``order_keys``); returned as neuron indices in ascending order.
+    The native kernels (ffn_decode, int4_ffn, the decode step) implement it for single neurons in C++
+    and are tested against this.
+
+    # estimates: (I,) -> (count * group_size,);  (N, I) -> (N, count * group_size)
+    """
+    n = estimates.shape[-1]
+    if group_size < 1 or n % group_size:
+        raise ValueError(f"group_size {group_size} must divide the number of neurons {n}")
+    if not isinstance(count, int) or not 1 <= count <= n // group_size:
+        raise ValueError(f"count must be an int in [1, {n // group_size}] (groups of {group_size}), got {count!r}")
+    scores = estimates.float()
+    if group_size > 1:
+        scores = group_scores(scores, group_size, aggregate)
+    top = order_keys(scores).topk(count, dim=-1, sorted=False).indices.sort(dim=-1).values  # groups, ascending
+    if group_size == 1:
+        return top
+    return expand_groups(top.reshape(-1, count), group_size).reshape(*top.shape[:-1], count * group_size)

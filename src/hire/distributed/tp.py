@@ -30,6 +30,7 @@ from hire.distributed.comm import Comm
 from hire.distributed.topk import global_topk, owned, shard_range, split_count
 from hire.engine import Engine
 from hire.layers import HiReFFN, HiReLMHead, TopKMLP
+from hire.layers.ffn import FFNDecodePlan
 from hire.topk import expand_groups, group_scores, recall_at_k
 
 MODES = ("dense", "exact", "da")
@@ -66,7 +67,7 @@ def check_tp(model: nn.Module, config: HiReConfig | None, world: int) -> None:
 
 class TPFFN:
     """Rank r's neurons [start, end) of one FFN, in the three modes; the output is this rank's
-    partial sum, all-reduced here."""
+    partial sum, all-reduced here. A HiReFFN's decode step is its plan's ``shard(rank, world)``."""
 
     def __init__(self, mlp: nn.Module, weights, comm: Comm, dtype: torch.dtype):
         n, world, rank = weights.neurons, comm.world, comm.rank
@@ -80,28 +81,18 @@ class TPFFN:
             b_out=weights.b_out if rank == 0 else None,  # the bias is added once, not once per rank
         )
         self.weights = local
-        self.local: HiReFFN | None = None
+        self.plan: FFNDecodePlan | None = None
         if isinstance(mlp, HiReFFN):
-            rows = torch.arange(self.start, self.end)
-            proxy = mlp.proxy.take_rows(torch.cat([rows, rows + n]) if weights.gated else rows)
-            self.local = HiReFFN(mlp.base_layer, local, mlp.config, proxy, dense_forward=self.dense)
+            self.plan = mlp.decode_plan().shard(rank, world)  # DA-TOP-k: this rank's share of the selection
             self.group_size, self.aggregate = mlp.config.group_size, mlp.config.aggregate
             self.global_keep, self.global_candidates = mlp.keep_groups, mlp.candidate_groups
             self.group_offset = self.start // self.group_size
-            share_keep = split_count(mlp.keep_groups, rank, world)
-            if share_keep < 1:
-                raise ValueError(
-                    f"the FFN keeps {mlp.keep_groups} groups, fewer than the {world} ranks: raise the density or lower --tp"
-                )
-            self.local.keep_groups = share_keep  # DA-TOP-k: this rank's share of the selection
-            self.local.candidate_groups = split_count(mlp.candidate_groups, rank, world)
-            self.local.prepare_decode(dtype)
         # the dense shard as a dense engine reads it: gate and up rows stacked, the down projection row-major
         rows = [local.w_in, local.w_up] if local.gated else [local.w_in]
-        self._dense_in = torch.cat(rows).detach().to(dtype).contiguous()  # (2n or n, D)
-        self._dense_b_in = None if local.b_in is None else local.b_in.detach().to(dtype)
-        self._dense_out = local.w_out_t.t().detach().to(dtype).contiguous()  # (D_out, n)
-        self._dense_b_out = None if local.b_out is None else local.b_out.detach().to(dtype)
+        self.dense_in = torch.cat(rows).detach().to(dtype).contiguous()  # (2n or n, D)
+        self.dense_b_in = None if local.b_in is None else local.b_in.detach().to(dtype)
+        self.dense_out = local.w_out_t.t().detach().to(dtype).contiguous()  # (D_out, n)
+        self.dense_b_out = None if local.b_out is None else local.b_out.detach().to(dtype)
         self.track = False
         self.hits = 0.0
         self.kept = 0.0
@@ -111,34 +102,27 @@ class TPFFN:
         """All of this rank's neurons.  # x: (T, D) -> (T, D_out) partial"""
         w = self.weights
         if w.gated:
-            gate, up = F.linear(x, self._dense_in).chunk(2, dim=-1)  # (T, n) each
+            gate, up = F.linear(x, self.dense_in).chunk(2, dim=-1)  # (T, n) each
             a = w.act(gate) * up
         else:
-            a = w.act(F.linear(x, self._dense_in, self._dense_b_in))
-        return F.linear(a, self._dense_out, self._dense_b_out)
-
-    def _estimate(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (1, D) -> proxy group scores of this rank's groups (1, G_local)
-        return group_scores(self._neuron_estimate(x), self.group_size, self.aggregate)
-
-    def _neuron_estimate(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (1, D) -> |activation| estimates (1, n_local) in float32, as the fused single-process kernel has them
-        loc = self.local
-        return loc._estimate_from_scores(loc.proxy.decode_scores(x).float(), None if loc._b_in is None else loc._b_in.float())
+            a = w.act(F.linear(x, self.dense_in, self.dense_b_in))
+        return F.linear(a, self.dense_out, self.dense_b_out)
 
     def _groups_to_rows(self, groups: torch.Tensor) -> torch.Tensor:
         return expand_groups(groups.unsqueeze(0), self.group_size)[0]
 
     def select_exact(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Single-process HiRE's selection, exactly: the global top candidates by proxy (one
-        gather), and with oversampling the global best of them by exact activation (another).
+        gather), and with oversampling the global best of them by exact activation (another); ties
+        go to the lowest global group, as ``select_neurons`` breaks them in one process.
         # x: (1, D) -> this rank's kept neurons (m,) local, their activations (m,)"""
-        g = self._estimate(x)
+        plan = self.plan
+        g = group_scores(plan.estimates(x), self.group_size, self.aggregate)  # (1, G_local) float32
         n_groups = g.shape[-1]
         off = self.group_offset
         _, top = global_topk(g, off, self.global_candidates, self.comm, "ffn_select")
         cand = self._groups_to_rows(owned(top[0], off, off + n_groups).sort().values)  # sorted rows
-        a = self.local.rows_activations(x, cand) if cand.numel() else x.new_zeros(0, dtype=torch.float32)
+        a = plan.activations(x, cand) if cand.numel() else x.new_zeros(0, dtype=torch.float32)
         if self.global_candidates == self.global_keep:
             return cand, a
         exact = g.new_full((1, n_groups), float("-inf"))  # only candidates compete
@@ -146,29 +130,32 @@ class TPFFN:
             cand_groups = cand.view(-1, self.group_size)[:, 0] // self.group_size
             exact[0, cand_groups] = group_scores(a.abs().unsqueeze(0).to(g.dtype), self.group_size, self.aggregate)[0]
         _, top = global_topk(exact, off, self.global_keep, self.comm, "ffn_select")
-        keep = self._groups_to_rows(owned(top[0], off, off + n_groups))
+        keep = self._groups_to_rows(owned(top[0], off, off + n_groups).sort().values)
         pos = torch.searchsorted(cand, keep)  # where each kept row sits among the (sorted) candidates
         return keep, a.index_select(0, pos)
 
     def select_da(self, x: torch.Tensor) -> torch.Tensor:
-        """DA-TOP-k's local share, as ``HiReFFN.decode`` on this shard picks it.  # x: (1, D) -> kept rows (m,) local"""
-        loc = self.local
-        cand = loc._rows(loc._top_groups(self._neuron_estimate(x), loc.candidate_groups))[0]
-        return loc._keep_best(loc.rows_activations(x, cand), cand)[1]
+        """DA-TOP-k's local share, as the shard's plan decodes it.  # x: (1, D) -> kept rows (m,) local"""
+        plan = self.plan
+        cand = plan.candidates(plan.estimates(x))
+        return plan.keep_best(plan.activations(x, cand), cand)[1]
 
     def __call__(self, x: torch.Tensor, mode: str) -> torch.Tensor:
         """This FFN over all ranks.  # x: (T, D) -> (T, D_out) float32, the same on every rank"""
-        if mode == "dense" or self.local is None or x.shape[0] != 1:
+        plan = self.plan
+        if mode == "dense" or plan is None or x.shape[0] != 1:
             y = self.dense(x)
         elif mode == "da":
             if self.track:
                 self._track(x)
-            y = self.local.decode(x)
+            y = self.dense(x) if plan.keeps_all else plan.decode(x)
         elif mode == "exact":
             cand, a = self.select_exact(x)
-            y = self.local.rows_output(a, cand, x.dtype) if cand.numel() else x.new_zeros(1, self._dense_out.shape[0])
-            if self.local._b_out is not None and not cand.numel():
-                y = y + self.local._b_out
+            if cand.numel():
+                y = plan.output(a, cand, x.dtype)
+            else:  # this rank holds none of the kept neurons: its share is the bias (rank 0) or nothing
+                y = x.new_zeros(1, self.dense_out.shape[0])
+                y = y if plan.b_out is None else y + plan.b_out
         else:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         return self.comm.all_reduce(y.float(), "ffn")
@@ -287,6 +274,13 @@ class TPEngine(Engine):
         rank, world = comm.rank, comm.world
         q_heads, kv_heads = head_split(self.n_heads, self.n_kv, rank, world)
         hd, hq, hkv = self.head_dim, self.n_heads, self.n_kv
+        kv_of_q = [h // (hq // hkv) for h in q_heads]  # each query head's kv head
+        per_kv = len(q_heads) // len(kv_heads)
+        if len(q_heads) % len(kv_heads) or kv_of_q != [kv_heads[i // per_kv] for i in range(len(q_heads))]:
+            # the shard's query heads do not group evenly over its kv heads (a kv head split between
+            # ranks): hold one kv head per query head, duplicates included, so that the engine's
+            # grouped attention pairs them as it does everywhere else (a little more projection and cache)
+            kv_heads = kv_of_q
 
         def rows(heads, base):
             return [base + h * hd + j for h in heads for j in range(hd)]
@@ -300,11 +294,6 @@ class TPEngine(Engine):
             layer.o = layer.o.index_select(1, o_cols).contiguous()
             if rank != 0:  # the all-reduce sums the ranks' outputs: the bias is added once
                 layer.o_bias = None
-        group = hq // hkv
-        kv_for_q = [kv_heads.index(h // group) for h in q_heads]
-        uniform = len(q_heads) % len(kv_heads) == 0 and kv_for_q == [
-            i // (len(q_heads) // len(kv_heads)) for i in range(len(q_heads))]
-        self.kv_for_q = None if uniform else torch.tensor(kv_for_q)
         self.n_heads, self.n_kv = len(q_heads), len(kv_heads)
         self.heads = (q_heads, kv_heads)
         shape = (len(self.layers), self.n_kv, max_seq_len, hd)
@@ -350,7 +339,7 @@ class TPEngine(Engine):
 
     def recall(self) -> dict:
         """FFN recall (summed over ranks and layers) and head recall@k / top-1 of the tracked steps."""
-        ffns = [f for f in self.tp_ffns.values() if f.local is not None]
+        ffns = [f for f in self.tp_ffns.values() if f.plan is not None]
         totals = torch.tensor([sum(f.hits for f in ffns), sum(f.kept for f in ffns)], dtype=torch.float64)
         self.comm.all_reduce(totals, "measurement")
         head = self.tp_head

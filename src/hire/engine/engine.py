@@ -151,7 +151,6 @@ class Engine:
             self.layers.append(
                 _Layer(qkv, qkv_bias, _weight(o), o_bias, layer, norms, sliding, self.rope_index[layer_type])
             )
-        self.kv_for_q = None  # (Hq,) kv head of each query head, where the grouping is not uniform (a TP shard)
         shape = (len(self.layers), self.n_kv, max_seq_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype)
         self.v_cache = torch.zeros(shape, dtype=dtype)
@@ -210,8 +209,6 @@ class Engine:
         self.v_cache[index, :, start:end] = v
         first = 0 if layer.sliding is None else max(0, end - layer.sliding - T + 1)
         keys, values = self.k_cache[index, :, first:end], self.v_cache[index, :, first:end]  # (Hkv, S, hd)
-        if self.kv_for_q is not None:
-            keys, values = keys.index_select(0, self.kv_for_q), values.index_select(0, self.kv_for_q)  # (Hq, S, hd)
         if T == 1:
             mask = None
         else:  # causal (and sliding) mask over the keys first..end-1 for queries start..end-1

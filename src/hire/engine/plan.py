@@ -1,6 +1,6 @@
 """Decode plans: each decoder layer's one-token step in the layout the native decode step reads,
 built once from the engine's tensors (no weight copies beyond the FFN's neuron-major buffer that
-``HiReFFN.prepare_decode`` already holds).
+``HiReFFN.decode_plan()`` already holds).
 
 ``LayerPlan`` says what a layer computes; ``native_steps`` hands the plans to
 ``torch.classes.hire.DecodeModel`` (native/decode.cpp), which runs a whole token in one call. The
@@ -58,16 +58,15 @@ class FFNPlan:
 def ffn_plan(mlp: nn.Module, model: nn.Module, dtype: torch.dtype) -> FFNPlan:
     """The decode plan of one layer's FFN (a HiReFFN prepared for decoding, or a dense MLP)."""
     if isinstance(mlp, HiReFFN):
-        weights = mlp.weights
-        if mlp._native_act is None or weights.b_in is not None or weights.b_out is not None:
+        plan = mlp.decode_plan()
+        if plan.native_act is None or plan.b_in is not None or plan.b_out is not None:
             raise NotFusable("an FFN with biases or an activation without a kernel")
-        parts = 2 if weights.gated else 1
-        if mlp.keeps_all:
-            return FFNPlan(mlp.decode_rows, parts, mlp._native_act, weights.neurons)
-        if not mlp._fused:
+        if plan.keeps_all:
+            return FFNPlan(plan.rows, plan.parts, plan.native_act, plan.neurons)
+        if not plan.fused:
             raise NotFusable("grouped or oversampled FFN selection (group_size > 1 or oversample > 1)")
-        kind, a, b, group = _proxy(mlp.proxy)
-        return FFNPlan(mlp.decode_rows, parts, mlp._native_act, mlp.keep_groups, kind, a, b, group)
+        kind, a, b, group = _proxy(plan.proxy)
+        return FFNPlan(plan.rows, plan.parts, plan.native_act, plan.keep_groups, kind, a, b, group)
     spec = arch_spec(model)
     parts = _quantized_ffn(spec, mlp)
     if parts is not None:
@@ -95,8 +94,8 @@ def _quantized_ffn(spec, mlp: nn.Module) -> tuple[QTensor, ...] | None:
 
 
 def _proxy(proxy) -> tuple[str, torch.Tensor, torch.Tensor, int]:
-    if isinstance(proxy, QuantizedProxy) and proxy._gemv is not None:
-        matrix, gemv = proxy.matrix, proxy._gemv
+    if isinstance(proxy, QuantizedProxy) and proxy.decode_gemv is not None:
+        matrix, gemv = proxy.matrix, proxy.decode_gemv
         if matrix.bits == 4 and matrix.group_size % 64 == 0:
             # the fused 4-bit kernel reads the proxy's own codes and scales (native.int4_estimates)
             return "int4", matrix.packed, matrix.scales, matrix.group_size
@@ -104,8 +103,8 @@ def _proxy(proxy) -> tuple[str, torch.Tensor, torch.Tensor, int]:
             return "int4pack", gemv.packed, gemv.scales_zeros, matrix.group_size
         if gemv.kind == "dequantize":
             return "matrix", gemv.weight, EMPTY, 0
-    if isinstance(proxy, ExactProxy) and proxy._weight is not None:
-        return "matrix", proxy._weight, EMPTY, 0
+    if isinstance(proxy, ExactProxy) and proxy.decode_weight is not None:
+        return "matrix", proxy.decode_weight, EMPTY, 0
     raise NotFusable(f"an FFN proxy without a native kernel ({type(proxy).__name__})")
 
 

@@ -122,7 +122,7 @@ def evaluate(
     positions = sums["positions"]
     dense_b, hire_b = nbytes["dense"], nbytes["hire"]
     result = {
-        "model": getattr(model.config, "_name_or_path", "") or model.config.model_type,
+        "model": getattr(model.config, "name_or_path", "") or model.config.model_type,
         "architecture": model.config.model_type,
         "reference": _reference_name(model),
         "config": config.to_dict(),

@@ -1,7 +1,8 @@
-"""HiReFFN: an FFN that computes only its selected neurons."""
+"""HiReFFN: an FFN that computes only its selected neurons, and its decode plan."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -11,7 +12,7 @@ from torch.nn import functional as F
 from hire import native
 from hire.arch import FFNWeights  # defined with the architecture table that builds it; re-exported by hire.layers
 from hire.config import FFNConfig
-from hire.topk import ceil_count, count_for_density, expand_groups, group_scores, idx_to_mask, mask_recall
+from hire.topk import ceil_count, count_for_density, idx_to_mask, mask_recall, select_neurons, shard_range, split_count
 
 
 def neuron_rows(weights: FFNWeights, dtype: torch.dtype) -> torch.Tensor:
@@ -19,6 +20,141 @@ def neuron_rows(weights: FFNWeights, dtype: torch.dtype) -> torch.Tensor:
     (plain: [in_i | out column i]).  # -> (I, (2|1)*D + D_out)"""
     parts = [weights.w_in, weights.w_up] if weights.gated else [weights.w_in]
     return torch.cat([p.detach().to(dtype) for p in parts + [weights.w_out_t]], dim=1).contiguous()
+
+
+def estimates_from_scores(scores: torch.Tensor, act: Callable, gated: bool, b_in: torch.Tensor | None = None) -> torch.Tensor:
+    """Every neuron's estimated |activation| from its proxy scores.
+
+    # scores: (N, 2I) gated (gate rows then up rows) or (N, I) plain -> (N, I)
+    """
+    if gated:
+        gate, up = scores.chunk(2, dim=-1)
+        return (act(gate) * up).abs()
+    return act(scores if b_in is None else scores + b_in).abs()
+
+
+@dataclass(frozen=True)
+class FFNDecodePlan:
+    """One HiReFFN's decode step, built once (``HiReFFN.prepare_decode``): the neuron-major rows, the
+    proxy prepared for one token, the counts and the kernel choice. Everything that decodes this FFN
+    one token at a time (the layer, the native decode step's plan, each tensor-parallel rank through
+    ``shard``) reads it here. Selection is ``hire.topk.select_neurons`` on every path.
+    """
+
+    rows: torch.Tensor  # (I, parts*D + D_out): [gate_i | up_i | down column i] or [in_i | out column i]
+    width: int  # parts*D: where a row's input part ends
+    act: Callable[[torch.Tensor], torch.Tensor]
+    gated: bool
+    proxy: object  # scores the 2I (gated: gate rows then up rows) or I rows; prepared for decode
+    keep_groups: int
+    candidate_groups: int
+    group_size: int
+    aggregate: str
+    dtype: torch.dtype
+    b_in: torch.Tensor | None = None  # (I,) in dtype
+    b_out: torch.Tensor | None = None  # (D_out,) in dtype
+    native_act: str | None = None  # the kernels' name of act, where they read these rows in place; None: eager
+    fuse: bool = True  # allow the single-call kernel (tests turn it off to compare the paths)
+
+    @property
+    def neurons(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def parts(self) -> int:
+        return 2 if self.gated else 1
+
+    @property
+    def in_rows(self) -> torch.Tensor:
+        """# -> (I, parts*D) view"""
+        return self.rows[:, : self.width]
+
+    @property
+    def out_rows(self) -> torch.Tensor:
+        """# -> (I, D_out) view"""
+        return self.rows[:, self.width :]
+
+    @property
+    def keeps_all(self) -> bool:
+        return self.keep_groups * self.group_size == self.neurons
+
+    @property
+    def fused(self) -> bool:
+        """Single neurons, no oversampling, a kernel for the activation: the step after the proxy is
+        one native call (``native.ffn_decode``)."""
+        return self.fuse and self.native_act is not None and self.group_size == 1 \
+            and self.candidate_groups == self.keep_groups
+
+    # --- the step's parts ------------------------------------------------------------------
+    def estimates(self, x: torch.Tensor) -> torch.Tensor:
+        """The proxy's |activation| estimates in float32, as the fused kernel makes them, so that
+        every path picks the same neurons.  # x: (1, D) -> (1, I)"""
+        b_in = None if self.b_in is None else self.b_in.float()
+        return estimates_from_scores(self.proxy.decode_scores(x).float(), self.act, self.gated, b_in)
+
+    def candidates(self, est: torch.Tensor) -> torch.Tensor:
+        """The candidate neurons, ascending.  # est: (1, I) -> (candidate_groups * group_size,)"""
+        return select_neurons(est[0], self.candidate_groups, self.group_size, self.aggregate)
+
+    def keep_best(self, a: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """With oversampling, the best ``keep_groups`` candidates by exact |activation| (the same
+        rule, on exact values).  # a, cand: (c,) -> (kept,), (kept,)"""
+        if self.candidate_groups == self.keep_groups:
+            return a, cand
+        pos = select_neurons(a.abs(), self.keep_groups, self.group_size, self.aggregate)
+        return a.index_select(0, pos), cand.index_select(0, pos)
+
+    def activations(self, x: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        """Exact activations of the neurons ``cand`` only (reads their input rows), in float32.
+        # x: (1, D), cand: (c,) -> (c,)"""
+        if self.native_act is not None:
+            return native.rows_dot(x, self.in_rows, cand, parts=self.parts, act=self.native_act)
+        # eager: float32 like the kernel, so that a machine without it decodes the same tokens
+        rows = self.in_rows.index_select(0, cand).float().view(-1, x.shape[-1])  # (c*parts, D)
+        pre = F.linear(x.float(), rows)  # (1, c*parts)
+        if self.gated:
+            pre = pre.view(-1, 2)
+            return self.act(pre[:, 0]) * pre[:, 1]
+        return self.act(pre if self.b_in is None else pre + self.b_in.index_select(0, cand).float())[0]
+
+    def output(self, a: torch.Tensor, cand: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Output from the neurons ``cand`` only (reads their output rows), bias included.
+        # a, cand: (c,) -> (1, D_out)"""
+        rows_axpy = native.rows_axpy if self.native_act is not None else native.reference_rows_axpy
+        y = rows_axpy(self.out_rows, cand, a).view(1, -1).to(dtype)  # float32 accumulation either way
+        return y if self.b_out is None else y + self.b_out
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """One token through the selected neurons only.  # x: (1, D) -> (1, D_out)"""
+        if self.fused:
+            y = native.ffn_decode(self.proxy.decode_scores(x), x, self.rows, self.keep_groups, self.native_act,
+                                  self.gated).view(1, -1).to(x.dtype)
+            return y if self.b_out is None else y + self.b_out
+        cand = self.candidates(self.estimates(x))
+        a, cand = self.keep_best(self.activations(x, cand), cand)
+        return self.output(a, cand, x.dtype)
+
+    # --- tensor parallel -------------------------------------------------------------------
+    def shard(self, rank: int, world: int) -> "FFNDecodePlan":
+        """Rank ``rank``'s plan of ``world``: its contiguous neurons (their rows are a view of these),
+        the proxy restricted to them, and its DA-TOP-k share of the selections (the shares sum to the
+        single-process counts). The output bias is added by rank 0 only: the ranks' outputs are summed.
+        """
+        start, end = shard_range(self.neurons // self.group_size, rank, world)
+        start, end = start * self.group_size, end * self.group_size
+        keep = split_count(self.keep_groups, rank, world)
+        if keep < 1:
+            raise ValueError(f"the FFN keeps {self.keep_groups} groups, fewer than the {world} ranks: "
+                             "raise the density or lower --tp")
+        rows = torch.arange(start, end)
+        proxy = self.proxy.take_rows(torch.cat([rows, rows + self.neurons]) if self.gated else rows)
+        proxy.prepare_decode(self.dtype)
+        return replace(
+            self, rows=self.rows[start:end], proxy=proxy, keep_groups=keep,
+            candidate_groups=split_count(self.candidate_groups, rank, world),
+            b_in=None if self.b_in is None else self.b_in[start:end],
+            b_out=self.b_out if rank == 0 else None,
+        )
 
 
 class HiReFFN(nn.Module):
@@ -55,14 +191,7 @@ class HiReFFN(nn.Module):
         self.groups = n // config.group_size
         self._count(config.density)
         self.mode = "decode"
-        # the decode layout (prepare_decode): None until the layer is prepared
-        self.decode_rows: torch.Tensor | None = None
-        self._in: torch.Tensor | None = None
-        self._out: torch.Tensor | None = None
-        self._b_in: torch.Tensor | None = None
-        self._b_out: torch.Tensor | None = None
-        self._native_act: str | None = None
-        self._fused = False
+        self._plan: FFNDecodePlan | None = None  # the decode layout (prepare_decode)
         self.track_recall = False
         self.recall_sum = 0.0
         self.recall_count = 0
@@ -74,33 +203,20 @@ class HiReFFN(nn.Module):
 
     def set_density(self, density: float) -> None:
         """Keep a different fraction of neurons (the autotuner tries several per layer)."""
-        from dataclasses import replace
-
         self.config = replace(self.config, density=density, layer_density=[])
         self._count(density)
-        self._fused = self._fusable()
+        if self._plan is not None:
+            self._plan = replace(self._plan, keep_groups=self.keep_groups, candidate_groups=self.candidate_groups)
 
-    # --- selection -------------------------------------------------------------------------
+    # --- selection (hire.topk.select_neurons on every path) ---------------------------------
     def estimate(self, x: torch.Tensor) -> torch.Tensor:
         """Proxy estimate of every neuron's |activation|.  # x: (N, D) -> (N, I)"""
-        return self._estimate_from_scores(self.proxy.scores(x), self.weights.b_in)
-
-    def _estimate_from_scores(self, s: torch.Tensor, b_in: torch.Tensor | None) -> torch.Tensor:
-        # proxy scores (N, 2I) gated: gate rows then up rows, or (N, I) plain -> |activation| (N, I)
         w = self.weights
-        if w.gated:
-            gate, up = s.split(w.neurons, dim=-1)
-            return (w.act(gate) * up).abs()
-        return w.act(s if b_in is None else s + b_in).abs()
+        return estimates_from_scores(self.proxy.scores(x), w.act, w.gated, w.b_in)
 
-    def _top_groups(self, neuron_scores: torch.Tensor, count: int) -> torch.Tensor:
-        # neuron_scores: (N, I) -> group idx: (N, count)
-        g = group_scores(neuron_scores, self.config.group_size, self.config.aggregate)
-        return g.topk(count, dim=-1, sorted=False).indices
-
-    def _rows(self, group_idx: torch.Tensor) -> torch.Tensor:
-        # group_idx: (N, g) -> neuron idx: (N, g * group_size)
-        return expand_groups(group_idx, self.config.group_size)
+    def _select(self, scores: torch.Tensor, count: int) -> torch.Tensor:
+        # scores: (N, I) -> neuron idx (N, count * group_size), ascending
+        return select_neurons(scores, count, self.config.group_size, self.config.aggregate)
 
     # --- forward paths ---------------------------------------------------------------------
     def forward_sparse(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,12 +225,10 @@ class HiReFFN(nn.Module):
         # x: (1, D) -> (1, D_out)
         """
         w = self.weights
-        cand = self._rows(self._top_groups(self.estimate(x), self.candidate_groups))[0]  # (c,)
+        cand = self._select(self.estimate(x), self.candidate_groups)[0]  # (c,)
         a = w.activations(x, cand)  # (1, c) exact
         if self.candidate_groups > self.keep_groups:
-            g = group_scores(a.abs(), self.config.group_size, self.config.aggregate)  # (1, cg)
-            keep = g.topk(self.keep_groups, dim=-1, sorted=False).indices  # positions among candidates
-            pos = self._rows(keep)[0]
+            pos = self._select(a.abs(), self.keep_groups)[0]  # positions among the candidates
             a, cand = a.index_select(1, pos), cand.index_select(0, pos)
         return w.project(a, cand)
 
@@ -126,40 +240,44 @@ class HiReFFN(nn.Module):
         w = self.weights
         n = w.neurons
         a = w.activations(x)  # (N, I) exact
-        cand_mask = idx_to_mask(self._rows(self._top_groups(self.estimate(x), self.candidate_groups)), n)
+        cand_mask = idx_to_mask(self._select(self.estimate(x), self.candidate_groups), n)
         if self.candidate_groups > self.keep_groups:
             masked = a.abs().masked_fill(~cand_mask, float("-inf"))
-            keep_mask = idx_to_mask(self._rows(self._top_groups(masked, self.keep_groups)), n)
+            keep_mask = idx_to_mask(self._select(masked, self.keep_groups), n)
         else:
             keep_mask = cand_mask
         if self.track_recall:
-            true_mask = idx_to_mask(self._rows(self._top_groups(a.abs(), self.keep_groups)), n)
+            true_mask = idx_to_mask(self._select(a.abs(), self.keep_groups), n)
             self.recall_sum += float(mask_recall(true_mask, keep_mask).sum())
             self.recall_count += x.shape[0]
         return w.project(a * keep_mask)
 
     # --- decode-time layout ----------------------------------------------------------------
     def prepare_decode(self, dtype: torch.dtype) -> None:
-        """The decode layout: one neuron-major buffer ``decode_rows`` whose row i holds neuron i's gate
-        and up rows and its down column side by side, so a selected neuron is one contiguous read
-        (~3.5 KB on SmolLM2); ``_in`` and ``_out`` are views of its input and output parts. The
-        proxy on its fused kernel. Costs a copy of the FFN weights."""
+        """Build the decode plan: one neuron-major buffer whose row i holds neuron i's gate and up rows
+        and its down column side by side, so a selected neuron is one contiguous read (~3.5 KB on
+        SmolLM2); the proxy on its fused kernel. Costs a copy of the FFN weights."""
         w = self.weights
-        self.decode_rows = neuron_rows(w, dtype)  # (I, (1|2)*D + D_out)
+        rows = neuron_rows(w, dtype)  # (I, (1|2)*D + D_out)
         width = (2 if w.gated else 1) * w.w_in.shape[1]
-        self._in, self._out = self.decode_rows[:, :width], self.decode_rows[:, width:]  # (I, 2D), (I, D_out) views
-        self._b_in = None if w.b_in is None else w.b_in.detach().to(dtype)
-        self._b_out = None if w.b_out is None else w.b_out.detach().to(dtype)
         self.proxy.prepare_decode(dtype)
         # the native kernels read the selected rows in place: gated, or plain without a bias
         act = native.activation_name(w.act) if w.gated or w.b_in is None else None
-        self._native_act = act if act is not None and native.usable(self._in) else None
-        self._fused = self._fusable()
+        c = self.config
+        self._plan = FFNDecodePlan(
+            rows, width, w.act, w.gated, self.proxy, self.keep_groups, self.candidate_groups, c.group_size,
+            c.aggregate, dtype, b_in=None if w.b_in is None else w.b_in.detach().to(dtype),
+            b_out=None if w.b_out is None else w.b_out.detach().to(dtype),
+            native_act=act if act is not None and native.usable(rows[:, :width]) else None,
+        )
 
-    def _fusable(self) -> bool:
-        """Single neurons, no oversampling: the whole step after the proxy is one native call."""
-        return self._native_act is not None and self.config.group_size == 1 \
-            and self.candidate_groups == self.keep_groups
+    def decode_plan(self) -> FFNDecodePlan:
+        """The decode plan ``prepare_decode`` built (the engine's native step, TP's shards and
+        ``decode`` all read it)."""
+        if self._plan is None:
+            raise RuntimeError("this HiReFFN has no decode plan yet: call prepare_decode(dtype) first "
+                               "(hire.Engine does it when it is built)")
+        return self._plan
 
     @property
     def keeps_all(self) -> bool:
@@ -170,45 +288,7 @@ class HiReFFN(nn.Module):
         """One token through the selected neurons only.  # x: (1, D) -> (1, D_out)"""
         if self.keeps_all:
             return self._dense_forward(x)
-        w = self.weights
-        if self._fused:
-            y = native.ffn_decode(self.proxy.decode_scores(x), x, self.decode_rows, self.keep_groups,
-                                  self._native_act, w.gated).view(1, -1).to(x.dtype)
-            return y if self._b_out is None else y + self._b_out
-        # estimates in float32, as the fused kernel makes them: both paths pick the same neurons
-        est = self._estimate_from_scores(self.proxy.decode_scores(x).float(), self._b_in)  # (1, I)
-        cand = self._rows(self._top_groups(est, self.candidate_groups))[0]  # (c,)
-        a, cand = self._keep_best(self.rows_activations(x, cand), cand)
-        return self.rows_output(a, cand, x.dtype)
-
-    def rows_activations(self, x: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-        """Exact activations of the neurons ``cand`` only (reads their input rows).  # x: (1, D), cand: (c,) -> (c,)"""
-        w = self.weights
-        if self._native_act is not None:
-            return native.rows_dot(x, self._in, cand, parts=2 if w.gated else 1, act=self._native_act)
-        # eager: float32 like the kernel, so that a machine without it decodes the same tokens
-        rows = self._in.index_select(0, cand).float().view(-1, x.shape[-1])  # (c*parts, D)
-        pre = F.linear(x.float(), rows)  # (1, c*parts)
-        if w.gated:
-            pre = pre.view(-1, 2)
-            return w.act(pre[:, 0]) * pre[:, 1]
-        return w.act(pre if self._b_in is None else pre + self._b_in.index_select(0, cand).float())[0]
-
-    def rows_output(self, a: torch.Tensor, cand: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Output from the neurons ``cand`` only (reads their output rows).  # a, cand: (c,) -> (1, D_out)"""
-        if self._native_act is not None:
-            y = native.rows_axpy(self._out, cand, a).view(1, -1).to(dtype)
-        else:  # eager, float32 like the kernel
-            y = native.reference_rows_axpy(self._out, cand, a).view(1, -1).to(dtype)
-        return y if self._b_out is None else y + self._b_out
-
-    def _keep_best(self, a: torch.Tensor, cand: torch.Tensor):
-        """With oversampling, keep the best groups by exact |activation|.  # a, cand: (c,) -> (kept,)"""
-        if self.candidate_groups == self.keep_groups:
-            return a, cand
-        g = group_scores(a.abs().unsqueeze(0), self.config.group_size, self.config.aggregate)
-        pos = self._rows(g.topk(self.keep_groups, dim=-1, sorted=False).indices)[0]
-        return a.index_select(0, pos), cand.index_select(0, pos)
+        return self.decode_plan().decode(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, T, D) or (N, D) -> same leading shape, D_out

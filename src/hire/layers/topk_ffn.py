@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from hire.arch import arch_spec, decoder_layers
-from hire.topk import count_for_density, expand_groups, group_scores, idx_to_mask
+from hire.topk import count_for_density, idx_to_mask, select_neurons
 
 
 def check_topk(neurons: int, density: float, group_size: int) -> None:
@@ -63,8 +63,8 @@ class TopKMLP(nn.Module):
         if self.keep_groups == groups:
             return torch.ones_like(a, dtype=torch.bool)
         flat = a.detach().reshape(-1, self.neurons).abs()
-        top = group_scores(flat, self.group_size, "sum").topk(self.keep_groups, dim=-1, sorted=False).indices
-        return idx_to_mask(expand_groups(top, self.group_size), self.neurons).view(a.shape)
+        keep = select_neurons(flat, self.keep_groups, self.group_size, "sum")  # HiReFFN's rule, on exact values
+        return idx_to_mask(keep, self.neurons).view(a.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.act_fn(self.gate_proj(x)) * self.up_proj(x)  # (..., I)

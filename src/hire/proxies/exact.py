@@ -14,6 +14,11 @@ class ExactProxy:
         self.weight = weight  # (n, D)
         self._weight: torch.Tensor | None = None  # in the decode dtype (prepare_decode)
 
+    @property
+    def decode_weight(self) -> torch.Tensor | None:
+        """W in the decode dtype, what decode_scores multiplies by (None before prepare_decode).  # (n, D)"""
+        return self._weight
+
     decode_kind = "dense"  # decode_scores is a 16-bit GEMV
 
     @classmethod

@@ -22,7 +22,7 @@ class QuantizedGEMV:
         self.matrix = matrix
         self.dtype = dtype
         n, width = matrix.shape
-        codes = matrix._codes(matrix.packed)[:, :width]
+        codes = matrix.codes(matrix.packed)[:, :width]
         self.kind = "dequantize"
         # torch 2.13's _weight_int8pack_mm reads past the row (NaN, garbage, even a segfault) unless
         # the width is a multiple of 16 (found with a low-rank proxy of rank 4-8; tests/test_proxies.py)

@@ -20,6 +20,11 @@ class QuantizedProxy:
         self._gemv: QuantizedGEMV | None = None  # the decode kernel (prepare_decode)
 
     @property
+    def decode_gemv(self) -> QuantizedGEMV | None:
+        """The kernel decode_scores runs, with its operands (None before prepare_decode)."""
+        return self._gemv
+
+    @property
     def decode_kind(self) -> str:
         """The kernel decode_scores runs ("int8pack", "int4pack", "dequantize"); "unprepared" before prepare_decode."""
         return self._gemv.kind if self._gemv is not None else "unprepared"

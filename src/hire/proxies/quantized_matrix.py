@@ -64,7 +64,8 @@ class QuantizedMatrix:
         return QuantizedMatrix(self.packed.index_select(0, rows).contiguous(),
                                self.scales.index_select(0, rows).contiguous(), self.bits, self.group_size, self.width)
 
-    def _codes(self, packed: torch.Tensor) -> torch.Tensor:
+    def codes(self, packed: torch.Tensor) -> torch.Tensor:
+        """Signed codes of packed rows (4-bit: two per byte, low nibble first).  # packed: (m, Dp/2|Dp) -> (m, Dp) int8"""
         if self.bits == 8:
             return packed
         low = (packed & 0x0F).to(torch.int8) - 8
@@ -75,7 +76,7 @@ class QuantizedMatrix:
         # rows: (m,) or None -> (m or n, D)
         packed = self.packed if rows is None else self.packed.index_select(0, rows)
         scales = self.scales if rows is None else self.scales.index_select(0, rows)
-        codes = self._codes(packed).to(dtype)  # (m, Dp)
+        codes = self.codes(packed).to(dtype)  # (m, Dp)
         m = codes.shape[0]
         w = codes.reshape(m, -1, self.group_size) * scales.to(dtype).unsqueeze(-1)
         return w.reshape(m, -1)[:, : self.width]
