@@ -132,15 +132,63 @@ struct DecodeModel : torch::CustomClassHolder {
       : scale(scale), eps(eps), k_cache(k_cache), v_cache(v_cache), cos(cos), sin(sin), final_norm(final_norm) {
     TORCH_CHECK(dims.size() == 4, "dims: (query heads, kv heads, head dim, hidden)");
     hq = dims[0], hkv = dims[1], hd = dims[2], dim = dims[3];
+    TORCH_CHECK(hq > 0, "query heads must be positive, got ", hq);
+    TORCH_CHECK(hkv > 0, "kv heads must be positive, got ", hkv);
+    TORCH_CHECK(hd > 0 && hd % 2 == 0, "the head dim must be even and positive (rotate-half RoPE), got ", hd);
+    TORCH_CHECK(dim > 0, "the hidden size must be positive, got ", dim);
     TORCH_CHECK(hq % hkv == 0, "query heads ", hq, " are not a multiple of kv heads ", hkv);
     TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                 k_cache.sizes() == v_cache.sizes() && k_cache.size(1) == hkv && k_cache.size(3) == hd,
-                "the caches must be contiguous (L, Hkv, S, hd)");
-    TORCH_CHECK(cos.size() == sin.size() && !cos.empty(), "one cos and one sin table per rotary type");
-    for (size_t i = 0; i < cos.size(); ++i)
-      TORCH_CHECK(cos[i].scalar_type() == torch::kFloat && cos[i].is_contiguous() && sin[i].is_contiguous() &&
-                  cos[i].size(1) == hd && cos[i].size(0) >= k_cache.size(2), "rotary tables: float32 (S, hd)");
+                "the caches must be contiguous (L, ", hkv, ", S, ", hd, "), got k ", k_cache.sizes(), " and v ",
+                v_cache.sizes());
+    check_cache_dtypes(k_cache, v_cache);
+    TORCH_CHECK(cos.size() == sin.size() && !cos.empty(), "one cos and one sin table per rotary type, got ",
+                cos.size(), " cos and ", sin.size(), " sin tables");
+    for (size_t i = 0; i < cos.size(); ++i) {
+      check_table(cos[i], "cos", i, k_cache.size(2));
+      check_table(sin[i], "sin", i, k_cache.size(2));
+    }
     check_vec(final_norm, dim, "final norm");
+  }
+
+  // a rotary table is read at row `pos` for every position the caches hold: float32 (>= S, hd)
+  void check_table(const Tensor& t, const char* what, size_t i, int64_t seq) const {
+    TORCH_CHECK(t.scalar_type() == torch::kFloat && t.dim() == 2 && t.is_contiguous() && t.size(0) >= seq &&
+                t.size(1) == hd, what, " table ", i, " must be float32, 2-D, contiguous and (", seq, "+, ", hd,
+                ") (a row per cache position); got dtype ", t.scalar_type(), ", shape ", t.sizes(), ", strides ",
+                t.strides());
+  }
+
+  static void check_cache_dtypes(const Tensor& k, const Tensor& v) {
+    const auto dt = k.scalar_type();
+    TORCH_CHECK(dt == torch::kFloat || dt == torch::kHalf || dt == torch::kBFloat16,
+                "the caches must be float32, float16 or bfloat16, got ", dt);
+    TORCH_CHECK(v.scalar_type() == dt, "the v cache must have the k cache's dtype ", dt, ", got ", v.scalar_type());
+  }
+
+  // the fewest positions any rotary table holds: every position a step reads must be below it
+  int64_t table_positions(int64_t* which) const {
+    int64_t n = cos[0].size(0);
+    *which = 0;
+    for (size_t i = 0; i < cos.size(); ++i)
+      if (std::min(cos[i].size(0), sin[i].size(0)) < n) n = std::min(cos[i].size(0), sin[i].size(0)), *which = i;
+    return n;
+  }
+
+  void check_position(int64_t pos, const char* op) const {
+    int64_t which = 0;
+    const int64_t n = table_positions(&which);
+    TORCH_CHECK(pos < n, op, ": position ", pos, " is past rotary table ", which, "'s ", n, " positions");
+  }
+
+  // a dense matrix the GEMV kernels read row by row from its data pointer: (rows, cols), unit column stride
+  static void check_matrix(const Tensor& t, int64_t rows, int64_t cols, const char* what) {
+    const auto dt = t.scalar_type();
+    TORCH_CHECK(dt == torch::kFloat || dt == torch::kHalf || dt == torch::kBFloat16, what,
+                " must be float32, float16 or bfloat16, got ", dt);
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols && t.stride(1) == 1 && t.stride(0) >= cols,
+                what, " must be (", rows, ", ", cols, ") with contiguous rows, got shape ", t.sizes(), " and strides ",
+                t.strides(), " (pass .contiguous())");
   }
 
   static void check_vec(const Tensor& t, int64_t n, const char* what) {
@@ -162,12 +210,8 @@ struct DecodeModel : torch::CustomClassHolder {
     L.proxy_kind = ints[5], L.proxy_group = ints[6];
     const int64_t nq = hq * hd, nkv = hkv * hd;
     L.qkv = opt(L.qkv), L.o = opt(L.o), L.ffn = opt(L.ffn);  // empty: quantized (set_quant)
-    if (L.qkv.defined())
-      TORCH_CHECK(L.qkv.dim() == 2 && L.qkv.size(0) == nq + 2 * nkv && L.qkv.size(1) == dim && L.qkv.stride(1) == 1,
-                  "qkv must be (", nq + 2 * nkv, ", ", dim, ")");
-    if (L.o.defined())
-      TORCH_CHECK(L.o.dim() == 2 && L.o.size(0) == dim && L.o.size(1) == nq && L.o.stride(1) == 1, "o must be (", dim,
-                  ", ", nq, ")");
+    if (L.qkv.defined()) check_matrix(L.qkv, nq + 2 * nkv, dim, "qkv");
+    if (L.o.defined()) check_matrix(L.o, dim, nq, "o");
     if (L.qkv_bias.defined()) check_vec(L.qkv_bias, nq + 2 * nkv, "qkv bias");
     check_vec(L.attn_norm, dim, "attention norm");
     check_vec(L.ffn_norm, dim, "FFN norm");
@@ -179,15 +223,16 @@ struct DecodeModel : torch::CustomClassHolder {
       check_vec(L.k_norm, hd, "k norm");
     }
     TORCH_CHECK(L.rope >= 0 && L.rope < (int64_t)cos.size(), "rotary table ", L.rope, " does not exist");
+    TORCH_CHECK(L.sliding >= 0, "the sliding window must be >= 0 positions (0: global attention), got ", L.sliding);
     TORCH_CHECK(L.parts == 1 || L.parts == 2, "parts must be 1 or 2");
     TORCH_CHECK(L.act >= 1 && L.act <= 4, "unknown activation ", L.act);
     if (!L.ffn.defined()) {  // a quantized dense FFN: its matrices come with set_quant
       layers.push_back(std::move(L));
       return;
     }
-    TORCH_CHECK(L.ffn.dim() == 2 && L.ffn.size(1) == (L.parts + 1) * dim && L.ffn.stride(1) == 1,
-                "FFN rows must be (I, ", (L.parts + 1) * dim, ")");
+    TORCH_CHECK(L.ffn.dim() == 2, "FFN rows must be (I, ", (L.parts + 1) * dim, "), got ", L.ffn.sizes());
     const int64_t neurons = L.ffn.size(0);
+    check_matrix(L.ffn, neurons, (L.parts + 1) * dim, "the FFN rows");
     TORCH_CHECK(L.keep >= 1 && L.keep <= neurons, "keep must be in [1, ", neurons, "]");
     if (L.keep < neurons) {
       TORCH_CHECK(L.proxy_kind == INT4PACK || L.proxy_kind == MATRIX || L.proxy_kind == INT4,
@@ -196,8 +241,8 @@ struct DecodeModel : torch::CustomClassHolder {
         hire_native::check_int4(L.proxy_a, L.proxy_b, L.proxy_group, dim);
         TORCH_CHECK(L.proxy_a.size(0) == L.parts * neurons, "the 4-bit proxy must have ", L.parts * neurons, " rows");
       } else if (L.proxy_kind == MATRIX) {
-        TORCH_CHECK(L.proxy_a.dim() == 2 && L.proxy_a.size(0) == L.parts * neurons && L.proxy_a.size(1) == dim,
-                    "the proxy matrix must be (", L.parts * neurons, ", ", dim, ")");
+        TORCH_CHECK(L.proxy_a.defined(), "the proxy matrix is missing");
+        check_matrix(L.proxy_a, L.parts * neurons, dim, "the proxy matrix");
       } else {
         TORCH_CHECK(L.proxy_a.defined() && L.proxy_b.defined() && L.proxy_group > 0, "int4pack proxy: packed, scales");
       }
@@ -270,6 +315,7 @@ struct DecodeModel : torch::CustomClassHolder {
     RECORD_FUNCTION("hire::decode_step", std::vector<c10::IValue>({h_in}));  // an operator to the profiler
     TORCH_CHECK(h_in.numel() == dim, "the hidden state has ", h_in.numel(), " values, expected ", dim);
     TORCH_CHECK(pos >= 0 && pos < k_cache.size(2), "position ", pos, " is outside the cache (", k_cache.size(2), ")");
+    check_position(pos, "step");
     TORCH_CHECK((int64_t)layers.size() == k_cache.size(0), "the model has ", layers.size(), " of ", k_cache.size(0),
                 " layers");
     check_complete();
@@ -448,8 +494,10 @@ struct DecodeModel : torch::CustomClassHolder {
     TORCH_CHECK(pos_in.numel() == batch && slots_in.numel() == batch, "step_batch: one position and one slot per row");
     TORCH_CHECK(k_slots.dim() == 5 && k_slots.is_contiguous() && v_slots.is_contiguous() &&
                 k_slots.sizes() == v_slots.sizes() && k_slots.size(1) == (int64_t)layers.size() &&
-                k_slots.size(2) == hkv && k_slots.size(4) == hd && k_slots.scalar_type() == v_slots.scalar_type(),
-                "step_batch: the caches must be contiguous (slots, ", layers.size(), ", ", hkv, ", S, ", hd, ")");
+                k_slots.size(2) == hkv && k_slots.size(4) == hd,
+                "step_batch: the caches must be contiguous (slots, ", layers.size(), ", ", hkv, ", S, ", hd, "), got k ",
+                k_slots.sizes(), " and v ", v_slots.sizes());
+    check_cache_dtypes(k_slots, v_slots);
     check_complete();
     auto pos_t = pos_in.to(torch::kLong).contiguous(), slot_t = slots_in.to(torch::kLong).contiguous();
     const int64_t* pos = pos_t.data_ptr<int64_t>();
@@ -457,8 +505,9 @@ struct DecodeModel : torch::CustomClassHolder {
     std::vector<Tensor> kc(batch), vc(batch);
     for (int64_t j = 0; j < batch; ++j) {
       TORCH_CHECK(slot[j] >= 0 && slot[j] < k_slots.size(0), "step_batch: slot ", slot[j], " is not in the caches");
-      TORCH_CHECK(pos[j] >= 0 && pos[j] < k_slots.size(3) && pos[j] < cos[0].size(0), "step_batch: position ", pos[j],
-                  " is outside the cache (", k_slots.size(3), ")");
+      TORCH_CHECK(pos[j] >= 0 && pos[j] < k_slots.size(3), "step_batch: position ", pos[j], " is outside the cache (",
+                  k_slots.size(3), ")");
+      check_position(pos[j], "step_batch");  // the slots' caches may be longer than the tables
       // a slot may hold several rows (a prompt's tokens): in increasing positions, each row writes its
       // keys and values before the later rows of its slot attend to them (causal, layer by layer)
       for (int64_t i = 0; i < j; ++i)

@@ -158,17 +158,31 @@ Tensor lowrank_block_topk(Tensor z, Tensor packed, Tensor scales, int64_t blocks
   // its rows, so the result is exact either way. (Streaming rows into per-block lists cost O(k' log)
   // insertions scattered over the blocks: Gemma's k' 16,384 took 2.4 ms; selecting over every row of
   // every block, 1.4 ms.)
+  //
+  // A NaN score (a NaN row scale or bias) comes after every real score, and NaNs among themselves in
+  // row order: NaN compares false with everything, which is no strict weak order, and std::sort or
+  // nth_element with such a comparator may read outside the range. NaNs never pass `> q`, so they
+  // are only ever chosen from a block with fewer than `per` real scores above q (all its rows).
   float q = -std::numeric_limits<float>::infinity();
   const double above = std::min(1.0, 2.0 * per / stripe_rows + 64.0 / v);
   if (above < 0.5) {
     const int64_t step = std::max<int64_t>(1, v / 8192);
     std::vector<float> sample;
-    for (int64_t i = 0; i < v; i += step) sample.push_back(score[i]);
-    const int64_t at = std::min<int64_t>(sample.size() - 1, static_cast<int64_t>(above * sample.size()));
-    std::nth_element(sample.begin(), sample.begin() + at, sample.end(), std::greater<float>());
-    q = sample[at];
+    for (int64_t i = 0; i < v; i += step)
+      if (!std::isnan(score[i])) sample.push_back(score[i]);
+    const int64_t at = std::min<int64_t>(static_cast<int64_t>(sample.size()) - 1,
+                                         static_cast<int64_t>(above * sample.size()));
+    if (at >= 0) {  // an all-NaN sample keeps q at -inf: every block is then selected from all its rows
+      std::nth_element(sample.begin(), sample.begin() + at, sample.end(), std::greater<float>());
+      q = sample[at];
+    }
   }
-  auto better = [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
+  auto better = [](const auto& a, const auto& b) {
+    const bool a_nan = std::isnan(a.first), b_nan = std::isnan(b.first);
+    if (a_nan != b_nan) return b_nan;  // a real score before a NaN
+    if (!a_nan && a.first != b.first) return a.first > b.first;
+    return a.second < b.second;  // equal scores (or both NaN): the lower row first
+  };
   at::parallel_for(0, blocks, 64, [&](int64_t b0, int64_t b1) {
     std::vector<std::vector<std::pair<float, int64_t>>> lists(b1 - b0);
     for (int64_t i = 0; i < stripe_rows; ++i) {  // row-major over the score buffer: each line read once

@@ -29,13 +29,12 @@ void rows_dot_impl(const T* wp, int64_t ld, const float* xp, const int64_t* ip, 
     for (int64_t j = b; j < e; ++j) {
       const T* row = wp + ip[j] * ld;
       const T* next = j + kAhead < e ? wp + ip[j + kAhead] * ld : nullptr;
-      const float v0 = dot(row, xp, d, next) * (sp ? sp[ip[j]] : 1.f);
-      const float v1 = parts == 2 ? dot(row + d, xp, d, next ? next + d : nullptr) : 0.f;
-      if (act == NONE) {
-        op[j * parts] = v0;
-        if (parts == 2) op[j * 2 + 1] = v1;
-      } else {
-        op[j] = parts == 2 ? activate(v0, act) * v1 : activate(v0, act);
+      const float s = sp ? sp[ip[j]] : 1.f;
+      if (act == NONE) {  // every part's product: the output is torch::empty, each value is written here
+        for (int64_t p = 0; p < parts; ++p) op[j * parts + p] = dot(row + p * d, xp, d, next ? next + p * d : nullptr) * s;
+      } else {  // parts is 1 or 2 (checked)
+        const float v0 = dot(row, xp, d, next) * s;
+        op[j] = parts == 2 ? activate(v0, act) * dot(row + d, xp, d, next ? next + d : nullptr) * s : activate(v0, act);
       }
     }
   });
@@ -118,8 +117,12 @@ torch::Tensor rows_dot(torch::Tensor x, torch::Tensor w, torch::Tensor idx, torc
   TORCH_CHECK(x.numel() == d, "x has ", x.numel(), " elements, W's rows have ", d, " per part");
   TORCH_CHECK(act == NONE || parts <= 2, "an activation needs 1 part (plain) or 2 parts (gated)");
   const bool scaled = scales.numel() > 0;
-  TORCH_CHECK(!scaled || (scales.numel() == w.size(0) && scales.scalar_type() == torch::kFloat),
-              "scales must be float32 with one value per row of W");
+  // the kernel reads scales[idx[j]] from the data pointer: one float per row of W, densely stored
+  TORCH_CHECK(!scaled || (scales.dim() == 1 && scales.size(0) == w.size(0) && scales.scalar_type() == torch::kFloat &&
+                          scales.is_contiguous() && scales.device().is_cpu()),
+              "scales must be a contiguous float32 (", w.size(0), ",) tensor, one value per row of W; got shape ",
+              scales.sizes(), ", dtype ", scales.scalar_type(), " and strides ", scales.strides(),
+              " (pass scales.float().contiguous())");
   TORCH_CHECK(scaled == (w.scalar_type() == torch::kChar), "int8 W needs per-row scales (and only int8 W)");
   auto xf = x.reshape({d}).to(torch::kFloat).contiguous();
   const int64_t out_parts = (act == NONE) ? parts : 1;
