@@ -48,6 +48,36 @@ def test_eval_table(model_dir, capsys):
                  "--head-candidates", "64"]) == 0
     out = capsys.readouterr().out
     assert "perplexity" in out and "recall@50" in out and "ideal decode speedup" in out
+    assert "FFN: HiRE, " in out and "density=" in out and "HiRE FFN" in out  # what ran
+
+
+def test_eval_on_gguf_codes_says_the_ffn_ran_dense(tmp_path, capsys):
+    """On GGUF codes the FFNs run dense (quantized_config): the table says so, and shows neither the
+    unused density nor a "HiRE FFN" perplexity that is the dense one (+0.00 %)."""
+    from test_quant import write_gguf
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path)
+    assert main(["eval", "--model", str(path), "--windows", "1", "--seq-len", "32", "--calib-windows", "1",
+                 "--head-proxy", "int8", "--head-candidates", "64", "--ffn-density", "0.65"]) == 0
+    out = capsys.readouterr().out
+    assert "FFN: dense (GGUF codes; the FFN density setting is not used on codes)" in out
+    assert "density=" not in out and "HiRE FFN" not in out and "+0.00" not in out
+    assert "FFN             dense: every neuron" in out
+
+
+def test_generate_help_lists_every_architecture_the_engine_runs(capsys):
+    from hire.arch import ARCHITECTURES, engine_architectures
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    engine = engine_architectures()
+    assert "qwen3" in engine  # one the hand-written list had left out
+    listed = help_text.split("decode engine (model types ", 1)[1].split(")", 1)[0]
+    assert listed.split(", ") == list(engine)
+    others = help_text.split("architectures HiRE knows (", 1)[1].split(")", 1)[0]
+    assert others.split(", ") == sorted(set(ARCHITECTURES) - set(engine))
 
 
 def test_generate_streams(model_dir, capsys):

@@ -70,25 +70,38 @@ def format_auto(auto: dict) -> str:
             f"recall {c['recall_at_1']:.4f} / {c['recall_at_k']:.4f}); tried {tried}")
 
 
+def ffn_description(r: dict) -> str:
+    """What the FFNs ran in a ``hire eval`` result: the HiRE settings, or why they ran dense (the
+    density in the config is not shown then: it was not used)."""
+    ffn = r["config"]["ffn"]
+    if ffn["enabled"]:
+        return f"HiRE, {ffn['proxy']} proxy, density={ffn['density']} group={ffn['group_size']}"
+    if r.get("weights") == "gguf":
+        return "dense (GGUF codes; the FFN density setting is not used on codes)"
+    return "dense (HiRE FFN off)"
+
+
 def format_eval(r: dict) -> str:
     c = r["config"]
     mb = 1 / 2**20
+    hire_ffn = c["ffn"]["enabled"]
     lines = [
         f"model {r['model']} ({r['architecture']}, {'GGUF codes' if r.get('weights') == 'gguf' else 'float32'}), "
         f"{r['positions']} positions of {r.get('text', 'held-out text')} "
         f"({r['windows']} windows x {r['seq_len']})",
         f"head: {c['head']['proxy'] if c['head']['enabled'] else 'dense'} k={c['head']['k']} "
-        f"k'={c['head']['candidates']}   ffn: {c['ffn']['proxy'] if c['ffn']['enabled'] else 'dense'} "
-        f"density={c['ffn']['density']} group={c['ffn']['group_size']}",
+        f"k'={c['head']['candidates']}   FFN: {ffn_description(r)}",
         "",
         *([f"reference: the model's own {r['reference']} (it was trained with it); 'dense' below means that"]
           if r.get("reference", "dense") != "dense" else []),
-        f"perplexity      dense {r['ppl_dense']:.3f}   HiRE FFN {r['ppl_hire']:.3f}   ({100 * r['ppl_increase']:+.2f}%)",
+        (f"perplexity      dense {r['ppl_dense']:.3f}   HiRE FFN {r['ppl_hire']:.3f}   ({100 * r['ppl_increase']:+.2f}%)"
+         if hire_ffn else f"perplexity      {r['ppl_dense']:.3f} (FFNs dense: only the head below differs from dense)"),
         f"greedy agreement, full HiRE vs dense: {fmt(r['greedy_agreement'])}",
         f"LM head         recall@1 {fmt(r['head_recall_at_1'])}   recall@{c['head']['k']} {fmt(r['head_recall_at_k'])}"
         f"   greedy agreement {fmt(r['head_greedy_agreement'])}"
         f"   bytes {fmt(r.get('head_bytes_fraction_16bit'), '.3f')} of the 16-bit head",
-        f"FFN             recall (mean over layers) {fmt(r['ffn_recall'])}",
+        f"FFN             recall (mean over layers) {fmt(r['ffn_recall'])}" if hire_ffn
+        else "FFN             dense: every neuron, no selection to measure",
         "",
         f"{'bytes/token':12s} {'dense MiB':>10s} {'HiRE MiB':>10s} {'fraction':>9s}",
     ]

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hire.arch import ARCHITECTURES, engine_architectures
 from hire.commands._args import DTYPES, add_model_args, build_config, integer, number
 from hire.generate import generate_text
 
 HELP = "stream text from the HiRE engine"
-DESCRIPTION = ("Generate with the HiRE decode engine (Llama, Mistral, Qwen2 and Gemma-3 layouts; other architectures "
-               "go through the patched model's generate()).")
+# from the one architecture table, so the help cannot fall behind what the engine runs
+DESCRIPTION = (f"Generate with the HiRE decode engine (model types {', '.join(engine_architectures())}); the other "
+               f"architectures HiRE knows ({', '.join(sorted(set(ARCHITECTURES) - set(engine_architectures())))}) go "
+               "through the patched model's generate().")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
