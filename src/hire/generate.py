@@ -12,13 +12,12 @@ from typing import Callable
 import torch
 
 from hire.arch import engine_supported
-from hire.calibrate.prepare import prepare_model
+from hire.calibrate.prepare import load_for_decode
 from hire.config import HiReConfig
 from hire.data import CALIBRATION_WINDOWS
 from hire.engine import Engine
-from hire.models.load import gguf_source
+from hire.models.detok import Detokenizer
 from hire.patch import sparsify_
-from hire.recommended import quantized_config
 
 
 def stop_token_ids(tokenizer, model) -> list[int]:
@@ -53,33 +52,30 @@ def generate_text(
     Returns what was generated and how fast: ``text``, ``new_tokens``, ``tokens_per_s``, ``seconds``,
     ``prefill_s`` (engine only) and ``backend`` ("engine" or "transformers"). ``quantized``: a GGUF
     model runs in its block codes (``quantized_config`` adapts ``config``), else dequantized."""
-    quantized = quantized and gguf_source(model_name) is not None
-    if quantized and config is not None:
-        config = quantized_config(config)
-    prepared = prepare_model(model_name, config, seq_len=seq_len, calib_windows=calib_windows, progress=progress,
-                             quantized=quantized)
+    prepared = load_for_decode(model_name, config, quantized=quantized, seq_len=seq_len, calib_windows=calib_windows,
+                               progress=progress)
     model, tokenizer, head_proxy, config = prepared.model, prepared.tokenizer, prepared.head_proxy, prepared.config
+    quantized = prepared.quantized
     ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
     if not engine_supported(model.config.model_type):
         return _generate_transformers(model, tokenizer, config, head_proxy, ids, max_new_tokens=max_new_tokens,
                                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, on_text=on_text)
     engine = Engine(model, config, head_proxy=head_proxy, dtype=getattr(torch, dtype),
                     max_seq_len=ids.numel() + max_new_tokens)
-    new_ids: list[int] = []
-    shown = ""
+    detok = Detokenizer(tokenizer)  # whole characters only: a token may carry part of one
 
     def stream(token: int) -> None:
-        # decode the whole continuation each time: a token may complete a character begun by the last
-        nonlocal shown
-        new_ids.append(token)
-        text = tokenizer.decode(new_ids, skip_special_tokens=True)
-        on_text(text[len(shown):])
-        shown = text
+        piece = detok.add(token)
+        if piece:
+            on_text(piece)
 
     stop = tuple(stop_token_ids(tokenizer, model))
     stats = engine.generate(ids, max_new_tokens, hire=config is not None, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed, stop_ids=stop, on_token=stream)
-    return {"backend": "engine", "weights": "GGUF codes" if quantized else dtype, "text": shown,
+    rest = detok.flush()
+    if rest:
+        on_text(rest)
+    return {"backend": "engine", "weights": "GGUF codes" if quantized else dtype, "text": detok.text,
             "new_tokens": stats.new_tokens, "tokens_per_s": stats.tokens_per_s, "prefill_s": stats.prefill_s,
             "seconds": stats.prefill_s + stats.decode_s}
 

@@ -18,7 +18,9 @@ from hire.config import HiReConfig
 from hire.data import CALIBRATION_WINDOWS, calibration_windows
 from hire.files import atomic_path
 from hire.models import load_model
+from hire.models.load import gguf_source
 from hire.paths import cache_dir
+from hire.recommended import quantized_config
 
 
 class Prepared(NamedTuple):
@@ -27,6 +29,7 @@ class Prepared(NamedTuple):
     head_proxy: object | None  # a LowRankProxy when the head config needs one, else None
     config: HiReConfig | None  # the config given, with an ``auto`` head resolved to what was chosen
     auto: dict | None = None  # hire.calibrate.auto.choose_head's report when the head was chosen
+    quantized: bool = False  # the model runs in its GGUF block codes (load_for_decode)
 
 
 def resolve_auto_head(model: nn.Module, config: HiReConfig, windows: torch.Tensor,
@@ -74,3 +77,18 @@ def prepare_model(model_name: str, config: HiReConfig | None, *, seq_len: int = 
         if needs_states(config.head):
             head_proxy = cached_head_proxy(model, config.head, calib, progress=progress)
     return Prepared(model, tokenizer, head_proxy, config, auto)
+
+
+def load_for_decode(model_name: str, config: HiReConfig | None, *, quantized: bool = True, seq_len: int = 512,
+                    calib_windows: int = CALIBRATION_WINDOWS, progress: bool = True) -> Prepared:
+    """What ``hire bench``, ``eval``, ``generate`` and ``serve`` start with: ``prepare_model`` with a
+    GGUF model (a built-in name or a .gguf path) in its block codes when ``quantized``, ``config``
+    then adapted by ``quantized_config`` (the HiRE head only, its exact rows read in the codes);
+    otherwise, and for a Hugging Face directory, the float model and ``config`` as given.
+    ``Prepared.quantized`` says which ran; ``Prepared.config`` is the config to decode with."""
+    quantized = quantized and gguf_source(model_name) is not None
+    if quantized and config is not None:
+        config = quantized_config(config)
+    prepared = prepare_model(model_name, config, seq_len=seq_len, calib_windows=calib_windows, progress=progress,
+                             quantized=quantized)
+    return Prepared(prepared.model, prepared.tokenizer, prepared.head_proxy, prepared.config, prepared.auto, quantized)

@@ -19,13 +19,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hire.arch import head_module
-from hire.calibrate.prepare import prepare_model
+from hire.calibrate.prepare import load_for_decode
 from hire.config import HiReConfig
 from hire.data import CALIBRATION_WINDOWS, UNSEEN_DOMAINS, load_corpus, load_domains, read_text, token_windows
 from hire.eval.bytes import bytes_per_token
-from hire.models.load import gguf_source
 from hire.patch import hire_layers, set_mode, sparsify_, unsparsify_
-from hire.recommended import quantized_config
 from hire.topk import recall_at_k
 
 
@@ -168,12 +166,10 @@ def evaluate_model(model_name: str, config: HiReConfig, *, windows: int = 8, seq
     the texts. An ``auto`` head is chosen on calibration text first (``prepare_model``); the result's
     ``config`` is the one measured and ``auto`` the choice's report."""
     sources = {str(p): read_text(p) for p in texts or []}  # read (and refused) before the model loads
-    quantized = quantized and gguf_source(model_name) is not None
-    if quantized:
-        config = quantized_config(config)
-    prepared = prepare_model(model_name, config, seq_len=seq_len, calib_windows=calib_windows, progress=progress,
-                             quantized=quantized)
+    prepared = load_for_decode(model_name, config, quantized=quantized, seq_len=seq_len, calib_windows=calib_windows,
+                               progress=progress)
     model, tokenizer, head_proxy, config = prepared.model, prepared.tokenizer, prepared.head_proxy, prepared.config
+    quantized = prepared.quantized
     if domains:
         sources.update(load_domains(tokenizer)["held_out"])
     if not sources:

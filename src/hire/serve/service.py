@@ -7,15 +7,13 @@ import threading
 
 import torch
 
-from hire.calibrate.prepare import prepare_model
+from hire.calibrate.prepare import load_for_decode
 from hire.config import HiReConfig
 from hire.data import CALIBRATION_WINDOWS
 from hire.engine import BatchDecoder, Engine
 from hire.arch import engine_supported
 from hire.errors import ConfigError, HireError
 from hire.generate import stop_token_ids
-from hire.models.load import gguf_source
-from hire.recommended import quantized_config
 from hire.serve.app import Service, create_app
 from hire.serve.scheduler import Scheduler
 
@@ -32,12 +30,9 @@ def load_service(model_name: str, config: HiReConfig | None, *, slots: int = 8, 
     ``context`` tokens each; a GGUF model runs in its block codes unless ``quantized`` is False.
     ``dense_above``: the share of the head's rows past which a batch's union of candidates is read
     as the whole head; ``dense_batch``: the batch size from which the head is dense (None: never)."""
-    quantized = quantized and gguf_source(model_name) is not None
-    if quantized and config is not None:
-        config = quantized_config(config)
-    prepared = prepare_model(model_name, config, seq_len=seq_len, calib_windows=calib_windows, progress=progress,
-                             quantized=quantized)
-    model, tokenizer = prepared.model, prepared.tokenizer
+    prepared = load_for_decode(model_name, config, quantized=quantized, seq_len=seq_len, calib_windows=calib_windows,
+                               progress=progress)
+    model, tokenizer, quantized = prepared.model, prepared.tokenizer, prepared.quantized
     if not engine_supported(model.config.model_type):
         raise UnsupportedForServing(
             f"hire serve runs the decode engine, which does not run {model.config.model_type!r} models "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from hire.data import chat_text
+from hire.models.detok import Detokenizer
 
 
 class TextStream:
@@ -14,10 +15,9 @@ class TextStream:
     The first stop string in the text ends it there (it is not part of the text)."""
 
     def __init__(self, tokenizer, stops: list[str]):
-        self.tokenizer = tokenizer
+        self.detok = Detokenizer(tokenizer)  # whole characters only (hire.models.detok)
         self.stops = [s for s in stops if s]
         self.hold = max((len(s) for s in self.stops), default=1) - 1  # characters a stop may still be completing
-        self.ids: list[int] = []
         self.sent = 0  # characters given out
         self.text = ""
         self.stopped = False
@@ -25,11 +25,9 @@ class TextStream:
     def add(self, token: int) -> str:
         """The new piece of text after ``token`` ("" while it holds a piece back). Once a stop
         string appears, ``stopped`` is set and the text ends before it."""
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # a character that the next token completes
+        if not self.detok.add(token):  # no new text: half a character, or a special token
             return ""
-        self.text = text
+        self.text = text = self.detok.text
         cut = min((i for i in (text.find(s) for s in self.stops) if i != -1), default=-1)
         if cut != -1:
             self.stopped = True
@@ -38,7 +36,11 @@ class TextStream:
 
     def flush(self) -> str:
         """What was held back, once no more tokens come (not after a stop string)."""
-        return "" if self.stopped else self._upto(len(self.text))
+        if self.stopped:
+            return ""
+        self.detok.flush()  # an unfinished character at the end, as U+FFFD
+        self.text = self.detok.text
+        return self._upto(len(self.text))
 
     def _upto(self, end: int) -> str:
         piece = self.text[self.sent : end]
