@@ -21,7 +21,7 @@ from torch import nn
 
 from hire import native
 from hire.bench.llama_cpp import LlamaBenchRound, find_tools
-from hire.calibrate.prepare import prepare_model
+from hire.calibrate.prepare import load_for_decode
 from hire.config import HiReConfig
 from hire.data import CALIBRATION_WINDOWS
 from hire.engine import Engine
@@ -29,7 +29,6 @@ from hire.eval.bytes import bytes_per_token
 from hire.files import refuse_overwrite
 from hire.models.load import gguf_source
 from hire.quant import quantized_matrices
-from hire.recommended import quantized_config
 from hire.plots import plot_bench
 
 
@@ -319,12 +318,10 @@ def bench_model(
         tools = find_tools(llama_bench)
         anchor = LlamaBenchRound(tools, gguf, threads=torch.get_num_threads(), n_prompt=prefill_tokens, n_gen=tokens,
                                  repetitions=llama_cpp_repetitions)
-    quantized = quantized and gguf is not None
-    if quantized:
-        config = quantized_config(config)
-    prepared = prepare_model(model_name, config, seq_len=seq_len, calib_windows=calib_windows, progress=progress,
-                             quantized=quantized)
+    prepared = load_for_decode(model_name, config, quantized=quantized, seq_len=seq_len, calib_windows=calib_windows,
+                               progress=progress)
     model, tokenizer, head_proxy, config = prepared.model, prepared.tokenizer, prepared.head_proxy, prepared.config
+    quantized = prepared.quantized
     ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
     if vs_transformers:  # before the engine casts and patches the model
         extra["tokens_per_s_transformers"] = transformers_tokens_per_s(model, ids, tokens)
