@@ -9,7 +9,7 @@ from, in order:
 3. a build made once into that cache from the llama.cpp source that the llama-cpp-python sdist of
    ``LLAMA_CPP_PYTHON_VERSION`` vendors (``pip download`` of the sdist, then cmake with
    ``GGML_NATIVE=ON``: this machine's SIMD, as a user who builds llama.cpp gets). Only the two
-   targets are built (~15 min on 2 cores); the build happens in a temporary folder that is renamed
+   targets are built (3.5 min on 2 idle cores); the build happens in a temporary folder that is renamed
    into place only when complete.
 
 llama.cpp is an optional anchor for benchmarks, never a dependency of the library or its tests.
@@ -193,7 +193,7 @@ def build_llama_cpp(version: str = LLAMA_CPP_PYTHON_VERSION, *, jobs: int = BUIL
         _run_step("cmake configure", [cmake, "-S", str(source), "-B", str(build_dir), *generator, *cmake_options()], log,
                   "Check the compiler works (a C and a C++ compiler are needed) and cmake is >= 3.14.")
         _say(progress, f"llama.cpp: compiling {' and '.join(TARGETS)} with {jobs} jobs "
-                       f"(10-20 min on 2 cores; log {log}) ...")
+                       f"(3.5 min on 2 idle cores, 11 on busy ones; log {log}) ...")
         _run_step("cmake build", [cmake, "--build", str(build_dir), "--config", "Release", "--target", *TARGETS,
                                   "-j", str(jobs)], log, "See the log for the compiler error.")
         stage = work / "install"
