@@ -1,7 +1,7 @@
 import json
 import os
-import statistics
 import stat
+import statistics
 
 import pytest
 import torch
@@ -11,6 +11,7 @@ from hire.bench.llama_cpp import (
     ENV_VAR,
     LlamaBenchRound,
     LlamaCppError,
+    cache_location,
     find_tools,
     llama_bench_command,
     parse_llama_bench,
@@ -163,6 +164,21 @@ def test_a_missing_llama_bench_names_where_it_looked_and_the_fix(tmp_path, monke
     monkeypatch.setenv("HIRE_CACHE", str(tmp_path / "cache"))  # no build there, and none is made
     with pytest.raises(LlamaCppError, match=r"no llama-bench in .*cache/llama\.cpp/.*python -m hire\.bench\.llama_cpp"):
         find_tools(build=False)
+
+
+def test_the_cached_build_is_found_with_its_build_record(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setenv("HIRE_CACHE", str(tmp_path / "cache"))
+    home = cache_location()
+    (home / "bin").mkdir(parents=True)
+    bench = _script(home / "bin" / "llama-bench", "exit 0\n")
+    (home / "build.json").write_text(json.dumps({"commit": "abc", "simd": ["AVX2"]}))
+    tools = find_tools(build=False)
+    assert tools.bench == bench and tools.quantize is None and tools.build == {"commit": "abc", "simd": ["AVX2"]}
+    quantize = _script(home / "bin" / "llama-quantize", "exit 0\n")
+    assert find_tools(build=False).quantize == quantize
+    explicit = _fake_llama_bench(tmp_path)  # a given path wins over the cache
+    assert find_tools(explicit, build=False).bench == explicit
 
 
 def test_bench_cli_json(model_dir, capsys, tmp_path):  # noqa: F811
