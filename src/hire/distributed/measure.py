@@ -10,7 +10,7 @@ import statistics
 
 import torch
 
-from hire.calibrate.prepare import prepare_model
+from hire.calibrate.prepare import load_for_decode
 from hire.data import CALIBRATION_WINDOWS, load_corpus, token_windows
 from hire.distributed.comm import launch, launched_by_torchrun, main_rank_first, tp_group
 from hire.distributed.tp import MODES, TPEngine
@@ -219,7 +219,9 @@ def run_tp(
         comm.check_same("command line", " ".join(argv))
         quiet = not progress or not comm.is_main
         with main_rank_first(comm, max(timeout, 3600)):
-            prepared = prepare_model(model_name, config, seq_len=seq_len, calib_windows=calib_windows, progress=not quiet)
+            # float weights: tensor parallel splits 16-bit matrices, not GGUF block codes
+            prepared = load_for_decode(model_name, config, quantized=False, seq_len=seq_len, calib_windows=calib_windows,
+                                       progress=not quiet)
             model, tokenizer, head_proxy, config = prepared.model, prepared.tokenizer, prepared.head_proxy, prepared.config
         torch_dtype = getattr(torch, dtype)
         if command == "bench":
