@@ -28,7 +28,8 @@ def fit_head_proxy(model: nn.Module, cfg: HeadConfig, states: torch.Tensor) -> L
 
 def fit_and_train(model: nn.Module, cfg: HeadConfig, states: torch.Tensor, progress: bool = True):
     """The activation-aware fit, then ``cfg.train_steps`` of recall training when asked, then the
-    rows' optimism bias (``cfg.optimism``, LowRankProxy.with_optimism) for the final factors.
+    rows' optimism bias (``cfg.optimism``, LowRankProxy.with_optimism) for the final factors, which
+    also keeps each row's error spread (exact sampling's tail bound, hire.engine.sampling).
     Returns the proxy and the training log (None without training)."""
     proxy, log = fit_head_proxy(model, cfg, states), None
     if cfg.train_steps:
@@ -80,6 +81,11 @@ def load_head_proxy(path: str | Path, expect: dict | None = None) -> LowRankProx
     for key, value in (expect or {}).items():
         if meta.get(key, META_DEFAULTS.get(key)) != value:
             raise ValueError(f"head proxy file {path} was fitted for {key}={meta.get(key)!r}, not {value!r}; refit it")
+    optimism = meta.get("optimism", META_DEFAULTS["optimism"])
+    if proxy.spread is None and proxy.bias is not None and optimism:
+        # written before the spread was kept: its bias is optimism x spread (LowRankProxy.with_optimism),
+        # to float16 rounding, which a margin of several spreads absorbs
+        proxy = proxy.with_spread(proxy.bias.float() / optimism)
     return proxy
 
 

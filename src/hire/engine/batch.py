@@ -18,11 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.nn import functional as F
 
-from hire import native
 from hire.engine.engine import Engine
-from hire.quant.tensor import QTensor
+from hire.layers.head import exact_logits
 
 
 @dataclass
@@ -151,23 +149,21 @@ class BatchDecoder:
         if union.numel() > self.dense_above * self.vocab_size:
             s.head_dense += 1
             return self._rows(hidden, None), None
-        logits = self._rows(hidden, union)
-        if head.base_layer.bias is not None:
-            logits = logits + head.base_layer.bias[union].float()
-        return logits, union.expand(hidden.shape[0], -1)
+        return self._rows(hidden, union), union.expand(hidden.shape[0], -1)
+
+    def tail(self, hidden: torch.Tensor, logits: torch.Tensor, idx: torch.Tensor | None):
+        """One row's TailBound past its candidates ``idx`` (the union), for temperature and top-p
+        sampling (``Engine.tail``; None for a dense step or with the engine's ``sample_tail`` off).
+        # hidden: (1, D), logits/idx: (1, m)"""
+        return self.engine.tail(hidden, logits, idx)
+
+    @property
+    def sampling_stats(self):
+        """The engine's SamplingStats: what the tail-corrected sampler did (hire.engine.sampling)."""
+        return self.engine.sampling_stats
 
     def _rows(self, hidden: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        """float32 logits of the head rows ``rows`` (None: all), each head row read once for the batch
-        where it is quantized.  # hidden: (B, D), rows: (m,) -> (B, m)"""
-        w = self.engine.head_weight
-        if isinstance(w, QTensor):
-            if native.available():
-                return native.qgemv_batch(hidden, w, rows)
-            full = w.matmul(hidden)  # (B, V) eager: dequantized blocks
-            return full if rows is None else full[:, rows]
-        if native.usable(w):
-            if rows is None:
-                return torch.stack([native.gemv(hidden[j : j + 1], w) for j in range(hidden.shape[0])])
-            return torch.stack([native.rows_dot(hidden[j : j + 1], w, rows) for j in range(hidden.shape[0])])
-        picked = w if rows is None else w.index_select(0, rows)
-        return F.linear(hidden.float(), picked.float())
+        """float32 logits of the head rows ``rows`` (None: all), bias included (the one exact head,
+        hire.layers.head.exact_logits), each head row read once for the batch where it is quantized.
+        # hidden: (B, D), rows: (m,) -> (B, m)"""
+        return exact_logits(hidden, self.engine.head_weight, rows, self.engine.head_bias)

@@ -16,8 +16,9 @@ from hire import native
 from hire.arch import EngineSpec, arch_spec, decoder_layers, engine_spec
 from hire.config import HiReConfig
 from hire.engine.plan import LayerPlan, NotFusable, layer_plans, native_steps
-from hire.engine.sampling import sample
+from hire.engine.sampling import SamplingStats, needs_tail, sample
 from hire.layers import HiReFFN
+from hire.layers.head import TailBound, exact_logits
 from hire.proxies import LowRankProxy
 from hire.patch import hire_layers, sparsify_
 from hire.quant.tensor import QLinear, QTensor, fuse_rows
@@ -127,6 +128,11 @@ class Engine:
         head = model.get_output_embeddings()
         # a GGUF-quantized head stays in its codes (head_weight is then its QTensor)
         self.head_weight = _weight(head.base_layer if self.head is not None else head)
+        self.head_bias = (head.base_layer if self.head is not None else head).bias  # (V,) or None
+        # temperature / top-p sampling past the head's candidates (hire.engine.sampling); False: among
+        # the candidates only (the law before exact sampling, kept for comparison)
+        self.sample_tail = True
+        self.sampling_stats = SamplingStats()
         self._build_rope(model.get_submodule(spec.rotary))
         layer_norms = [spec.pre_attention_norm, spec.post_attention_norm, spec.pre_ffn_norm, spec.post_ffn_norm]
         self.layers = []
@@ -325,13 +331,8 @@ class Engine:
         t = time.perf_counter() if self._timing is not None else 0.0
         if hire and self.head is not None:
             out = self.head.decode(hidden)
-        elif isinstance(self.head_weight, QTensor):
-            out = self.head_weight.linear(hidden).view(hidden.shape[0], -1), None
-        elif self.native_steps is not None and hidden.shape[0] == 1:
-            # float32 logits: an argmax over float16 is several times slower on CPU (1.2 ms for Gemma's 262k)
-            out = native.gemv(hidden, self.head_weight).view(1, -1), None
-        else:
-            out = F.linear(hidden, self.head_weight), None
+        else:  # float32 logits (also: an argmax over float16 is several times slower on CPU, 1.2 ms for Gemma's 262k)
+            out = exact_logits(hidden, self.head_weight, None, self.head_bias), None
         if self._timing is not None:
             self._clock("head", t)
         return out
@@ -339,7 +340,7 @@ class Engine:
     @torch.no_grad()
     def log_prob(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """log p(target) under the exact logits over the whole vocabulary.  # hidden: (1, D), target: (1,) -> (1,)"""
-        logits = _linear(hidden, self.head_weight).float()  # (1, V)
+        logits = exact_logits(hidden, self.head_weight, None, self.head_bias)  # (1, V)
         return logits.gather(-1, target.view(1, 1))[:, 0] - logits.logsumexp(-1)
 
     def kernel_report(self) -> dict:
@@ -358,6 +359,22 @@ class Engine:
         report["rows"] = "native" if native.available() else f"eager gather ({native.unavailable_reason()})"
         report["step"] = "native" if self.native_steps is not None else f"eager ({self.native_reason})"
         return report
+
+    def tail(self, hidden: torch.Tensor, logits: torch.Tensor, idx: torch.Tensor | None) -> TailBound | None:
+        """What the sampler needs past the candidates ``idx`` of ``logits`` (hire.engine.sampling), or
+        None where there are none (a dense step) or ``sample_tail`` is off.
+        # hidden: (1, D), logits/idx: (1, m)"""
+        if idx is None or self.head is None or not self.sample_tail:
+            return None
+        return self.head.tail(hidden, logits, idx)
+
+    def next_token(self, hidden: torch.Tensor, hire: bool, temperature: float, top_k: int | None,
+                   top_p: float | None, gen: torch.Generator | None) -> torch.Tensor:
+        """The next token from the final hidden state: greedy or top-k over the candidates, temperature
+        and top-p past them (exact where the tail bound holds).  # hidden: (1, D) -> (1,)"""
+        logits, idx = self.logits(hidden, hire)
+        tail = self.tail(hidden, logits, idx) if needs_tail(idx, temperature, top_k) else None
+        return sample(logits, idx, temperature, top_k, top_p, gen, tail, self.sampling_stats)
 
     # --- generation ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -406,7 +423,7 @@ class Engine:
         stats = GenerationStats(prompt_tokens=prompt.numel())
         t0 = time.perf_counter()
         hidden = self.prefill(prompt)
-        token = sample(*self.logits(hidden, hire), temperature, top_k, top_p, gen)
+        token = self.next_token(hidden, hire, temperature, top_k, top_p, gen)
         t1 = time.perf_counter()
         stats.prefill_s = t1 - t0
         tokens = [token]
@@ -419,7 +436,7 @@ class Engine:
                 if tid in stop_ids:
                     break
             hidden = self.forward(token, pos, hire=hire)
-            token = sample(*self.logits(hidden, hire), temperature, top_k, top_p, gen)
+            token = self.next_token(hidden, hire, temperature, top_k, top_p, gen)
             tokens.append(token)
             pos += 1
         stats.decode_s = time.perf_counter() - t1

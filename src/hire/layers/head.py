@@ -1,17 +1,72 @@
-"""HiReLMHead: exact logits for the proxy's candidate rows, -inf for the rest."""
+"""HiReLMHead: exact logits for the proxy's candidate rows, -inf for the rest; ``exact_logits``, the
+one exact head every path computes its logits with; ``TailBound``, what exact sampling needs
+past the candidates (hire.engine.sampling, docs/sampling.md)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from hire import native
 from hire.config import HeadConfig
 from hire.proxies import Cascade
-from hire.quant.tensor import QLinear
+from hire.quant.tensor import QLinear, QTensor
 from hire.topk import rescore, scatter_scores, select_topk
 
 MODES = ("decode", "always", "dense")  # see HiReLMHead and HiReFFN
+
+# A tail row's logit bound is its first-pass proxy score plus TAIL_MARGIN times the row's proxy-error
+# spread over the calibration states (LowRankProxy.spread). Chosen on held-out text
+# (benchmarks/sampling.py, docs/sampling.md): a bound a row exceeds makes sampling inexact for that row,
+# a wide one makes rejection sampling draw (and reject) more tail rows.
+TAIL_MARGIN = 8.0
+
+
+def exact_logits(h: torch.Tensor, weight: torch.Tensor | QTensor, rows: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The exact head, the one function every path computes logits with (HiRE's candidates, the dense
+    head, a batch's union, a sampled tail row): float32, the head's bias added on every path.
+    ``weight`` is the head in its decode form: a 16-bit tensor or a GGUF QTensor (read in its codes).
+    # h: (B, D), rows: (m,) or None (every row) -> float32 (B, m) or (B, V)"""
+    batch = h.shape[0]
+    if isinstance(weight, QTensor):
+        if native.available() and weight.layout == "rows":  # each row's codes read once for the B tokens
+            out = native.qgemv(h, weight, rows).view(1, -1) if batch == 1 else native.qgemv_batch(h, weight, rows)
+        else:  # eager: the dequantized blocks (every row: the codes are read block by block)
+            out = weight.matmul(h) if rows is None else weight.matmul(h)[:, rows]
+    elif native.usable(weight):  # float32 accumulation, rows split across threads
+        if rows is None:
+            out = torch.stack([native.gemv(h[j : j + 1], weight) for j in range(batch)])
+        else:
+            out = torch.stack([native.rows_dot(h[j : j + 1], weight, rows) for j in range(batch)])
+    else:  # eager, float32 like the kernels, so that a machine without them picks the same tokens
+        picked = weight if rows is None else weight.index_select(0, rows)
+        out = F.linear(h.float(), picked.float())
+    if bias is not None:
+        out = out + (bias if rows is None else bias.index_select(0, rows)).float()
+    return out
+
+
+class TailBound:
+    """One token's view past its candidates, for sampling (hire.engine.sampling): an upper bound
+    on every vocabulary row's logit, and the exact logits of any rows on demand."""
+
+    def __init__(self, bound: torch.Tensor, h: torch.Tensor, weight: torch.Tensor | QTensor,
+                 bias: torch.Tensor | None):
+        self.bound = bound  # (1, V) float32: first-pass score + margin (the sampler ignores the candidates')
+        self.h, self.weight, self.bias = h, weight, bias
+        self._dense: torch.Tensor | None = None
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Exact logits of ``rows``.  # rows: (m,) -> float32 (m,)"""
+        return exact_logits(self.h, self.weight, rows, self.bias)[0]
+
+    def dense(self) -> torch.Tensor:
+        """Exact logits of every row, computed once.  # -> float32 (1, V)"""
+        if self._dense is None:
+            self._dense = exact_logits(self.h, self.weight, None, self.bias)
+        return self._dense
 
 
 class HiReLMHead(nn.Module):
@@ -19,8 +74,12 @@ class HiReLMHead(nn.Module):
 
     When one position's logits are asked for (decoding, and transformers' ``generate`` which
     slices the last position), the candidate rows chosen by ``selector`` get exact logits and
-    every other row -inf: greedy, top-k and top-p sampling are then exact whenever the candidates
-    contain the tokens they would pick. Several positions at once (prefill, perplexity) stay
+    every other row -inf: greedy and top-k sampling are then exact whenever the candidates contain
+    the tokens they would pick. Temperature and top-p sampling need the rest of the vocabulary too:
+    the engine's sampler draws past the candidates with ``tail`` (rejection sampling against the
+    proxy's bound, exact wherever the bound holds: docs/sampling.md); the patched model's
+    ``forward`` (transformers' ``generate``) has no such sampler and samples among the candidates
+    only. Several positions at once (prefill, perplexity) stay
     dense: a normalised softmax needs every logit. ``mode="always"`` applies HiRE to every
     position (for measuring), ``mode="dense"`` never.
     """
@@ -33,7 +92,7 @@ class HiReLMHead(nn.Module):
         self.mode = "decode"
         self._weight: torch.Tensor | None = None  # the decode layout (prepare_decode)
         self._q = base_layer.q if isinstance(base_layer, QLinear) else None  # a GGUF-quantized head: its codes
-        self._native = False
+        self.tail_margin = TAIL_MARGIN  # the tail bound's margin in proxy-error spreads (tail)
 
     @property
     def weight(self) -> torch.Tensor:  # transformers reads the head's weight (tying, resizing)
@@ -66,25 +125,41 @@ class HiReLMHead(nn.Module):
     def prepare_decode(self, dtype: torch.dtype) -> None:
         """Fix the decode-time form: proxies on fused kernels, the head weight in ``dtype``."""
         self.selector.prepare_decode(dtype)
-        if self._q is not None:  # candidates' rows are read in the head's own block format
-            self._native = native.available()
+        if self._q is not None:  # candidates' rows are read in the head's own block format (exact_logits)
             return
         self._weight = self.base_layer.weight.detach().to(dtype).contiguous()
-        self._native = native.usable(self._weight)
+
+    @property
+    def decode_weight(self) -> torch.Tensor | QTensor:
+        """The head as decoding reads it: the GGUF codes of a quantized head, else the 16-bit decode
+        layout (prepare_decode)."""
+        if self._q is not None:
+            return self._q
+        if self._weight is None:
+            raise RuntimeError("the head has no decode layout yet: call prepare_decode(dtype) first")
+        return self._weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
 
     def decode(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact logits of the candidates for one token.  # h: (1, D) -> logits: (1, k'), idx: (1, k')"""
+        """Exact float32 logits of the candidates for one token (``exact_logits``: only their rows are
+        read, in place).  # h: (1, D) -> logits: (1, k'), idx: (1, k')"""
         idx = self.selector.decode_select(h)
-        if self._q is not None:  # the candidates' quantized rows, in place (eager: their dequantized rows)
-            logits = (native.qgemv(h, self._q, idx[0]) if self._native else self._q.matmul(h)[0, idx[0]]).view(1, -1)
-            logits = logits.to(h.dtype)
-        elif self._native:  # only the candidates' rows are read, in place
-            logits = native.rows_dot(h, self._weight, idx[0]).view(1, -1).to(self._weight.dtype)
-        else:  # eager, float32 like the kernel, so that a machine without it picks the same tokens
-            logits = native.reference_rows_dot(h, self._weight, idx[0]).view(1, -1).to(self._weight.dtype)
-        if self.base_layer.bias is not None:
-            logits = logits + self.base_layer.bias[idx]
-        return logits, idx
+        return exact_logits(h, self.decode_weight, idx[0], self.bias), idx
+
+    def exact_rows(self, h: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """Exact float32 logits of ``rows`` (None: all).  # h: (B, D), rows: (m,) -> (B, m)"""
+        return exact_logits(h, self.decode_weight, rows, self.bias)
+
+    def tail(self, h: torch.Tensor, logits: torch.Tensor, idx: torch.Tensor) -> TailBound:
+        """What sampling needs past this token's candidates ``idx`` (exact ``logits``): every row's
+        bound, the first-pass score plus ``tail_margin`` proxy-error spreads (Cascade.decode_bound).
+        Costs a second first pass over the proxy (its fused kernel keeps only the selection).
+        # h: (1, D), logits/idx: (1, m) -> TailBound over (1, V)"""
+        bound = self.selector.decode_bound(h, self.tail_margin, logits, idx)
+        return TailBound(bound, h, self.decode_weight, self.bias)
 
     def nbytes(self) -> int:
         """Bytes read per token: the proxies plus the k' exact rows (16 bits, or the head's GGUF codes)."""

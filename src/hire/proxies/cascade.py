@@ -75,6 +75,20 @@ class Cascade:
             idx = idx.gather(-1, sub.topk(count, dim=-1, sorted=False).indices)
         return idx
 
+    def decode_bound(self, x: torch.Tensor, margin: float, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """An upper bound on every row's exact logit, for sampling past the candidates ``idx`` (exact
+        ``logits``): the first pass's score plus ``margin`` of the row's error spread where the
+        proxy knows it (LowRankProxy.spread); else plus ``margin`` times the root-mean-square error of
+        this token's candidates, one spread for every row (a quantized first pass, a low-rank one
+        fitted without optimism). Scores every row again: the fused first pass keeps only its picks.
+        # x: (1, D), logits/idx: (1, m) -> float32 (1, n)"""
+        first = self.proxies[0]
+        if isinstance(first, LowRankProxy) and first.spread is not None:
+            return first.decode_bound(x, margin)
+        scores = first.decode_scores(x).float()  # (1, n)
+        error = logits.float() - scores.gather(-1, idx)  # (1, m)
+        return scores + margin * error.square().mean().sqrt()
+
     def head_nbytes(self) -> int:
         """Bytes a HiRE head using this selector reads per token: the proxies plus the final
         candidates' exact rows in 16 bits."""

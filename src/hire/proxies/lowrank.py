@@ -10,6 +10,8 @@ sigma_i = sqrt(r_i Sigma r_i^T) over calibration inputs (r_i the row's residual)
 to row i's score gives the rows the proxy knows least the benefit of the doubt, as an upper
 confidence bound does: on SmolLM2, C source never seen in calibration, recall@50 at k' 3,584
 0.987 -> 0.991 (c = 4, chosen on held-back calibration windows; benchmarks/head_optimism.py).
+The spread itself is kept (``spread``): exact sampling bounds a tail row's logit by its score plus
+a margin of spreads (``decode_bound``, hire.engine.sampling).
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ class LowRankProxy:
 
     kind = "lowrank"
 
-    def __init__(self, u: torch.Tensor | QuantizedMatrix, v: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, u: torch.Tensor | QuantizedMatrix, v: torch.Tensor, bias: torch.Tensor | None = None,
+                 spread: torch.Tensor | None = None):
         self.u = u  # (n, r): a float tensor, or an 8-bit QuantizedMatrix
         self.v = v  # (r, D)
         self.bias = bias  # (n,) float16 added to each row's score (with_optimism), or None
-        if bias is not None and (bias.shape != (u.shape[0],) or bias.dtype != torch.float16):
-            raise ValueError(f"the proxy's row bias must be ({u.shape[0]},) float16, got {tuple(bias.shape)} {bias.dtype}")
+        self.spread = spread  # (n,) float32: each row's proxy-error std over the calibration states, or None
+        for name, t, dtype in (("row bias", bias, torch.float16), ("row spread", spread, torch.float32)):
+            if t is not None and (t.shape != (u.shape[0],) or t.dtype != dtype):
+                raise ValueError(f"the proxy's {name} must be ({u.shape[0]},) {dtype}, got {tuple(t.shape)} {t.dtype}")
         self.packed: torch.Tensor | None = None  # U for native.lowrank_block_topk (prepare_decode), when it applies
         self._v: torch.Tensor | None = None  # the decode layout (prepare_decode)
         self._u: QuantizedGEMV | torch.Tensor | None = None
@@ -96,7 +101,8 @@ class LowRankProxy:
     def take_rows(self, rows: torch.Tensor) -> "LowRankProxy":
         """This proxy restricted to ``rows``: U's rows, the shared V.  # rows: (m,)"""
         u = self.u.take_rows(rows) if isinstance(self.u, QuantizedMatrix) else self.u.index_select(0, rows).contiguous()
-        return LowRankProxy(u, self.v, None if self.bias is None else self.bias.index_select(0, rows).contiguous())
+        bias, spread = (None if t is None else t.index_select(0, rows).contiguous() for t in (self.bias, self.spread))
+        return LowRankProxy(u, self.v, bias, spread)
 
     def dense_u(self) -> torch.Tensor:
         """U in float32.  # -> (n, r)"""
@@ -104,11 +110,10 @@ class LowRankProxy:
 
     def with_optimism(self, weight: torch.Tensor, states: torch.Tensor, c: float) -> "LowRankProxy":
         """This proxy with ``c`` times each row's error spread over ``states`` added to its score
-        (see the module docstring); c = 0 drops the bias.  # weight: (n, D), states: (N, D)"""
+        (see the module docstring); c = 0 drops the bias. The spread is kept either way (``spread``).
+        # weight: (n, D), states: (N, D)"""
         if c < 0:
             raise ValueError(f"optimism must be >= 0, got {c}")
-        if c == 0:
-            return LowRankProxy(self.u, self.v)
         s = states.detach().double()
         sigma = s.t() @ s / s.shape[0]  # (D, D)
         spread = torch.empty(weight.shape[0], dtype=torch.float64)
@@ -117,7 +122,12 @@ class LowRankProxy:
             u = self._u_rows(torch.arange(start, min(start + 16384, weight.shape[0])), torch.float64)
             r = weight[start : start + 16384].double() - u @ v
             spread[start : start + r.shape[0]] = ((r @ sigma) * r).sum(-1).clamp_min(0).sqrt()
-        return LowRankProxy(self.u, self.v, (c * spread).to(torch.float16))
+        return LowRankProxy(self.u, self.v, (c * spread).to(torch.float16) if c else None, spread.float())
+
+    def with_spread(self, spread: torch.Tensor) -> "LowRankProxy":
+        """This proxy with its rows' error spread known (a proxy saved before the spread was kept:
+        its optimism bias divided by its optimism).  # spread: (n,)"""
+        return LowRankProxy(self.u, self.v, self.bias, spread.float().contiguous())
 
     def _u_rows(self, rows: torch.Tensor | None, dtype) -> torch.Tensor:
         if isinstance(self.u, QuantizedMatrix):
@@ -151,11 +161,20 @@ class LowRankProxy:
         z = torch.nn.functional.linear(x.to(self._v.dtype), self._v)  # (1, r)
         return native.lowrank_block_topk(z, self.packed, self._u.row_scales, blocks, k // blocks, self.bias).view(1, -1)
 
-    def decode_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """# x: (1, D) -> (1, n)"""
+    def decode_scores(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """``bias=False``: U (V x) alone, without the optimism bias.  # x: (1, D) -> (1, n)"""
         z = torch.nn.functional.linear(x.to(self._v.dtype), self._v)  # (1, r)
         out = self._u(z) if callable(self._u) else torch.nn.functional.linear(z, self._u)
-        return out if self.bias is None else out + self.bias.to(out.dtype)
+        return out if self.bias is None or not bias else out + self.bias.to(out.dtype)
+
+    def decode_bound(self, x: torch.Tensor, margin: float) -> torch.Tensor:
+        """Each row's score plus ``margin`` error spreads: an upper bound on its exact logit wherever
+        the proxy's error stays within that many spreads (the optimism bias, c spreads, is replaced,
+        not added to). Needs ``spread``.  # x: (1, D) -> float32 (1, n)"""
+        if self.spread is None:
+            raise ValueError("this low-rank proxy has no row spreads: refit it with optimism "
+                             "(LowRankProxy.with_optimism) or use Cascade.decode_bound's fallback")
+        return self.decode_scores(x, bias=False).float() + margin * self.spread
 
     def nbytes(self, rows: int | None = None) -> int:
         n = self.u.shape[0] if rows is None else rows
@@ -166,6 +185,8 @@ class LowRankProxy:
         out = {prefix + "v": self.v}
         if self.bias is not None:
             out[prefix + "bias"] = self.bias
+        if self.spread is not None:
+            out[prefix + "spread"] = self.spread
         if isinstance(self.u, QuantizedMatrix):
             out.update(self.u.state_dict(prefix + "u."))
         else:
@@ -175,4 +196,4 @@ class LowRankProxy:
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor], prefix: str = "") -> "LowRankProxy":
         u = state[prefix + "u"] if prefix + "u" in state else QuantizedMatrix.from_state(state, prefix + "u.")
-        return cls(u, state[prefix + "v"], state.get(prefix + "bias"))
+        return cls(u, state[prefix + "v"], state.get(prefix + "bias"), state.get(prefix + "spread"))

@@ -1,9 +1,14 @@
-"""The decode loop of the server: continuous batching over a ``BatchDecoder``, on its own thread.
+"""The decode loop of the server: continuous batching over a ``BatchDecoder``. ``hire serve`` runs
+it in the main thread (``Scheduler.run``; uvicorn serves HTTP from a second one, hire.serve.service);
+``Scheduler.start`` runs it on a thread of its own instead (tests, an app run in process).
 
 Requests join the running batch between steps (their prompt is prefilled densely into a free KV
 cache slot, which stalls the batch for that prefill) and leave it when they stop, reach their
 length, or are cancelled (a client that went away); their slot is then free for the next one.
-Each request gets its tokens through its ``emit`` callback, called on the decode thread.
+Each request gets its tokens through its ``emit`` callback, called on the thread running the loop.
+Each sequence samples with its own settings and generator; temperature and top-p draws account for
+the rows outside the head's candidates (the batch's union) as ``Engine.generate`` does
+(hire.engine.sampling; counts in ``BatchDecoder.sampling_stats``).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Callable
 import torch
 
 from hire.engine.batch import BatchDecoder
-from hire.engine.sampling import sample
+from hire.engine.sampling import needs_tail, sample
 
 
 class SchedulerStopped(RuntimeError):
@@ -127,7 +132,7 @@ class Scheduler:
         with self._cond:
             return {"active": len(self.active), "waiting": len(self.pending), "slots": self.decoder.slots}
 
-    # --- the decode thread -------------------------------------------------------------------
+    # --- the loop's thread (the main one under ``hire serve``) ----------------------------------
     def run(self) -> None:
         """The decode loop, until ``stop`` (or a failure, kept in ``error``)."""
         with self._cond:
@@ -197,8 +202,11 @@ class Scheduler:
         logits, idx = self.decoder.logits(hidden, self.hire)
         for j, seq in enumerate(batch):
             s = seq.sampling
-            token = int(sample(logits[j : j + 1], None if idx is None else idx[j : j + 1], s.temperature, s.top_k,
-                               s.top_p, seq.generator))
+            row_logits, row_idx = logits[j : j + 1], None if idx is None else idx[j : j + 1]
+            tail = (self.decoder.tail(hidden[j : j + 1], row_logits, row_idx)
+                    if needs_tail(row_idx, s.temperature, s.top_k) else None)
+            token = int(sample(row_logits, row_idx, s.temperature, s.top_k, s.top_p, seq.generator, tail,
+                               self.decoder.sampling_stats))
             seq.tokens.append(token)
             if token in seq.stop_ids:
                 self._finish(seq, "stop")
