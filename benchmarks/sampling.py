@@ -5,8 +5,9 @@ Speed: tokens/s of ``Engine.generate`` with HiRE, greedy against temperature 1 a
 top-p over the candidates only, the law before), interleaved rounds, medians.
 Law: on held-out text (hire.data.load_domains' held-out side, teacher-forced, dense hidden states),
 at every position the total variation distance between dense sampling's law and
-- temperature 1: the sampler's law (proportional to exp(l) on the candidates, min(exp(l), exp(a)) on
-  the tail: computed exactly from the dense logits and the bound) and the candidates-only law;
+- temperature 1: rejection sampling's law (proportional to exp(l) on the candidates, min(exp(l), exp(a))
+  on the tail: computed exactly from the dense logits and the bound), the sampler's (that, or the dense
+  head's where the tail's share passes TAIL_DENSE_SHARE) and the candidates-only law;
 - top-p 0.9: the nucleus the sampler settles (``top_p_nucleus``; the dense head where it falls back)
   and the candidates-only nucleus;
 with the tail's share of the proposal, the rows whose bound fails and their mass.
@@ -26,6 +27,7 @@ import torch
 from hire.calibrate.prepare import prepare_model
 from hire.data import domain_windows, load_domains
 from hire.engine import Engine
+from hire.engine import sampling
 from hire.engine.sampling import SamplingStats, top_p_nucleus
 from hire.models.load import gguf_source
 from hire.recommended import quantized_config, recommended_config
@@ -57,7 +59,7 @@ def law_report(engine: Engine, windows: torch.Tensor, top_p: float, seed: int = 
     """The laws at every position of ``windows`` (dense hidden states: the head's and sampler's effect alone)."""
     gen = torch.Generator().manual_seed(seed)
     stats = SamplingStats()
-    rows = {k: [] for k in ("tv_t1", "tv_t1_candidates", "tv_top_p", "tv_top_p_candidates", "tail_share",
+    rows = {k: [] for k in ("tv_t1", "tv_t1_sampler", "tv_t1_candidates", "tv_top_p", "tv_top_p_candidates", "tail_share",
                             "true_tail_mass", "violating_rows", "violating_mass")}
     for window in windows:
         hidden = engine.forward(window[:1], 0, hire=False)
@@ -71,7 +73,9 @@ def law_report(engine: Engine, windows: torch.Tensor, top_p: float, seed: int = 
             p = dense.softmax(-1)
             # temperature 1: the sampler's law from the exact logits and the bound
             law = torch.where(is_tail, torch.minimum(dense, bound), dense).softmax(-1)
-            rows["tv_t1"].append(_tv(law, p))
+            rows["tv_t1"].append(_tv(law, p))  # rejection sampling's law
+            share = float(torch.stack([dense[~is_tail].logsumexp(0), bound[is_tail].logsumexp(0)]).softmax(0)[1])
+            rows["tv_t1_sampler"].append(0.0 if share > sampling.TAIL_DENSE_SHARE else rows["tv_t1"][-1])
             rows["tv_t1_candidates"].append(_tv(_restricted(dense, idx[0]), p))
             rows["true_tail_mass"].append(float(p[is_tail].sum()))
             masses = torch.stack([dense[~is_tail].logsumexp(0), bound[is_tail].logsumexp(0)])
