@@ -14,7 +14,8 @@ needs a trained model, and those figures are not measured on this file. The file
   (hire.bench.llama_cpp finds or builds it), into the hire cache (not git).
 
     .venv/bin/python benchmarks/synthetic_gguf.py            # -> <hire cache>/gguf/synthetic-qwen2.5-1.5b-Q4_K_M.gguf
-    .venv/bin/hire bench --model <that path> --llama-cpp --head-rank 256 --head-candidates 1024 ...
+    .venv/bin/hire bench --model <that path> --llama-cpp --head-proxy lowrank --head-rank 128 --head-candidates 2048 \
+        --head-train-steps 0 --calib-windows 4      # docs/llama-cpp.md
 """
 
 from __future__ import annotations
