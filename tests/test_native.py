@@ -240,7 +240,8 @@ def test_head_decode_native_equals_eager(dtype):
     head.prepare_decode(dtype)
     h = torch.randn(1, model.config.hidden_size).to(dtype)
     logits, idx = head.decode(h)
-    head._native = False
+    assert head.native_rows
+    head.native_rows = False  # as a head prepared without the kernels
     want, want_idx = head.decode(h)
     assert torch.equal(idx, want_idx)
     torch.testing.assert_close(logits, want, **LAYER_TOL[dtype])
@@ -287,8 +288,8 @@ def test_engine_float16_decodes_the_same_tokens_with_and_without_the_kernels(arc
     with native.disabled():  # layers prepared here take the eager path for good
         eager = Engine(make(arch, seed=3), cfg, head_proxy=lowrank, max_seq_len=64)
     assert fast.dtype == eager.dtype == torch.float16
-    assert fast.head._native and all(f.decode_plan().native_act for f in fast.ffns)
-    assert not eager.head._native and not any(f.decode_plan().native_act for f in eager.ffns)
+    assert fast.head.native_rows and all(f.decode_plan().native_act for f in fast.ffns)
+    assert not eager.head.native_rows and not any(f.decode_plan().native_act for f in eager.ffns)
     prompt = torch.tensor([5, 17, 42, 99, 3, 250, 7, 11])
     tokens, logits = _decode_trace(fast, prompt, 20)
     eager_tokens, eager_logits = _decode_trace(eager, prompt, 20, feed=tokens)

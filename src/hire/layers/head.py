@@ -24,18 +24,22 @@ TAIL_MARGIN = 8.0
 
 
 def exact_logits(h: torch.Tensor, weight: torch.Tensor | QTensor, rows: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None) -> torch.Tensor:
+                 bias: torch.Tensor | None = None, use_native: bool | None = None) -> torch.Tensor:
     """The exact head, the one function every path computes logits with (HiRE's candidates, the dense
     head, a batch's union, a sampled tail row): float32, the head's bias added on every path.
     ``weight`` is the head in its decode form: a 16-bit tensor or a GGUF QTensor (read in its codes).
+    ``use_native``: the kernels or the eager path, as the caller decided when it was prepared (a layer
+    prepared inside ``native.disabled()`` stays eager); None decides now.
     # h: (B, D), rows: (m,) or None (every row) -> float32 (B, m) or (B, V)"""
     batch = h.shape[0]
+    if use_native is None:
+        use_native = native_rows_for(weight)
     if isinstance(weight, QTensor):
-        if native.available() and weight.layout == "rows":  # each row's codes read once for the B tokens
+        if use_native:  # each row's codes read once for the B tokens
             out = native.qgemv(h, weight, rows).view(1, -1) if batch == 1 else native.qgemv_batch(h, weight, rows)
         else:  # eager: the dequantized blocks (every row: the codes are read block by block)
             out = weight.matmul(h) if rows is None else weight.matmul(h)[:, rows]
-    elif native.usable(weight):  # float32 accumulation, rows split across threads
+    elif use_native:  # float32 accumulation, rows split across threads
         if rows is None:
             out = torch.stack([native.gemv(h[j : j + 1], weight) for j in range(batch)])
         else:
@@ -48,24 +52,31 @@ def exact_logits(h: torch.Tensor, weight: torch.Tensor | QTensor, rows: torch.Te
     return out
 
 
+def native_rows_for(weight: torch.Tensor | QTensor) -> bool:
+    """Whether ``exact_logits`` can read ``weight`` with the native kernels (built, and a layout they take)."""
+    if isinstance(weight, QTensor):
+        return native.available() and weight.layout == "rows"
+    return native.usable(weight)
+
+
 class TailBound:
     """One token's view past its candidates, for sampling (hire.engine.sampling): an upper bound
     on every vocabulary row's logit, and the exact logits of any rows on demand."""
 
     def __init__(self, bound: torch.Tensor, h: torch.Tensor, weight: torch.Tensor | QTensor,
-                 bias: torch.Tensor | None):
+                 bias: torch.Tensor | None, use_native: bool | None = None):
         self.bound = bound  # (1, V) float32: first-pass score + margin (the sampler ignores the candidates')
-        self.h, self.weight, self.bias = h, weight, bias
+        self.h, self.weight, self.bias, self.use_native = h, weight, bias, use_native
         self._dense: torch.Tensor | None = None
 
     def rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Exact logits of ``rows``.  # rows: (m,) -> float32 (m,)"""
-        return exact_logits(self.h, self.weight, rows, self.bias)[0]
+        return exact_logits(self.h, self.weight, rows, self.bias, self.use_native)[0]
 
     def dense(self) -> torch.Tensor:
         """Exact logits of every row, computed once.  # -> float32 (1, V)"""
         if self._dense is None:
-            self._dense = exact_logits(self.h, self.weight, None, self.bias)
+            self._dense = exact_logits(self.h, self.weight, None, self.bias, self.use_native)
         return self._dense
 
 
@@ -93,6 +104,7 @@ class HiReLMHead(nn.Module):
         self._weight: torch.Tensor | None = None  # the decode layout (prepare_decode)
         self._q = base_layer.q if isinstance(base_layer, QLinear) else None  # a GGUF-quantized head: its codes
         self.tail_margin = TAIL_MARGIN  # the tail bound's margin in proxy-error spreads (tail)
+        self.native_rows = False  # exact rows on the native kernels (decided by prepare_decode)
 
     @property
     def weight(self) -> torch.Tensor:  # transformers reads the head's weight (tying, resizing)
@@ -125,9 +137,9 @@ class HiReLMHead(nn.Module):
     def prepare_decode(self, dtype: torch.dtype) -> None:
         """Fix the decode-time form: proxies on fused kernels, the head weight in ``dtype``."""
         self.selector.prepare_decode(dtype)
-        if self._q is not None:  # candidates' rows are read in the head's own block format (exact_logits)
-            return
-        self._weight = self.base_layer.weight.detach().to(dtype).contiguous()
+        if self._q is None:  # else the candidates' rows are read in the head's own block format (exact_logits)
+            self._weight = self.base_layer.weight.detach().to(dtype).contiguous()
+        self.native_rows = native_rows_for(self.decode_weight)
 
     @property
     def decode_weight(self) -> torch.Tensor | QTensor:
@@ -147,11 +159,11 @@ class HiReLMHead(nn.Module):
         """Exact float32 logits of the candidates for one token (``exact_logits``: only their rows are
         read, in place).  # h: (1, D) -> logits: (1, k'), idx: (1, k')"""
         idx = self.selector.decode_select(h)
-        return exact_logits(h, self.decode_weight, idx[0], self.bias), idx
+        return exact_logits(h, self.decode_weight, idx[0], self.bias, self.native_rows), idx
 
     def exact_rows(self, h: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         """Exact float32 logits of ``rows`` (None: all).  # h: (B, D), rows: (m,) -> (B, m)"""
-        return exact_logits(h, self.decode_weight, rows, self.bias)
+        return exact_logits(h, self.decode_weight, rows, self.bias, self.native_rows)
 
     def tail(self, h: torch.Tensor, logits: torch.Tensor, idx: torch.Tensor) -> TailBound:
         """What sampling needs past this token's candidates ``idx`` (exact ``logits``): every row's
@@ -159,7 +171,7 @@ class HiReLMHead(nn.Module):
         Costs a second first pass over the proxy (its fused kernel keeps only the selection).
         # h: (1, D), logits/idx: (1, m) -> TailBound over (1, V)"""
         bound = self.selector.decode_bound(h, self.tail_margin, logits, idx)
-        return TailBound(bound, h, self.decode_weight, self.bias)
+        return TailBound(bound, h, self.decode_weight, self.bias, self.native_rows)
 
     def nbytes(self) -> int:
         """Bytes read per token: the proxies plus the k' exact rows (16 bits, or the head's GGUF codes)."""
