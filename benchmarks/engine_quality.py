@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args()
     config = recommended_config(args.model)
-    model, tokenizer, head_proxy = prepare_model(args.model, config, seq_len=512, calib_windows=16, progress=False)
+    model, tokenizer, head_proxy = prepare_model(args.model, config, seq_len=512, calib_windows=16, progress=False)[:3]
     windows = token_windows(tokenizer, load_corpus().text("evaluation"), args.seq_len, args.windows)
     engine = Engine(model, config, head_proxy=head_proxy, max_seq_len=args.seq_len + 1)
     if engine.native_steps is None:

@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args()
     config = recommended_config(args.model)
-    model, tokenizer, head_proxy = prepare_model(args.model, config, seq_len=512, calib_windows=16, progress=False)
+    model, tokenizer, head_proxy = prepare_model(args.model, config, seq_len=512, calib_windows=16, progress=False)[:3]
     sparsify_(model, config, head_proxy=head_proxy)
     ffns = hire_layers(model)[1]
     inputs: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(ffns))}
