@@ -1,8 +1,9 @@
 """Exact sampling with HiRE's head (hire.engine.sampling, docs/sampling.md): what it costs and how far
 its law is from dense sampling.
 
-Speed: tokens/s of ``Engine.generate`` with HiRE, greedy against temperature 1 and top-p 0.9 (and
-top-p over the candidates only, the law before), interleaved rounds, medians.
+Speed: tokens/s of ``Engine.generate`` with HiRE, greedy against temperature 1 and top-p 0.9 (with
+``DensePolicy`` and probing HiRE on every step, the sampler before it; and over the candidates only, the
+law before), and the dense head's, interleaved rounds, medians, and per-round ratios' medians.
 Law: on held-out text (hire.data.load_domains' held-out side, teacher-forced, dense hidden states),
 at every position the total variation distance between dense sampling's law and
 - temperature 1: rejection sampling's law (proportional to exp(l) on the candidates, min(exp(l), exp(a))
@@ -106,9 +107,14 @@ def law_report(engine: Engine, windows: torch.Tensor, top_p: float, seed: int = 
 
 
 def speed_report(engine: Engine, ids: torch.Tensor, tokens: int, rounds: int) -> dict:
-    """decode tokens/s, HiRE: greedy, temperature 1, top-p 0.9, top-p 0.9 candidates only; dense greedy."""
-    modes = {"dense_greedy": dict(hire=False), "greedy": dict(hire=True), "t1": dict(hire=True, temperature=1.0),
+    """decode tokens/s, HiRE: greedy, temperature 1, top-p 0.9 (with DensePolicy, and probing HiRE on every
+    step: the sampler before it), top-p 0.9 candidates only; dense greedy, dense temperature 1 and top-p 0.9."""
+    modes = {"dense_greedy": dict(hire=False), "dense_t1": dict(hire=False, temperature=1.0),
+             "dense_top_p_0.9": dict(hire=False, temperature=1.0, top_p=0.9),
+             "greedy": dict(hire=True), "t1": dict(hire=True, temperature=1.0),
              "top_p_0.9": dict(hire=True, temperature=1.0, top_p=0.9),
+             "t1_probe_every_step": dict(hire=True, temperature=1.0, probe_every=1),
+             "top_p_0.9_probe_every_step": dict(hire=True, temperature=1.0, top_p=0.9, probe_every=1),
              "t1_candidates_only": dict(hire=True, temperature=1.0, tail=False),
              "top_p_0.9_candidates_only": dict(hire=True, temperature=1.0, top_p=0.9, tail=False)}
     speeds = {m: [] for m in modes}
@@ -117,14 +123,19 @@ def speed_report(engine: Engine, ids: torch.Tensor, tokens: int, rounds: int) ->
         for name, kw in modes.items():
             kw = dict(kw)
             engine.sample_tail = kw.pop("tail", True)
+            engine.probe_every = kw.pop("probe_every", sampling.PROBE_EVERY)
             engine.sampling_stats = SamplingStats()
             out = engine.generate(ids, tokens, seed=r, **kw)
             if r:
                 speeds[name].append(out.tokens_per_s)
                 if engine.sampling_stats.steps:
                     stats.setdefault(name, []).append(engine.sampling_stats.summary())
-    engine.sample_tail = True
+    engine.sample_tail, engine.probe_every = True, sampling.PROBE_EVERY
     report = {f"tokens_per_s_{m}": statistics.median(v) for m, v in speeds.items()}
+    # the same round's modes side by side (the machine may be shared: ratios of one round's runs hold better)
+    for a, b in (("t1", "t1_probe_every_step"), ("top_p_0.9", "top_p_0.9_probe_every_step"),
+                 ("t1", "dense_t1"), ("top_p_0.9", "dense_top_p_0.9"), ("t1", "dense_greedy")):
+        report[f"ratio_{a}_over_{b}"] = statistics.median(x / y for x, y in zip(speeds[a], speeds[b]))
     for name, runs in stats.items():
         report[f"stats_{name}"] = {k: statistics.mean(r[k] for r in runs) for k in runs[0]}
     return report

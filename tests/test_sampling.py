@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hire.config import FFNConfig, HeadConfig, HiReConfig
 from hire.engine import BatchDecoder, Engine
 from hire.engine import sampling
-from hire.engine.sampling import SamplingStats, needs_tail, sample
+from hire.engine.sampling import DensePolicy, SamplingStats, needs_tail, sample
 from hire.layers.head import exact_logits
 from hire.proxies import LowRankProxy
 from tiny_models import VOCAB, WIDTH, make
@@ -154,7 +154,8 @@ def test_greedy_and_top_k_never_build_a_tail():
     engine.generate(PROMPT, 4, temperature=1.0, top_k=5)
     assert engine.sampling_stats.steps == 0
     engine.generate(PROMPT, 4, temperature=1.0)
-    assert engine.sampling_stats.steps == 4
+    stats = engine.sampling_stats  # a loose bound: the first step probes, DensePolicy skips the rest
+    assert stats.steps + stats.skipped == 4 and stats.steps == 1
 
 
 class _Tail:
@@ -279,7 +280,8 @@ def test_the_scheduler_samples_past_the_candidates():
     finally:
         scheduler.stop()
     assert events[-1][:2] == ("end", "length")
-    assert decoder.sampling_stats.steps == 6
+    stats = decoder.sampling_stats  # a loose bound: the first step probes and falls back, the next 5 skip HiRE
+    assert stats.steps + stats.skipped == 6 and (stats.steps, stats.dense) == (1, 1), stats.summary()
 
 
 @pytest.mark.parametrize("native_kernels", [True, False])
@@ -323,3 +325,85 @@ def test_proxy_spread_round_trips_and_old_files_recover_it(tmp_path):
     assert proxy.take_rows(torch.tensor([5, 2])).spread.tolist() == proxy.spread[[5, 2]].tolist()
     with pytest.raises(ValueError, match="row spread"):
         LowRankProxy(proxy.u, proxy.v, None, torch.ones(3))
+
+
+# --- DensePolicy: the dense head where HiRE keeps falling back -------------------------------------
+
+
+@pytest.mark.parametrize("top_p", [None, 0.9])
+@pytest.mark.parametrize("loose", [True, False])
+def test_draws_with_the_dense_policy_match_dense_sampling(top_p, loose, monkeypatch):
+    """Drawn as generate draws (next_token with a policy), the law is dense sampling's: with a loose
+    bound most draws skip HiRE (dense head), with rejection forced every draw probes it."""
+    if not loose:
+        monkeypatch.setattr(sampling, "TAIL_DENSE_SHARE", 1.0)
+    engine = _engine()
+    hidden = engine.prefill(PROMPT)
+    probs = _nucleus_probs(engine.logits(hidden, hire=False)[0][0], top_p)
+    gen, policy, counts = torch.Generator().manual_seed(4), DensePolicy(3), torch.zeros(VOCAB)
+    draws = DRAWS if top_p is None else DRAWS // 2
+    for _ in range(draws):
+        counts[int(engine.next_token(hidden, True, 1.0, None, top_p, gen, policy))] += 1
+    stats = engine.sampling_stats
+    stat, quantile = _chi_square(counts, probs)
+    assert stat < quantile, (stat, quantile, stats.summary())
+    assert stats.steps + stats.skipped == draws and stats.violations == 0
+    if loose:  # every probe fell back (top-p: grew the nucleus over most rows): 1 probe, 2 skipped steps
+        assert stats.steps == -(-draws // 3) and stats.skipped == draws - stats.steps
+    elif top_p is None:  # rejection sampling: nothing fell back to the head; few skipped steps (after the
+        # rare draw whose rejections read more than half the rows)
+        assert stats.fallbacks == 0 and stats.skipped < draws // 100 and stats.tail_tokens > draws // 2
+
+
+@pytest.mark.parametrize("top_p", [None, 0.9])
+def test_a_loose_run_goes_dense_after_its_first_step(top_p):
+    engine = _engine()  # tail share ~0.99: every probe falls back to the whole head
+    engine.generate(PROMPT, 17, temperature=1.0, top_p=top_p)
+    stats = engine.sampling_stats
+    assert (stats.steps, stats.skipped) == (3, 14), stats.summary()  # probes at 0, 8, 16, each falling back
+    engine.sampling_stats, engine.probe_every = SamplingStats(), 1  # the policy off: every step probes
+    engine.generate(PROMPT, 17, temperature=1.0, top_p=top_p)
+    assert (engine.sampling_stats.steps, engine.sampling_stats.skipped) == (17, 0)
+
+
+def test_a_run_whose_candidates_hold_the_mass_stays_on_hire():
+    engine = _engine(candidates=64, rank=WIDTH, head_scale=6.0)  # an exact proxy, a peaked head
+    engine.generate(PROMPT, 17, temperature=1.0)
+    stats = engine.sampling_stats
+    assert (stats.steps, stats.skipped, stats.fallbacks) == (17, 0, 0), stats.summary()
+    assert stats.tail_share / stats.steps < sampling.TAIL_DENSE_SHARE
+
+
+def test_greedy_and_top_k_do_no_extra_work_under_the_policy(monkeypatch):
+    import hire.engine.engine as engine_module
+
+    engine = _engine()
+    runs = {}
+    for probe_every in (1, 8):
+        engine.probe_every = probe_every
+        runs[probe_every] = [engine.generate(PROMPT, 12).token_ids,
+                             engine.generate(PROMPT, 12, temperature=1.0, top_k=5, seed=2).token_ids]
+    assert runs[1] == runs[8]
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("greedy / top-k built a tail or a dense head")
+
+    monkeypatch.setattr(engine.head, "tail", forbidden)
+    monkeypatch.setattr(engine_module, "exact_logits", forbidden)
+    engine.sampling_stats = SamplingStats()
+    assert engine.generate(PROMPT, 12).token_ids == runs[8][0]
+    assert engine.generate(PROMPT, 12, temperature=1.0, top_k=5, seed=2).token_ids == runs[8][1]
+    assert engine.sampling_stats == SamplingStats()  # no probe, no skipped step
+
+
+def test_dense_policy_rejects_a_probe_interval_below_one():
+    with pytest.raises(ValueError, match="probe_every must be >= 1"):
+        DensePolicy(0)
+    policy, stats = DensePolicy(3), SamplingStats()
+    for change, dense_after in ((dict(dense=1), True), (dict(nucleus_dense=1), True), (dict(rows=51), True),
+                                (dict(rows=50), False), (dict(), False)):
+        policy.mark(stats)
+        for k, v in change.items():
+            setattr(stats, k, getattr(stats, k) + v)
+        policy.probed(stats, vocab=100)  # more than half of the rows read counts as falling back
+        assert [policy.dense_now() for _ in range(3)] == ([True, True, False] if dense_after else [False] * 3)

@@ -157,6 +157,11 @@ class BatchDecoder:
         # hidden: (1, D), logits/idx: (1, m)"""
         return self.engine.tail(hidden, logits, idx)
 
+    def dense_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Exact logits over the whole vocabulary for rows that sample the dense head (a sequence whose
+        DensePolicy skips HiRE this step, hire.engine.sampling).  # hidden: (b, D) -> (b, V)"""
+        return self._rows(hidden, None)
+
     @property
     def sampling_stats(self):
         """The engine's SamplingStats: what the tail-corrected sampler did (hire.engine.sampling)."""

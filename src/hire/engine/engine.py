@@ -16,7 +16,7 @@ from hire import native
 from hire.arch import EngineSpec, arch_spec, decoder_layers, engine_spec
 from hire.config import HiReConfig
 from hire.engine.plan import LayerPlan, NotFusable, layer_plans, native_steps
-from hire.engine.sampling import SamplingStats, needs_tail, sample
+from hire.engine.sampling import PROBE_EVERY, DensePolicy, SamplingStats, needs_tail, sample
 from hire.layers import HiReFFN
 from hire.layers.head import TailBound, exact_logits
 from hire.proxies import LowRankProxy
@@ -133,6 +133,9 @@ class Engine:
         # the candidates only (the law before exact sampling, kept for comparison)
         self.sample_tail = True
         self.sampling_stats = SamplingStats()
+        # generate's DensePolicy: after a step that fell back to the whole head, this many steps until
+        # HiRE is probed again (1: probe every step)
+        self.probe_every = PROBE_EVERY
         self._build_rope(model.get_submodule(spec.rotary))
         layer_norms = [spec.pre_attention_norm, spec.post_attention_norm, spec.pre_ffn_norm, spec.post_ffn_norm]
         self.layers = []
@@ -369,12 +372,26 @@ class Engine:
         return self.head.tail(hidden, logits, idx)
 
     def next_token(self, hidden: torch.Tensor, hire: bool, temperature: float, top_k: int | None,
-                   top_p: float | None, gen: torch.Generator | None) -> torch.Tensor:
+                   top_p: float | None, gen: torch.Generator | None,
+                   policy: DensePolicy | None = None) -> torch.Tensor:
         """The next token from the final hidden state: greedy or top-k over the candidates, temperature
-        and top-p past them (exact where the tail bound holds).  # hidden: (1, D) -> (1,)"""
+        and top-p past them (exact where the tail bound holds). With a ``policy`` (the sequence's), a
+        temperature / top-p step may sample the dense head instead of probing HiRE (hire.engine.sampling:
+        exact either way; greedy and top-k never consult it).  # hidden: (1, D) -> (1,)"""
+        stats = self.sampling_stats
+        adaptive = (policy is not None and hire and self.head is not None and self.sample_tail
+                    and temperature > 0 and top_k is None)
+        if adaptive and policy.dense_now():
+            stats.skipped += 1
+            return sample(self.logits(hidden, hire=False)[0], None, temperature, None, top_p, gen)
         logits, idx = self.logits(hidden, hire)
         tail = self.tail(hidden, logits, idx) if needs_tail(idx, temperature, top_k) else None
-        return sample(logits, idx, temperature, top_k, top_p, gen, tail, self.sampling_stats)
+        if adaptive and tail is not None:
+            policy.mark(stats)
+        token = sample(logits, idx, temperature, top_k, top_p, gen, tail, stats)
+        if adaptive and tail is not None:
+            policy.probed(stats, self.head.vocab_size)
+        return token
 
     # --- generation ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -423,7 +440,8 @@ class Engine:
         stats = GenerationStats(prompt_tokens=prompt.numel())
         t0 = time.perf_counter()
         hidden = self.prefill(prompt)
-        token = self.next_token(hidden, hire, temperature, top_k, top_p, gen)
+        policy = DensePolicy(self.probe_every)  # this sequence's: dense steps where HiRE fell back (sampling)
+        token = self.next_token(hidden, hire, temperature, top_k, top_p, gen, policy)
         t1 = time.perf_counter()
         stats.prefill_s = t1 - t0
         tokens = [token]
@@ -436,7 +454,7 @@ class Engine:
                 if tid in stop_ids:
                     break
             hidden = self.forward(token, pos, hire=hire)
-            token = self.next_token(hidden, hire, temperature, top_k, top_p, gen)
+            token = self.next_token(hidden, hire, temperature, top_k, top_p, gen, policy)
             tokens.append(token)
             pos += 1
         stats.decode_s = time.perf_counter() - t1

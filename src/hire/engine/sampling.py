@@ -17,6 +17,15 @@ logit from the first-pass proxy, and exact rows on demand) accounts for it (docs
   step, counted), and where even that nucleus could reach the tail the whole head is computed.
 
 ``SamplingStats`` counts what happened, violations of the bound included: the sampler says how far it is.
+
+Where the bound is loose (SmolLM2 on its own samples: 63 of 64 steps past ``TAIL_DENSE_SHARE``), a step
+pays for the HiRE selection, the candidates and the bound's second proxy pass and then computes the
+whole head anyway. ``DensePolicy`` (one per sequence) skips that: after a step that fell back to the
+whole head, the next ``probe_every - 1`` steps compute the dense logits directly and sample them (exact,
+one dense head), and the step after probes HiRE again; a probe that stays on the candidates keeps the
+sequence on HiRE. The law stays exact: a dense step samples the exact logits, and whether a step is
+dense is decided before it from earlier steps only, never from the step's own draws, so conditioned on
+the history each step's law is the one the sampler would draw anyway (the dense head's, or the probe's).
 """
 
 from __future__ import annotations
@@ -34,6 +43,15 @@ TAIL_DENSE_SHARE = 0.5
 NUCLEUS_GROW = 4  # top-p: rounds of adding tail rows (highest bounds first) before estimating Z_tail
 GROW_ROWS = 256  # rows added per round (SmolLM2's k' of 3,584 per round read 12,700 rows a token: too many)
 ESTIMATE_DRAWS = 64  # top-p: tail rows drawn to estimate Z_tail (importance sampling against the bound)
+# after a step that fell back to the whole head, the steps until HiRE is probed again (DensePolicy). A
+# failed probe costs ~0.5 of a dense decode step on top of it (SmolLM2: 8.6 ms a token against 5.8 dense)
+# and a step that stays on HiRE saves ~0.1 of one (5.2 ms greedy): probing every 8th step bounds the
+# waste of a sequence that stays loose to ~6 % of a dense step, and one whose candidates come to hold
+# the mass again is back on HiRE within 8 tokens
+PROBE_EVERY = 8
+# a probe that computed more tail rows than this share of the vocabulary counts as falling back too: a
+# scattered read of most rows costs more than the dense head (BatchDecoder's dense_above, the same 0.5)
+DENSE_ROWS_SHARE = 0.5
 
 
 @dataclass
@@ -52,6 +70,12 @@ class SamplingStats:
     nucleus_grown: int = 0  # of those, the ones that needed tail rows added
     nucleus_estimated: int = 0  # top-p steps that used the estimate of Z_tail (inexact)
     nucleus_dense: int = 0  # top-p steps that computed the whole head
+    skipped: int = 0  # steps DensePolicy sampled from the dense head without probing HiRE (not in steps)
+
+    @property
+    def fallbacks(self) -> int:
+        """Steps that computed the whole head after probing HiRE (temperature and top-p)."""
+        return self.dense + self.nucleus_dense
 
     def summary(self) -> dict:
         proposals = self.tail_tokens + self.rejections
@@ -61,7 +85,39 @@ class SamplingStats:
                 "violations": self.violations,
                 "max_violation": self.max_violation, "nucleus_exact": self.nucleus_exact,
                 "nucleus_grown": self.nucleus_grown, "nucleus_estimated": self.nucleus_estimated,
-                "nucleus_dense": self.nucleus_dense}
+                "nucleus_dense": self.nucleus_dense, "skipped": self.skipped}
+
+
+@dataclass
+class DensePolicy:
+    """One sequence's choice between probing HiRE and the dense head for temperature / top-p steps
+    (module docstring). ``dense_now`` before a step (from past steps only), ``probed`` after a probe."""
+
+    probe_every: int = PROBE_EVERY  # 1: probe every step (the policy off)
+    wait: int = 0  # dense steps left before the next probe
+    _mark: tuple[int, int] = (0, 0)  # the stats' fallbacks and rows before the probe
+
+    def __post_init__(self):
+        if self.probe_every < 1:
+            raise ValueError(f"probe_every must be >= 1 (1: probe HiRE on every step), got {self.probe_every}")
+
+    def dense_now(self) -> bool:
+        """True when this step should sample the dense head without probing (counts the step down)."""
+        if self.wait > 0:
+            self.wait -= 1
+            return True
+        return False
+
+    def mark(self, stats: SamplingStats) -> None:
+        """Before a probe (``sample`` with a tail, counting into ``stats``)."""
+        self._mark = (stats.fallbacks, stats.rows)
+
+    def probed(self, stats: SamplingStats, vocab: int) -> None:
+        """After a probe: one that fell back to the whole head, or read more than DENSE_ROWS_SHARE of its
+        rows, makes the next probe_every - 1 steps dense; one that stayed on the candidates keeps probing."""
+        fallbacks, rows = self._mark
+        fell_back = stats.fallbacks > fallbacks or stats.rows - rows > DENSE_ROWS_SHARE * vocab
+        self.wait = self.probe_every - 1 if fell_back else 0
 
 
 def needs_tail(idx: torch.Tensor | None, temperature: float, top_k: int | None) -> bool:

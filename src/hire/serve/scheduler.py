@@ -8,7 +8,10 @@ length, or are cancelled (a client that went away); their slot is then free for 
 Each request gets its tokens through its ``emit`` callback, called on the thread running the loop.
 Each sequence samples with its own settings and generator; temperature and top-p draws account for
 the rows outside the head's candidates (the batch's union) as ``Engine.generate`` does
-(hire.engine.sampling; counts in ``BatchDecoder.sampling_stats``).
+(hire.engine.sampling; counts in ``BatchDecoder.sampling_stats``), with a ``DensePolicy`` per sequence:
+after a step of its that fell back to the whole head, its next steps sample its exact logits over the
+whole vocabulary (its row of the dense head) instead of building a tail bound, and probe again every
+``PROBE_EVERY`` steps (its candidates still join the batch's union: the selection is not saved there).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Callable
 import torch
 
 from hire.engine.batch import BatchDecoder
-from hire.engine.sampling import needs_tail, sample
+from hire.engine.sampling import DensePolicy, needs_tail, sample
 
 
 class SchedulerStopped(RuntimeError):
@@ -52,6 +55,7 @@ class Sequence:
     cancelled: bool = False
     finished: bool = False
     generator: torch.Generator | None = None
+    policy: DensePolicy = field(default_factory=DensePolicy)  # temperature / top-p: probe HiRE or the dense head
 
     @property
     def position(self) -> int:
@@ -203,10 +207,18 @@ class Scheduler:
         for j, seq in enumerate(batch):
             s = seq.sampling
             row_logits, row_idx = logits[j : j + 1], None if idx is None else idx[j : j + 1]
-            tail = (self.decoder.tail(hidden[j : j + 1], row_logits, row_idx)
-                    if needs_tail(row_idx, s.temperature, s.top_k) else None)
-            token = int(sample(row_logits, row_idx, s.temperature, s.top_k, s.top_p, seq.generator, tail,
-                               self.decoder.sampling_stats))
+            stats = self.decoder.sampling_stats
+            tail_step = needs_tail(row_idx, s.temperature, s.top_k) and self.decoder.engine.sample_tail
+            if tail_step and seq.policy.dense_now():  # decided from this sequence's past steps only
+                stats.skipped += 1
+                token = int(sample(self.decoder.dense_logits(hidden[j : j + 1]), None, s.temperature, None,
+                                   s.top_p, seq.generator))
+            else:
+                tail = self.decoder.tail(hidden[j : j + 1], row_logits, row_idx) if tail_step else None
+                seq.policy.mark(stats)
+                token = int(sample(row_logits, row_idx, s.temperature, s.top_k, s.top_p, seq.generator, tail, stats))
+                if tail is not None:
+                    seq.policy.probed(stats, self.decoder.vocab_size)
             seq.tokens.append(token)
             if token in seq.stop_ids:
                 self._finish(seq, "stop")
