@@ -7,12 +7,20 @@ import pytest
 import torch
 
 from hire.bench import run_bench
+import hire.bench.llama_cpp as llama_cpp
 from hire.bench.llama_cpp import (
     ENV_VAR,
-    LlamaBenchRound,
+    NATIVE,
+    WITH_AMX,
+    WITHOUT_AMX,
+    LlamaBenchRounds,
     LlamaCppError,
+    LlamaCppTools,
     cache_location,
+    cmake_options,
+    cpu_has_amx,
     find_tools,
+    find_variants,
     llama_bench_command,
     parse_llama_bench,
     run_llama_bench,
@@ -60,6 +68,21 @@ def _fake_llama_bench(tmp_path, output: str | None = None):
     return _script(tmp_path / "llama-bench", f'echo "$@" >> "{tmp_path}/args"\ncat "{tmp_path}/out.json"\n')
 
 
+def _variant_bench(tmp_path, name: str, tg: float, pp: float | None):
+    """A llama-bench build ``name`` that logs "name args" to tmp_path/args and prints one test's JSON:
+    tg (``-p 0``) at ``tg`` tokens/s, pp at ``pp`` or, when None, dies of SIGSEGV as ggml's AMX matmul does."""
+    def one(n_prompt, n_gen, ts):
+        return json.dumps([{"build_commit": f"c-{name}", "n_prompt": n_prompt, "n_gen": n_gen, "avg_ts": ts,
+                            "stddev_ts": 0.0}])
+    crash = 'echo "SIGSEGV in ggml_backend_amx_mul_mat" >&2; kill -SEGV $$'
+    on_pp = crash if pp is None else f"echo '{one(512, 0, pp)}'"
+    (tmp_path / name).mkdir()
+    bench = _script(tmp_path / name / "llama-bench",
+                    f'echo "{name} $*" >> "{tmp_path}/args"\n'
+                    f'case "$*" in *"-p 0 "*) echo \'{one(0, 64, tg)}\' ;; *) {on_pp} ;; esac\n')
+    return LlamaCppTools(bench, None, {"source": f"fake {name}", "simd": ["AVX2"]}, name)
+
+
 def test_bench_figures_are_consistent_with_each_other(tmp_path):
     engine = _engine()
     r = run_bench(engine, PROMPT, tokens=6, rounds=3, progress=False, prefill_tokens=20)
@@ -91,15 +114,18 @@ def test_a_prefill_longer_than_the_engine_is_refused():
 
 
 def test_llama_bench_figures_and_ratios_come_through_every_round(tmp_path, monkeypatch):
-    monkeypatch.setenv(ENV_VAR, str(_fake_llama_bench(tmp_path)))
+    monkeypatch.setenv(ENV_VAR, str(_fake_llama_bench(tmp_path)))  # one given binary: a single variant
     gguf = tmp_path / "m.gguf"
-    anchor = LlamaBenchRound(find_tools(build=False), gguf, threads=2, n_prompt=20, n_gen=6)
+    (tools,) = find_variants(build=False)
+    anchor = LlamaBenchRounds([tools], gguf, threads=2, n_prompt=20, n_gen=6)
     r = run_bench(_engine(), PROMPT, tokens=6, rounds=3, progress=False, breakdown=False, prefill_tokens=20,
                   anchor=anchor)
     lc = r["llama_cpp"]
     calls = (tmp_path / "args").read_text().splitlines()
-    assert calls == [f"-m {gguf} -t 2 -p 20 -n 6 -r 1 -o json"] * 3  # one run per round, our threads and lengths
-    assert lc["command"] == llama_bench_command(anchor.tools, gguf, threads=2, n_prompt=20, n_gen=6, repetitions=1)
+    # each test its own run, every round, with our threads and lengths
+    assert calls == [f"-m {gguf} -t 2 -p 0 -n 6 -r 1 -o json", f"-m {gguf} -t 2 -p 20 -n 0 -r 1 -o json"] * 3
+    assert lc["command"] == llama_bench_command(tools, gguf, threads=2, n_prompt=0, n_gen=6, repetitions=1)
+    assert lc["tg_variant"] == lc["pp_variant"] == "given"
     assert lc["tg_tokens_per_s_rounds"] == [TG] * 3 and lc["pp_tokens_per_s_rounds"] == [PP] * 3
     assert lc["tg_tokens"] == 64 and lc["pp_tokens"] == 512  # as the (recorded) output says, not as asked
     assert lc["hire_vs_llama_cpp"] == pytest.approx(r["tokens_per_s_hire"] / TG)
@@ -112,6 +138,48 @@ def test_llama_bench_figures_and_ratios_come_through_every_round(tmp_path, monke
     hire_line = next(line for line in text.splitlines() if line.startswith("HiRE / llama.cpp"))
     assert hire_line.split()[3] == f"{lc['hire_vs_llama_cpp']:.2f}x"
     assert "tg64 tokens/s" in text and "pp512 tokens/s" in text and " ".join(lc["command"]) in text
+
+
+def test_each_test_runs_on_each_build_and_the_best_that_runs_it_is_the_anchor(tmp_path):
+    amx = _variant_bench(tmp_path, "amx", tg=200.0, pp=None)  # fast decode, dies on every batched product
+    noamx = _variant_bench(tmp_path, "noamx", tg=90.0, pp=300.0)
+    gguf = tmp_path / "m.gguf"
+    anchor = LlamaBenchRounds([amx, noamx], gguf, threads=2, n_prompt=20, n_gen=6)
+    r = run_bench(_engine(), PROMPT, tokens=6, rounds=3, progress=False, breakdown=False, prefill_tokens=20,
+                  anchor=anchor)
+    lc = r["llama_cpp"]
+    calls = (tmp_path / "args").read_text().splitlines()
+    tg, pp = f"-m {gguf} -t 2 -p 0 -n 6 -r 1 -o json", f"-m {gguf} -t 2 -p 20 -n 0 -r 1 -o json"
+    assert calls == [f"amx {tg}", f"noamx {tg}", f"amx {pp}", f"noamx {pp}",  # round 0
+                     f"noamx {tg}", f"amx {tg}", f"noamx {pp}",  # the order rotates; amx is not rerun on pp
+                     f"amx {tg}", f"noamx {tg}", f"noamx {pp}"]
+    assert lc["tg_variant"] == "amx" and lc["tg_tokens_per_s"] == 200.0 and lc["tg_tokens_per_s_rounds"] == [200.0] * 3
+    assert lc["pp_variant"] == "noamx" and lc["pp_tokens_per_s"] == 300.0
+    assert lc["hire_vs_llama_cpp"] == pytest.approx(r["tokens_per_s_hire"] / 200.0)
+    assert lc["prefill_vs_llama_cpp"] == pytest.approx(r["prefill_tokens_per_s"] / 300.0)
+    tests = lc["tests"]
+    assert tests["tg"]["variants"]["noamx"]["tokens_per_s"] == 90.0 and "failed" not in tests["tg"]["variants"]["noamx"]
+    crash = tests["pp"]["variants"]["amx"]["failed"]
+    assert crash["exit"] == -11 and crash["signal"] == "SIGSEGV" and crash["round"] == 0
+    assert "ggml_backend_amx_mul_mat" in crash["stderr_tail"] and tests["pp"]["variants"]["amx"]["tokens_per_s_rounds"] == []
+    assert tests["pp"]["command"] == llama_bench_command(noamx, gguf, threads=2, n_prompt=20, n_gen=0, repetitions=1)
+    assert lc["builds"]["amx"]["build_commit"] == "c-amx" and lc["builds"]["noamx"]["source"] == "fake noamx"
+    r["model"] = "tiny"
+    text = format_bench(r)
+    assert "best: amx of amx 200.0, noamx 90.0" in text
+    assert "best: noamx of amx: cannot run it here (SIGSEGV), noamx 300.0" in text
+    assert json.loads(json.dumps(r))["llama_cpp"] == lc  # the report is plain JSON
+
+
+def test_a_test_that_no_build_can_run_is_a_clear_error(tmp_path):
+    builds = [_variant_bench(tmp_path, "amx", tg=200.0, pp=None), _variant_bench(tmp_path, "other", tg=9.0, pp=None)]
+    anchor = LlamaBenchRounds(builds, tmp_path / "m.gguf", threads=1, n_prompt=20, n_gen=6)
+    with pytest.raises(LlamaCppError, match=r"no llama-bench build can run the pp test .*amx \(.*\) exited -11"):
+        anchor.run(0)
+    tg_only = LlamaBenchRounds(builds, tmp_path / "m.gguf", threads=1, n_prompt=0, n_gen=6)  # no pp asked: fine
+    assert set(tg_only.run(0)) == {"tg"}
+    with pytest.raises(ValueError, match="distinct variant names"):
+        LlamaBenchRounds([builds[0], builds[0]], tmp_path / "m.gguf", threads=1)
 
 
 def test_parse_llama_bench_reads_tg_and_pp():
@@ -169,16 +237,45 @@ def test_a_missing_llama_bench_names_where_it_looked_and_the_fix(tmp_path, monke
 def test_the_cached_build_is_found_with_its_build_record(tmp_path, monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     monkeypatch.setenv("HIRE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(llama_cpp, "variants_here", lambda: [NATIVE])  # a CPU without AMX: one build
     home = cache_location()
     (home / "bin").mkdir(parents=True)
     bench = _script(home / "bin" / "llama-bench", "exit 0\n")
     (home / "build.json").write_text(json.dumps({"commit": "abc", "simd": ["AVX2"]}))
     tools = find_tools(build=False)
     assert tools.bench == bench and tools.quantize is None and tools.build == {"commit": "abc", "simd": ["AVX2"]}
+    assert tools.variant == "native"
     quantize = _script(home / "bin" / "llama-quantize", "exit 0\n")
     assert find_tools(build=False).quantize == quantize
     explicit = _fake_llama_bench(tmp_path)  # a given path wins over the cache
-    assert find_tools(explicit, build=False).bench == explicit
+    assert [t.bench for t in find_variants(explicit, build=False)] == [explicit]
+
+
+def test_where_the_cpu_has_amx_both_builds_are_cached_and_found(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setenv("HIRE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(llama_cpp, "variants_here", lambda: [WITH_AMX, WITHOUT_AMX])
+    home = cache_location()
+    for v in (WITH_AMX, WITHOUT_AMX):
+        (home / v.folder).mkdir(parents=True)
+        _script(home / v.folder / "llama-bench", "exit 0\n")
+    # an older cache: bin/ built without AMX is not taken for the AMX build (the next build replaces it)
+    (home / "build.json").write_text(json.dumps({"cmake_options": cmake_options(WITHOUT_AMX)}))
+    with pytest.raises(LlamaCppError, match=r"no llama-bench in .*cache/llama\.cpp/0\.3\.36/bin:"):
+        find_variants(build=False)
+    (home / "build.json").write_text(json.dumps({"cmake_options": cmake_options(WITH_AMX)}))
+    (home / "build-noamx.json").write_text(json.dumps({"cmake_options": cmake_options(WITHOUT_AMX)}))
+    found = find_variants(build=False)
+    assert [(t.variant, t.bench.parent.name) for t in found] == [("amx", "bin"), ("noamx", "bin-noamx")]
+    assert "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" in found[1].build["cmake_options"]
+    assert not any("amx" in o for o in found[0].build["cmake_options"])  # as llama.cpp ships it
+
+
+def test_cpu_has_amx_reads_the_cpu_flags(tmp_path):
+    (tmp_path / "amx").write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile amx_int8\n")
+    (tmp_path / "plain").write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f\nbugs\t\t: amx_tile_not_a_flag\n")
+    assert cpu_has_amx(tmp_path / "amx") and not cpu_has_amx(tmp_path / "plain")
+    assert not cpu_has_amx(tmp_path / "missing")
 
 
 def test_bench_cli_json(model_dir, capsys, tmp_path):  # noqa: F811

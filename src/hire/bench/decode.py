@@ -6,8 +6,9 @@ prefill, is excluded). Bytes per token are the weights each decode step reads (h
 achieved bandwidth = bytes x tokens/s, the roofline number that matters for decoding.
 
 With an outside anchor (llama.cpp's llama-bench, hire.bench.llama_cpp) each round is dense, HiRE,
-our prefill of ``prefill_tokens``, then one llama-bench run (pp and tg) on the same GGUF and
-threads, so every ratio to llama.cpp is taken between figures of the same rounds.
+our prefill of ``prefill_tokens``, then llama-bench's tg and pp tests, each on each llama.cpp build
+(with and without AMX where the CPU has it), on the same GGUF and threads, so every ratio to
+llama.cpp's best build is taken between figures of the same rounds.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from hire import native
-from hire.bench.llama_cpp import LlamaBenchRound, find_tools
+from hire.bench.llama_cpp import LlamaBenchRounds, find_variants
 from hire.calibrate.prepare import load_for_decode
 from hire.config import HiReConfig
 from hire.data import CALIBRATION_WINDOWS
@@ -154,33 +155,39 @@ def prefill_prompt(prompt: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def anchor_report(anchor_rounds: list[dict], speeds: dict[str, list[float]], anchor) -> dict:
-    """The llama.cpp part of the report: per-round tg and pp tokens/s from ``anchor_rounds`` (parsed
-    llama-bench runs), their medians, and our medians over theirs (ratios of the medians, as
-    ``speedup``), with the per-round ratios beside them."""
-    tg = [r["tg"]["tokens_per_s"] for r in anchor_rounds]
-    pp = [r["pp"]["tokens_per_s"] for r in anchor_rounds if "pp" in r]
-    last = anchor_rounds[-1]
+    """The llama.cpp part of the report from ``anchor_rounds`` (:meth:`LlamaBenchRounds.run` per
+    round): per test (tg, pp) every build's figures and the best build's median and per-round
+    tokens/s, and our medians over the best build's (ratios of the medians, as ``speedup``), with
+    the per-round ratios beside them."""
+    tests = anchor.summary(anchor_rounds)
+    builds = anchor.builds(anchor_rounds)
+    tg = tests["tg"]
     out = {
         "available": True,
-        "command": anchor.command(),
-        "build": {**anchor.tools.build, **{k: last[k] for k in ("build_commit", "build_number", "cpu_info", "backends")
-                                           if k in last}},
         "threads": anchor.threads,
-        "tg_tokens": last["tg"]["tokens"],
-        "tg_tokens_per_s": _median(tg),
-        "tg_tokens_per_s_rounds": tg,
-        "hire_vs_llama_cpp": _median(speeds["hire"]) / _median(tg),
-        "dense_vs_llama_cpp": _median(speeds["dense"]) / _median(tg),
-        "hire_vs_llama_cpp_rounds": [h / t for h, t in zip(speeds["hire"], tg)],
-        "dense_vs_llama_cpp_rounds": [d / t for d, t in zip(speeds["dense"], tg)],
+        "tests": tests,
+        "builds": builds,
+        "command": tg["command"],
+        "build": builds[tg["best"]],
+        "tg_tokens": tg["tokens"],
+        "tg_variant": tg["best"],
+        "tg_tokens_per_s": tg["tokens_per_s"],
+        "tg_tokens_per_s_rounds": tg["tokens_per_s_rounds"],
+        "hire_vs_llama_cpp": _median(speeds["hire"]) / tg["tokens_per_s"],
+        "dense_vs_llama_cpp": _median(speeds["dense"]) / tg["tokens_per_s"],
+        "hire_vs_llama_cpp_rounds": [h / t for h, t in zip(speeds["hire"], tg["tokens_per_s_rounds"])],
+        "dense_vs_llama_cpp_rounds": [d / t for d, t in zip(speeds["dense"], tg["tokens_per_s_rounds"])],
     }
-    if pp:
-        out.update({"pp_tokens": last["pp"]["tokens"], "pp_tokens_per_s": _median(pp), "pp_tokens_per_s_rounds": pp})
+    if "pp" in tests:
+        pp = tests["pp"]
+        out.update({"pp_tokens": pp["tokens"], "pp_variant": pp["best"], "pp_tokens_per_s": pp["tokens_per_s"],
+                    "pp_tokens_per_s_rounds": pp["tokens_per_s_rounds"]})
         if speeds.get("prefill"):
-            out["prefill_vs_llama_cpp"] = _median(speeds["prefill"]) / _median(pp)
+            out["prefill_vs_llama_cpp"] = _median(speeds["prefill"]) / pp["tokens_per_s"]
+    parsed = [run for r in anchor_rounds for per in r.values() for run in per.values()]
     for key in ("model_type", "model_size", "model_n_params"):
-        if key in last:
-            out[key] = last[key]
+        if parsed and key in parsed[-1]:
+            out[key] = parsed[-1][key]
     return out
 
 
@@ -198,7 +205,7 @@ def run_bench(
 ) -> dict:
     """Dense vs HiRE in ``engine``: interleaved rounds, median decode tokens/s and the rest.
     ``prefill_tokens``: also time the prefill of a prompt that long in every round. ``anchor``
-    (a :class:`hire.bench.llama_cpp.LlamaBenchRound`): one llama-bench run per round after ours."""
+    (a :class:`hire.bench.llama_cpp.LlamaBenchRounds`): its tests on its builds every round after ours."""
     from tqdm.auto import tqdm
 
     check_bench_counts(tokens, rounds, warmup)
@@ -217,7 +224,7 @@ def run_bench(
     speeds: dict[str, list[float]] = {"dense": [], "hire": [], "prefill": []}
     anchor_rounds: list[dict] = []
     parts = "dense, HiRE" + (", prefill" if long_prompt is not None else "") + (", llama.cpp" if anchor else "")
-    for _ in tqdm(range(rounds), desc=f"bench rounds ({parts})", disable=not progress):
+    for i in tqdm(range(rounds), desc=f"bench rounds ({parts})", disable=not progress):
         d = engine.generate(prompt, tokens, hire=False)
         h = engine.generate(prompt, tokens, hire=True)
         speeds["dense"].append(d.tokens_per_s)
@@ -225,7 +232,7 @@ def run_bench(
         if long_prompt is not None:
             speeds["prefill"].append(prefill_rate(engine, long_prompt))
         if anchor is not None:
-            anchor_rounds.append(anchor.run())
+            anchor_rounds.append(anchor.run(i))
     agreement = sum(a == b for a, b in zip(d.token_ids, h.token_ids)) / len(d.token_ids)
     first_diff = next((i for i, (a, b) in enumerate(zip(d.token_ids, h.token_ids)) if a != b), None)
     nbytes = bytes_per_token(engine.model)  # 16-bit weights, proxies as stored
@@ -299,8 +306,9 @@ def bench_model(
     """`hire bench`: load ``model_name`` (with the head proxy ``config`` needs, fitted on
     ``calib_windows`` windows of ``seq_len`` tokens), optionally time transformers' generate() on it,
     then :func:`run_bench` in an engine of ``dtype`` weights (with the prefill of ``prefill_tokens``
-    tokens, 0: none); ``llama_cpp``: llama.cpp's llama-bench (``llama_bench``: its path, else found or
-    built by hire.bench.llama_cpp) on the same GGUF, in the same rounds; a breakdown PNG at ``plot``.
+    tokens, 0: none); ``llama_cpp``: llama.cpp's llama-bench (``llama_bench``: its path, else the
+    builds found or built by hire.bench.llama_cpp, the best of them per test) on the same GGUF, in the
+    same rounds; a breakdown PNG at ``plot``.
     Returns the report (the JSON of ``hire bench``). ``quantized``: a GGUF model runs in its block
     codes (``quantized_config`` adapts ``config``), else dequantized to ``dtype``."""
     check_bench_counts(tokens, rounds, warmup)
@@ -315,9 +323,8 @@ def bench_model(
     elif llama_cpp:  # found (or built) before the model loads, so a missing llama.cpp fails fast
         if llama_cpp_repetitions < 1:
             raise ValueError(f"--llama-cpp-reps must be >= 1, got {llama_cpp_repetitions}")
-        tools = find_tools(llama_bench)
-        anchor = LlamaBenchRound(tools, gguf, threads=torch.get_num_threads(), n_prompt=prefill_tokens, n_gen=tokens,
-                                 repetitions=llama_cpp_repetitions)
+        anchor = LlamaBenchRounds(find_variants(llama_bench), gguf, threads=torch.get_num_threads(),
+                                  n_prompt=prefill_tokens, n_gen=tokens, repetitions=llama_cpp_repetitions)
     prepared = load_for_decode(model_name, config, quantized=quantized, seq_len=seq_len, calib_windows=calib_windows,
                                progress=progress)
     model, tokenizer, head_proxy, config = prepared.model, prepared.tokenizer, prepared.head_proxy, prepared.config

@@ -15,8 +15,8 @@ DESCRIPTION = ("Dense vs HiRE decode speed in the same engine and run: interleav
                "bytes per token, achieved bandwidth against the machine's read bandwidth (measured in the same run), "
                "the ideal speedup from bytes and the fraction reached, a per-part breakdown (ms, GB/s) and the "
                "Python/dispatch overhead; our prefill of --prefill-tokens tokens; --llama-cpp adds llama.cpp's own "
-               "C++ llama-bench (decode tg and prefill pp) on the same GGUF and threads, one run per round, as an "
-               "outside anchor.")
+               "C++ llama-bench (decode tg and prefill pp) on the same GGUF and threads, each test on each of its builds "
+               "(with and without AMX where the CPU has it) every round, the best build as the outside anchor.")
 DEFAULT_PROMPT = "The king's daughter walked alone by the river, and as the evening fell she began to sing"
 
 
@@ -41,11 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "0: skip)")
     p.add_argument("--llama-cpp", action="store_true",
                    help="also run llama.cpp's llama-bench (C++, no Python in its loop) on the same GGUF and threads in "
-                        "every round: tg --tokens and pp --prefill-tokens; built once into the cache if not found "
-                        "(see --llama-bench)")
+                        "every round: tg --tokens and pp --prefill-tokens, each on each cached build (with and without "
+                        "AMX where the CPU has it; the best that runs a test is the figure); built once into the cache "
+                        "if not found (see --llama-bench)")
     p.add_argument("--llama-bench", metavar="PATH", default=None,
-                   help="the llama-bench binary for --llama-cpp (implies it; default: $HIRE_LLAMA_BENCH, else the "
-                        "cached build, else build it from the llama-cpp-python sdist's llama.cpp)")
+                   help="the llama-bench binary for --llama-cpp (implies it; the only build run; default: $HIRE_LLAMA_BENCH, "
+                        "else the cached builds, else build them from the llama-cpp-python sdist's llama.cpp)")
     p.add_argument("--llama-cpp-reps", type=integer(minimum=1), default=1,
                    help="llama-bench repetitions per round (-r; default 1: the rounds give the median)")
     p.add_argument("--plot", help="write a PNG of the breakdown (with --tp: tokens/s and collectives per mode)")
@@ -116,26 +117,43 @@ def _rounds(values: list[float]) -> str:
     return ", ".join(f"{v:.1f}" for v in values)
 
 
+def _variants(test: dict) -> str:
+    """Every build's median on one test, or how it failed: 'amx 201.0, noamx: crashed (SIGSEGV)'."""
+    parts = []
+    for name, v in test["variants"].items():
+        if "failed" in v:
+            f = v["failed"]
+            parts.append(f"{name}: cannot run it here ({f.get('signal', 'exit ' + str(f['exit']))})")
+        else:
+            parts.append(f"{name} {v['tokens_per_s']:.1f}")
+    return ", ".join(parts)
+
+
 def format_llama_cpp(r: dict) -> list[str]:
-    """The llama.cpp lines of the report: its tg and pp per round and medians, our ratios to it, its build."""
+    """The llama.cpp lines of the report: per test the best build's median and rounds (and every build's
+    median), our ratios to the best, the builds and the best builds' commands."""
     lc = r["llama_cpp"]
     if not lc.get("available"):
         return [f"llama.cpp: {lc['reason']}"]
+    tests = lc["tests"]
     lines = [
         "",
-        f"llama.cpp llama-bench, {lc['threads']} threads, one run per round (medians; per round in brackets):",
-        f"{'tg' + str(lc['tg_tokens']) + ' tokens/s':22s} {lc['tg_tokens_per_s']:10.1f}   [{_rounds(lc['tg_tokens_per_s_rounds'])}]",
+        f"llama.cpp llama-bench, {lc['threads']} threads, each test on each build every round (the best build's "
+        "median; per round in brackets):",
+        f"{'tg' + str(lc['tg_tokens']) + ' tokens/s':22s} {lc['tg_tokens_per_s']:10.1f}   "
+        f"[{_rounds(lc['tg_tokens_per_s_rounds'])}]  best: {lc['tg_variant']} of {_variants(tests['tg'])}",
         f"{'dense / llama.cpp':22s} {lc['dense_vs_llama_cpp']:10.2f}x  [{_rounds(r['tokens_per_s_dense_rounds'])} tokens/s dense]",
         f"{'HiRE / llama.cpp':22s} {lc['hire_vs_llama_cpp']:10.2f}x  [{_rounds(r['tokens_per_s_hire_rounds'])} tokens/s HiRE]",
     ]
     if "pp_tokens_per_s" in lc:
         lines.append(f"{'pp' + str(lc['pp_tokens']) + ' tokens/s':22s} {lc['pp_tokens_per_s']:10.1f}   "
-                     f"[{_rounds(lc['pp_tokens_per_s_rounds'])}]")
+                     f"[{_rounds(lc['pp_tokens_per_s_rounds'])}]  best: {lc['pp_variant']} of {_variants(tests['pp'])}")
     if "prefill_vs_llama_cpp" in lc:
         lines.append(f"{'our prefill / pp':22s} {lc['prefill_vs_llama_cpp']:10.2f}x  "
                      f"[{_rounds(r['prefill_tokens_per_s_rounds'])} tokens/s ours]")
-    b = lc["build"]
-    lines.append(f"build: {b.get('source', '?')}, commit {b.get('build_commit', b.get('commit', '?'))}, "
-                 f"SIMD {'+'.join(b['simd']) if b.get('simd') else 'unknown'}")
-    lines.append(f"command: {' '.join(lc['command'])}")
+    for name, b in lc["builds"].items():
+        lines.append(f"build {name}: {b.get('source', '?')}, commit {b.get('build_commit', b.get('commit', '?'))}, "
+                     f"SIMD {'+'.join(b['simd']) if b.get('simd') else 'unknown'}")
+    for test, t in tests.items():
+        lines.append(f"command ({test}, best): {' '.join(t['command'])}")
     return lines
