@@ -313,11 +313,11 @@ class TPEngine(Engine):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
 
-    def _attention(self, layer, index: int, x: torch.Tensor, start: int) -> torch.Tensor:
+    def attention_block(self, layer, index: int, x: torch.Tensor, start: int) -> torch.Tensor:
         # this rank's heads, then the sum over ranks  # x: (T, D) -> (T, D) float32
-        return self.comm.all_reduce(super()._attention(layer, index, x, start).float(), "attention")
+        return self.comm.all_reduce(super().attention_block(layer, index, x, start).float(), "attention")
 
-    def _ffn(self, layer: nn.Module, x: torch.Tensor, hire: bool) -> torch.Tensor:
+    def ffn_block(self, layer: nn.Module, x: torch.Tensor, hire: bool) -> torch.Tensor:
         return self.tp_ffns[id(layer)](x, self.mode if hire else "dense")
 
     def logits(self, hidden: torch.Tensor, hire: bool):

@@ -18,7 +18,7 @@ from hire.config import HiReConfig
 from hire.engine.plan import LayerPlan, NotFusable, layer_plans, native_steps
 from hire.engine.sampling import PROBE_EVERY, DensePolicy, SamplingStats, needs_tail, sample
 from hire.layers import HiReFFN
-from hire.layers.head import TailBound, exact_logits
+from hire.layers.head import TailBound, exact_logits, native_rows_for
 from hire.proxies import LowRankProxy
 from hire.patch import hire_layers, sparsify_
 from hire.quant.tensor import QLinear, QTensor, fuse_rows
@@ -129,6 +129,7 @@ class Engine:
         # a GGUF-quantized head stays in its codes (head_weight is then its QTensor)
         self.head_weight = _weight(head.base_layer if self.head is not None else head)
         self.head_bias = (head.base_layer if self.head is not None else head).bias  # (V,) or None
+        self.head_native = native_rows_for(self.head_weight)  # the dense head on the kernels (decided here, as layers do)
         # temperature / top-p sampling past the head's candidates (hire.engine.sampling); False: among
         # the candidates only (the law before exact sampling, kept for comparison)
         self.sample_tail = True
@@ -198,7 +199,9 @@ class Engine:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
-    def _attention(self, layer: _Layer, index: int, x: torch.Tensor, start: int) -> torch.Tensor:
+    def attention_block(self, layer: _Layer, index: int, x: torch.Tensor, start: int) -> torch.Tensor:
+        """One layer's attention on the eager step (a hook: the tensor-parallel engine overrides it
+        with its heads and a sum over ranks)."""
         # x: (T, D) normalised input, positions start..start+T-1 -> (T, D)
         T = x.shape[0]
         q, k, v = _linear(x, layer.qkv, layer.qkv_bias).split(
@@ -231,7 +234,7 @@ class Engine:
         )  # (1, Hq, T, hd)
         return _linear(out[0].transpose(0, 1).reshape(T, -1), layer.o, layer.o_bias)
 
-    def _ffn(self, layer: nn.Module, x: torch.Tensor, hire: bool) -> torch.Tensor:
+    def ffn_block(self, layer: nn.Module, x: torch.Tensor, hire: bool) -> torch.Tensor:
         mlp = getattr(layer, self.mlp)
         if isinstance(mlp, HiReFFN):
             return mlp.decode(x) if hire and x.shape[0] == 1 else mlp.base_layer(x)
@@ -320,10 +323,10 @@ class Engine:
         for i, layer in enumerate(self.layers):
             t = time.perf_counter() if timing else 0.0
             n = layer.norms
-            a = self._attention(layer, i, n[spec.pre_attention_norm](h, dt), start)
+            a = self.attention_block(layer, i, n[spec.pre_attention_norm](h, dt), start)
             h = h + (n[spec.post_attention_norm](a, torch.float32) if spec.post_attention_norm else a.float())
             t = self._clock("attention", t) if timing else t
-            f = self._ffn(layer.module, n[spec.pre_ffn_norm](h, dt), hire)
+            f = self.ffn_block(layer.module, n[spec.pre_ffn_norm](h, dt), hire)
             h = h + (n[spec.post_ffn_norm](f, torch.float32) if spec.post_ffn_norm else f.float())
             if timing:
                 self._clock("ffn", t)
@@ -335,7 +338,7 @@ class Engine:
         if hire and self.head is not None:
             out = self.head.decode(hidden)
         else:  # float32 logits (also: an argmax over float16 is several times slower on CPU, 1.2 ms for Gemma's 262k)
-            out = exact_logits(hidden, self.head_weight, None, self.head_bias), None
+            out = exact_logits(hidden, self.head_weight, None, self.head_bias, self.head_native), None
         if self._timing is not None:
             self._clock("head", t)
         return out
@@ -343,7 +346,7 @@ class Engine:
     @torch.no_grad()
     def log_prob(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """log p(target) under the exact logits over the whole vocabulary.  # hidden: (1, D), target: (1,) -> (1,)"""
-        logits = exact_logits(hidden, self.head_weight, None, self.head_bias)  # (1, V)
+        logits = exact_logits(hidden, self.head_weight, None, self.head_bias, self.head_native)  # (1, V)
         return logits.gather(-1, target.view(1, 1))[:, 0] - logits.logsumexp(-1)
 
     def kernel_report(self) -> dict:
