@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hire.bench import run_bench
+from hire.bench.decode import file_report
 import hire.bench.llama_cpp as llama_cpp
 from hire.bench.llama_cpp import (
     ENV_VAR,
@@ -292,3 +293,110 @@ def test_bench_cli_json(model_dir, capsys, tmp_path):  # noqa: F811
                               "reason": "no GGUF file for this model (llama.cpp reads GGUF only)"}
     assert not (tmp_path / "args").exists()
     assert (tmp_path / "p.png").exists()
+    _check_parts(r, breakdown=False)
+    assert r["file_tensor_bytes"] is None and r["bytes_read_over_file"] is None and "not a GGUF" in r["file_note"]
+
+
+def _check_parts(r: dict, breakdown: bool = True) -> None:
+    """The per-part table of a report: every mode's parts and total, bytes summing to the total read
+    per token, the ms those of the breakdown, gb_s = bytes / ms."""
+    assert set(r["parts"]) == {"dense", "hire"}
+    for mode, table in r["parts"].items():
+        assert list(table) == ["head", "ffn", "attention", "other", "total"]
+        assert all(set(row) == {"ms", "bytes", "gb_s"} for row in table.values())
+        nbytes = r[f"bytes_{mode}"]
+        assert table["total"]["bytes"] == sum(table[p]["bytes"] for p in ("head", "ffn", "attention", "other"))
+        assert table["total"]["bytes"] == r[f"bytes_per_token_{mode}"]
+        assert table["other"]["bytes"] == nbytes["other"] + nbytes["embedding"]  # the embedding's row is "other"
+        assert all(table[p]["bytes"] == nbytes[p] for p in ("head", "ffn", "attention"))
+        if not breakdown:
+            assert all(row["ms"] is None and row["gb_s"] is None for row in table.values())
+            continue
+        ms = r[f"ms_per_part_{mode}"]
+        assert all(table[p]["ms"] == ms[p] for p in ("head", "ffn", "attention", "other"))
+        assert table["total"]["ms"] == pytest.approx(sum(ms.values()))
+        for row in table.values():  # "other" (the step less the timed parts) may be floored at 0 ms
+            assert row["gb_s"] == (pytest.approx(row["bytes"] / row["ms"] / 1e6) if row["ms"] else None)
+    if breakdown:  # the roofline's FFN figure is the table's
+        assert r["ffn_gb_s_dense"] == pytest.approx(r["parts"]["dense"]["ffn"]["gb_s"])
+    assert r["machine_gb_s"] > 0
+
+
+def test_the_per_part_table_joins_ms_and_bytes(tmp_path):
+    r = run_bench(_engine(), PROMPT, tokens=6, rounds=1, progress=False, prefill_tokens=None)
+    _check_parts(r)
+    assert r["parts"]["hire"]["head"]["bytes"] < r["parts"]["dense"]["head"]["bytes"]  # candidates, not the vocabulary
+    assert r["parts"]["hire"]["attention"] == {**r["parts"]["hire"]["attention"],
+                                               "bytes": r["parts"]["dense"]["attention"]["bytes"]}
+    assert json.loads(json.dumps(r))["parts"] == r["parts"]  # plain JSON
+    r["model"] = "tiny"
+    lines = format_bench(r).splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("per part, per token"))
+    head = lines[header + 1].split()
+    d = r["parts"]["dense"]["head"]
+    assert head[0] == "head" and head[1] == f"{d['ms']:.2f}" and head[3] == f"{d['bytes'] / 2**20:.2f}"
+    assert head[5] == f"{d['gb_s']:.2f}"
+    assert lines[header + 5].startswith("total (breakdown run)")
+    assert lines[header + 6].startswith(f"machine read bandwidth {r['machine_gb_s']:.1f} GB/s")
+    quick = run_bench(_engine(), PROMPT, tokens=4, rounds=1, progress=False, breakdown=False)
+    _check_parts(quick, breakdown=False)  # bytes still, no ms
+    quick["model"] = "tiny"
+    assert "head" in format_bench(quick) and " - " in format_bench(quick)
+
+
+def _gguf_bytes_from_shapes(path) -> int:
+    """A GGUF's tensor bytes from its tensors' shapes and block formats (not from the reader's n_bytes)."""
+    from gguf import GGML_QUANT_SIZES, GGUFReader
+
+    total = 0
+    for t in GGUFReader(str(path)).tensors:
+        block, size = GGML_QUANT_SIZES[t.tensor_type]
+        total += int(t.n_elements) // block * size
+    return total
+
+
+def test_gguf_tensor_bytes_sum_the_file_s_tensors_once(tmp_path):
+    from gguf import GGUFReader
+
+    from hire.eval.bytes import gguf_tensor_bytes
+    from hire.quant.load import meta_entry
+    from test_quant import write_gguf
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path)
+    names = [t.name for t in GGUFReader(str(path)).tensors]
+    assert "token_embd.weight" in names and "output.weight" not in names  # tied: the head is token_embd
+    expected = _gguf_bytes_from_shapes(path)
+    assert gguf_tensor_bytes(path) == expected  # from the loader's cached table
+    (meta_entry(path) / "tensors.json").unlink()
+    assert gguf_tensor_bytes(path) == expected  # from the file's header
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        gguf_tensor_bytes(tmp_path / "junk.gguf") if (tmp_path / "junk.gguf").write_bytes(b"nope") else None
+
+
+def test_bench_of_a_gguf_reports_its_file_bytes_against_the_bytes_read(tmp_path, capsys):
+    from test_quant import write_gguf
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path)
+    args = ["bench", "--model", str(path), "--rounds", "1", "--tokens", "4", "--prefill-tokens", "0",
+            "--head-proxy", "int8", "--head-candidates", "64"]
+    assert main(args + ["--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    _check_parts(r)
+    assert r["weights"] == "gguf" and r["file_tensor_bytes"] == _gguf_bytes_from_shapes(path)
+    ratio = r["bytes_read_over_file"]
+    assert ratio["dense"] == pytest.approx(r["bytes_per_token_dense"] / r["file_tensor_bytes"])
+    assert ratio["hire"] == pytest.approx(r["bytes_per_token_hire"] / r["file_tensor_bytes"])
+    # a dense step reads each of the file's tensors about once (the tied head fully, one embedding row);
+    # the F32 norms count at 16 bits, the embedding's row once more than the file has
+    assert 0.95 < ratio["dense"] < 1.05  # (HiRE here reads more: an int8 proxy of a 384-row Q8_0 head)
+    assert main(args + ["--no-breakdown"]) == 0
+    text = capsys.readouterr().out
+    assert "per part, per token" in text
+    assert f"file tensors {r['file_tensor_bytes'] / 2**20:.2f} MiB, read per token / file: dense " in text
+    # run dequantized (this tiny GGUF has no tokenizer to dequantize it with: the report alone), the file's
+    # bytes stand but no ratio: the engine reads 16-bit copies
+    dequantized = file_report(path, {"weights": "float16", "bytes_per_token_dense": 1, "bytes_per_token_hire": 1})
+    assert dequantized["file_tensor_bytes"] == r["file_tensor_bytes"] and dequantized["bytes_read_over_file"] is None
+    assert "dequantized" in dequantized["file_note"]

@@ -3,7 +3,9 @@
 Rounds alternate dense, HiRE, dense, HiRE... after a warm-up of each, so drift of a shared,
 noisy machine hits both alike. Speed is decode tokens/s (the first token, which comes from the
 prefill, is excluded). Bytes per token are the weights each decode step reads (hire.eval.bytes);
-achieved bandwidth = bytes x tokens/s, the roofline number that matters for decoding.
+achieved bandwidth = bytes x tokens/s, the roofline number that matters for decoding. The report's
+``parts`` joins, per mode and part, the breakdown's ms per token with the part's bytes and their
+GB/s; for a GGUF model the file's tensor bytes stand against the bytes read per token.
 
 With an outside anchor (llama.cpp's llama-bench, hire.bench.llama_cpp) each round is dense, HiRE,
 our prefill of ``prefill_tokens``, then llama-bench's tg and pp tests, each on each llama.cpp build
@@ -26,7 +28,7 @@ from hire.calibrate.prepare import load_for_decode
 from hire.config import HiReConfig
 from hire.data import CALIBRATION_WINDOWS
 from hire.engine import Engine
-from hire.eval.bytes import bytes_per_token
+from hire.eval.bytes import bytes_per_token, gguf_tensor_bytes
 from hire.files import refuse_overwrite
 from hire.models.load import gguf_source
 from hire.quant import quantized_matrices
@@ -103,6 +105,44 @@ def roofline(result: dict) -> dict:
     if "machine_gb_s" in result:
         out["dense_vs_machine_gb_s"] = result["bandwidth_gb_s_dense"] / result["machine_gb_s"]
     return out
+
+
+TABLE_PARTS = ("head", "ffn", "attention", "other")  # "other": the embedding's row, norms and the rest of a step
+
+
+def part_table(nbytes: dict, ms: dict | None) -> dict:
+    """One mode's per-part figures, ``{part: {"ms", "bytes", "gb_s"}}`` over TABLE_PARTS and
+    "total": ``nbytes`` is the mode's :func:`bytes_per_token`, ``ms`` its :func:`part_times` (None:
+    no breakdown, so ms and gb_s are None). The step's clock cannot tell the embedding from the rest,
+    so "other" has the embedding's bytes with its own; "total" is the parts' sums (its ms: the
+    breakdown run's step, not the rounds' median). gb_s = bytes / ms / 1e6, None where ms is 0 (the
+    clock found no time: "other" is the step less the timed parts, floored at 0)."""
+    out = {}
+    for part in TABLE_PARTS:
+        b = nbytes[part] + (nbytes["embedding"] if part == "other" else 0)
+        out[part] = {"ms": None if ms is None else ms[part], "bytes": int(b)}
+    out["total"] = {"ms": None if ms is None else sum(ms[p] for p in TABLE_PARTS),
+                    "bytes": int(sum(out[p]["bytes"] for p in TABLE_PARTS))}
+    for row in out.values():
+        row["gb_s"] = row["bytes"] / row["ms"] / 1e6 if row["ms"] else None  # None: no time measured
+    return out
+
+
+def file_report(gguf: Path | None, result: dict) -> dict:
+    """The model file's tensor bytes against the bytes read per token: ``file_tensor_bytes`` (a
+    GGUF's header, :func:`gguf_tensor_bytes`) and ``bytes_read_over_file`` per mode, the dense one
+    ~1 when a step reads each weight once (target <= 1.05). None where it does not apply, with
+    ``file_note``: a Hugging Face directory (no GGUF), or a GGUF run dequantized (the engine reads
+    16-bit copies, not the file's codes: its tensor bytes are given, no ratio)."""
+    if gguf is None:
+        return {"file_tensor_bytes": None, "bytes_read_over_file": None,
+                "file_note": "not a GGUF model: no file of the weights as read"}
+    n = gguf_tensor_bytes(gguf)
+    if result.get("weights") != "gguf":
+        return {"file_tensor_bytes": n, "bytes_read_over_file": None,
+                "file_note": "run dequantized: the engine reads 16-bit copies, not the file's codes"}
+    return {"file_tensor_bytes": n, "bytes_read_over_file": {
+        mode: result[f"bytes_per_token_{mode}"] / n for mode in ("dense", "hire")}}
 
 
 def _decode_rate(run, tokens: int) -> float:
@@ -278,6 +318,7 @@ def run_bench(
         result["overhead_dense"] = op_overhead(engine, prompt, tokens, hire=False)
         result["overhead_hire"] = op_overhead(engine, prompt, tokens, hire=True)
         result.update(roofline(result))
+    result["parts"] = {mode: part_table(nbytes[mode], result.get(f"ms_per_part_{mode}")) for mode in ("dense", "hire")}
     return result
 
 
@@ -339,6 +380,7 @@ def bench_model(
         result["weight_formats"] = sorted({q.format for q in quantized_matrices(model).values()})
     result.update(run_bench(engine, ids, tokens=tokens, rounds=rounds, warmup=warmup, breakdown=breakdown,
                             progress=progress, prefill_tokens=prefill_tokens or None, anchor=anchor))
+    result.update(file_report(gguf, result))
     result.update(extra)
     if "tokens_per_s_transformers" in result:
         result["engine_dense_vs_transformers"] = result["tokens_per_s_dense"] / result["tokens_per_s_transformers"]

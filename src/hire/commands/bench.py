@@ -86,14 +86,9 @@ def format_bench(r: dict) -> str:
         f"{'achieved GB/s':22s} {r['bandwidth_gb_s_dense']:10.2f} {r['bandwidth_gb_s_hire']:10.2f}"
         f"   machine {r['machine_gb_s']:.1f} GB/s (dense reaches {100 * r['dense_vs_machine_gb_s']:.0f} %)",
     ]
+    if "parts" in r:
+        lines += format_parts(r)
     if "ms_per_part_dense" in r:
-        lines.append("")
-        lines.append(f"{'per part':22s} {'ms dense':>10s} {'ms HiRE':>10s} {'MiB dense':>10s} {'MiB HiRE':>10s}")
-        for part in ("head", "ffn", "attention", "other"):
-            bd = r["bytes_dense"][part] + (r["bytes_dense"]["embedding"] if part == "other" else 0)
-            bh = r["bytes_hire"][part] + (r["bytes_hire"]["embedding"] if part == "other" else 0)
-            lines.append(f"{part:22s} {r['ms_per_part_dense'][part]:10.2f} {r['ms_per_part_hire'][part]:10.2f} "
-                         f"{bd * mb:10.1f} {bh * mb:10.1f}")
         od, oh = r["overhead_dense"], r["overhead_hire"]
         lines.append(f"{'Python/dispatch ms':22s} {od['ms_overhead_per_token']:10.2f} {oh['ms_overhead_per_token']:10.2f}"
                      "   (wall time outside operators, torch.profiler)")
@@ -111,6 +106,34 @@ def format_bench(r: dict) -> str:
     lines.append(f"greedy tokens identical, dense vs HiRE: {100 * r['greedy_agreement_last_round']:.0f} % "
                  f"(kernels {r['hire_kernels']})")
     return "\n".join(lines)
+
+
+def _cell(value, spec: str, width: int) -> str:
+    return f"{'-':>{width}s}" if value is None else f"{value:{width}{spec}}"
+
+
+def format_parts(r: dict) -> list[str]:
+    """The per-part table (``r["parts"]``): per token, ms, MiB read and GB/s, dense and HiRE, then the
+    machine's read bandwidth and, for a GGUF, the file's tensor bytes against the bytes read."""
+    mb = 1 / 2**20
+    d, h = r["parts"]["dense"], r["parts"]["hire"]
+    lines = ["", f"{'per part, per token':22s} {'ms dense':>9s} {'ms HiRE':>9s} {'MiB dense':>10s} {'MiB HiRE':>10s} "
+                 f"{'GB/s dense':>10s} {'GB/s HiRE':>10s}"]
+    names = {"other": "embedding row+other", "total": "total (breakdown run)"}
+    for part in d:
+        lines.append(f"{names.get(part, part):22s} {_cell(d[part]['ms'], '.2f', 9)} {_cell(h[part]['ms'], '.2f', 9)} "
+                     f"{d[part]['bytes'] * mb:10.2f} {h[part]['bytes'] * mb:10.2f} "
+                     f"{_cell(d[part]['gb_s'], '.2f', 10)} {_cell(h[part]['gb_s'], '.2f', 10)}")
+    line = f"machine read bandwidth {r['machine_gb_s']:.1f} GB/s (a 512 MiB read, same run)"
+    if r.get("file_tensor_bytes") is not None:
+        line += f"; file tensors {r['file_tensor_bytes'] * mb:.2f} MiB"
+        ratio = r.get("bytes_read_over_file")
+        if ratio:
+            line += f", read per token / file: dense {ratio['dense']:.3f}x, HiRE {ratio['hire']:.3f}x (dense target <= 1.05x)"
+    if r.get("file_note"):
+        line += f" ({r['file_note']})"
+    lines.append(line)
+    return lines
 
 
 def _rounds(values: list[float]) -> str:

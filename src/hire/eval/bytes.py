@@ -4,9 +4,16 @@ in its block codes, hire.quant, counts its codes, scales and mins).
 Dense counts every weight a token touches once (of the embedding, one row). HiRE counts the
 proxies it streams plus the exact rows it computes. The KV cache is left out: it depends on the
 context length, not on HiRE.
+
+:func:`gguf_tensor_bytes` is the yardstick for a GGUF model: its file's tensor bytes, which a dense
+step over the codes should read about once (a tied head is one tensor: read fully as the head, and
+one row of it as the embedding).
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from torch import nn
 
@@ -78,3 +85,25 @@ def bytes_per_token(model: nn.Module) -> dict:
     # the head in 16 bits, whatever it is stored in: the yardstick of head_bytes_fraction_16bit
     dense["head_16bit"] = head_base.out_features * head_base.in_features * BYTES_16
     return {"dense": dense, "hire": hire}
+
+
+def gguf_tensor_bytes(path: str | Path) -> int:
+    """The bytes of every tensor in the GGUF file ``path``: the sum of its header's tensor sizes (a
+    head tied to token_embd is no tensor of its own, so counted once). The tensor table comes from
+    the loader's metadata cache (hire.quant.load, keyed on the file's size and mtime) when it is
+    complete, else from the ``gguf`` package's reader (~10 s for a 262k-token vocabulary)."""
+    from hire.files import verify_cache
+    from hire.quant.load import TABLE, check_gguf_header, meta_entry
+
+    path = Path(path)
+    check_gguf_header(path)
+    entry = meta_entry(path)
+    if (entry / TABLE).is_file() and verify_cache(entry) is None:
+        return sum(int(t["nbytes"]) for t in json.loads((entry / TABLE).read_text()))
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as err:  # gguf raises assorted errors on truncated files
+        raise ValueError(f"{path} is a corrupt or truncated GGUF file ({type(err).__name__}: {err})") from err
+    return sum(int(t.n_bytes) for t in reader.tensors)
