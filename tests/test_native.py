@@ -27,6 +27,7 @@ from hire.native import build
 from hire.native import ops as native_ops
 from hire.patch import hire_layers, sparsify_
 from hire.proxies import LowRankProxy
+from hire.proxies.lowrank import reference_block_select
 from tiny_models import make
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -581,8 +582,8 @@ def test_the_cascade_head_takes_the_fused_first_pass_and_keeps_its_candidates():
     assert lowrank.packed is not None
     x = torch.randn(1, 64, generator=g).half()
     fused = cascade.decode_select(x)
-    z = torch.nn.functional.linear(x, lowrank._v)
-    first = native.reference_lowrank_block_topk(z, lowrank._u.codes, lowrank._u.row_scales, 64, 8)
+    assert lowrank.block_pack(64) is not None  # the first pass ran block by block (z = V x in the kernel)
+    first = reference_block_select(x, lowrank._v, lowrank._u.codes, lowrank._u.row_scales, 64, 8)[0]
     sub = cascade.proxies[1].decode_scores_rows(x, first)
     eager = first[sub[0].topk(64, sorted=False).indices]
     assert sorted(fused[0].tolist()) == sorted(eager.tolist())

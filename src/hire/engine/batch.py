@@ -134,18 +134,12 @@ class BatchDecoder:
         if self.dense_batch is not None and hidden.shape[0] >= self.dense_batch:
             self.stats.batch_dense += 1
             return self._rows(hidden, None), None
-        picks = [head.selector.decode_select(hidden[j : j + 1])[0] for j in range(hidden.shape[0])]  # (k',) each
-        if len(picks) == 1:
-            union = picks[0]
-        else:  # (m,) sorted; a mask over the vocabulary, not a sort of B * k' ids (Gemma, B 8: 0.6 ms against 1.2)
-            member = torch.zeros(self.vocab_size, dtype=torch.bool)
-            member[torch.cat(picks)] = True
-            union = member.nonzero()[:, 0]
+        union, candidates = head.select_union(hidden)  # (m,) ascending; one pass over the proxy for all rows
         s = self.stats
         s.steps += 1
         s.rows += hidden.shape[0]
         s.head_union += union.numel()
-        s.head_candidates += picks[0].numel()
+        s.head_candidates += candidates
         if union.numel() > self.dense_above * self.vocab_size:
             s.head_dense += 1
             return self._rows(hidden, None), None

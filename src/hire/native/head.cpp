@@ -211,12 +211,376 @@ Tensor lowrank_block_topk(Tensor z, Tensor packed, Tensor scales, int64_t blocks
   return out;
 }
 
+// ---- The first pass in block-major order (the decode path) ----------------------------------------
+//
+// lowrank_block_topk above scores tiles of 16 consecutive rows, i.e. one row of each of 16 blocks, so
+// no block is complete before the whole of U is read, and the selection is a second pass over every
+// score (Gemma's head: ~0.75 ms of scores, then ~0.1 ms for a threshold and ~0.9 ms selecting, of a
+// 1.9 ms call). Packed block-major instead (pack_lowrank_blocks: a tile is 16 rows of ONE block, a
+// block's tiles are contiguous, and the row scales and biases follow the same order), each block is
+// scored (32 KB of codes for Gemma) and selected from its scores while they are in L1, in one stream
+// over U per thread, threads owning ranges of blocks; no second pass, no sharing between threads.
+//
+// The selection of a block: its best `per` rows by (score desc, row asc), NaN after every real score.
+// A running threshold q per activation keeps the sort short: the rows above q are the candidates
+// (about per + 3 sqrt(per) + 4 of them, q being the previous block's target-th best score); a block
+// with fewer than `per` rows above q is selected from all its rows, so the result is exact whatever q
+// is (q only decides the work).
+//
+// z = V x is computed here too (float64 sums of the exact products, rounded to float32, so that
+// torch's float64 product gives the same z: hire.proxies.lowrank.reference_block_select), then
+// quantized to int8 with one scale per activation, as lowrank_block_topk does.
+//
+// The rows come back in ascending order (the exact head then reads them in address order), from a
+// bitmap per activation; with `with_union`, the union of the B activations' rows too (one batched
+// decode step computes the union's rows for every activation).
+namespace {
+
+// codes (V, r) int8, blocks -> (blocks, S/16, r/4, 16, 4) bytes (code + kBias), S = V / blocks: tile t of
+// block b holds rows b + (16 t + j) blocks, j = 0..15
+Tensor pack_block_codes(const Tensor& codes, int64_t blocks) {
+  const int64_t v = codes.size(0), r = codes.size(1), stripe = v / blocks;
+  auto u = (codes.to(torch::kInt) + kBias).to(kBias ? torch::kByte : torch::kChar);  // (V, r)
+  // row = s * blocks + b, s = 16 t + j, column = 4 g + k
+  return u.view({stripe / kTile, kTile, blocks, r / 4, 4}).permute({2, 0, 3, 1, 4}).contiguous();
+}
+
+// sum of the exact products v[i] * x[i] in float64, rounded to float32
+template <typename T>
+float dot_f64(const T* v, const double* x, int64_t n) {
+  int64_t i = 0;
+  double s = 0.0;
+#if defined(__AVX512F__)
+  __m512d a0 = _mm512_setzero_pd(), a1 = _mm512_setzero_pd();
+  for (; i + 16 <= n; i += 16) {
+    const __m512 w = load_w(v + i);
+    a0 = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(w)), _mm512_loadu_pd(x + i), a0);
+    a1 = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(w), 1))),
+                         _mm512_loadu_pd(x + i + 8), a1);
+  }
+  s = _mm512_reduce_add_pd(_mm512_add_pd(a0, a1));
+#elif !HIRE_SCALAR
+  __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 w = load_w(v + i);
+    a0 = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(w)), _mm256_loadu_pd(x + i), a0);
+    a1 = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(w, 1)), _mm256_loadu_pd(x + i + 4), a1);
+  }
+  const __m256d a = _mm256_add_pd(a0, a1);
+  __m128d h = _mm_add_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
+  s = _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+#endif
+  for (; i < n; ++i) s += static_cast<double>(to_f(v[i])) * x[i];  // the products are exact in float64
+  return static_cast<float>(s);
+}
+
+// The scores of one tile (16 rows) for NB activations: out[a * ld + j] = scale_j * sum_k code_jk zq_ak
+// (+ bias_j * inv_a), with z4[a * zld + g] = activation a's codes of columns 4g..4g+3.
+template <int NB>
+inline void tile_scores_nb(const uint8_t* tile, const int32_t* z4, int64_t zld, int64_t groups,
+                           const int32_t* offset, const float* scale, const c10::Half* bias, const float* inv,
+                           float* out, int64_t ld) {
+#if defined(__AVX512BW__)
+  __m512i acc[NB];
+  for (int a = 0; a < NB; ++a) acc[a] = _mm512_set1_epi32(-offset[a]);
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512i t = _mm512_loadu_si512(tile + g * 64);
+#if defined(__AVX512VNNI__)
+    for (int a = 0; a < NB; ++a) acc[a] = _mm512_dpbusd_epi32(acc[a], t, _mm512_set1_epi32(z4[a * zld + g]));
+#else  // signed codes: |code| times z with code's sign, in 16-bit pairs that cannot saturate
+    const __m512i ta = _mm512_abs_epi8(t);
+    const __mmask64 neg = _mm512_movepi8_mask(t);
+    for (int a = 0; a < NB; ++a) {
+      const __m512i zb = _mm512_set1_epi32(z4[a * zld + g]);
+      const __m512i zs = _mm512_mask_sub_epi8(zb, neg, _mm512_setzero_si512(), zb);
+      acc[a] = _mm512_add_epi32(acc[a], _mm512_madd_epi16(_mm512_maddubs_epi16(ta, zs), _mm512_set1_epi16(1)));
+    }
+#endif
+  }
+  const __m512 sc = _mm512_loadu_ps(scale);
+  const __m512 bs = bias ? load_w(bias) : _mm512_setzero_ps();
+  for (int a = 0; a < NB; ++a) {
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[a]), sc);
+    if (bias) v = _mm512_add_ps(v, _mm512_mul_ps(bs, _mm512_set1_ps(inv[a])));
+    _mm512_storeu_ps(out + a * ld, v);
+  }
+#elif !HIRE_SCALAR
+  __m256i acc0[NB], acc1[NB];
+  for (int a = 0; a < NB; ++a) acc0[a] = acc1[a] = _mm256_set1_epi32(-offset[a]);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256i t0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + g * 64));
+    const __m256i t1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + g * 64 + 32));
+    const __m256i a0 = _mm256_abs_epi8(t0), a1 = _mm256_abs_epi8(t1);
+    for (int a = 0; a < NB; ++a) {  // signed codes (no VNNI here): |code| times z with code's sign
+      const __m256i zb = _mm256_set1_epi32(z4[a * zld + g]);
+      acc0[a] = _mm256_add_epi32(acc0[a], _mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(zb, t0)), ones));
+      acc1[a] = _mm256_add_epi32(acc1[a], _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(zb, t1)), ones));
+    }
+  }
+  const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
+  for (int a = 0; a < NB; ++a) {
+    __m256 v0 = _mm256_mul_ps(_mm256_cvtepi32_ps(acc0[a]), s0);
+    __m256 v1 = _mm256_mul_ps(_mm256_cvtepi32_ps(acc1[a]), s1);
+    if (bias) {
+      const __m256 iv = _mm256_set1_ps(inv[a]);
+      v0 = _mm256_add_ps(v0, _mm256_mul_ps(load_w(bias), iv));
+      v1 = _mm256_add_ps(v1, _mm256_mul_ps(load_w(bias + 8), iv));
+    }
+    _mm256_storeu_ps(out + a * ld, v0);
+    _mm256_storeu_ps(out + a * ld + 8, v1);
+  }
+#else
+  for (int a = 0; a < NB; ++a) {
+    const int8_t* z = reinterpret_cast<const int8_t*>(z4 + a * zld);
+    for (int64_t j = 0; j < kTile; ++j) {
+      int32_t sum = -offset[a];
+      for (int64_t g = 0; g < groups; ++g)
+        for (int64_t k = 0; k < 4; ++k) sum += static_cast<int8_t>(tile[g * 64 + j * 4 + k]) * z[g * 4 + k];  // kBias is 0
+      float v = static_cast<float>(sum) * scale[j];
+      if (bias) v += to_f(bias[j]) * inv[a];
+      out[a * ld + j] = v;
+    }
+  }
+#endif
+}
+
+using TileFn = void (*)(const uint8_t*, const int32_t*, int64_t, int64_t, const int32_t*, const float*,
+                        const c10::Half*, const float*, float*, int64_t);
+constexpr int kMaxNB = 8;  // activations scored per read of a tile (registers: 8 accumulators)
+constexpr TileFn kTileFns[kMaxNB] = {tile_scores_nb<1>, tile_scores_nb<2>, tile_scores_nb<3>, tile_scores_nb<4>,
+                                     tile_scores_nb<5>, tile_scores_nb<6>, tile_scores_nb<7>, tile_scores_nb<8>};
+
+using Cand = std::pair<float, int32_t>;  // (score, stripe index within the block)
+inline bool better_or_nan(const Cand& a, const Cand& b) {
+  const bool a_nan = std::isnan(a.first), b_nan = std::isnan(b.first);
+  if (a_nan != b_nan) return b_nan;  // a real score before a NaN
+  if (!a_nan && a.first != b.first) return a.first > b.first;
+  return a.second < b.second;  // equal scores (or both NaN): the lower row first
+}
+
+// The scores above q (never NaN) and their indices, in index order, into val/idx (room for n + 16);
+// returns how many.
+inline int64_t above(const float* sc, int64_t n, float q, float* val, int32_t* idx) {
+  int64_t m = 0, i = 0;
+#if defined(__AVX512F__)
+  const __m512 vq = _mm512_set1_ps(q);
+  __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (; i + 16 <= n; i += 16, iota = _mm512_add_epi32(iota, _mm512_set1_epi32(16))) {
+    const __m512 v = _mm512_loadu_ps(sc + i);
+    const __mmask16 mask = _mm512_cmp_ps_mask(v, vq, _CMP_GT_OQ);
+    _mm512_storeu_ps(val + m, _mm512_maskz_compress_ps(mask, v));  // full stores, kept up to m
+    _mm512_storeu_si512(idx + m, _mm512_maskz_compress_epi32(mask, iota));
+    m += __builtin_popcount(mask);
+  }
+#elif !HIRE_SCALAR
+  const __m256 vq = _mm256_set1_ps(q);
+  for (; i + 8 <= n; i += 8) {
+    uint32_t mask = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(sc + i), vq, _CMP_GT_OQ)));
+    for (; mask; mask &= mask - 1) {
+      const int64_t j = i + __builtin_ctz(mask);
+      val[m] = sc[j];
+      idx[m++] = static_cast<int32_t>(j);
+    }
+  }
+#endif
+  for (; i < n; ++i)
+    if (sc[i] > q) {
+      val[m] = sc[i];
+      idx[m++] = static_cast<int32_t>(i);
+    }
+  return m;
+}
+
+// Scratch for select_block, one per thread.
+struct Scratch {
+  std::vector<float> val, tmp;
+  std::vector<int32_t> idx;
+  std::vector<Cand> all;
+  explicit Scratch(int64_t n) : val(n + 16), tmp(n + 16), idx(n + 16), all(n) {}
+};
+
+// One block's best `per` of its n scores (their indices into pick, ascending), exact; q: the running
+// threshold (NaN: none yet), updated to this block's target-th best score where it is known.
+void select_block(const float* sc, int64_t n, int64_t per, int64_t target, float& q, Scratch& w, int32_t* pick) {
+  const int64_t m = std::isnan(q) ? 0 : above(sc, n, q, w.val.data(), w.idx.data());
+  if (std::isnan(q) || m < per) {  // every row of the block, NaNs included: (score desc, row asc), NaN last
+    Cand* cand = w.all.data();
+    for (int64_t i = 0; i < n; ++i) cand[i] = {sc[i], static_cast<int32_t>(i)};
+    if (target < n) {
+      std::nth_element(cand, cand + (target - 1), cand + n, better_or_nan);
+      q = cand[target - 1].first;  // a NaN here leaves q unknown: the next block takes all its rows too
+    }
+    std::nth_element(cand, cand + (per - 1), cand + std::min(target, n), better_or_nan);
+    for (int64_t i = 0; i < per; ++i) pick[i] = cand[i].second;
+    std::sort(pick, pick + per);
+    return;
+  }
+  // the per-th best value t among the m real scores above q; all above t are kept, and of those equal
+  // to t the lowest rows (val/idx are in row order)
+  float* tmp = w.tmp.data();
+  std::copy(w.val.data(), w.val.data() + m, tmp);
+  std::nth_element(tmp, tmp + (per - 1), tmp + m, std::greater<float>());
+  const float t = tmp[per - 1];
+  if (m > target) {  // q was low: raise it to this block's target-th best
+    std::nth_element(tmp + per, tmp + (target - 1), tmp + m, std::greater<float>());
+    q = tmp[target - 1];
+  }
+  int64_t greater = 0;
+  for (int64_t i = 0; i < m; ++i) greater += w.val[i] > t;
+  int64_t ties = per - greater, k = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    const float v = w.val[i];
+    if (v > t || (v == t && ties-- > 0)) pick[k++] = w.idx[i];
+  }
+}
+
+}  // namespace
+
+// codes (V, r) int8, scales (V,) float32, bias (V,) float16 or none -> [codes in block-major tiles
+// (blocks, S/16, r/4, 16, 4), scales (blocks, S) float32, bias (blocks, S) float16 or empty], S = V / blocks
+std::vector<Tensor> pack_lowrank_blocks(Tensor codes, Tensor scales, std::optional<Tensor> bias, int64_t blocks) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kChar, "codes must be a 2-D int8 tensor");
+  const int64_t v = codes.size(0), r = codes.size(1);
+  TORCH_CHECK(blocks >= 1 && v % blocks == 0 && (v / blocks) % kTile == 0 && r % 4 == 0,
+              "the block-major low-rank proxy needs blocks dividing the rows into blocks of a multiple of ", kTile,
+              " rows and a rank in multiples of 4, got ", v, " x ", r, " in ", blocks, " blocks");
+  TORCH_CHECK(scales.numel() == v && scales.scalar_type() == torch::kFloat, "scales: float32, one per row (", v, ")");
+  TORCH_CHECK(!bias || (bias->numel() == v && bias->scalar_type() == torch::kHalf), "bias: float16, one per row (", v, ")");
+  const int64_t stripe = v / blocks;
+  auto bm = [&](const Tensor& t) { return t.reshape({stripe, blocks}).t().contiguous(); };  // row s * blocks + b -> (b, s)
+  return {pack_block_codes(codes, blocks), bm(scales), bias ? bm(*bias) : torch::empty({0}, torch::kHalf)};
+}
+
+// x: (B, D), v: (r, D) float32/16/bfloat16, packed/scales/bias from pack_lowrank_blocks, per: rows kept
+// per block -> (rows (B, blocks * per) int64 ascending, union (m,) int64 ascending, empty unless with_union)
+std::tuple<Tensor, Tensor> lowrank_select(Tensor x, Tensor v, Tensor packed, Tensor scales, std::optional<Tensor> bias,
+                                          int64_t per, bool with_union) {
+  TORCH_CHECK(packed.dim() == 5 && packed.size(3) == kTile && packed.size(4) == 4 && packed.is_contiguous() &&
+              packed.scalar_type() == (kBias ? torch::kByte : torch::kChar),
+              "packed must come from this build's pack_lowrank_blocks");
+  const int64_t blocks = packed.size(0), tpb = packed.size(1), groups = packed.size(2), r = groups * 4;
+  const int64_t stripe = tpb * kTile, n = blocks * stripe;
+  TORCH_CHECK(v.dim() == 2 && v.size(0) == r && v.is_contiguous() &&
+              (v.scalar_type() == torch::kFloat || v.scalar_type() == torch::kHalf || v.scalar_type() == torch::kBFloat16),
+              "v must be a contiguous float32, float16 or bfloat16 (", r, ", D) matrix, got ", v.sizes(), " ",
+              v.scalar_type());
+  const int64_t d = v.size(1);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == d && x.size(0) >= 1, "x must be (B, ", d, ") with B >= 1, got ", x.sizes());
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == blocks && scales.size(1) == stripe &&
+              scales.scalar_type() == torch::kFloat && scales.is_contiguous(),
+              "scales: float32 (", blocks, ", ", stripe, "), block-major (pack_lowrank_blocks)");
+  TORCH_CHECK(!bias || (bias->dim() == 2 && bias->size(0) == blocks && bias->size(1) == stripe &&
+                        bias->scalar_type() == torch::kHalf && bias->is_contiguous()),
+              "bias: float16 (", blocks, ", ", stripe, "), block-major (pack_lowrank_blocks)");
+  TORCH_CHECK(per >= 1 && per <= stripe, "per must be in [1, ", stripe, "], got ", per);
+  TORCH_CHECK(x.device().is_cpu() && v.device().is_cpu() && packed.device().is_cpu(), "CPU tensors only");
+  const int64_t batch = x.size(0);
+  // z = V x per activation, then its int8 codes (one scale each), 4 to an int32 for the broadcasts
+  auto xf = x.to(torch::kDouble).contiguous();
+  const double* xp = xf.data_ptr<double>();
+  std::vector<float> zf(batch * r), inv(batch);
+  std::vector<int32_t> z4(batch * groups), offset(batch);
+  std::vector<int8_t> zq(r);
+  for (int64_t a = 0; a < batch; ++a) {
+    for (int64_t k = 0; k < r; ++k) {
+      switch (v.scalar_type()) {
+        case torch::kFloat: zf[a * r + k] = dot_f64(v.data_ptr<float>() + k * d, xp + a * d, d); break;
+        case torch::kHalf: zf[a * r + k] = dot_f64(v.data_ptr<c10::Half>() + k * d, xp + a * d, d); break;
+        default: zf[a * r + k] = dot_f64(v.data_ptr<c10::BFloat16>() + k * d, xp + a * d, d); break;
+      }
+    }
+    inv[a] = 1.f / quantize_int8(zf.data() + a * r, r, zq.data());
+    int32_t zsum = 0;
+    for (int64_t k = 0; k < r; ++k) zsum += zq[k];
+    offset[a] = kBias * zsum;
+    std::memcpy(z4.data() + a * groups, zq.data(), r);
+  }
+  const uint8_t* pp = static_cast<const uint8_t*>(packed.data_ptr());
+  const float* sp = scales.data_ptr<float>();
+  const c10::Half* bp = bias ? reinterpret_cast<const c10::Half*>(bias->data_ptr()) : nullptr;
+  const int64_t target = std::min<int64_t>(stripe, per + static_cast<int64_t>(std::ceil(3.0 * std::sqrt(per))) + 4);
+  // each activation's rows as a bitmap over the vocabulary (the rows in ascending order from it); a
+  // bitmap per thread and activation, so that threads never write the same word
+  const int64_t words = (n + 63) / 64, k = blocks * per;
+  const int threads = at::get_num_threads();
+  std::vector<uint64_t> bits(static_cast<int64_t>(threads) * batch * words, 0);
+  std::vector<char> used(threads, 0);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    const int tid = at::get_thread_num();
+    used[tid] = 1;
+    uint64_t* mine = bits.data() + static_cast<int64_t>(tid) * batch * words;
+    std::vector<float> score(batch * stripe);
+    Scratch scratch(stripe);
+    std::vector<int32_t> pick(per);
+    std::vector<float> q(batch, std::numeric_limits<float>::quiet_NaN());  // running thresholds: none yet
+    const int64_t tile_bytes = groups * 64, t_end = b1 * tpb;
+    for (int64_t block = b0; block < b1; ++block) {
+      for (int64_t t = 0; t < tpb; ++t) {
+        const int64_t tile = block * tpb + t;
+        if (tile + kTilesAhead < t_end) {  // one stream per thread: keep enough lines in flight
+          const uint8_t* ahead = pp + (tile + kTilesAhead) * tile_bytes;
+          for (int64_t line = 0; line < groups; ++line) prefetch(ahead + line * 64);
+        }
+        const int64_t row = block * stripe + t * kTile;  // block-major row of the tile's first
+        for (int64_t a0 = 0; a0 < batch; a0 += kMaxNB) {
+          const int nb = static_cast<int>(std::min<int64_t>(kMaxNB, batch - a0));
+          kTileFns[nb - 1](pp + tile * tile_bytes, z4.data() + a0 * groups, groups, groups, offset.data() + a0,
+                           sp + row, bp ? bp + row : nullptr, inv.data() + a0, score.data() + a0 * stripe + t * kTile,
+                           stripe);
+        }
+      }
+      for (int64_t a = 0; a < batch; ++a) {
+        select_block(score.data() + a * stripe, stripe, per, target, q[a], scratch, pick.data());
+        uint64_t* bw = mine + a * words;
+        for (int64_t i = 0; i < per; ++i) {
+          const int64_t row = block + static_cast<int64_t>(pick[i]) * blocks;
+          bw[row >> 6] |= uint64_t{1} << (row & 63);
+        }
+      }
+    }
+  });
+  for (int tid = 1; tid < threads; ++tid)  // every thread's bits into the first's
+    if (used[tid]) {
+      const uint64_t* other = bits.data() + static_cast<int64_t>(tid) * batch * words;
+      for (int64_t w = 0; w < batch * words; ++w) bits[w] |= other[w];
+    }
+  auto rows = torch::empty({batch, k}, torch::kLong);
+  int64_t* rp = rows.data_ptr<int64_t>();
+  for (int64_t a = 0; a < batch; ++a) {
+    int64_t* out = rp + a * k;
+    const uint64_t* bw = bits.data() + a * words;
+    for (int64_t w = 0; w < words; ++w)
+      for (uint64_t m = bw[w]; m; m &= m - 1) *out++ = w * 64 + __builtin_ctzll(m);
+  }
+  Tensor uni = torch::empty({0}, torch::kLong);
+  if (with_union) {
+    if (batch == 1) {
+      uni = rows[0].clone();
+    } else {
+      for (int64_t a = 1; a < batch; ++a)
+        for (int64_t w = 0; w < words; ++w) bits[w] |= bits[a * words + w];
+      int64_t count = 0;
+      for (int64_t w = 0; w < words; ++w) count += __builtin_popcountll(bits[w]);
+      uni = torch::empty({count}, torch::kLong);
+      int64_t* out = uni.data_ptr<int64_t>();
+      for (int64_t w = 0; w < words; ++w)
+        for (uint64_t m = bits[w]; m; m &= m - 1) *out++ = w * 64 + __builtin_ctzll(m);
+    }
+  }
+  return {rows, uni};
+}
+
 HIRE_FRAGMENT(HIRE_OPS_NAMESPACE, m) {
   m.def("pack_lowrank(Tensor codes) -> Tensor");
   m.def("lowrank_block_topk(Tensor z, Tensor packed, Tensor scales, int blocks, int per, Tensor? bias=None) -> Tensor");
+  m.def("pack_lowrank_blocks(Tensor codes, Tensor scales, Tensor? bias, int blocks) -> Tensor[]");
+  m.def("lowrank_select(Tensor x, Tensor v, Tensor packed, Tensor scales, Tensor? bias, int per, bool with_union) -> (Tensor, Tensor)");
 }
 
 HIRE_FRAGMENT_IMPL(HIRE_OPS_NAMESPACE, CPU, m) {
   m.impl("pack_lowrank", &pack_lowrank);
   m.impl("lowrank_block_topk", &lowrank_block_topk);
+  m.impl("pack_lowrank_blocks", &pack_lowrank_blocks);
+  m.impl("lowrank_select", &lowrank_select);
 }

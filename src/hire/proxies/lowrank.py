@@ -16,11 +16,77 @@ a margin of spreads (``decode_bound``, hire.engine.sampling).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from hire import native
 from hire.proxies.kernels import QuantizedGEMV
 from hire.proxies.quantized_matrix import QuantizedMatrix
+
+
+class BlockPack(NamedTuple):
+    """U's int8 codes, row scales and row bias in block-major order for the native first pass
+    (``block_select``): block b holds rows b, b + blocks, b + 2 blocks, ... (``hire.topk.local_topk``'s
+    blocks), each block's rows one contiguous stretch, so a block is scored and selected in one go."""
+
+    codes: torch.Tensor  # (blocks, S/16, r/4, 16, 4) bytes, S = rows / blocks
+    scales: torch.Tensor  # (blocks, S) float32
+    bias: torch.Tensor | None  # (blocks, S) float16, or None
+    blocks: int
+
+
+def pack_blocks(codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, blocks: int,
+                ops=None) -> BlockPack:
+    """``codes`` (V, r) int8, ``scales`` (V,) float32, ``bias`` (V,) float16 or None -> a BlockPack.
+    Needs V / blocks rows per block in a multiple of 16 and r in a multiple of 4. ``ops``: another
+    build's torch.ops namespace (tests)."""
+    mod = ops or _native_ops()
+    packed, block_scales, block_bias = mod.pack_lowrank_blocks(codes, scales.float().contiguous(), bias, blocks)
+    return BlockPack(packed, block_scales, block_bias if bias is not None else None, blocks)
+
+
+def block_select(x: torch.Tensor, v: torch.Tensor, pack: BlockPack, per: int, with_union: bool = False,
+                 ops=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first pass for B activations in one native call over U: z = V x (float64 sums, rounded to
+    float32), z's int8 codes (one scale per activation), every row's score ``scale * (U z) + bias / z's
+    scale`` and each block's best ``per`` rows (score descending, then row ascending; NaN last), read
+    block by block. Every tile of U is read once for the B activations.
+    Returns each activation's rows in ascending order and, with ``with_union``, their union (ascending).
+    ``reference_block_select`` is the eager meaning.
+    # x: (B, D), v: (r, D) -> rows (B, blocks * per) int64, union (m,) int64 or None"""
+    mod = ops or _native_ops()
+    rows, union = mod.lowrank_select(x, v, pack.codes, pack.scales, pack.bias, per, with_union)
+    return rows, (union if with_union else None)
+
+
+def reference_block_select(x: torch.Tensor, v: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, blocks: int,
+                           per: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """What ``block_select`` selects, in eager torch, from the unpacked int8 ``codes`` (V, r): the same
+    float32 operations on exact integer sums, and its order among equal scores (the lower row) and NaNs
+    (after every real score; among them the lower row).
+    # x: (B, D), v: (r, D) -> (B, blocks * per) int64, each row ascending"""
+    z = (x.double() @ v.double().t()).float()  # (B, r): each sum of exact products, rounded once
+    out = []
+    for zb in z:
+        zq, scale = native.quantize_activation(zb)
+        sums = codes.to(torch.int64) @ zq.to(torch.int64)  # (V,) exact, below 2^24 in magnitude
+        score = sums.float() * scales.float()
+        if bias is not None:  # the kernel's units: the bias times 1 / z's scale, in float32
+            score = score + bias.float() * (1 / torch.tensor(scale, dtype=torch.float32))
+        cols = score.view(-1, blocks).t()  # (blocks, S): block b's rows b, b + blocks, ...
+        nan = cols.isnan()
+        order = cols.masked_fill(nan, float("-inf")).sort(dim=1, descending=True, stable=True).indices
+        order = order.gather(1, nan.gather(1, order).to(torch.int8).sort(dim=1, stable=True).indices)  # NaN last
+        keep = order[:, :per] * blocks + torch.arange(blocks)[:, None]  # (blocks, per) row ids
+        out.append(keep.reshape(-1).sort().values)
+    return torch.stack(out)
+
+
+def _native_ops():
+    if not native.available():
+        raise native.NativeUnavailableError(f"HiRE native kernels unavailable: {native.unavailable_reason()}")
+    return torch.ops.hire
 
 
 class LowRankProxy:
@@ -38,6 +104,7 @@ class LowRankProxy:
             if t is not None and (t.shape != (u.shape[0],) or t.dtype != dtype):
                 raise ValueError(f"the proxy's {name} must be ({u.shape[0]},) {dtype}, got {tuple(t.shape)} {t.dtype}")
         self.packed: torch.Tensor | None = None  # U for native.lowrank_block_topk (prepare_decode), when it applies
+        self._blocked: dict[int, BlockPack | None] = {}  # U block-major per block count (block_pack), decode
         self._v: torch.Tensor | None = None  # the decode layout (prepare_decode)
         self._u: QuantizedGEMV | torch.Tensor | None = None
 
@@ -148,18 +215,43 @@ class LowRankProxy:
         return out if self.bias is None else out + self.bias.to(out.dtype)[idx]
 
     def prepare_decode(self, dtype: torch.dtype) -> None:
-        self._v = self.v.to(dtype)
+        self._v = self.v.to(dtype).contiguous()
         self._u = QuantizedGEMV(self.u, dtype) if isinstance(self.u, QuantizedMatrix) else self.u.to(dtype)
         self.packed = None
+        self._blocked = {}
         if isinstance(self._u, QuantizedGEMV) and self._u.kind == "int8pack" and self.u.shape[0] % 16 == 0 \
                 and self.rank % 4 == 0 and native.usable(self._u.codes):
             self.packed = native.pack_lowrank(self._u.codes)
 
+    def block_pack(self, blocks: int) -> BlockPack | None:
+        """U block-major for ``blocks`` blocks (``block_select``), made on the first call after
+        prepare_decode; None where it does not apply (no int8 codes on the kernels, or the rows do not
+        split into blocks of a multiple of 16 rows)."""
+        if blocks not in self._blocked:
+            n = self.u.shape[0]
+            fits = (self.packed is not None and blocks > 0 and n % blocks == 0 and (n // blocks) % 16 == 0)
+            self._blocked[blocks] = pack_blocks(self._u.codes, self._u.row_scales, self.bias, blocks) if fits else None
+        return self._blocked[blocks]
+
     def decode_local_topk(self, x: torch.Tensor, k: int, blocks: int) -> torch.Tensor:
-        """``local_topk(decode_scores(x), k, blocks)`` in one native pass over U's codes (with x's
-        low-rank projection quantized to int8); needs ``packed``.  # x: (1, D) -> (1, k)"""
+        """``local_topk(decode_scores(x), k, blocks)`` as a set, in one native pass over U's codes (with
+        x's low-rank projection quantized to int8); needs ``packed``. With the block-major pack
+        (``block_pack``: z, scores and selection in one call) the rows come in ascending order, else
+        block by block.  # x: (1, D) -> (1, k)"""
+        pack = self.block_pack(blocks)
+        if pack is not None:
+            return block_select(x.reshape(1, -1), self._v, pack, k // blocks)[0]
         z = torch.nn.functional.linear(x.to(self._v.dtype), self._v)  # (1, r)
         return native.lowrank_block_topk(z, self.packed, self._u.row_scales, blocks, k // blocks, self.bias).view(1, -1)
+
+    def decode_local_topk_batch(self, x: torch.Tensor, k: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``decode_local_topk`` for B activations, U read once for all of them (``block_select``), and
+        the union of their rows; needs ``block_pack(blocks)``.  # x: (B, D) -> rows (B, k), union (m,),
+        ascending"""
+        pack = self.block_pack(blocks)
+        if pack is None:
+            raise ValueError(f"this proxy has no block-major pack for {blocks} blocks (block_pack)")
+        return block_select(x, self._v, pack, k // blocks, with_union=True)
 
     def decode_scores(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """``bias=False``: U (V x) alone, without the optimism bias.  # x: (1, D) -> (1, n)"""

@@ -1,0 +1,156 @@
+"""The head's decode path as it runs fast: the block-major first pass (pack_lowrank_blocks +
+lowrank_select: z = V x, every row's low-rank score and each block's best rows in one call, rows
+ascending) against its eager meaning (hire.proxies.lowrank.reference_block_select) on every SIMD build
+the machine has, ties and NaN scores included; the batched pass (one read of U for B tokens, and their
+union); and the head and batch decoder that use them."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hire import native
+from hire.config import FFNConfig, HeadConfig, HiReConfig
+from hire.engine import Engine
+from hire.engine.batch import BatchDecoder
+from hire.native import build
+from hire.proxies import LowRankProxy
+from hire.proxies.lowrank import block_select, pack_blocks, reference_block_select
+from test_native import VARIANTS
+from tiny_models import make
+
+BUILT = native.available()
+needs_kernels = pytest.mark.skipif(not BUILT, reason=f"native kernels: {native.unavailable_reason()}")
+
+
+@pytest.fixture(scope="module", params=["native", "avx2", pytest.param("scalar", marks=pytest.mark.slow)])
+def ops(request):
+    """torch.ops namespace of the default build or of a SIMD variant."""
+    name = request.param
+    if not BUILT:
+        pytest.skip(f"native kernels: {native.unavailable_reason()}")
+    if name == "native":
+        return torch.ops.hire
+    flags, runs_here = VARIANTS[name]
+    if not runs_here:
+        pytest.skip(f"the {name} build needs an x86 CPU with its instructions")
+    build.build_variant(name, flags)
+    return getattr(torch.ops, build.variant_namespace(name))
+
+
+def _case(seed, blocks, stripe, rank, width, batch, kind):
+    """Codes, scales, bias, V and x; ``kind``: "random" (no ties), "ties" (a few code and scale values:
+    many equal scores), "nan" (some NaN row scales)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = blocks * stripe
+    if kind == "ties":
+        codes = torch.randint(-1, 2, (rows, rank), generator=g, dtype=torch.int8)
+        scales = torch.full((rows,), 0.5)
+        bias = None
+    else:
+        codes = torch.randint(-127, 128, (rows, rank), generator=g, dtype=torch.int8)
+        scales = torch.rand(rows, generator=g) / 100 + 1e-4
+        # a row bias (the proxy's optimism) as large as the scores, so that it changes the choice
+        bias = (torch.rand(rows, generator=g) * scales * 127 * 40 * rank ** 0.5).half() if seed % 2 else None
+    if kind == "nan":
+        scales[torch.rand(rows, generator=g) < 0.3] = float("nan")
+    v = torch.randn(rank, width, generator=g).half()
+    x = torch.randn(batch, width, generator=g).half()
+    return codes, scales, bias, v, x
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31 - 1), blocks=st.sampled_from([16, 32, 48, 128]), tiles=st.integers(1, 6),
+       rank=st.sampled_from([4, 16, 64]), width=st.integers(1, 70), batch=st.integers(1, 10),
+       share=st.floats(0.0, 1.0), kind=st.sampled_from(["random", "ties", "nan"]))
+def test_block_select_is_the_reference_set(ops, seed, blocks, tiles, rank, width, batch, share, kind):
+    """Exactly the reference's rows (score descending, then the lower row; NaN after every real score),
+    ascending, for every activation of the batch, and their union."""
+    stripe = 16 * tiles
+    per = max(1, min(stripe, round(share * stripe)))
+    codes, scales, bias, v, x = _case(seed, blocks, stripe, rank, width, batch, kind)
+    pack = pack_blocks(codes, scales, bias, blocks, ops=ops)
+    rows, union = block_select(x, v, pack, per, with_union=True, ops=ops)
+    want = reference_block_select(x, v, codes, scales, blocks, per, bias)
+    assert rows.shape == (batch, blocks * per) and rows.dtype == torch.int64
+    assert torch.equal(rows, want)
+    assert torch.equal(union, torch.unique(want))
+    alone, none = block_select(x[:1], v, pack, per, ops=ops)
+    assert none is None and torch.equal(alone, want[:1])  # the same rows without the batch
+
+
+@needs_kernels
+def test_block_select_picks_per_rows_from_every_block():
+    codes, scales, bias, v, x = _case(1, 64, 64, 64, 96, 3, "random")
+    pack = pack_blocks(codes, scales, bias, 64)
+    rows, _ = block_select(x, v, pack, 8)
+    for r in rows:
+        assert (r[1:] > r[:-1]).all()  # ascending, no repeats
+        assert ((r % 64).bincount(minlength=64) == 8).all()
+
+
+@needs_kernels
+def test_block_select_refuses_bad_input():
+    codes = torch.zeros(256, 16, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="blocks of a multiple of 16 rows"):
+        pack_blocks(codes, torch.ones(256), None, 32)  # 8 rows per block
+    with pytest.raises(RuntimeError, match="scales: float32, one per row"):
+        pack_blocks(codes, torch.ones(255), None, 16)
+    pack = pack_blocks(codes, torch.ones(256), None, 16)
+    v = torch.zeros(16, 8)
+    with pytest.raises(RuntimeError, match=r"x must be \(B, 8\)"):
+        block_select(torch.zeros(1, 9), v, pack, 2)
+    with pytest.raises(RuntimeError, match=r"v must be a contiguous .* \(16, D\)"):
+        block_select(torch.zeros(1, 8), torch.zeros(15, 8), pack, 2)
+    with pytest.raises(RuntimeError, match=r"per must be in \[1, 16\]"):
+        block_select(torch.zeros(1, 8), v, pack, 17)
+    with pytest.raises(RuntimeError, match="pack_lowrank_blocks"):
+        block_select(torch.zeros(1, 8), v, pack._replace(codes=native.pack_lowrank(codes)), 2)
+
+
+@needs_kernels
+def test_lowrank_decode_takes_the_block_pass_and_keeps_local_topk_set():
+    """LowRankProxy.decode_local_topk on its block-major pack: the set local_topk keeps on the same
+    quantized scores (the old row-major kernel's set), ascending; the batch form gives each row's."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(4096, 64, generator=g)
+    proxy = LowRankProxy.from_weight(weight, 16, u_bits=8)
+    proxy.prepare_decode(torch.float16)
+    assert proxy.block_pack(64) is not None and proxy.block_pack(100) is None
+    x = torch.randn(3, 64, generator=g).half()
+    got = proxy.decode_local_topk(x[:1], 512, 64)
+    want = reference_block_select(x[:1], proxy._v, proxy._u.codes, proxy._u.row_scales, 64, 8)
+    assert torch.equal(got, want)
+    rows, union = proxy.decode_local_topk_batch(x, 512, 64)
+    assert torch.equal(rows[:1], got) and torch.equal(union, torch.unique(rows))
+
+
+def _engine(seed=0):
+    from hire.calibrate import fit_head_proxy
+
+    model = make("llama", seed=seed)  # vocabulary 384: 24 blocks of 16 rows
+    head = HeadConfig(k=4, candidates=96, proxy="lowrank", rank=16, rank_bits=8, select_blocks=24)
+    config = HiReConfig(head=head, ffn=FFNConfig(enabled=False))
+    proxy = fit_head_proxy(model, head, torch.randn(400, model.config.hidden_size, generator=torch.Generator().manual_seed(seed)))
+    return Engine(model, config, head_proxy=proxy, dtype=torch.float16, max_seq_len=32)
+
+
+@needs_kernels
+def test_the_head_decodes_its_block_selection_and_the_batch_its_union():
+    engine = _engine()
+    head = engine.head
+    first = head.selector.proxies[0]
+    assert isinstance(first, LowRankProxy) and first.block_pack(24) is not None  # made by prepare_decode
+    h = torch.randn(4, engine.hidden, generator=torch.Generator().manual_seed(1)).half()
+    rows = [head.decode(h[j : j + 1])[1][0] for j in range(4)]
+    for j, r in enumerate(rows):
+        want = reference_block_select(h[j : j + 1], first._v, first._u.codes, first._u.row_scales, 24,
+                                      head.selector.keep[0] // 24, first.bias)[0]
+        assert torch.equal(r, want)
+    union, count = head.select_union(h)
+    assert count == rows[0].numel() and torch.equal(union, torch.unique(torch.cat(rows)))
+    decoder = BatchDecoder(engine, 4, dense_above=1.0)
+    logits, idx = decoder.logits(h, hire=True)
+    assert torch.equal(idx[0], union) and logits.shape == (4, union.numel())
+    dense, _ = decoder.logits(h, hire=False)
+    torch.testing.assert_close(logits, dense[:, union], rtol=1e-5, atol=1e-5)
