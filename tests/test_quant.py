@@ -56,9 +56,15 @@ def test_code_planes_round_trip(bits, rows, chunks, seed):
     assert np.array_equal(unpack_codes(pack_codes(codes, bits), bits, codes.shape[1]), codes)
 
 
-def test_float16_scales_where_exact_else_float32():
+def test_float16_scales_where_exact_and_the_k_formats_keep_their_two_levels():
     assert QTensor.from_blocks("Q8_0", random_blocks("Q8_0", 4, 64, 0), (4, 64)).scales.dtype == torch.float16
-    assert QTensor.from_blocks("Q4_K", random_blocks("Q4_K", 4, 256, 0), (4, 256)).scales.dtype == torch.float32
+    for fmt, most in (("Q4_K", 148 / 144), ("Q5_K", 180 / 176), ("Q6_K", 1.0)):
+        data = random_blocks(fmt, 4, 512, 0)
+        q = QTensor.from_blocks(fmt, data, (4, 512))
+        assert q.two_level and q.scales.dtype == torch.int8 and q.supers.dtype == torch.float16
+        assert q.nbytes <= most * data.nbytes  # the file's bytes (Q4_K/Q5_K: 12 bytes of 6-bit scales as 16)
+        assert not q.to_layout("columns").two_level
+        assert q.take_rows(torch.tensor([2, 0])).supers.shape == (2, q.supers.shape[1])
 
 
 def test_a_wrong_block_count_is_a_clear_error():
@@ -133,7 +139,12 @@ def test_quantized_products_reject_bad_input():
     with pytest.raises(RuntimeError, match=r"row ids must be in \[0, 4\)"):
         native.qgemv(torch.randn(64), q, torch.tensor([4]))
     with pytest.raises(RuntimeError, match="4, 5, 6 or 8 bits"):
-        torch.ops.hire.qgemv(torch.randn(64), q.codes, q.scales, q.mins, 3, 32, 64, torch.empty(0, dtype=torch.long), 8)
+        torch.ops.hire.qgemv(torch.randn(64), q.codes, q.scales, q.mins, 3, 32, 64, torch.empty(0, dtype=torch.long), 8,
+                             q.supers)
+    k = QTensor.from_blocks("Q6_K", random_blocks("Q6_K", 4, 256, 0), (4, 256))
+    with pytest.raises(RuntimeError, match=r"super-scales must be float16 \(4, 1\)"):
+        torch.ops.hire.qgemv(torch.randn(256), k.codes, k.scales, k.mins, 6, 16, 256, torch.empty(0, dtype=torch.long),
+                             8, k.supers.float())
     qc = q.to_layout("columns")
     with pytest.raises(RuntimeError, match="3 coefficients for 2 columns"):
         native.qaxpy(qc, torch.tensor([0, 1]), torch.randn(3))
@@ -256,7 +267,9 @@ def test_the_engine_runs_the_codes_natively_like_its_eager_step(small_gguf):
         for pos in range(6, 30):
             token = torch.tensor([pos % ref.config.vocab_size])
             hidden = [e.forward(token, pos, hire=False) for e in (engine, eager)]
-            torch.testing.assert_close(hidden[0], hidden[1], rtol=1e-4, atol=1e-4)
+            # int16 activations: where the fused step's vectorised silu and torch's differ in the last bit,
+            # an FFN activation's int16 code can round the other way (a step of max|x| / 32512)
+            torch.testing.assert_close(hidden[0], hidden[1], rtol=3e-4, atol=3e-4)
     # and the float32 model's greedy tokens (int16 activations in the one-token products)
     fp = Engine(ref, None, dtype=torch.float32, max_seq_len=40)
     tokens = torch.randint(0, ref.config.vocab_size, (24,))

@@ -190,6 +190,6 @@ def native_steps(engine, model_class=None, plans: list[LayerPlan] | None = None)
             for slot, q in plan.quant_args():
                 if q.layout != "rows":
                     raise ValueError(f"layer {i}: the decode step reads quantized matrices in the rows layout")
-                step.set_quant(i, slot, q.codes, q.scales, q.mins, q.bits, q.group, *q.shape, q.act_bits)
+                step.set_quant(i, slot, q.codes, q.scales, q.mins, q.bits, q.group, *q.shape, q.act_bits, q.supers)
         steps[hire] = step
     return steps, None

@@ -252,7 +252,7 @@ struct DecodeModel : torch::CustomClassHolder {
 
   // a GGUF-quantized matrix of layer l (hire.quant.QTensor's parts, rows layout) in slot (QuantSlot)
   void set_quant(int64_t l, int64_t slot, Tensor codes, Tensor scales, Tensor mins, int64_t bits, int64_t group,
-                 int64_t out, int64_t in, int64_t act_bits) {
+                 int64_t out, int64_t in, int64_t act_bits, Tensor supers) {
     TORCH_CHECK(l >= 0 && l < (int64_t)layers.size(), "set_quant: layer ", l, " was not added");
     TORCH_CHECK(slot >= Q_QKV && slot <= Q_DOWN, "set_quant: unknown slot ", slot);
     Layer& L = layers[l];
@@ -262,7 +262,7 @@ struct DecodeModel : torch::CustomClassHolder {
     TORCH_CHECK((want_out[slot] < 0 || out == want_out[slot]) && (want_in[slot] < 0 || in == want_in[slot]),
                 "set_quant: slot ", slot, " of layer ", l, " must be (", want_out[slot], ", ", want_in[slot], "), got (",
                 out, ", ", in, ")");
-    L.quant[slot] = hire_native::make_qmat(codes, scales, mins, bits, group, in, false, act_bits);
+    L.quant[slot] = hire_native::make_qmat(codes, scales, mins, bits, group, in, false, act_bits, supers);
     TORCH_CHECK(L.quant[slot].n == out, "set_quant: ", L.quant[slot].n, " code rows for ", out, " outputs");
   }
 

@@ -105,7 +105,7 @@ def qgemv(x, q, rows=None, ops=None) -> torch.Tensor:
     # x: (1, in) or (in,), rows: (c,) -> float32 (c,) or (out,); ops: another build's torch.ops namespace"""
     mod = ops or _ops()
     r = torch.empty(0, dtype=torch.long) if rows is None else rows
-    return mod.qgemv(x, q.codes, q.scales, q.mins, q.bits, q.group, q.shape[1], r, q.act_bits)
+    return mod.qgemv(x, q.codes, q.scales, q.mins, q.bits, q.group, q.shape[1], r, q.act_bits, q.supers)
 
 
 def qgemv_batch(x, q, rows=None, ops=None) -> torch.Tensor:
@@ -114,7 +114,7 @@ def qgemv_batch(x, q, rows=None, ops=None) -> torch.Tensor:
     # x: (B, in), rows: (c,) or None -> float32 (B, c) or (B, out)"""
     mod = ops or _ops()
     r = torch.empty(0, dtype=torch.long) if rows is None else rows
-    return mod.qgemv_batch(x, q.codes, q.scales, q.mins, q.bits, q.group, q.shape[1], r, q.act_bits)
+    return mod.qgemv_batch(x, q.codes, q.scales, q.mins, q.bits, q.group, q.shape[1], r, q.act_bits, q.supers)
 
 
 def qdequant(q, start: int = 0, stop: int | None = None, ops=None) -> torch.Tensor:
@@ -122,7 +122,7 @@ def qdequant(q, start: int = 0, stop: int | None = None, ops=None) -> torch.Tens
     meaning).  # -> (stop - start, in)"""
     mod = ops or _ops()
     return mod.qdequant(q.codes, q.scales, q.mins, q.bits, q.group, q.shape[1], start,
-                        q.shape[0] if stop is None else stop)
+                        q.shape[0] if stop is None else stop, q.supers)
 
 
 def qaxpy(q, idx, a, ops=None) -> torch.Tensor:

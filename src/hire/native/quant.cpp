@@ -36,16 +36,25 @@ struct QX {
   std::vector<int32_t> lanesum;    // chunks * 16: sum of the lane's 4 codes
   std::vector<float> lane_scale;   // chunks * 16: the lane's activation scale
   std::vector<float> lane_xsum;    // chunks * 16: scale * lanesum (what a min multiplies)
+  std::vector<float> gscale, gxsum;  // chunks * 2, per 32 columns: the scale, scale * sum of the codes
+  std::vector<float> gscale16;       // chunks * 4, per 16 columns: the (32 columns') scale
 };
 
-// The activation in int16 per 32 columns (scale max|x| / 32767): the float32 product to ~1e-5.
+// The activation in int16 per 32 columns (scale max|x| / kTop16): the float32 product to ~1e-5.
+// kTop16 = 127 x 256, so that each code is 256 hi + lo with hi and lo int8 (hi in [-127, 127], lo in
+// [-128, 127]): the K kernels multiply the codes by both with int8 VNNI (two vpdpbusd) and add them
+// in int32, the int16 product without widening the codes.
+constexpr float kTop16 = 32512.f;
 struct QX16 {
   int64_t chunks = 0;
   std::vector<int16_t> q;       // chunks * 64
   std::vector<float> scale;     // per 32 columns
   std::vector<float> gsum;      // per 32 columns: scale * sum of the codes (what a min multiplies)
+  std::vector<float> scale16;   // per 16 columns: the (32 columns') scale
   // per chunk, 16 lanes: [scale of columns 0-31 x 8 | of 32-63 x 8], and [gsum 0-31, 0 x 7, gsum 32-63, 0 x 7]
   std::vector<float> lane_scale, lane_gsum;
+  std::vector<int8_t> hi, lo;    // chunks * 64: q = 256 hi + lo
+  std::vector<int32_t> lanesum;  // chunks * 16: the sum of q over each 4 columns (int8 lanes: the zero's term)
 };
 
 QX16 quantize_x16(const float* x, int64_t d) {
@@ -58,15 +67,26 @@ QX16 quantize_x16(const float* x, int64_t d) {
   for (int64_t g = 0; g < n / 32; ++g) {
     float amax = 0.f;
     for (int64_t i = g * 32; i < std::min(d, g * 32 + 32); ++i) amax = std::max(amax, std::fabs(x[i]));
-    const float s = amax > 0.f ? amax / 32767.f : 1.f;
+    const float s = amax > 0.f ? amax / kTop16 : 1.f;
     int32_t sum = 0;
     for (int64_t i = g * 32; i < std::min(d, g * 32 + 32); ++i) {
-      r.q[i] = static_cast<int16_t>(std::nearbyint(std::min(32767.f, std::max(-32767.f, x[i] / s))));
+      r.q[i] = static_cast<int16_t>(std::nearbyint(std::min(kTop16, std::max(-kTop16, x[i] / s))));
       sum += r.q[i];
     }
     r.scale[g] = s;
     r.gsum[g] = s * static_cast<float>(sum);
   }
+  r.hi.resize(n);
+  r.lo.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t h = (static_cast<int32_t>(r.q[i]) + 128) >> 8;  // floor: lo in [-128, 127]
+    r.hi[i] = static_cast<int8_t>(h);
+    r.lo[i] = static_cast<int8_t>(r.q[i] - 256 * h);
+  }
+  r.lanesum.resize(n / 4);
+  for (int64_t l = 0; l < n / 4; ++l) r.lanesum[l] = r.q[4 * l] + r.q[4 * l + 1] + r.q[4 * l + 2] + r.q[4 * l + 3];
+  r.scale16.resize(n / 16);
+  for (int64_t g = 0; g < n / 16; ++g) r.scale16[g] = r.scale[g / 2];
   r.lane_scale.assign(r.chunks * 16, 0.f);
   r.lane_gsum.assign(r.chunks * 16, 0.f);
   for (int64_t c = 0; c < r.chunks; ++c)
@@ -96,6 +116,16 @@ QX quantize_x(const float* x, int64_t d) {
       r.lane_scale[l] = s;
       r.lane_xsum[l] = s * static_cast<float>(sum);
     }
+  }
+  r.gscale.resize(n / 32);
+  r.gxsum.resize(n / 32);
+  r.gscale16.resize(n / 16);
+  for (int64_t g = 0; g < n / 32; ++g) {
+    r.gscale[g] = r.lane_scale[g * 8];
+    float sum = 0.f;
+    for (int64_t l = g * 8; l < g * 8 + 8; ++l) sum += static_cast<float>(r.lanesum[l]);
+    r.gxsum[g] = r.gscale[g] * sum;
+    r.gscale16[2 * g] = r.gscale16[2 * g + 1] = r.gscale[g];
   }
   return r;
 }
@@ -196,9 +226,65 @@ inline __m256 lanes256(const S* s, int h) {  // s: the chunk's scales
 }
 #endif
 
-// W[row] . x for one row of codes (chunks of planes), its scales and mins (S: float or Half)
+// A row's scales (or mins) as the kernels read them, group g's value by get(g) and a chunk's as
+// vectors (at: lanes512's, four: scales4's in the low lanes; lanes256: the AVX2 half's), from float32
+// or float16 scales, or (S = KScale) the K formats' two levels: int8 sub-scales times their float16
+// super-scale per 256 columns (4 chunks), each super-block's scales converted once into a vector.
+struct KScale {};
+template <int GROUP, typename S>
+struct SV {
+  static constexpr int64_t per = 64 / GROUP;
+  const S* s;
+  explicit SV(const S* p = nullptr) : s(p) {}
+  float get(int64_t g) const { return to_f(s[g]); }
+#if HIRE_QUANT_512
+  __m512 at(int64_t c) const { return lanes512<GROUP>(s + c * per); }
+  __m512 four(int64_t c) const { return _mm512_castps128_ps512(scales4(s + c * per)); }
+#elif HIRE_QUANT_256
+  __m256 half(int64_t c, int h) const { return lanes256<GROUP>(s + c * per, h); }
+#endif
+};
+template <int GROUP>
+struct SV<GROUP, KScale> {
+  static constexpr int64_t per = 64 / GROUP, per_super = 256 / GROUP;
+  const int8_t* s;
+  const c10::Half* sup;
+  explicit SV(const int8_t* p = nullptr, const c10::Half* q = nullptr) : s(p), sup(q) {}
+  float get(int64_t g) const { return to_f(sup[g / per_super]) * static_cast<float>(s[g]); }
+#if HIRE_QUANT_512
+  __m512 cur = _mm512_setzero_ps();  // the current super-block's scales (8 or 16)
+  void load(int64_t c) {  // at the first chunk of each super-block (c counts up from 0)
+    if (c & 3) return;
+    const int64_t b = c >> 2;
+    const __m128i raw = GROUP == 32 ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + 8 * b))
+                                    : _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 16 * b));
+    cur = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)), _mm512_set1_ps(to_f(sup[b])));
+  }
+  __m512 at(int64_t c) {
+    load(c);
+    const int64_t j = c & 3;
+    const __m512i idx = GROUP == 32 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+                                    : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    return _mm512_permutexvar_ps(_mm512_add_epi32(idx, _mm512_set1_epi32(static_cast<int>(per * j))), cur);
+  }
+  __m512 four(int64_t c) {  // (group 16) the chunk's 4 scales in lanes 0-3
+    load(c);
+    const __m512i idx = _mm512_add_epi32(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 2, 1, 0),
+                                         _mm512_set1_epi32(static_cast<int>(4 * (c & 3))));
+    return _mm512_permutexvar_ps(idx, cur);
+  }
+#elif HIRE_QUANT_256
+  __m256 half(int64_t c, int h) const {
+    if (GROUP == 32) return _mm256_set1_ps(get(c * per + h));
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(get(c * per + 2 * h))),
+                                _mm_set1_ps(get(c * per + 2 * h + 1)), 1);
+  }
+#endif
+};
+
+// W[row] . x for one row of codes (chunks of planes), its scales and mins (SV readers)
 template <int BITS, int GROUP, bool MIN, typename S>
-float qdot(const uint8_t* codes, const S* sc, const S* mn, const QX& x, const int32_t* zsum) {
+float qdot(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX& x, const int32_t* zsum) {
   constexpr int64_t cb = chunk_bytes(BITS), per = 64 / GROUP;
   const int64_t chunks = x.chunks;
 #if HIRE_QUANT_512
@@ -209,8 +295,8 @@ float qdot(const uint8_t* codes, const S* sc, const S* mn, const QX& x, const in
     const __m512i init = MIN ? _mm512_setzero_si512() : _mm512_loadu_si512(zsum + c * 16);
     const __m512i s = _mm512_dpbusd_epi32(init, u, xq);
     const __m512 ls = _mm512_loadu_ps(x.lane_scale.data() + c * 16);
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(lanes512<GROUP>(sc + c * per), ls), acc);
-    if (MIN) acc = _mm512_fmadd_ps(lanes512<GROUP>(mn + c * per), _mm512_loadu_ps(x.lane_xsum.data() + c * 16), acc);
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(sc.at(c), ls), acc);
+    if (MIN) acc = _mm512_fmadd_ps(mn.at(c), _mm512_loadu_ps(x.lane_xsum.data() + c * 16), acc);
   }
   return _mm512_reduce_add_ps(acc);
 #elif HIRE_QUANT_256
@@ -229,9 +315,8 @@ float qdot(const uint8_t* codes, const S* sc, const S* mn, const QX& x, const in
         if (!MIN) s = _mm256_add_epi32(s, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(zsum + c * 16 + 8 * h)));
       }
       const __m256 ls = _mm256_loadu_ps(x.lane_scale.data() + c * 16 + 8 * h);
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(lanes256<GROUP>(sc + c * per, h), ls), acc);
-      if (MIN)
-        acc = _mm256_fmadd_ps(lanes256<GROUP>(mn + c * per, h), _mm256_loadu_ps(x.lane_xsum.data() + c * 16 + 8 * h), acc);
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(sc.half(c, h), ls), acc);
+      if (MIN) acc = _mm256_fmadd_ps(mn.half(c, h), _mm256_loadu_ps(x.lane_xsum.data() + c * 16 + 8 * h), acc);
     }
   }
   return vsum(acc);
@@ -243,8 +328,8 @@ float qdot(const uint8_t* codes, const S* sc, const S* mn, const QX& x, const in
       int32_t s = MIN ? 0 : zsum[c * 16 + l];
       for (int e = 4 * l; e < 4 * l + 4; ++e) s += code_at<BITS>(p, e) * x.q[c * 64 + e];
       const int64_t g = c * per + (4 * l) / GROUP;
-      total += static_cast<float>(s) * (to_f(sc[g]) * x.lane_scale[c * 16 + l]);
-      if (MIN) total += to_f(mn[g]) * x.lane_xsum[c * 16 + l];
+      total += static_cast<float>(s) * (sc.get(g) * x.lane_scale[c * 16 + l]);
+      if (MIN) total += mn.get(g) * x.lane_xsum[c * 16 + l];
     }
   }
   return total;
@@ -286,38 +371,49 @@ inline void codes512x16(const uint8_t* p, __m512i* half) {
 }
 #endif
 
+#if HIRE_QUANT_512
+// Permutes of float32 scale vectors into the lanes of a chunk's int32 sums (vpdpbusd: 4 columns a lane)
+struct PermTables {
+  alignas(64) int32_t g32[4][16];   // chunk j, group 32 (int8 lanes 0-7 and 8-15; int16 folded lanes): 2j, 2j + 1
+  alignas(64) int32_t g16[4][16];   // chunk j, group 16, int8 lanes (4 columns): 4j + lane / 4
+  alignas(64) int32_t g16h[8][16];  // chunk j, group 16, int16 half h (lanes of 2 columns): row 2j + h
+  PermTables() {
+    for (int j = 0; j < 4; ++j)
+      for (int l = 0; l < 16; ++l) {
+        g32[j][l] = 2 * j + l / 8;
+        g16[j][l] = 4 * j + l / 4;
+        for (int h = 0; h < 2; ++h) g16h[2 * j + h][l] = 4 * j + 2 * h + l / 8;
+      }
+  }
+};
+const PermTables kPerm;
+
+inline __m512 perm(const int32_t* idx, __m512 v) { return _mm512_permutexvar_ps(_mm512_load_si512(idx), v); }
+#endif
+
 template <int BITS, int GROUP, bool MIN, typename S>
-float qdot16(const uint8_t* codes, const S* sc, const S* mn, const QX16& x, const int32_t* zinit) {
+float qdot16(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX16& x, const int32_t* zsum) {
   constexpr int64_t cb = chunk_bytes(BITS), per = 64 / GROUP;
   constexpr int16_t zero = MIN ? 0 : (1 << (BITS - 1));
   float total = 0.f;
 #if HIRE_QUANT_512
+  // the codes times the activation's hi and lo bytes (q = 256 hi + lo), as qdot multiplies int8 ones;
+  // the zero comes out through the activation's 4-column sums (zsum)
   __m512 acc = _mm512_setzero_ps();
   for (int64_t c = 0; c < x.chunks; ++c) {
-    __m512i half[2], s[2];
-    codes512x16<BITS>(codes + c * cb, half);
-    for (int h = 0; h < 2; ++h) {  // columns 32h..32h+31: one activation scale
-      // the zero comes out through the activation's pair sums (zinit), not per code
-      const __m512i init = MIN ? _mm512_setzero_si512() : _mm512_loadu_si512(zinit + c * 32 + 16 * h);
-      s[h] = _mm512_dpwssd_epi32(init, half[h], _mm512_loadu_si512(x.q.data() + c * 64 + 32 * h));
-    }
-    if (GROUP == 32) {
-      // fold each half's 16 lanes to 8 (lanes 0-7: columns 0-31, 8-15: columns 32-63), then one
-      // float FMA with the lanes' weight x activation scales
-      const __m512i t = _mm512_add_epi32(_mm512_shuffle_i64x2(s[0], s[1], 0x44), _mm512_shuffle_i64x2(s[0], s[1], 0xEE));
-      const __m512 sv = _mm512_mul_ps(lanes512<32>(sc + c * per), _mm512_loadu_ps(x.lane_scale.data() + c * 16));
-      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), sv, acc);
-      if (MIN) acc = _mm512_fmadd_ps(lanes512<32>(mn + c * per), _mm512_loadu_ps(x.lane_gsum.data() + c * 16), acc);
-    } else {  // 16-column groups: lanes 0-7 and 8-15 of each half have their own scale
-      const __m512 four = _mm512_castps128_ps512(scales4(sc + c * per));  // s0..s3 in lanes 0-3
-      const __m512i lo = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-      const __m512i hi = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
-      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[0]),
-                            _mm512_mul_ps(_mm512_permutexvar_ps(lo, four), _mm512_set1_ps(x.scale[2 * c])), acc);
-      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[1]),
-                            _mm512_mul_ps(_mm512_permutexvar_ps(hi, four), _mm512_set1_ps(x.scale[2 * c + 1])), acc);
-      if (MIN)
-        for (int h = 0; h < 2; ++h) total += to_f(mn[c * per + h]) * x.gsum[2 * c + h];  // (no such format)
+    const __m512i u = codes512<BITS>(codes + c * cb);
+    const __m512i init = MIN ? _mm512_setzero_si512() : _mm512_loadu_si512(zsum + c * 16);
+    const __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512(x.hi.data() + c * 64));
+    const __m512i l = _mm512_dpbusd_epi32(init, u, _mm512_loadu_si512(x.lo.data() + c * 64));
+    const __m512i s = _mm512_add_epi32(_mm512_slli_epi32(h, 8), l);
+    const __m512 sv = GROUP == 32 ? sc.at(c) : perm(kPerm.g16[0], sc.four(c));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(sv, _mm512_loadu_ps(x.lane_scale.data() + c * 16)), acc);
+    if (MIN) {
+      if (GROUP == 32) {
+        acc = _mm512_fmadd_ps(mn.at(c), _mm512_loadu_ps(x.lane_gsum.data() + c * 16), acc);
+      } else {
+        for (int h2 = 0; h2 < 2; ++h2) total += mn.get(c * per + h2) * x.gsum[2 * c + h2];  // (no such format)
+      }
     }
   }
   return total + _mm512_reduce_add_ps(acc);
@@ -333,10 +429,10 @@ float qdot16(const uint8_t* codes, const S* sc, const S* mn, const QX16& x, cons
         if (!MIN) w = _mm256_sub_epi16(w, z);
         const __m256i s = _mm256_madd_epi16(
             w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + c * 64 + 32 * h + 16 * k)));
-        const float sw = to_f(sc[c * per + (GROUP == 32 ? h : 2 * h + k)]);
+        const float sw = sc.get(c * per + (GROUP == 32 ? h : 2 * h + k));
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(sw * xs), acc);
       }
-      if (MIN) total += to_f(mn[c * per + h]) * x.gsum[2 * c + h];
+      if (MIN) total += mn.get(c * per + h) * x.gsum[2 * c + h];
     }
   }
   return total + vsum(acc);
@@ -346,14 +442,91 @@ float qdot16(const uint8_t* codes, const S* sc, const S* mn, const QX16& x, cons
     for (int g = 0; g < per; ++g) {
       int64_t s = 0;
       for (int e = g * GROUP; e < (g + 1) * GROUP; ++e) s += (code_at<BITS>(p, e) - zero) * x.q[c * 64 + e];
-      total += static_cast<float>(s) * (to_f(sc[c * per + g]) * x.scale[2 * c + (g * GROUP) / 32]);
+      total += static_cast<float>(s) * (sc.get(c * per + g) * x.scale[2 * c + (g * GROUP) / 32]);
     }
     if (MIN)
-      for (int h = 0; h < 2; ++h) total += to_f(mn[c * per + h]) * x.gsum[2 * c + h];
+      for (int h = 0; h < 2; ++h) total += mn.get(c * per + h) * x.gsum[2 * c + h];
   }
   return total;
 #endif
 }
+
+#if HIRE_QUANT_512
+// The K formats' products on AVX-512, a super-block (256 columns, 4 chunks) at a time: its scales
+// are formed once as float32 vectors (super x sub x the activation's scale per group) and each
+// chunk picks its lanes' scales with one permute (kPerm's tables); the mins' term is a dot product
+// per super-block (sub-mins x the activation's group sums), not per chunk.
+
+// a super-block's (8 or 16) sub-scales x its super-scale x the activation's scales of their groups
+template <int GROUP>
+inline __m512 super_scales(const int8_t* sub, float d, const float* xs) {
+  if (GROUP == 32) {
+    const __m256 s = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sub))));
+    return _mm512_castps256_ps512(_mm256_mul_ps(_mm256_mul_ps(s, _mm256_set1_ps(d)), _mm256_loadu_ps(xs)));
+  }
+  const __m512 s = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sub))));
+  return _mm512_mul_ps(_mm512_mul_ps(s, _mm512_set1_ps(d)), _mm512_loadu_ps(xs));
+}
+
+// the mins' term of a super-block (8 groups of 32): dmin x sum_g sub_min_g x (the activation's group sum)
+inline __m256 super_mins(const int8_t* msub, float dmin, const float* gx, __m256 acc) {
+  const __m256 m = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(msub))));
+  return _mm256_fmadd_ps(_mm256_mul_ps(m, _mm256_set1_ps(dmin)), _mm256_loadu_ps(gx), acc);
+}
+
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// int8 activations (QX): as qdot
+template <int BITS, int GROUP, bool MIN>
+float qdot_k8(const uint8_t* codes, const int8_t* sub, const int8_t* msub, const c10::Half* sup,
+              const c10::Half* msup, const QX& x, const int32_t* zsum) {
+  constexpr int64_t cb = chunk_bytes(BITS), gps = 256 / GROUP;
+  __m512 acc = _mm512_setzero_ps();
+  __m256 macc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < x.chunks / 4; ++b) {
+    const __m512 w = super_scales<GROUP>(sub + gps * b, to_f(sup[b]),
+                                         (GROUP == 32 ? x.gscale.data() : x.gscale16.data()) + gps * b);
+    if (MIN) macc = super_mins(msub + 8 * b, to_f(msup[b]), x.gxsum.data() + 8 * b, macc);
+    for (int j = 0; j < 4; ++j) {
+      const int64_t c = 4 * b + j;
+      const __m512i u = codes512<BITS>(codes + c * cb);
+      const __m512i init = MIN ? _mm512_setzero_si512() : _mm512_loadu_si512(zsum + c * 16);
+      const __m512i s = _mm512_dpbusd_epi32(init, u, _mm512_loadu_si512(x.q.data() + c * 64));
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), perm(GROUP == 32 ? kPerm.g32[j] : kPerm.g16[j], w), acc);
+    }
+  }
+  return _mm512_reduce_add_ps(acc) + (MIN ? hsum256(macc) : 0.f);
+}
+
+// int16 activations (QX16): as qdot16, the codes times the activation's hi and lo bytes (vpdpbusd)
+template <int BITS, int GROUP, bool MIN>
+float qdot_k16(const uint8_t* codes, const int8_t* sub, const int8_t* msub, const c10::Half* sup,
+               const c10::Half* msup, const QX16& x, const int32_t* zsum) {
+  constexpr int64_t cb = chunk_bytes(BITS), gps = 256 / GROUP;
+  __m512 acc = _mm512_setzero_ps();
+  __m256 macc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < x.chunks / 4; ++b) {
+    const __m512 w = super_scales<GROUP>(sub + gps * b, to_f(sup[b]),
+                                         (GROUP == 32 ? x.scale.data() : x.scale16.data()) + gps * b);
+    if (MIN) macc = super_mins(msub + 8 * b, to_f(msup[b]), x.gsum.data() + 8 * b, macc);
+    for (int j = 0; j < 4; ++j) {
+      const int64_t c = 4 * b + j;
+      const __m512i u = codes512<BITS>(codes + c * cb);
+      const __m512i init = MIN ? _mm512_setzero_si512() : _mm512_loadu_si512(zsum + c * 16);
+      const __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512(x.hi.data() + c * 64));
+      const __m512i l = _mm512_dpbusd_epi32(init, u, _mm512_loadu_si512(x.lo.data() + c * 64));
+      const __m512i s = _mm512_add_epi32(_mm512_slli_epi32(h, 8), l);
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), perm(GROUP == 32 ? kPerm.g32[j] : kPerm.g16[j], w), acc);
+    }
+  }
+  return _mm512_reduce_add_ps(acc) + (MIN ? hsum256(macc) : 0.f);
+}
+#endif
 
 // -zero * (the activation's sums) per int32 lane, for each code width: the symmetric formats' zero
 // taken out of the integer sums. int8 lanes hold 4 columns (vpdpbusd), int16 lanes 2 (vpdpwssd).
@@ -371,11 +544,6 @@ ZeroSums zero_sums(const std::vector<int32_t>& lane_sums) {
   return z;
 }
 
-std::vector<int32_t> pair_sums(const QX16& x) {
-  std::vector<int32_t> out(x.chunks * 32);
-  for (size_t l = 0; l < out.size(); ++l) out[l] = x.q[2 * l] + x.q[2 * l + 1];
-  return out;
-}
 
 // rows prefetched ahead, whole: the layers' matrices are small and the hardware prefetcher barely
 // ramps up in one (dense SmolLM2: 292 tok/s without, 309-315 with 4; 8 was no better)
@@ -385,27 +553,60 @@ inline void prefetch_row(const uint8_t* row, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) prefetch(row + off);
 }
 
+// The scales (and mins) of a matrix's rows, as SV readers of each row (one-level float32/float16, or
+// the K formats' two levels).
+template <int GROUP, typename S, bool MIN>
+struct RowScales {
+  const S* sc;
+  const S* mn;
+  int64_t gs;
+  explicit RowScales(const QMat& w)
+      : sc(w.scales.data_ptr<S>()), mn(MIN ? w.mins.data_ptr<S>() : nullptr), gs(w.scales.stride(0)) {}
+  SV<GROUP, S> scales(int64_t r) const { return SV<GROUP, S>(sc + r * gs); }
+  SV<GROUP, S> mins(int64_t r) const { return SV<GROUP, S>(MIN ? mn + r * gs : nullptr); }
+};
+template <int GROUP, bool MIN>
+struct RowScales<GROUP, KScale, MIN> {
+  const int8_t* sc;
+  const int8_t* mn;
+  const c10::Half* sup;
+  int64_t gs, ss, nsup;
+  explicit RowScales(const QMat& w)
+      : sc(w.scales.data_ptr<int8_t>()), mn(MIN ? w.mins.data_ptr<int8_t>() : nullptr),
+        sup(reinterpret_cast<const c10::Half*>(w.supers.data_ptr<at::Half>())), gs(w.scales.stride(0)),
+        ss(w.supers.stride(0)), nsup(w.width / 256) {}
+  SV<GROUP, KScale> scales(int64_t r) const { return SV<GROUP, KScale>(sc + r * gs, sup + r * ss); }
+  SV<GROUP, KScale> mins(int64_t r) const {
+    return SV<GROUP, KScale>(MIN ? mn + r * gs : nullptr, sup + r * ss + nsup);
+  }
+};
+
 // one row's product for either activation width (the int8 or the int16 path)
 template <int BITS, int GROUP, bool MIN, typename S>
-inline float qdot_row(const uint8_t* codes, const S* sc, const S* mn, const QX& x, const int32_t* z) {
+inline float qdot_row(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX& x, const int32_t* z) {
+#if HIRE_QUANT_512
+  if constexpr (std::is_same_v<S, KScale>) return qdot_k8<BITS, GROUP, MIN>(codes, sc.s, mn.s, sc.sup, mn.sup, x, z);
+#endif
   return qdot<BITS, GROUP, MIN, S>(codes, sc, mn, x, z);
 }
 template <int BITS, int GROUP, bool MIN, typename S>
-inline float qdot_row(const uint8_t* codes, const S* sc, const S* mn, const QX16& x, const int32_t* z) {
+inline float qdot_row(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX16& x, const int32_t* z) {
+#if HIRE_QUANT_512
+  if constexpr (std::is_same_v<S, KScale>) return qdot_k16<BITS, GROUP, MIN>(codes, sc.s, mn.s, sc.sup, mn.sup, x, z);
+#endif
   return qdot16<BITS, GROUP, MIN, S>(codes, sc, mn, x, z);
 }
 
 // rows b..e-1 of the list (rows null: the matrix's rows b..e-1) -> y[b..e-1]; no threads of its own
 template <int BITS, int GROUP, bool MIN, typename S, typename X>
 void rows_range(const QMat& w, const X& x, const ZeroSums& z, const int64_t* rows, int64_t b, int64_t e, float* y) {
-  const int64_t rb = w.codes.stride(0), gs = w.scales.stride(0);
+  const int64_t rb = w.codes.stride(0);
   const uint8_t* codes = w.codes.data_ptr<uint8_t>();
-  const S* sc = w.scales.data_ptr<S>();
-  const S* mn = MIN ? w.mins.data_ptr<S>() : nullptr;
+  const RowScales<GROUP, S, MIN> rs(w);
   for (int64_t i = b; i < e; ++i) {
     const int64_t r = rows ? rows[i] : i;
     if (i + kRowsAhead < e) prefetch_row(codes + (rows ? rows[i + kRowsAhead] : i + kRowsAhead) * rb, rb);
-    y[i] = qdot_row<BITS, GROUP, MIN, S>(codes + r * rb, sc + r * gs, MIN ? mn + r * gs : nullptr, x, z.get(BITS));
+    y[i] = qdot_row<BITS, GROUP, MIN, S>(codes + r * rb, rs.scales(r), rs.mins(r), x, z.get(BITS));
   }
 }
 
@@ -413,17 +614,15 @@ void rows_range(const QMat& w, const X& x, const ZeroSums& z, const int64_t* row
 template <int BITS, int GROUP, bool MIN, typename S, typename X>
 void rows_range_batch(const QMat& w, const std::vector<X>& xs, const std::vector<ZeroSums>& zs, const int64_t* rows,
                       int64_t b, int64_t e, float* y, int64_t stride) {
-  const int64_t rb = w.codes.stride(0), gs = w.scales.stride(0);
+  const int64_t rb = w.codes.stride(0);
   const uint8_t* codes = w.codes.data_ptr<uint8_t>();
-  const S* sc = w.scales.data_ptr<S>();
-  const S* mn = MIN ? w.mins.data_ptr<S>() : nullptr;
+  const RowScales<GROUP, S, MIN> rs(w);
   const int64_t batch = static_cast<int64_t>(xs.size());
   for (int64_t i = b; i < e; ++i) {
     const int64_t r = rows ? rows[i] : i;
     if (i + kRowsAhead < e) prefetch_row(codes + (rows ? rows[i + kRowsAhead] : i + kRowsAhead) * rb, rb);
     for (int64_t j = 0; j < batch; ++j)
-      y[j * stride + i] = qdot_row<BITS, GROUP, MIN, S>(codes + r * rb, sc + r * gs, MIN ? mn + r * gs : nullptr,
-                                                        xs[j], zs[j].get(BITS));
+      y[j * stride + i] = qdot_row<BITS, GROUP, MIN, S>(codes + r * rb, rs.scales(r), rs.mins(r), xs[j], zs[j].get(BITS));
   }
 }
 
@@ -485,17 +684,16 @@ struct Lanes16 {
 // rows (count R <= 4, ids rid) . the lanes' activations -> y[b * stride + out[r]]
 template <int BITS, int GROUP, bool MIN, typename S, int R, typename L>
 inline void rows_lanes(const QMat& w, const QXLanes& X, const int64_t* rid, const int64_t* out, float* y,
-                       int64_t stride, int16_t* buf) {
+                       int64_t stride, int16_t* buf, const RowScales<GROUP, S, MIN>& rs) {
   constexpr int64_t cb = chunk_bytes(BITS), per = 64 / GROUP;
   constexpr int16_t zero = MIN ? 0 : (1 << (BITS - 1));
-  const int64_t chunks = X.pairs / 32, rb = w.codes.stride(0), gs = w.scales.stride(0);
+  const int64_t chunks = X.pairs / 32, rb = w.codes.stride(0);
   const uint8_t* codes = w.codes.data_ptr<uint8_t>();
-  const S* sc[R];
-  const S* mn[R];
+  SV<GROUP, S> sc[R], mn[R];
   for (int r = 0; r < R; ++r) {  // the rows' codes as int16 (code - zero), once for every activation
     const uint8_t* row = codes + rid[r] * rb;
-    sc[r] = w.scales.data_ptr<S>() + rid[r] * gs;
-    mn[r] = MIN ? w.mins.data_ptr<S>() + rid[r] * gs : nullptr;
+    sc[r] = rs.scales(rid[r]);
+    mn[r] = rs.mins(rid[r]);
     for (int64_t c = 0; c < chunks; ++c) {
       __m512i half[2];
       codes512x16<BITS>(row + c * cb, half);
@@ -518,8 +716,8 @@ inline void rows_lanes(const QMat& w, const QXLanes& X, const int64_t* rid, cons
     const int64_t h = g * GROUP / 32;  // the activation's 32-column scale
     const typename L::F sxv = L::loadf(X.sx.data() + h * kActLanes);
     for (int r = 0; r < R; ++r) {
-      acc[r] = L::fma(s[r], to_f(sc[r][g]), sxv, acc[r]);
-      if (MIN) acc[r] = L::fma_min(to_f(mn[r][g]), L::loadf(X.gsum.data() + h * kActLanes), acc[r]);
+      acc[r] = L::fma(s[r], sc[r].get(g), sxv, acc[r]);
+      if (MIN) acc[r] = L::fma_min(mn[r].get(g), L::loadf(X.gsum.data() + h * kActLanes), acc[r]);
     }
   }
   alignas(64) float lanes[kActLanes];
@@ -533,6 +731,7 @@ template <int BITS, int GROUP, bool MIN, typename S>
 void rows_range_lanes(const QMat& w, const QXLanes& X, const int64_t* rows, int64_t b, int64_t e, float* y,
                       int64_t stride) {
   std::vector<int16_t> buf(kRowsT * X.pairs * 2);
+  const RowScales<GROUP, S, MIN> rs(w);
   const int64_t rb = w.codes.stride(0);
   const uint8_t* codes = w.codes.data_ptr<uint8_t>();
   int64_t rid[kRowsT], out[kRowsT];
@@ -541,11 +740,11 @@ void rows_range_lanes(const QMat& w, const QXLanes& X, const int64_t* rows, int6
     for (int r = 0; r < kRowsT; ++r) rid[r] = rows ? rows[i + r] : i + r, out[r] = i + r;
     if (i + 2 * kRowsT <= e)
       for (int r = 0; r < kRowsT; ++r) prefetch_row(codes + (rows ? rows[i + kRowsT + r] : i + kRowsT + r) * rb, rb);
-    rows_lanes<BITS, GROUP, MIN, S, kRowsT, Lanes16>(w, X, rid, out, y, stride, buf.data());
+    rows_lanes<BITS, GROUP, MIN, S, kRowsT, Lanes16>(w, X, rid, out, y, stride, buf.data(), rs);
   }
   for (; i < e; ++i) {
     rid[0] = rows ? rows[i] : i, out[0] = i;
-    rows_lanes<BITS, GROUP, MIN, S, 1, Lanes16>(w, X, rid, out, y, stride, buf.data());
+    rows_lanes<BITS, GROUP, MIN, S, 1, Lanes16>(w, X, rid, out, y, stride, buf.data(), rs);
   }
 }
 #endif
@@ -555,7 +754,7 @@ template <typename F>
 void with_quantized_x(int64_t act_bits, const float* x, int64_t width, F&& f) {
   if (act_bits == 16) {
     const QX16 qx = quantize_x16(x, width);
-    f(qx, zero_sums(pair_sums(qx)));
+    f(qx, zero_sums(qx.lanesum));
   } else {
     const QX qx = quantize_x(x, width);
     f(qx, zero_sums(qx.lanesum));
@@ -570,7 +769,7 @@ void with_quantized_batch(int64_t act_bits, const float* x, int64_t batch, int64
     std::vector<ZeroSums> z;
     for (int64_t j = 0; j < batch; ++j) {
       qx.push_back(quantize_x16(x + j * width, width));
-      z.push_back(zero_sums(pair_sums(qx.back())));
+      z.push_back(zero_sums(qx.back().lanesum));
     }
     f(qx, z);
   } else {
@@ -655,19 +854,20 @@ void qaxpy_impl(const QMat& w, const int64_t* idx, const float* a, int64_t count
 // rows [r0, r1) of a rows-layout matrix as float32 (the multi-token product: prefill, perplexity)
 template <int BITS, int GROUP, bool MIN, typename S>
 void dequant_impl(const QMat& w, int64_t r0, int64_t r1, float* out) {
-  const int64_t rb = w.codes.stride(0), gs = w.scales.stride(0), chunks = w.chunks();
+  const int64_t rb = w.codes.stride(0), chunks = w.chunks();
   const uint8_t* codes = w.codes.data_ptr<uint8_t>();
-  const S* sc = w.scales.data_ptr<S>();
-  const S* mn = MIN ? w.mins.data_ptr<S>() : nullptr;
   const float zero = MIN ? 0.f : static_cast<float>(1 << (BITS - 1));
   at::parallel_for(r0, r1, 16, [&](int64_t b, int64_t e) {
     std::vector<float> row(chunks * 64);
+    const RowScales<GROUP, S, MIN> rs(w);
     for (int64_t r = b; r < e; ++r) {
       codes_f<BITS>(codes + r * rb, chunks, row.data());
+      const auto sc = rs.scales(r);
+      const auto mn = rs.mins(r);
       float* o = out + (r - r0) * w.width;
       for (int64_t i = 0; i < w.width; ++i) {
-        const int64_t g = r * gs + i / GROUP;
-        o[i] = to_f(sc[g]) * (row[i] - zero) + (MIN ? to_f(mn[g]) : 0.f);
+        const int64_t g = i / GROUP;
+        o[i] = sc.get(g) * (row[i] - zero) + (MIN ? mn.get(g) : 0.f);
       }
     }
   });
@@ -675,15 +875,20 @@ void dequant_impl(const QMat& w, int64_t r0, int64_t r1, float* out) {
 
 template <template <int, int, bool, typename> class F, typename... Args>
 void dispatch(const QMat& w, Args&&... args) {
-  const bool half = w.scales.scalar_type() == torch::kHalf, has_min = w.mins.numel() > 0;
+  const bool half = w.scales.scalar_type() == torch::kHalf, has_min = w.mins.numel() > 0, k = w.two_level();
 #define HIRE_Q(B, G, M)                                                              \
   if (w.bits == B && w.group == G && has_min == M) {                                 \
     if (half) return F<B, G, M, c10::Half>::run(w, std::forward<Args>(args)...);     \
     return F<B, G, M, float>::run(w, std::forward<Args>(args)...);                   \
   }
+#define HIRE_QK(B, G, M) \
+  if (k && w.bits == B && w.group == G && has_min == M) return F<B, G, M, KScale>::run(w, std::forward<Args>(args)...);
+  HIRE_QK(4, 32, true) HIRE_QK(5, 32, true) HIRE_QK(6, 16, false)  // Q4_K, Q5_K, Q6_K
+  TORCH_CHECK(!k, "no quantized kernel for two-level scales of ", w.bits, "-bit codes in groups of ", w.group);
   HIRE_Q(8, 32, false) HIRE_Q(4, 32, false) HIRE_Q(4, 32, true) HIRE_Q(5, 32, false) HIRE_Q(5, 32, true)
   HIRE_Q(6, 16, false)
 #undef HIRE_Q
+#undef HIRE_QK
   TORCH_CHECK(false, "no quantized kernel for ", w.bits, "-bit codes in groups of ", w.group,
               has_min ? " with mins" : "");
 }
@@ -719,7 +924,11 @@ struct DequantF {
 template <int B, int G, bool M, typename S>
 struct AxpyF {
   static void run(const QMat& w, const int64_t* idx, const float* a, int64_t count, int64_t out, float* y) {
-    qaxpy_impl<B, G, M, S>(w, idx, a, count, out, y);
+    if constexpr (std::is_same_v<S, KScale>) {
+      TORCH_CHECK(false, "qaxpy reads the columns layout, whose scales are one level");
+    } else {
+      qaxpy_impl<B, G, M, S>(w, idx, a, count, out, y);
+    }
   }
 };
 
@@ -728,7 +937,7 @@ struct AxpyF {
 namespace hire_native {
 
 QMat make_qmat(const Tensor& codes, const Tensor& scales, const Tensor& mins, int64_t bits, int64_t group,
-               int64_t width, bool columns, int64_t act_bits) {
+               int64_t width, bool columns, int64_t act_bits, const Tensor& supers) {
   TORCH_CHECK(act_bits == 8 || act_bits == 16, "activations are quantized to 8 or 16 bits, got ", act_bits);
   QMat w;
   w.act_bits = act_bits;
@@ -740,6 +949,23 @@ QMat make_qmat(const Tensor& codes, const Tensor& scales, const Tensor& mins, in
   w.n = codes.size(0);
   TORCH_CHECK(codes.size(1) == w.chunks() * chunk_bytes(bits), "code rows must be ", w.chunks() * chunk_bytes(bits),
               " bytes for ", width, " columns of ", bits, " bits, got ", codes.size(1));
+  if (supers.defined() && supers.numel()) {  // a K format's two levels
+    TORCH_CHECK(!columns && width % 256 == 0 && (group == 16 || group == 32),
+                "two-level scales are the rows layout of whole 256-column super-blocks");
+    const int64_t nsup = width / 256, groups = width / group;
+    TORCH_CHECK(scales.scalar_type() == torch::kChar && scales.dim() == 2 && scales.stride(1) == 1 &&
+                scales.size(0) == w.n && scales.size(1) == groups,
+                "two-level sub-scales must be int8 (", w.n, ", ", groups, ") with contiguous rows, got ", scales.sizes());
+    if (mins.numel())
+      TORCH_CHECK(mins.scalar_type() == torch::kChar && mins.sizes() == scales.sizes() && mins.strides() == scales.strides(),
+                  "two-level sub-mins must match the sub-scales' dtype, shape and strides");
+    const int64_t want = (mins.numel() ? 2 : 1) * nsup;
+    TORCH_CHECK(supers.scalar_type() == torch::kHalf && supers.dim() == 2 && supers.stride(1) == 1 &&
+                supers.size(0) == w.n && supers.size(1) == want,
+                "super-scales must be float16 (", w.n, ", ", want, ") with contiguous rows, got ", supers.sizes());
+    w.supers = supers;
+    return w;
+  }
   TORCH_CHECK((scales.scalar_type() == torch::kFloat || scales.scalar_type() == torch::kHalf) && scales.dim() == 2 &&
               scales.stride(1) == 1, "scales must be float32 or float16 (groups, columns) with contiguous rows");
   if (mins.numel()) {
@@ -815,8 +1041,8 @@ namespace {
 
 // x: (width,) float; rows: empty (all) or int64 row ids -> float32 (count,)
 Tensor qgemv_op(Tensor x, Tensor codes, Tensor scales, Tensor mins, int64_t bits, int64_t group, int64_t width,
-                Tensor rows, int64_t act_bits) {
-  const QMat w = hire_native::make_qmat(codes, scales, mins, bits, group, width, false, act_bits);
+                Tensor rows, int64_t act_bits, Tensor supers) {
+  const QMat w = hire_native::make_qmat(codes, scales, mins, bits, group, width, false, act_bits, supers);
   TORCH_CHECK(x.numel() == width, "qgemv: x has ", x.numel(), " values, the matrix ", width, " columns");
   auto xf = x.reshape({width}).to(torch::kFloat).contiguous();
   const bool all = rows.numel() == 0;
@@ -833,8 +1059,8 @@ Tensor qgemv_op(Tensor x, Tensor codes, Tensor scales, Tensor mins, int64_t bits
 
 // x: (B, width) float; rows: empty (all) or int64 row ids -> float32 (B, count)
 Tensor qgemv_batch_op(Tensor x, Tensor codes, Tensor scales, Tensor mins, int64_t bits, int64_t group, int64_t width,
-                      Tensor rows, int64_t act_bits) {
-  const QMat w = hire_native::make_qmat(codes, scales, mins, bits, group, width, false, act_bits);
+                      Tensor rows, int64_t act_bits, Tensor supers) {
+  const QMat w = hire_native::make_qmat(codes, scales, mins, bits, group, width, false, act_bits, supers);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == width, "qgemv_batch: x must be (batch, ", width, "), got ", x.sizes());
   auto xf = x.to(torch::kFloat).contiguous();
   const bool all = rows.numel() == 0;
@@ -853,8 +1079,8 @@ Tensor qgemv_batch_op(Tensor x, Tensor codes, Tensor scales, Tensor mins, int64_
 
 // rows [r0, r1) of a rows-layout matrix, dequantized -> float32 (r1 - r0, width)
 Tensor qdequant_op(Tensor codes, Tensor scales, Tensor mins, int64_t bits, int64_t group, int64_t width, int64_t r0,
-                   int64_t r1) {
-  const QMat w = hire_native::make_qmat(codes, scales, mins, bits, group, width, false, 8);
+                   int64_t r1, Tensor supers) {
+  const QMat w = hire_native::make_qmat(codes, scales, mins, bits, group, width, false, 8, supers);
   TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= w.n, "qdequant: rows [", r0, ", ", r1, ") outside [0, ", w.n, ")");
   auto out = torch::empty({r1 - r0, width}, torch::kFloat);
   dispatch<DequantF>(w, r0, r1, out.data_ptr<float>());
@@ -882,9 +1108,9 @@ Tensor qaxpy_op(Tensor a, Tensor idx, Tensor codes, Tensor scales, Tensor mins, 
 }  // namespace
 
 HIRE_FRAGMENT(HIRE_OPS_NAMESPACE, m) {
-  m.def("qgemv(Tensor x, Tensor codes, Tensor scales, Tensor mins, int bits, int group, int width, Tensor rows, int act_bits) -> Tensor");
-  m.def("qgemv_batch(Tensor x, Tensor codes, Tensor scales, Tensor mins, int bits, int group, int width, Tensor rows, int act_bits) -> Tensor");
-  m.def("qdequant(Tensor codes, Tensor scales, Tensor mins, int bits, int group, int width, int r0, int r1) -> Tensor");
+  m.def("qgemv(Tensor x, Tensor codes, Tensor scales, Tensor mins, int bits, int group, int width, Tensor rows, int act_bits, Tensor supers) -> Tensor");
+  m.def("qgemv_batch(Tensor x, Tensor codes, Tensor scales, Tensor mins, int bits, int group, int width, Tensor rows, int act_bits, Tensor supers) -> Tensor");
+  m.def("qdequant(Tensor codes, Tensor scales, Tensor mins, int bits, int group, int width, int r0, int r1, Tensor supers) -> Tensor");
   m.def("qaxpy(Tensor a, Tensor idx, Tensor codes, Tensor scales, Tensor mins, int bits, int group, int out) -> Tensor");
 }
 

@@ -11,17 +11,22 @@ namespace hire_native {
 // per group of columns; value = scale * (code - zero) + min.
 struct QMat {
   torch::Tensor codes, scales, mins;  // mins empty: symmetric codes (zero = 2^(bits-1))
+  // K formats: float16 (n, width / 256) super-scales, then as many super-mins where there are mins;
+  // scales and mins are then int8 sub-scales: scale = super * sub (hire.quant.formats.k_scale_parts)
+  torch::Tensor supers;
   int64_t bits = 0, group = 0;
   int64_t act_bits = 8;  // qgemv quantizes x to int8 (llama.cpp's way, fastest) or int16 (~float32)
   int64_t n = 0;      // rows of codes: out (rows layout) or in (columns layout)
   int64_t width = 0;  // logical length of a row of codes: in (rows) or out (columns)
   bool defined() const { return codes.defined() && codes.numel() > 0; }
   int64_t chunks() const { return (width + 63) / 64; }
+  bool two_level() const { return supers.defined() && supers.numel() > 0; }
 };
 
 // checks the parts of a QTensor whose code rows are `width` long (padded to 64)
 QMat make_qmat(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& mins, int64_t bits,
-               int64_t group, int64_t width, bool columns, int64_t act_bits = 8);
+               int64_t group, int64_t width, bool columns, int64_t act_bits = 8,
+               const torch::Tensor& supers = torch::Tensor());
 
 // y[i] = W[rows[i]] . x for i < count (rows null: every row), x quantized per 32 columns to w.act_bits
 void qgemv(const QMat& w, const float* x, const int64_t* rows, int64_t count, float* y);

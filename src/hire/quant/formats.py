@@ -15,7 +15,11 @@ codes in the kernel's planes, per 64-column chunk (``chunk_bytes``):
 * 8-bit codes are 64 plain bytes.
 
 Scales and mins are float16 where that is exact for the whole tensor (the legacy formats store
-float16), else float32 (the K formats' scale is float16 times a 6-bit integer).
+float16). The K formats (``K_FORMATS``) keep their own two levels instead: an int8 sub-scale (and
+sub-min) per group and a float16 super-scale (and super-min) per 256 columns (``k_scale_parts``), so
+the kernels read no more bytes than the file (Q6_K: its 210 bytes per 256 columns; Q4_K: 148 for
+144, its 12 bytes of 6-bit scales and mins unpacked to 16); scale = super * sub, exactly the float32
+product ``gguf``'s dequantiser forms.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ FORMATS = {
         BlockFormat("Q6_K", 256, 210, 6, 16, False),
     )
 }
+K_FORMATS = ("Q4_K", "Q5_K", "Q6_K")  # two-level scales: int8 per group x float16 per SUPER columns
+SUPER = 256  # columns per super-block of the K formats
 FLOAT_FORMATS = ("F32", "F16", "BF16")  # kept as torch tensors (float32 for F32, else their own dtype)
 SUPPORTED = tuple(FORMATS) + FLOAT_FORMATS
 
@@ -120,6 +126,22 @@ def unpack(fmt: BlockFormat, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray
         codes = (low | (high << 4)).reshape(n, 256)
         return codes, _f16(d) * sc.view(np.int8).astype(np.float32), None
     raise ValueError(f"no unpacking for {fmt.name}")
+
+
+def k_scale_parts(fmt: BlockFormat, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """A K format's two scale levels of ``blocks`` (n, nbytes): ``(sub int8 (n, 256 / group), sub_min
+    int8 (n, 256 / group) or None, supers float16 (n, 1) or (n, 2))``, with scale = supers[:, 0] * sub
+    and min = supers[:, 1] * sub_min (supers[:, 1] is the block's -dmin), both in float32 as ``unpack``
+    gives them."""
+    b = blocks
+    if fmt.name in ("Q4_K", "Q5_K"):
+        sc, m = _k_scales(b[:, 4:16])
+        neg_dmin = -(np.ascontiguousarray(b[:, 2:4]).view(np.float16))
+        supers = np.concatenate([np.ascontiguousarray(b[:, :2]).view(np.float16), neg_dmin], axis=1)
+        return sc.astype(np.int8), m.astype(np.int8), supers
+    if fmt.name == "Q6_K":
+        return np.ascontiguousarray(b[:, 192:208]).view(np.int8), None, np.ascontiguousarray(b[:, 208:210]).view(np.float16)
+    raise ValueError(f"{fmt.name} has one level of scales")
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:

@@ -5,7 +5,8 @@ A QTensor is the logical matrix W (out, in) with ``value = scale * (code - zero)
 of ``group`` input columns (``hire.quant.formats``). Two layouts:
 
 * ``rows`` (the default): row r holds W[r, :] as codes in the kernel's planes; scales and mins are
-  (out, in_padded / group). A token's product is the native ``qgemv`` (the activation quantized to
+  (out, in_padded / group): float16/float32, or for the K formats int8 sub-scales whose float16
+  super-scales per 256 columns are ``supers`` (out, in / 256), then the super-mins (the file's bytes). A token's product is the native ``qgemv`` (the activation quantized to
   int8 per 32 columns, as llama.cpp does), and a subset of rows is the same kernel over those rows.
 * ``columns``: neuron-major, row j holds W[:, j] (the FFN's down projection, whose selected
   neurons are columns); scales and mins are (in / group, out_padded). Its product over selected
@@ -24,7 +25,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hire.quant.formats import CHUNK, FORMATS, chunk_bytes, compact_scales, pack_codes, unpack, unpack_codes, zero_point
+from hire.quant.formats import (CHUNK, FORMATS, K_FORMATS, SUPER, chunk_bytes, compact_scales, k_scale_parts, pack_codes,
+                                unpack, unpack_codes, zero_point)
 
 REPACK_ROWS = 4096  # rows repacked at a time when loading
 DEQUANT_ROWS = 8192  # rows dequantized at a time by the multi-token product (32 MB of float32 at D = 1024)
@@ -43,14 +45,22 @@ class QTensor:
     format: str  # the GGUF format it came from
     layout: str = "rows"
     act_bits: int = ACT_BITS  # the one-token product's activation: int16 (float32 to ~1e-5) or int8 (llama.cpp's)
+    # K formats: float16 (out, in / SUPER) super-scales, then as many super-mins where there are mins;
+    # scales and mins are then int8 sub-scales (empty: scales and mins are the float values)
+    supers: torch.Tensor = torch.zeros(0, dtype=torch.float16)
 
     @property
     def zero(self) -> int:
         return zero_point(self.bits, self.mins.numel() > 0)
 
     @property
+    def two_level(self) -> bool:
+        """Whether scales (and mins) are int8 sub-scales of ``supers`` (the K formats' own bytes)."""
+        return self.supers.numel() > 0
+
+    @property
     def nbytes(self) -> int:
-        return self.codes.numel() + self.scales.numel() * self.scales.element_size() + self.mins.numel() * self.mins.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.mins, self.supers))
 
     def row_nbytes(self) -> float:
         """Bytes read per row of the logical matrix (codes, scales and mins)."""
@@ -73,6 +83,8 @@ class QTensor:
         rows = flat.reshape(out, -1)
         if row_order is not None:
             rows = rows[row_order]
+        if layout == "rows" and fmt_name in K_FORMATS:
+            return cls._from_k_blocks(fmt_name, rows, shape)
         if layout != "rows":
             codes, scales, mins = unpack(fmt, np.ascontiguousarray(rows).reshape(-1, fmt.nbytes))
             groups = inp // fmt.group
@@ -93,6 +105,43 @@ class QTensor:
         s_final, m_final = _scale_pair(scales, mins)
         return cls(torch.from_numpy(packed), torch.from_numpy(s_final), torch.from_numpy(m_final), fmt.bits, fmt.group,
                    (out, inp), fmt_name)
+
+    @classmethod
+    def _from_k_blocks(cls, fmt_name: str, rows: np.ndarray, shape: tuple[int, int]) -> "QTensor":
+        """The rows layout of a K format: codes in the kernel's planes (the file's nibble order), the
+        scales in the file's two levels (``k_scale_parts``)."""
+        fmt = FORMATS[fmt_name]
+        out, inp = shape
+        per = SUPER // fmt.group
+        packed = np.empty((out, inp // CHUNK * chunk_bytes(fmt.bits)), np.uint8)
+        subs = np.empty((out, inp // fmt.group), np.int8)
+        sub_mins = np.empty_like(subs) if fmt.has_min else None
+        supers = np.empty((out, (2 if fmt.has_min else 1) * (inp // SUPER)), np.float16)
+        nsup = inp // SUPER
+        for r0 in range(0, out, REPACK_ROWS):
+            r1 = min(out, r0 + REPACK_ROWS)
+            blocks = np.ascontiguousarray(rows[r0:r1]).reshape(-1, fmt.nbytes)
+            c, _, _ = unpack(fmt, blocks)
+            packed[r0:r1] = pack_codes(c.reshape(r1 - r0, inp), fmt.bits)
+            sub, sub_min, sup = k_scale_parts(fmt, blocks)
+            subs[r0:r1] = sub.reshape(r1 - r0, nsup * per)
+            if sub_mins is not None:
+                sub_mins[r0:r1] = sub_min.reshape(r1 - r0, nsup * per)
+            supers[r0:r1] = sup.reshape(r1 - r0, nsup, -1).transpose(0, 2, 1).reshape(r1 - r0, -1)
+        mins = torch.from_numpy(sub_mins) if sub_mins is not None else torch.zeros(0, dtype=torch.int8)
+        return cls(torch.from_numpy(packed), torch.from_numpy(subs), mins, fmt.bits, fmt.group, (out, inp), fmt_name,
+                   supers=torch.from_numpy(supers))
+
+    def float_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scales, mins) as float32 (rows layout: (out, groups)); mins empty where there are none."""
+        if not self.two_level:
+            return self.scales.float(), self.mins.float()
+        nsup = self.supers.shape[1] // (2 if self.mins.numel() else 1)
+        per = self.scales.shape[1] // nsup
+        sup = self.supers.float().repeat_interleave(per, dim=1)
+        scales = sup[:, : nsup * per] * self.scales.float()
+        mins = sup[:, nsup * per :] * self.mins.float() if self.mins.numel() else self.mins.float()
+        return scales, mins
 
     @classmethod
     def from_codes(cls, codes: np.ndarray, scales: np.ndarray, mins: np.ndarray | None, bits: int, group: int,
@@ -120,8 +169,9 @@ class QTensor:
         if self.layout != "rows":
             raise ValueError("take_rows reads the rows layout")
         mins = self.mins[idx] if self.mins.numel() else self.mins
+        supers = self.supers[idx] if self.two_level else self.supers
         return QTensor(self.codes[idx], self.scales[idx], mins, self.bits, self.group, (idx.numel(), self.shape[1]),
-                       self.format, act_bits=self.act_bits)
+                       self.format, act_bits=self.act_bits, supers=supers)
 
     def to_layout(self, layout: str) -> "QTensor":
         if layout == self.layout:
@@ -134,8 +184,9 @@ class QTensor:
     def unpacked(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(codes (out, in), scales (out, in / group), mins or None), float32 scales."""
         out, inp = self.shape
-        scales = self.scales.float().numpy()
-        mins = self.mins.float().numpy() if self.mins.numel() else None
+        fs, fm = self.float_scales()
+        scales = fs.numpy()
+        mins = fm.numpy() if self.mins.numel() else None
         if self.layout == "rows":
             codes = unpack_codes(self.codes.numpy(), self.bits, inp)
             g = inp // self.group
@@ -157,7 +208,8 @@ class QTensor:
         """``dequantize`` in numpy (the reference of the native one)."""
         if self.layout == "rows" and rows is not None:
             part = QTensor(self.codes[rows], self.scales[rows], self.mins[rows] if self.mins.numel() else self.mins,
-                           self.bits, self.group, (self.codes[rows].shape[0], self.shape[1]), self.format, act_bits=self.act_bits)
+                           self.bits, self.group, (self.codes[rows].shape[0], self.shape[1]), self.format,
+                           act_bits=self.act_bits, supers=self.supers[rows] if self.two_level else self.supers)
             return part.eager_dequantize()
         codes, scales, mins = self.unpacked()
         w = (codes.astype(np.float32) - np.float32(self.zero)).reshape(codes.shape[0], -1, self.group)
@@ -199,13 +251,15 @@ def fuse_rows(parts: list[QTensor]) -> QTensor | tuple[QTensor, ...]:
         return tuple(parts)
     same = all(p.layout == "rows" and p.bits == first.bits and p.group == first.group and p.shape[1] == first.shape[1]
                and p.scales.dtype == first.scales.dtype and (p.mins.numel() > 0) == (first.mins.numel() > 0)
-               and p.scales.shape[1] == first.scales.shape[1] for p in parts)
+               and p.scales.shape[1] == first.scales.shape[1] and p.two_level == first.two_level
+               and p.supers.shape[1:] == first.supers.shape[1:] for p in parts)
     if not same:
         return tuple(parts)
     mins = torch.cat([p.mins for p in parts]) if first.mins.numel() else first.mins
+    supers = torch.cat([p.supers for p in parts]) if first.two_level else first.supers
     return QTensor(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), mins, first.bits,
                    first.group, (sum(p.shape[0] for p in parts), first.shape[1]), "+".join(sorted({p.format for p in parts})),
-                   act_bits=first.act_bits)
+                   act_bits=first.act_bits, supers=supers)
 
 
 def _scale_pair(scales: np.ndarray, mins: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -280,10 +334,10 @@ class QEmbedding(nn.Module):
 
 
 def reference_quantize_x(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """The native product's activation codes: per 32 columns, scale max|x| / (2^(bits-1) - 1) (1
-    where all zero), round half to even.  # x: (D,) -> codes (D,) int8 or int16, scales float32 (ceil(D/32),)"""
+    """The native product's activation codes: per 32 columns, scale max|x| / 127 (int8) or / 32512
+    (int16; 1 where all zero), round half to even.  # x: (D,) -> codes (D,) int8 or int16, scales float32 (ceil(D/32),)"""
     x = x.reshape(-1).float()
-    top = (1 << (bits - 1)) - 1
+    top = 127 if bits == 8 else 127 * 256  # int16: 256 hi + lo in two int8 (the native K kernels' split)
     pad = -x.numel() % QX_GROUP
     g = F.pad(x, (0, pad)).view(-1, QX_GROUP)
     amax = g.abs().amax(dim=1)
