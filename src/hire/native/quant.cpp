@@ -57,36 +57,72 @@ struct QX16 {
   std::vector<int32_t> lanesum;  // chunks * 16: the sum of q over each 4 columns (int8 lanes: the zero's term)
 };
 
+// x (d values, zero padded to n, a multiple of 32) in codes per 32 values: scale max|x| / top (1 where
+// all are zero), code = x / scale rounded half to even (hire.quant.reference_quantize_x's meaning,
+// bit for bit: the same division and rounding, 16 lanes at a time on AVX-512)
+void quantize_groups(const float* x, int64_t d, int64_t n, float top, int32_t* q, float* scales) {
+  alignas(64) float buf[32];
+  for (int64_t g = 0; g < n / 32; ++g) {
+    const float* p = x + g * 32;
+    if (g * 32 + 32 > d) {  // the padded tail
+      std::fill_n(buf, 32, 0.f);
+      if (d > g * 32) std::copy(p, x + d, buf);
+      p = buf;
+    }
+#if defined(__AVX512F__)
+    const __m512 a = _mm512_loadu_ps(p), b = _mm512_loadu_ps(p + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    const float sc = amax > 0.f ? amax / top : 1.f;
+    const __m512 vs = _mm512_set1_ps(sc), hi = _mm512_set1_ps(top), lo = _mm512_set1_ps(-top);
+    for (int h = 0; h < 2; ++h) {
+      const __m512 v = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_div_ps(h ? b : a, vs)));
+      _mm512_storeu_si512(q + g * 32 + 16 * h,
+                          _mm512_cvtps_epi32(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+    }
+#else
+    float amax = 0.f;
+    for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(p[i]));
+    const float sc = amax > 0.f ? amax / top : 1.f;
+    for (int i = 0; i < 32; ++i)
+      q[g * 32 + i] = static_cast<int32_t>(std::nearbyint(std::min(top, std::max(-top, p[i] / sc))));
+#endif
+    scales[g] = sc;
+  }
+}
+
 QX16 quantize_x16(const float* x, int64_t d) {
   QX16 r;
   r.chunks = (d + 63) / 64;
   const int64_t n = r.chunks * 64;
-  r.q.assign(n, 0);
-  r.scale.assign(n / 32, 1.f);
-  r.gsum.assign(n / 32, 0.f);
-  for (int64_t g = 0; g < n / 32; ++g) {
-    float amax = 0.f;
-    for (int64_t i = g * 32; i < std::min(d, g * 32 + 32); ++i) amax = std::max(amax, std::fabs(x[i]));
-    const float s = amax > 0.f ? amax / kTop16 : 1.f;
-    int32_t sum = 0;
-    for (int64_t i = g * 32; i < std::min(d, g * 32 + 32); ++i) {
-      r.q[i] = static_cast<int16_t>(std::nearbyint(std::min(kTop16, std::max(-kTop16, x[i] / s))));
-      sum += r.q[i];
-    }
-    r.scale[g] = s;
-    r.gsum[g] = s * static_cast<float>(sum);
-  }
+  std::vector<int32_t> q(n);
+  r.scale.resize(n / 32);
+  quantize_groups(x, d, n, kTop16, q.data(), r.scale.data());
+  r.q.resize(n);
   r.hi.resize(n);
   r.lo.resize(n);
-  for (int64_t i = 0; i < n; ++i) {
-    const int32_t h = (static_cast<int32_t>(r.q[i]) + 128) >> 8;  // floor: lo in [-128, 127]
-    r.hi[i] = static_cast<int8_t>(h);
-    r.lo[i] = static_cast<int8_t>(r.q[i] - 256 * h);
-  }
   r.lanesum.resize(n / 4);
-  for (int64_t l = 0; l < n / 4; ++l) r.lanesum[l] = r.q[4 * l] + r.q[4 * l + 1] + r.q[4 * l + 2] + r.q[4 * l + 3];
+  {  // local pointers: the compiler vectorises what it cannot prove the vectors' members do not alias
+    const int32_t* __restrict qi = q.data();
+    int16_t* __restrict q16 = r.q.data();
+    int8_t* __restrict hi = r.hi.data();
+    int8_t* __restrict lo = r.lo.data();
+    int32_t* __restrict ls = r.lanesum.data();
+    for (int64_t i = 0; i < n; ++i) {
+      q16[i] = static_cast<int16_t>(qi[i]);
+      const int32_t h = (qi[i] + 128) >> 8;  // floor: lo in [-128, 127]
+      hi[i] = static_cast<int8_t>(h);
+      lo[i] = static_cast<int8_t>(qi[i] - 256 * h);
+    }
+    for (int64_t l = 0; l < n / 4; ++l) ls[l] = qi[4 * l] + qi[4 * l + 1] + qi[4 * l + 2] + qi[4 * l + 3];
+  }
+  r.gsum.resize(n / 32);
   r.scale16.resize(n / 16);
-  for (int64_t g = 0; g < n / 16; ++g) r.scale16[g] = r.scale[g / 2];
+  for (int64_t g = 0; g < n / 32; ++g) {
+    int32_t sum = 0;
+    for (int64_t l = g * 8; l < g * 8 + 8; ++l) sum += r.lanesum[l];
+    r.gsum[g] = r.scale[g] * static_cast<float>(sum);
+    r.scale16[2 * g] = r.scale16[2 * g + 1] = r.scale[g];
+  }
   r.lane_scale.assign(r.chunks * 16, 0.f);
   r.lane_gsum.assign(r.chunks * 16, 0.f);
   for (int64_t c = 0; c < r.chunks; ++c)
@@ -101,31 +137,32 @@ QX quantize_x(const float* x, int64_t d) {
   QX r;
   r.chunks = (d + 63) / 64;
   const int64_t n = r.chunks * 64;
-  std::vector<float> xp(n, 0.f);
-  std::copy(x, x + d, xp.begin());
-  r.q.assign(n, 0);
-  r.lanesum.assign(r.chunks * 16, 0);
-  r.lane_scale.assign(r.chunks * 16, 0.f);
-  r.lane_xsum.assign(r.chunks * 16, 0.f);
-  for (int64_t g = 0; g < n / 32; ++g) {
-    const float s = quantize_int8(xp.data() + g * 32, 32, r.q.data() + g * 32);
-    for (int64_t l = g * 8; l < g * 8 + 8; ++l) {
-      int32_t sum = 0;
-      for (int64_t e = 0; e < 4; ++e) sum += r.q[l * 4 + e];
-      r.lanesum[l] = sum;
-      r.lane_scale[l] = s;
-      r.lane_xsum[l] = s * static_cast<float>(sum);
-    }
-  }
+  std::vector<int32_t> q(n);
   r.gscale.resize(n / 32);
+  quantize_groups(x, d, n, 127.f, q.data(), r.gscale.data());
+  r.q.resize(n);
+  {
+    const int32_t* __restrict qi = q.data();
+    int8_t* __restrict q8 = r.q.data();
+    for (int64_t i = 0; i < n; ++i) q8[i] = static_cast<int8_t>(qi[i]);
+  }
+  r.lanesum.resize(r.chunks * 16);
+  r.lane_scale.resize(r.chunks * 16);
+  r.lane_xsum.resize(r.chunks * 16);
   r.gxsum.resize(n / 32);
   r.gscale16.resize(n / 16);
   for (int64_t g = 0; g < n / 32; ++g) {
-    r.gscale[g] = r.lane_scale[g * 8];
-    float sum = 0.f;
-    for (int64_t l = g * 8; l < g * 8 + 8; ++l) sum += static_cast<float>(r.lanesum[l]);
-    r.gxsum[g] = r.gscale[g] * sum;
-    r.gscale16[2 * g] = r.gscale16[2 * g + 1] = r.gscale[g];
+    const float sc = r.gscale[g];
+    int32_t total = 0;
+    for (int64_t l = g * 8; l < g * 8 + 8; ++l) {
+      const int32_t sum = q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3];
+      r.lanesum[l] = sum;
+      r.lane_scale[l] = sc;
+      r.lane_xsum[l] = sc * static_cast<float>(sum);
+      total += sum;
+    }
+    r.gxsum[g] = sc * static_cast<float>(total);
+    r.gscale16[2 * g] = r.gscale16[2 * g + 1] = sc;
   }
   return r;
 }
@@ -535,9 +572,11 @@ struct ZeroSums {
   const int32_t* get(int bits) const { return by_bits[bits].data(); }
 };
 
-ZeroSums zero_sums(const std::vector<int32_t>& lane_sums) {
+// bits: a mask of the code widths (1 << bits) of the symmetric matrices that will read them
+ZeroSums zero_sums(const std::vector<int32_t>& lane_sums, int bits_mask) {
   ZeroSums z;
   for (int bits : {4, 5, 6, 8}) {
+    if (!(bits_mask >> bits & 1)) continue;
     z.by_bits[bits].resize(lane_sums.size());
     for (size_t i = 0; i < lane_sums.size(); ++i) z.by_bits[bits][i] = -(1 << (bits - 1)) * lane_sums[i];
   }
@@ -751,25 +790,28 @@ void rows_range_lanes(const QMat& w, const QXLanes& X, const int64_t* rows, int6
 
 // x quantized to ``act_bits`` (int8 per 4-column lane, int16 per pair) with its zero sums, handed to f
 template <typename F>
-void with_quantized_x(int64_t act_bits, const float* x, int64_t width, F&& f) {
+void with_quantized_x(int64_t act_bits, const float* x, int64_t width, int zmask, F&& f) {
   if (act_bits == 16) {
     const QX16 qx = quantize_x16(x, width);
-    f(qx, zero_sums(qx.lanesum));
+    f(qx, zero_sums(qx.lanesum, zmask));
   } else {
     const QX qx = quantize_x(x, width);
-    f(qx, zero_sums(qx.lanesum));
+    f(qx, zero_sums(qx.lanesum, zmask));
   }
 }
 
+// the zero sums a matrix reads: its code width's where its codes are symmetric (no mins)
+inline int zero_mask(const QMat& w) { return w.mins.numel() ? 0 : 1 << w.bits; }
+
 // B activations (rows of x, `width` apart) quantized each on its own, as with_quantized_x does one
 template <typename F>
-void with_quantized_batch(int64_t act_bits, const float* x, int64_t batch, int64_t width, F&& f) {
+void with_quantized_batch(int64_t act_bits, const float* x, int64_t batch, int64_t width, int zmask, F&& f) {
   if (act_bits == 16) {
     std::vector<QX16> qx;
     std::vector<ZeroSums> z;
     for (int64_t j = 0; j < batch; ++j) {
       qx.push_back(quantize_x16(x + j * width, width));
-      z.push_back(zero_sums(qx.back().lanesum));
+      z.push_back(zero_sums(qx.back().lanesum, zmask));
     }
     f(qx, z);
   } else {
@@ -777,7 +819,7 @@ void with_quantized_batch(int64_t act_bits, const float* x, int64_t batch, int64
     std::vector<ZeroSums> z;
     for (int64_t j = 0; j < batch; ++j) {
       qx.push_back(quantize_x(x + j * width, width));
-      z.push_back(zero_sums(qx.back().lanesum));
+      z.push_back(zero_sums(qx.back().lanesum, zmask));
     }
     f(qx, z);
   }
@@ -983,7 +1025,7 @@ QMat make_qmat(const Tensor& codes, const Tensor& scales, const Tensor& mins, in
 }
 
 void qgemv(const QMat& w, const float* x, const int64_t* rows, int64_t count, float* y) {
-  with_quantized_x(w.act_bits, x, w.width, [&](const auto& qx, const ZeroSums& z) {
+  with_quantized_x(w.act_bits, x, w.width, zero_mask(w), [&](const auto& qx, const ZeroSums& z) {
     at::parallel_for(0, count, 16, [&](int64_t b, int64_t e) { dispatch<RowsF>(w, qx, z, rows, b, e, y); });
   });
 }
@@ -1007,7 +1049,7 @@ void qgemv_batch(const QMat& w, const float* x, int64_t batch, const int64_t* ro
     return;
   }
 #endif
-  with_quantized_batch(w.act_bits, x, batch, w.width, [&](const auto& qx, const std::vector<ZeroSums>& z) {
+  with_quantized_batch(w.act_bits, x, batch, w.width, zero_mask(w), [&](const auto& qx, const std::vector<ZeroSums>& z) {
     at::parallel_for(0, count, 16, [&](int64_t b, int64_t e) { dispatch<RowsBatchF>(w, qx, z, rows, b, e, y, count); });
   });
 }
@@ -1021,7 +1063,9 @@ void qgemv_multi(const std::vector<const QMat*>& ws, const float* x, const std::
     start[m + 1] = start[m] + ws[m]->n;
   }
   // rows b..e-1 of the stacked matrices: each matrix's part of them
-  with_quantized_x(ws[0]->act_bits, x, ws[0]->width, [&](const auto& qx, const ZeroSums& z) {
+  int zmask = 0;
+  for (const QMat* m : ws) zmask |= zero_mask(*m);
+  with_quantized_x(ws[0]->act_bits, x, ws[0]->width, zmask, [&](const auto& qx, const ZeroSums& z) {
     at::parallel_for(0, start.back(), 16, [&](int64_t b, int64_t e) {
       for (size_t m = 0; m < ws.size(); ++m) {
         const int64_t lo = std::max(b, start[m]), hi = std::min(e, start[m + 1]);
