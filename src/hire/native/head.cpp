@@ -351,6 +351,8 @@ constexpr int kMaxNB = 8;  // activations scored per read of a tile (registers: 
 constexpr TileFn kTileFns[kMaxNB] = {tile_scores_nb<1>, tile_scores_nb<2>, tile_scores_nb<3>, tile_scores_nb<4>,
                                      tile_scores_nb<5>, tile_scores_nb<6>, tile_scores_nb<7>, tile_scores_nb<8>};
 
+constexpr int64_t kTilesFar = 64;  // L2 prefetch distance of the block-major pass (64 KB at rank 64)
+
 using Cand = std::pair<float, int32_t>;  // (score, stripe index within the block)
 inline bool better_or_nan(const Cand& a, const Cand& b) {
   const bool a_nan = std::isnan(a.first), b_nan = std::isnan(b.first);
@@ -392,12 +394,40 @@ inline int64_t above(const float* sc, int64_t n, float q, float* val, int32_t* i
   return m;
 }
 
+// Candidate i's place among val[0..m) (padded with -inf to a multiple of 16): how many are greater, and
+// how many before it are equal (the lower row first), so that every candidate has its own rank.
+constexpr int64_t kRankMax = 160;  // up to this many candidates, ranks by counting (m^2 / 16 compares)
+inline int64_t rank_of(const float* val, int64_t m, int64_t i) {
+  const float vi = val[i];
+  int64_t r = 0, j = 0;
+#if defined(__AVX512F__)
+  const __m512 b = _mm512_set1_ps(vi);
+  for (; j < m; j += 16) {
+    const __m512 v = _mm512_loadu_ps(val + j);
+    const uint32_t before = i >= j + 16 ? 0xFFFFu : (i > j ? (1u << (i - j)) - 1 : 0u);
+    r += __builtin_popcount(_mm512_cmp_ps_mask(v, b, _CMP_GT_OQ)) +
+         __builtin_popcount(_mm512_cmp_ps_mask(v, b, _CMP_EQ_OQ) & before);
+  }
+#elif !HIRE_SCALAR
+  const __m256 b = _mm256_set1_ps(vi);
+  for (; j < m; j += 8) {
+    const __m256 v = _mm256_loadu_ps(val + j);
+    const uint32_t before = i >= j + 8 ? 0xFFu : (i > j ? (1u << (i - j)) - 1 : 0u);
+    r += __builtin_popcount(static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, b, _CMP_GT_OQ)))) +
+         __builtin_popcount(static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, b, _CMP_EQ_OQ))) & before);
+  }
+#else
+  for (; j < m; ++j) r += val[j] > vi || (val[j] == vi && j < i);
+#endif
+  return r;
+}
+
 // Scratch for select_block, one per thread.
 struct Scratch {
   std::vector<float> val, tmp;
   std::vector<int32_t> idx;
   std::vector<Cand> all;
-  explicit Scratch(int64_t n) : val(n + 16), tmp(n + 16), idx(n + 16), all(n) {}
+  explicit Scratch(int64_t n) : val(n + 32), tmp(n + 16), idx(n + 16), all(n) {}
 };
 
 // One block's best `per` of its n scores (their indices into pick, ascending), exact; q: the running
@@ -414,6 +444,19 @@ void select_block(const float* sc, int64_t n, int64_t per, int64_t target, float
     std::nth_element(cand, cand + (per - 1), cand + std::min(target, n), better_or_nan);
     for (int64_t i = 0; i < per; ++i) pick[i] = cand[i].second;
     std::sort(pick, pick + per);
+    return;
+  }
+  if (m <= kRankMax) {  // few candidates: each one's rank by counting, branch-free (no sort)
+    float* val = w.val.data();
+    for (int64_t i = m; i < m + 16; ++i) val[i] = -std::numeric_limits<float>::infinity();  // never > or == a candidate
+    int64_t k = 0;
+    float q_next = q;
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t r = rank_of(val, m, i);  // 0 for the best
+      if (r < per) pick[k++] = w.idx[i];
+      if (r == target - 1) q_next = val[i];
+    }
+    if (m > target + target / 2) q = q_next;  // q was low: raise it to this block's target-th best
     return;
   }
   // the per-th best value t among the m real scores above q; all above t are kept, and of those equal
@@ -521,6 +564,10 @@ std::tuple<Tensor, Tensor> lowrank_select(Tensor x, Tensor v, Tensor packed, Ten
         if (tile + kTilesAhead < t_end) {  // one stream per thread: keep enough lines in flight
           const uint8_t* ahead = pp + (tile + kTilesAhead) * tile_bytes;
           for (int64_t line = 0; line < groups; ++line) prefetch(ahead + line * 64);
+        }
+        if (tile + kTilesFar < t_end) {  // and further ahead into L2, so that the stream runs on while a block is selected
+          const uint8_t* far = pp + (tile + kTilesFar) * tile_bytes;
+          for (int64_t line = 0; line < groups; ++line) __builtin_prefetch(far + line * 64, 0, 2);  // prefetcht1
         }
         const int64_t row = block * stripe + t * kTile;  // block-major row of the tile's first
         for (int64_t a0 = 0; a0 < batch; a0 += kMaxNB) {

@@ -223,6 +223,16 @@ class LowRankProxy:
                 and self.rank % 4 == 0 and native.usable(self._u.codes):
             self.packed = native.pack_lowrank(self._u.codes)
 
+    @property
+    def decode_v(self) -> torch.Tensor:
+        """V in the decode dtype (prepare_decode).  # (r, D)"""
+        return self._v
+
+    @property
+    def row_scales(self) -> torch.Tensor:
+        """U's float32 row scales where U is int8 on the decode kernels (prepare_decode).  # (n,)"""
+        return self._u.row_scales
+
     def block_pack(self, blocks: int) -> BlockPack | None:
         """U block-major for ``blocks`` blocks (``block_select``), made on the first call after
         prepare_decode; None where it does not apply (no int8 codes on the kernels, or the rows do not
