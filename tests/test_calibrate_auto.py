@@ -1,13 +1,16 @@
 """The head chosen on calibration text (hire.calibrate.auto) for models without recommended settings."""
 
 import json
+import logging
 
 import pytest
 import torch
 
+from hire import native
+from hire.calibrate import auto as auto_mod
 from hire.calibrate import collect_head_states, head_recall, head_weight
 from hire.calibrate import prepare as prepare_mod
-from hire.calibrate.auto import choose_head
+from hire.calibrate.auto import choose_head, measure_head_times, pair_name
 from hire.cli import main
 from hire.config import HeadConfig, HiReConfig
 from hire.patch import build_head_selector
@@ -17,6 +20,7 @@ from tiny_models import VOCAB, make
 
 @pytest.fixture(scope="module")
 def states():
+    native.available()  # loaded once from the usual cache: tests that move HIRE_CACHE do not build them again
     model = make("llama")
     windows = torch.randint(0, VOCAB, (8, 32))
     return model, collect_head_states(model, windows[:6], progress=False), collect_head_states(model, windows[6:], progress=False)
@@ -26,7 +30,8 @@ def test_the_cheapest_setting_meeting_the_targets_is_chosen(states):
     model, fit, check = states
     cfg = HeadConfig(k=8, auto=True, proxy="lowrank")
     ranks, ladder = (4, 8, 16), (16, 32, 64, 96)
-    head, report = choose_head(model, cfg, fit, check, 0.9, 0.8, ranks=ranks, candidates=ladder)
+    head, report = choose_head(model, cfg, fit, check, 0.9, 0.8, ranks=ranks, candidates=ladder, measure=False)
+    assert report["by"] == "bytes" and "timing" not in report and "not timed" in report["reason"]
     assert not head.auto and head.enabled and head.proxy == "lowrank" and head.select_blocks == 0
     weight = head_weight(model)
     for entry in report["tried"]:  # each rank's smallest k' meeting the targets, measured as hire eval would
@@ -49,8 +54,176 @@ def test_the_cheapest_setting_meeting_the_targets_is_chosen(states):
 
 def test_no_setting_meeting_the_targets_leaves_the_head_dense(states):
     model, fit, check = states
-    head, report = choose_head(model, HeadConfig(k=8, auto=True), fit, check, 1.01, 1.01, ranks=(8,), candidates=(16,))
+
+    def untimed(heads, hidden):
+        raise AssertionError("nothing reached the targets: nothing to time")
+
+    head, report = choose_head(model, HeadConfig(k=8, auto=True), fit, check, 1.01, 1.01, ranks=(8,), candidates=(16,),
+                               timer=untimed)
     assert not head.enabled and report["chosen"] is None and "stays dense" in report["reason"]
+    assert report["by"] == "recall"
+
+
+RANKS, LADDER, TARGETS = (4, 8, 16), (16, 32, 64, 96), (0.5, 0.4)  # several settings meet these
+
+
+class FakeTimer:
+    """A deterministic timer: every head is called once (each HiRE head's candidate logits checked
+    against the dense head's), then given the ms of ``ms(name)``."""
+
+    def __init__(self, ms):
+        self.ms, self.calls = ms, []
+
+    def __call__(self, heads, hidden):
+        self.calls.append(sorted(heads))
+        assert hidden.dtype == torch.float16 and 1 <= hidden.shape[0] <= auto_mod.TIMING_STATES
+        h = hidden[:1]
+        dense = heads["dense"](h)  # (1, V) float32
+        for name, call in heads.items():
+            if name != "dense":
+                logits, idx = call(h)  # the HiRE head's decode: exact logits of its candidates
+                torch.testing.assert_close(logits, dense.gather(-1, idx), rtol=1e-3, atol=1e-3)
+        return {name: self.ms(name) for name in heads}
+
+
+def _met(report):
+    return [e for e in report["tried"] if e["candidates"] is not None]
+
+
+def test_the_fastest_setting_meeting_the_targets_wins(states, tmp_path, monkeypatch):
+    monkeypatch.setenv("HIRE_CACHE", str(tmp_path))
+    model, fit, check = states
+    cfg = HeadConfig(k=8, auto=True, proxy="lowrank")
+    _, by_bytes = choose_head(model, cfg, fit, check, *TARGETS, ranks=RANKS, candidates=LADDER, measure=False)
+    met = _met(by_bytes)
+    assert len(met) >= 2
+    # the byte-cheapest setting is the slowest here: time, not bytes, must decide
+    order = sorted(met, key=lambda e: e["bytes_fraction"], reverse=True)
+    ms = {pair_name(e["rank"], e["candidates"]): 1.0 + i for i, e in enumerate(order)}
+    timer = FakeTimer(lambda name: 10.0 if name == "dense" else ms[name])
+    head, report = choose_head(model, cfg, fit, check, *TARGETS, ranks=RANKS, candidates=LADDER, timer=timer)
+    assert timer.calls == [sorted(["dense", *ms])]
+    fastest = order[0]
+    assert report["by"] == "time" and report["chosen"]["rank"] == fastest["rank"] != by_bytes["chosen"]["rank"]
+    assert (head.enabled, head.rank, head.candidates) == (True, fastest["rank"], fastest["candidates"])
+    # the report carries every timed setting's ms and the dense head's, and why
+    assert {pair_name(e["rank"], e["candidates"]): e["ms"] for e in _met(report)} == ms
+    timing = report["timing"]
+    assert timing["dense_ms"] == 10.0 and timing["source"] == "measured"
+    assert set(timing["machine"]) == {"cpu", "threads", "kernels", "head"} and timing["machine"]["head"] == "float16"
+    assert "1.000 ms per token against the dense head's 10.000 ms (10.00x)" in report["reason"]
+    json.dumps(report)  # written as JSON by resolve_auto_head
+
+
+def test_the_head_stays_dense_when_no_setting_beats_the_dense_head(states, tmp_path, monkeypatch):
+    monkeypatch.setenv("HIRE_CACHE", str(tmp_path))
+    model, fit, check = states
+    cfg = HeadConfig(k=8, auto=True, proxy="lowrank")
+    # within MIN_GAIN of the dense head is not a win
+    timer = FakeTimer(lambda name: 1.0 if name == "dense" else 1.0 - auto_mod.MIN_GAIN / 2)
+    head, report = choose_head(model, cfg, fit, check, *TARGETS, ranks=RANKS, candidates=LADDER, timer=timer)
+    assert not head.enabled and not head.auto and report["chosen"] is None and report["by"] == "time"
+    assert "stays dense" in report["reason"] and "against the dense head's 1.000 ms" in report["reason"]
+    assert all(e["ms"] == 1.0 - auto_mod.MIN_GAIN / 2 for e in _met(report)) and report["timing"]["dense_ms"] == 1.0
+
+
+def test_the_timings_are_cached_per_machine_and_model(states, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("HIRE_CACHE", str(tmp_path))
+    model, fit, check = states
+    cfg = HeadConfig(k=8, auto=True, proxy="lowrank")
+    args = (model, cfg, fit, check, *TARGETS)
+    first_timer = FakeTimer(lambda name: 3.0 if name == "dense" else 1.0 + len(name) / 10)
+    head, first = choose_head(*args, ranks=RANKS, candidates=LADDER, timer=first_timer)
+    files = list((tmp_path / "timings").glob("head-*.json"))
+    assert len(files) == 1 and first["timing"]["file"] == str(files[0])
+    saved = json.loads(files[0].read_text())
+    assert saved["dense_ms"] == 3.0 and saved["meta"]["cpu"] == auto_mod.cpu_name()
+
+    def refuse(heads, hidden):
+        raise AssertionError("the cached timings were not used")
+
+    again_head, again = choose_head(*args, ranks=RANKS, candidates=LADDER, timer=refuse)
+    assert again_head == head and again["timing"]["source"] == "cache"
+    assert [e.get("ms") for e in again["tried"]] == [e.get("ms") for e in first["tried"]]
+    # a setting the cache lacks (higher targets: a larger k'): all are timed again, in one loop with the dense head
+    counting = FakeTimer(lambda name: 3.0 if name == "dense" else 2.0)
+    _, more = choose_head(model, cfg, fit, check, 0.6, 0.5, ranks=RANKS, candidates=LADDER, timer=counting)
+    assert more["timing"]["source"] == "measured" and counting.calls
+    assert {pair_name(e["rank"], e["candidates"]) for e in _met(more)} - {pair_name(e["rank"], e["candidates"])
+                                                                          for e in _met(first)}
+    # another machine (or thread count, or kernel build) does not share them
+    monkeypatch.setattr(auto_mod, "cpu_name", lambda: "another CPU")
+    other = FakeTimer(lambda name: 1.0)
+    _, elsewhere = choose_head(*args, ranks=RANKS, candidates=LADDER, timer=other)
+    assert other.calls and elsewhere["timing"]["file"] != first["timing"]["file"]
+    assert elsewhere["chosen"] is None  # no faster than dense there
+    # a damaged file: a warning, timed again and rewritten, never a crash
+    path = elsewhere["timing"]["file"]
+    for damage in ("{not json", json.dumps({"meta": saved["meta"] | {"cpu": "another CPU"}, "dense_ms": "x",
+                                            "pairs": {}}), "[]"):
+        with open(path, "w") as f:
+            f.write(damage)
+        caplog.clear()
+        retimed = FakeTimer(lambda name: 1.0)
+        with caplog.at_level(logging.WARNING, logger="hire"):
+            _, report = choose_head(*args, ranks=RANKS, candidates=LADDER, timer=retimed)
+        assert retimed.calls and report["timing"]["source"] == "measured"
+        assert any("damaged" in r.getMessage() for r in caplog.records), damage
+        assert json.loads(open(path).read())["dense_ms"] == 1.0
+
+
+def test_timing_that_fails_falls_back_to_bytes(states, tmp_path, monkeypatch):
+    monkeypatch.setenv("HIRE_CACHE", str(tmp_path))
+    model, fit, check = states
+    cfg = HeadConfig(k=8, auto=True, proxy="lowrank")
+
+    def broken(heads, hidden):
+        raise RuntimeError("no clock here")
+
+    head, report = choose_head(model, cfg, fit, check, *TARGETS, ranks=RANKS, candidates=LADDER, timer=broken)
+    _, by_bytes = choose_head(model, cfg, fit, check, *TARGETS, ranks=RANKS, candidates=LADDER, measure=False)
+    assert report["by"] == "bytes" and "no clock here" in report["timing_error"]
+    assert report["chosen"] == by_bytes["chosen"] and head.rank == by_bytes["chosen"]["rank"]
+    assert not list((tmp_path / "timings").glob("*.json"))
+
+
+def test_the_heads_are_timed_for_real(states, tmp_path, monkeypatch):
+    """The default timer on the real heads: every setting gets its ms (which wins is the machine's call)."""
+    monkeypatch.setenv("HIRE_CACHE", str(tmp_path))
+    monkeypatch.setattr(auto_mod, "TIMING_ROUNDS", 3)
+    model, fit, check = states
+    head, report = choose_head(model, HeadConfig(k=8, auto=True, proxy="lowrank"), fit, check, *TARGETS, ranks=RANKS,
+                               candidates=LADDER)
+    met = _met(report)
+    assert report["by"] == "time" and report["timing"]["dense_ms"] > 0 and len(met) >= 2
+    assert all(e["ms"] > 0 for e in met) and head.enabled == (report["chosen"] is not None)
+    if report["chosen"] is not None:
+        assert report["chosen"]["ms"] == min(e["ms"] for e in met) < report["timing"]["dense_ms"]
+
+
+def test_measure_head_times_takes_turns_and_the_quietest_blocks_medians():
+    """A fake clock: each call advances it by its head's cost. Of three blocks of three rounds, the
+    middle one is quiet (the others 10x slower, as under another process's burst), with one outlier."""
+    now, order = [0.0], []
+    base = {"a": 0.002, "b": 0.001, "c": 0.003}
+
+    def head(name):
+        def call(h):
+            assert h.shape == (1, 4)
+            order.append(name)
+            timed = len([n for n in order if n == name]) - 1 - 4  # this head's timed round (warm-up: < 0)
+            outlier = name == "b" and timed == 4
+            now[0] += 1.0 if outlier else base[name] * (1 if 3 <= timed < 6 else 10)
+        return call
+
+    heads = {name: head(name) for name in base}
+    ms = measure_head_times(heads, torch.zeros(3, 4), rounds=9, warmup=4, blocks=3, clock=lambda: now[0])
+    assert ms == pytest.approx({"a": 2.0, "b": 1.0, "c": 3.0})
+    rounds = [order[i : i + 3] for i in range(0, len(order), 3)]
+    assert len(rounds) == 13 and all(sorted(r) == ["a", "b", "c"] for r in rounds)  # every head once per round
+    assert [r[0] for r in rounds[:3]] == ["a", "b", "c"]  # the order rotates
+    with pytest.raises(ValueError, match="at least one round"):
+        measure_head_times(heads, torch.zeros(3, 4), rounds=0)
 
 
 def test_an_unresolved_auto_head_is_refused_with_the_way_out(states):
@@ -76,12 +249,15 @@ def test_the_choice_is_cached_by_weight_and_windows(states, tmp_path, monkeypatc
         prepare_mod.resolve_auto_head(model, config, windows[:3], progress=False)
 
 
-def test_a_model_without_recommended_settings_gets_its_head_chosen(model_dir, tmp_path, capsys):
+def test_a_model_without_recommended_settings_gets_its_head_chosen(model_dir, tmp_path, capsys, monkeypatch):
+    # a timer under which the HiRE head is twice as fast (a real one decides by this machine's load)
+    monkeypatch.setattr(auto_mod, "measure_head_times", FakeTimer(lambda name: 2.0 if name == "dense" else 1.0))
     assert main(["eval", "--model", model_dir, "--windows", "1", "--seq-len", "32", "--calib-windows", "8",
                  "--head-k", "8", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     head = result["config"]["head"]
     assert not head["auto"] and result["auto"]["targets"] == {"recall_at_1": 0.995, "recall_at_k": 0.99}
+    assert result["auto"]["by"] == "time" and result["auto"]["chosen"]["ms"] == 1.0
     chosen = result["auto"]["chosen"]
     # the tiny model's only setting (rank 16 = width / 4, k' 96 = vocabulary / 4) meets the targets
     assert head["enabled"] and (head["rank"], head["candidates"]) == (chosen["rank"], chosen["candidates"]) == (16, 96)

@@ -4,22 +4,47 @@
 any width: on an unseen 1.5B Qwen2.5 it kept recall@1 at 0.899. Instead the rank and k' are
 searched: for each rank on a ladder the activation-aware proxy is fitted on most calibration
 windows and checked on the windows held back (whole windows, so the check is on positions the fit
-never saw), and the smallest k' reaching both recall targets is kept; the cheapest (rank, k') in
-bytes read per token wins. When none reaches the targets below a quarter of the vocabulary the
-head is left dense (HiRE would not pay), and the report says so.
+never saw), and the smallest k' reaching both recall targets is kept.
+
+Among those (rank, k') the fastest wins, measured on this machine: the HiRE head's decode-time
+call (``HiReLMHead.decode``, what the engine runs per token) and the dense head's
+(``exact_logits`` over every row) are timed in one loop, taking turns, on a few held-back hidden
+states; medians after a warm-up. A head's time does not follow its bytes (the first pass over the
+low-rank factor, the selection and the gather of candidate rows each run at their own GB/s), so
+the byte-cheapest setting may be slower than another, or than the dense head. When no setting
+beats the dense head by ``MIN_GAIN``, or none reaches the targets below a quarter of the
+vocabulary, the head is left dense (HiRE would not pay), and the report says so. The timings are
+cached per machine and model (``timing_identity``: CPU, threads, kernel build, the head's weight
+and decode form). ``measure=False``, or timing that fails, chooses by bytes read per token instead
+(the cheapest, below half the dense head's bytes).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
+from hire import native
+from hire.arch import head_module
+from hire.calibrate.proxy_cache import weight_fingerprint
 from hire.calibrate.states import head_weight
 from hire.config import HeadConfig
-from hire.proxies import LowRankProxy
+from hire.files import atomic_write_json
+from hire.layers.head import HiReLMHead, exact_logits, native_rows_for
+from hire.paths import cache_dir
+from hire.proxies import Cascade, LowRankProxy
+from hire.quant.tensor import QLinear
 from hire.topk import recall_at_k
 
 log = logging.getLogger("hire")
@@ -28,6 +53,20 @@ TARGET_RECALL_AT_1 = 0.995
 TARGET_RECALL_AT_K = 0.99
 RANKS = (32, 64, 96, 128, 192, 256)
 CANDIDATES = (256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768, 49152, 65536)
+
+# timing: rounds after the warm-up (each round calls every head once, in turn), in blocks of
+# consecutive rounds, the hidden states they cycle through, and how much faster than the dense head
+# a HiRE head must be to be chosen (a HiRE head gives up a little recall; a gain inside the rounds'
+# noise does not pay for it)
+TIMING_ROUNDS = 50
+TIMING_WARMUP = 5
+TIMING_BLOCKS = 5  # the medians are the quietest block of rounds' (measure_head_times)
+TIMING_STATES = 8
+MIN_GAIN = 0.02
+DECODE_DTYPE = torch.float16  # the engine's default (hire.engine.Engine)
+TIMINGS_VERSION = 1
+
+Timer = Callable[[dict[str, Callable[[torch.Tensor], object]], torch.Tensor], dict[str, float]]
 
 
 @torch.no_grad()
@@ -39,22 +78,37 @@ def _recalls(scores: torch.Tensor, true: torch.Tensor, ladder: list[int]) -> tor
                         for c in ladder], 1)
 
 
+def pair_name(rank: int, candidates: int) -> str:
+    """A (rank, k') pair's name in the timings: ``"64x1024"``."""
+    return f"{rank}x{candidates}"
+
+
 @torch.no_grad()
 def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor, check_states: torch.Tensor,
                 target_recall_at_1: float = TARGET_RECALL_AT_1,
                 target_recall_at_k: float = TARGET_RECALL_AT_K, ranks: tuple[int, ...] = RANKS,
-                candidates: tuple[int, ...] = CANDIDATES) -> tuple[HeadConfig, dict]:
-    """The cheapest low-rank head (rank, k') reaching both recall targets on ``check_states``, with a
-    proxy fitted on ``fit_states``; or ``cfg`` with the head turned off when none does. Ranks above a
-    quarter of the width and k' above a quarter of the vocabulary are not tried.
-    Returns the head config (``auto`` cleared, so that it is written as chosen) and a report."""
+                candidates: tuple[int, ...] = CANDIDATES, *, measure: bool = True,
+                timer: Timer | None = None) -> tuple[HeadConfig, dict]:
+    """The fastest low-rank head (rank, k') reaching both recall targets on ``check_states``, with a
+    proxy fitted on ``fit_states`` (each rank with its smallest k' reaching them), timed on this
+    machine against the dense head (``head_timings``); or ``cfg`` with the head turned off when none
+    reaches the targets or none beats the dense head by ``MIN_GAIN``. Ranks above a quarter of the
+    width and k' above a quarter of the vocabulary are not tried.
+    ``measure=False`` (or timing that fails) chooses the cheapest in bytes read per token instead,
+    below half the dense head's bytes. ``timer``: what ``head_timings`` times the heads with
+    (default ``measure_head_times``; tests pass a deterministic one).
+    Returns the head config (``auto`` cleared, so that it is written as chosen) and a report: what
+    was tried (with each pair's ``ms`` per token when timed), ``timing`` (the dense head's ms, where
+    the timings came from), ``by`` ("time", "bytes", or "recall" when no setting reached the targets),
+    ``chosen`` and ``reason``."""
     weight = head_weight(model).float()
+    fingerprint = weight_fingerprint(weight)
     vocab, width = weight.shape
     ranks = [r for r in ranks if r <= width // 4] or [max(1, width // 4)]
     ladder = [c for c in candidates if cfg.k <= c <= vocab // 4] or [max(cfg.k, vocab // 4)]
     chunks = check_states.split(256)
     true = [(h @ weight.t()).topk(cfg.k, dim=-1).indices for h in chunks]
-    tried, best = [], None
+    tried, proxies = [], {}
     for rank in ranks:
         proxy = LowRankProxy.from_weight(weight, rank, states=fit_states, u_bits=cfg.rank_bits)
         recall = torch.cat([_recalls(proxy.scores(h).float(), t, ladder) for h, t in zip(chunks, true)]).mean(0)
@@ -64,24 +118,69 @@ def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor, che
                  "recall_at_1": r1[ok[0] if ok else -1], "recall_at_k": rk[ok[0] if ok else -1]}
         if ok:  # what the head reads per token: the proxy, then the candidates' exact rows in 16 bits
             entry["bytes_fraction"] = (proxy.nbytes() + ladder[ok[0]] * width * 2) / (vocab * width * 2)
-            if best is None or entry["bytes_fraction"] < best["bytes_fraction"]:
-                best = entry
+            proxies[rank] = proxy
         tried.append(entry)
+    del weight
+    met = [e for e in tried if e["candidates"] is not None]
     report = {"targets": {"recall_at_1": target_recall_at_1, "recall_at_k": target_recall_at_k},
               "fit_states": fit_states.shape[0], "check_states": check_states.shape[0], "tried": tried}
-    if best is None or best["bytes_fraction"] >= 0.5:
-        report["chosen"] = None
-        report["reason"] = (f"no rank in {ranks} reached recall@1 >= {target_recall_at_1} and recall@{cfg.k} >= "
-                            f"{target_recall_at_k} with k' <= {ladder[-1]} at under half the head's bytes: "
-                            "the head stays dense")
-        log.warning("hire: %s", report["reason"])
-        return chosen_head(cfg, None), report
-    report["chosen"] = best
-    head = chosen_head(cfg, best)
-    log.info("hire: head chosen on calibration text: rank %d, k' %d (%.1f%% of the head's bytes; check recall@1 "
-             "%.4f, recall@k %.4f)", best["rank"], best["candidates"], 100 * best["bytes_fraction"],
+    if not met:
+        return _dense(cfg, report, "recall",
+                      f"no rank in {ranks} reached recall@1 >= {target_recall_at_1} and recall@{cfg.k} >= "
+                      f"{target_recall_at_k} with k' <= {ladder[-1]}: the head stays dense")
+    timing = None
+    if measure:
+        try:
+            timing = head_timings(model, cfg, [(e["rank"], e["candidates"], proxies[e["rank"]]) for e in met],
+                                  check_states, fingerprint, timer=timer)
+        except (RuntimeError, ValueError, OSError, NotImplementedError) as err:
+            report["timing_error"] = f"{type(err).__name__}: {err}"
+            log.warning("hire: timing the head settings failed (%s); choosing by bytes read instead",
+                        report["timing_error"])
+    proxies.clear()
+    if timing is None:
+        return _by_bytes(cfg, report, met, ranks, ladder, target_recall_at_1, target_recall_at_k)
+    for e in met:
+        e["ms"] = timing["pairs"][pair_name(e["rank"], e["candidates"])]
+    report["timing"] = {key: value for key, value in timing.items() if key != "pairs"}
+    dense_ms = timing["dense_ms"]
+    best = min(met, key=lambda e: e["ms"])
+    where = f"rank {best['rank']}, k' {best['candidates']}"
+    if best["ms"] >= dense_ms * (1 - MIN_GAIN):
+        return _dense(cfg, report, "time",
+                      f"the fastest of the {len(met)} settings reaching the recall targets ({where}) took "
+                      f"{best['ms']:.3f} ms per token against the dense head's {dense_ms:.3f} ms, not "
+                      f"{100 * MIN_GAIN:.0f}% under it, on this machine: the head stays dense")
+    report["by"], report["chosen"] = "time", best
+    report["reason"] = (f"{where}: {best['ms']:.3f} ms per token against the dense head's {dense_ms:.3f} ms "
+                        f"({dense_ms / best['ms']:.2f}x), the fastest of the {len(met)} settings reaching the recall "
+                        f"targets on this machine ({100 * best['bytes_fraction']:.1f}% of the head's bytes)")
+    log.info("hire: head chosen on calibration text: %s (check recall@1 %.4f, recall@k %.4f)", report["reason"],
              best["recall_at_1"], best["recall_at_k"])
-    return head, report
+    return chosen_head(cfg, best), report
+
+
+def _dense(cfg: HeadConfig, report: dict, by: str, reason: str) -> tuple[HeadConfig, dict]:
+    report["by"], report["chosen"], report["reason"] = by, None, reason
+    log.warning("hire: %s", reason)
+    return chosen_head(cfg, None), report
+
+
+def _by_bytes(cfg, report, met, ranks, ladder, target_recall_at_1, target_recall_at_k) -> tuple[HeadConfig, dict]:
+    """The byte-based choice: the cheapest setting in bytes read per token, below half the dense head's."""
+    best = min(met, key=lambda e: e["bytes_fraction"])
+    if best["bytes_fraction"] >= 0.5:
+        return _dense(cfg, report, "bytes",
+                      f"no rank in {ranks} reached recall@1 >= {target_recall_at_1} and recall@{cfg.k} >= "
+                      f"{target_recall_at_k} with k' <= {ladder[-1]} at under half the head's bytes: "
+                      "the head stays dense")
+    report["by"], report["chosen"] = "bytes", best
+    report["reason"] = (f"rank {best['rank']}, k' {best['candidates']}: the cheapest of the {len(met)} settings "
+                        f"reaching the recall targets in bytes read per token ({100 * best['bytes_fraction']:.1f}% "
+                        "of the head's bytes; not timed)")
+    log.info("hire: head chosen on calibration text: %s (check recall@1 %.4f, recall@k %.4f)", report["reason"],
+             best["recall_at_1"], best["recall_at_k"])
+    return chosen_head(cfg, best), report
 
 
 def chosen_head(cfg: HeadConfig, chosen: dict | None) -> HeadConfig:
@@ -90,3 +189,162 @@ def chosen_head(cfg: HeadConfig, chosen: dict | None) -> HeadConfig:
         return dataclasses.replace(cfg, enabled=False, auto=False)
     return dataclasses.replace(cfg, auto=False, proxy="lowrank", rank=chosen["rank"], candidates=chosen["candidates"],
                                select_blocks=0, proxy_file="")
+
+
+# ---- timing -----------------------------------------------------------------------------------------
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _head_base(model: nn.Module) -> nn.Module:
+    head = head_module(model)
+    return getattr(head, "base_layer", head)
+
+
+def head_form(model: nn.Module) -> str:
+    """How decoding reads the dense head: its GGUF codes (format and layout), or 16-bit rows."""
+    base = _head_base(model)
+    if isinstance(base, QLinear):
+        return f"gguf-{base.q.format}-{base.q.layout}"
+    return str(DECODE_DTYPE).removeprefix("torch.")
+
+
+def timing_identity(model: nn.Module) -> dict:
+    """What head timings are valid for: the machine (CPU model, torch threads, the native kernels'
+    build: sources, flags and CPU, or eager) and the head (its decode form)."""
+    kernels = "eager" if os.environ.get("HIRE_NATIVE", "1") == "0" else native.build_dir().name
+    return {"cpu": cpu_name(), "threads": torch.get_num_threads(), "kernels": kernels, "head": head_form(model)}
+
+
+def timings_path(meta: dict) -> Path:
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir("timings") / f"head-{key}.json"
+
+
+def load_timings(path: Path, meta: dict) -> dict | None:
+    """The cached timings at ``path`` when they were measured for ``meta``; None when there are none.
+    A damaged file is ignored with a warning (measured again and rewritten)."""
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        if saved["meta"] != meta:
+            return None
+        dense = float(saved["dense_ms"])
+        pairs = {str(name): float(ms) for name, ms in saved["pairs"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        log.warning("hire: head timings %s are damaged (%s: %s); measuring again", path, type(err).__name__, err)
+        return None
+    return {"dense_ms": dense, "pairs": pairs, "measured_at": saved.get("measured_at"), "load": saved.get("load")}
+
+
+def head_timings(model: nn.Module, cfg: HeadConfig, pairs: list[tuple[int, int, LowRankProxy]],
+                 states: torch.Tensor, fingerprint: str | None = None, timer: Timer | None = None) -> dict:
+    """Median ms per token of the dense head and of a HiRE head for each (rank, k', fitted proxy) of
+    ``pairs``, on this machine: from the cache (``timing_identity`` and the head's weight,
+    ``fingerprint`` = proxy_cache.weight_fingerprint when already computed) when it
+    holds every pair, else timed (``timer``, default ``measure_head_times``) on ``TIMING_STATES`` of
+    ``states`` and cached. Returns {"dense_ms", "pairs": {pair_name: ms}, "source": "cache" or
+    "measured", "file", "machine"}."""
+    identity = timing_identity(model)
+    fingerprint = fingerprint or weight_fingerprint(head_weight(model))
+    meta = {**identity, "weight": fingerprint, "rank_bits": cfg.rank_bits,
+            "version": TIMINGS_VERSION}
+    path = timings_path(meta)
+    names = [pair_name(rank, c) for rank, c, _ in pairs]
+    cached = load_timings(path, meta)
+    if cached is not None and all(name in cached["pairs"] for name in names):
+        return {"dense_ms": cached["dense_ms"], "pairs": {name: cached["pairs"][name] for name in names},
+                "source": "cache", "measured_at": cached["measured_at"], "load": cached["load"], "file": str(path),
+                "machine": identity}
+    heads = timed_heads(model, cfg, pairs)
+    pick = torch.linspace(0, states.shape[0] - 1, min(TIMING_STATES, states.shape[0])).long()
+    hidden = states[pick].to(DECODE_DTYPE).contiguous()
+    ms = (timer or measure_head_times)(heads, hidden)
+    del heads
+    timings = {"dense_ms": float(ms["dense"]), "pairs": {name: float(ms[name]) for name in names}}
+    measured_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    atomic_write_json(path, {"meta": meta, **timings, "measured_at": measured_at,
+                             "rounds": TIMING_ROUNDS, "blocks": TIMING_BLOCKS, "states": hidden.shape[0],
+                             "load": _load()})
+    log.info("hire: head timings (ms per token) cached in %s: dense %.3f, %s", path, timings["dense_ms"],
+             ", ".join(f"{n} {v:.3f}" for n, v in timings["pairs"].items()))
+    return {**timings, "source": "measured", "measured_at": measured_at, "load": _load(), "file": str(path),
+            "machine": identity}
+
+
+def _load() -> float | None:
+    """The machine's 1-minute load average (this process included), when the system tells it."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def timed_heads(model: nn.Module, cfg: HeadConfig,
+                pairs: list[tuple[int, int, LowRankProxy]]) -> dict[str, Callable[[torch.Tensor], object]]:
+    """One token's head call for each head to time, as the engine makes it: ``"dense"``,
+    ``exact_logits`` over every row of the head's decode form; each pair, a HiReLMHead with the
+    pair's config (``chosen_head``) and proxy, prepared for decoding, and its ``decode``. A 16-bit
+    copy of a float head is made once and shared.  # each callable: h (1, D) -> logits"""
+    base = _head_base(model)
+    if not isinstance(base, QLinear):  # one 16-bit decode weight for all of them (prepare_decode keeps it as is)
+        shell = nn.Linear(base.in_features, base.out_features, bias=False, device="meta")
+        shell.weight = nn.Parameter(base.weight.detach().to(DECODE_DTYPE).contiguous(), requires_grad=False)
+        shell.bias = base.bias
+        base = shell
+    dense_weight = base.q if isinstance(base, QLinear) else base.weight.detach()
+    use_native = native_rows_for(dense_weight)
+    heads = {"dense": lambda h: exact_logits(h, dense_weight, None, base.bias, use_native)}
+    for rank, count, proxy in pairs:
+        pair_cfg = chosen_head(cfg, {"rank": rank, "candidates": count})
+        # hire.patch.build_head_selector's low-rank selector, on the proxy already fitted
+        head = HiReLMHead(base, pair_cfg, Cascade([proxy], [count], pair_cfg.select_blocks))
+        head.prepare_decode(DECODE_DTYPE)
+        heads[pair_name(rank, count)] = head.decode
+    return heads
+
+
+def measure_head_times(heads: dict[str, Callable[[torch.Tensor], object]], hidden: torch.Tensor, *,
+                       rounds: int | None = None, warmup: int | None = None, blocks: int | None = None,
+                       clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median ms of one call of each head, timed in turns in one loop (A B A B ..., the order
+    rotated every round so none always follows the same one), on one hidden state per round
+    (``hidden``'s rows in turn), after ``warmup`` untimed rounds (defaults ``TIMING_ROUNDS``,
+    ``TIMING_WARMUP``, ``TIMING_BLOCKS``).
+    The rounds fall into ``blocks`` runs of consecutive rounds; the medians are those of the quietest
+    run (the least total time): on a shared machine another process's burst slows every head of the
+    rounds it lands on, and a head with several threaded passes (HiRE's) more than one with a single
+    one, so a burst would decide the choice if all rounds were pooled.  # hidden: (N, D) -> {name: ms}"""
+    rounds = TIMING_ROUNDS if rounds is None else rounds
+    warmup = TIMING_WARMUP if warmup is None else warmup
+    blocks = TIMING_BLOCKS if blocks is None else blocks
+    if rounds < 1 or blocks < 1 or not heads:
+        raise ValueError(f"timing needs at least one round, one block and one head, got {rounds} rounds, "
+                         f"{blocks} blocks, {len(heads)} heads")
+    blocks = min(blocks, rounds)
+    names = list(heads)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(warmup + rounds):
+        h = hidden[r % hidden.shape[0]].unsqueeze(0)
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = clock()
+            heads[name](h)
+            elapsed = clock() - start
+            if r >= warmup:
+                samples[name].append(elapsed)
+    bounds = [rounds * b // blocks for b in range(blocks + 1)]
+    medians = [{name: 1e3 * statistics.median(samples[name][lo:hi]) for name in names}
+               for lo, hi in zip(bounds, bounds[1:])]
+    return min(medians, key=lambda block: sum(block.values()))

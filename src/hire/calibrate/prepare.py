@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from hire.calibrate.auto import TARGET_RECALL_AT_1, TARGET_RECALL_AT_K, choose_head, chosen_head
+from hire.calibrate.auto import TARGET_RECALL_AT_1, TARGET_RECALL_AT_K, choose_head, chosen_head, timing_identity
 from hire.calibrate.proxy_cache import cached_head_proxy, weight_fingerprint
 from hire.calibrate.states import collect_head_states, head_weight, needs_states
 from hire.config import HiReConfig
@@ -33,17 +33,20 @@ class Prepared(NamedTuple):
 
 
 def resolve_auto_head(model: nn.Module, config: HiReConfig, windows: torch.Tensor,
-                      progress: bool = True) -> tuple[HiReConfig, dict]:
+                      progress: bool = True, measure: bool = True) -> tuple[HiReConfig, dict]:
     """``config`` with its ``auto`` head chosen (hire.calibrate.auto.choose_head) on ``windows``: the
-    proxy is fitted on three windows in four and checked on the fourth. The choice is cached by
-    weight, windows and targets (a JSON file beside the fitted proxies)."""
+    proxy is fitted on three windows in four and checked on the fourth; the fastest setting on this
+    machine wins (``measure=False``: the cheapest in bytes). The choice is cached by weight, windows,
+    targets and, as it was timed, the machine and the head's decode form (a JSON file beside the
+    fitted proxies; the head timings have their own cache, hire.calibrate.auto.head_timings)."""
     if windows.shape[0] < 4:
         raise ValueError(f"choosing the head (auto) needs at least 4 calibration windows, got {windows.shape[0]}; "
                          "raise --calib-windows")
     head = config.head
     meta = {"weight": weight_fingerprint(head_weight(model)), "k": head.k, "rank_bits": head.rank_bits,
             "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16],
-            "targets": [TARGET_RECALL_AT_1, TARGET_RECALL_AT_K], "version": 1}
+            "targets": [TARGET_RECALL_AT_1, TARGET_RECALL_AT_K], "version": 2,
+            "by": timing_identity(model) if measure else "bytes"}
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir("proxies") / f"head-auto-{key}.json"
     report = None
@@ -57,9 +60,10 @@ def resolve_auto_head(model: nn.Module, config: HiReConfig, windows: torch.Tenso
         check = torch.arange(windows.shape[0]) % 4 == 3
         fit_states = collect_head_states(model, windows[~check], progress=progress)
         check_states = collect_head_states(model, windows[check], progress=progress)
-        head, report = choose_head(model, config.head, fit_states, check_states)
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(report, indent=1))
+        head, report = choose_head(model, config.head, fit_states, check_states, measure=measure)
+        if "timing_error" not in report:  # a choice by bytes because timing failed is made again next time
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps(report, indent=1))
     return dataclasses.replace(config, head=head), report
 
 
