@@ -55,7 +55,18 @@ struct QX16 {
   std::vector<float> lane_scale, lane_gsum;
   std::vector<int8_t> hi, lo;    // chunks * 64: q = 256 hi + lo
   std::vector<int32_t> lanesum;  // chunks * 16: the sum of q over each 4 columns (int8 lanes: the zero's term)
+  // hi and lo by pairs of chunks (the K kernels on AVX-512: both chunks' codes split from one load):
+  // pair p's 128 bytes are chunk 2p's columns 0-31, chunk 2p+1's 0-31, chunk 2p's 32-63, 2p+1's 32-63
+  // (pair_offset); zero6p: -32 x the 4-column sums in that order (Q6_K's zero)
+  std::vector<int8_t> hi2, lo2;
+  std::vector<int32_t> zero6p;
 };
+
+// where column e (0-63) of chunk c sits in the paired order (the last chunk of an odd count stays put)
+inline int64_t pair_offset(int64_t c, int64_t e, int64_t chunks) {
+  if (c == chunks - 1 && chunks % 2) return c * 64 + e;
+  return (c / 2) * 128 + (e / 32) * 64 + (c % 2) * 32 + e % 32;
+}
 
 // x (d values, zero padded to n, a multiple of 32) in codes per 32 values: scale max|x| / top (1 where
 // all are zero), code = x / scale rounded half to even (hire.quant.reference_quantize_x's meaning,
@@ -115,6 +126,16 @@ QX16 quantize_x16(const float* x, int64_t d) {
     }
     for (int64_t l = 0; l < n / 4; ++l) ls[l] = qi[4 * l] + qi[4 * l + 1] + qi[4 * l + 2] + qi[4 * l + 3];
   }
+  r.hi2.resize(n);
+  r.lo2.resize(n);
+  r.zero6p.resize(n / 4);
+  for (int64_t c = 0; c < r.chunks; ++c)
+    for (int64_t e = 0; e < 64; e += 32) {  // 32 columns stay together
+      const int64_t to = pair_offset(c, e, r.chunks), from = c * 64 + e;
+      std::copy_n(r.hi.begin() + from, 32, r.hi2.begin() + to);
+      std::copy_n(r.lo.begin() + from, 32, r.lo2.begin() + to);
+      for (int64_t l = 0; l < 8; ++l) r.zero6p[to / 4 + l] = -32 * r.lanesum[from / 4 + l];
+    }
   r.gsum.resize(n / 32);
   r.scale16.resize(n / 16);
   for (int64_t g = 0; g < n / 32; ++g) {
@@ -540,28 +561,84 @@ float qdot_k8(const uint8_t* codes, const int8_t* sub, const int8_t* msub, const
   return _mm512_reduce_add_ps(acc) + (MIN ? hsum256(macc) : 0.f);
 }
 
-// int16 activations (QX16): as qdot16, the codes times the activation's hi and lo bytes (vpdpbusd)
+// the codes of chunks c and c+1 (p: chunk c's), split as the paired activation is: lo = chunk c's
+// columns 0-31 then chunk c+1's 0-31, hi = their columns 32-63. The nibble planes of both come from
+// one (Q4_K) or two loads and split once, the 2-bit planes (Q6_K) by variable shifts.
+template <int BITS>
+inline void codes_pair(const uint8_t* p, __m512i& lo, __m512i& hi) {
+  constexpr int64_t cb = chunk_bytes(BITS);
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  const __m512i b = BITS == 4 ? _mm512_loadu_si512(p)
+                              : _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
+                                                   _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + cb)), 1);
+  lo = _mm512_and_si512(b, m4);
+  hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m4);
+  if (BITS == 5) {
+    uint64_t m0, m1;
+    std::memcpy(&m0, p + 32, 8);
+    std::memcpy(&m1, p + cb + 32, 8);
+    const __m512i bit = _mm512_set1_epi8(0x10);
+    lo = _mm512_or_si512(lo, _mm512_maskz_mov_epi8((m0 & 0xFFFFFFFFULL) | (m1 << 32), bit));
+    hi = _mm512_or_si512(hi, _mm512_maskz_mov_epi8((m0 >> 32) | (m1 & 0xFFFFFFFF00000000ULL), bit));
+  }
+  if (BITS == 6) {  // byte i of a chunk's top plane: bits 2k..2k+1 are column i + 16k's
+    const __m512i t = _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32)))),
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + cb + 32))), 1);
+    // per 128-bit lane (16-bit shifts; the 0x30 mask drops what crosses a byte): lo wants bits 0-1 (columns
+    // 0-15) and 2-3 (16-31) at 4-5, hi bits 4-5 (32-47) and 6-7 (48-63)
+    const __m512i sl = _mm512_set_epi64(0x0002000200020002LL, 0x0002000200020002LL, 0x0004000400040004LL, 0x0004000400040004LL,
+                                        0x0002000200020002LL, 0x0002000200020002LL, 0x0004000400040004LL, 0x0004000400040004LL);
+    const __m512i sr = _mm512_set_epi64(0x0002000200020002LL, 0x0002000200020002LL, 0, 0,
+                                        0x0002000200020002LL, 0x0002000200020002LL, 0, 0);
+    const __m512i m30 = _mm512_set1_epi8(0x30);
+    lo = _mm512_or_si512(lo, _mm512_and_si512(_mm512_sllv_epi16(t, sl), m30));
+    hi = _mm512_or_si512(hi, _mm512_and_si512(_mm512_srlv_epi16(t, sr), m30));
+  }
+}
+
+// the group of each lane of a paired vector: pair j of a super-block (chunks 2j, 2j+1), half h
+struct PairTables {
+  alignas(64) int32_t g32[2][2][16], g16[2][2][16];
+  PairTables() {
+    for (int j = 0; j < 2; ++j)
+      for (int h = 0; h < 2; ++h)
+        for (int l = 0; l < 16; ++l) {
+          const int chunk = 2 * j + l / 8;
+          g32[j][h][l] = 2 * chunk + h;
+          g16[j][h][l] = 4 * chunk + 2 * h + (l % 8) / 4;
+        }
+  }
+};
+const PairTables kPair;
+
+// int16 activations (QX16): as qdot16, the codes times the activation's hi and lo bytes (vpdpbusd),
+// two chunks at a time in the paired order
 template <int BITS, int GROUP, bool MIN>
 float qdot_k16(const uint8_t* codes, const int8_t* sub, const int8_t* msub, const c10::Half* sup,
-               const c10::Half* msup, const QX16& x, const int32_t* zsum) {
+               const c10::Half* msup, const QX16& x, const int32_t*) {
   constexpr int64_t cb = chunk_bytes(BITS), gps = 256 / GROUP;
-  __m512 acc = _mm512_setzero_ps();
+  __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};  // two FMA chains in flight
   __m256 macc = _mm256_setzero_ps();
   for (int64_t b = 0; b < x.chunks / 4; ++b) {
     const __m512 w = super_scales<GROUP>(sub + gps * b, to_f(sup[b]),
                                          (GROUP == 32 ? x.scale.data() : x.scale16.data()) + gps * b);
     if (MIN) macc = super_mins(msub + 8 * b, to_f(msup[b]), x.gsum.data() + 8 * b, macc);
-    for (int j = 0; j < 4; ++j) {
-      const int64_t c = 4 * b + j;
-      const __m512i u = codes512<BITS>(codes + c * cb);
-      const __m512i init = MIN ? _mm512_setzero_si512() : _mm512_loadu_si512(zsum + c * 16);
-      const __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512(x.hi.data() + c * 64));
-      const __m512i l = _mm512_dpbusd_epi32(init, u, _mm512_loadu_si512(x.lo.data() + c * 64));
-      const __m512i s = _mm512_add_epi32(_mm512_slli_epi32(h, 8), l);
-      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), perm(GROUP == 32 ? kPerm.g32[j] : kPerm.g16[j], w), acc);
+    for (int j = 0; j < 2; ++j) {
+      const int64_t pr = 2 * b + j;
+      __m512i u[2];
+      codes_pair<BITS>(codes + 2 * pr * cb, u[0], u[1]);
+      for (int h = 0; h < 2; ++h) {
+        const int64_t off = pr * 128 + h * 64;
+        const __m512i init = MIN ? _mm512_setzero_si512() : _mm512_loadu_si512(x.zero6p.data() + off / 4);
+        const __m512i hh = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[h], _mm512_loadu_si512(x.hi2.data() + off));
+        const __m512i ll = _mm512_dpbusd_epi32(init, u[h], _mm512_loadu_si512(x.lo2.data() + off));
+        const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(hh, 8), ll);
+        acc[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), perm(GROUP == 32 ? kPair.g32[j][h] : kPair.g16[j][h], w), acc[h]);
+      }
     }
   }
-  return _mm512_reduce_add_ps(acc) + (MIN ? hsum256(macc) : 0.f);
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + (MIN ? hsum256(macc) : 0.f);
 }
 #endif
 
@@ -585,9 +662,10 @@ ZeroSums zero_sums(const std::vector<int32_t>& lane_sums, int bits_mask) {
 
 
 // rows prefetched ahead, whole: the layers' matrices are small and the hardware prefetcher barely
-// ramps up in one (dense SmolLM2: 292 tok/s without, 309-315 with 4; 8 was no better)
+// ramps up in one (dense SmolLM2: 292 tok/s without, 309-315 with 4; 8 was no better). Issue 23, 800 MB of
+// 1.5B-shaped K matrices from DRAM, 2 threads: Q4_K 15.3-16.3 GB/s with 4 rows, 8.3 without, 14.3 with 8,
+// 13.1 with 16, 15.1 with 8 into L2 only
 constexpr int64_t kRowsAhead = 4;
-
 inline void prefetch_row(const uint8_t* row, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) prefetch(row + off);
 }
