@@ -520,8 +520,15 @@ std::tuple<Tensor, Tensor> lowrank_select(Tensor x, Tensor v, Tensor packed, Ten
   TORCH_CHECK(x.device().is_cpu() && v.device().is_cpu() && packed.device().is_cpu(), "CPU tensors only");
   const int64_t batch = x.size(0);
   // z = V x per activation, then its int8 codes (one scale each), 4 to an int32 for the broadcasts
-  auto xf = x.to(torch::kDouble).contiguous();
-  const double* xp = xf.data_ptr<double>();
+  auto xc = x.contiguous();
+  std::vector<double> xd(batch * d);
+  switch (xc.scalar_type()) {
+    case torch::kFloat: for (int64_t i = 0; i < batch * d; ++i) xd[i] = xc.data_ptr<float>()[i]; break;
+    case torch::kHalf: for (int64_t i = 0; i < batch * d; ++i) xd[i] = to_f(xc.data_ptr<c10::Half>()[i]); break;
+    case torch::kBFloat16: for (int64_t i = 0; i < batch * d; ++i) xd[i] = to_f(xc.data_ptr<c10::BFloat16>()[i]); break;
+    default: TORCH_CHECK(false, "x must be float32, float16 or bfloat16, got ", xc.scalar_type());
+  }
+  const double* xp = xd.data();
   std::vector<float> zf(batch * r), inv(batch);
   std::vector<int32_t> z4(batch * groups), offset(batch);
   std::vector<int8_t> zq(r);
@@ -547,7 +554,10 @@ std::tuple<Tensor, Tensor> lowrank_select(Tensor x, Tensor v, Tensor packed, Ten
   // bitmap per thread and activation, so that threads never write the same word
   const int64_t words = (n + 63) / 64, k = blocks * per;
   const int threads = at::get_num_threads();
-  std::vector<uint64_t> bits(static_cast<int64_t>(threads) * batch * words, 0);
+  // reused from call to call: a fresh buffer is fresh pages, and a page fault costs ~1 us here (a VM)
+  static thread_local std::vector<uint64_t> bits_buffer;  // (a lambda names a thread_local, never captures it:
+  std::vector<uint64_t>& bits = bits_buffer;              // the threads below reach it through this reference)
+  bits.assign(static_cast<int64_t>(threads) * batch * words, 0);
   std::vector<char> used(threads, 0);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     const int tid = at::get_thread_num();
