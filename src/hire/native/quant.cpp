@@ -284,6 +284,17 @@ inline __m256 lanes256(const S* s, int h) {  // s: the chunk's scales
 }
 #endif
 
+#if !HIRE_SCALAR
+// the sum of a ymm's 8 floats (vsum is the build's widest vector's: a zmm where AVX-512 exists, which the
+// AVX2 branch below also takes on AVX-512 CPUs without VNNI)
+inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
 // A row's scales (or mins) as the kernels read them, group g's value by get(g) and a chunk's as
 // vectors (at: lanes512's, four: scales4's in the low lanes; lanes256: the AVX2 half's), from float32
 // or float16 scales, or (S = KScale) the K formats' two levels: int8 sub-scales times their float16
@@ -377,7 +388,7 @@ float qdot(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX& x, 
       if (MIN) acc = _mm256_fmadd_ps(mn.half(c, h), _mm256_loadu_ps(x.lane_xsum.data() + c * 16 + 8 * h), acc);
     }
   }
-  return vsum(acc);
+  return hsum256(acc);
 #else
   float total = 0.f;
   for (int64_t c = 0; c < chunks; ++c) {
@@ -493,7 +504,7 @@ float qdot16(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX16&
       if (MIN) total += mn.get(c * per + h) * x.gsum[2 * c + h];
     }
   }
-  return total + vsum(acc);
+  return total + hsum256(acc);
 #else
   for (int64_t c = 0; c < x.chunks; ++c) {
     const uint8_t* p = codes + c * cb;
@@ -532,12 +543,6 @@ inline __m256 super_mins(const int8_t* msub, float dmin, const float* gx, __m256
   return _mm256_fmadd_ps(_mm256_mul_ps(m, _mm256_set1_ps(dmin)), _mm256_loadu_ps(gx), acc);
 }
 
-inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // int8 activations (QX): as qdot
 template <int BITS, int GROUP, bool MIN>
@@ -666,8 +671,16 @@ ZeroSums zero_sums(const std::vector<int32_t>& lane_sums, int bits_mask) {
 // 1.5B-shaped K matrices from DRAM, 2 threads: Q4_K 15.3-16.3 GB/s with 4 rows, 8.3 without, 14.3 with 8,
 // 13.1 with 16, 15.1 with 8 into L2 only
 constexpr int64_t kRowsAhead = 4;
+// a list of rows (the HiRE head's candidates): further ahead, the rows' scales too (the helper that
+// rewrote the head's first pass measured Gemma's 16,384 candidate rows 0.95 -> 0.77 ms so, one run)
+constexpr int64_t kListAhead = 8;
 inline void prefetch_row(const uint8_t* row, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) prefetch(row + off);
+}
+
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) prefetch(c + off);
 }
 
 // The scales (and mins) of a matrix's rows, as SV readers of each row (one-level float32/float16, or
@@ -681,6 +694,10 @@ struct RowScales {
       : sc(w.scales.data_ptr<S>()), mn(MIN ? w.mins.data_ptr<S>() : nullptr), gs(w.scales.stride(0)) {}
   SV<GROUP, S> scales(int64_t r) const { return SV<GROUP, S>(sc + r * gs); }
   SV<GROUP, S> mins(int64_t r) const { return SV<GROUP, S>(MIN ? mn + r * gs : nullptr); }
+  void prefetch(int64_t r) const {  // a row picked from a list: its scales are not next to the last row's
+    prefetch_bytes(sc + r * gs, gs * static_cast<int64_t>(sizeof(S)));
+    if (MIN) prefetch_bytes(mn + r * gs, gs * static_cast<int64_t>(sizeof(S)));
+  }
 };
 template <int GROUP, bool MIN>
 struct RowScales<GROUP, KScale, MIN> {
@@ -695,6 +712,11 @@ struct RowScales<GROUP, KScale, MIN> {
   SV<GROUP, KScale> scales(int64_t r) const { return SV<GROUP, KScale>(sc + r * gs, sup + r * ss); }
   SV<GROUP, KScale> mins(int64_t r) const {
     return SV<GROUP, KScale>(MIN ? mn + r * gs : nullptr, sup + r * ss + nsup);
+  }
+  void prefetch(int64_t r) const {
+    prefetch_bytes(sc + r * gs, gs);
+    if (MIN) prefetch_bytes(mn + r * gs, gs);
+    prefetch_bytes(sup + r * ss, ss * 2);
   }
 };
 
@@ -722,7 +744,12 @@ void rows_range(const QMat& w, const X& x, const ZeroSums& z, const int64_t* row
   const RowScales<GROUP, S, MIN> rs(w);
   for (int64_t i = b; i < e; ++i) {
     const int64_t r = rows ? rows[i] : i;
-    if (i + kRowsAhead < e) prefetch_row(codes + (rows ? rows[i + kRowsAhead] : i + kRowsAhead) * rb, rb);
+    if (rows && i + kListAhead < e) {
+      prefetch_row(codes + rows[i + kListAhead] * rb, rb);
+      rs.prefetch(rows[i + kListAhead]);
+    } else if (!rows && i + kRowsAhead < e) {
+      prefetch_row(codes + (i + kRowsAhead) * rb, rb);
+    }
     y[i] = qdot_row<BITS, GROUP, MIN, S>(codes + r * rb, rs.scales(r), rs.mins(r), x, z.get(BITS));
   }
 }
