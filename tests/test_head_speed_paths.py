@@ -13,29 +13,19 @@ from hire import native
 from hire.config import FFNConfig, HeadConfig, HiReConfig
 from hire.engine import Engine
 from hire.engine.batch import BatchDecoder
-from hire.native import build
 from hire.proxies import LowRankProxy
 from hire.proxies.lowrank import block_select, pack_blocks, reference_block_select
-from test_native import VARIANTS
+from test_native_checks import library  # noqa: F401 (the builds fixture: ops below)
 from tiny_models import make
 
 BUILT = native.available()
 needs_kernels = pytest.mark.skipif(not BUILT, reason=f"native kernels: {native.unavailable_reason()}")
 
 
-@pytest.fixture(scope="module", params=["native", "avx2", pytest.param("scalar", marks=pytest.mark.slow)])
-def ops(request):
-    """torch.ops namespace of the default build or of a SIMD variant."""
-    name = request.param
-    if not BUILT:
-        pytest.skip(f"native kernels: {native.unavailable_reason()}")
-    if name == "native":
-        return torch.ops.hire
-    flags, runs_here = VARIANTS[name]
-    if not runs_here:
-        pytest.skip(f"the {name} build needs an x86 CPU with its instructions")
-    build.build_variant(name, flags)
-    return getattr(torch.ops, build.variant_namespace(name))
+@pytest.fixture
+def ops(library):
+    """torch.ops namespace of the default build or of a SIMD variant (test_native_checks' builds)."""
+    return library[0]
 
 
 def _case(seed, blocks, stripe, rank, width, batch, kind):

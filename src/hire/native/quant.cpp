@@ -544,17 +544,25 @@ inline __m256 super_mins(const int8_t* msub, float dmin, const float* gx, __m256
 }
 
 
+// a super-block's scale vector (super_scales) and, with mins, its mins' term added to macc
+template <int GROUP, bool MIN>
+inline __m512 super_block(const int8_t* sub, const int8_t* msub, const c10::Half* sup, const c10::Half* msup,
+                          int64_t b, const float* xs, const float* gx, __m256& macc) {
+  constexpr int64_t gps = 256 / GROUP;
+  if (MIN) macc = super_mins(msub + 8 * b, to_f(msup[b]), gx + 8 * b, macc);
+  return super_scales<GROUP>(sub + gps * b, to_f(sup[b]), xs + gps * b);
+}
+
 // int8 activations (QX): as qdot
 template <int BITS, int GROUP, bool MIN>
 float qdot_k8(const uint8_t* codes, const int8_t* sub, const int8_t* msub, const c10::Half* sup,
               const c10::Half* msup, const QX& x, const int32_t* zsum) {
-  constexpr int64_t cb = chunk_bytes(BITS), gps = 256 / GROUP;
+  constexpr int64_t cb = chunk_bytes(BITS);
   __m512 acc = _mm512_setzero_ps();
   __m256 macc = _mm256_setzero_ps();
   for (int64_t b = 0; b < x.chunks / 4; ++b) {
-    const __m512 w = super_scales<GROUP>(sub + gps * b, to_f(sup[b]),
-                                         (GROUP == 32 ? x.gscale.data() : x.gscale16.data()) + gps * b);
-    if (MIN) macc = super_mins(msub + 8 * b, to_f(msup[b]), x.gxsum.data() + 8 * b, macc);
+    const __m512 w = super_block<GROUP, MIN>(sub, msub, sup, msup, b,
+                                             GROUP == 32 ? x.gscale.data() : x.gscale16.data(), x.gxsum.data(), macc);
     for (int j = 0; j < 4; ++j) {
       const int64_t c = 4 * b + j;
       const __m512i u = codes512<BITS>(codes + c * cb);
@@ -622,13 +630,12 @@ const PairTables kPair;
 template <int BITS, int GROUP, bool MIN>
 float qdot_k16(const uint8_t* codes, const int8_t* sub, const int8_t* msub, const c10::Half* sup,
                const c10::Half* msup, const QX16& x, const int32_t*) {
-  constexpr int64_t cb = chunk_bytes(BITS), gps = 256 / GROUP;
+  constexpr int64_t cb = chunk_bytes(BITS);
   __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};  // two FMA chains in flight
   __m256 macc = _mm256_setzero_ps();
   for (int64_t b = 0; b < x.chunks / 4; ++b) {
-    const __m512 w = super_scales<GROUP>(sub + gps * b, to_f(sup[b]),
-                                         (GROUP == 32 ? x.scale.data() : x.scale16.data()) + gps * b);
-    if (MIN) macc = super_mins(msub + 8 * b, to_f(msup[b]), x.gsum.data() + 8 * b, macc);
+    const __m512 w = super_block<GROUP, MIN>(sub, msub, sup, msup, b,
+                                             GROUP == 32 ? x.scale.data() : x.scale16.data(), x.gsum.data(), macc);
     for (int j = 0; j < 2; ++j) {
       const int64_t pr = 2 * b + j;
       __m512i u[2];
