@@ -130,6 +130,16 @@ def test_every_format_on_rows_that_are_not_whole_chunks(fmt, act_bits):
 
 
 @needs_kernels
+@pytest.mark.parametrize("fmt", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("act_bits", [8, 16])
+@pytest.mark.parametrize("supers", [1, 2, 3, 4])
+def test_k_formats_by_super_blocks(fmt, act_bits, supers):
+    """The K kernels take super-blocks two at a time where they can (Q4_K, Q5_K with int16 activations)
+    and one at a time for the rest: every count up to 4 against the eager meaning."""
+    _check_products(fmt, 21, 256 * supers, supers, act_bits=act_bits)
+
+
+@needs_kernels
 def test_quantized_products_reject_bad_input():
     with pytest.raises(RuntimeError, match=r"rows \[2, 9\) outside \[0, 4\)"):
         native.qdequant(QTensor.from_blocks("Q8_0", random_blocks("Q8_0", 4, 64, 0), (4, 64)), 2, 9)

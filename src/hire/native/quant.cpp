@@ -613,6 +613,7 @@ inline void codes_pair(const uint8_t* p, __m512i& lo, __m512i& hi) {
 // the group of each lane of a paired vector: pair j of a super-block (chunks 2j, 2j+1), half h
 struct PairTables {
   alignas(64) int32_t g32[2][2][16], g16[2][2][16];
+  alignas(64) int32_t g32x[2][2][2][16];  // g32 for super-block k of two held in one vector (8 k + ...)
   PairTables() {
     for (int j = 0; j < 2; ++j)
       for (int h = 0; h < 2; ++h)
@@ -620,6 +621,7 @@ struct PairTables {
           const int chunk = 2 * j + l / 8;
           g32[j][h][l] = 2 * chunk + h;
           g16[j][h][l] = 4 * chunk + 2 * h + (l % 8) / 4;
+          for (int k = 0; k < 2; ++k) g32x[k][j][h][l] = 8 * k + g32[j][h][l];
         }
   }
 };
@@ -627,27 +629,59 @@ const PairTables kPair;
 
 // int16 activations (QX16): as qdot16, the codes times the activation's hi and lo bytes (vpdpbusd),
 // two chunks at a time in the paired order
+// pair pr's products (both halves) with the super-block scales w, lanes picked by t[h]
+template <int BITS, bool MIN>
+inline void pair_products(const uint8_t* codes, const QX16& x, int64_t pr, const int32_t* const t[2], __m512 w,
+                          __m512* acc) {
+  constexpr int64_t cb = chunk_bytes(BITS);
+  __m512i u[2];
+  codes_pair<BITS>(codes + 2 * pr * cb, u[0], u[1]);
+  for (int h = 0; h < 2; ++h) {
+    const int64_t off = pr * 128 + h * 64;
+    const __m512i init = MIN ? _mm512_setzero_si512() : _mm512_loadu_si512(x.zero6p.data() + off / 4);
+    const __m512i hh = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[h], _mm512_loadu_si512(x.hi2.data() + off));
+    const __m512i ll = _mm512_dpbusd_epi32(init, u[h], _mm512_loadu_si512(x.lo2.data() + off));
+    const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(hh, 8), ll);
+    acc[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), perm(t[h], w), acc[h]);
+  }
+}
+
+// [p[0] x 8, p[1] x 8]: two super-blocks' float16 supers, each over its 8 lanes
+inline __m512 two_supers(const c10::Half* p) {
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(to_f(p[0]))),
+                                             _mm256_castps_pd(_mm256_set1_ps(to_f(p[1]))), 1));
+}
+
 template <int BITS, int GROUP, bool MIN>
 float qdot_k16(const uint8_t* codes, const int8_t* sub, const int8_t* msub, const c10::Half* sup,
                const c10::Half* msup, const QX16& x, const int32_t*) {
-  constexpr int64_t cb = chunk_bytes(BITS);
   __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};  // two FMA chains in flight
   __m256 macc = _mm256_setzero_ps();
-  for (int64_t b = 0; b < x.chunks / 4; ++b) {
+  const int64_t nsb = x.chunks / 4;
+  int64_t b = 0;
+  if constexpr (GROUP == 32) {  // two super-blocks' 16 scales (and mins) in one vector: b's lanes 0-7, b+1's 8-15
+    __m512 macc2 = _mm512_setzero_ps();
+    for (; b + 2 <= nsb; b += 2) {
+      const __m512 s = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sub + 8 * b))));
+      const __m512 w = _mm512_mul_ps(_mm512_mul_ps(s, two_supers(sup + b)), _mm512_loadu_ps(x.scale.data() + 8 * b));
+      if (MIN) {
+        const __m512 m = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(msub + 8 * b))));
+        macc2 = _mm512_fmadd_ps(_mm512_mul_ps(m, two_supers(msup + b)), _mm512_loadu_ps(x.gsum.data() + 8 * b), macc2);
+      }
+      for (int k = 0; k < 2; ++k)
+        for (int j = 0; j < 2; ++j) {
+          const int32_t* t[2] = {kPair.g32x[k][j][0], kPair.g32x[k][j][1]};
+          pair_products<BITS, MIN>(codes, x, 2 * (b + k) + j, t, w, acc);
+        }
+    }
+    acc[0] = _mm512_add_ps(acc[0], macc2);
+  }
+  for (; b < nsb; ++b) {
     const __m512 w = super_block<GROUP, MIN>(sub, msub, sup, msup, b,
                                              GROUP == 32 ? x.scale.data() : x.scale16.data(), x.gsum.data(), macc);
     for (int j = 0; j < 2; ++j) {
-      const int64_t pr = 2 * b + j;
-      __m512i u[2];
-      codes_pair<BITS>(codes + 2 * pr * cb, u[0], u[1]);
-      for (int h = 0; h < 2; ++h) {
-        const int64_t off = pr * 128 + h * 64;
-        const __m512i init = MIN ? _mm512_setzero_si512() : _mm512_loadu_si512(x.zero6p.data() + off / 4);
-        const __m512i hh = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[h], _mm512_loadu_si512(x.hi2.data() + off));
-        const __m512i ll = _mm512_dpbusd_epi32(init, u[h], _mm512_loadu_si512(x.lo2.data() + off));
-        const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(hh, 8), ll);
-        acc[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), perm(GROUP == 32 ? kPair.g32[j][h] : kPair.g16[j][h], w), acc[h]);
-      }
+      const int32_t* t[2] = {GROUP == 32 ? kPair.g32[j][0] : kPair.g16[j][0], GROUP == 32 ? kPair.g32[j][1] : kPair.g16[j][1]};
+      pair_products<BITS, MIN>(codes, x, 2 * b + j, t, w, acc);
     }
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + (MIN ? hsum256(macc) : 0.f);
