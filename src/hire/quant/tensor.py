@@ -6,8 +6,10 @@ of ``group`` input columns (``hire.quant.formats``). Two layouts:
 
 * ``rows`` (the default): row r holds W[r, :] as codes in the kernel's planes; scales and mins are
   (out, in_padded / group): float16/float32, or for the K formats int8 sub-scales whose float16
-  super-scales per 256 columns are ``supers`` (out, in / 256), then the super-mins (the file's bytes). A token's product is the native ``qgemv`` (the activation quantized to
-  int8 per 32 columns, as llama.cpp does), and a subset of rows is the same kernel over those rows.
+  super-scales per 256 columns are ``supers`` (out, in / 256), then the super-mins (the file's
+  bytes). A token's product is the native ``qgemv`` (the activation quantized per 32 columns to
+  ``act_bits``: int16 by default, int8 as llama.cpp does), and a subset of rows is the same kernel
+  over those rows.
 * ``columns``: neuron-major, row j holds W[:, j] (the FFN's down projection, whose selected
   neurons are columns); scales and mins are (in / group, out_padded). Its product over selected
   columns is the native ``qaxpy``, in float32 (no activation rounding).
