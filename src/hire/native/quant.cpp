@@ -296,9 +296,9 @@ inline float hsum256(__m256 v) {
 #endif
 
 // A row's scales (or mins) as the kernels read them, group g's value by get(g) and a chunk's as
-// vectors (at: lanes512's, four: scales4's in the low lanes; lanes256: the AVX2 half's), from float32
+// vectors (at: lanes512's, four: scales4's in the low lanes; half: the AVX2 half's), from float32
 // or float16 scales, or (S = KScale) the K formats' two levels: int8 sub-scales times their float16
-// super-scale per 256 columns (4 chunks), each super-block's scales converted once into a vector.
+// super-scale per 256 columns.
 struct KScale {};
 template <int GROUP, typename S>
 struct SV {
@@ -320,29 +320,7 @@ struct SV<GROUP, KScale> {
   const c10::Half* sup;
   explicit SV(const int8_t* p = nullptr, const c10::Half* q = nullptr) : s(p), sup(q) {}
   float get(int64_t g) const { return to_f(sup[g / per_super]) * static_cast<float>(s[g]); }
-#if HIRE_QUANT_512
-  __m512 cur = _mm512_setzero_ps();  // the current super-block's scales (8 or 16)
-  void load(int64_t c) {  // at the first chunk of each super-block (c counts up from 0)
-    if (c & 3) return;
-    const int64_t b = c >> 2;
-    const __m128i raw = GROUP == 32 ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + 8 * b))
-                                    : _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 16 * b));
-    cur = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw)), _mm512_set1_ps(to_f(sup[b])));
-  }
-  __m512 at(int64_t c) {
-    load(c);
-    const int64_t j = c & 3;
-    const __m512i idx = GROUP == 32 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
-                                    : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    return _mm512_permutexvar_ps(_mm512_add_epi32(idx, _mm512_set1_epi32(static_cast<int>(per * j))), cur);
-  }
-  __m512 four(int64_t c) {  // (group 16) the chunk's 4 scales in lanes 0-3
-    load(c);
-    const __m512i idx = _mm512_add_epi32(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3, 2, 1, 0),
-                                         _mm512_set1_epi32(static_cast<int>(4 * (c & 3))));
-    return _mm512_permutexvar_ps(idx, cur);
-  }
-#elif HIRE_QUANT_256
+#if HIRE_QUANT_256  // (on AVX-512 the K formats take qdot_k8 / qdot_k16, which read the two levels themselves)
   __m256 half(int64_t c, int h) const {
     if (GROUP == 32) return _mm256_set1_ps(get(c * per + h));
     return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(get(c * per + 2 * h))),
@@ -443,15 +421,13 @@ inline void codes512x16(const uint8_t* p, __m512i* half) {
 #if HIRE_QUANT_512
 // Permutes of float32 scale vectors into the lanes of a chunk's int32 sums (vpdpbusd: 4 columns a lane)
 struct PermTables {
-  alignas(64) int32_t g32[4][16];   // chunk j, group 32 (int8 lanes 0-7 and 8-15; int16 folded lanes): 2j, 2j + 1
+  alignas(64) int32_t g32[4][16];   // chunk j, group 32 (int8 lanes 0-7 and 8-15): 2j, 2j + 1
   alignas(64) int32_t g16[4][16];   // chunk j, group 16, int8 lanes (4 columns): 4j + lane / 4
-  alignas(64) int32_t g16h[8][16];  // chunk j, group 16, int16 half h (lanes of 2 columns): row 2j + h
   PermTables() {
     for (int j = 0; j < 4; ++j)
       for (int l = 0; l < 16; ++l) {
         g32[j][l] = 2 * j + l / 8;
         g16[j][l] = 4 * j + l / 4;
-        for (int h = 0; h < 2; ++h) g16h[2 * j + h][l] = 4 * j + 2 * h + l / 8;
       }
   }
 };
@@ -689,7 +665,7 @@ float qdot_k16(const uint8_t* codes, const int8_t* sub, const int8_t* msub, cons
 #endif
 
 // -zero * (the activation's sums) per int32 lane, for each code width: the symmetric formats' zero
-// taken out of the integer sums. int8 lanes hold 4 columns (vpdpbusd), int16 lanes 2 (vpdpwssd).
+// taken out of the integer sums. A lane holds 4 columns (vpdpbusd), for int8 and int16 activations alike.
 struct ZeroSums {
   std::vector<int32_t> by_bits[9];
   const int32_t* get(int bits) const { return by_bits[bits].data(); }
@@ -761,20 +737,42 @@ struct RowScales<GROUP, KScale, MIN> {
   }
 };
 
+// while row i of rows b..e-1 (a list, or null: the matrix's rows) is computed: the codes of the row
+// kRowsAhead on, or for a list the codes and scales of the row kListAhead on
+template <typename RS>
+inline void prefetch_ahead(const uint8_t* codes, int64_t rb, const RS& rs, const int64_t* rows, int64_t i, int64_t e) {
+  if (rows && i + kListAhead < e) {
+    prefetch_row(codes + rows[i + kListAhead] * rb, rb);
+    rs.prefetch(rows[i + kListAhead]);
+  } else if (!rows && i + kRowsAhead < e) {
+    prefetch_row(codes + (i + kRowsAhead) * rb, rb);
+  }
+}
+
 // one row's product for either activation width (the int8 or the int16 path)
 template <int BITS, int GROUP, bool MIN, typename S>
 inline float qdot_row(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX& x, const int32_t* z) {
 #if HIRE_QUANT_512
-  if constexpr (std::is_same_v<S, KScale>) return qdot_k8<BITS, GROUP, MIN>(codes, sc.s, mn.s, sc.sup, mn.sup, x, z);
-#endif
+  if constexpr (std::is_same_v<S, KScale>) {
+    return qdot_k8<BITS, GROUP, MIN>(codes, sc.s, mn.s, sc.sup, mn.sup, x, z);
+  } else {
+    return qdot<BITS, GROUP, MIN, S>(codes, sc, mn, x, z);
+  }
+#else
   return qdot<BITS, GROUP, MIN, S>(codes, sc, mn, x, z);
+#endif
 }
 template <int BITS, int GROUP, bool MIN, typename S>
 inline float qdot_row(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX16& x, const int32_t* z) {
 #if HIRE_QUANT_512
-  if constexpr (std::is_same_v<S, KScale>) return qdot_k16<BITS, GROUP, MIN>(codes, sc.s, mn.s, sc.sup, mn.sup, x, z);
-#endif
+  if constexpr (std::is_same_v<S, KScale>) {
+    return qdot_k16<BITS, GROUP, MIN>(codes, sc.s, mn.s, sc.sup, mn.sup, x, z);
+  } else {
+    return qdot16<BITS, GROUP, MIN, S>(codes, sc, mn, x, z);
+  }
+#else
   return qdot16<BITS, GROUP, MIN, S>(codes, sc, mn, x, z);
+#endif
 }
 
 // rows b..e-1 of the list (rows null: the matrix's rows b..e-1) -> y[b..e-1]; no threads of its own
@@ -785,12 +783,7 @@ void rows_range(const QMat& w, const X& x, const ZeroSums& z, const int64_t* row
   const RowScales<GROUP, S, MIN> rs(w);
   for (int64_t i = b; i < e; ++i) {
     const int64_t r = rows ? rows[i] : i;
-    if (rows && i + kListAhead < e) {
-      prefetch_row(codes + rows[i + kListAhead] * rb, rb);
-      rs.prefetch(rows[i + kListAhead]);
-    } else if (!rows && i + kRowsAhead < e) {
-      prefetch_row(codes + (i + kRowsAhead) * rb, rb);
-    }
+    prefetch_ahead(codes, rb, rs, rows, i, e);
     y[i] = qdot_row<BITS, GROUP, MIN, S>(codes + r * rb, rs.scales(r), rs.mins(r), x, z.get(BITS));
   }
 }
@@ -805,7 +798,7 @@ void rows_range_batch(const QMat& w, const std::vector<X>& xs, const std::vector
   const int64_t batch = static_cast<int64_t>(xs.size());
   for (int64_t i = b; i < e; ++i) {
     const int64_t r = rows ? rows[i] : i;
-    if (i + kRowsAhead < e) prefetch_row(codes + (rows ? rows[i + kRowsAhead] : i + kRowsAhead) * rb, rb);
+    prefetch_ahead(codes, rb, rs, rows, i, e);
     for (int64_t j = 0; j < batch; ++j)
       y[j * stride + i] = qdot_row<BITS, GROUP, MIN, S>(codes + r * rb, rs.scales(r), rs.mins(r), xs[j], zs[j].get(BITS));
   }
@@ -934,7 +927,7 @@ void rows_range_lanes(const QMat& w, const QXLanes& X, const int64_t* rows, int6
 }
 #endif
 
-// x quantized to ``act_bits`` (int8 per 4-column lane, int16 per pair) with its zero sums, handed to f
+// x quantized to ``act_bits`` (int8 or int16) with its zero sums per 4-column lane, handed to f
 template <typename F>
 void with_quantized_x(int64_t act_bits, const float* x, int64_t width, int zmask, F&& f) {
   if (act_bits == 16) {
