@@ -434,6 +434,15 @@ struct PermTables {
 const PermTables kPerm;
 
 inline __m512 perm(const int32_t* idx, __m512 v) { return _mm512_permutexvar_ps(_mm512_load_si512(idx), v); }
+
+// 256 h + (init + u . lo) per lane, h = u . hi: the int16 activation's two int8 products. Without a
+// zero term (MIN: init is 0) the lo product accumulates onto 256 h itself, one add fewer per chunk
+// (the 1.5B's 84 FFN matrices, Q4_K and Q6_K, 2 threads, A B A B: 47.5 against 56.3 ms)
+template <bool MIN>
+inline __m512i hi_lo(__m512i h, __m512i init, __m512i u, __m512i lo) {
+  if (MIN) return _mm512_dpbusd_epi32(_mm512_slli_epi32(h, 8), u, lo);
+  return _mm512_add_epi32(_mm512_slli_epi32(h, 8), _mm512_dpbusd_epi32(init, u, lo));
+}
 #endif
 
 template <int BITS, int GROUP, bool MIN, typename S>
@@ -449,8 +458,7 @@ float qdot16(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX16&
     const __m512i u = codes512<BITS>(codes + c * cb);
     const __m512i init = MIN ? _mm512_setzero_si512() : _mm512_loadu_si512(zsum + c * 16);
     const __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512(x.hi.data() + c * 64));
-    const __m512i l = _mm512_dpbusd_epi32(init, u, _mm512_loadu_si512(x.lo.data() + c * 64));
-    const __m512i s = _mm512_add_epi32(_mm512_slli_epi32(h, 8), l);
+    const __m512i s = hi_lo<MIN>(h, init, u, _mm512_loadu_si512(x.lo.data() + c * 64));
     const __m512 sv = GROUP == 32 ? sc.at(c) : perm(kPerm.g16[0], sc.four(c));
     acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(sv, _mm512_loadu_ps(x.lane_scale.data() + c * 16)), acc);
     if (MIN) {
@@ -616,8 +624,7 @@ inline void pair_products(const uint8_t* codes, const QX16& x, int64_t pr, const
     const int64_t off = pr * 128 + h * 64;
     const __m512i init = MIN ? _mm512_setzero_si512() : _mm512_loadu_si512(x.zero6p.data() + off / 4);
     const __m512i hh = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[h], _mm512_loadu_si512(x.hi2.data() + off));
-    const __m512i ll = _mm512_dpbusd_epi32(init, u[h], _mm512_loadu_si512(x.lo2.data() + off));
-    const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(hh, 8), ll);
+    const __m512i sum = hi_lo<MIN>(hh, init, u[h], _mm512_loadu_si512(x.lo2.data() + off));
     acc[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), perm(t[h], w), acc[h]);
   }
 }
