@@ -267,3 +267,29 @@ def test_a_model_without_recommended_settings_gets_its_head_chosen(model_dir, tm
     assert json.loads(capsys.readouterr().out)["auto"]["chosen"] == chosen
     saved = json.loads((tmp_path / "out" / "hire_config.json").read_text())["head"]
     assert not saved["auto"] and (saved["rank"], saved["candidates"]) == (16, 96)
+
+
+def test_bytes_are_counted_in_the_heads_own_format(states, tmp_path):
+    """The byte rule reads the candidates' rows as the engine does: a GGUF head's codes with their
+    scales (Q8_0 here: 34 bytes per 32 columns), a 16-bit row otherwise."""
+    from test_quant import write_gguf
+
+    from hire.quant import load_quantized
+    from hire.quant.tensor import QLinear
+
+    model, fit, check = states
+    width = model.config.hidden_size
+    assert auto_mod.decode_row_bytes(model) == width * 2
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path)
+    codes = load_quantized(path)[0]
+    head = auto_mod.head_module(codes)
+    assert isinstance(head, QLinear) and head.q.format == "Q8_0"
+    row = auto_mod.decode_row_bytes(codes)
+    assert row == head.q.nbytes / head.q.shape[0] == pytest.approx(width * 34 / 32)
+    cfg = HeadConfig(k=8, auto=True, proxy="lowrank")
+    _, report = choose_head(codes, cfg, fit, check, 0.5, 0.5, ranks=(8,), candidates=(32, 64, 96), measure=False)
+    entry = report["tried"][0]
+    proxy = LowRankProxy.from_weight(head_weight(codes).float(), 8, states=fit, u_bits=8)
+    vocab = head.q.shape[0]
+    assert entry["bytes_fraction"] == pytest.approx((proxy.nbytes() + entry["candidates"] * row) / (vocab * row))

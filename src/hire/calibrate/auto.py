@@ -109,6 +109,7 @@ def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor, che
     chunks = check_states.split(256)
     true = [(h @ weight.t()).topk(cfg.k, dim=-1).indices for h in chunks]
     tried, proxies = [], {}
+    row_bytes = decode_row_bytes(model)
     for rank in ranks:
         proxy = LowRankProxy.from_weight(weight, rank, states=fit_states, u_bits=cfg.rank_bits)
         recall = torch.cat([_recalls(proxy.scores(h).float(), t, ladder) for h, t in zip(chunks, true)]).mean(0)
@@ -116,8 +117,8 @@ def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor, che
         ok = [i for i in range(len(ladder)) if r1[i] >= target_recall_at_1 and rk[i] >= target_recall_at_k]
         entry = {"rank": rank, "candidates": ladder[ok[0]] if ok else None,
                  "recall_at_1": r1[ok[0] if ok else -1], "recall_at_k": rk[ok[0] if ok else -1]}
-        if ok:  # what the head reads per token: the proxy, then the candidates' exact rows in 16 bits
-            entry["bytes_fraction"] = (proxy.nbytes() + ladder[ok[0]] * width * 2) / (vocab * width * 2)
+        if ok:  # what the head reads per token: the proxy, then the candidates' exact rows
+            entry["bytes_fraction"] = (proxy.nbytes() + ladder[ok[0]] * row_bytes) / (vocab * row_bytes)
             proxies[rank] = proxy
         tried.append(entry)
     del weight
@@ -158,6 +159,15 @@ def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor, che
     log.info("hire: head chosen on calibration text: %s (check recall@1 %.4f, recall@k %.4f)", report["reason"],
              best["recall_at_1"], best["recall_at_k"])
     return chosen_head(cfg, best), report
+
+
+def decode_row_bytes(model: nn.Module) -> float:
+    """Bytes the engine reads per row of the LM head: its GGUF codes' (with scales) on a quantized
+    model, else a ``DECODE_DTYPE`` row."""
+    base = _head_base(model)
+    if isinstance(base, QLinear):
+        return base.q.row_nbytes()
+    return base.weight.shape[1] * torch.finfo(DECODE_DTYPE).bits / 8
 
 
 def _dense(cfg: HeadConfig, report: dict, by: str, reason: str) -> tuple[HeadConfig, dict]:

@@ -354,8 +354,9 @@ class Engine:
         report = {}
         if self.head is not None:
             first = self.head.selector.proxies[0]
-            fused = isinstance(first, LowRankProxy) and first.packed is not None and self.head.selector.blocks
-            report["head"] = (["lowrank_block_topk" if fused else first.decode_kind]
+            blocks = self.head.selector.blocks
+            fused = isinstance(first, LowRankProxy) and first.packed is not None and blocks
+            report["head"] = ([first.first_pass_kernel(blocks) if fused else first.decode_kind]
                               + ["rows"] * (len(self.head.selector.proxies) - 1))
         if self.ffns:
             if self.native_steps is not None:  # the proxy kernel the native step runs

@@ -238,10 +238,19 @@ class LowRankProxy:
         prepare_decode; None where it does not apply (no int8 codes on the kernels, or the rows do not
         split into blocks of a multiple of 16 rows)."""
         if blocks not in self._blocked:
-            n = self.u.shape[0]
-            fits = (self.packed is not None and blocks > 0 and n % blocks == 0 and (n // blocks) % 16 == 0)
+            fits = self.block_major(blocks)
             self._blocked[blocks] = pack_blocks(self._u.codes, self._u.row_scales, self.bias, blocks) if fits else None
         return self._blocked[blocks]
+
+    def block_major(self, blocks: int) -> bool:
+        """Whether the first pass over ``blocks`` blocks runs block-major (``block_pack`` applies:
+        int8 codes on the kernels, blocks of a multiple of 16 rows), without making the pack."""
+        n = self.u.shape[0]
+        return self.packed is not None and blocks > 0 and n % blocks == 0 and (n // blocks) % 16 == 0
+
+    def first_pass_kernel(self, blocks: int) -> str:
+        """The native kernel ``decode_local_topk`` runs for ``blocks`` blocks."""
+        return "lowrank_select" if self.block_major(blocks) else "lowrank_block_topk"
 
     def decode_local_topk(self, x: torch.Tensor, k: int, blocks: int) -> torch.Tensor:
         """``local_topk(decode_scores(x), k, blocks)`` as a set, in one native pass over U's codes (with
