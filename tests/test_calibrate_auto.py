@@ -293,3 +293,35 @@ def test_bytes_are_counted_in_the_heads_own_format(states, tmp_path):
     proxy = LowRankProxy.from_weight(head_weight(codes).float(), 8, states=fit, u_bits=8)
     vocab = head.q.shape[0]
     assert entry["bytes_fraction"] == pytest.approx((proxy.nbytes() + entry["candidates"] * row) / (vocab * row))
+
+
+def test_each_rank_is_also_tried_with_the_local_top_k(states, tmp_path, monkeypatch):
+    """Every rank gets a second setting, the first pass's local top-k over blocks (with its own
+    smallest k' meeting the targets, measured as the selector selects), timed like the others and
+    chosen, select_blocks included, when it is the fastest."""
+    monkeypatch.setenv("HIRE_CACHE", str(tmp_path))
+    monkeypatch.setattr(auto_mod, "MIN_BLOCK_ROWS", 16)  # the tiny vocabulary: 8 blocks of 48 rows
+    model, fit, check = states
+    assert auto_mod.select_blocks_for(VOCAB, (8,)) == 8 and auto_mod.select_blocks_for(VOCAB, (7,)) == 0
+    cfg = HeadConfig(k=8, auto=True, proxy="lowrank")
+    _, by_bytes = choose_head(model, cfg, fit, check, *TARGETS, ranks=RANKS, candidates=LADDER, measure=False,
+                              blocks=(8,))
+    assert [e["select_blocks"] for e in by_bytes["tried"]] == [0, 8] * len(RANKS)
+    weight = head_weight(model)
+    local = [e for e in _met(by_bytes) if e["select_blocks"]]
+    assert local
+    for entry in local:
+        proxy = LowRankProxy.from_weight(weight, entry["rank"], states=fit, u_bits=8)
+        chosen = HeadConfig(k=8, proxy="lowrank", rank=entry["rank"], candidates=entry["candidates"], select_blocks=8)
+        r1, rk = head_recall(weight, build_head_selector(weight, chosen, lowrank=proxy), check, 8)
+        assert (r1, rk) == pytest.approx((entry["recall_at_1"], entry["recall_at_k"]), abs=1e-6)
+        assert r1 >= TARGETS[0] and rk >= TARGETS[1]
+    ms = {pair_name(e["rank"], e["candidates"], e["select_blocks"]): (1.0 if e["select_blocks"] else 2.0) + 0.1 * i
+          for i, e in enumerate(_met(by_bytes))}
+    timer = FakeTimer(lambda name: 10.0 if name == "dense" else ms[name])
+    head, report = choose_head(model, cfg, fit, check, *TARGETS, ranks=RANKS, candidates=LADDER, timer=timer,
+                               blocks=(8,))
+    assert timer.calls == [sorted(["dense", *ms])] and any("/8" in name for name in ms)
+    assert report["chosen"] == local[0] | {"ms": ms[pair_name(local[0]["rank"], local[0]["candidates"], 8)]}
+    assert (head.rank, head.candidates, head.select_blocks) == (local[0]["rank"], local[0]["candidates"], 8)
+    assert "local top-k over 8 blocks" in report["reason"]

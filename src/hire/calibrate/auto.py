@@ -45,7 +45,7 @@ from hire.layers.head import HiReLMHead, exact_logits, native_rows_for
 from hire.paths import cache_dir
 from hire.proxies import Cascade, LowRankProxy
 from hire.quant.tensor import QLinear
-from hire.topk import recall_at_k
+from hire.topk import local_topk, recall_at_k
 
 log = logging.getLogger("hire")
 
@@ -53,6 +53,11 @@ TARGET_RECALL_AT_1 = 0.995
 TARGET_RECALL_AT_K = 0.99
 RANKS = (32, 64, 96, 128, 192, 256)
 CANDIDATES = (256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768, 49152, 65536)
+# the first pass's local top-k (HeadConfig.select_blocks): each rank is also tried with the largest of
+# these block counts that divides the vocabulary into blocks of at least MIN_BLOCK_ROWS rows (as the
+# recommended settings do: 128 blocks of 384 rows for SmolLM2, 512 of 512 for Gemma-3's 262k)
+BLOCKS = (512, 256, 128)
+MIN_BLOCK_ROWS = 384
 
 # timing: rounds after the warm-up (each round calls every head once, in turn), in blocks of
 # consecutive rounds, the hidden states they cycle through, and how much faster than the dense head
@@ -78,9 +83,25 @@ def _recalls(scores: torch.Tensor, true: torch.Tensor, ladder: list[int]) -> tor
                         for c in ladder], 1)
 
 
-def pair_name(rank: int, candidates: int) -> str:
-    """A (rank, k') pair's name in the timings: ``"64x1024"``."""
-    return f"{rank}x{candidates}"
+def _local_recalls(scores: torch.Tensor, true: torch.Tensor, ladder: list[int], blocks: int) -> torch.Tensor:
+    """``_recalls`` for the local top-c over ``blocks`` blocks (``local_topk``), each c of the ladder.
+    # scores: (N, V), true: (N, k) -> (N, len(ladder), 2)"""
+    out = []
+    for c in ladder:
+        idx = local_topk(scores, c, blocks)
+        out.append(torch.stack([recall_at_k(true[:, :1], idx), recall_at_k(true, idx)], -1))
+    return torch.stack(out, 1)
+
+
+def pair_name(rank: int, candidates: int, blocks: int = 0) -> str:
+    """A (rank, k'[, blocks]) setting's name in the timings: ``"64x1024"``, or ``"64x1024/128"`` with
+    the first pass's local top-k over 128 blocks."""
+    return f"{rank}x{candidates}" + (f"/{blocks}" if blocks else "")
+
+
+def select_blocks_for(vocab: int, blocks: tuple[int, ...] = BLOCKS) -> int:
+    """The block count the local top-k is tried with for a ``vocab``-row head (0: none fits)."""
+    return next((b for b in blocks if vocab % b == 0 and vocab // b >= MIN_BLOCK_ROWS), 0)
 
 
 @torch.no_grad()
@@ -88,12 +109,15 @@ def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor, che
                 target_recall_at_1: float = TARGET_RECALL_AT_1,
                 target_recall_at_k: float = TARGET_RECALL_AT_K, ranks: tuple[int, ...] = RANKS,
                 candidates: tuple[int, ...] = CANDIDATES, *, measure: bool = True,
-                timer: Timer | None = None) -> tuple[HeadConfig, dict]:
+                timer: Timer | None = None, blocks: tuple[int, ...] = BLOCKS) -> tuple[HeadConfig, dict]:
     """The fastest low-rank head (rank, k') reaching both recall targets on ``check_states``, with a
     proxy fitted on ``fit_states`` (each rank with its smallest k' reaching them), timed on this
     machine against the dense head (``head_timings``); or ``cfg`` with the head turned off when none
     reaches the targets or none beats the dense head by ``MIN_GAIN``. Ranks above a quarter of the
-    width and k' above a quarter of the vocabulary are not tried.
+    width and k' above a quarter of the vocabulary are not tried. Each rank is tried twice: with
+    one top-k' over the vocabulary, and with the local top-k over ``select_blocks_for(vocab,
+    blocks)`` blocks (its own smallest k' reaching the targets, a multiple of the block count; a
+    faster first pass, usually a larger k').
     ``measure=False`` (or timing that fails) chooses the cheapest in bytes read per token instead,
     below half the dense head's bytes. ``timer``: what ``head_timings`` times the heads with
     (default ``measure_head_times``; tests pass a deterministic one).
@@ -110,17 +134,26 @@ def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor, che
     true = [(h @ weight.t()).topk(cfg.k, dim=-1).indices for h in chunks]
     tried, proxies = [], {}
     row_bytes = decode_row_bytes(model)
+    nblocks = select_blocks_for(vocab, blocks)
+    local_ladder = [c for c in ladder if nblocks and c % nblocks == 0]
     for rank in ranks:
         proxy = LowRankProxy.from_weight(weight, rank, states=fit_states, u_bits=cfg.rank_bits)
-        recall = torch.cat([_recalls(proxy.scores(h).float(), t, ladder) for h, t in zip(chunks, true)]).mean(0)
-        r1, rk = recall[:, 0].tolist(), recall[:, 1].tolist()
-        ok = [i for i in range(len(ladder)) if r1[i] >= target_recall_at_1 and rk[i] >= target_recall_at_k]
-        entry = {"rank": rank, "candidates": ladder[ok[0]] if ok else None,
-                 "recall_at_1": r1[ok[0] if ok else -1], "recall_at_k": rk[ok[0] if ok else -1]}
-        if ok:  # what the head reads per token: the proxy, then the candidates' exact rows
-            entry["bytes_fraction"] = (proxy.nbytes() + ladder[ok[0]] * row_bytes) / (vocab * row_bytes)
-            proxies[rank] = proxy
-        tried.append(entry)
+        scores = [proxy.scores(h).float() for h in chunks]
+        recall = torch.cat([_recalls(sc, t, ladder) for sc, t in zip(scores, true)]).mean(0)
+        variants = [(0, ladder, recall)]
+        if local_ladder:
+            variants.append((nblocks, local_ladder,
+                             torch.cat([_local_recalls(sc, t, local_ladder, nblocks) for sc, t in zip(scores, true)]).mean(0)))
+        del scores
+        for nb, steps, rec in variants:
+            r1, rk = rec[:, 0].tolist(), rec[:, 1].tolist()
+            ok = [i for i in range(len(steps)) if r1[i] >= target_recall_at_1 and rk[i] >= target_recall_at_k]
+            entry = {"rank": rank, "candidates": steps[ok[0]] if ok else None, "select_blocks": nb,
+                     "recall_at_1": r1[ok[0] if ok else -1], "recall_at_k": rk[ok[0] if ok else -1]}
+            if ok:  # what the head reads per token: the proxy, then the candidates' exact rows
+                entry["bytes_fraction"] = (proxy.nbytes() + steps[ok[0]] * row_bytes) / (vocab * row_bytes)
+                proxies[rank] = proxy
+            tried.append(entry)
     del weight
     met = [e for e in tried if e["candidates"] is not None]
     report = {"targets": {"recall_at_1": target_recall_at_1, "recall_at_k": target_recall_at_k},
@@ -132,8 +165,8 @@ def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor, che
     timing = None
     if measure:
         try:
-            timing = head_timings(model, cfg, [(e["rank"], e["candidates"], proxies[e["rank"]]) for e in met],
-                                  check_states, fingerprint, timer=timer)
+            timing = head_timings(model, cfg, [(e["rank"], e["candidates"], proxies[e["rank"]], e["select_blocks"])
+                                               for e in met], check_states, fingerprint, timer=timer)
         except (RuntimeError, ValueError, OSError, NotImplementedError) as err:
             report["timing_error"] = f"{type(err).__name__}: {err}"
             log.warning("hire: timing the head settings failed (%s); choosing by bytes read instead",
@@ -142,11 +175,12 @@ def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor, che
     if timing is None:
         return _by_bytes(cfg, report, met, ranks, ladder, target_recall_at_1, target_recall_at_k)
     for e in met:
-        e["ms"] = timing["pairs"][pair_name(e["rank"], e["candidates"])]
+        e["ms"] = timing["pairs"][pair_name(e["rank"], e["candidates"], e["select_blocks"])]
     report["timing"] = {key: value for key, value in timing.items() if key != "pairs"}
     dense_ms = timing["dense_ms"]
     best = min(met, key=lambda e: e["ms"])
-    where = f"rank {best['rank']}, k' {best['candidates']}"
+    where = f"rank {best['rank']}, k' {best['candidates']}" + (
+        f" (local top-k over {best['select_blocks']} blocks)" if best["select_blocks"] else "")
     if best["ms"] >= dense_ms * (1 - MIN_GAIN):
         return _dense(cfg, report, "time",
                       f"the fastest of the {len(met)} settings reaching the recall targets ({where}) took "
@@ -198,7 +232,7 @@ def chosen_head(cfg: HeadConfig, chosen: dict | None) -> HeadConfig:
     if chosen is None:
         return dataclasses.replace(cfg, enabled=False, auto=False)
     return dataclasses.replace(cfg, auto=False, proxy="lowrank", rank=chosen["rank"], candidates=chosen["candidates"],
-                               select_blocks=0, proxy_file="")
+                               select_blocks=chosen.get("select_blocks", 0), proxy_file="")
 
 
 # ---- timing -----------------------------------------------------------------------------------------
@@ -258,9 +292,9 @@ def load_timings(path: Path, meta: dict) -> dict | None:
     return {"dense_ms": dense, "pairs": pairs, "measured_at": saved.get("measured_at"), "load": saved.get("load")}
 
 
-def head_timings(model: nn.Module, cfg: HeadConfig, pairs: list[tuple[int, int, LowRankProxy]],
+def head_timings(model: nn.Module, cfg: HeadConfig, pairs: list[tuple[int, int, LowRankProxy, int]],
                  states: torch.Tensor, fingerprint: str | None = None, timer: Timer | None = None) -> dict:
-    """Median ms per token of the dense head and of a HiRE head for each (rank, k', fitted proxy) of
+    """Median ms per token of the dense head and of a HiRE head for each (rank, k', fitted proxy, blocks) of
     ``pairs``, on this machine: from the cache (``timing_identity`` and the head's weight,
     ``fingerprint`` = proxy_cache.weight_fingerprint when already computed) when it
     holds every pair, else timed (``timer``, default ``measure_head_times``) on ``TIMING_STATES`` of
@@ -271,7 +305,7 @@ def head_timings(model: nn.Module, cfg: HeadConfig, pairs: list[tuple[int, int, 
     meta = {**identity, "weight": fingerprint, "rank_bits": cfg.rank_bits,
             "version": TIMINGS_VERSION}
     path = timings_path(meta)
-    names = [pair_name(rank, c) for rank, c, _ in pairs]
+    names = [pair_name(rank, c, nb) for rank, c, _, nb in pairs]
     cached = load_timings(path, meta)
     if cached is not None and all(name in cached["pairs"] for name in names):
         return {"dense_ms": cached["dense_ms"], "pairs": {name: cached["pairs"][name] for name in names},
@@ -302,7 +336,7 @@ def _load() -> float | None:
 
 
 def timed_heads(model: nn.Module, cfg: HeadConfig,
-                pairs: list[tuple[int, int, LowRankProxy]]) -> dict[str, Callable[[torch.Tensor], object]]:
+                pairs: list[tuple[int, int, LowRankProxy, int]]) -> dict[str, Callable[[torch.Tensor], object]]:
     """One token's head call for each head to time, as the engine makes it: ``"dense"``,
     ``exact_logits`` over every row of the head's decode form; each pair, a HiReLMHead with the
     pair's config (``chosen_head``) and proxy, prepared for decoding, and its ``decode``. A 16-bit
@@ -316,12 +350,12 @@ def timed_heads(model: nn.Module, cfg: HeadConfig,
     dense_weight = base.q if isinstance(base, QLinear) else base.weight.detach()
     use_native = native_rows_for(dense_weight)
     heads = {"dense": lambda h: exact_logits(h, dense_weight, None, base.bias, use_native)}
-    for rank, count, proxy in pairs:
-        pair_cfg = chosen_head(cfg, {"rank": rank, "candidates": count})
+    for rank, count, proxy, nb in pairs:
+        pair_cfg = chosen_head(cfg, {"rank": rank, "candidates": count, "select_blocks": nb})
         # hire.patch.build_head_selector's low-rank selector, on the proxy already fitted
         head = HiReLMHead(base, pair_cfg, Cascade([proxy], [count], pair_cfg.select_blocks))
         head.prepare_decode(DECODE_DTYPE)
-        heads[pair_name(rank, count)] = head.decode
+        heads[pair_name(rank, count, nb)] = head.decode
     return heads
 
 

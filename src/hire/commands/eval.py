@@ -61,12 +61,16 @@ def run(args: argparse.Namespace) -> int:
 def format_auto(auto: dict) -> str:
     """What hire.calibrate.auto chose for a model without recommended settings."""
     t = auto["targets"]
-    tried = ", ".join(f"rank {e['rank']}: k' {e['candidates'] or '-'}" for e in auto["tried"])
+    def setting(e: dict) -> str:
+        blocks = e.get("select_blocks") or 0
+        return f"rank {e['rank']}{f' in {blocks} blocks' if blocks else ''}: k' {e['candidates'] or '-'}"
+
+    tried = ", ".join(setting(e) for e in auto["tried"])
     if auto["chosen"] is None:
         return f"head chosen on calibration text: none ({auto['reason']}); tried {tried}"
     c = auto["chosen"]
     return (f"head chosen on calibration text for recall@1 >= {t['recall_at_1']} and recall@k >= {t['recall_at_k']}: "
-            f"rank {c['rank']}, k' {c['candidates']} ({100 * c['bytes_fraction']:.1f} % of the 16-bit head; check "
+            f"{setting(c)} ({100 * c['bytes_fraction']:.1f} % of the head's bytes; check "
             f"recall {c['recall_at_1']:.4f} / {c['recall_at_k']:.4f}); tried {tried}")
 
 
