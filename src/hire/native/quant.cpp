@@ -423,17 +423,31 @@ inline void codes512x16(const uint8_t* p, __m512i* half) {
 struct PermTables {
   alignas(64) int32_t g32[4][16];   // chunk j, group 32 (int8 lanes 0-7 and 8-15): 2j, 2j + 1
   alignas(64) int32_t g16[4][16];   // chunk j, group 16, int8 lanes (4 columns): 4j + lane / 4
+  alignas(64) int32_t g32x8[8][16];  // chunk j of 8, group 32 (qdot16's blocks of 16 groups): 2j, 2j + 1
   PermTables() {
-    for (int j = 0; j < 4; ++j)
+    for (int j = 0; j < 8; ++j)
       for (int l = 0; l < 16; ++l) {
-        g32[j][l] = 2 * j + l / 8;
-        g16[j][l] = 4 * j + l / 4;
+        if (j < 4) {
+          g32[j][l] = 2 * j + l / 8;
+          g16[j][l] = 4 * j + l / 4;
+        }
+        g32x8[j][l] = 2 * j + l / 8;
       }
   }
 };
 const PermTables kPerm;
 
 inline __m512 perm(const int32_t* idx, __m512 v) { return _mm512_permutexvar_ps(_mm512_load_si512(idx), v); }
+
+// 16 consecutive scales (float32 or float16) as float32
+template <typename S>
+inline __m512 scales16(const S* s) {
+  if constexpr (std::is_same_v<S, float>) {
+    return _mm512_loadu_ps(s);
+  } else {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
+  }
+}
 
 // 256 h + (init + u . lo) per lane, h = u . hi: the int16 activation's two int8 products. Without a
 // zero term (MIN: init is 0) the lo product accumulates onto 256 h itself, one add fewer per chunk
@@ -452,9 +466,28 @@ float qdot16(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX16&
   float total = 0.f;
 #if HIRE_QUANT_512
   // the codes times the activation's hi and lo bytes (q = 256 hi + lo), as qdot multiplies int8 ones;
-  // the zero comes out through the activation's 4-column sums (zsum)
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t c = 0; c < x.chunks; ++c) {
+  // the zero comes out through the activation's 4-column sums (zsum). With groups of 32, eight chunks
+  // at a time: their 16 groups' scales (weight x activation) are formed once as a vector and each chunk
+  // takes its lanes' with one permute, and the mins' term is one FMA per 8 chunks (as the K formats'
+  // super-blocks): SmolLM2's 210 Q4_1 matrices, 2 threads, 5.4 against 6.7 ms (old, new, old, new)
+  __m512 acc = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps(), macc = _mm512_setzero_ps();
+  int64_t c = 0;
+  if constexpr (GROUP == 32) {
+    for (; c + 8 <= x.chunks; c += 8) {
+      const __m512 w = _mm512_mul_ps(scales16(sc.s + 2 * c), _mm512_loadu_ps(x.scale.data() + 2 * c));
+      if (MIN) macc = _mm512_fmadd_ps(scales16(mn.s + 2 * c), _mm512_loadu_ps(x.gsum.data() + 2 * c), macc);
+      for (int j = 0; j < 8; ++j) {
+        const int64_t k = c + j;
+        const __m512i u = codes512<BITS>(codes + k * cb);
+        const __m512i init = MIN ? _mm512_setzero_si512() : _mm512_loadu_si512(zsum + k * 16);
+        const __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512(x.hi.data() + k * 64));
+        const __m512i s = hi_lo<MIN>(h, init, u, _mm512_loadu_si512(x.lo.data() + k * 64));
+        __m512& a = j % 2 ? acc2 : acc;
+        a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), perm(kPerm.g32x8[j], w), a);
+      }
+    }
+  }
+  for (; c < x.chunks; ++c) {
     const __m512i u = codes512<BITS>(codes + c * cb);
     const __m512i init = MIN ? _mm512_setzero_si512() : _mm512_loadu_si512(zsum + c * 16);
     const __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512(x.hi.data() + c * 64));
@@ -469,7 +502,7 @@ float qdot16(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX16&
       }
     }
   }
-  return total + _mm512_reduce_add_ps(acc);
+  return total + _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc, acc2), macc));
 #elif HIRE_QUANT_256
   __m256 acc = _mm256_setzero_ps();
   const __m256i z = _mm256_set1_epi16(zero);
