@@ -75,22 +75,16 @@ Timer = Callable[[dict[str, Callable[[torch.Tensor], object]], torch.Tensor], di
 
 
 @torch.no_grad()
-def _recalls(scores: torch.Tensor, true: torch.Tensor, ladder: list[int]) -> torch.Tensor:
-    """Per position, recall@1 and recall@k of the proxy's top-c for every c of the ladder (one sort).
+def _recalls(scores: torch.Tensor, true: torch.Tensor, ladder: list[int], blocks: int = 0) -> torch.Tensor:
+    """Per position, recall@1 and recall@k of the proxy's top-c for every c of the ladder (one sort),
+    or with ``blocks`` of its local top-c over that many blocks (``local_topk``, one per c).
     # scores: (N, V), true: (N, k) -> (N, len(ladder), 2)"""
-    order = scores.topk(ladder[-1], dim=-1).indices
-    return torch.stack([torch.stack([recall_at_k(true[:, :1], order[:, :c]), recall_at_k(true, order[:, :c])], -1)
-                        for c in ladder], 1)
-
-
-def _local_recalls(scores: torch.Tensor, true: torch.Tensor, ladder: list[int], blocks: int) -> torch.Tensor:
-    """``_recalls`` for the local top-c over ``blocks`` blocks (``local_topk``), each c of the ladder.
-    # scores: (N, V), true: (N, k) -> (N, len(ladder), 2)"""
-    out = []
-    for c in ladder:
-        idx = local_topk(scores, c, blocks)
-        out.append(torch.stack([recall_at_k(true[:, :1], idx), recall_at_k(true, idx)], -1))
-    return torch.stack(out, 1)
+    if blocks:
+        picks = (local_topk(scores, c, blocks) for c in ladder)
+    else:
+        order = scores.topk(ladder[-1], dim=-1).indices
+        picks = (order[:, :c] for c in ladder)
+    return torch.stack([torch.stack([recall_at_k(true[:, :1], idx), recall_at_k(true, idx)], -1) for idx in picks], 1)
 
 
 def pair_name(rank: int, candidates: int, blocks: int = 0) -> str:
@@ -143,7 +137,7 @@ def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor, che
         variants = [(0, ladder, recall)]
         if local_ladder:
             variants.append((nblocks, local_ladder,
-                             torch.cat([_local_recalls(sc, t, local_ladder, nblocks) for sc, t in zip(scores, true)]).mean(0)))
+                             torch.cat([_recalls(sc, t, local_ladder, nblocks) for sc, t in zip(scores, true)]).mean(0)))
         del scores
         for nb, steps, rec in variants:
             r1, rk = rec[:, 0].tolist(), rec[:, 1].tolist()

@@ -459,6 +459,17 @@ inline __m512i hi_lo(__m512i h, __m512i init, __m512i u, __m512i lo) {
 }
 #endif
 
+#if HIRE_QUANT_512
+// chunk c's int32 sums per 4-column lane, codes p x the int16 activation (zsum: the symmetric formats' zero)
+template <int BITS, bool MIN>
+inline __m512i chunk_sums(const uint8_t* p, const QX16& x, const int32_t* zsum, int64_t c) {
+  const __m512i u = codes512<BITS>(p);
+  const __m512i init = MIN ? _mm512_setzero_si512() : _mm512_loadu_si512(zsum + c * 16);
+  const __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512(x.hi.data() + c * 64));
+  return hi_lo<MIN>(h, init, u, _mm512_loadu_si512(x.lo.data() + c * 64));
+}
+#endif
+
 template <int BITS, int GROUP, bool MIN, typename S>
 float qdot16(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX16& x, const int32_t* zsum) {
   constexpr int64_t cb = chunk_bytes(BITS), per = 64 / GROUP;
@@ -477,21 +488,14 @@ float qdot16(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX16&
       const __m512 w = _mm512_mul_ps(scales16(sc.s + 2 * c), _mm512_loadu_ps(x.scale.data() + 2 * c));
       if (MIN) macc = _mm512_fmadd_ps(scales16(mn.s + 2 * c), _mm512_loadu_ps(x.gsum.data() + 2 * c), macc);
       for (int j = 0; j < 8; ++j) {
-        const int64_t k = c + j;
-        const __m512i u = codes512<BITS>(codes + k * cb);
-        const __m512i init = MIN ? _mm512_setzero_si512() : _mm512_loadu_si512(zsum + k * 16);
-        const __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512(x.hi.data() + k * 64));
-        const __m512i s = hi_lo<MIN>(h, init, u, _mm512_loadu_si512(x.lo.data() + k * 64));
+        const __m512i s = chunk_sums<BITS, MIN>(codes + (c + j) * cb, x, zsum, c + j);
         __m512& a = j % 2 ? acc2 : acc;
         a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), perm(kPerm.g32x8[j], w), a);
       }
     }
   }
   for (; c < x.chunks; ++c) {
-    const __m512i u = codes512<BITS>(codes + c * cb);
-    const __m512i init = MIN ? _mm512_setzero_si512() : _mm512_loadu_si512(zsum + c * 16);
-    const __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512(x.hi.data() + c * 64));
-    const __m512i s = hi_lo<MIN>(h, init, u, _mm512_loadu_si512(x.lo.data() + c * 64));
+    const __m512i s = chunk_sums<BITS, MIN>(codes + c * cb, x, zsum, c);
     const __m512 sv = GROUP == 32 ? sc.at(c) : perm(kPerm.g16[0], sc.four(c));
     acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(sv, _mm512_loadu_ps(x.lane_scale.data() + c * 16)), acc);
     if (MIN) {
