@@ -127,7 +127,7 @@ def calibrate(model, restrict: Restrict, windows: torch.Tensor, densities) -> No
         sample = g.reshape(-1)
         if sample.numel() > 4_000_000:  # torch.quantile's limit is 16M; 4M samples fix a quantile to ~1e-3
             sample = sample[torch.randint(sample.numel(), (4_000_000,), generator=gen)]
-        restrict.thresholds.append({d: -1.0 if d >= 1.0 else sample.quantile(1 - d).item() for d in densities})
+        restrict.thresholds.append({d: sample.quantile(1 - d).item() for d in densities})
 
 
 def draw(result: dict, path: Path) -> None:
@@ -183,7 +183,7 @@ def main() -> None:
             for name, text in domains["held_out"].items()}
     calib = domain_windows(tokenizer, domains["calibration"], args.seq_len, args.calib_windows)
     restrict = Restrict(model, args.prompt)
-    calibrate(model, restrict, calib, densities + [1.0])
+    calibrate(model, restrict, calib, densities)  # (at d = 1 every method runs the dense FFN)
 
     def ppl(name: str) -> float:
         nll = count = 0
