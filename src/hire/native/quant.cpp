@@ -329,14 +329,32 @@ struct SV<GROUP, KScale> {
 #endif
 };
 
-// W[row] . x for one row of codes (chunks of planes), its scales and mins (SV readers)
+// Prefetch while a row is read: the lines of `ahead` (null: none) at the offsets [off, off + n) that
+// the row is being read at, a line at a time over the row's product rather than a burst of whole rows
+// (rows_range: a dense matrix's codes kStreamAhead bytes on, a list's row kListAhead on). An asm
+// statement, not __builtin_prefetch: GCC's interprocedural passes dropped a parameter whose only use
+// was the builtin, and every prefetch with it.
+inline void prefetch_along(const uint8_t* ahead, int64_t off, int64_t n) {
+  if (ahead)
+    for (int64_t o = 0; o < n; o += 64) {
+#if defined(__x86_64__)
+      asm volatile("prefetcht0 %0" : : "m"(ahead[off + o]));
+#else
+      __builtin_prefetch(ahead + off + o, 0, 3);
+#endif
+    }
+}
+
+// W[row] . x for one row of codes (chunks of planes), its scales and mins (SV readers); ahead: see prefetch_along
 template <int BITS, int GROUP, bool MIN, typename S>
-float qdot(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX& x, const int32_t* zsum) {
+float qdot(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX& x, const int32_t* zsum,
+           const uint8_t* ahead) {
   constexpr int64_t cb = chunk_bytes(BITS), per = 64 / GROUP;
   const int64_t chunks = x.chunks;
 #if HIRE_QUANT_512
   __m512 acc = _mm512_setzero_ps();
   for (int64_t c = 0; c < chunks; ++c) {
+    prefetch_along(ahead, c * cb, cb);
     const __m512i u = codes512<BITS>(codes + c * cb);
     const __m512i xq = _mm512_loadu_si512(x.q.data() + c * 64);
     const __m512i init = MIN ? _mm512_setzero_si512() : _mm512_loadu_si512(zsum + c * 16);
@@ -350,6 +368,7 @@ float qdot(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX& x, 
   __m256 acc = _mm256_setzero_ps();
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t c = 0; c < chunks; ++c) {
+    prefetch_along(ahead, c * cb, cb);
     for (int h = 0; h < 2; ++h) {
       const __m256i u = codes256<BITS>(codes + c * cb, h);
       const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + c * 64 + 32 * h));
@@ -471,7 +490,8 @@ inline __m512i chunk_sums(const uint8_t* p, const QX16& x, const int32_t* zsum, 
 #endif
 
 template <int BITS, int GROUP, bool MIN, typename S>
-float qdot16(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX16& x, const int32_t* zsum) {
+float qdot16(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX16& x, const int32_t* zsum,
+             const uint8_t* ahead) {
   constexpr int64_t cb = chunk_bytes(BITS), per = 64 / GROUP;
   constexpr int16_t zero = MIN ? 0 : (1 << (BITS - 1));
   float total = 0.f;
@@ -485,6 +505,7 @@ float qdot16(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX16&
   int64_t c = 0;
   if constexpr (GROUP == 32) {
     for (; c + 8 <= x.chunks; c += 8) {
+      prefetch_along(ahead, c * cb, 8 * cb);
       const __m512 w = _mm512_mul_ps(scales16(sc.s + 2 * c), _mm512_loadu_ps(x.scale.data() + 2 * c));
       if (MIN) macc = _mm512_fmadd_ps(scales16(mn.s + 2 * c), _mm512_loadu_ps(x.gsum.data() + 2 * c), macc);
       for (int j = 0; j < 8; ++j) {
@@ -495,6 +516,7 @@ float qdot16(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX16&
     }
   }
   for (; c < x.chunks; ++c) {
+    prefetch_along(ahead, c * cb, cb);
     const __m512i s = chunk_sums<BITS, MIN>(codes + c * cb, x, zsum, c);
     const __m512 sv = GROUP == 32 ? sc.at(c) : perm(kPerm.g16[0], sc.four(c));
     acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(sv, _mm512_loadu_ps(x.lane_scale.data() + c * 16)), acc);
@@ -511,6 +533,7 @@ float qdot16(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX16&
   __m256 acc = _mm256_setzero_ps();
   const __m256i z = _mm256_set1_epi16(zero);
   for (int64_t c = 0; c < x.chunks; ++c) {
+    prefetch_along(ahead, c * cb, cb);
     for (int h = 0; h < 2; ++h) {
       const __m256i u = codes256<BITS>(codes + c * cb, h);
       const float xs = x.scale[2 * c + h];
@@ -577,13 +600,14 @@ inline __m512 super_block(const int8_t* sub, const int8_t* msub, const c10::Half
 // int8 activations (QX): as qdot
 template <int BITS, int GROUP, bool MIN>
 float qdot_k8(const uint8_t* codes, const int8_t* sub, const int8_t* msub, const c10::Half* sup,
-              const c10::Half* msup, const QX& x, const int32_t* zsum) {
+              const c10::Half* msup, const QX& x, const int32_t* zsum, const uint8_t* ahead) {
   constexpr int64_t cb = chunk_bytes(BITS);
   __m512 acc = _mm512_setzero_ps();
   __m256 macc = _mm256_setzero_ps();
   for (int64_t b = 0; b < x.chunks / 4; ++b) {
     const __m512 w = super_block<GROUP, MIN>(sub, msub, sup, msup, b,
                                              GROUP == 32 ? x.gscale.data() : x.gscale16.data(), x.gxsum.data(), macc);
+    prefetch_along(ahead, 4 * b * cb, 4 * cb);
     for (int j = 0; j < 4; ++j) {
       const int64_t c = 4 * b + j;
       const __m512i u = codes512<BITS>(codes + c * cb);
@@ -653,8 +677,9 @@ const PairTables kPair;
 // pair pr's products (both halves) with the super-block scales w, lanes picked by t[h]
 template <int BITS, bool MIN>
 inline void pair_products(const uint8_t* codes, const QX16& x, int64_t pr, const int32_t* const t[2], __m512 w,
-                          __m512* acc) {
+                          __m512* acc, const uint8_t* ahead) {
   constexpr int64_t cb = chunk_bytes(BITS);
+  prefetch_along(ahead, 2 * pr * cb, 2 * cb);
   __m512i u[2];
   codes_pair<BITS>(codes + 2 * pr * cb, u[0], u[1]);
   for (int h = 0; h < 2; ++h) {
@@ -674,7 +699,7 @@ inline __m512 two_supers(const c10::Half* p) {
 
 template <int BITS, int GROUP, bool MIN>
 float qdot_k16(const uint8_t* codes, const int8_t* sub, const int8_t* msub, const c10::Half* sup,
-               const c10::Half* msup, const QX16& x, const int32_t*) {
+               const c10::Half* msup, const QX16& x, const int32_t*, const uint8_t* ahead) {
   __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};  // two FMA chains in flight
   __m256 macc = _mm256_setzero_ps();
   const int64_t nsb = x.chunks / 4;
@@ -691,7 +716,7 @@ float qdot_k16(const uint8_t* codes, const int8_t* sub, const int8_t* msub, cons
       for (int k = 0; k < 2; ++k)
         for (int j = 0; j < 2; ++j) {
           const int32_t* t[2] = {kPair.g32x[k][j][0], kPair.g32x[k][j][1]};
-          pair_products<BITS, MIN>(codes, x, 2 * (b + k) + j, t, w, acc);
+          pair_products<BITS, MIN>(codes, x, 2 * (b + k) + j, t, w, acc, ahead);
         }
     }
     acc[0] = _mm512_add_ps(acc[0], macc2);
@@ -701,7 +726,7 @@ float qdot_k16(const uint8_t* codes, const int8_t* sub, const int8_t* msub, cons
                                              GROUP == 32 ? x.scale.data() : x.scale16.data(), x.gsum.data(), macc);
     for (int j = 0; j < 2; ++j) {
       const int32_t* t[2] = {GROUP == 32 ? kPair.g32[j][0] : kPair.g16[j][0], GROUP == 32 ? kPair.g32[j][1] : kPair.g16[j][1]};
-      pair_products<BITS, MIN>(codes, x, 2 * b + j, t, w, acc);
+      pair_products<BITS, MIN>(codes, x, 2 * b + j, t, w, acc, ahead);
     }
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + (MIN ? hsum256(macc) : 0.f);
@@ -727,13 +752,18 @@ ZeroSums zero_sums(const std::vector<int32_t>& lane_sums, int bits_mask) {
 }
 
 
-// rows prefetched ahead, whole: the layers' matrices are small and the hardware prefetcher barely
-// ramps up in one (dense SmolLM2: 292 tok/s without, 309-315 with 4; 8 was no better). Issue 23, 800 MB of
-// 1.5B-shaped K matrices from DRAM, 2 threads: Q4_K 15.3-16.3 GB/s with 4 rows, 8.3 without, 14.3 with 8,
-// 13.1 with 16, 15.1 with 8 into L2 only
-constexpr int64_t kRowsAhead = 4;
-// a list of rows (the HiRE head's candidates): further ahead, the rows' scales too (the helper that
-// rewrote the head's first pass measured Gemma's 16,384 candidate rows 0.95 -> 0.77 ms so, one run)
+// A dense matrix's codes are prefetched kStreamAhead bytes ahead of where they are read, a line per
+// line read (prefetch_along): the hardware prefetcher barely ramps up in a layer's matrix. Issue 23,
+// the 1.5B's 84 FFN matrices (715 MB, Q4_K and Q6_K) from DRAM, 2 threads, A B A B in one process:
+// 18.5 GB/s with whole rows 4 ahead (the former way, a burst of a row's lines at each row's start),
+// 22.1 GB/s with 1 KB ahead a line at a time, 23.3-24.1 with 2 KB, 22.5-23.8 with 3-4 KB, 22.9 with
+// 2 KB into L2 only; this build against the former, separate processes in turn: 21.5-22.3 against
+// 16.4-17.7. (Before, whole rows: 8.3 GB/s without prefetch, 15.3-16.3 with 4 rows, 14.3 with 8.)
+constexpr int64_t kStreamAhead = 2048;
+// a list of rows (the HiRE head's candidates): the row kListAhead on, its codes a line at a time as the
+// current row is read and its scales whole. Gemma's head (Q8_0), 16,384 random rows, separate processes
+// in turn: 10.6-11.1 GB/s with whole rows 8 ahead, 14.1-21.0 a line at a time (4, 12 or 16 rows ahead:
+// within the noise of 8)
 constexpr int64_t kListAhead = 8;
 inline void prefetch_row(const uint8_t* row, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) prefetch(row + off);
@@ -781,41 +811,43 @@ struct RowScales<GROUP, KScale, MIN> {
   }
 };
 
-// while row i of rows b..e-1 (a list, or null: the matrix's rows) is computed: the codes of the row
-// kRowsAhead on, or for a list the codes and scales of the row kListAhead on
+// while row i of rows b..e-1 (a list, or null: the matrix's rows) is computed: what to prefetch along
+// its codes (prefetch_along): a dense matrix's codes kStreamAhead bytes on (past the last row they are
+// addresses never read), a list's row kListAhead on, whose scales are prefetched here
 template <typename RS>
-inline void prefetch_ahead(const uint8_t* codes, int64_t rb, const RS& rs, const int64_t* rows, int64_t i, int64_t e) {
-  if (rows && i + kListAhead < e) {
-    prefetch_row(codes + rows[i + kListAhead] * rb, rb);
-    rs.prefetch(rows[i + kListAhead]);
-  } else if (!rows && i + kRowsAhead < e) {
-    prefetch_row(codes + (i + kRowsAhead) * rb, rb);
-  }
+inline const uint8_t* prefetch_ahead(const uint8_t* codes, int64_t rb, const RS& rs, const int64_t* rows, int64_t i,
+                                     int64_t e) {
+  if (!rows) return codes + i * rb + kStreamAhead;
+  if (i + kListAhead >= e) return nullptr;
+  rs.prefetch(rows[i + kListAhead]);
+  return codes + rows[i + kListAhead] * rb;
 }
 
 // one row's product for either activation width (the int8 or the int16 path)
 template <int BITS, int GROUP, bool MIN, typename S>
-inline float qdot_row(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX& x, const int32_t* z) {
+inline float qdot_row(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX& x, const int32_t* z,
+                      const uint8_t* ahead) {
 #if HIRE_QUANT_512
   if constexpr (std::is_same_v<S, KScale>) {
-    return qdot_k8<BITS, GROUP, MIN>(codes, sc.s, mn.s, sc.sup, mn.sup, x, z);
+    return qdot_k8<BITS, GROUP, MIN>(codes, sc.s, mn.s, sc.sup, mn.sup, x, z, ahead);
   } else {
-    return qdot<BITS, GROUP, MIN, S>(codes, sc, mn, x, z);
+    return qdot<BITS, GROUP, MIN, S>(codes, sc, mn, x, z, ahead);
   }
 #else
-  return qdot<BITS, GROUP, MIN, S>(codes, sc, mn, x, z);
+  return qdot<BITS, GROUP, MIN, S>(codes, sc, mn, x, z, ahead);
 #endif
 }
 template <int BITS, int GROUP, bool MIN, typename S>
-inline float qdot_row(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX16& x, const int32_t* z) {
+inline float qdot_row(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX16& x, const int32_t* z,
+                      const uint8_t* ahead) {
 #if HIRE_QUANT_512
   if constexpr (std::is_same_v<S, KScale>) {
-    return qdot_k16<BITS, GROUP, MIN>(codes, sc.s, mn.s, sc.sup, mn.sup, x, z);
+    return qdot_k16<BITS, GROUP, MIN>(codes, sc.s, mn.s, sc.sup, mn.sup, x, z, ahead);
   } else {
-    return qdot16<BITS, GROUP, MIN, S>(codes, sc, mn, x, z);
+    return qdot16<BITS, GROUP, MIN, S>(codes, sc, mn, x, z, ahead);
   }
 #else
-  return qdot16<BITS, GROUP, MIN, S>(codes, sc, mn, x, z);
+  return qdot16<BITS, GROUP, MIN, S>(codes, sc, mn, x, z, ahead);
 #endif
 }
 
@@ -827,8 +859,8 @@ void rows_range(const QMat& w, const X& x, const ZeroSums& z, const int64_t* row
   const RowScales<GROUP, S, MIN> rs(w);
   for (int64_t i = b; i < e; ++i) {
     const int64_t r = rows ? rows[i] : i;
-    prefetch_ahead(codes, rb, rs, rows, i, e);
-    y[i] = qdot_row<BITS, GROUP, MIN, S>(codes + r * rb, rs.scales(r), rs.mins(r), x, z.get(BITS));
+    const uint8_t* ahead = prefetch_ahead(codes, rb, rs, rows, i, e);
+    y[i] = qdot_row<BITS, GROUP, MIN, S>(codes + r * rb, rs.scales(r), rs.mins(r), x, z.get(BITS), ahead);
   }
 }
 
@@ -842,9 +874,10 @@ void rows_range_batch(const QMat& w, const std::vector<X>& xs, const std::vector
   const int64_t batch = static_cast<int64_t>(xs.size());
   for (int64_t i = b; i < e; ++i) {
     const int64_t r = rows ? rows[i] : i;
-    prefetch_ahead(codes, rb, rs, rows, i, e);
-    for (int64_t j = 0; j < batch; ++j)
-      y[j * stride + i] = qdot_row<BITS, GROUP, MIN, S>(codes + r * rb, rs.scales(r), rs.mins(r), xs[j], zs[j].get(BITS));
+    const uint8_t* ahead = prefetch_ahead(codes, rb, rs, rows, i, e);
+    for (int64_t j = 0; j < batch; ++j)  // the first activation's product prefetches
+      y[j * stride + i] = qdot_row<BITS, GROUP, MIN, S>(codes + r * rb, rs.scales(r), rs.mins(r), xs[j], zs[j].get(BITS),
+                                                        j ? nullptr : ahead);
   }
 }
 
