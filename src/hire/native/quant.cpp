@@ -331,18 +331,10 @@ struct SV<GROUP, KScale> {
 
 // Prefetch while a row is read: the lines of `ahead` (null: none) at the offsets [off, off + n) that
 // the row is being read at, a line at a time over the row's product rather than a burst of whole rows
-// (rows_range: a dense matrix's codes kStreamAhead bytes on, a list's row kListAhead on). An asm
-// statement, not __builtin_prefetch: GCC's interprocedural passes dropped a parameter whose only use
-// was the builtin, and every prefetch with it.
+// (rows_range: a dense matrix's codes kStreamAhead bytes on, a list's row kListAhead on)
 inline void prefetch_along(const uint8_t* ahead, int64_t off, int64_t n) {
   if (ahead)
-    for (int64_t o = 0; o < n; o += 64) {
-#if defined(__x86_64__)
-      asm volatile("prefetcht0 %0" : : "m"(ahead[off + o]));
-#else
-      __builtin_prefetch(ahead + off + o, 0, 3);
-#endif
-    }
+    for (int64_t o = 0; o < n; o += 64) prefetch_kept(ahead + off + o);
 }
 
 // W[row] . x for one row of codes (chunks of planes), its scales and mins (SV readers); ahead: see prefetch_along

@@ -103,6 +103,15 @@ inline vec load_w(const int8_t* p) {  // 8 bytes: the load must not read past th
 // prefetches the same part of the next selected row (`next`, may be null).
 constexpr int64_t kAhead = 8;  // rows ahead
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }  // read, keep in all cache levels
+// the same as an asm statement, for a pointer parameter whose only use is to prefetch: GCC's
+// interprocedural passes dropped such a parameter, and every __builtin_prefetch of it with it
+inline void prefetch_kept(const void* p) {
+#if defined(__x86_64__)
+  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 0, 3);
+#endif
+}
 
 template <typename T>
 inline float dot(const T* w, const float* x, int64_t n, const T* next) {
