@@ -51,12 +51,13 @@ def _case(seed, blocks, stripe, rank, width, batch, kind):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**31 - 1), blocks=st.sampled_from([16, 32, 48, 128]), tiles=st.integers(1, 6),
-       rank=st.sampled_from([4, 16, 64]), width=st.integers(1, 70), batch=st.integers(1, 10),
-       share=st.floats(0.0, 1.0), kind=st.sampled_from(["random", "ties", "nan"]))
-def test_block_select_is_the_reference_set(ops, seed, blocks, tiles, rank, width, batch, share, kind):
+       short=st.sampled_from([0, 0, 1, 5, 15]), rank=st.sampled_from([4, 16, 64]), width=st.integers(1, 70),
+       batch=st.integers(1, 10), share=st.floats(0.0, 1.0), kind=st.sampled_from(["random", "ties", "nan"]))
+def test_block_select_is_the_reference_set(ops, seed, blocks, tiles, short, rank, width, batch, share, kind):
     """Exactly the reference's rows (score descending, then the lower row; NaN after every real score),
-    ascending, for every activation of the batch, and their union."""
-    stripe = 16 * tiles
+    ascending, for every activation of the batch, and their union; blocks of any row count (``short``
+    rows less than a multiple of 16: the pack pads them, and padding is never picked, NaN rows or not)."""
+    stripe = 16 * tiles - short
     per = max(1, min(stripe, round(share * stripe)))
     codes, scales, bias, v, x = _case(seed, blocks, stripe, rank, width, batch, kind)
     pack = pack_blocks(codes, scales, bias, blocks, ops=ops)
@@ -82,8 +83,8 @@ def test_block_select_picks_per_rows_from_every_block():
 @needs_kernels
 def test_block_select_refuses_bad_input():
     codes = torch.zeros(256, 16, dtype=torch.int8)
-    with pytest.raises(RuntimeError, match="blocks of a multiple of 16 rows"):
-        pack_blocks(codes, torch.ones(256), None, 32)  # 8 rows per block
+    with pytest.raises(ValueError, match="equal blocks; 24 blocks do not"):
+        pack_blocks(codes, torch.ones(256), None, 24)
     with pytest.raises(RuntimeError, match="scales: float32, one per row"):
         pack_blocks(codes, torch.ones(255), None, 16)
     pack = pack_blocks(codes, torch.ones(256), None, 16)
@@ -92,8 +93,12 @@ def test_block_select_refuses_bad_input():
         block_select(torch.zeros(1, 9), v, pack, 2)
     with pytest.raises(RuntimeError, match=r"v must be a contiguous .* \(16, D\)"):
         block_select(torch.zeros(1, 8), torch.zeros(15, 8), pack, 2)
-    with pytest.raises(RuntimeError, match=r"per must be in \[1, 16\]"):
+    with pytest.raises(ValueError, match=r"per must be in \[1, 16\]"):
         block_select(torch.zeros(1, 8), v, pack, 17)
+    padded = pack_blocks(codes, torch.ones(256), None, 32)  # 8 rows a block, padded to 16
+    assert padded.codes.shape[:2] == (32, 1) and padded.rows == 256
+    with pytest.raises(ValueError, match=r"per must be in \[1, 8\]"):
+        block_select(torch.zeros(1, 8), v, padded, 9)
     with pytest.raises(RuntimeError, match="pack_lowrank_blocks"):
         block_select(torch.zeros(1, 8), v, pack._replace(codes=native.pack_lowrank(codes)), 2)
 

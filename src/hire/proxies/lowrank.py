@@ -30,20 +30,34 @@ class BlockPack(NamedTuple):
     (``block_select``): block b holds rows b, b + blocks, b + 2 blocks, ... (``hire.topk.local_topk``'s
     blocks), each block's rows one contiguous stretch, so a block is scored and selected in one go."""
 
-    codes: torch.Tensor  # (blocks, S/16, r/4, 16, 4) bytes, S = rows / blocks
+    codes: torch.Tensor  # (blocks, S/16, r/4, 16, 4) bytes, S = rows / blocks padded to a multiple of 16
     scales: torch.Tensor  # (blocks, S) float32
     bias: torch.Tensor | None  # (blocks, S) float16, or None
     blocks: int
+    rows: int  # V, the real rows (the rest of each block's S are padding)
 
 
 def pack_blocks(codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, blocks: int,
                 ops=None) -> BlockPack:
     """``codes`` (V, r) int8, ``scales`` (V,) float32, ``bias`` (V,) float16 or None -> a BlockPack.
-    Needs V / blocks rows per block in a multiple of 16 and r in a multiple of 4. ``ops``: another
-    build's torch.ops namespace (tests)."""
+    Needs V divisible by ``blocks`` and r in a multiple of 4. Where V / blocks is not a multiple of 16
+    (Qwen's 151,936 rows in 128 blocks of 1,187) each block is padded to one with rows of zero codes
+    and a NaN scale: block b's padding is rows V + b, V + b + blocks, ..., so its real rows keep their
+    places, and a NaN comes after every real score, so padding is never picked while each block keeps
+    at most its V / blocks real rows (``block_select`` checks). ``ops``: another build's torch.ops
+    namespace (tests)."""
+    n = codes.shape[0]
+    if blocks < 1 or n % blocks:
+        raise ValueError(f"the block-major first pass splits the {n} rows into equal blocks; {blocks} blocks do not")
+    pad = (-(n // blocks) % 16) * blocks
+    scales = scales.float()
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(pad, codes.shape[1])])
+        scales = torch.cat([scales, scales.new_full((pad,), float("nan"))])
+        bias = None if bias is None else torch.cat([bias, bias.new_zeros(pad)])
     mod = ops or _native_ops()
-    packed, block_scales, block_bias = mod.pack_lowrank_blocks(codes, scales.float().contiguous(), bias, blocks)
-    return BlockPack(packed, block_scales, block_bias if bias is not None else None, blocks)
+    packed, block_scales, block_bias = mod.pack_lowrank_blocks(codes, scales.contiguous(), bias, blocks)
+    return BlockPack(packed, block_scales, block_bias if bias is not None else None, blocks, n)
 
 
 def block_select(x: torch.Tensor, v: torch.Tensor, pack: BlockPack, per: int, with_union: bool = False,
@@ -55,6 +69,9 @@ def block_select(x: torch.Tensor, v: torch.Tensor, pack: BlockPack, per: int, wi
     Returns each activation's rows in ascending order and, with ``with_union``, their union (ascending).
     ``reference_block_select`` is the eager meaning.
     # x: (B, D), v: (r, D) -> rows (B, blocks * per) int64, union (m,) int64 or None"""
+    stripe = pack.rows // pack.blocks
+    if not 1 <= per <= stripe:
+        raise ValueError(f"per must be in [1, {stripe}] (the rows of a block), got {per}")
     mod = ops or _native_ops()
     rows, union = mod.lowrank_select(x, v, pack.codes, pack.scales, pack.bias, per, with_union)
     return rows, (union if with_union else None)
@@ -236,7 +253,7 @@ class LowRankProxy:
     def block_pack(self, blocks: int) -> BlockPack | None:
         """U block-major for ``blocks`` blocks (``block_select``), made on the first call after
         prepare_decode; None where it does not apply (no int8 codes on the kernels, or the rows do not
-        split into blocks of a multiple of 16 rows)."""
+        split into equal blocks)."""
         if blocks not in self._blocked:
             fits = self.block_major(blocks)
             self._blocked[blocks] = pack_blocks(self._u.codes, self._u.row_scales, self.bias, blocks) if fits else None
@@ -244,9 +261,9 @@ class LowRankProxy:
 
     def block_major(self, blocks: int) -> bool:
         """Whether the first pass over ``blocks`` blocks runs block-major (``block_pack`` applies:
-        int8 codes on the kernels, blocks of a multiple of 16 rows), without making the pack."""
+        int8 codes on the kernels, equal blocks), without making the pack."""
         n = self.u.shape[0]
-        return self.packed is not None and blocks > 0 and n % blocks == 0 and (n // blocks) % 16 == 0
+        return self.packed is not None and blocks > 0 and n % blocks == 0
 
     def first_pass_kernel(self, blocks: int) -> str:
         """The native kernel ``decode_local_topk`` runs for ``blocks`` blocks."""
