@@ -749,8 +749,8 @@ ZeroSums zero_sums(const std::vector<int32_t>& lane_sums, int bits_mask) {
 // the 1.5B's 84 FFN matrices (715 MB, Q4_K and Q6_K) from DRAM, 2 threads, A B A B in one process:
 // 18.5 GB/s with whole rows 4 ahead (the former way, a burst of a row's lines at each row's start),
 // 22.1 GB/s with 1 KB ahead a line at a time, 23.3-24.1 with 2 KB, 22.5-23.8 with 3-4 KB, 22.9 with
-// 2 KB into L2 only; this build against the former, separate processes in turn: 21.5-22.3 against
-// 16.4-17.7. (Before, whole rows: 8.3 GB/s without prefetch, 15.3-16.3 with 4 rows, 14.3 with 8.)
+// 2 KB into L2 only; in separate processes in turn, this build 21.5-22.3 and the 2 KB macro build
+// 20.2-22.1. (Before, whole rows: 8.3 GB/s without prefetch, 15.3-16.3 with 4 rows, 14.3 with 8.)
 constexpr int64_t kStreamAhead = 2048;
 // a list of rows (the HiRE head's candidates): the row kListAhead on, its codes a line at a time as the
 // current row is read and its scales whole. Gemma's head (Q8_0), 16,384 random rows, separate processes
