@@ -104,7 +104,7 @@ inline vec load_w(const int8_t* p) {  // 8 bytes: the load must not read past th
 constexpr int64_t kAhead = 8;  // rows ahead
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }  // read, keep in all cache levels
 // the same as an asm statement, for a pointer parameter whose only use is to prefetch: GCC's
-// interprocedural passes dropped such a parameter, and every __builtin_prefetch of it with it
+// interprocedural passes dropped such a parameter together with its __builtin_prefetch calls
 inline void prefetch_kept(const void* p) {
 #if defined(__x86_64__)
   asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));

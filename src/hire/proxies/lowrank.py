@@ -43,9 +43,9 @@ def pack_blocks(codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | 
     Needs V divisible by ``blocks`` and r in a multiple of 4. Where V / blocks is not a multiple of 16
     (Qwen's 151,936 rows in 128 blocks of 1,187) each block is padded to one with rows of zero codes
     and a NaN scale: block b's padding is rows V + b, V + b + blocks, ..., so its real rows keep their
-    places, and a NaN comes after every real score, so padding is never picked while each block keeps
-    at most its V / blocks real rows (``block_select`` checks). ``ops``: another build's torch.ops
-    namespace (tests)."""
+    places. A NaN comes after every real score and padding after a block's real rows, so padding is
+    never picked while ``per`` is at most V / blocks (``block_select`` checks). ``ops``: another
+    build's torch.ops namespace (tests)."""
     n = codes.shape[0]
     if blocks < 1 or n % blocks:
         raise ValueError(f"the block-major first pass splits the {n} rows into equal blocks; {blocks} blocks do not")
