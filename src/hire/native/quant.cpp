@@ -755,12 +755,9 @@ constexpr int64_t kStreamAhead = 2048;
 // a list of rows (the HiRE head's candidates): the row kListAhead on, its codes a line at a time as the
 // current row is read and its scales whole. Gemma's head (Q8_0), 16,384 random rows, separate processes
 // in turn: 10.6-11.1 GB/s with whole rows 8 ahead, 14.1-21.0 a line at a time (4, 12 or 16 rows ahead:
-// within the noise of 8 there; 16 was 10-13 % faster on the 1.5B's 2,048 Q6_K rows)
+// within the noise of 8 there; on the 1.5B's 2,048 Q6_K rows 16 was 10-13 % faster in one run and the
+// same in another, A B A B with the caches evicted)
 constexpr int64_t kListAhead = 8;
-inline void prefetch_row(const uint8_t* row, int64_t bytes) {
-  for (int64_t off = 0; off < bytes; off += 64) prefetch(row + off);
-}
-
 inline void prefetch_bytes(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t off = 0; off < bytes; off += 64) prefetch(c + off);
@@ -986,7 +983,7 @@ void rows_range_lanes(const QMat& w, const QXLanes& X, const int64_t* rows, int6
   for (; i + kRowsT <= e; i += kRowsT) {
     for (int r = 0; r < kRowsT; ++r) rid[r] = rows ? rows[i + r] : i + r, out[r] = i + r;
     if (i + 2 * kRowsT <= e)
-      for (int r = 0; r < kRowsT; ++r) prefetch_row(codes + (rows ? rows[i + kRowsT + r] : i + kRowsT + r) * rb, rb);
+      for (int r = 0; r < kRowsT; ++r) prefetch_bytes(codes + (rows ? rows[i + kRowsT + r] : i + kRowsT + r) * rb, rb);
     rows_lanes<BITS, GROUP, MIN, S, kRowsT, Lanes16>(w, X, rid, out, y, stride, buf.data(), rs);
   }
   for (; i < e; ++i) {
