@@ -24,6 +24,7 @@ import torch
 
 from hire import native
 from hire.calibrate.prepare import load_for_decode
+from hire.config import HeadConfig, HiReConfig
 from hire.engine.engine import Engine
 from hire.layers.head import exact_logits
 from hire.proxies.lowrank import block_select
@@ -34,11 +35,20 @@ PROMPT = "The king's daughter walked alone by the river, and as the evening fell
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default="smollm2-135m", help="a packaged model (its recommended head) or a .gguf path")
+    p.add_argument("--head-rank", type=int, default=128, help="for a .gguf path: the low-rank factor's rank")
+    p.add_argument("--head-candidates", type=int, default=2048, help="for a .gguf path: k'")
+    p.add_argument("--head-select-blocks", type=int, default=128, help="for a .gguf path: the first pass's blocks")
     p.add_argument("--steps", type=int, default=120, help="decode steps (each times one group of parts)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
-    prepared = load_for_decode(args.model, recommended_config(args.model), progress=False)
+    if args.model.endswith(".gguf"):  # the figures of `hire bench --model PATH --head-proxy lowrank ...`
+        config = HiReConfig(head=HeadConfig(k=50, candidates=args.head_candidates, proxy="lowrank", rank=args.head_rank,
+                                            stage_candidates=args.head_candidates, select_blocks=args.head_select_blocks,
+                                            train_steps=0))
+        prepared = load_for_decode(args.model, config, calib_windows=4, progress=False)
+    else:
+        prepared = load_for_decode(args.model, recommended_config(args.model), progress=False)
     engine = Engine(prepared.model, prepared.config, head_proxy=prepared.head_proxy, dtype=torch.float16,
                     max_seq_len=args.steps + 64)
     head = engine.head
