@@ -715,7 +715,7 @@ def test_a_broken_kernel_source_fails_under_ci(tmp_path):
 
 
 @pytest.mark.parametrize("act_bits", [8, 16])
-@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS"])
 def test_variant_quantized_products_match_eager(variant, fmt, act_bits):
     """qgemv (all and selected rows) and qaxpy of every GGUF format on the variant's SIMD path."""
     from test_quant import FORMATS, _check_products

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hire import native
 from hire.engine import Engine
 from hire.quant import FORMATS, QLinear, QTensor, UnsupportedGGUF, load_quantized, reference_qaxpy, reference_qgemv
-from hire.quant.formats import pack_codes, unpack_codes
+from hire.quant.formats import IQ4_KVALUES, LUT4, pack_codes, unpack_codes
 from hire.files import write_manifest
 from hire.quant.load import META_FORMAT, TABLE, _read_header, meta_entry
 from tiny_models import make
@@ -22,7 +22,8 @@ from tiny_models import make
 BUILT = native.available()
 needs_kernels = pytest.mark.skipif(not BUILT, reason=f"native kernels: {native.unavailable_reason()}")
 F16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q5_0": (0,), "Q4_1": (0, 2), "Q5_1": (0, 2), "Q4_K": (0, 2),
-              "Q5_K": (0, 2), "Q6_K": (208,)}
+              "Q5_K": (0, 2), "Q6_K": (208,), "Q3_K": (108,), "IQ4_NL": (0,), "IQ4_XS": (0,),
+              "Q2_K": (80, 82)}
 
 
 def random_blocks(fmt: str, rows: int, cols: int, seed: int) -> np.ndarray:
@@ -50,9 +51,13 @@ def test_codes_scales_and_mins_reproduce_the_gguf_dequantiser_exactly(fmt, rows,
         assert np.array_equal(q.dequantize().numpy(), want), (fmt, layout)
 
 
-@given(bits=st.sampled_from([4, 5, 6, 8]), rows=st.integers(1, 5), chunks=st.integers(1, 3), seed=st.integers(0, 2**16))
+@given(bits=st.sampled_from([4, 5, 6, 8, LUT4]), rows=st.integers(1, 5), chunks=st.integers(1, 3), seed=st.integers(0, 2**16))
 def test_code_planes_round_trip(bits, rows, chunks, seed):
-    codes = np.random.default_rng(seed).integers(0, 2**bits, (rows, 64 * chunks), dtype=np.uint8)
+    rng = np.random.default_rng(seed)
+    if bits == LUT4:  # IQ4's codes: its sixteen values + 128
+        codes = (IQ4_KVALUES[rng.integers(0, 16, (rows, 64 * chunks))] + 128).astype(np.uint8)
+    else:
+        codes = rng.integers(0, 2**bits, (rows, 64 * chunks), dtype=np.uint8)
     assert np.array_equal(unpack_codes(pack_codes(codes, bits), bits, codes.shape[1]), codes)
 
 
@@ -65,6 +70,17 @@ def test_float16_scales_where_exact_and_the_k_formats_keep_their_two_levels():
         assert q.nbytes <= most * data.nbytes  # the file's bytes (Q4_K/Q5_K: 12 bytes of 6-bit scales as 16)
         assert not q.to_layout("columns").two_level
         assert q.take_rows(torch.tensor([2, 0])).supers.shape == (2, q.supers.shape[1])
+
+
+def test_the_bytes_of_q2_k_q3_k_and_the_iq4_formats():
+    """Q2_K's and Q3_K's 2- and 3-bit codes are held as 4-bit ones (their two scale levels kept), IQ4_NL's
+    and IQ4_XS's 4-bit indices as they are (read through a table): lossless (the dequantiser test), at
+    these bytes per file byte."""
+    for fmt, most in (("Q3_K", 146 / 110), ("Q2_K", 164 / 84), ("IQ4_NL", 1.0), ("IQ4_XS", 138 / 136)):
+        data = random_blocks(fmt, 4, 512, 0)
+        q = QTensor.from_blocks(fmt, data, (4, 512))
+        assert q.two_level == (fmt != "IQ4_NL")
+        assert q.nbytes <= most * data.nbytes, (fmt, q.nbytes / data.nbytes)
 
 
 def test_a_wrong_block_count_is_a_clear_error():
@@ -130,7 +146,7 @@ def test_every_format_on_rows_that_are_not_whole_chunks(fmt, act_bits):
 
 
 @needs_kernels
-@pytest.mark.parametrize("fmt", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("fmt", ["Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "IQ4_XS"])
 @pytest.mark.parametrize("act_bits", [8, 16])
 @pytest.mark.parametrize("supers", [1, 2, 3, 4])
 def test_k_formats_by_super_blocks(fmt, act_bits, supers):
@@ -195,6 +211,8 @@ def write_gguf(path, overrides: dict | None = None, drop: tuple[str, ...] = ()):
             back = dequantize(data, qtype).reshape(w.shape)
         elif fmt in FORMATS:
             data = quantize(w, qtype) if fmt in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1") else random_blocks(fmt, *w.shape, 0)
+            if fmt == "IQ4_NL":  # random indices under a scale near the matrix's
+                data.reshape(-1, 18)[:, :2] = np.full(data.size // 18, np.abs(w).max() / 127, np.float16).view(np.uint8).reshape(-1, 2)
             back = dequantize(data, qtype).reshape(w.shape)
         else:  # a format HiRE does not run: zero blocks of the right size
             block, nbytes = GGML_QUANT_SIZES[qtype]
@@ -310,6 +328,25 @@ def test_a_hire_ffn_over_codes_is_refused_with_the_way_out(small_gguf):
         hire.sparsify_(model, hire.HiReConfig(head=hire.HeadConfig(enabled=False)))
 
 
+@needs_kernels
+def test_iq4_nl_matrices_load_and_decode_like_the_float32_model(tmp_path):
+    """A file with IQ4_NL matrices (the non-linear format, read as 8-bit codes) among the others: the
+    loaded model computes the float32 model of the file's values, and the native step its greedy tokens."""
+    path = tmp_path / "iq4.gguf"
+    ref, formats = write_gguf(path, overrides={"blk.0.ffn_up.weight": "IQ4_NL", "blk.1.attn_v.weight": "IQ4_NL",
+                                               "blk.1.ffn_down.weight": "IQ4_NL"})
+    model, _, report = load_quantized(path)
+    assert report.formats["IQ4_NL"] == 3
+    ids = torch.randint(0, ref.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+    engine = Engine(model, None, dtype=torch.float32, max_seq_len=40)
+    assert engine.kernel_report()["step"] == "native"
+    tokens = torch.randint(0, ref.config.vocab_size, (24,))
+    fp = Engine(ref, None, dtype=torch.float32, max_seq_len=40)
+    assert engine.teacher_forced(tokens, hire=False)[0] == fp.teacher_forced(tokens, hire=False)[0]
+
+
 def test_16_bit_matrices_stay_16_bit_beside_the_codes(tmp_path):
     path = tmp_path / "f16.gguf"
     ref, _ = write_gguf(path, overrides={"blk.0.attn_k.weight": "F16", "blk.1.ffn_up.weight": "BF16"})
@@ -325,9 +362,9 @@ def test_16_bit_matrices_stay_16_bit_beside_the_codes(tmp_path):
 
 
 def test_an_unsupported_block_format_names_the_tensor_and_the_format(tmp_path):
-    path = tmp_path / "iq.gguf"
-    write_gguf(path, overrides={"blk.0.ffn_up.weight": "IQ4_NL"})
-    with pytest.raises(UnsupportedGGUF, match=r"iq\.gguf: tensor blk\.0\.ffn_up\.weight is IQ4_NL; HiRE runs"):
+    path = tmp_path / "q81.gguf"
+    write_gguf(path, overrides={"blk.0.ffn_up.weight": "Q8_1"})
+    with pytest.raises(UnsupportedGGUF, match=r"q81\.gguf: tensor blk\.0\.ffn_up\.weight is Q8_1; HiRE runs"):
         load_quantized(path)
 
 

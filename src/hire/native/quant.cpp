@@ -1,5 +1,6 @@
 // Products with GGUF-quantized matrices in their codes (hire.quant: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
-// Q4_K, Q5_K, Q6_K, all read as value = scale * (code - zero) + min per group of 16 or 32 columns):
+// Q4_K, Q5_K, Q6_K, Q3_K, IQ4_NL, IQ4_XS, all read as value = scale * (code - zero) + min per group of
+// 16 or 32 columns; Q3_K's 3-bit codes held as 4-bit ones, the IQ4 formats' as 8-bit):
 //
 // * qgemv: rows . x, for every row or a list of rows (the LM head's candidates). x is quantized to
 //   int8 once per call, one scale per 32 columns (llama.cpp's Q8_0 activations); each 64-column
@@ -38,6 +39,7 @@ struct QX {
   std::vector<float> lane_xsum;    // chunks * 16: scale * lanesum (what a min multiplies)
   std::vector<float> gscale, gxsum;  // chunks * 2, per 32 columns: the scale, scale * sum of the codes
   std::vector<float> gscale16;       // chunks * 4, per 16 columns: the (32 columns') scale
+  std::vector<float> gxsum16;        // chunks * 4, per 16 columns: scale * sum of the codes (Q2_K's mins)
 };
 
 // The activation in int16 per 32 columns (scale max|x| / kTop16): the float32 product to ~1e-5.
@@ -50,6 +52,7 @@ struct QX16 {
   std::vector<int16_t> q;       // chunks * 64
   std::vector<float> scale;     // per 32 columns
   std::vector<float> gsum;      // per 32 columns: scale * sum of the codes (what a min multiplies)
+  std::vector<float> gsum16;    // per 16 columns: the same (the mins of 16-column groups, Q2_K)
   std::vector<float> scale16;   // per 16 columns: the (32 columns') scale
   // per chunk, 16 lanes: [scale of columns 0-31 x 8 | of 32-63 x 8], and [gsum 0-31, 0 x 7, gsum 32-63, 0 x 7]
   std::vector<float> lane_scale, lane_gsum;
@@ -57,9 +60,10 @@ struct QX16 {
   std::vector<int32_t> lanesum;  // chunks * 16: the sum of q over each 4 columns (int8 lanes: the zero's term)
   // hi and lo by pairs of chunks (the K kernels on AVX-512: both chunks' codes split from one load):
   // pair p's 128 bytes are chunk 2p's columns 0-31, chunk 2p+1's 0-31, chunk 2p's 32-63, 2p+1's 32-63
-  // (pair_offset); zero6p: -32 x the 4-column sums in that order (Q6_K's zero)
+  // (pair_offset); zero6p and zero4p: -32 and -8 x the 4-column sums in that order (the zero of Q6_K's
+  // 6-bit codes and of Q3_K's, held as 4-bit)
   std::vector<int8_t> hi2, lo2;
-  std::vector<int32_t> zero6p;
+  std::vector<int32_t> zero6p, zero4p, zero8p;  // (zero8p: -128 x, IQ4's zero)
 };
 
 // where column e (0-63) of chunk c sits in the paired order (the last chunk of an odd count stays put)
@@ -129,19 +133,28 @@ QX16 quantize_x16(const float* x, int64_t d) {
   r.hi2.resize(n);
   r.lo2.resize(n);
   r.zero6p.resize(n / 4);
+  r.zero4p.resize(n / 4);
+  r.zero8p.resize(n / 4);
   for (int64_t c = 0; c < r.chunks; ++c)
     for (int64_t e = 0; e < 64; e += 32) {  // 32 columns stay together
       const int64_t to = pair_offset(c, e, r.chunks), from = c * 64 + e;
       std::copy_n(r.hi.begin() + from, 32, r.hi2.begin() + to);
       std::copy_n(r.lo.begin() + from, 32, r.lo2.begin() + to);
-      for (int64_t l = 0; l < 8; ++l) r.zero6p[to / 4 + l] = -32 * r.lanesum[from / 4 + l];
+      for (int64_t l = 0; l < 8; ++l) {
+        r.zero6p[to / 4 + l] = -32 * r.lanesum[from / 4 + l];
+        r.zero4p[to / 4 + l] = -8 * r.lanesum[from / 4 + l];
+        r.zero8p[to / 4 + l] = -128 * r.lanesum[from / 4 + l];
+      }
     }
   r.gsum.resize(n / 32);
+  r.gsum16.resize(n / 16);
   r.scale16.resize(n / 16);
   for (int64_t g = 0; g < n / 32; ++g) {
-    int32_t sum = 0;
-    for (int64_t l = g * 8; l < g * 8 + 8; ++l) sum += r.lanesum[l];
-    r.gsum[g] = r.scale[g] * static_cast<float>(sum);
+    int32_t half[2] = {0, 0};
+    for (int64_t l = g * 8; l < g * 8 + 8; ++l) half[(l - g * 8) / 4] += r.lanesum[l];
+    r.gsum[g] = r.scale[g] * static_cast<float>(half[0] + half[1]);
+    r.gsum16[2 * g] = r.scale[g] * static_cast<float>(half[0]);
+    r.gsum16[2 * g + 1] = r.scale[g] * static_cast<float>(half[1]);
     r.scale16[2 * g] = r.scale16[2 * g + 1] = r.scale[g];
   }
   r.lane_scale.assign(r.chunks * 16, 0.f);
@@ -171,6 +184,7 @@ QX quantize_x(const float* x, int64_t d) {
   r.lane_scale.resize(r.chunks * 16);
   r.lane_xsum.resize(r.chunks * 16);
   r.gxsum.resize(n / 32);
+  r.gxsum16.resize(n / 16);
   r.gscale16.resize(n / 16);
   for (int64_t g = 0; g < n / 32; ++g) {
     const float sc = r.gscale[g];
@@ -183,18 +197,28 @@ QX quantize_x(const float* x, int64_t d) {
       total += sum;
     }
     r.gxsum[g] = sc * static_cast<float>(total);
+    for (int k = 0; k < 2; ++k) {
+      const int64_t l = g * 8 + 4 * k;
+      r.gxsum16[2 * g + k] = sc * static_cast<float>(r.lanesum[l] + r.lanesum[l + 1] + r.lanesum[l + 2] + r.lanesum[l + 3]);
+    }
     r.gscale16[2 * g] = r.gscale16[2 * g + 1] = sc;
   }
   return r;
 }
 
-constexpr int64_t chunk_bytes(int bits) { return bits == 4 ? 32 : bits == 5 ? 40 : bits == 6 ? 48 : 64; }
+// "bits" 9: the IQ4 formats' 4-bit indices into sixteen values, stored as a nibble plane and read as
+// the 8-bit codes value + 128 (zero 128) through a 16-byte table (a byte shuffle)
+constexpr int kLut4 = 9;
+constexpr int64_t chunk_bytes(int bits) { return bits == 4 || bits == kLut4 ? 32 : bits == 5 ? 40 : bits == 6 ? 48 : 64; }
+constexpr int zero_of(int bits) { return bits == kLut4 ? 128 : 1 << (bits - 1); }
+alignas(16) constexpr uint8_t kIq4Codes[16] = {1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241};
 
 // code of column e (0..63) of a chunk (the scalar path and the checks)
 template <int BITS>
 inline int code_at(const uint8_t* p, int e) {
   if (BITS == 8) return p[e];
   int c = e < 32 ? (p[e] & 0x0F) : (p[e - 32] >> 4);
+  if (BITS == kLut4) return kIq4Codes[c];
   if (BITS == 5) c |= ((p[32 + e / 8] >> (e % 8)) & 1) << 4;
   if (BITS == 6) c |= ((p[32 + e % 16] >> (2 * (e / 16))) & 3) << 4;
   return c;
@@ -210,6 +234,8 @@ inline __m512i codes512(const uint8_t* p) {
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, m4)),
                                  _mm256_and_si256(_mm256_srli_epi16(b, 4), m4), 1);
+  if (BITS == kLut4)
+    return _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(kIq4Codes))), u);
   if (BITS == 5) {
     uint64_t mask;
     std::memcpy(&mask, p + 32, 8);
@@ -257,6 +283,8 @@ inline __m256i codes256(const uint8_t* p, int h) {
   const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   __m256i u = _mm256_and_si256(h ? _mm256_srli_epi16(b, 4) : b, m4);
+  if (BITS == kLut4)
+    return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kIq4Codes))), u);
   if (BITS == 5) {
     uint32_t bits;
     std::memcpy(&bits, p + 32 + 4 * h, 4);
@@ -365,7 +393,7 @@ float qdot(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX& x, 
       const __m256i u = codes256<BITS>(codes + c * cb, h);
       const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + c * 64 + 32 * h));
       __m256i s;
-      if (BITS == 8) {  // u8 x s8 pairs could overflow int16: multiply the signed codes (u - 128) instead
+      if (BITS == 8 || BITS == kLut4) {  // u8 x s8 pairs could overflow int16: multiply the signed codes (u - 128) instead
         const __m256i w = _mm256_xor_si256(u, _mm256_set1_epi8(static_cast<char>(0x80)));
         s = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(xq, w)), ones);
       } else {
@@ -401,6 +429,12 @@ float qdot(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX& x, 
 // nibble bytes are widened once, then masked (low nibbles) and shifted (high nibbles)
 template <int BITS>
 inline void codes512x16(const uint8_t* p, __m512i* half) {
+  if (BITS == kLut4) {
+    const __m512i u = codes512<BITS>(p);
+    half[0] = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(u));
+    half[1] = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(u, 1));
+    return;
+  }
   if (BITS == 8) {
     half[0] = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     half[1] = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
@@ -485,7 +519,7 @@ template <int BITS, int GROUP, bool MIN, typename S>
 float qdot16(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX16& x, const int32_t* zsum,
              const uint8_t* ahead) {
   constexpr int64_t cb = chunk_bytes(BITS), per = 64 / GROUP;
-  constexpr int16_t zero = MIN ? 0 : (1 << (BITS - 1));
+  constexpr int16_t zero = MIN ? 0 : zero_of(BITS);
   float total = 0.f;
 #if HIRE_QUANT_512
   // the codes times the activation's hi and lo bytes (q = 256 hi + lo), as qdot multiplies int8 ones;
@@ -516,7 +550,7 @@ float qdot16(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX16&
       if (GROUP == 32) {
         acc = _mm512_fmadd_ps(mn.at(c), _mm512_loadu_ps(x.lane_gsum.data() + c * 16), acc);
       } else {
-        for (int h2 = 0; h2 < 2; ++h2) total += mn.get(c * per + h2) * x.gsum[2 * c + h2];  // (no such format)
+        for (int g = 0; g < 4; ++g) total += mn.get(c * per + g) * x.gsum16[4 * c + g];  // Q2_K's mins per 16 columns
       }
     }
   }
@@ -537,7 +571,10 @@ float qdot16(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX16&
         const float sw = sc.get(c * per + (GROUP == 32 ? h : 2 * h + k));
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(sw * xs), acc);
       }
-      if (MIN) total += mn.get(c * per + h) * x.gsum[2 * c + h];
+      if (MIN) {
+        if (GROUP == 32) total += mn.get(c * per + h) * x.gsum[2 * c + h];
+        else for (int k = 0; k < 2; ++k) total += mn.get(c * per + 2 * h + k) * x.gsum16[4 * c + 2 * h + k];
+      }
     }
   }
   return total + hsum256(acc);
@@ -550,7 +587,7 @@ float qdot16(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, const QX16&
       total += static_cast<float>(s) * (sc.get(c * per + g) * x.scale[2 * c + (g * GROUP) / 32]);
     }
     if (MIN)
-      for (int h = 0; h < 2; ++h) total += mn.get(c * per + h) * x.gsum[2 * c + h];
+      for (int g = 0; g < per; ++g) total += mn.get(c * per + g) * (GROUP == 32 ? x.gsum[2 * c + g] : x.gsum16[4 * c + g]);
   }
   return total;
 #endif
@@ -580,12 +617,23 @@ inline __m256 super_mins(const int8_t* msub, float dmin, const float* gx, __m256
 }
 
 
+// the same for 16 groups of 16 (Q2_K), folded into 8 lanes
+inline __m256 super_mins16(const int8_t* msub, float dmin, const float* gx, __m256 acc) {
+  const __m512 m = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(msub))));
+  const __m512 p = _mm512_mul_ps(_mm512_mul_ps(m, _mm512_set1_ps(dmin)), _mm512_loadu_ps(gx));
+  return _mm256_add_ps(acc, _mm256_add_ps(_mm512_castps512_ps256(p),
+                                          _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(p), 1))));
+}
+
 // a super-block's scale vector (super_scales) and, with mins, its mins' term added to macc
 template <int GROUP, bool MIN>
 inline __m512 super_block(const int8_t* sub, const int8_t* msub, const c10::Half* sup, const c10::Half* msup,
                           int64_t b, const float* xs, const float* gx, __m256& macc) {
   constexpr int64_t gps = 256 / GROUP;
-  if (MIN) macc = super_mins(msub + 8 * b, to_f(msup[b]), gx + 8 * b, macc);
+  if (MIN) {
+    if (GROUP == 32) macc = super_mins(msub + 8 * b, to_f(msup[b]), gx + 8 * b, macc);
+    else macc = super_mins16(msub + 16 * b, to_f(msup[b]), gx + 16 * b, macc);
+  }
   return super_scales<GROUP>(sub + gps * b, to_f(sup[b]), xs + gps * b);
 }
 
@@ -598,7 +646,8 @@ float qdot_k8(const uint8_t* codes, const int8_t* sub, const int8_t* msub, const
   __m256 macc = _mm256_setzero_ps();
   for (int64_t b = 0; b < x.chunks / 4; ++b) {
     const __m512 w = super_block<GROUP, MIN>(sub, msub, sup, msup, b,
-                                             GROUP == 32 ? x.gscale.data() : x.gscale16.data(), x.gxsum.data(), macc);
+                                             GROUP == 32 ? x.gscale.data() : x.gscale16.data(),
+                                             GROUP == 32 ? x.gxsum.data() : x.gxsum16.data(), macc);
     prefetch_along(ahead, 4 * b * cb, 4 * cb);
     for (int j = 0; j < 4; ++j) {
       const int64_t c = 4 * b + j;
@@ -618,11 +667,16 @@ template <int BITS>
 inline void codes_pair(const uint8_t* p, __m512i& lo, __m512i& hi) {
   constexpr int64_t cb = chunk_bytes(BITS);
   const __m512i m4 = _mm512_set1_epi8(0x0F);
-  const __m512i b = BITS == 4 ? _mm512_loadu_si512(p)
+  const __m512i b = BITS == 4 || BITS == kLut4 ? _mm512_loadu_si512(p)
                               : _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
                                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + cb)), 1);
   lo = _mm512_and_si512(b, m4);
   hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m4);
+  if (BITS == kLut4) {
+    const __m512i table = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(kIq4Codes)));
+    lo = _mm512_shuffle_epi8(table, lo);
+    hi = _mm512_shuffle_epi8(table, hi);
+  }
   if (BITS == 5) {
     uint64_t m0, m1;
     std::memcpy(&m0, p + 32, 8);
@@ -676,7 +730,9 @@ inline void pair_products(const uint8_t* codes, const QX16& x, int64_t pr, const
   codes_pair<BITS>(codes + 2 * pr * cb, u[0], u[1]);
   for (int h = 0; h < 2; ++h) {
     const int64_t off = pr * 128 + h * 64;
-    const __m512i init = MIN ? _mm512_setzero_si512() : _mm512_loadu_si512(x.zero6p.data() + off / 4);
+    static_assert(MIN || BITS == 6 || BITS == 4 || BITS == kLut4, "the paired products know the zero of 6- and 4-bit codes and of IQ4's");
+    const __m512i init = MIN ? _mm512_setzero_si512()
+                             : _mm512_loadu_si512((BITS == 6 ? x.zero6p : BITS == 4 ? x.zero4p : x.zero8p).data() + off / 4);
     const __m512i hh = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[h], _mm512_loadu_si512(x.hi2.data() + off));
     const __m512i sum = hi_lo<MIN>(hh, init, u[h], _mm512_loadu_si512(x.lo2.data() + off));
     acc[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), perm(t[h], w), acc[h]);
@@ -715,7 +771,8 @@ float qdot_k16(const uint8_t* codes, const int8_t* sub, const int8_t* msub, cons
   }
   for (; b < nsb; ++b) {
     const __m512 w = super_block<GROUP, MIN>(sub, msub, sup, msup, b,
-                                             GROUP == 32 ? x.scale.data() : x.scale16.data(), x.gsum.data(), macc);
+                                             GROUP == 32 ? x.scale.data() : x.scale16.data(),
+                                             GROUP == 32 ? x.gsum.data() : x.gsum16.data(), macc);
     for (int j = 0; j < 2; ++j) {
       const int32_t* t[2] = {GROUP == 32 ? kPair.g32[j][0] : kPair.g16[j][0], GROUP == 32 ? kPair.g32[j][1] : kPair.g16[j][1]};
       pair_products<BITS, MIN>(codes, x, 2 * b + j, t, w, acc, ahead);
@@ -729,7 +786,7 @@ float qdot_k16(const uint8_t* codes, const int8_t* sub, const int8_t* msub, cons
 // taken out of the integer sums. A lane holds 4 columns (vpdpbusd), for int8 and int16 activations alike.
 struct ZeroSums {
   std::vector<int32_t> by_bits[9];
-  const int32_t* get(int bits) const { return by_bits[bits].data(); }
+  const int32_t* get(int bits) const { return by_bits[bits == kLut4 ? 8 : bits].data(); }  // the same zero, 128
 };
 
 // bits: a mask of the code widths (1 << bits) of the symmetric matrices that will read them
@@ -888,6 +945,7 @@ struct QXLanes {
   std::vector<int32_t> xi;  // pairs x 16: activation b's int16 codes of columns 2p, 2p+1 in lane b
   std::vector<float> sx;    // (pairs / 16) x 16: activation scale per 32 columns
   std::vector<float> gsum;  // (pairs / 16) x 16: scale x sum of codes per 32 columns (what a min multiplies)
+  std::vector<float> gsum16;  // (pairs / 8) x 16: the same per 16 columns (Q2_K's mins)
 };
 
 QXLanes lanes_of(const std::vector<QX16>& xs) {
@@ -897,6 +955,7 @@ QXLanes lanes_of(const std::vector<QX16>& xs) {
   X.xi.assign(X.pairs * kActLanes, 0);
   X.sx.assign(X.pairs / 16 * kActLanes, 0.f);
   X.gsum.assign(X.pairs / 16 * kActLanes, 0.f);
+  X.gsum16.assign(X.pairs / 8 * kActLanes, 0.f);
   for (int64_t b = 0; b < X.batch; ++b) {
     const QX16& x = xs[b];
     for (int64_t p = 0; p < X.pairs; ++p) {
@@ -907,6 +966,7 @@ QXLanes lanes_of(const std::vector<QX16>& xs) {
       X.sx[h * kActLanes + b] = x.scale[h];
       X.gsum[h * kActLanes + b] = x.gsum[h];
     }
+    for (int64_t g = 0; g < X.pairs / 8; ++g) X.gsum16[g * kActLanes + b] = x.gsum16[g];
   }
   return X;
 }
@@ -930,7 +990,7 @@ template <int BITS, int GROUP, bool MIN, typename S, int R, typename L>
 inline void rows_lanes(const QMat& w, const QXLanes& X, const int64_t* rid, const int64_t* out, float* y,
                        int64_t stride, int16_t* buf, const RowScales<GROUP, S, MIN>& rs) {
   constexpr int64_t cb = chunk_bytes(BITS), per = 64 / GROUP;
-  constexpr int16_t zero = MIN ? 0 : (1 << (BITS - 1));
+  constexpr int16_t zero = MIN ? 0 : zero_of(BITS);
   const int64_t chunks = X.pairs / 32, rb = w.codes.stride(0);
   const uint8_t* codes = w.codes.data_ptr<uint8_t>();
   SV<GROUP, S> sc[R], mn[R];
@@ -961,7 +1021,8 @@ inline void rows_lanes(const QMat& w, const QXLanes& X, const int64_t* rid, cons
     const typename L::F sxv = L::loadf(X.sx.data() + h * kActLanes);
     for (int r = 0; r < R; ++r) {
       acc[r] = L::fma(s[r], sc[r].get(g), sxv, acc[r]);
-      if (MIN) acc[r] = L::fma_min(mn[r].get(g), L::loadf(X.gsum.data() + h * kActLanes), acc[r]);
+      if (MIN)
+        acc[r] = L::fma_min(mn[r].get(g), L::loadf((GROUP == 32 ? X.gsum.data() + h * kActLanes : X.gsum16.data() + g * kActLanes)), acc[r]);
     }
   }
   alignas(64) float lanes[kActLanes];
@@ -1006,7 +1067,7 @@ void with_quantized_x(int64_t act_bits, const float* x, int64_t width, int zmask
 }
 
 // the zero sums a matrix reads: its code width's where its codes are symmetric (no mins)
-inline int zero_mask(const QMat& w) { return w.mins.numel() ? 0 : 1 << w.bits; }
+inline int zero_mask(const QMat& w) { return w.mins.numel() ? 0 : 1 << (w.bits == kLut4 ? 8 : w.bits); }
 
 // B activations (rows of x, `width` apart) quantized each on its own, as with_quantized_x does one
 template <typename F>
@@ -1066,7 +1127,7 @@ void qaxpy_impl(const QMat& w, const int64_t* idx, const float* a, int64_t count
   const uint8_t* codes = w.codes.data_ptr<uint8_t>();
   const S* sc = w.scales.data_ptr<S>();
   const S* mn = MIN ? w.mins.data_ptr<S>() : nullptr;
-  const float zero = MIN ? 0.f : static_cast<float>(1 << (BITS - 1));
+  const float zero = MIN ? 0.f : static_cast<float>(zero_of(BITS));
   std::vector<float> result(chunks * 64, 0.f);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     const int64_t n = (c1 - c0) * 64;
@@ -1103,7 +1164,7 @@ template <int BITS, int GROUP, bool MIN, typename S>
 void dequant_impl(const QMat& w, int64_t r0, int64_t r1, float* out) {
   const int64_t rb = w.codes.stride(0), chunks = w.chunks();
   const uint8_t* codes = w.codes.data_ptr<uint8_t>();
-  const float zero = MIN ? 0.f : static_cast<float>(1 << (BITS - 1));
+  const float zero = MIN ? 0.f : static_cast<float>(zero_of(BITS));
   at::parallel_for(r0, r1, 16, [&](int64_t b, int64_t e) {
     std::vector<float> row(chunks * 64);
     const RowScales<GROUP, S, MIN> rs(w);
@@ -1130,10 +1191,12 @@ void dispatch(const QMat& w, Args&&... args) {
   }
 #define HIRE_QK(B, G, M) \
   if (k && w.bits == B && w.group == G && has_min == M) return F<B, G, M, KScale>::run(w, std::forward<Args>(args)...);
-  HIRE_QK(4, 32, true) HIRE_QK(5, 32, true) HIRE_QK(6, 16, false)  // Q4_K, Q5_K, Q6_K
+  HIRE_QK(4, 32, true) HIRE_QK(5, 32, true) HIRE_QK(6, 16, false) HIRE_QK(4, 16, false)  // Q4_K, Q5_K, Q6_K, Q3_K
+  HIRE_QK(4, 16, true)  // Q2_K
+  HIRE_QK(kLut4, 32, false)  // IQ4_XS
   TORCH_CHECK(!k, "no quantized kernel for two-level scales of ", w.bits, "-bit codes in groups of ", w.group);
   HIRE_Q(8, 32, false) HIRE_Q(4, 32, false) HIRE_Q(4, 32, true) HIRE_Q(5, 32, false) HIRE_Q(5, 32, true)
-  HIRE_Q(6, 16, false)
+  HIRE_Q(6, 16, false) HIRE_Q(4, 16, false) HIRE_Q(4, 16, true) HIRE_Q(kLut4, 32, false)
 #undef HIRE_Q
 #undef HIRE_QK
   TORCH_CHECK(false, "no quantized kernel for ", w.bits, "-bit codes in groups of ", w.group,
@@ -1191,7 +1254,8 @@ QMat make_qmat(const Tensor& codes, const Tensor& scales, const Tensor& mins, in
   w.codes = codes, w.scales = scales, w.mins = mins, w.bits = bits, w.group = group, w.width = width;
   TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.dim() == 2 && codes.stride(1) == 1,
               "quantized codes must be uint8 (rows, bytes) with contiguous rows");
-  TORCH_CHECK(bits == 4 || bits == 5 || bits == 6 || bits == 8, "codes must have 4, 5, 6 or 8 bits, got ", bits);
+  TORCH_CHECK(bits == 4 || bits == 5 || bits == 6 || bits == 8 || bits == kLut4,
+              "codes must have 4, 5, 6 or 8 bits (or 9: IQ4's 4-bit indices), got ", bits);
   TORCH_CHECK(group == 16 || group == 32, "scale groups must be 16 or 32 columns, got ", group);
   w.n = codes.size(0);
   TORCH_CHECK(codes.size(1) == w.chunks() * chunk_bytes(bits), "code rows must be ", w.chunks() * chunk_bytes(bits),

@@ -2,8 +2,10 @@
 
 Every supported GGUF format is, per group of ``group`` columns (16 or 32), ``value = scale *
 (code - zero) + min`` with unsigned ``bits``-bit codes: ``zero = 2**(bits-1)`` for the symmetric
-formats (Q8_0, Q4_0, Q5_0, Q6_K; no ``min``), ``zero = 0`` with a ``min`` for the affine ones (Q4_1,
-Q5_1, Q4_K, Q5_K). ``unpack`` reads a format's blocks into codes, scales and mins exactly as the
+formats (Q8_0, Q4_0, Q5_0, Q6_K, Q3_K, IQ4_NL, IQ4_XS; no ``min``), ``zero = 0`` with a ``min`` for
+the affine ones (Q4_1, Q5_1, Q4_K, Q5_K, Q2_K). Q2_K's and Q3_K's 2- and 3-bit codes are held as
+4-bit ones (lossless, in more bytes than the file's); the IQ4 formats' codes are the 8-bit values
+``IQ4_KVALUES + 128`` (zero 128), kept as their 4-bit indices (``LUT4``) that the kernels look up. ``unpack`` reads a format's blocks into codes, scales and mins exactly as the
 ``gguf`` package's dequantiser combines them (tests hold them to it), and ``pack_codes`` stores the
 codes in the kernel's planes, per 64-column chunk (``chunk_bytes``):
 
@@ -52,9 +54,24 @@ FORMATS = {
         BlockFormat("Q4_K", 256, 144, 4, 32, True),
         BlockFormat("Q5_K", 256, 176, 5, 32, True),
         BlockFormat("Q6_K", 256, 210, 6, 16, False),
+        # 3-bit codes (values -4..3) held as 4-bit codes with zero 8: 146 bytes per 110 of the file
+        BlockFormat("Q3_K", 256, 110, 4, 16, False),
+        # 2-bit codes held as 4-bit ones, a 4-bit scale and min per 16 columns: 164 bytes per 84
+        BlockFormat("Q2_K", 256, 84, 4, 16, True),
+        # the non-linear 4-bit formats: a 4-bit index into IQ4_KVALUES, kept as the index (LUT4) and
+        # read as the 8-bit code value + 128 (zero 128) through a table: the file's bytes
+        BlockFormat("IQ4_NL", 32, 18, 9, 32, False),
+        BlockFormat("IQ4_XS", 256, 136, 9, 32, False),
     )
 }
-K_FORMATS = ("Q4_K", "Q5_K", "Q6_K")  # two-level scales: int8 per group x float16 per SUPER columns
+K_FORMATS = ("Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "IQ4_XS")  # two-level scales: int8 per group x float16 per SUPER columns
+# IQ4_NL's and IQ4_XS's 16 values (ggml's kvalues_iq4nl), each a signed byte
+IQ4_KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int16)
+LUT4 = 9  # the "bits" of IQ4's codes: a nibble plane of indices, read as 8-bit codes IQ4_KVALUES + 128
+_LUT4_CODES = (IQ4_KVALUES + 128).astype(np.uint8)
+_LUT4_INDEX = np.full(256, 255, np.uint8)
+_LUT4_INDEX[_LUT4_CODES] = np.arange(16, dtype=np.uint8)
+_LUT4_INDEX[0] = 0  # a row's padding columns (code 0 under a zero scale) as any index
 SUPER = 256  # columns per super-block of the K formats
 FLOAT_FORMATS = ("F32", "F16", "BF16")  # kept as torch tensors (float32 for F32, else their own dtype)
 SUPPORTED = tuple(FORMATS) + FLOAT_FORMATS
@@ -62,11 +79,11 @@ SUPPORTED = tuple(FORMATS) + FLOAT_FORMATS
 
 def chunk_bytes(bits: int) -> int:
     """Bytes per 64-column chunk of ``bits``-bit codes in the kernel's planes."""
-    return {4: 32, 5: 40, 6: 48, 8: 64}[bits]
+    return {4: 32, 5: 40, 6: 48, 8: 64, LUT4: 32}[bits]
 
 
 def zero_point(bits: int, has_min: bool) -> int:
-    return 0 if has_min else 1 << (bits - 1)
+    return 0 if has_min else 128 if bits == LUT4 else 1 << (bits - 1)
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -84,6 +101,21 @@ def _k_scales(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     sc, m = Q4_K.get_scale_min(raw)
     return sc.reshape(raw.shape[0], 8).astype(np.float32), m.reshape(raw.shape[0], 8).astype(np.float32)
+
+
+def _q3k_scales(raw: np.ndarray) -> np.ndarray:
+    """Q3_K's 12 bytes -> its sixteen 6-bit scales minus 32, int8 (gguf's own bit order)."""
+    low = (raw[:, :8].reshape(-1, 1, 8) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)).reshape(-1, 16) & 0x0F
+    high = (raw[:, 8:12].reshape(-1, 1, 4) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 4, 1)).reshape(-1, 16) & 0x03
+    return ((low | (high << 4)).astype(np.int16) - 32).astype(np.int8)
+
+
+def _iq4xs_scales(raw: np.ndarray) -> np.ndarray:
+    """IQ4_XS's 6 bytes (a 16-bit word of high bits, then 4 bytes of low nibbles) -> its eight 6-bit
+    scales minus 32, int8."""
+    high = np.ascontiguousarray(raw[:, :2]).view(np.uint16).reshape(-1, 1) >> (2 * np.arange(8, dtype=np.uint16))
+    low = (raw[:, 2:6].reshape(-1, 4, 1) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2)).reshape(-1, 8) & 0x0F
+    return ((low | ((high & 0x03).astype(np.uint8) << 4)).astype(np.int16) - 32).astype(np.int8)
 
 
 def unpack(fmt: BlockFormat, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -125,6 +157,27 @@ def unpack(fmt: BlockFormat, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray
         high = (high & 0x03).reshape(n, 2, 4, 32)
         codes = (low | (high << 4)).reshape(n, 256)
         return codes, _f16(d) * sc.view(np.int8).astype(np.float32), None
+    if fmt.name == "Q3_K":
+        hmask, qs, d = b[:, :32], b[:, 32:96], _f16(b[:, 108:110])
+        # column 32 j + i (j < 8): bits 2(j % 4)..+1 of qs byte 32 (j // 4) + i, and bit j of hmask byte i
+        low = (qs.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 0x03
+        high = (hmask.reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
+        # the value is low - 4 where the high bit is clear: code = value + 8 = low + 4 (high bit) + 4
+        codes = low.reshape(n, 256) + (high.reshape(n, 256) << 2) + 4
+        return codes.astype(np.uint8), d * _q3k_scales(b[:, 96:108]).astype(np.float32), None
+    if fmt.name == "Q2_K":
+        sc, qs, d, dmin = b[:, :16], b[:, 16:80], _f16(b[:, 80:82]), _f16(b[:, 82:84])
+        # column 128 j + 32 k + i: bits 2k..2k+1 of qs byte 32 j + i
+        codes = (qs.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 0x03
+        return codes.reshape(n, 256), d * (sc & 0x0F).astype(np.float32), -(dmin * (sc >> 4).astype(np.float32))
+    if fmt.name == "IQ4_NL":
+        idx = _nibbles(b[:, 2:])
+        return (IQ4_KVALUES[idx] + 128).astype(np.uint8), _f16(b[:, :2]), None
+    if fmt.name == "IQ4_XS":
+        d = _f16(b[:, :2])
+        # per 32 columns: low nibbles the first 16, high nibbles the next 16 (as the legacy formats)
+        idx = _nibbles(b[:, 8:136].reshape(n * 8, 16)).reshape(n, 256)
+        return (IQ4_KVALUES[idx] + 128).astype(np.uint8), d * _iq4xs_scales(b[:, 2:8]).astype(np.float32), None
     raise ValueError(f"no unpacking for {fmt.name}")
 
 
@@ -141,6 +194,14 @@ def k_scale_parts(fmt: BlockFormat, blocks: np.ndarray) -> tuple[np.ndarray, np.
         return sc.astype(np.int8), m.astype(np.int8), supers
     if fmt.name == "Q6_K":
         return np.ascontiguousarray(b[:, 192:208]).view(np.int8), None, np.ascontiguousarray(b[:, 208:210]).view(np.float16)
+    if fmt.name == "Q2_K":
+        supers = np.concatenate([np.ascontiguousarray(b[:, 80:82]).view(np.float16),
+                                 -(np.ascontiguousarray(b[:, 82:84]).view(np.float16))], axis=1)
+        return (b[:, :16] & 0x0F).astype(np.int8), (b[:, :16] >> 4).astype(np.int8), supers
+    if fmt.name == "IQ4_XS":
+        return _iq4xs_scales(b[:, 2:8]), None, np.ascontiguousarray(b[:, :2]).view(np.float16)
+    if fmt.name == "Q3_K":
+        return _q3k_scales(b[:, 96:108]), None, np.ascontiguousarray(b[:, 108:110]).view(np.float16)
     raise ValueError(f"{fmt.name} has one level of scales")
 
 
@@ -148,7 +209,12 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     """Codes (rows, cols) with cols a multiple of 64 -> the kernel's planes (rows, cols/64 * chunk_bytes)."""
     rows, cols = codes.shape
     c = codes.reshape(rows, cols // CHUNK, CHUNK)
-    if bits == 8:
+    if bits == LUT4:  # IQ4's 8-bit codes back to their 4-bit indices
+        index = _LUT4_INDEX[c]
+        if (index == 255).any():
+            raise ValueError("IQ4 codes must be IQ4_KVALUES + 128")
+        c = index
+    elif bits == 8:
         return np.ascontiguousarray(c).reshape(rows, -1)
     low = c & 0x0F
     planes = [low[..., :32] | (low[..., 32:] << 4)]
@@ -168,6 +234,8 @@ def unpack_codes(packed: np.ndarray, bits: int, cols: int) -> np.ndarray:
         return p.reshape(rows, -1)[:, :cols]
     nib = p[..., :32]
     c = np.concatenate([nib & 0x0F, nib >> 4], axis=-1)
+    if bits == LUT4:
+        return _LUT4_CODES[c].reshape(rows, -1)[:, :cols]
     if bits == 5:
         c = c | (np.unpackbits(p[..., 32:40], axis=-1, bitorder="little") << 4)
     elif bits == 6:
