@@ -1,4 +1,5 @@
-"""A >= 1B GGUF to measure decode speed on: random weights in a real Qwen2.5-1.5B's shapes, Q4_K_M.
+"""A >= 1B GGUF to measure decode speed on: random weights in a real Qwen2.5-1.5B's shapes, Q4_K_M
+(or another llama.cpp file type: ``--type Q3_K_M``, ``IQ4_XS``, ...).
 
 Speed needs no trained weights: a decode step reads every matrix whatever its values (dense), and
 HiRE's head and selection cost the same on random rows; only HiRE's *quality* (recall, agreement)
@@ -10,10 +11,11 @@ needs a trained model, and those figures are not measured on this file. The file
 - weights normal with std 0.02 (a trained model's scale: nothing overflows in float16), norms 1;
 - a real byte-level BPE tokenizer (SmolLM2's 49,152 tokens and merges, from the packaged
   smollm2-135m GGUF) padded with unused tokens to 151,936, which llama.cpp and transformers both read;
-- written as F16 with the ``gguf`` package, then quantized to Q4_K_M by llama.cpp's llama-quantize
-  (hire.bench.llama_cpp finds or builds it), into the hire cache (not git).
+- written as F16 with the ``gguf`` package, then quantized to Q4_K_M (``--type``) by llama.cpp's
+  llama-quantize (hire.bench.llama_cpp finds or builds it), into the hire cache (not git).
 
     .venv/bin/python benchmarks/synthetic_gguf.py            # -> <hire cache>/gguf/synthetic-qwen2.5-1.5b-Q4_K_M.gguf
+    .venv/bin/python benchmarks/synthetic_gguf.py --type IQ4_XS   # -> ...-IQ4_XS.gguf
     .venv/bin/hire bench --model <that path> --llama-cpp --head-proxy lowrank --head-rank 128 --head-candidates 2048 \
         --head-train-steps 0 --calib-windows 4      # docs/llama-cpp.md
 """
@@ -43,8 +45,8 @@ STD = 0.02
 NAME = "synthetic-qwen2.5-1.5b"
 
 
-def default_path() -> Path:
-    return cache_dir("gguf") / f"{NAME}-Q4_K_M.gguf"
+def default_path(ftype: str = "Q4_K_M") -> Path:
+    return cache_dir("gguf") / f"{NAME}-{ftype}.gguf"
 
 
 def tokenizer_fields(vocab: int) -> dict:
@@ -147,8 +149,8 @@ def write_f16(path: Path, shapes: dict, seed: int) -> None:
     w.close()
 
 
-def make(out: Path, *, layers: int, seed: int, llama_quantize: str | None, threads: int) -> Path:
-    """Write the F16 model beside ``out``, quantize it to Q4_K_M into ``out`` (atomically), drop the F16."""
+def make(out: Path, *, layers: int, seed: int, llama_quantize: str | None, threads: int, ftype: str = "Q4_K_M") -> Path:
+    """Write the F16 model beside ``out``, quantize it to ``ftype`` into ``out`` (atomically), drop the F16."""
     tools = find_tools(llama_quantize)
     if tools.quantize is None:
         raise SystemExit(f"no llama-quantize beside {tools.bench}: build llama.cpp with python -m hire.bench.llama_cpp")
@@ -160,8 +162,8 @@ def make(out: Path, *, layers: int, seed: int, llama_quantize: str | None, threa
             print(f"writing {NAME} (F16, {layers} layers, seed {seed}) ...", file=sys.stderr, flush=True)
             write_f16(f16, shapes, seed)
             t1 = time.perf_counter()
-            print(f"quantizing to Q4_K_M with {tools.quantize} ...", file=sys.stderr, flush=True)
-            done = subprocess.run([str(tools.quantize), str(f16), str(q), "Q4_K_M", str(threads)],
+            print(f"quantizing to {ftype} with {tools.quantize} ...", file=sys.stderr, flush=True)
+            done = subprocess.run([str(tools.quantize), str(f16), str(q), ftype, str(threads)],
                                   capture_output=True, text=True)
             if done.returncode != 0:
                 raise SystemExit(f"llama-quantize failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
@@ -175,7 +177,8 @@ def make(out: Path, *, layers: int, seed: int, llama_quantize: str | None, threa
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=None, help="the Q4_K_M GGUF (default: <hire cache>/gguf/...)")
+    p.add_argument("--out", type=Path, default=None, help="the GGUF (default: <hire cache>/gguf/...-<type>.gguf)")
+    p.add_argument("--type", default="Q4_K_M", help="llama-quantize's file type (Q4_K_M, Q3_K_M, IQ4_XS, IQ4_NL, ...)")
     p.add_argument("--layers", type=int, default=SHAPES["layers"], help="decoder layers (default 28, Qwen2.5-1.5B's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--llama-quantize", default=None,
@@ -183,11 +186,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--force", action="store_true", help="replace an existing file")
     args = p.parse_args()
-    out = args.out or default_path()
+    out = args.out or default_path(args.type)
     if out.exists() and not args.force:
         print(f"{out} exists (--force to make it again)")
         return
-    print(make(out, layers=args.layers, seed=args.seed, llama_quantize=args.llama_quantize, threads=args.threads))
+    print(make(out, layers=args.layers, seed=args.seed, llama_quantize=args.llama_quantize, threads=args.threads,
+               ftype=args.type))
 
 
 if __name__ == "__main__":
