@@ -66,6 +66,25 @@ def test_eval_on_gguf_codes_says_the_ffn_ran_dense(tmp_path, capsys):
     assert "FFN             dense: every neuron" in out
 
 
+def test_models_lists_the_packaged_models_architectures_and_formats(capsys):
+    from hire.arch import ARCHITECTURES, engine_architectures
+    from hire.models import BUILTIN_MODELS
+    from hire.quant import SUPPORTED
+
+    assert main(["models", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert [m["name"] for m in r["models"]] == list(BUILTIN_MODELS)
+    assert {a["model_type"] for a in r["architectures"]} == set(ARCHITECTURES)
+    assert {a["model_type"] for a in r["architectures"] if a["engine"]} == set(engine_architectures())
+    assert set(r["gguf_formats"]) == set(SUPPORTED)
+    # the bytes read per file byte, measured on the repacked codes
+    assert r["gguf_formats"]["Q6_K"] == 1.0 and r["gguf_formats"]["IQ4_NL"] == 1.0
+    assert r["gguf_formats"]["Q4_K"] == 148 / 144 and r["gguf_formats"]["Q3_K"] == 146 / 110
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m (default)" in out and "Q2_K 1.95x" in out and "the decode engine: llama" in out
+
+
 def test_generate_help_lists_every_architecture_the_engine_runs(capsys):
     from hire.arch import ARCHITECTURES, engine_architectures
 

@@ -2,7 +2,7 @@
 it checks the flags, calls one library function and prints the result. ``VERBS`` is the order
 ``hire --help`` lists them in; ``hire.cli`` assembles the parser from it."""
 
-from hire.commands import bench, calibrate, eval, generate, scaling, serve, sparsify_train, train, tune
+from hire.commands import bench, calibrate, eval, generate, models, scaling, serve, sparsify_train, train, tune
 
 VERBS = {
     "eval": eval,
@@ -14,6 +14,7 @@ VERBS = {
     "sparsify-train": sparsify_train,
     "tune": tune,
     "scaling": scaling,
+    "models": models,
 }
 
 __all__ = ["VERBS"]
