@@ -2,6 +2,7 @@
 dequantiser, the native quantized products against their eager meaning, the loader on a small GGUF
 these tests write, and the engine running it."""
 
+import copy
 import json
 
 import numpy as np
@@ -189,9 +190,10 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, overrides: dict | None = None, drop: tuple[str, ...] = ()):
+def write_gguf(path, overrides: dict | None = None, drop: tuple[str, ...] = (), extra: dict | None = None):
     """A tiny Llama as a GGUF of mixed block formats, and the float32 model of the same values
-    (the dequantized codes). ``overrides``: tensor name -> format; ``drop``: tensors left out."""
+    (the dequantized codes). ``overrides``: tensor name -> format; ``drop``: tensors left out;
+    ``extra``: more F32 tensors by name (the float model does not see them)."""
     model = make("llama")
     cfg = model.config
     ref = make("llama")
@@ -234,6 +236,8 @@ def write_gguf(path, overrides: dict | None = None, drop: tuple[str, ...] = ()):
         for short, fmt in LAYER_FORMATS.items():
             heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}.get(short)
             add(f"blk.{i}.{short}.weight", f"model.layers.{i}.{HF_NAMES[short]}.weight", fmt, heads)
+    for name, values in (extra or {}).items():
+        writer.add_tensor(name, np.asarray(values, np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -345,6 +349,69 @@ def test_iq4_nl_matrices_load_and_decode_like_the_float32_model(tmp_path):
     tokens = torch.randint(0, ref.config.vocab_size, (24,))
     fp = Engine(ref, None, dtype=torch.float32, max_seq_len=40)
     assert engine.teacher_forced(tokens, hire=False)[0] == fp.teacher_forced(tokens, hire=False)[0]
+
+
+def _llama3_reference(ref):
+    """``ref`` with transformers' own Llama 3 rotary frequencies (rope_type llama3), and the factors
+    llama.cpp's converter writes for them as ``rope_freqs.weight`` (default / llama3, per frequency)."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    cfg = copy.deepcopy(ref.config)
+    # an original context of 64 positions: this tiny model's frequencies span all three of llama3's bands
+    cfg.rope_parameters = {**cfg.rope_parameters, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    scaled = LlamaRotaryEmbedding(cfg)
+    factors = (ref.model.rotary_emb.inv_freq / scaled.inv_freq).numpy()
+    assert (factors > 1.5).any() and (factors == 1).any()  # scaled, smoothed and kept frequencies
+    ref.model.rotary_emb = scaled
+    return ref, factors
+
+
+@needs_kernels
+def test_a_gguf_s_rope_frequency_factors_are_applied_on_both_paths(tmp_path):
+    """A Llama 3.1+ GGUF carries its RoPE scaling as rope_freqs.weight, which transformers' config of the
+    file leaves out: the codes path and the float copy (convert_gguf -> load_dir) both apply it, and
+    compute what transformers' llama3 rotary computes."""
+    from hire.models.cache import _rope_freqs
+    from hire.models.load import load_dir
+
+    path = tmp_path / "llama3.gguf"
+    ref, _ = write_gguf(path)
+    ref, factors = _llama3_reference(ref)
+    path.unlink()
+    write_gguf(path, extra={"rope_freqs.weight": factors})
+    model, _, _ = load_quantized(path)
+    assert model.config.rope_freqs == pytest.approx(factors.tolist())
+    ids = torch.randint(0, ref.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        want = ref(ids).logits
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
+    engine = Engine(model, None, dtype=torch.float32, max_seq_len=48)
+    fp = Engine(ref, None, dtype=torch.float32, max_seq_len=48)
+    tokens = torch.randint(0, ref.config.vocab_size, (40,))
+    assert engine.teacher_forced(tokens, hire=False)[0] == fp.teacher_forced(tokens, hire=False)[0]
+    # the float copy: convert_gguf reads the factors from the file and saves them on the config
+    # (transformers' reading of the file is not part of this test: the file has no metadata), and
+    # load_dir applies them to what it loads
+    assert np.array_equal(_rope_freqs(path), factors)
+    plain, _ = write_gguf(tmp_path / "plain.gguf")  # the same weights, default frequencies
+    plain.config.rope_freqs = factors.tolist()
+    plain.save_pretrained(tmp_path / "float")
+    _write_meta(tmp_path / "plain.gguf", plain.config)  # its tokenizer, for load_dir
+    from hire.quant.load import meta_entry
+
+    for f in meta_entry(tmp_path / "plain.gguf").glob("tokenizer*"):
+        (tmp_path / "float" / f.name).write_bytes(f.read_bytes())
+    float_model, _ = load_dir(tmp_path / "float")
+    with torch.no_grad():
+        torch.testing.assert_close(float_model(ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_rope_frequency_factors_that_do_not_match_the_model_are_refused(tmp_path):
+    path = tmp_path / "bad-rope.gguf"
+    write_gguf(path, extra={"rope_freqs.weight": np.ones(3, np.float32)})
+    with pytest.raises(UnsupportedGGUF, match=r"8 rotary frequencies, but the model file has 3 RoPE frequency factors"):
+        load_quantized(path)
 
 
 def test_16_bit_matrices_stay_16_bit_beside_the_codes(tmp_path):

@@ -218,3 +218,29 @@ def ffn_weights(spec: ArchSpec, mlp: nn.Module) -> FFNWeights:
     if spec.ffn == "inline":
         return FFNWeights(w_in=mlp.fc1.weight, w_out_t=mlp.fc2.weight.t(), act=mlp.act, b_in=mlp.fc1.bias, b_out=mlp.fc2.bias)
     raise AssertionError(spec.ffn)
+
+
+def apply_rope_freqs(model: nn.Module, factors) -> int:
+    """Divide every rotary module's frequencies by ``factors``, one per frequency: the RoPE frequency
+    factors a GGUF carries as its ``rope_freqs`` tensor (Llama 3.1 and later: llama.cpp rotates by
+    ``pos * theta_i / factors[i]``), which transformers' config of the file does not express. Also
+    kept on the config (``config.rope_freqs``) so that a saved copy of the model carries them.
+    Returns how many rotary modules it changed; a count of factors that is not the modules' is an error."""
+    factors = torch.as_tensor(factors, dtype=torch.float32).reshape(-1)
+    changed = 0
+    for name, module in model.named_modules():
+        inv = getattr(module, "inv_freq", None)
+        if not isinstance(inv, torch.Tensor):
+            continue
+        if inv.numel() != factors.numel():
+            raise ValueError(f"{name}: {inv.numel()} rotary frequencies, but the model file has {factors.numel()} "
+                             "RoPE frequency factors (rope_freqs); the file and its config do not match")
+        module.inv_freq = (inv.float() / factors).to(inv.dtype)
+        if isinstance(getattr(module, "original_inv_freq", None), torch.Tensor):
+            module.original_inv_freq = module.inv_freq.clone()
+        changed += 1
+    if changed == 0:
+        raise ValueError(f"the model file has RoPE frequency factors (rope_freqs), but {type(model).__name__} has no "
+                         "rotary module to apply them to")
+    model.config.rope_freqs = [float(f) for f in factors]
+    return changed

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from hire.arch import apply_rope_freqs
 from hire.errors import OverwriteError
 from hire.files import atomic_dir, source_key, verify_cache, write_manifest
 from hire.paths import cache_dir
@@ -35,6 +36,17 @@ def check_gguf(path: Path) -> None:
         raise ValueError(f"{path} is a corrupt or truncated GGUF file ({type(err).__name__}: {err}); re-download it") from err
 
 
+def _rope_freqs(gguf: Path):
+    """The GGUF's RoPE frequency factors (its ``rope_freqs.weight``, Llama 3.1 and later), or None."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    for t in GGUFReader(str(gguf)).tensors:
+        if t.name == "rope_freqs.weight":
+            return np.array(t.data, dtype=np.float32).reshape(-1)
+    return None
+
+
 def _cache_key(gguf: Path) -> str:
     return source_key(gguf, CACHE_FORMAT)
 
@@ -53,6 +65,9 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     config = model.config
     if hasattr(config, "quantization_config"):  # the weights are dequantized now
         del config.quantization_config
+    factors = _rope_freqs(gguf)
+    if factors is not None:  # kept on the config (config.rope_freqs); load_dir applies them again
+        apply_rope_freqs(model, factors)
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     save_model(model, str(out / "model.safetensors"))  # drops the tied duplicate of the head

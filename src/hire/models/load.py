@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from hire.arch import apply_rope_freqs
 from hire.layers.topk_ffn import apply_saved_topk_
 from hire.models.builtin import BUILTIN_MODELS, DEFAULT_MODEL
 from hire.models.cache import gguf_cache_dir
@@ -24,6 +25,8 @@ def load_dir(path: Path, dtype: torch.dtype = torch.float32):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     except Exception as err:
         raise ValueError(f"could not load the model in {path} ({type(err).__name__}: {err})") from err
+    if getattr(model.config, "rope_freqs", None):  # a GGUF's RoPE frequency factors (convert_gguf kept them)
+        apply_rope_freqs(model, model.config.rope_freqs)
     apply_saved_topk_(model)  # a model trained with top-k FFNs runs them (config.hire_topk)
     model.eval()
     return model, tokenizer

@@ -25,6 +25,7 @@ from torch import nn
 from hire.errors import HireError
 from hire.files import atomic_dir, source_key, verify_cache, write_manifest
 from hire.paths import cache_dir
+from hire.arch import apply_rope_freqs
 from hire.quant.formats import FLOAT_FORMATS, SUPPORTED
 from hire.quant.tensor import ACT_BITS, FloatLinear, QEmbedding, QLinear, QTensor
 
@@ -169,6 +170,7 @@ def load_quantized(path: str | Path, *, dtype: torch.dtype = torch.float32, act_
     quantized: dict[str, QTensor] = {}
     weight_bytes = 0
     raw = None
+    rope_freqs = None
     for t in table:
         name, fmt = t["name"], t["format"]
         if t["offset"] + t["nbytes"] > size:
@@ -177,8 +179,11 @@ def load_quantized(path: str | Path, *, dtype: torch.dtype = torch.float32, act_
         raw = data[t["offset"] : t["offset"] + t["nbytes"]]  # a view of the map: copied or repacked below
         hf = names.get(name)
         if hf is None:
-            if name.startswith("rope_freqs"):
-                continue  # transformers computes the rotary frequencies from the config
+            if name == "rope_freqs.weight":  # applied below: transformers' config of the file leaves them out
+                if fmt != "F32" or t["nbytes"] % 4:
+                    raise UnsupportedGGUF(f"{path}: tensor {name} is {fmt}; RoPE frequency factors are F32")
+                rope_freqs = np.array(raw.view(np.float32))
+                continue
             raise UnsupportedGGUF(f"{path}: tensor {name} has no place in a {config.model_type} model")
         if fmt not in SUPPORTED:
             raise UnsupportedGGUF(f"{path}: tensor {name} is {fmt}; HiRE runs {', '.join(SUPPORTED)}. "
@@ -240,6 +245,11 @@ def load_quantized(path: str | Path, *, dtype: torch.dtype = torch.float32, act_
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise UnsupportedGGUF(f"{path} lacks tensors the {config.model_type} model needs: {', '.join(missing[:5])}")
+    if rope_freqs is not None:
+        try:
+            apply_rope_freqs(model, rope_freqs)
+        except ValueError as err:
+            raise UnsupportedGGUF(f"{path}: {err}") from err
     model.eval()
     _release_freed_memory()
     report = LoadReport(path, time.perf_counter() - t0, path.stat().st_size, weight_bytes, formats)
