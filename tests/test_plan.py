@@ -23,7 +23,9 @@ def _with_biases(model):
     """Qwen2's q/k/v biases are zeros at init: random ones, so that a dropped bias shows."""
     g = torch.Generator().manual_seed(11)
     for layer in model.model.layers:
-        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+        attn = layer.self_attn
+        projs = (attn.qkv_proj,) if hasattr(attn, "qkv_proj") else (attn.q_proj, attn.k_proj, attn.v_proj)  # Phi-3: fused
+        for proj in projs:
             if proj.bias is not None:
                 with torch.no_grad():
                     proj.bias.copy_(torch.randn(proj.bias.shape, generator=g) * 0.5)

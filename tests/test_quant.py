@@ -351,6 +351,67 @@ def test_iq4_nl_matrices_load_and_decode_like_the_float32_model(tmp_path):
     assert engine.teacher_forced(tokens, hire=False)[0] == fp.teacher_forced(tokens, hire=False)[0]
 
 
+def write_arch_gguf(path, arch: str, formats=("Q8_0", "Q4_1", "IQ4_NL")):
+    """A tiny ``arch`` model (tests/tiny_models) as a GGUF: its matrices in ``formats`` in turn (gguf's
+    own quantizer, or random blocks), the rest F32, named by gguf's table for the architecture; returns
+    the float32 model of the file's values. No head-row permutation (llama's q/k only)."""
+    from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, get_tensor_name_map
+
+    model = make(arch)
+    gguf_arch = next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch)
+    table = get_tensor_name_map(gguf_arch, model.config.num_hidden_layers)
+    writer = GGUFWriter(str(path), arch)
+    i = 0
+    for hf, p in model.named_parameters():
+        module, _, suffix = hf.rpartition(".")
+        name = f"{table.get_name(module)}.{suffix}"
+        w = p.detach().numpy().astype(np.float32)
+        if w.ndim == 2:
+            fmt = formats[i % len(formats)]
+            i += 1
+            qtype = GGMLQuantizationType[fmt]
+            if fmt == "IQ4_NL":
+                data = random_blocks(fmt, *w.shape, i)
+                data.reshape(-1, 18)[:, :2] = np.full(data.size // 18, np.abs(w).max() / 127,
+                                                      np.float16).view(np.uint8).reshape(-1, 2)
+            else:
+                data = quantize(w, qtype)
+            back = dequantize(data, qtype).reshape(w.shape)
+            writer.add_tensor(name, data, raw_dtype=qtype)
+        else:
+            back = w
+            writer.add_tensor(name, w)
+        with torch.no_grad():
+            p.copy_(torch.from_numpy(np.ascontiguousarray(back)))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    _write_meta(path, model.config)
+    return model.eval()
+
+
+@needs_kernels
+def test_a_phi3_gguf_with_fused_qkv_and_gate_up_runs_in_its_codes(tmp_path):
+    """Phi-3 keeps q/k/v and gate/up each in one matrix (attn_qkv, ffn_up): loaded as they are, the
+    engine's native step reads the fused q/k/v and the gate and up halves as row views (no copy)."""
+    path = tmp_path / "tiny-phi3.gguf"
+    ref = write_arch_gguf(path, "phi3")
+    model, _, report = load_quantized(path)
+    assert set(report.formats) >= {"Q8_0", "Q4_1", "IQ4_NL"}
+    ids = torch.randint(0, ref.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+    engine = Engine(model, None, dtype=torch.float32, max_seq_len=40)
+    assert engine.kernel_report()["step"] == "native"
+    gate_up = model.model.layers[0].mlp.gate_up_proj.q
+    gate, up, _ = engine.plans[0].ffn.quant
+    assert gate.codes.data_ptr() == gate_up.codes.data_ptr() and up.shape == (gate_up.shape[0] // 2, gate_up.shape[1])
+    fp = Engine(ref, None, dtype=torch.float32, max_seq_len=40)
+    tokens = torch.randint(0, ref.config.vocab_size, (24,))
+    assert engine.teacher_forced(tokens, hire=False)[0] == fp.teacher_forced(tokens, hire=False)[0]
+
+
 def _llama3_reference(ref):
     """``ref`` with transformers' own Llama 3 rotary frequencies (rope_type llama3), and the factors
     llama.cpp's converter writes for them as ``rope_freqs.weight`` (default / llama3, per frequency)."""

@@ -14,6 +14,8 @@ from transformers import (
     MistralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -39,6 +41,8 @@ def make(arch: str, seed: int = 0):
         model = GemmaForCausalLM(GemmaConfig(**_common, head_dim=16))
     elif arch == "gemma3_text":
         model = Gemma3ForCausalLM(Gemma3TextConfig(**_common, head_dim=16, sliding_window=32, query_pre_attn_scalar=16))
+    elif arch == "phi3":
+        model = Phi3ForCausalLM(Phi3Config(**_common, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2))
     elif arch == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=WIDTH, n_inner=FFN, n_layer=2, n_head=4, n_positions=256))
     elif arch == "opt":
@@ -54,4 +58,4 @@ def make(arch: str, seed: int = 0):
     return model.eval()
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "gpt2", "opt"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3", "gpt2", "opt"]

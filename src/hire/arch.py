@@ -42,6 +42,7 @@ class EngineSpec:
     rotary: str = "model.rotary_emb"  # called as rotary(x, positions[, layer_type])
     rotary_per_layer_type: bool = False  # Gemma 3: local and global layers have their own rotary bases
     attention: str = "self_attn"  # attribute of a decoder layer
+    qkv: str | None = None  # one fused q/k/v projection (Phi-3's qkv_proj: q's rows, then k's, then v's)
     q: str = "q_proj"  # attributes of the attention module
     k: str = "k_proj"
     v: str = "v_proj"
@@ -59,7 +60,9 @@ class EngineSpec:
 @dataclass(frozen=True)
 class ArchSpec:
     layers: str  # dotted path to the ModuleList of decoder layers
-    ffn: str  # "gated" (gate/up/down), "conv1d" (GPT-2 c_fc/c_proj) or "inline" (OPT fc1/fc2 on the layer)
+    # "gated" (gate/up/down), "gated_fused" (Phi-3: gate_up_proj holds gate's rows then up's, activation_fn),
+    # "conv1d" (GPT-2 c_fc/c_proj) or "inline" (OPT fc1/fc2 on the layer)
+    ffn: str
     mlp: str = "mlp"  # attribute of a decoder layer holding the MLP module
     head: str = "lm_head"
     engine: EngineSpec | None = None  # None: the engine does not run it (the patched model's generate() does)
@@ -84,6 +87,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen3": ArchSpec(layers="model.layers", ffn="gated", engine=EngineSpec(qk_norms=("q_norm", "k_norm"))),
     "gemma": _GATED,  # Gemma 1 scales its embeddings outside the embedding module
     "gemma3_text": ArchSpec(layers="model.layers", ffn="gated", engine=_GEMMA3_ENGINE),
+    # Phi-3 (mini 4k; the long-context files' rope_factors_* tensors are refused by the GGUF loader):
+    # Llama's layout with q/k/v and gate/up each fused into one matrix
+    "phi3": ArchSpec(layers="model.layers", ffn="gated_fused", engine=EngineSpec(qkv="qkv_proj")),
     "gpt2": ArchSpec(layers="transformer.h", ffn="conv1d"),
     "opt": ArchSpec(layers="model.decoder.layers", ffn="inline"),
 }
@@ -200,8 +206,25 @@ class FFNWeights:
         return F.linear(a, w.t(), self.b_out)
 
 
+def split_gate_up(w):
+    """A fused gate_up matrix (gate's rows, then up's; a tensor or a QTensor) -> (gate, up) row views."""
+    half = w.shape[0] // 2
+    if isinstance(w, torch.Tensor):
+        return w[:half], w[half:]
+    return w.row_slice(0, half), w.row_slice(half, 2 * half)
+
+
+def ffn_act(spec: ArchSpec, mlp: nn.Module):
+    """A gated MLP's activation module."""
+    return mlp.activation_fn if spec.ffn == "gated_fused" else mlp.act_fn
+
+
 def ffn_weights(spec: ArchSpec, mlp: nn.Module) -> FFNWeights:
     """Views of an FFN's weights in HiRE's neuron-major orientation (``mlp`` as ``mlp_module`` gives it)."""
+    if spec.ffn == "gated_fused":
+        gate, up = split_gate_up(mlp.gate_up_proj.weight)
+        return FFNWeights(w_in=gate, w_up=up, w_out_t=mlp.down_proj.weight.t(), act=mlp.activation_fn,
+                          b_out=mlp.down_proj.bias)
     if spec.ffn == "gated":
         return FFNWeights(
             w_in=mlp.gate_proj.weight,

@@ -142,15 +142,20 @@ class Engine:
         self.layers = []
         for i, layer in enumerate(decoder_layers(model)):
             attn = getattr(layer, spec.attention)
-            q, k, v = (getattr(attn, name) for name in (spec.q, spec.k, spec.v))
-            if any(isinstance(p, QLinear) for p in (q, k, v)):
-                qkv = fuse_rows([_weight(p) for p in (q, k, v)])
+            if spec.qkv is not None:  # Phi-3: one matrix already, q's rows then k's then v's
+                fused = getattr(attn, spec.qkv)
+                qkv = fused.q if isinstance(fused, QLinear) else fused.weight.detach().contiguous()
+                qkv_bias = None if fused.bias is None else fused.bias.detach().to(dtype)
             else:
-                qkv = torch.cat([q.weight, k.weight, v.weight]).detach().contiguous()
-            qkv_bias = None
-            if any(proj.bias is not None for proj in (q, k, v)):  # Qwen2: q, k and v all have one
-                qkv_bias = torch.cat([proj.bias if proj.bias is not None else torch.zeros(proj.out_features, dtype=dtype)
-                                      for proj in (q, k, v)]).detach().to(dtype)
+                q, k, v = (getattr(attn, name) for name in (spec.q, spec.k, spec.v))
+                if any(isinstance(p, QLinear) for p in (q, k, v)):
+                    qkv = fuse_rows([_weight(p) for p in (q, k, v)])
+                else:
+                    qkv = torch.cat([q.weight, k.weight, v.weight]).detach().contiguous()
+                qkv_bias = None
+                if any(proj.bias is not None for proj in (q, k, v)):  # Qwen2: q, k and v all have one
+                    qkv_bias = torch.cat([proj.bias if proj.bias is not None else torch.zeros(proj.out_features, dtype=dtype)
+                                          for proj in (q, k, v)]).detach().to(dtype)
             o = getattr(attn, spec.o)
             layer_type = cfg.layer_types[i] if getattr(cfg, "layer_types", None) else "full_attention"
             sliding = cfg.sliding_window if layer_type == "sliding_attention" else None

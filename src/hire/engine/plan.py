@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from hire import native
-from hire.arch import arch_spec, ffn_weights, mlp_module
+from hire.arch import arch_spec, ffn_act, ffn_weights, mlp_module, split_gate_up
 from hire.layers import HiReFFN
 from hire.layers.ffn import neuron_rows
 from hire.proxies import ExactProxy, QuantizedProxy
@@ -70,7 +70,7 @@ def ffn_plan(mlp: nn.Module, model: nn.Module, dtype: torch.dtype) -> FFNPlan:
     spec = arch_spec(model)
     parts = _quantized_ffn(spec, mlp)
     if parts is not None:
-        act = native.activation_name(mlp.act_fn)
+        act = native.activation_name(ffn_act(spec, mlp))
         if act is None:
             raise NotFusable("an FFN activation without a kernel")
         return FFNPlan(EMPTY, len(parts) - 1, act, parts[-2].shape[0], quant=parts)
@@ -83,6 +83,12 @@ def ffn_plan(mlp: nn.Module, model: nn.Module, dtype: torch.dtype) -> FFNPlan:
 
 def _quantized_ffn(spec, mlp: nn.Module) -> tuple[QTensor, ...] | None:
     """(gate, up, down) or (up, down) QTensors of a GGUF-quantized MLP (None: not quantized)."""
+    if spec.ffn == "gated_fused":  # Phi-3: gate and up as row views of the fused matrix
+        if not isinstance(mlp.gate_up_proj, QLinear):
+            return None
+        if not isinstance(mlp.down_proj, QLinear) or mlp.gate_up_proj.bias is not None or mlp.down_proj.bias is not None:
+            raise NotFusable("an FFN with some matrices quantized and some not, or with biases")
+        return (*split_gate_up(mlp.gate_up_proj.q), mlp.down_proj.q)
     if spec.ffn != "gated":
         return None
     mods = [mlp.gate_proj, mlp.up_proj, mlp.down_proj]

@@ -166,6 +166,16 @@ class QTensor:
         s, m = _scale_pair(scales, mins)
         return cls(packed, torch.from_numpy(s), torch.from_numpy(m), bits, group, (out, inp), fmt_name, layout)
 
+    def row_slice(self, start: int, stop: int) -> "QTensor":
+        """Rows ``start:stop`` (rows layout) as a QTensor of views: no copy (Phi-3's fused q/k/v and
+        gate/up matrices read as their parts)."""
+        if self.layout != "rows":
+            raise ValueError("row_slice reads the rows layout")
+        mins = self.mins[start:stop] if self.mins.numel() else self.mins
+        supers = self.supers[start:stop] if self.two_level else self.supers
+        return QTensor(self.codes[start:stop], self.scales[start:stop], mins, self.bits, self.group,
+                       (stop - start, self.shape[1]), self.format, act_bits=self.act_bits, supers=supers)
+
     def take_rows(self, idx: torch.Tensor) -> "QTensor":
         """The rows ``idx`` (rows layout) as a QTensor of their own."""
         if self.layout != "rows":
