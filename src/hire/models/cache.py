@@ -20,7 +20,7 @@ from hire.paths import cache_dir
 
 log = logging.getLogger("hire")
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: a GGUF's RoPE frequency factors (rope_freqs) kept on the config (copies made before lack them)
 
 
 def check_gguf(path: Path) -> None:
