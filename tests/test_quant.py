@@ -475,6 +475,19 @@ def test_rope_frequency_factors_that_do_not_match_the_model_are_refused(tmp_path
         load_quantized(path)
 
 
+def test_a_quantized_head_s_fingerprint_is_the_float_head_s_without_dequantizing_it_whole(small_gguf, monkeypatch):
+    """The proxy and timing caches key on the head's fingerprint: taken block by block from the codes,
+    it is the string the whole dequantized head gives (so no cache entry changes)."""
+    from hire.calibrate import proxy_cache
+    from hire.calibrate.states import head_weight
+
+    model, _, _ = load_quantized(small_gguf[0])
+    for samples, rows in ((65536, 4096), (1000, 7), (777, 50)):  # steps of 1, 24 and 31 across blocks of rows
+        monkeypatch.setattr(proxy_cache, "FINGERPRINT_SAMPLES", samples)
+        monkeypatch.setattr(proxy_cache, "FINGERPRINT_ROWS", rows)
+        assert proxy_cache.head_fingerprint(model) == proxy_cache.weight_fingerprint(head_weight(model))
+
+
 def test_16_bit_matrices_stay_16_bit_beside_the_codes(tmp_path):
     path = tmp_path / "f16.gguf"
     ref, _ = write_gguf(path, overrides={"blk.0.attn_k.weight": "F16", "blk.1.ffn_up.weight": "BF16"})

@@ -37,7 +37,7 @@ from torch import nn
 
 from hire import native
 from hire.arch import head_module
-from hire.calibrate.proxy_cache import weight_fingerprint
+from hire.calibrate.proxy_cache import head_fingerprint, weight_fingerprint
 from hire.calibrate.states import head_weight
 from hire.config import HeadConfig
 from hire.files import atomic_write_json
@@ -295,7 +295,7 @@ def head_timings(model: nn.Module, cfg: HeadConfig, pairs: list[tuple[int, int, 
     ``states`` and cached. Returns {"dense_ms", "pairs": {pair_name: ms}, "source": "cache" or
     "measured", "file", "machine"}."""
     identity = timing_identity(model)
-    fingerprint = fingerprint or weight_fingerprint(head_weight(model))
+    fingerprint = fingerprint or head_fingerprint(model)
     meta = {**identity, "weight": fingerprint, "rank_bits": cfg.rank_bits,
             "version": TIMINGS_VERSION}
     path = timings_path(meta)

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from hire.calibrate.auto import TARGET_RECALL_AT_1, TARGET_RECALL_AT_K, choose_head, chosen_head, timing_identity
-from hire.calibrate.proxy_cache import cached_head_proxy, weight_fingerprint
-from hire.calibrate.states import collect_head_states, head_weight, needs_states
+from hire.calibrate.proxy_cache import cached_head_proxy, head_fingerprint
+from hire.calibrate.states import collect_head_states, needs_states
 from hire.config import HiReConfig
 from hire.data import CALIBRATION_WINDOWS, calibration_windows
 from hire.files import atomic_path
@@ -43,7 +43,7 @@ def resolve_auto_head(model: nn.Module, config: HiReConfig, windows: torch.Tenso
         raise ValueError(f"choosing the head (auto) needs at least 4 calibration windows, got {windows.shape[0]}; "
                          "raise --calib-windows")
     head = config.head
-    meta = {"weight": weight_fingerprint(head_weight(model)), "k": head.k, "rank_bits": head.rank_bits,
+    meta = {"weight": head_fingerprint(model), "k": head.k, "rank_bits": head.rank_bits,
             "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16],
             "targets": [TARGET_RECALL_AT_1, TARGET_RECALL_AT_K], "version": 2,
             "by": timing_identity(model) if measure else "bytes"}

@@ -11,12 +11,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hire.arch import head_module
 from hire.calibrate.states import collect_head_states, head_weight, needs_states
 from hire.calibrate.train import train_lowrank_proxy
 from hire.config import HeadConfig
 from hire.files import atomic_path
 from hire.paths import cache_dir
 from hire.proxies import LowRankProxy
+from hire.quant.tensor import QLinear
 
 log = logging.getLogger("hire")
 
@@ -39,16 +41,43 @@ def fit_and_train(model: nn.Module, cfg: HeadConfig, states: torch.Tensor, progr
     return proxy, log
 
 
+FINGERPRINT_SAMPLES = 65536  # about this many values of a weight are hashed
+
+
 def weight_fingerprint(weight: torch.Tensor) -> str:
     """A cheap identity of a weight: shape and a hash of a strided sample of its values."""
     flat = weight.detach().reshape(-1)
-    sample = flat[:: max(1, flat.numel() // 65536)].float().numpy().tobytes()
+    sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLES)].float().numpy().tobytes()
     return hashlib.sha256(f"{tuple(weight.shape)}".encode() + sample).hexdigest()[:16]
+
+
+FINGERPRINT_ROWS = 4096  # rows of a quantized head dequantized at a time by head_fingerprint
+
+
+def head_fingerprint(model: nn.Module) -> str:
+    """``weight_fingerprint`` of the LM head's weight, the same string, without the whole float32
+    head in memory when it is in GGUF codes (a QLinear's weight dequantizes every row: 0.9 GB for a
+    1.5B's head, just to take FINGERPRINT_SAMPLES values of it): its rows are dequantized a block at a time and
+    only the sampled values kept."""
+    head = head_module(model)
+    base = getattr(head, "base_layer", head)
+    if not isinstance(base, QLinear):
+        return weight_fingerprint(head_weight(model))
+    rows, cols = base.q.shape
+    step = max(1, rows * cols // FINGERPRINT_SAMPLES)
+    parts = []
+    for r0 in range(0, rows, FINGERPRINT_ROWS):
+        r1 = min(rows, r0 + FINGERPRINT_ROWS)
+        flat = base.q.dequantize(slice(r0, r1)).reshape(-1)
+        first = (-(r0 * cols)) % step  # the first sampled flat index at or after r0 * cols, from this block's start
+        parts.append(flat[first::step])
+    sample = torch.cat(parts).float().numpy().tobytes()
+    return hashlib.sha256(f"{(rows, cols)}".encode() + sample).hexdigest()[:16]
 
 
 def proxy_meta(model: nn.Module, cfg: HeadConfig) -> dict:
     """What a saved low-rank head proxy must match to be used for ``model`` under ``cfg``."""
-    return {"weight": weight_fingerprint(head_weight(model)), "rank": cfg.rank, "rank_bits": cfg.rank_bits,
+    return {"weight": head_fingerprint(model), "rank": cfg.rank, "rank_bits": cfg.rank_bits,
             "optimism": cfg.optimism}
 
 
