@@ -107,6 +107,27 @@ def test_generate_streams(model_dir, capsys):
     assert "tokens/s" in captured.err and "HiRE" in captured.err
 
 
+def test_generate_decodes_densely_at_once_until_the_head_is_fitted(tmp_path, capsys):
+    """A first run does not wait minutes for the head's proxy: it decodes densely and says how to fit
+    it; --calibrate fits and caches it, and the next plain run decodes with HiRE."""
+    from test_quant import write_gguf
+
+    path = tmp_path / "fresh.gguf"
+    write_gguf(path)
+    argv = ["generate", "--model", str(path), "--prompt", "the and of", "--max-new-tokens", "4", "--head-proxy",
+            "lowrank", "--head-rank", "8", "--head-candidates", "64", "--head-train-steps", "0", "--calib-windows", "2",
+            "--seq-len", "32"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "[dense engine" in err and "dense head: the head's proxy is not fitted for this model yet" in err
+    assert main([*argv, "--calibrate"]) == 0
+    err = capsys.readouterr().err
+    assert "[HiRE engine" in err and "dense head:" not in err
+    assert main(argv) == 0  # cached now
+    err = capsys.readouterr().err
+    assert "[HiRE engine" in err and "dense head:" not in err
+
+
 def test_a_gguf_runs_in_its_codes_unless_dequantized(tmp_path, capsys):
     from test_quant import write_gguf
 

@@ -45,21 +45,26 @@ def generate_text(
     on_text: Callable[[str], None] = lambda text: None,
     progress: bool = True,
     quantized: bool = True,
+    fit: bool = True,
 ) -> dict:
     """Continue ``prompt`` by up to ``max_new_tokens`` tokens with ``model_name`` under ``config``
     (``None``: dense), calling ``on_text`` with each new piece of text as it is decoded (the prompt
     itself is not repeated). Greedy at ``temperature`` 0, else sampled (``top_k``, ``top_p``, ``seed``).
     Returns what was generated and how fast: ``text``, ``new_tokens``, ``tokens_per_s``, ``seconds``,
     ``prefill_s`` (engine only) and ``backend`` ("engine" or "transformers"). ``quantized``: a GGUF
-    model runs in its block codes (``quantized_config`` adapts ``config``), else dequantized."""
+    model runs in its block codes (``quantized_config`` adapts ``config``), else dequantized.
+    ``fit=False``: a head whose settings or proxy are not cached yet is not fitted first (minutes on a
+    first run): the text comes from the dense head at once, and ``head_pending`` says why."""
     prepared = load_for_decode(model_name, config, quantized=quantized, seq_len=seq_len, calib_windows=calib_windows,
-                               progress=progress)
+                               progress=progress, fit=fit)
     model, tokenizer, head_proxy, config = prepared.model, prepared.tokenizer, prepared.head_proxy, prepared.config
+    pending = {"head_pending": prepared.pending} if prepared.pending else {}
     quantized = prepared.quantized
     ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
     if not engine_supported(model.config.model_type):
-        return _generate_transformers(model, tokenizer, config, head_proxy, ids, max_new_tokens=max_new_tokens,
-                                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, on_text=on_text)
+        return {**_generate_transformers(model, tokenizer, config, head_proxy, ids, max_new_tokens=max_new_tokens,
+                                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                         on_text=on_text), **pending}
     engine = Engine(model, config, head_proxy=head_proxy, dtype=getattr(torch, dtype),
                     max_seq_len=ids.numel() + max_new_tokens)
     detok = Detokenizer(tokenizer)  # whole characters only: a token may carry part of one
@@ -77,7 +82,7 @@ def generate_text(
         on_text(rest)
     return {"backend": "engine", "weights": "GGUF codes" if quantized else dtype, "text": detok.text,
             "new_tokens": stats.new_tokens, "tokens_per_s": stats.tokens_per_s, "prefill_s": stats.prefill_s,
-            "seconds": stats.prefill_s + stats.decode_s}
+            "seconds": stats.prefill_s + stats.decode_s, **pending}
 
 
 def _generate_transformers(model, tokenizer, config, head_proxy, ids: torch.Tensor, *, max_new_tokens: int,

@@ -30,15 +30,18 @@ class Prepared(NamedTuple):
     config: HiReConfig | None  # the config given, with an ``auto`` head resolved to what was chosen
     auto: dict | None = None  # hire.calibrate.auto.choose_head's report when the head was chosen
     quantized: bool = False  # the model runs in its GGUF block codes (load_for_decode)
+    # fit=False and the head's choice or proxy not cached: why the head was left dense (config's head off)
+    pending: str | None = None
 
 
 def resolve_auto_head(model: nn.Module, config: HiReConfig, windows: torch.Tensor,
-                      progress: bool = True, measure: bool = True) -> tuple[HiReConfig, dict]:
+                      progress: bool = True, measure: bool = True, fit: bool = True) -> tuple[HiReConfig, dict] | None:
     """``config`` with its ``auto`` head chosen (hire.calibrate.auto.choose_head) on ``windows``: the
     proxy is fitted on three windows in four and checked on the fourth; the fastest setting on this
     machine wins (``measure=False``: the cheapest in bytes). The choice is cached by weight, windows,
     targets and, as it was timed, the machine and the head's decode form (a JSON file beside the
-    fitted proxies; the head timings have their own cache, hire.calibrate.auto.head_timings)."""
+    fitted proxies; the head timings have their own cache, hire.calibrate.auto.head_timings).
+    ``fit=False``: None instead of choosing when the choice is not cached."""
     if windows.shape[0] < 4:
         raise ValueError(f"choosing the head (auto) needs at least 4 calibration windows, got {windows.shape[0]}; "
                          "raise --calib-windows")
@@ -56,6 +59,8 @@ def resolve_auto_head(model: nn.Module, config: HiReConfig, windows: torch.Tenso
             head = chosen_head(head, report["chosen"])
         except (ValueError, KeyError, TypeError):
             report = None  # a damaged cache entry is chosen again and rewritten
+    if report is None and not fit:
+        return None
     if report is None:
         check = torch.arange(windows.shape[0]) % 4 == 3
         fit_states = collect_head_states(model, windows[~check], progress=progress)
@@ -68,31 +73,46 @@ def resolve_auto_head(model: nn.Module, config: HiReConfig, windows: torch.Tenso
 
 
 def prepare_model(model_name: str, config: HiReConfig | None, *, seq_len: int = 512,
-                  calib_windows: int = CALIBRATION_WINDOWS, progress: bool = True, quantized: bool = False) -> Prepared:
+                  calib_windows: int = CALIBRATION_WINDOWS, progress: bool = True, quantized: bool = False,
+                  fit: bool = True) -> Prepared:
     """Load ``model_name``; choose its head when ``config.head.auto`` (``resolve_auto_head``); fetch
     (or fit on ``calib_windows`` windows of ``seq_len`` tokens of ``hire.data.calibration_windows``,
-    and cache) the low-rank head proxy the config needs. ``config=None``: the model alone."""
+    and cache) the low-rank head proxy the config needs. ``config=None``: the model alone.
+    ``fit=False``: nothing is fitted or chosen (minutes on a first run); where the cache lacks the
+    choice or the proxy, the config's head is turned off and ``Prepared.pending`` says why."""
     model, tokenizer = load_model(model_name, quantized=quantized)
     head_proxy = auto = None
     if config is not None and config.head.enabled and (config.head.auto or needs_states(config.head)):
         calib = calibration_windows(tokenizer, seq_len, calib_windows)
         if config.head.auto:
-            config, auto = resolve_auto_head(model, config, calib, progress=progress)
+            resolved = resolve_auto_head(model, config, calib, progress=progress, fit=fit)
+            if resolved is None:
+                return Prepared(model, tokenizer, None, _head_off(config), None,
+                                pending="the head's settings are not chosen for this model yet")
+            config, auto = resolved
         if needs_states(config.head):
-            head_proxy = cached_head_proxy(model, config.head, calib, progress=progress)
+            head_proxy = cached_head_proxy(model, config.head, calib, progress=progress, fit=fit)
+            if head_proxy is None:
+                return Prepared(model, tokenizer, None, _head_off(config), auto,
+                                pending="the head's proxy is not fitted for this model yet")
     return Prepared(model, tokenizer, head_proxy, config, auto)
 
 
+def _head_off(config: HiReConfig) -> HiReConfig:
+    return dataclasses.replace(config, head=dataclasses.replace(config.head, enabled=False, auto=False))
+
+
 def load_for_decode(model_name: str, config: HiReConfig | None, *, quantized: bool = True, seq_len: int = 512,
-                    calib_windows: int = CALIBRATION_WINDOWS, progress: bool = True) -> Prepared:
+                    calib_windows: int = CALIBRATION_WINDOWS, progress: bool = True, fit: bool = True) -> Prepared:
     """What ``hire bench``, ``eval``, ``generate`` and ``serve`` start with: ``prepare_model`` with a
     GGUF model (a built-in name or a .gguf path) in its block codes when ``quantized``, ``config``
     then adapted by ``quantized_config`` (the HiRE head only, its exact rows read in the codes);
     otherwise, and for a Hugging Face directory, the float model and ``config`` as given.
-    ``Prepared.quantized`` says which ran; ``Prepared.config`` is the config to decode with."""
+    ``Prepared.quantized`` says which ran; ``Prepared.config`` is the config to decode with.
+    ``fit``: as ``prepare_model``'s."""
     quantized = quantized and gguf_source(model_name) is not None
     if quantized and config is not None:
         config = quantized_config(config)
     prepared = prepare_model(model_name, config, seq_len=seq_len, calib_windows=calib_windows, progress=progress,
-                             quantized=quantized)
-    return Prepared(prepared.model, prepared.tokenizer, prepared.head_proxy, prepared.config, prepared.auto, quantized)
+                             quantized=quantized, fit=fit)
+    return prepared._replace(quantized=quantized)

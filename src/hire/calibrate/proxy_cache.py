@@ -118,10 +118,11 @@ def load_head_proxy(path: str | Path, expect: dict | None = None) -> LowRankProx
     return proxy
 
 
-def cached_head_proxy(model: nn.Module, cfg: HeadConfig, windows: torch.Tensor, progress: bool = True):
+def cached_head_proxy(model: nn.Module, cfg: HeadConfig, windows: torch.Tensor, progress: bool = True,
+                      fit: bool = True):
     """The low-rank head proxy for ``cfg``: loaded from ``cfg.proxy_file`` when the config names
     one, else from the cache, else fitted (and trained, with ``cfg.train_steps``) on ``windows``
-    and cached.
+    and cached (``fit=False``: None instead of fitting).
 
     Returns None when the head config needs no fitted proxy.
     """
@@ -139,6 +140,8 @@ def cached_head_proxy(model: nn.Module, cfg: HeadConfig, windows: torch.Tensor, 
             return load_head_proxy(path, expect=meta)
         except ValueError as err:
             log.warning("%s; refitting", err)
+    if not fit:
+        return None
     states = collect_head_states(model, windows, progress=progress)
     proxy, _ = fit_and_train(model, cfg, states, progress=progress)
     save_head_proxy(path, proxy, meta)

@@ -20,6 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--dense", action="store_true", help="the dense weights of the same engine, for comparison")
+    p.add_argument("--calibrate", action="store_true",
+                   help="fit the HiRE head first where this model's head settings or proxy are not cached yet "
+                        "(minutes on a first run); without it such a run decodes with the dense head at once and "
+                        "says so (hire bench or hire eval with the same flags also fit and cache the head)")
     p.add_argument("--max-new-tokens", type=integer(minimum=1), default=64, help="(default 64)")
     p.add_argument("--temperature", type=number(minimum=0), default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=integer(minimum=1), default=None, help="sample from the K most likely tokens")
@@ -47,13 +51,17 @@ def run(args: argparse.Namespace) -> int:
     r = generate_text(args.model, None if args.dense else config, args.prompt, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                       dtype=args.dtype, seq_len=args.seq_len, calib_windows=args.calib_windows,
-                      on_text=show, quantized=not args.dequantized)
+                      on_text=show, quantized=not args.dequantized, fit=args.calibrate)
     show("")
-    kind = "dense" if args.dense else "HiRE"
+    kind = "dense" if args.dense or r.get("head_pending") else "HiRE"
     if r["backend"] == "engine":
         print(f"\n[{kind} engine, {r['weights']}: {r['new_tokens']} tokens, {r['tokens_per_s']:.1f} tokens/s decode, "
               f"prefill {1000 * r['prefill_s']:.0f} ms]", file=sys.stderr)
     else:
         print(f"\n[{kind}: {r['new_tokens']} tokens in {r['seconds']:.1f} s, {r['tokens_per_s']:.1f} tokens/s through "
               "transformers generate(); the engine does not run this architecture]", file=sys.stderr)
+    if r.get("head_pending"):
+        print(f"[dense head: {r['head_pending']}. This command with --calibrate (or hire bench / hire eval with "
+              "the same model and head flags) fits and caches it once, in minutes; later runs decode with HiRE]",
+              file=sys.stderr)
     return 0
