@@ -115,4 +115,5 @@ def load_for_decode(model_name: str, config: HiReConfig | None, *, quantized: bo
         config = quantized_config(config)
     prepared = prepare_model(model_name, config, seq_len=seq_len, calib_windows=calib_windows, progress=progress,
                              quantized=quantized, fit=fit)
-    return prepared._replace(quantized=quantized)
+    return Prepared(prepared.model, prepared.tokenizer, prepared.head_proxy, prepared.config, prepared.auto, quantized,
+                    prepared.pending)

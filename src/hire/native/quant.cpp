@@ -1,6 +1,7 @@
 // Products with GGUF-quantized matrices in their codes (hire.quant: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
-// Q4_K, Q5_K, Q6_K, Q3_K, IQ4_NL, IQ4_XS, all read as value = scale * (code - zero) + min per group of
-// 16 or 32 columns; Q3_K's 3-bit codes held as 4-bit ones, the IQ4 formats' as 8-bit):
+// Q4_K, Q5_K, Q6_K, Q2_K, Q3_K, IQ4_NL, IQ4_XS, all read as value = scale * (code - zero) + min per
+// group of 16 or 32 columns; Q2_K's and Q3_K's codes held as 4-bit ones, the IQ4 formats' 4-bit indices
+// read through a table as 8-bit codes, kLut4):
 //
 // * qgemv: rows . x, for every row or a list of rows (the LM head's candidates). x is quantized to
 //   int8 once per call, one scale per 32 columns (llama.cpp's Q8_0 activations); each 64-column
@@ -60,10 +61,10 @@ struct QX16 {
   std::vector<int32_t> lanesum;  // chunks * 16: the sum of q over each 4 columns (int8 lanes: the zero's term)
   // hi and lo by pairs of chunks (the K kernels on AVX-512: both chunks' codes split from one load):
   // pair p's 128 bytes are chunk 2p's columns 0-31, chunk 2p+1's 0-31, chunk 2p's 32-63, 2p+1's 32-63
-  // (pair_offset); zero6p and zero4p: -32 and -8 x the 4-column sums in that order (the zero of Q6_K's
-  // 6-bit codes and of Q3_K's, held as 4-bit)
+  // (pair_offset); zero6p, zero4p and zero8p: -32, -8 and -128 x the 4-column sums in that order (the
+  // zero of Q6_K's 6-bit codes, of Q3_K's held as 4-bit, and of IQ4's table codes)
   std::vector<int8_t> hi2, lo2;
-  std::vector<int32_t> zero6p, zero4p, zero8p;  // (zero8p: -128 x, IQ4's zero)
+  std::vector<int32_t> zero6p, zero4p, zero8p;
 };
 
 // where column e (0-63) of chunk c sits in the paired order (the last chunk of an odd count stays put)

@@ -5,8 +5,9 @@ Every supported GGUF format is, per group of ``group`` columns (16 or 32), ``val
 formats (Q8_0, Q4_0, Q5_0, Q6_K, Q3_K, IQ4_NL, IQ4_XS; no ``min``), ``zero = 0`` with a ``min`` for
 the affine ones (Q4_1, Q5_1, Q4_K, Q5_K, Q2_K). Q2_K's and Q3_K's 2- and 3-bit codes are held as
 4-bit ones (lossless, in more bytes than the file's); the IQ4 formats' codes are the 8-bit values
-``IQ4_KVALUES + 128`` (zero 128), kept as their 4-bit indices (``LUT4``) that the kernels look up. ``unpack`` reads a format's blocks into codes, scales and mins exactly as the
-``gguf`` package's dequantiser combines them (tests hold them to it), and ``pack_codes`` stores the
+``IQ4_KVALUES + 128`` (zero 128), kept as their 4-bit indices (``LUT4``) that the kernels look up.
+``unpack`` reads a format's blocks into codes, scales and mins exactly as the ``gguf`` package's
+dequantiser combines them (tests hold them to it), and ``pack_codes`` stores the
 codes in the kernel's planes, per 64-column chunk (``chunk_bytes``):
 
 * a nibble plane of 32 bytes: byte i holds column i in its low nibble and column i + 32 in its high
