@@ -107,17 +107,20 @@ def test_generate_streams(model_dir, capsys):
     assert "tokens/s" in captured.err and "HiRE" in captured.err
 
 
-def test_generate_decodes_densely_at_once_until_the_head_is_fitted(tmp_path, capsys):
+def test_generate_decodes_densely_at_once_until_the_head_is_fitted(tmp_path, capsys, monkeypatch):
     """A first run does not wait minutes for the head's proxy: it decodes densely and says how to fit
     it; --calibrate fits and caches it, and the next plain run decodes with HiRE."""
+    from hire.calibrate import proxy_cache
     from test_quant import write_gguf
 
+    proxies = tmp_path / "proxies"  # a proxy cache of this test's own (not the machine's, which keeps what it fitted)
+    proxies.mkdir()
+    monkeypatch.setattr(proxy_cache, "cache_dir", lambda *parts: proxies)
     path = tmp_path / "fresh.gguf"
-    # a head no other test fits (the proxy cache is shared by the session): its own format and rank
-    write_gguf(path, overrides={"token_embd.weight": "Q5_0"})
+    write_gguf(path)
     argv = ["generate", "--model", str(path), "--prompt", "the and of", "--max-new-tokens", "4", "--head-proxy",
-            "lowrank", "--head-rank", "12", "--head-candidates", "64", "--head-train-steps", "0", "--calib-windows", "2",
-            "--seq-len", "40"]
+            "lowrank", "--head-rank", "8", "--head-candidates", "64", "--head-train-steps", "0", "--calib-windows", "2",
+            "--seq-len", "32"]
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "[dense engine" in err and "dense head: the head's proxy is not fitted for this model yet" in err
