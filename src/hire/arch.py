@@ -211,7 +211,7 @@ def split_gate_up(w):
     half = w.shape[0] // 2
     if isinstance(w, torch.Tensor):
         return w[:half], w[half:]
-    return w.row_slice(0, half), w.row_slice(half, 2 * half)
+    return w.take_rows(slice(0, half)), w.take_rows(slice(half, 2 * half))
 
 
 def ffn_act(spec: ArchSpec, mlp: nn.Module):

@@ -11,8 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hire.arch import head_module
-from hire.calibrate.states import collect_head_states, head_weight, needs_states
+from hire.calibrate.states import collect_head_states, head_base, head_weight, needs_states
 from hire.calibrate.train import train_lowrank_proxy
 from hire.config import HeadConfig
 from hire.files import atomic_path
@@ -59,8 +58,7 @@ def head_fingerprint(model: nn.Module) -> str:
     head in memory when it is in GGUF codes (a QLinear's weight dequantizes every row: 0.9 GB for a
     1.5B's head, just to take FINGERPRINT_SAMPLES values of it): its rows are dequantized a block at a time and
     only the sampled values kept."""
-    head = head_module(model)
-    base = getattr(head, "base_layer", head)
+    base = head_base(model)
     if not isinstance(base, QLinear):
         return weight_fingerprint(head_weight(model))
     rows, cols = base.q.shape

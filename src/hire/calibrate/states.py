@@ -29,10 +29,15 @@ def collect_head_states(model: nn.Module, windows: torch.Tensor, progress: bool 
     return states if max_states is None else states[:max_states]
 
 
+def head_base(model: nn.Module) -> nn.Module:
+    """The LM head module, the original while patched."""
+    head = head_module(model)
+    return getattr(head, "base_layer", head)
+
+
 def head_weight(model: nn.Module) -> torch.Tensor:
     """The LM head's weight (V, D), the original's while patched."""
-    head = head_module(model)
-    return getattr(head, "base_layer", head).weight.detach()
+    return head_base(model).weight.detach()
 
 
 def needs_states(cfg: HeadConfig) -> bool:

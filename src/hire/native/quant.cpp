@@ -212,6 +212,8 @@ QX quantize_x(const float* x, int64_t d) {
 constexpr int kLut4 = 9;
 constexpr int64_t chunk_bytes(int bits) { return bits == 4 || bits == kLut4 ? 32 : bits == 5 ? 40 : bits == 6 ? 48 : 64; }
 constexpr int zero_of(int bits) { return bits == kLut4 ? 128 : 1 << (bits - 1); }
+// the code width whose zero sums a matrix of `bits` reads (IQ4's table codes share 8-bit's zero, 128)
+constexpr int zero_bits(int64_t bits) { return bits == kLut4 ? 8 : static_cast<int>(bits); }
 alignas(16) constexpr uint8_t kIq4Codes[16] = {1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241};
 
 // code of column e (0..63) of a chunk (the scalar path and the checks)
@@ -787,7 +789,7 @@ float qdot_k16(const uint8_t* codes, const int8_t* sub, const int8_t* msub, cons
 // taken out of the integer sums. A lane holds 4 columns (vpdpbusd), for int8 and int16 activations alike.
 struct ZeroSums {
   std::vector<int32_t> by_bits[9];
-  const int32_t* get(int bits) const { return by_bits[bits == kLut4 ? 8 : bits].data(); }  // the same zero, 128
+  const int32_t* get(int bits) const { return by_bits[zero_bits(bits)].data(); }
 };
 
 // bits: a mask of the code widths (1 << bits) of the symmetric matrices that will read them
@@ -1068,7 +1070,7 @@ void with_quantized_x(int64_t act_bits, const float* x, int64_t width, int zmask
 }
 
 // the zero sums a matrix reads: its code width's where its codes are symmetric (no mins)
-inline int zero_mask(const QMat& w) { return w.mins.numel() ? 0 : 1 << (w.bits == kLut4 ? 8 : w.bits); }
+inline int zero_mask(const QMat& w) { return w.mins.numel() ? 0 : 1 << zero_bits(w.bits); }
 
 // B activations (rows of x, `width` apart) quantized each on its own, as with_quantized_x does one
 template <typename F>

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from hire.arch import apply_rope_freqs
 from hire.errors import HireError
 from hire.files import atomic_dir, source_key, verify_cache, write_manifest
 from hire.paths import cache_dir
-from hire.arch import apply_rope_freqs
 from hire.quant.formats import FLOAT_FORMATS, SUPPORTED
 from hire.quant.tensor import ACT_BITS, FloatLinear, QEmbedding, QLinear, QTensor
 

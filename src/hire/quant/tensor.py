@@ -166,23 +166,15 @@ class QTensor:
         s, m = _scale_pair(scales, mins)
         return cls(packed, torch.from_numpy(s), torch.from_numpy(m), bits, group, (out, inp), fmt_name, layout)
 
-    def row_slice(self, start: int, stop: int) -> "QTensor":
-        """Rows ``start:stop`` (rows layout) as a QTensor of views: no copy (Phi-3's fused q/k/v and
-        gate/up matrices read as their parts)."""
-        if self.layout != "rows":
-            raise ValueError("row_slice reads the rows layout")
-        mins = self.mins[start:stop] if self.mins.numel() else self.mins
-        supers = self.supers[start:stop] if self.two_level else self.supers
-        return QTensor(self.codes[start:stop], self.scales[start:stop], mins, self.bits, self.group,
-                       (stop - start, self.shape[1]), self.format, act_bits=self.act_bits, supers=supers)
-
-    def take_rows(self, idx: torch.Tensor) -> "QTensor":
-        """The rows ``idx`` (rows layout) as a QTensor of their own."""
+    def take_rows(self, idx: torch.Tensor | slice) -> "QTensor":
+        """The rows ``idx`` (rows layout) as a QTensor of their own: a copy for a tensor of row ids,
+        views (no copy) for a slice (Phi-3's fused q/k/v and gate/up read as their parts)."""
         if self.layout != "rows":
             raise ValueError("take_rows reads the rows layout")
+        codes = self.codes[idx]
         mins = self.mins[idx] if self.mins.numel() else self.mins
         supers = self.supers[idx] if self.two_level else self.supers
-        return QTensor(self.codes[idx], self.scales[idx], mins, self.bits, self.group, (idx.numel(), self.shape[1]),
+        return QTensor(codes, self.scales[idx], mins, self.bits, self.group, (codes.shape[0], self.shape[1]),
                        self.format, act_bits=self.act_bits, supers=supers)
 
     def to_layout(self, layout: str) -> "QTensor":
@@ -219,10 +211,7 @@ class QTensor:
     def eager_dequantize(self, rows: slice | None = None) -> torch.Tensor:
         """``dequantize`` in numpy (the reference of the native one)."""
         if self.layout == "rows" and rows is not None:
-            part = QTensor(self.codes[rows], self.scales[rows], self.mins[rows] if self.mins.numel() else self.mins,
-                           self.bits, self.group, (self.codes[rows].shape[0], self.shape[1]), self.format,
-                           act_bits=self.act_bits, supers=self.supers[rows] if self.two_level else self.supers)
-            return part.eager_dequantize()
+            return self.take_rows(rows).eager_dequantize()
         codes, scales, mins = self.unpacked()
         w = (codes.astype(np.float32) - np.float32(self.zero)).reshape(codes.shape[0], -1, self.group)
         w = w * scales[:, :, None]
