@@ -149,3 +149,33 @@ def test_decode_gemv_is_right_and_repeatable_at_any_width(width, n, seed):
     out = gemv(x)
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
     assert torch.equal(out, gemv(x))
+
+
+@pytest.mark.parametrize("u_bits", [8, 16])
+def test_fit_ranks_is_each_ranks_whitened_svd(u_bits, monkeypatch):
+    """One eigendecomposition serves every rank: each rank's U V is the best rank-r fit of W under the
+    states' second moment (the whitened SVD written out in full here), whatever other ranks are fitted
+    with it, with W read a few rows at a time."""
+    from hire.proxies import lowrank
+
+    monkeypatch.setattr(lowrank, "FIT_ROWS", 37)  # several slices, the last one short
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(200, 24, generator=g)
+    states = torch.randn(300, 24, generator=g) @ torch.randn(24, 24, generator=g)
+    s = states.double()
+    sigma = s.t() @ s / s.shape[0]
+    chol = torch.linalg.cholesky(sigma + 1e-4 * sigma.diagonal().mean() * torch.eye(24, dtype=torch.float64))
+    a = w.double() @ chol
+    _, vecs = torch.linalg.eigh(a.t() @ a)
+    ranks = [4, 16, 9]
+    fitted = list(LowRankProxy.fit_ranks(w, ranks, states, u_bits=u_bits))
+    for rank, proxy in zip(ranks, fitted):
+        q = vecs[:, -rank:].flip(-1)
+        want = (a @ q) @ (q.t() @ torch.linalg.inv(chol))  # U V = W L Q Q^T L^-1
+        got = proxy.dense_u().double() @ proxy.v.double()
+        tol = 0.02 if u_bits == 8 else 2e-3
+        assert (got - want).abs().max() <= tol * want.abs().max()
+        alone = LowRankProxy.from_weight(w, rank, states, u_bits=u_bits)
+        assert torch.equal(alone.dense_u(), proxy.dense_u()) and torch.equal(alone.v, proxy.v)
+    with pytest.raises(ValueError, match="rank 25 must be between 1"):
+        LowRankProxy.fit_ranks(w, [4, 25], states)

@@ -22,6 +22,7 @@ from hire.topk import (
     select_topk,
     statistical_threshold,
     statistical_topk,
+    topk_ranks,
 )
 
 shapes = st.tuples(st.integers(1, 4), st.integers(2, 300), st.integers(1, 48))  # (N, n, D)
@@ -348,3 +349,26 @@ def test_int4_ffn_kernel_selects_by_the_rule_ties_included(parts):
             want = native.reference_ffn_rows(x, rows, select_neurons(est, keep), act, parts)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * max(want.abs().max().item(), 1.0))
     assert tied_at_threshold >= 4  # the ties the test is about did occur
+
+
+@given(st.integers(1, 4), st.integers(1, 6), st.integers(1, 40), st.integers(0, 2**31 - 1), st.data())
+def test_topk_ranks_give_the_recall_of_every_topk_and_local_topk(n_tokens, blocks, per, seed, data):
+    """A row is in the top-c exactly when fewer than c rows beat it, and in the local top-c when fewer
+    than c / blocks rows of its block do: the recall of every c from one call, as recall_at_k of
+    torch.topk and local_topk measures it (random floats: no ties; a NaN is never kept)."""
+    n = blocks * per
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(n_tokens, n, generator=g)
+    if data.draw(st.booleans()):
+        scores[0, data.draw(st.integers(0, n - 1))] = float("nan")
+    k = data.draw(st.integers(1, n))
+    idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(n_tokens)])
+    ranks, block_ranks = topk_ranks(scores, idx, blocks)
+    assert torch.equal(ranks, topk_ranks(scores, idx)[0])
+    for c in range(1, n + 1):
+        want = recall_at_k(idx, scores.masked_fill(scores.isnan(), float("-inf")).topk(c).indices)
+        assert torch.equal((ranks < c).float().mean(-1), want)
+    for c in range(blocks, n + 1, blocks):
+        assert torch.equal((block_ranks < c // blocks).float().mean(-1), recall_at_k(idx, local_topk(scores, c, blocks)))
+    with pytest.raises(ValueError, match="blocks=7 must be >= 1 and divide"):
+        topk_ranks(torch.randn(1, 30), torch.zeros(1, 2, dtype=torch.long), 7)

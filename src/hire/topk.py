@@ -124,8 +124,56 @@ def recall_at_k(true_idx: torch.Tensor, approx_idx: torch.Tensor) -> torch.Tenso
 
     # true_idx: (N, k), approx_idx: (N, m) -> (N,)
     """
-    hits = (true_idx.unsqueeze(-1) == approx_idx.unsqueeze(-2)).any(-1)  # (N, k)
+    ordered = approx_idx.sort(dim=-1).values  # membership by binary search: (N, m) memory, not (N, k, m)
+    at = torch.searchsorted(ordered, true_idx.contiguous()).clamp_(max=ordered.shape[-1] - 1)
+    hits = ordered.gather(-1, at) == true_idx  # (N, k)
     return hits.float().mean(-1)
+
+
+def merge_topk(best: tuple[torch.Tensor, torch.Tensor] | None, values: torch.Tensor, idx: torch.Tensor,
+               k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running top-k of a scan over slices of the rows: ``best`` (values, row ids) so far (None at
+    the first slice) merged with a slice's ``values`` and their row ids ``idx``; sorted descending.
+    # best: (N, <=k) each, values/idx: (N, m) -> (N, min(k, ...)) each"""
+    if best is not None:
+        values, idx = torch.cat([best[0], values], -1), torch.cat([best[1], idx], -1)
+    top, pos = values.topk(min(k, values.shape[-1]), dim=-1)
+    return top, idx.gather(-1, pos)
+
+
+def topk_ranks(scores: torch.Tensor, idx: torch.Tensor, blocks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where rows ``idx`` stand in ``scores``' descending order: how many rows score strictly higher
+    (0 = the best), and how many rows of the same interleaved block do (``local_topk``'s ``blocks``
+    blocks: row i is in block i % blocks). A row is among ``torch.topk(scores, c)`` exactly when its
+    rank is below c, and among ``local_topk(scores, c, blocks)`` when its block rank is below
+    c / blocks (ties apart), so one call gives the recall of every c at once, without a sort: each
+    score is placed among the k scores of ``idx`` (a binary search over k) and counted per block.
+    NaN counts as -inf, as in ``local_topk``.
+    # scores: (N, n), idx: (N, k) -> ranks, block ranks: (N, k) int64 each"""
+    n_pos, n = scores.shape
+    if blocks < 1 or n % blocks:
+        raise ValueError(f"blocks={blocks} must be >= 1 and divide the number of rows n={n}")
+    scores = scores.float()
+    if scores.isnan().any():
+        scores = scores.masked_fill(scores.isnan(), float("-inf"))
+    k, dev = idx.shape[1], scores.device
+    ref, order = scores.gather(1, idx).sort(dim=1)  # (N, k) ascending
+    # a row beats ref[p] exactly when at least p + 1 of the k scores are below its own
+    bins = n_pos * blocks * (k + 1)
+    wide = bins > 2**31 - 1
+    key = torch.searchsorted(ref, scores, out_int32=not wide)  # (N, n) in [0, k]: made a (position, block, count) bin
+    key.add_((torch.arange(n, device=dev, dtype=key.dtype) % blocks) * (k + 1))
+    key.add_(torch.arange(n_pos, device=dev, dtype=key.dtype)[:, None] * (blocks * (k + 1)))
+    counts = torch.bincount(key.view(-1), minlength=bins).view(n_pos, blocks, k + 1)
+    del key
+    at_least = torch.arange(1, k + 1, device=dev).expand(n_pos, k)  # (N, k): ref[p] needs p + 1 below
+    whole = counts.sum(1).flip(-1).cumsum(-1).flip(-1)  # (N, k + 1): rows with at least j of the k below
+    ranks = whole.gather(1, at_least)
+    above = counts.flip(-1).cumsum(-1).flip(-1)  # (N, B, k + 1), per block
+    block = (idx.gather(1, order) % blocks)[..., None].expand(-1, -1, k + 1)  # (N, k, k + 1)
+    block_ranks = above.gather(1, block).gather(2, at_least[..., None])[..., 0]
+    unsort = torch.empty_like(order).scatter_(1, order, torch.arange(k, device=dev).expand(n_pos, k))
+    return ranks.gather(1, unsort), block_ranks.gather(1, unsort)
 
 
 def mask_recall(true_mask: torch.Tensor, approx_mask: torch.Tensor) -> torch.Tensor:

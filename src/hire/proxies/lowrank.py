@@ -16,7 +16,7 @@ a margin of spreads (``decode_bound``, hire.engine.sampling).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 
@@ -106,6 +106,19 @@ def _native_ops():
     return torch.ops.hire
 
 
+FIT_ROWS = 4096  # rows of W read at a time (in float64: 29 MB a slice at D = 896) by fit_ranks, with_optimism, scores
+
+
+def _second_moment(states: torch.Tensor) -> torch.Tensor:
+    """E[x x^T] over the rows of ``states`` in float64, a slice of rows at a time.  # (N, D) -> (D, D)"""
+    width = states.shape[1]
+    sigma = torch.zeros(width, width, dtype=torch.float64)
+    for start in range(0, states.shape[0], FIT_ROWS):
+        s = states[start : start + FIT_ROWS].detach().double()
+        sigma.addmm_(s.t(), s)
+    return sigma / states.shape[0]
+
+
 class LowRankProxy:
     """scores~ = U (V x) with U (n, r) stored in 8 or 16 bits and V (r, D) in 16 bits."""
 
@@ -143,14 +156,35 @@ class LowRankProxy:
 
         # weight: (n, D), states: (N, D) -> U: (n, r), V: (r, D)
         """
+        return next(cls.fit_ranks(weight, [rank], states, u_bits, ridge))
+
+    @classmethod
+    def fit_ranks(
+        cls,
+        weight: torch.Tensor,
+        ranks: list[int] | tuple[int, ...],
+        states: torch.Tensor | None = None,
+        u_bits: int = 16,
+        ridge: float = 1e-4,
+    ) -> Iterator["LowRankProxy"]:
+        """``from_weight`` for each rank of ``ranks``, from one eigendecomposition: the best rank-r
+        subspaces of W L are nested, so every rank's factors are slices of the same eigenvectors.
+        W is read a slice of rows at a time (in float64, never whole: a copy of a 1.5B model's head
+        in float64 is 1.9 GB); ``weight`` may be anything sliced by rows with a ``shape``
+        (hire.calibrate.states.HeadRows: a GGUF head dequantized a slice at a time). The proxies come
+        one at a time as they are iterated (the arguments are checked and the eigendecomposition made
+        at the call): a caller that keeps one rank at a time holds one U.
+
+        # weight: (n, D), states: (N, D) -> [U: (n, r), V: (r, D)] per rank
+        """
         n, width = weight.shape
-        if rank < 1 or rank > min(n, width):
-            raise ValueError(
-                f"rank {rank} must be between 1 and min(rows, width) = {min(n, width)} for a {n}x{width} weight"
-            )
+        for rank in ranks:
+            if rank < 1 or rank > min(n, width):
+                raise ValueError(
+                    f"rank {rank} must be between 1 and min(rows, width) = {min(n, width)} for a {n}x{width} weight"
+                )
         if u_bits not in (8, 16):
             raise ValueError(f"u_bits must be 8 or 16, got {u_bits}")
-        w = weight.detach().double()
         if states is None:
             chol = torch.eye(width, dtype=torch.float64)
         else:
@@ -160,19 +194,30 @@ class LowRankProxy:
                 raise ValueError(
                     f"need at least {width} calibration states to whiten a width-{width} layer, got {states.shape[0]}"
                 )
-            s = states.detach().double()
-            sigma = s.t() @ s / s.shape[0]  # (D, D)
+            sigma = _second_moment(states)  # (D, D)
             sigma += ridge * sigma.diagonal().mean() * torch.eye(width, dtype=torch.float64)
             chol = torch.linalg.cholesky(sigma)  # (D, D) lower
-        a = w @ chol  # (n, D)
-        _, eigvecs = torch.linalg.eigh(a.t() @ a)  # ascending eigenvalues
-        q = eigvecs[:, -rank:].flip(-1)  # (D, r), strongest first
-        u = a @ q  # (n, r)
-        # V = Q^T L^-1, i.e. V^T solves L^T Y = Q
-        v = torch.linalg.solve_triangular(chol.t(), q, upper=True).t()  # (r, D)
-        u_store: torch.Tensor | QuantizedMatrix
-        u_store = QuantizedMatrix.from_weight(u.float(), bits=8, group_size=rank) if u_bits == 8 else u.to(torch.float16)
-        return cls(u_store, v.to(torch.float16))
+        gram = torch.zeros(width, width, dtype=torch.float64)  # W^T W, a slice of rows at a time
+        for start in range(0, n, FIT_ROWS):
+            w = weight[start : start + FIT_ROWS].detach().double()
+            gram.addmm_(w.t(), w)
+        _, eigvecs = torch.linalg.eigh(chol.t() @ gram @ chol)  # (W L)^T (W L), ascending eigenvalues
+
+        def each_rank():
+            for rank in ranks:
+                q = eigvecs[:, -rank:].flip(-1)  # (D, r), strongest first
+                lq = chol @ q  # U = W L Q
+                u = torch.empty(n, rank, dtype=torch.float32)
+                for start in range(0, n, FIT_ROWS):
+                    u[start : start + FIT_ROWS] = weight[start : start + FIT_ROWS].detach().double() @ lq
+                # V = Q^T L^-1, i.e. V^T solves L^T Y = Q
+                v = torch.linalg.solve_triangular(chol.t(), q, upper=True).t()  # (r, D)
+                u_store: torch.Tensor | QuantizedMatrix
+                u_store = QuantizedMatrix.from_weight(u, bits=8, group_size=rank) if u_bits == 8 else u.to(torch.float16)
+                del u
+                yield cls(u_store, v.to(torch.float16))
+
+        return each_rank()
 
     @property
     def rank(self) -> int:
@@ -195,16 +240,16 @@ class LowRankProxy:
     def with_optimism(self, weight: torch.Tensor, states: torch.Tensor, c: float) -> "LowRankProxy":
         """This proxy with ``c`` times each row's error spread over ``states`` added to its score
         (see the module docstring); c = 0 drops the bias. The spread is kept either way (``spread``).
+        ``weight``: as ``fit_ranks`` reads it, a slice of rows at a time.
         # weight: (n, D), states: (N, D)"""
         if c < 0:
             raise ValueError(f"optimism must be >= 0, got {c}")
-        s = states.detach().double()
-        sigma = s.t() @ s / s.shape[0]  # (D, D)
+        sigma = _second_moment(states)  # (D, D)
         spread = torch.empty(weight.shape[0], dtype=torch.float64)
         v = self.v.double()
-        for start in range(0, weight.shape[0], 16384):  # residual rows r_i = W_i - U_i V, a slice at a time
-            u = self._u_rows(torch.arange(start, min(start + 16384, weight.shape[0])), torch.float64)
-            r = weight[start : start + 16384].double() - u @ v
+        for start in range(0, weight.shape[0], FIT_ROWS):  # residual rows r_i = W_i - U_i V, a slice at a time
+            u = self._u_rows(torch.arange(start, min(start + FIT_ROWS, weight.shape[0])), torch.float64)
+            r = weight[start : start + FIT_ROWS].double() - u @ v
             spread[start : start + r.shape[0]] = ((r @ sigma) * r).sum(-1).clamp_min(0).sqrt()
         return LowRankProxy(self.u, self.v, (c * spread).to(torch.float16) if c else None, spread.float())
 
@@ -219,9 +264,15 @@ class LowRankProxy:
         return (self.u if rows is None else self.u.index_select(0, rows)).to(dtype)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (N, D) -> (N, n)
+        """Every row's score, U read (and converted to ``x``'s dtype) ``FIT_ROWS`` rows at a time: never
+        a whole float copy of U (117 MB for a 152k x 192 U in float32, twice that while dequantizing).
+        # x: (N, D) -> (N, n)"""
         z = x @ self.v.t().to(x.dtype)  # (N, r)
-        out = z @ self._u_rows(None, x.dtype).t()
+        n = self.u.shape[0]
+        out = torch.empty(x.shape[0], n, dtype=z.dtype)
+        for start in range(0, n, FIT_ROWS):
+            rows = torch.arange(start, min(n, start + FIT_ROWS))
+            out[:, start : start + rows.numel()] = z @ self._u_rows(rows, x.dtype).t()
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def scores_rows(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
