@@ -130,3 +130,37 @@ def test_config_with_proxy_file_loads_it_and_checks_the_model(tmp_path):
         cached_head_proxy(other, loaded.head, torch.randint(0, VOCAB, (1, 8)), progress=False)
     with pytest.raises(ValueError, match="proxy_file holds a low-rank proxy"):
         HeadConfig(proxy="int8", proxy_file="x.safetensors")
+
+
+def test_the_head_is_read_a_slice_at_a_time_as_the_whole(tmp_path):
+    """HeadRows gives a GGUF head's rows dequantized slice by slice (and a float head's as they are),
+    and exact_topk over its slices is torch.topk over the whole logits."""
+    from test_quant import write_gguf
+
+    from hire.calibrate.states import HeadRows, exact_topk
+    from hire.quant import load_quantized
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path)
+    codes = load_quantized(path)[0]
+    for model in (codes, make("llama")):
+        rows = HeadRows(model)
+        whole = model.get_output_embeddings().weight.float()
+        assert rows.shape == tuple(whole.shape)
+        torch.testing.assert_close(torch.cat([rows[s : s + 37] for s in range(0, VOCAB, 37)]), whole, rtol=0, atol=0)
+        states = torch.randn(9, WIDTH)
+        want = (states @ whole.t()).topk(12, dim=-1).indices
+        assert torch.equal(exact_topk(rows, states, 12, block=50), want)
+        with pytest.raises(TypeError, match="contiguous slice"):
+            rows[torch.tensor([1, 2])]
+
+
+def test_collecting_states_stops_at_the_head():
+    """The head's input is all collect_head_states needs: the head itself never runs."""
+    model = make("llama")
+    calls = []
+    model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    states = collect_head_states(model, torch.randint(0, VOCAB, (2, 8)), progress=False)
+    assert states.shape == (16, WIDTH) and calls == []
+    model(torch.randint(0, VOCAB, (1, 8)))  # the hook removed: the model runs whole again
+    assert calls == [1]

@@ -325,3 +325,47 @@ def test_each_rank_is_also_tried_with_the_local_top_k(states, tmp_path, monkeypa
     assert report["chosen"] == local[0] | {"ms": ms[pair_name(local[0]["rank"], local[0]["candidates"], 8)]}
     assert (head.rank, head.candidates, head.select_blocks) == (local[0]["rank"], local[0]["candidates"], 8)
     assert "local top-k over 8 blocks" in report["reason"]
+
+
+def test_the_choice_and_the_proxy_share_one_pass_over_the_calibration_text(model_dir, tmp_path, monkeypatch):
+    """Choosing the head and fitting its proxy need the same states: a first run collects them once
+    (a forward pass per calibration window: minutes on a 0.5B model), a run with both cached not at all."""
+    from hire.calibrate import proxy_cache
+
+    monkeypatch.setenv("HIRE_CACHE", str(tmp_path))
+    monkeypatch.setattr(auto_mod, "measure_head_times", FakeTimer(lambda name: 2.0 if name == "dense" else 1.0))
+    calls = []
+
+    def counted(model, windows, progress=True, max_states=None):
+        calls.append(windows.shape[0])
+        return collect_head_states(model, windows, progress=False)
+
+    monkeypatch.setattr(prepare_mod, "collect_head_states", counted)
+    monkeypatch.setattr(proxy_cache, "collect_head_states", counted)
+    config = HiReConfig(head=HeadConfig(k=8, auto=True, proxy="lowrank"))
+    first = prepare_mod.prepare_model(model_dir, config, seq_len=32, calib_windows=8, progress=False)
+    assert calls == [8] and first.config.head.enabled and first.head_proxy is not None
+    again = prepare_mod.prepare_model(model_dir, config, seq_len=32, calib_windows=8, progress=False)
+    assert calls == [8] and again.config == first.config
+    assert torch.equal(again.head_proxy.dense_u(), first.head_proxy.dense_u())
+
+
+@pytest.mark.parametrize("slower", [1.04, 1.06])
+def test_settings_as_fast_within_the_noise_go_to_the_fewest_bytes(states, tmp_path, monkeypatch, slower):
+    """Two runs on a shared machine time near settings in either order; within TIME_TIE (5 %) of the
+    fastest, the setting reading the fewest bytes is chosen, beyond it the fastest."""
+    monkeypatch.setenv("HIRE_CACHE", str(tmp_path))
+    model, fit, check = states
+    cfg = HeadConfig(k=8, auto=True, proxy="lowrank")
+    _, by_bytes = choose_head(model, cfg, fit, check, *TARGETS, ranks=RANKS, candidates=LADDER, measure=False)
+    order = sorted(_met(by_bytes), key=lambda e: e["bytes_fraction"])
+    cheapest, costliest = order[0], order[-1]
+    assert cheapest["bytes_fraction"] < costliest["bytes_fraction"]
+    ms = {pair_name(e["rank"], e["candidates"]): 2.0 for e in order}
+    ms[pair_name(costliest["rank"], costliest["candidates"])] = 1.0
+    ms[pair_name(cheapest["rank"], cheapest["candidates"])] = slower
+    head, report = choose_head(model, cfg, fit, check, *TARGETS, ranks=RANKS, candidates=LADDER,
+                               timer=FakeTimer(lambda name: 10.0 if name == "dense" else ms[name]))
+    want = cheapest if slower <= 1 + auto_mod.TIME_TIE else costliest
+    assert (head.rank, head.candidates) == (want["rank"], want["candidates"])
+    assert report["chosen"]["ms"] == (slower if want is cheapest else 1.0)

@@ -50,3 +50,41 @@ def test_dense_bytes_count_every_weight_once(arch):
     assert b["ffn"] >= 2 * 2 * WIDTH * FFN  # patched or not, same FFN count
     hire.sparsify_(model, HiReConfig(head=HeadConfig(proxy="int8", candidates=64), ffn=FFNConfig(density=0.5)))
     assert bytes_per_token(model)["dense"] == b
+
+
+@pytest.mark.parametrize("ffn", [False, True])
+def test_eval_measures_what_the_whole_models_logits_give(ffn, monkeypatch):
+    """hire eval reads the dense logits a few positions at a time (and, when only the head differs,
+    takes the HiRE column from the same pass): perplexity, recall and agreement are those of the
+    model's own forward pass and its full (T, V) logits, whatever the chunk."""
+    from hire.eval import quality
+    from hire.eval.quality import perplexity
+    from hire.patch import set_mode
+    from hire.topk import recall_at_k
+
+    model = make("llama")
+    windows = torch.randint(0, VOCAB, (2, 24))
+    cfg = HiReConfig(head=HeadConfig(k=5, candidates=32, proxy="int8"),
+                     ffn=FFNConfig(density=0.5) if ffn else FFNConfig(enabled=False))
+    monkeypatch.setattr(quality, "SELECT_CHUNK", 7)  # 24 positions: chunks of 7, 7, 7, 3
+    monkeypatch.setattr(quality, "HEAD_ROWS", 37)  # the head in slices of 37 rows, the last one short
+    r = evaluate(model, windows, cfg, progress=False)
+    assert r["ppl_dense"] == pytest.approx(perplexity(model, windows), rel=1e-5)
+    hire.sparsify_(model, cfg)
+    head = model.get_output_embeddings()
+    r1 = rk = 0.0
+    for window in windows:  # the same figures from the whole window's logits
+        set_mode(model, head="dense", ffn="dense")
+        out = model(window.unsqueeze(0), output_hidden_states=True)
+        logits, states = out.logits[0], out.hidden_states[-1][0]
+        top = logits.topk(5, dim=-1).indices
+        cand = head.selector.select(states)  # the last hidden state is the final norm's output
+        r1 += float(recall_at_k(top[:, :1], cand).sum())
+        rk += float(recall_at_k(top, cand).sum())
+    set_mode(model, head="dense", ffn="always")
+    hire_ppl = perplexity(model, windows)
+    hire.unsparsify_(model)
+    assert r["head_recall_at_1"] == pytest.approx(r1 / 48) and r["head_recall_at_k"] == pytest.approx(rk / 48)
+    assert r["ppl_hire"] == pytest.approx(hire_ppl, rel=1e-5)
+    if not ffn:
+        assert r["ppl_hire"] == r["ppl_dense"]

@@ -6,7 +6,8 @@ searched: for each rank on a ladder the activation-aware proxy is fitted on most
 windows and checked on the windows held back (whole windows, so the check is on positions the fit
 never saw), and the smallest k' reaching both recall targets is kept.
 
-Among those (rank, k') the fastest wins, measured on this machine: the HiRE head's decode-time
+Among those (rank, k') the fastest wins (of those within ``TIME_TIE`` of it, the one reading the
+fewest bytes), measured on this machine: the HiRE head's decode-time
 call (``HiReLMHead.decode``, what the engine runs per token) and the dense head's
 (``exact_logits`` over every row) are timed in one loop, taking turns, on a few held-back hidden
 states; medians after a warm-up. A head's time does not follow its bytes (the first pass over the
@@ -37,15 +38,16 @@ from torch import nn
 
 from hire import native
 from hire.arch import head_module
-from hire.calibrate.proxy_cache import head_fingerprint, weight_fingerprint
-from hire.calibrate.states import head_weight
+from hire.calibrate.proxy_cache import head_fingerprint
+from hire.calibrate.states import HeadRows, exact_topk
 from hire.config import HeadConfig
 from hire.files import atomic_write_json
 from hire.layers.head import HiReLMHead, exact_logits, native_rows_for
 from hire.paths import cache_dir
 from hire.proxies import Cascade, LowRankProxy
 from hire.quant.tensor import QLinear
-from hire.topk import local_topk, recall_at_k
+from hire.system import release_freed_memory, returned_allocations
+from hire.topk import topk_ranks
 
 log = logging.getLogger("hire")
 
@@ -68,23 +70,25 @@ TIMING_WARMUP = 5
 TIMING_BLOCKS = 5  # the medians are the quietest block of rounds' (measure_head_times)
 TIMING_STATES = 8
 MIN_GAIN = 0.02
+# settings whose times are within this fraction of the fastest's are taken as equally fast (two runs on a
+# shared machine differ by more: a 0.5B's rank 128 / k' 12,288 and rank 192 / k' 6,144 changed places),
+# and the one reading the fewest bytes among them is chosen
+TIME_TIE = 0.05
+CHECK_CHUNK = 64  # check states scored at a time (their proxy scores: 39 MB at a 152k vocabulary)
 DECODE_DTYPE = torch.float16  # the engine's default (hire.engine.Engine)
 TIMINGS_VERSION = 1
 
 Timer = Callable[[dict[str, Callable[[torch.Tensor], object]], torch.Tensor], dict[str, float]]
 
 
-@torch.no_grad()
-def _recalls(scores: torch.Tensor, true: torch.Tensor, ladder: list[int], blocks: int = 0) -> torch.Tensor:
-    """Per position, recall@1 and recall@k of the proxy's top-c for every c of the ladder (one sort),
-    or with ``blocks`` of its local top-c over that many blocks (``local_topk``, one per c).
-    # scores: (N, V), true: (N, k) -> (N, len(ladder), 2)"""
-    if blocks:
-        picks = (local_topk(scores, c, blocks) for c in ladder)
-    else:
-        order = scores.topk(ladder[-1], dim=-1).indices
-        picks = (order[:, :c] for c in ladder)
-    return torch.stack([torch.stack([recall_at_k(true[:, :1], idx), recall_at_k(true, idx)], -1) for idx in picks], 1)
+def _recalls(ranks: torch.Tensor, ladder: list[int], blocks: int = 1) -> torch.Tensor:
+    """Per position, recall@1 and recall@k of the proxy's top-c for every c of the ladder, from where
+    the true top-k stand in the proxy's order (``hire.topk.topk_ranks``), or with ``blocks``, of its
+    local top-c over that many blocks (c / blocks per block) from their ranks within their blocks.
+    # ranks: (N, k) -> (N, len(ladder), 2)"""
+    limits = torch.tensor([c // blocks for c in ladder])
+    inside = (ranks[:, None, :] < limits[None, :, None]).float()  # (N, L, k)
+    return torch.stack([inside[..., 0], inside.mean(-1)], -1)
 
 
 def pair_name(rank: int, candidates: int, blocks: int = 0) -> str:
@@ -99,6 +103,7 @@ def select_blocks_for(vocab: int, blocks: tuple[int, ...] = BLOCKS) -> int:
 
 
 @torch.no_grad()
+@returned_allocations()  # its loops allocate and free MBs in turn (hire.system)
 def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor, check_states: torch.Tensor,
                 target_recall_at_1: float = TARGET_RECALL_AT_1,
                 target_recall_at_k: float = TARGET_RECALL_AT_K, ranks: tuple[int, ...] = RANKS,
@@ -119,26 +124,29 @@ def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor, che
     was tried (with each pair's ``ms`` per token when timed), ``timing`` (the dense head's ms, where
     the timings came from), ``by`` ("time", "bytes", or "recall" when no setting reached the targets),
     ``chosen`` and ``reason``."""
-    weight = head_weight(model).float()
-    fingerprint = weight_fingerprint(weight)
+    weight = HeadRows(model)  # float32 rows a slice at a time: never the whole head in float32
+    fingerprint = head_fingerprint(model)
     vocab, width = weight.shape
     ranks = [r for r in ranks if r <= width // 4] or [max(1, width // 4)]
     ladder = [c for c in candidates if cfg.k <= c <= vocab // 4] or [max(cfg.k, vocab // 4)]
-    chunks = check_states.split(256)
-    true = [(h @ weight.t()).topk(cfg.k, dim=-1).indices for h in chunks]
+    chunks = check_states.split(CHECK_CHUNK)
+    true = exact_topk(weight, check_states, cfg.k).split(CHECK_CHUNK)
     tried, proxies = [], {}
     row_bytes = decode_row_bytes(model)
     nblocks = select_blocks_for(vocab, blocks)
     local_ladder = [c for c in ladder if nblocks and c % nblocks == 0]
-    for rank in ranks:
-        proxy = LowRankProxy.from_weight(weight, rank, states=fit_states, u_bits=cfg.rank_bits)
-        scores = [proxy.scores(h).float() for h in chunks]
-        recall = torch.cat([_recalls(sc, t, ladder) for sc, t in zip(scores, true)]).mean(0)
-        variants = [(0, ladder, recall)]
+    for rank, proxy in zip(ranks, LowRankProxy.fit_ranks(weight, ranks, states=fit_states, u_bits=cfg.rank_bits)):
+        whole, local = torch.zeros(len(ladder), 2), torch.zeros(len(local_ladder), 2)
+        scorer = LowRankProxy(proxy.dense_u(), proxy.v)  # U in float32 once, not per chunk
+        for h, t in zip(chunks, true):  # a chunk's scores at a time (all of them: GBs at a 152k vocabulary)
+            ranks_h, block_ranks = topk_ranks(scorer.scores(h), t, nblocks or 1)
+            whole += _recalls(ranks_h, ladder).sum(0)
+            if local_ladder:
+                local += _recalls(block_ranks, local_ladder, nblocks).sum(0)
+        del scorer
+        variants = [(0, ladder, whole / check_states.shape[0])]
         if local_ladder:
-            variants.append((nblocks, local_ladder,
-                             torch.cat([_recalls(sc, t, local_ladder, nblocks) for sc, t in zip(scores, true)]).mean(0)))
-        del scores
+            variants.append((nblocks, local_ladder, local / check_states.shape[0]))
         for nb, steps, rec in variants:
             r1, rk = rec[:, 0].tolist(), rec[:, 1].tolist()
             ok = [i for i in range(len(steps)) if r1[i] >= target_recall_at_1 and rk[i] >= target_recall_at_k]
@@ -165,7 +173,7 @@ def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor, che
             report["timing_error"] = f"{type(err).__name__}: {err}"
             log.warning("hire: timing the head settings failed (%s); choosing by bytes read instead",
                         report["timing_error"])
-    proxies.clear()
+    proxies.clear()  # with the decode layouts timing gave them
     if timing is None:
         return _by_bytes(cfg, report, met, ranks, ladder, target_recall_at_1, target_recall_at_k)
     for e in met:
@@ -173,6 +181,9 @@ def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor, che
     report["timing"] = {key: value for key, value in timing.items() if key != "pairs"}
     dense_ms = timing["dense_ms"]
     best = min(met, key=lambda e: e["ms"])
+    near = [e for e in met if e["ms"] <= best["ms"] * (1 + TIME_TIE) and e["ms"] < dense_ms * (1 - MIN_GAIN)]
+    if near:  # as fast as the fastest, within the noise: the fewest bytes
+        best = min(near, key=lambda e: e["bytes_fraction"])
     where = f"rank {best['rank']}, k' {best['candidates']}" + (
         f" (local top-k over {best['select_blocks']} blocks)" if best["select_blocks"] else "")
     if best["ms"] >= dense_ms * (1 - MIN_GAIN):
@@ -183,7 +194,8 @@ def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor, che
     report["by"], report["chosen"] = "time", best
     report["reason"] = (f"{where}: {best['ms']:.3f} ms per token against the dense head's {dense_ms:.3f} ms "
                         f"({dense_ms / best['ms']:.2f}x), the fastest of the {len(met)} settings reaching the recall "
-                        f"targets on this machine ({100 * best['bytes_fraction']:.1f}% of the head's bytes)")
+                        f"targets on this machine, or within {100 * TIME_TIE:.0f}% of it with fewer bytes read "
+                        f"({100 * best['bytes_fraction']:.1f}% of the head's bytes)")
     log.info("hire: head chosen on calibration text: %s (check recall@1 %.4f, recall@k %.4f)", report["reason"],
              best["recall_at_1"], best["recall_at_k"])
     return chosen_head(cfg, best), report
@@ -349,6 +361,7 @@ def timed_heads(model: nn.Module, cfg: HeadConfig,
         # hire.patch.build_head_selector's low-rank selector, on the proxy already fitted
         head = HiReLMHead(base, pair_cfg, Cascade([proxy], [count], pair_cfg.select_blocks))
         head.prepare_decode(DECODE_DTYPE)
+        release_freed_memory()  # packing leaves ~10x U's bytes of freed heap blocks behind (hire.system)
         heads[pair_name(rank, count, nb)] = head.decode
     return heads
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from hire.models import load_model
 from hire.models.load import gguf_source
 from hire.paths import cache_dir
 from hire.recommended import quantized_config
+from hire.system import release_freed_memory
 
 
 class Prepared(NamedTuple):
@@ -35,13 +36,16 @@ class Prepared(NamedTuple):
 
 
 def resolve_auto_head(model: nn.Module, config: HiReConfig, windows: torch.Tensor,
-                      progress: bool = True, measure: bool = True, fit: bool = True) -> tuple[HiReConfig, dict] | None:
+                      progress: bool = True, measure: bool = True, fit: bool = True,
+                      states: Callable[[], torch.Tensor] | None = None) -> tuple[HiReConfig, dict] | None:
     """``config`` with its ``auto`` head chosen (hire.calibrate.auto.choose_head) on ``windows``: the
     proxy is fitted on three windows in four and checked on the fourth; the fastest setting on this
     machine wins (``measure=False``: the cheapest in bytes). The choice is cached by weight, windows,
     targets and, as it was timed, the machine and the head's decode form (a JSON file beside the
     fitted proxies; the head timings have their own cache, hire.calibrate.auto.head_timings).
-    ``fit=False``: None instead of choosing when the choice is not cached."""
+    ``fit=False``: None instead of choosing when the choice is not cached. ``states``: gives the head's
+    inputs over all ``windows`` (W * T, D) when they are needed (``prepare_model`` shares them with
+    the proxy's fit); default: collected here."""
     if windows.shape[0] < 4:
         raise ValueError(f"choosing the head (auto) needs at least 4 calibration windows, got {windows.shape[0]}; "
                          "raise --calib-windows")
@@ -63,8 +67,10 @@ def resolve_auto_head(model: nn.Module, config: HiReConfig, windows: torch.Tenso
         return None
     if report is None:
         check = torch.arange(windows.shape[0]) % 4 == 3
-        fit_states = collect_head_states(model, windows[~check], progress=progress)
-        check_states = collect_head_states(model, windows[check], progress=progress)
+        every = states() if states is not None else collect_head_states(model, windows, progress=progress)
+        every = every.view(windows.shape[0], windows.shape[1], -1)
+        fit_states, check_states = (every[rows].reshape(-1, every.shape[-1]) for rows in (~check, check))
+        del every
         head, report = choose_head(model, config.head, fit_states, check_states, measure=measure)
         if "timing_error" not in report:  # a choice by bytes because timing failed is made again next time
             with atomic_path(path) as tmp:
@@ -84,14 +90,22 @@ def prepare_model(model_name: str, config: HiReConfig | None, *, seq_len: int = 
     head_proxy = auto = None
     if config is not None and config.head.enabled and (config.head.auto or needs_states(config.head)):
         calib = calibration_windows(tokenizer, seq_len, calib_windows)
+        collected: list[torch.Tensor] = []
+
+        def states() -> torch.Tensor:  # the head's inputs over ``calib``: one pass, for the choice and the fit
+            if not collected:
+                collected.append(collect_head_states(model, calib, progress=progress))
+                release_freed_memory()  # the forward passes' freed intermediates (hire.system)
+            return collected[0]
+
         if config.head.auto:
-            resolved = resolve_auto_head(model, config, calib, progress=progress, fit=fit)
+            resolved = resolve_auto_head(model, config, calib, progress=progress, fit=fit, states=states)
             if resolved is None:
                 return Prepared(model, tokenizer, None, _head_off(config), None,
                                 pending="the head's settings are not chosen for this model yet")
             config, auto = resolved
         if needs_states(config.head):
-            head_proxy = cached_head_proxy(model, config.head, calib, progress=progress, fit=fit)
+            head_proxy = cached_head_proxy(model, config.head, calib, progress=progress, fit=fit, states=states)
             if head_proxy is None:
                 return Prepared(model, tokenizer, None, _head_off(config), auto,
                                 pending="the head's proxy is not fitted for this model yet")

@@ -7,26 +7,29 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
-from hire.calibrate.states import collect_head_states, head_base, head_weight, needs_states
+from hire.calibrate.states import HeadRows, collect_head_states, head_base, head_weight, needs_states
 from hire.calibrate.train import train_lowrank_proxy
 from hire.config import HeadConfig
 from hire.files import atomic_path
 from hire.paths import cache_dir
 from hire.proxies import LowRankProxy
 from hire.quant.tensor import QLinear
+from hire.system import returned_allocations
 
 log = logging.getLogger("hire")
 
 
 def fit_head_proxy(model: nn.Module, cfg: HeadConfig, states: torch.Tensor) -> LowRankProxy:
     """Activation-aware low-rank proxy of the LM head, for ``lowrank`` and ``cascade`` heads."""
-    return LowRankProxy.from_weight(head_weight(model), cfg.rank, states=states, u_bits=cfg.rank_bits)
+    return LowRankProxy.from_weight(HeadRows(model), cfg.rank, states=states, u_bits=cfg.rank_bits)
 
 
+@returned_allocations()  # the head read a slice at a time (hire.system)
 def fit_and_train(model: nn.Module, cfg: HeadConfig, states: torch.Tensor, progress: bool = True):
     """The activation-aware fit, then ``cfg.train_steps`` of recall training when asked, then the
     rows' optimism bias (``cfg.optimism``, LowRankProxy.with_optimism) for the final factors, which
@@ -36,7 +39,7 @@ def fit_and_train(model: nn.Module, cfg: HeadConfig, states: torch.Tensor, progr
     if cfg.train_steps:
         proxy, log = train_lowrank_proxy(head_weight(model), proxy, states, cfg.train_steps, progress=progress)
     if cfg.optimism:
-        proxy = proxy.with_optimism(head_weight(model), states, cfg.optimism)
+        proxy = proxy.with_optimism(HeadRows(model), states, cfg.optimism)
     return proxy, log
 
 
@@ -53,6 +56,7 @@ def weight_fingerprint(weight: torch.Tensor) -> str:
 FINGERPRINT_ROWS = 4096  # rows of a quantized head dequantized at a time by head_fingerprint
 
 
+@returned_allocations()  # the head dequantized a block at a time (hire.system)
 def head_fingerprint(model: nn.Module) -> str:
     """``weight_fingerprint`` of the LM head's weight, the same string, without the whole float32
     head in memory when it is in GGUF codes (a QLinear's weight dequantizes every row: 0.9 GB for a
@@ -68,7 +72,7 @@ def head_fingerprint(model: nn.Module) -> str:
         r1 = min(rows, r0 + FINGERPRINT_ROWS)
         flat = base.q.dequantize(slice(r0, r1)).reshape(-1)
         first = (-(r0 * cols)) % step  # the first sampled flat index at or after r0 * cols, from this block's start
-        parts.append(flat[first::step])
+        parts.append(flat[first::step].clone())  # not a view: it would keep the whole block alive
     sample = torch.cat(parts).float().numpy().tobytes()
     return hashlib.sha256(f"{(rows, cols)}".encode() + sample).hexdigest()[:16]
 
@@ -117,10 +121,11 @@ def load_head_proxy(path: str | Path, expect: dict | None = None) -> LowRankProx
 
 
 def cached_head_proxy(model: nn.Module, cfg: HeadConfig, windows: torch.Tensor, progress: bool = True,
-                      fit: bool = True):
+                      fit: bool = True, states: Callable[[], torch.Tensor] | None = None):
     """The low-rank head proxy for ``cfg``: loaded from ``cfg.proxy_file`` when the config names
     one, else from the cache, else fitted (and trained, with ``cfg.train_steps``) on ``windows``
-    and cached (``fit=False``: None instead of fitting).
+    and cached (``fit=False``: None instead of fitting). ``states``: gives the head's inputs over
+    ``windows`` when the fit needs them (default: collected here).
 
     Returns None when the head config needs no fitted proxy.
     """
@@ -140,7 +145,7 @@ def cached_head_proxy(model: nn.Module, cfg: HeadConfig, windows: torch.Tensor, 
             log.warning("%s; refitting", err)
     if not fit:
         return None
-    states = collect_head_states(model, windows, progress=progress)
-    proxy, _ = fit_and_train(model, cfg, states, progress=progress)
+    fit_states = states() if states is not None else collect_head_states(model, windows, progress=progress)
+    proxy, _ = fit_and_train(model, cfg, fit_states, progress=progress)
     save_head_proxy(path, proxy, meta)
     return proxy

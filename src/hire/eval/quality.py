@@ -2,7 +2,8 @@
 
 Perplexity (teacher forcing, each window scored from its second token) uses the dense LM head in
 both columns, because a normalised softmax needs every logit; the HiRE column runs every FFN
-the way HiRE decodes (``mode="always"``). Greedy agreement compares the next-token argmax of the
+the way HiRE decodes (``mode="always"``): a second forward pass per window, which a model whose
+FFNs stay dense (GGUF codes, or a head-only config) does not need, its states being the dense ones. Greedy agreement compares the next-token argmax of the
 full HiRE model (HiRE FFN + HiRE head) with the dense model's at every evaluated position.
 For a model trained with top-k FFNs (``config.hire_topk``) the "dense" column is that model as
 trained: every neuron computed, its exact top-k kept (``reference`` in the result says which).
@@ -13,32 +14,79 @@ from __future__ import annotations
 import math
 from pathlib import Path
 import time
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hire.arch import head_module
+from hire.calibrate.states import HeadRows, collect_head_states, head_base
 from hire.calibrate.prepare import load_for_decode
 from hire.config import HiReConfig
 from hire.data import CALIBRATION_WINDOWS, UNSEEN_DOMAINS, load_corpus, load_domains, read_text, token_windows
 from hire.eval.bytes import bytes_per_token
 from hire.patch import hire_layers, set_mode, sparsify_, unsparsify_
-from hire.topk import recall_at_k
+from hire.system import release_freed_memory, returned_allocations
+from hire.topk import merge_topk, recall_at_k
 
 
-def _forward_capture(model: nn.Module, window: torch.Tensor):
-    """Logits and LM-head inputs of one window. # window: (T,) -> (T, V), (T, D)"""
-    head = head_module(model)
-    captured = []
-    hook = head.register_forward_hook(lambda m, a, o: captured.append(a[0].detach()))
-    try:
-        logits = model(window.unsqueeze(0), use_cache=False).logits[0]
-    finally:
-        hook.remove()
-    return logits.float(), captured[0][0]
+SELECT_CHUNK = 64  # positions the HiRE head's selector scores at a time (its proxy scores: (64, V) float32)
+HEAD_ROWS = 16384  # rows of the dense head read at a time ((T, 16384) float32 logits: 33 MB for 512 tokens)
 
 
+class _Pass(NamedTuple):
+    nll: float  # summed NLL of the window's tokens 1..T-1
+    top: torch.Tensor  # (T, k): the dense head's top-k, by logit descending
+    cand: torch.Tensor | None  # (T, k'): the HiRE head's candidates, or None without one
+    hire_arg: torch.Tensor | None  # (T,): the HiRE head's argmax (its candidates' exact logits), or None
+
+
+def _window_pass(model: nn.Module, window: torch.Tensor, head, k: int) -> _Pass:
+    """One window through the model as it is set (``set_mode``) up to the LM head, then the dense
+    head ``HEAD_ROWS`` rows at a time (a GGUF head dequantized once per window), never the whole
+    window's (T, V) logits (with their log-softmax, 0.6 GB for 512 tokens of a 152k vocabulary): each
+    slice's logits update every position's running log-sum-exp, its target's logit, its running
+    top-k and its HiRE candidates' exact logits.  # window: (T,)"""
+    states = collect_head_states(model, window.unsqueeze(0), progress=False)  # (T, D), the head's input
+    return _head_pass(model, states, window, head, k)
+
+
+@returned_allocations()  # MB-sized slices allocated and freed in turn (hire.system)
+def _head_pass(model: nn.Module, states: torch.Tensor, window: torch.Tensor, head, k: int) -> _Pass:
+    """``_window_pass`` from the head's inputs on.  # states: (T, D), window: (T,)"""
+    n_pos = states.shape[0]
+    cand = None if head is None else torch.cat([head.selector.select(h) for h in states.split(SELECT_CHUNK)])
+    rows, bias = HeadRows(model), head_base(model).bias
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    targets = window[1:]  # position t predicts token t + 1; the last position has none
+    at = torch.arange(targets.shape[0])
+    peak = torch.full((n_pos,), float("-inf"))
+    mass = torch.zeros(n_pos)
+    target_logit = torch.zeros(targets.shape[0])
+    top = None
+    cand_logits = None if cand is None else torch.empty(cand.shape)
+    for start in range(0, rows.shape[0], HEAD_ROWS):
+        logits = states.float() @ rows[start : start + HEAD_ROWS].t()  # (T, c)
+        stop = start + logits.shape[1]
+        if bias is not None:
+            logits += bias[start:stop].float()
+        if cap:  # as the model's forward does after its head (Gemma-2)
+            logits = torch.tanh(logits / cap) * cap
+        high = torch.maximum(peak, logits.amax(-1))
+        mass = mass * torch.exp(peak - high) + torch.exp(logits - high[:, None]).sum(-1)
+        peak = high
+        here = (targets >= start) & (targets < stop)
+        target_logit[here] = logits[at[here], targets[here] - start]
+        v, i = logits.topk(min(k, logits.shape[1]), dim=-1)
+        top = merge_topk(top, v, i + start, k)
+        if cand is not None:
+            inside = (cand >= start) & (cand < stop)
+            cand_logits[inside] = logits.gather(-1, (cand - start).clamp(0, logits.shape[1] - 1))[inside]
+        del logits
+    nll = float((peak[:-1] + mass[:-1].log() - target_logit).sum())  # log-sum-exp minus the target's logit
+    if cand is None:
+        return _Pass(nll, top[1], None, None)
+    return _Pass(nll, top[1], cand, cand.gather(-1, cand_logits.argmax(-1, keepdim=True))[:, 0])
 def _nll(logits: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     # logits: (T, V), window: (T,) -> summed NLL of tokens 1..T-1
     return torch.nn.functional.cross_entropy(logits[:-1], window[1:], reduction="sum")
@@ -78,6 +126,7 @@ def evaluate(
     Returns a flat dict (the JSON of ``hire eval``)."""
     start = time.time()
     sparsify_(model, config, head_proxy=head_proxy, head_states=head_states)
+    release_freed_memory()  # what loading and calibrating freed: the windows start from what is live
     head, ffns = hire_layers(model)
     k = config.head.k
     sums = dict(nll_dense=0.0, nll_hire=0.0, tokens=0, r1=0.0, rk=0.0, head_agree=0, agree=0, positions=0)
@@ -87,29 +136,24 @@ def evaluate(
             f.track_recall = True
         for window in tqdm(windows, desc="eval windows", disable=not progress):
             set_mode(model, head="dense", ffn="dense")
-            logits, states = _forward_capture(model, window)
-            sums["nll_dense"] += float(_nll(logits, window))
+            dense = _window_pass(model, window, head, k)
+            sums["nll_dense"] += dense.nll
             sums["tokens"] += window.shape[0] - 1
-            dense_top = logits.topk(k, dim=-1).indices  # (T, k)
-            dense_arg = dense_top[:, 0]
-            del logits
+            dense_arg = dense.top[:, 0]
             if head is not None:
-                cand_logits, cand = head.candidate_logits(states)
-                sums["r1"] += float(recall_at_k(dense_top[:, :1], cand).sum())
-                sums["rk"] += float(recall_at_k(dense_top, cand).sum())
-                hire_arg = cand.gather(-1, cand_logits.argmax(-1, keepdim=True))[:, 0]
-                sums["head_agree"] += int((hire_arg == dense_arg).sum())
-            set_mode(model, head="dense", ffn="always")
-            logits, states = _forward_capture(model, window)
-            sums["nll_hire"] += float(_nll(logits, window))
-            if head is not None:
-                cand_logits, cand = head.candidate_logits(states)
-                full_arg = cand.gather(-1, cand_logits.argmax(-1, keepdim=True))[:, 0]
-            else:
-                full_arg = logits.argmax(-1)
+                sums["r1"] += float(recall_at_k(dense.top[:, :1], dense.cand).sum())
+                sums["rk"] += float(recall_at_k(dense.top, dense.cand).sum())
+                sums["head_agree"] += int((dense.hire_arg == dense_arg).sum())
+            if ffns:  # the HiRE FFNs change every later hidden state: a second pass
+                set_mode(model, head="dense", ffn="always")
+                full = _window_pass(model, window, head, k)
+                sums["nll_hire"] += full.nll
+                full_arg = full.hire_arg if head is not None else full.top[:, 0]
+            else:  # only the head differs: the pass above computed every state the HiRE model would
+                sums["nll_hire"] = sums["nll_dense"]
+                full_arg = dense.hire_arg if head is not None else dense_arg
             sums["agree"] += int((full_arg == dense_arg).sum())
             sums["positions"] += window.shape[0]
-            del logits
         ffn_recall = [f.recall() for f in ffns]
         nbytes = bytes_per_token(model)
     finally:
