@@ -54,7 +54,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [HIRE, "serve", "--model", model, "--port", str(self.port), "--slots", str(slots),
-                "--context", str(context)] + (["--dense"] if dense else ["--dense-batch", "0"])
+                "--context", str(context)] + (["--dense"] if dense else ["--dense-batch", "0", "--calibrate"])
         self.proc = subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT)
         self.log = log
         deadline = time.time() + 900

@@ -312,3 +312,33 @@ def test_serve_help_and_a_missing_model(tmp_path):
     out = subprocess.run([HIRE, "serve", "--model", str(tmp_path / "none.gguf"), "--dense"], capture_output=True,
                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 2 and "hire: error:" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_first_start_serves_dense_at_once_and_says_why(tmp_path, monkeypatch):
+    """Without --calibrate, a model whose head is not fitted yet is served with the dense head at once
+    (its info says why: /health shows it); fitted (--calibrate), the next start finds it cached."""
+    from hire.calibrate import auto as auto_mod
+    from hire.calibrate import prepare as prepare_mod
+    from hire.calibrate import proxy_cache
+    from hire.config import HeadConfig, HiReConfig
+    from hire.serve import load_service
+
+    def fresh(*parts):  # a cache with nothing fitted (the kernels and the corpus stay where they are)
+        path = tmp_path.joinpath("cache", *parts)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    for module in (auto_mod, prepare_mod, proxy_cache):
+        monkeypatch.setattr(module, "cache_dir", fresh)
+    monkeypatch.setattr(auto_mod, "measure_head_times",
+                        lambda heads, hidden: {name: 2.0 if name == "dense" else 1.0 for name in heads})
+    path = _tiny_dir(tmp_path / "tiny")
+    config = HiReConfig(head=HeadConfig(k=4, auto=True, proxy="lowrank"))
+    kw = dict(slots=1, context=32, seq_len=32, calib_windows=8, progress=False)
+    first = load_service(path, config, fit=False, **kw)
+    assert "not chosen for this model yet" in first.info["head_pending"]
+    assert not first.info["config"]["head"]["enabled"] and first.info["kernels"].get("head") is None
+    fitted = load_service(path, config, fit=True, **kw)
+    assert "head_pending" not in fitted.info and fitted.info["config"]["head"]["enabled"]
+    again = load_service(path, config, fit=False, **kw)
+    assert "head_pending" not in again.info and again.info["config"] == fitted.info["config"]

@@ -23,6 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=integer(minimum=0, maximum=65535), default=8000, help="(default 8000)")
     p.add_argument("--name", help="the model's name in the API (default: --model)")
     p.add_argument("--dense", action="store_true", help="serve the dense engine (no HiRE), for comparison")
+    p.add_argument("--calibrate", action="store_true",
+                   help="fit the HiRE head before serving where this model's head settings or proxy are not cached "
+                        "yet (minutes on a first run); without it such a server starts at once with the dense head "
+                        "and says so (hire bench or hire eval with the same flags also fit and cache the head)")
     p.add_argument("--slots", type=integer(minimum=1, maximum=64), default=8,
                    help="sequences decoded together at most; more requests wait (default 8)")
     p.add_argument("--context", type=integer(minimum=2), default=2048,
@@ -49,9 +53,14 @@ def run(args: argparse.Namespace) -> int:
     service = load_service(args.model, config, slots=args.slots, context=args.context, dense_above=args.dense_above,
                            dense_batch=args.dense_batch or None,
                            quantized=not args.dequantized, dtype=args.dtype, seq_len=args.seq_len,
-                           calib_windows=args.calib_windows, name=args.name)
-    kind = "HiRE" if config is not None else "dense"
+                           calib_windows=args.calib_windows, name=args.name, fit=args.calibrate)
+    pending = service.info.get("head_pending")
+    kind = "dense" if config is None or pending else "HiRE"
     print(f"hire serve: {service.name} ({kind}, {service.info['weights']}), {args.slots} slots of "
           f"{args.context} tokens, on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    if pending:
+        print(f"hire serve: dense head: {pending}. This command with --calibrate (or hire bench / hire eval with the "
+              "same model and head flags) fits and caches it once, in minutes; later starts serve with HiRE",
+              file=sys.stderr, flush=True)
     serve(service, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout)
     return 0
