@@ -3,8 +3,10 @@
 Perplexity (teacher forcing, each window scored from its second token) uses the dense LM head in
 both columns, because a normalised softmax needs every logit; the HiRE column runs every FFN
 the way HiRE decodes (``mode="always"``): a second forward pass per window, which a model whose
-FFNs stay dense (GGUF codes, or a head-only config) does not need, its states being the dense ones. Greedy agreement compares the next-token argmax of the
-full HiRE model (HiRE FFN + HiRE head) with the dense model's at every evaluated position.
+FFNs stay dense (GGUF codes, or a head-only config) does not need, its states being the dense ones.
+The head is read in slices of rows, never as a window's whole (T, V) logits. Greedy agreement
+compares the next-token argmax of the full HiRE model (HiRE FFN + HiRE head) with the dense model's
+at every evaluated position.
 For a model trained with top-k FFNs (``config.hire_topk``) the "dense" column is that model as
 trained: every neuron computed, its exact top-k kept (``reference`` in the result says which).
 """
