@@ -79,9 +79,9 @@ def exact_topk(rows: HeadRows | torch.Tensor, states: torch.Tensor, k: int, bloc
     """The exact top-k rows of ``rows`` for each of ``states``, reading ``block`` rows at a time (the
     states' logits over the whole vocabulary are never held at once).
     # rows: (V, D), states: (N, D) -> (N, k) int64, by logit descending"""
-    best = None
+    best, states = None, states.float()
     for start in range(0, rows.shape[0], block):
-        logits = states.float() @ rows[start : start + block].float().t()  # (N, block)
+        logits = states @ rows[start : start + block].float().t()  # (N, block)
         v, i = logits.topk(min(k, logits.shape[1]), dim=-1)
         best = merge_topk(best, v, i + start, k)
     return best[1]

@@ -56,7 +56,7 @@ def _window_pass(model: nn.Module, window: torch.Tensor, head, k: int) -> _Pass:
 @returned_allocations()  # MB-sized slices allocated and freed in turn (hire.system)
 def _head_pass(model: nn.Module, states: torch.Tensor, window: torch.Tensor, head, k: int) -> _Pass:
     """``_window_pass`` from the head's inputs on.  # states: (T, D), window: (T,)"""
-    n_pos = states.shape[0]
+    n_pos, states = states.shape[0], states.float()
     cand = None if head is None else torch.cat([head.selector.select(h) for h in states.split(SELECT_CHUNK)])
     rows, bias = HeadRows(model), head_base(model).bias
     cap = getattr(model.config, "final_logit_softcapping", None)
@@ -68,7 +68,7 @@ def _head_pass(model: nn.Module, states: torch.Tensor, window: torch.Tensor, hea
     top = None
     cand_logits = None if cand is None else torch.empty(cand.shape)
     for start in range(0, rows.shape[0], HEAD_ROWS):
-        logits = states.float() @ rows[start : start + HEAD_ROWS].t()  # (T, c)
+        logits = states @ rows[start : start + HEAD_ROWS].t()  # (T, c)
         stop = start + logits.shape[1]
         if bias is not None:
             logits += bias[start:stop].float()

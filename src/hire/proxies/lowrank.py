@@ -248,7 +248,7 @@ class LowRankProxy:
         spread = torch.empty(weight.shape[0], dtype=torch.float64)
         v = self.v.double()
         for start in range(0, weight.shape[0], FIT_ROWS):  # residual rows r_i = W_i - U_i V, a slice at a time
-            u = self._u_rows(torch.arange(start, min(start + FIT_ROWS, weight.shape[0])), torch.float64)
+            u = self._u_slice(start, min(start + FIT_ROWS, weight.shape[0]), torch.float64)
             r = weight[start : start + FIT_ROWS].double() - u @ v
             spread[start : start + r.shape[0]] = ((r @ sigma) * r).sum(-1).clamp_min(0).sqrt()
         return LowRankProxy(self.u, self.v, (c * spread).to(torch.float16) if c else None, spread.float())
@@ -258,10 +258,16 @@ class LowRankProxy:
         its optimism bias divided by its optimism).  # spread: (n,)"""
         return LowRankProxy(self.u, self.v, self.bias, spread.float().contiguous())
 
-    def _u_rows(self, rows: torch.Tensor | None, dtype) -> torch.Tensor:
+    def _u_rows(self, rows: torch.Tensor, dtype) -> torch.Tensor:
         if isinstance(self.u, QuantizedMatrix):
             return self.u.dequantize(rows, dtype=dtype)
-        return (self.u if rows is None else self.u.index_select(0, rows)).to(dtype)
+        return self.u.index_select(0, rows).to(dtype)
+
+    def _u_slice(self, start: int, stop: int, dtype) -> torch.Tensor:
+        """U's rows start:stop in ``dtype`` (a float U's a view where the dtype is its own)."""
+        if isinstance(self.u, QuantizedMatrix):
+            return self.u.dequantize(torch.arange(start, stop), dtype=dtype)
+        return self.u[start:stop].to(dtype)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Every row's score, U read (and converted to ``x``'s dtype) ``FIT_ROWS`` rows at a time: never
@@ -271,8 +277,8 @@ class LowRankProxy:
         n = self.u.shape[0]
         out = torch.empty(x.shape[0], n, dtype=z.dtype)
         for start in range(0, n, FIT_ROWS):
-            rows = torch.arange(start, min(n, start + FIT_ROWS))
-            out[:, start : start + rows.numel()] = z @ self._u_rows(rows, x.dtype).t()
+            stop = min(n, start + FIT_ROWS)
+            out[:, start:stop] = z @ self._u_slice(start, stop, x.dtype).t()
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def scores_rows(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
