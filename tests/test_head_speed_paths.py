@@ -13,7 +13,8 @@ from hire import native
 from hire.config import FFNConfig, HeadConfig, HiReConfig
 from hire.engine import Engine
 from hire.engine.batch import BatchDecoder
-from hire.proxies import LowRankProxy
+from hire.proxies import Cascade, LowRankProxy
+from hire.topk import local_topk
 from hire.proxies.lowrank import block_select, pack_blocks, reference_block_select
 from test_native_checks import library  # noqa: F401 (the builds fixture: ops below)
 from tiny_models import make
@@ -28,20 +29,23 @@ def ops(library):
     return library[0]
 
 
-def _case(seed, blocks, stripe, rank, width, batch, kind):
+def _case(seed, blocks, stripe, rank, width, batch, kind, bits=8):
     """Codes, scales, bias, V and x; ``kind``: "random" (no ties), "ties" (a few code and scale values:
-    many equal scores), "nan" (some NaN row scales)."""
+    many equal scores), "nan" (some NaN row scales); ``bits`` 4: codes in [-8, 7]."""
     g = torch.Generator().manual_seed(seed)
     rows = blocks * stripe
+    top = 127 if bits == 8 else 7
     if kind == "ties":
         codes = torch.randint(-1, 2, (rows, rank), generator=g, dtype=torch.int8)
         scales = torch.full((rows,), 0.5)
         bias = None
     else:
-        codes = torch.randint(-127, 128, (rows, rank), generator=g, dtype=torch.int8)
+        codes = torch.randint(-top, top + 1, (rows, rank), generator=g, dtype=torch.int8)
+        if bits == 4:
+            codes[torch.rand(rows, rank, generator=g) < 0.05] = -8  # the nibble's lowest value
         scales = torch.rand(rows, generator=g) / 100 + 1e-4
         # a row bias (the proxy's optimism) as large as the scores, so that it changes the choice
-        bias = (torch.rand(rows, generator=g) * scales * 127 * 40 * rank ** 0.5).half() if seed % 2 else None
+        bias = (torch.rand(rows, generator=g) * scales * top * 40 * rank ** 0.5).half() if seed % 2 else None
     if kind == "nan":
         scales[torch.rand(rows, generator=g) < 0.3] = float("nan")
     v = torch.randn(rank, width, generator=g).half()
@@ -49,18 +53,21 @@ def _case(seed, blocks, stripe, rank, width, batch, kind):
     return codes, scales, bias, v, x
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**31 - 1), blocks=st.sampled_from([16, 32, 48, 128]), tiles=st.integers(1, 6),
        short=st.sampled_from([0, 0, 1, 5, 15]), rank=st.sampled_from([4, 16, 64]), width=st.integers(1, 70),
-       batch=st.integers(1, 10), share=st.floats(0.0, 1.0), kind=st.sampled_from(["random", "ties", "nan"]))
-def test_block_select_is_the_reference_set(ops, seed, blocks, tiles, short, rank, width, batch, share, kind):
+       batch=st.integers(1, 10), share=st.floats(0.0, 1.0), kind=st.sampled_from(["random", "ties", "nan"]),
+       bits=st.sampled_from([8, 4]))
+def test_block_select_is_the_reference_set(ops, seed, blocks, tiles, short, rank, width, batch, share, kind, bits):
     """Exactly the reference's rows (score descending, then the lower row; NaN after every real score),
     ascending, for every activation of the batch, and their union; blocks of any row count (``short``
-    rows less than a multiple of 16: the pack pads them, and padding is never picked, NaN rows or not)."""
+    rows less than a multiple of 16: the pack pads them, and padding is never picked, NaN rows or not);
+    8-bit codes and 4-bit ones (two to a byte, rank in 8s)."""
     stripe = 16 * tiles - short
     per = max(1, min(stripe, round(share * stripe)))
-    codes, scales, bias, v, x = _case(seed, blocks, stripe, rank, width, batch, kind)
-    pack = pack_blocks(codes, scales, bias, blocks, ops=ops)
+    rank = max(rank, 8) if bits == 4 else rank
+    codes, scales, bias, v, x = _case(seed, blocks, stripe, rank, width, batch, kind, bits)
+    pack = pack_blocks(codes, scales, bias, blocks, ops=ops, bits=bits)
     rows, union = block_select(x, v, pack, per, with_union=True, ops=ops)
     want = reference_block_select(x, v, codes, scales, blocks, per, bias)
     assert rows.shape == (batch, blocks * per) and rows.dtype == torch.int64
@@ -101,6 +108,12 @@ def test_block_select_refuses_bad_input():
         block_select(torch.zeros(1, 8), v, padded, 9)
     with pytest.raises(RuntimeError, match="pack_lowrank_blocks"):
         block_select(torch.zeros(1, 8), v, pack._replace(codes=native.pack_lowrank(codes)), 2)
+    with pytest.raises(RuntimeError, match=r"rank in multiples of 8 \(4-bit codes\)"):
+        pack_blocks(torch.zeros(256, 12, dtype=torch.int8), torch.ones(256), None, 16, bits=4)
+    with pytest.raises(RuntimeError, match=r"4-bit codes must lie in \[-8, 7\]"):
+        pack_blocks(torch.full((256, 16), 8, dtype=torch.int8), torch.ones(256), None, 16, bits=4)
+    with pytest.raises(RuntimeError, match="bits must be 8 or 4"):
+        pack_blocks(codes, torch.ones(256), None, 16, bits=2)
 
 
 @needs_kernels
@@ -118,6 +131,37 @@ def test_lowrank_decode_takes_the_block_pass_and_keeps_local_topk_set():
     assert torch.equal(got, want)
     rows, union = proxy.decode_local_topk_batch(x, 512, 64)
     assert torch.equal(rows[:1], got) and torch.equal(union, torch.unique(rows))
+
+
+@needs_kernels
+def test_four_bit_factor_takes_the_block_pass():
+    """A 4-bit U (one scale per row) decodes on the block-major kernel: the reference's set on its own
+    codes and scales, from the proxy (Cascade, engine) as from the op; a rank not in 8s stays eager."""
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(4096, 64, generator=g)
+    proxy = LowRankProxy.from_weight(weight, 16, u_bits=4)
+    assert proxy.block_pack(64) is None  # not before prepare_decode
+    proxy.prepare_decode(torch.float16)
+    assert proxy.packed is None and proxy.block_major(64) and proxy.fused_first_pass(64)
+    assert proxy.first_pass_kernel(64) == "lowrank_select"
+    x = torch.randn(3, 64, generator=g).half()
+    codes = proxy.u.codes(proxy.u.packed)
+    assert codes.abs().max() <= 7
+    got = proxy.decode_local_topk(x[:1], 512, 64)
+    want = reference_block_select(x[:1], proxy._v, codes, proxy.u.scales[:, 0].float(), 64, 8)
+    assert torch.equal(got, want)
+    rows, union = proxy.decode_local_topk_batch(x, 512, 64)
+    assert torch.equal(rows[:1], got) and torch.equal(union, torch.unique(rows))
+    odd = LowRankProxy.from_weight(weight, 12, u_bits=4)
+    odd.prepare_decode(torch.float16)
+    assert not odd.fused_first_pass(64) and odd.block_pack(64) is None
+    eager = LowRankProxy.from_weight(weight, 16, u_bits=4)
+    with native.disabled():  # prepared without the kernels: the eager scores, the same local top-k set
+        eager.prepare_decode(torch.float16)
+    assert not eager.fused_first_pass(64)
+    selector = Cascade([eager], [512], blocks=64)
+    rows = selector.decode_select(x[:1])
+    assert torch.equal(rows.sort().values, local_topk(eager.decode_scores(x[:1]), 512, 64).sort().values)
 
 
 def _engine(seed=0):

@@ -177,7 +177,8 @@ class HeadConfig:
                                    "more bytes")
     proxy: str = setting("cascade", "the estimator that scores every vocabulary row")
     rank: int = setting(64, "low-rank proxy width (lowrank, cascade)")
-    rank_bits: int = setting(8, "storage of the low-rank factor U: 8 or 16 bits")
+    rank_bits: int = setting(8, "storage of the low-rank factor U: 4, 8 or 16 bits (4: twice the rank for "
+                                "the bytes of 8)")
     bits: int = setting(4, "the quantized proxy's bits: 4 or 8 (int4/int8 and the cascade's second stage)")
     group_size: int = setting(64, "columns sharing one scale in the quantized copies")
     stage_candidates: int = setting(2048, "cascade: survivors of the low-rank pass given to the quantized pass")
@@ -201,7 +202,7 @@ class HeadConfig:
             f"head candidates (k') must be >= k: got k'={self.candidates} < k={self.k}; raise --head-candidates",
         )
         _check(self.rank >= 1, f"head rank must be >= 1, got {self.rank}")
-        _check(self.rank_bits in (8, 16), f"head rank_bits must be 8 or 16, got {self.rank_bits}")
+        _check(self.rank_bits in (4, 8, 16), f"head rank_bits must be 4, 8 or 16, got {self.rank_bits}")
         _check(self.bits in (4, 8), f"head bits must be 4 or 8, got {self.bits}")
         _check(self.group_size >= 1, f"head group_size must be >= 1, got {self.group_size}")
         _check(self.train_steps >= 0, f"head train_steps must be >= 0, got {self.train_steps}")

@@ -360,7 +360,7 @@ class Engine:
         if self.head is not None:
             first = self.head.selector.proxies[0]
             blocks = self.head.selector.blocks
-            fused = isinstance(first, LowRankProxy) and first.packed is not None and blocks
+            fused = isinstance(first, LowRankProxy) and first.fused_first_pass(blocks)
             report["head"] = ([first.first_pass_kernel(blocks) if fused else first.decode_kind]
                               + ["rows"] * (len(self.head.selector.proxies) - 1))
         if self.ffns:

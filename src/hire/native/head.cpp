@@ -245,6 +245,19 @@ Tensor pack_block_codes(const Tensor& codes, int64_t blocks) {
   return u.view({stripe / kTile, kTile, blocks, r / 4, 4}).permute({2, 0, 3, 1, 4}).contiguous();
 }
 
+// 4-bit codes (V, r) int8 in [-8, 7], blocks -> (blocks, S/16, r/8, 16, 4) bytes: line g of a tile holds
+// the 16 rows' columns 8g..8g+3 as low nibbles and 8g+4..8g+7 as high nibbles, each code + 8 (0..15), at
+// byte 4 j + k (row j, column 8g + k or 8g + 4 + k): the 8-bit layout's groups 2g and 2g + 1 in one line
+Tensor pack_block_codes4(const Tensor& codes, int64_t blocks) {
+  const int64_t v = codes.size(0), r = codes.size(1), stripe = v / blocks;
+  TORCH_CHECK(codes.min().item<int>() >= -8 && codes.max().item<int>() <= 7, "4-bit codes must lie in [-8, 7]");
+  auto u = (codes.to(torch::kInt) + 8).to(torch::kByte);  // (V, r) 0..15
+  // row = s * blocks + b, s = 16 t + j, column = 8 g + 4 h + k -> (blocks, S/16, r/8, h, 16, 4)
+  auto t = u.view({stripe / kTile, kTile, blocks, r / 8, 2, 4}).permute({2, 0, 3, 4, 1, 5}).contiguous();
+  auto lo = t.select(3, 0), hi = t.select(3, 1);  // (blocks, S/16, r/8, 16, 4)
+  return lo.bitwise_or(hi.bitwise_left_shift(4)).contiguous();
+}
+
 // sum of the exact products v[i] * x[i] in float64, rounded to float32
 template <typename T>
 float dot_f64(const T* v, const double* x, int64_t n) {
@@ -274,12 +287,111 @@ float dot_f64(const T* v, const double* x, int64_t n) {
   return static_cast<float>(s);
 }
 
+
+// The 4-bit tile (pack_block_codes4): `lines` 64-byte lines, line g holding columns 8g..8g+3 of the 16 rows
+// in its low nibbles and 8g+4..8g+7 in its high ones, each code + 8; z4[a * zld + 2g] and [.. + 2g + 1]
+// are activation a's codes of those two groups of 4 columns; offset[a] = 8 * sum of a's codes. The
+// unsigned codes (0..15) times signed z in 16-bit pairs cannot saturate (2 * 15 * 128 < 2^15), so the
+// kernels without VNNI need no sign trick.
+template <int NB>
+inline void store_scores(const int32_t* sums, const float* scale, const c10::Half* bias, const float* inv,
+                         float* out, int64_t ld) {
+  for (int a = 0; a < NB; ++a)
+    for (int64_t j = 0; j < kTile; ++j) {
+      float v = static_cast<float>(sums[a * kTile + j]) * scale[j];
+      if (bias) v += to_f(bias[j]) * inv[a];
+      out[a * ld + j] = v;
+    }
+}
+
+template <int NB>
+inline void tile_scores4_nb(const uint8_t* tile, const int32_t* z4, int64_t zld, int64_t lines,
+                            const int32_t* offset, const float* scale, const c10::Half* bias, const float* inv,
+                            float* out, int64_t ld) {
+#if defined(__AVX512BW__)
+  __m512i acc[NB];
+  for (int a = 0; a < NB; ++a) acc[a] = _mm512_set1_epi32(-offset[a]);
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+#if !defined(__AVX512VNNI__)
+  const __m512i ones = _mm512_set1_epi16(1);
+#endif
+  for (int64_t g = 0; g < lines; ++g) {
+    const __m512i t = _mm512_loadu_si512(tile + g * 64);
+    const __m512i lo = _mm512_and_si512(t, mask), hi = _mm512_and_si512(_mm512_srli_epi16(t, 4), mask);
+    for (int a = 0; a < NB; ++a) {
+      const __m512i z0 = _mm512_set1_epi32(z4[a * zld + 2 * g]), z1 = _mm512_set1_epi32(z4[a * zld + 2 * g + 1]);
+#if defined(__AVX512VNNI__)
+      acc[a] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[a], lo, z0), hi, z1);
+#else
+      const __m512i p = _mm512_add_epi16(_mm512_maddubs_epi16(lo, z0), _mm512_maddubs_epi16(hi, z1));
+      acc[a] = _mm512_add_epi32(acc[a], _mm512_madd_epi16(p, ones));
+#endif
+    }
+  }
+  const __m512 sc = _mm512_loadu_ps(scale);
+  const __m512 bs = bias ? load_w(bias) : _mm512_setzero_ps();
+  for (int a = 0; a < NB; ++a) {
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[a]), sc);
+    if (bias) v = _mm512_add_ps(v, _mm512_mul_ps(bs, _mm512_set1_ps(inv[a])));
+    _mm512_storeu_ps(out + a * ld, v);
+  }
+#elif !HIRE_SCALAR
+  __m256i acc0[NB], acc1[NB];
+  for (int a = 0; a < NB; ++a) acc0[a] = acc1[a] = _mm256_set1_epi32(-offset[a]);
+  const __m256i ones = _mm256_set1_epi16(1), mask = _mm256_set1_epi8(0x0F);
+  for (int64_t g = 0; g < lines; ++g) {
+    const __m256i t0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + g * 64));
+    const __m256i t1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + g * 64 + 32));
+    const __m256i lo0 = _mm256_and_si256(t0, mask), hi0 = _mm256_and_si256(_mm256_srli_epi16(t0, 4), mask);
+    const __m256i lo1 = _mm256_and_si256(t1, mask), hi1 = _mm256_and_si256(_mm256_srli_epi16(t1, 4), mask);
+    for (int a = 0; a < NB; ++a) {
+      const __m256i z0 = _mm256_set1_epi32(z4[a * zld + 2 * g]), z1 = _mm256_set1_epi32(z4[a * zld + 2 * g + 1]);
+      const __m256i p0 = _mm256_add_epi16(_mm256_maddubs_epi16(lo0, z0), _mm256_maddubs_epi16(hi0, z1));
+      const __m256i p1 = _mm256_add_epi16(_mm256_maddubs_epi16(lo1, z0), _mm256_maddubs_epi16(hi1, z1));
+      acc0[a] = _mm256_add_epi32(acc0[a], _mm256_madd_epi16(p0, ones));
+      acc1[a] = _mm256_add_epi32(acc1[a], _mm256_madd_epi16(p1, ones));
+    }
+  }
+  const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
+  for (int a = 0; a < NB; ++a) {
+    __m256 v0 = _mm256_mul_ps(_mm256_cvtepi32_ps(acc0[a]), s0);
+    __m256 v1 = _mm256_mul_ps(_mm256_cvtepi32_ps(acc1[a]), s1);
+    if (bias) {
+      const __m256 iv = _mm256_set1_ps(inv[a]);
+      v0 = _mm256_add_ps(v0, _mm256_mul_ps(load_w(bias), iv));
+      v1 = _mm256_add_ps(v1, _mm256_mul_ps(load_w(bias + 8), iv));
+    }
+    _mm256_storeu_ps(out + a * ld, v0);
+    _mm256_storeu_ps(out + a * ld + 8, v1);
+  }
+#else
+  int32_t sums[NB * kTile];
+  for (int a = 0; a < NB; ++a) {
+    const int8_t* z = reinterpret_cast<const int8_t*>(z4 + a * zld);
+    for (int64_t j = 0; j < kTile; ++j) {
+      int32_t sum = -offset[a];
+      for (int64_t g = 0; g < lines; ++g)
+        for (int64_t k = 0; k < 4; ++k) {
+          const uint8_t byte = tile[g * 64 + j * 4 + k];
+          sum += (byte & 0x0F) * z[g * 8 + k] + (byte >> 4) * z[g * 8 + 4 + k];
+        }
+      sums[a * kTile + j] = sum;
+    }
+  }
+  store_scores<NB>(sums, scale, bias, inv, out, ld);
+#endif
+}
+
 // The scores of one tile (16 rows) for NB activations: out[a * ld + j] = scale_j * sum_k code_jk zq_ak
 // (+ bias_j * inv_a), with z4[a * zld + g] = activation a's codes of columns 4g..4g+3.
-template <int NB>
+template <int NB, int BITS>
 inline void tile_scores_nb(const uint8_t* tile, const int32_t* z4, int64_t zld, int64_t groups,
                            const int32_t* offset, const float* scale, const c10::Half* bias, const float* inv,
                            float* out, int64_t ld) {
+  if constexpr (BITS == 4) {
+    tile_scores4_nb<NB>(tile, z4, zld, groups, offset, scale, bias, inv, out, ld);
+    return;
+  }
 #if defined(__AVX512BW__)
   __m512i acc[NB];
   for (int a = 0; a < NB; ++a) acc[a] = _mm512_set1_epi32(-offset[a]);
@@ -348,8 +460,12 @@ inline void tile_scores_nb(const uint8_t* tile, const int32_t* z4, int64_t zld, 
 using TileFn = void (*)(const uint8_t*, const int32_t*, int64_t, int64_t, const int32_t*, const float*,
                         const c10::Half*, const float*, float*, int64_t);
 constexpr int kMaxNB = 8;  // activations scored per read of a tile (registers: 8 accumulators)
-constexpr TileFn kTileFns[kMaxNB] = {tile_scores_nb<1>, tile_scores_nb<2>, tile_scores_nb<3>, tile_scores_nb<4>,
-                                     tile_scores_nb<5>, tile_scores_nb<6>, tile_scores_nb<7>, tile_scores_nb<8>};
+constexpr TileFn kTileFns[kMaxNB] = {tile_scores_nb<1, 8>, tile_scores_nb<2, 8>, tile_scores_nb<3, 8>,
+                                     tile_scores_nb<4, 8>, tile_scores_nb<5, 8>, tile_scores_nb<6, 8>,
+                                     tile_scores_nb<7, 8>, tile_scores_nb<8, 8>};
+constexpr TileFn kTileFns4[kMaxNB] = {tile_scores_nb<1, 4>, tile_scores_nb<2, 4>, tile_scores_nb<3, 4>,
+                                      tile_scores_nb<4, 4>, tile_scores_nb<5, 4>, tile_scores_nb<6, 4>,
+                                      tile_scores_nb<7, 4>, tile_scores_nb<8, 4>};
 
 constexpr int64_t kTilesFar = 64;  // L2 prefetch distance of the block-major pass (64 KB at rank 64)
 
@@ -482,27 +598,35 @@ void select_block(const float* sc, int64_t n, int64_t per, int64_t target, float
 
 // codes (V, r) int8, scales (V,) float32, bias (V,) float16 or none -> [codes in block-major tiles
 // (blocks, S/16, r/4, 16, 4), scales (blocks, S) float32, bias (blocks, S) float16 or empty], S = V / blocks
-std::vector<Tensor> pack_lowrank_blocks(Tensor codes, Tensor scales, std::optional<Tensor> bias, int64_t blocks) {
+std::vector<Tensor> pack_lowrank_blocks(Tensor codes, Tensor scales, std::optional<Tensor> bias, int64_t blocks,
+                                        int64_t bits) {
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kChar, "codes must be a 2-D int8 tensor");
-  const int64_t v = codes.size(0), r = codes.size(1);
-  TORCH_CHECK(blocks >= 1 && v % blocks == 0 && (v / blocks) % kTile == 0 && r % 4 == 0,
+  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4, got ", bits);
+  const int64_t v = codes.size(0), r = codes.size(1), multiple = bits == 8 ? 4 : 8;
+  TORCH_CHECK(blocks >= 1 && v % blocks == 0 && (v / blocks) % kTile == 0 && r % multiple == 0,
               "the block-major low-rank proxy needs blocks dividing the rows into blocks of a multiple of ", kTile,
-              " rows and a rank in multiples of 4, got ", v, " x ", r, " in ", blocks, " blocks");
+              " rows and a rank in multiples of ", multiple, " (", bits, "-bit codes), got ", v, " x ", r, " in ",
+              blocks, " blocks");
   TORCH_CHECK(scales.numel() == v && scales.scalar_type() == torch::kFloat, "scales: float32, one per row (", v, ")");
   TORCH_CHECK(!bias || (bias->numel() == v && bias->scalar_type() == torch::kHalf), "bias: float16, one per row (", v, ")");
   const int64_t stripe = v / blocks;
   auto bm = [&](const Tensor& t) { return t.reshape({stripe, blocks}).t().contiguous(); };  // row s * blocks + b -> (b, s)
-  return {pack_block_codes(codes, blocks), bm(scales), bias ? bm(*bias) : torch::empty({0}, torch::kHalf)};
+  return {bits == 8 ? pack_block_codes(codes, blocks) : pack_block_codes4(codes, blocks), bm(scales),
+          bias ? bm(*bias) : torch::empty({0}, torch::kHalf)};
 }
 
 // x: (B, D), v: (r, D) float32/16/bfloat16, packed/scales/bias from pack_lowrank_blocks, per: rows kept
 // per block -> (rows (B, blocks * per) int64 ascending, union (m,) int64 ascending, empty unless with_union)
 std::tuple<Tensor, Tensor> lowrank_select(Tensor x, Tensor v, Tensor packed, Tensor scales, std::optional<Tensor> bias,
                                           int64_t per, bool with_union) {
-  TORCH_CHECK(packed.dim() == 5 && packed.size(3) == kTile && packed.size(4) == 4 && packed.is_contiguous() &&
-              packed.scalar_type() == (kBias ? torch::kByte : torch::kChar),
+  TORCH_CHECK(packed.dim() == 5 && packed.size(3) == kTile && packed.size(4) == 4 && packed.is_contiguous(),
               "packed must come from this build's pack_lowrank_blocks");
-  const int64_t blocks = packed.size(0), tpb = packed.size(1), groups = packed.size(2), r = groups * 4;
+  // 8-bit codes: a 64-byte line per 4 columns; 4-bit codes (two to a byte): per 8 columns
+  const int64_t blocks = packed.size(0), tpb = packed.size(1), lines = packed.size(2);
+  const bool four = v.dim() == 2 && v.size(0) == lines * 8;
+  const int64_t groups = four ? 2 * lines : lines, r = groups * 4;
+  TORCH_CHECK(packed.scalar_type() == (four || kBias ? torch::kByte : torch::kChar),
+              "packed must come from this build's pack_lowrank_blocks");
   const int64_t stripe = tpb * kTile, n = blocks * stripe;
   TORCH_CHECK(v.dim() == 2 && v.size(0) == r && v.is_contiguous() &&
               (v.scalar_type() == torch::kFloat || v.scalar_type() == torch::kHalf || v.scalar_type() == torch::kBFloat16),
@@ -543,7 +667,7 @@ std::tuple<Tensor, Tensor> lowrank_select(Tensor x, Tensor v, Tensor packed, Ten
     inv[a] = 1.f / quantize_int8(zf.data() + a * r, r, zq.data());
     int32_t zsum = 0;
     for (int64_t k = 0; k < r; ++k) zsum += zq[k];
-    offset[a] = kBias * zsum;
+    offset[a] = (four ? 8 : kBias) * zsum;
     std::memcpy(z4.data() + a * groups, zq.data(), r);
   }
   const uint8_t* pp = static_cast<const uint8_t*>(packed.data_ptr());
@@ -567,22 +691,23 @@ std::tuple<Tensor, Tensor> lowrank_select(Tensor x, Tensor v, Tensor packed, Ten
     Scratch scratch(stripe);
     std::vector<int32_t> pick(per);
     std::vector<float> q(batch, std::numeric_limits<float>::quiet_NaN());  // running thresholds: none yet
-    const int64_t tile_bytes = groups * 64, t_end = b1 * tpb;
+    const int64_t tile_bytes = lines * 64, t_end = b1 * tpb;
+    const TileFn* fns = four ? kTileFns4 : kTileFns;
     for (int64_t block = b0; block < b1; ++block) {
       for (int64_t t = 0; t < tpb; ++t) {
         const int64_t tile = block * tpb + t;
         if (tile + kTilesAhead < t_end) {  // one stream per thread: keep enough lines in flight
           const uint8_t* ahead = pp + (tile + kTilesAhead) * tile_bytes;
-          for (int64_t line = 0; line < groups; ++line) prefetch(ahead + line * 64);
+          for (int64_t line = 0; line < lines; ++line) prefetch(ahead + line * 64);
         }
         if (tile + kTilesFar < t_end) {  // and further ahead into L2, so that the stream runs on while a block is selected
           const uint8_t* far = pp + (tile + kTilesFar) * tile_bytes;
-          for (int64_t line = 0; line < groups; ++line) __builtin_prefetch(far + line * 64, 0, 2);  // prefetcht1
+          for (int64_t line = 0; line < lines; ++line) __builtin_prefetch(far + line * 64, 0, 2);  // prefetcht1
         }
         const int64_t row = block * stripe + t * kTile;  // block-major row of the tile's first
         for (int64_t a0 = 0; a0 < batch; a0 += kMaxNB) {
           const int nb = static_cast<int>(std::min<int64_t>(kMaxNB, batch - a0));
-          kTileFns[nb - 1](pp + tile * tile_bytes, z4.data() + a0 * groups, groups, groups, offset.data() + a0,
+          fns[nb - 1](pp + tile * tile_bytes, z4.data() + a0 * groups, groups, lines, offset.data() + a0,
                            sp + row, bp ? bp + row : nullptr, inv.data() + a0, score.data() + a0 * stripe + t * kTile,
                            stripe);
         }
@@ -631,7 +756,7 @@ std::tuple<Tensor, Tensor> lowrank_select(Tensor x, Tensor v, Tensor packed, Ten
 HIRE_FRAGMENT(HIRE_OPS_NAMESPACE, m) {
   m.def("pack_lowrank(Tensor codes) -> Tensor");
   m.def("lowrank_block_topk(Tensor z, Tensor packed, Tensor scales, int blocks, int per, Tensor? bias=None) -> Tensor");
-  m.def("pack_lowrank_blocks(Tensor codes, Tensor scales, Tensor? bias, int blocks) -> Tensor[]");
+  m.def("pack_lowrank_blocks(Tensor codes, Tensor scales, Tensor? bias, int blocks, int bits=8) -> Tensor[]");
   m.def("lowrank_select(Tensor x, Tensor v, Tensor packed, Tensor scales, Tensor? bias, int per, bool with_union) -> (Tensor, Tensor)");
 }
 

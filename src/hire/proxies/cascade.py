@@ -66,7 +66,7 @@ class Cascade:
     def decode_select(self, x: torch.Tensor) -> torch.Tensor:
         """select() for one token, with the first (full) pass on its fused kernel.  # x: (1, D) -> (1, keep[-1])"""
         first = self.proxies[0]
-        if self.blocks and isinstance(first, LowRankProxy) and first.packed is not None:
+        if self.blocks and isinstance(first, LowRankProxy) and first.fused_first_pass(self.blocks):
             idx = first.decode_local_topk(x, self.keep[0], self.blocks)  # scores and selection in one native pass
         else:
             idx = self._first(first.decode_scores(x))

@@ -22,7 +22,7 @@ import torch
 
 from hire import native
 from hire.proxies.kernels import QuantizedGEMV
-from hire.proxies.quantized_matrix import QuantizedMatrix
+from hire.proxies.quantized_matrix import SCALE_BYTES, QuantizedMatrix
 
 
 class BlockPack(NamedTuple):
@@ -30,7 +30,8 @@ class BlockPack(NamedTuple):
     (``block_select``): block b holds rows b, b + blocks, b + 2 blocks, ... (``hire.topk.local_topk``'s
     blocks), each block's rows one contiguous stretch, so a block is scored and selected in one go."""
 
-    codes: torch.Tensor  # (blocks, S/16, r/4, 16, 4) bytes, S = rows / blocks padded to a multiple of 16
+    # (blocks, S/16, r/4, 16, 4) bytes (4-bit codes: r/8, two to a byte), S = rows / blocks padded to a multiple of 16
+    codes: torch.Tensor
     scales: torch.Tensor  # (blocks, S) float32
     bias: torch.Tensor | None  # (blocks, S) float16, or None
     blocks: int
@@ -38,8 +39,9 @@ class BlockPack(NamedTuple):
 
 
 def pack_blocks(codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, blocks: int,
-                ops=None) -> BlockPack:
+                ops=None, bits: int = 8) -> BlockPack:
     """``codes`` (V, r) int8, ``scales`` (V,) float32, ``bias`` (V,) float16 or None -> a BlockPack.
+    ``bits`` 4: the codes lie in [-8, 7] and are packed two to a byte (r in a multiple of 8).
     Needs V divisible by ``blocks`` and r in a multiple of 4. Where V / blocks is not a multiple of 16
     (Qwen's 151,936 rows in 128 blocks of 1,187) each block is padded to one with rows of zero codes
     and a NaN scale: block b's padding is rows V + b, V + b + blocks, ..., so its real rows keep their
@@ -56,7 +58,7 @@ def pack_blocks(codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | 
         scales = torch.cat([scales, scales.new_full((pad,), float("nan"))])
         bias = None if bias is None else torch.cat([bias, bias.new_zeros(pad)])
     mod = ops or _native_ops()
-    packed, block_scales, block_bias = mod.pack_lowrank_blocks(codes, scales.contiguous(), bias, blocks)
+    packed, block_scales, block_bias = mod.pack_lowrank_blocks(codes, scales.contiguous(), bias, blocks, bits)
     return BlockPack(packed, block_scales, block_bias if bias is not None else None, blocks, n)
 
 
@@ -106,10 +108,22 @@ def _native_ops():
     return torch.ops.hire
 
 
+U_BITS = (4, 8, 16)  # U's storage: 4- and 8-bit codes with one scale per row, or float16
+
 FIT_ROWS = 4096  # rows of W read at a time (in float64: 29 MB a slice at D = 896) by fit_ranks, with_optimism, scores
 
 
-def _second_moment(states: torch.Tensor) -> torch.Tensor:
+def head_gram(weight) -> torch.Tensor:
+    """W^T W in float64, W read ``FIT_ROWS`` rows at a time.  # weight: (n, D) -> (D, D)"""
+    width = weight.shape[1]
+    gram = torch.zeros(width, width, dtype=torch.float64)
+    for start in range(0, weight.shape[0], FIT_ROWS):
+        w = weight[start : start + FIT_ROWS].detach().double()
+        gram.addmm_(w.t(), w)
+    return gram
+
+
+def second_moment(states: torch.Tensor) -> torch.Tensor:
     """E[x x^T] over the rows of ``states`` in float64, a slice of rows at a time.  # (N, D) -> (D, D)"""
     width = states.shape[1]
     sigma = torch.zeros(width, width, dtype=torch.float64)
@@ -120,13 +134,13 @@ def _second_moment(states: torch.Tensor) -> torch.Tensor:
 
 
 class LowRankProxy:
-    """scores~ = U (V x) with U (n, r) stored in 8 or 16 bits and V (r, D) in 16 bits."""
+    """scores~ = U (V x) with U (n, r) stored in 4, 8 or 16 bits and V (r, D) in 16 bits."""
 
     kind = "lowrank"
 
     def __init__(self, u: torch.Tensor | QuantizedMatrix, v: torch.Tensor, bias: torch.Tensor | None = None,
                  spread: torch.Tensor | None = None):
-        self.u = u  # (n, r): a float tensor, or an 8-bit QuantizedMatrix
+        self.u = u  # (n, r): a float tensor, or a 4- or 8-bit QuantizedMatrix (one scale per row)
         self.v = v  # (r, D)
         self.bias = bias  # (n,) float16 added to each row's score (with_optimism), or None
         self.spread = spread  # (n,) float32: each row's proxy-error std over the calibration states, or None
@@ -137,11 +151,13 @@ class LowRankProxy:
         self._blocked: dict[int, BlockPack | None] = {}  # U block-major per block count (block_pack), decode
         self._v: torch.Tensor | None = None  # the decode layout (prepare_decode)
         self._u: QuantizedGEMV | torch.Tensor | None = None
+        self._four = False  # a 4-bit U on the block-major kernel (prepare_decode)
 
     @property
     def decode_kind(self) -> str:
         """The kernel of decode_scores' U product ("int8pack", "dequantize" or "dense")."""
-        return self._u.kind if isinstance(self._u, QuantizedGEMV) else "dense"
+        u = self._decode_u()
+        return u.kind if isinstance(u, QuantizedGEMV) else "dense"
 
     @classmethod
     def from_weight(
@@ -166,6 +182,10 @@ class LowRankProxy:
         states: torch.Tensor | None = None,
         u_bits: int = 16,
         ridge: float = 1e-4,
+        *,
+        sigma: torch.Tensor | None = None,
+        gram: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float64,
     ) -> Iterator["LowRankProxy"]:
         """``from_weight`` for each rank of ``ranks``, from one eigendecomposition: the best rank-r
         subspaces of W L are nested, so every rank's factors are slices of the same eigenvectors.
@@ -175,6 +195,11 @@ class LowRankProxy:
         one at a time as they are iterated (the arguments are checked and the eigendecomposition made
         at the call): a caller that keeps one rank at a time holds one U.
 
+        ``sigma``: the states' second moment E[x x^T] (float64 (D, D)) in place of ``states`` (second
+        moments add: hire.calibrate.auto fits one proxy per left-out domain from them); ``gram``: W^T W
+        (``head_gram``), when several fits share it; ``dtype``: of the product W (L Q) giving U
+        (float32: 4x faster, for proxies that only estimate recall or time).
+
         # weight: (n, D), states: (N, D) -> [U: (n, r), V: (r, D)] per rank
         """
         n, width = weight.shape
@@ -183,9 +208,14 @@ class LowRankProxy:
                 raise ValueError(
                     f"rank {rank} must be between 1 and min(rows, width) = {min(n, width)} for a {n}x{width} weight"
                 )
-        if u_bits not in (8, 16):
-            raise ValueError(f"u_bits must be 8 or 16, got {u_bits}")
-        if states is None:
+        if u_bits not in U_BITS:
+            raise ValueError(f"u_bits must be one of {U_BITS}, got {u_bits}")
+        if sigma is not None:
+            if states is not None or sigma.shape != (width, width):
+                raise ValueError(f"give states or their second moment sigma ({width}, {width}), not both")
+            sigma = sigma + ridge * sigma.diagonal().mean() * torch.eye(width, dtype=torch.float64)
+            chol = torch.linalg.cholesky(sigma)
+        elif states is None:
             chol = torch.eye(width, dtype=torch.float64)
         else:
             if states.dim() != 2 or states.shape[1] != width:
@@ -194,28 +224,45 @@ class LowRankProxy:
                 raise ValueError(
                     f"need at least {width} calibration states to whiten a width-{width} layer, got {states.shape[0]}"
                 )
-            sigma = _second_moment(states)  # (D, D)
+            sigma = second_moment(states)  # (D, D)
             sigma += ridge * sigma.diagonal().mean() * torch.eye(width, dtype=torch.float64)
             chol = torch.linalg.cholesky(sigma)  # (D, D) lower
-        gram = torch.zeros(width, width, dtype=torch.float64)  # W^T W, a slice of rows at a time
-        for start in range(0, n, FIT_ROWS):
-            w = weight[start : start + FIT_ROWS].detach().double()
-            gram.addmm_(w.t(), w)
-        _, eigvecs = torch.linalg.eigh(chol.t() @ gram @ chol)  # (W L)^T (W L), ascending eigenvalues
+        gram = head_gram(weight) if gram is None else gram
+        eigvals, eigvecs = torch.linalg.eigh(chol.t() @ gram @ chol)  # (W L)^T (W L), ascending eigenvalues
 
-        def each_rank():
-            for rank in ranks:
-                q = eigvecs[:, -rank:].flip(-1)  # (D, r), strongest first
-                lq = chol @ q  # U = W L Q
-                u = torch.empty(n, rank, dtype=torch.float32)
-                for start in range(0, n, FIT_ROWS):
-                    u[start : start + FIT_ROWS] = weight[start : start + FIT_ROWS].detach().double() @ lq
-                # V = Q^T L^-1, i.e. V^T solves L^T Y = Q
-                v = torch.linalg.solve_triangular(chol.t(), q, upper=True).t()  # (r, D)
-                u_store: torch.Tensor | QuantizedMatrix
-                u_store = QuantizedMatrix.from_weight(u, bits=8, group_size=rank) if u_bits == 8 else u.to(torch.float16)
+        def one_rank(rank: int) -> "LowRankProxy":  # its locals go when it returns
+            q = eigvecs[:, -rank:].flip(-1)  # (D, r), strongest first
+            # 4-bit codes with one scale per row: U's columns first brought to one size (column j's
+            # sum of squares is eigenvalue j), that size moved into V (U V unchanged); else a row's
+            # scale follows its first columns and the last ones round to 0 (recall@50 0.92 -> 0.99
+            # on the held-out C of a 0.5B Qwen at rank 256, k' 8,192)
+            size = (eigvals[-rank:].flip(-1).clamp_min(0) / n).sqrt() if u_bits == 4 else None
+            lq = chol @ q if size is None else chol @ q / torch.where(size > 0, size, 1.0)  # U = W L Q
+            # U a slice of rows at a time, each stored as it comes (one scale per row: a slice's codes
+            # are the whole U's), never whole in float32 (155 MB at 152k x 256)
+            parts: list = []
+            lq = lq.to(dtype)
+            for start in range(0, n, FIT_ROWS):
+                u = (weight[start : start + FIT_ROWS].detach().to(dtype) @ lq).float()
+                parts.append(u.to(torch.float16) if u_bits == 16
+                             else QuantizedMatrix.from_weight(u, bits=u_bits, group_size=rank))
                 del u
-                yield cls(u_store, v.to(torch.float16))
+            u_store: torch.Tensor | QuantizedMatrix
+            if u_bits == 16:
+                u_store = torch.cat(parts)
+            else:
+                u_store = QuantizedMatrix(torch.cat([p.packed for p in parts]), torch.cat([p.scales for p in parts]),
+                                          u_bits, parts[0].group_size, rank)
+            del parts
+            # V = Q^T L^-1, i.e. V^T solves L^T Y = Q
+            v = torch.linalg.solve_triangular(chol.t(), q, upper=True).t()  # (r, D)
+            if size is not None:
+                v = v * torch.where(size > 0, size, 1.0)[:, None]
+            return cls(u_store, v.to(torch.float16))
+
+        def each_rank():  # suspended between ranks holding no U: a caller drawing from several at once (folds)
+            for rank in ranks:
+                yield one_rank(rank)
 
         return each_rank()
 
@@ -244,7 +291,7 @@ class LowRankProxy:
         # weight: (n, D), states: (N, D)"""
         if c < 0:
             raise ValueError(f"optimism must be >= 0, got {c}")
-        sigma = _second_moment(states)  # (D, D)
+        sigma = second_moment(states)  # (D, D)
         spread = torch.empty(weight.shape[0], dtype=torch.float64)
         v = self.v.double()
         for start in range(0, weight.shape[0], FIT_ROWS):  # residual rows r_i = W_i - U_i V, a slice at a time
@@ -290,12 +337,29 @@ class LowRankProxy:
 
     def prepare_decode(self, dtype: torch.dtype) -> None:
         self._v = self.v.to(dtype).contiguous()
-        self._u = QuantizedGEMV(self.u, dtype) if isinstance(self.u, QuantizedMatrix) else self.u.to(dtype)
         self.packed = None
         self._blocked = {}
+        self._u = None
+        u = self.u
+        # 4-bit codes with one scale per row and a rank in 8s: the block-major kernel, decided now (a proxy
+        # prepared inside native.disabled() stays eager)
+        self._four = isinstance(u, QuantizedMatrix) and u.bits == 4 and u.group_size >= self.rank \
+            and self.rank % 8 == 0 and native.available()
+        if isinstance(u, QuantizedMatrix) and u.bits == 4:
+            return  # the first pass reads the 4-bit codes (block_pack); U's GEMV is made if decode_scores needs it
+        self._u = self._decode_u()
         if isinstance(self._u, QuantizedGEMV) and self._u.kind == "int8pack" and self.u.shape[0] % 16 == 0 \
                 and self.rank % 4 == 0 and native.usable(self._u.codes):
             self.packed = native.pack_lowrank(self._u.codes)
+
+    def _decode_u(self) -> QuantizedGEMV | torch.Tensor:
+        """U as decode_scores multiplies it (in the decode dtype), made on first use."""
+        if self._u is None:
+            if self._v is None:
+                raise RuntimeError("the low-rank proxy has no decode layout yet: call prepare_decode(dtype) first")
+            dtype = self._v.dtype
+            self._u = QuantizedGEMV(self.u, dtype) if isinstance(self.u, QuantizedMatrix) else self.u.to(dtype)
+        return self._u
 
     @property
     def decode_v(self) -> torch.Tensor:
@@ -309,18 +373,32 @@ class LowRankProxy:
 
     def block_pack(self, blocks: int) -> BlockPack | None:
         """U block-major for ``blocks`` blocks (``block_select``), made on the first call after
-        prepare_decode; None where it does not apply (no int8 codes on the kernels, or the rows do not
-        split into equal blocks)."""
+        prepare_decode; None where it does not apply (no 4- or 8-bit codes on the kernels, or the rows
+        do not split into equal blocks)."""
         if blocks not in self._blocked:
-            fits = self.block_major(blocks)
-            self._blocked[blocks] = pack_blocks(self._u.codes, self._u.row_scales, self.bias, blocks) if fits else None
+            pack = None
+            if self.block_major(blocks):
+                if self.packed is not None:  # 8-bit
+                    pack = pack_blocks(self._u.codes, self._u.row_scales, self.bias, blocks)
+                else:
+                    u = self.u
+                    codes = u.codes(u.packed)[:, : self.rank].contiguous()
+                    pack = pack_blocks(codes, u.scales[:, 0].float(), self.bias, blocks, bits=4)
+            self._blocked[blocks] = pack
         return self._blocked[blocks]
 
     def block_major(self, blocks: int) -> bool:
         """Whether the first pass over ``blocks`` blocks runs block-major (``block_pack`` applies:
-        int8 codes on the kernels, equal blocks), without making the pack."""
+        8-bit codes on the kernels, or 4-bit codes with one scale per row and a rank in 8s where the
+        kernels are built; equal blocks), without making the pack."""
         n = self.u.shape[0]
-        return self.packed is not None and blocks > 0 and n % blocks == 0
+        if not (blocks > 0 and n % blocks == 0 and self._v is not None):
+            return False
+        return self.packed is not None or self._four
+
+    def fused_first_pass(self, blocks: int) -> bool:
+        """Whether ``decode_local_topk`` runs natively (block-major, or the 8-bit row-major kernel)."""
+        return blocks > 0 and (self.packed is not None or self.block_major(blocks))
 
     def first_pass_kernel(self, blocks: int) -> str:
         """The native kernel ``decode_local_topk`` runs for ``blocks`` blocks."""
@@ -349,7 +427,8 @@ class LowRankProxy:
     def decode_scores(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """``bias=False``: U (V x) alone, without the optimism bias.  # x: (1, D) -> (1, n)"""
         z = torch.nn.functional.linear(x.to(self._v.dtype), self._v)  # (1, r)
-        out = self._u(z) if callable(self._u) else torch.nn.functional.linear(z, self._u)
+        u = self._decode_u()
+        out = u(z) if callable(u) else torch.nn.functional.linear(z, u)
         return out if self.bias is None or not bias else out + self.bias.to(out.dtype)
 
     def decode_bound(self, x: torch.Tensor, margin: float) -> torch.Tensor:
@@ -360,6 +439,15 @@ class LowRankProxy:
             raise ValueError("this low-rank proxy has no row spreads: refit it with optimism "
                              "(LowRankProxy.with_optimism) or use Cascade.decode_bound's fallback")
         return self.decode_scores(x, bias=False).float() + margin * self.spread
+
+    @staticmethod
+    def u_nbytes(rows: int, rank: int, bits: int) -> int:
+        """Bytes of a ``rows`` x ``rank`` U stored in ``bits`` (``fit_ranks``: 4 or 8 bits with one 16-bit
+        scale per row, or float16), without fitting it."""
+        if bits == 16:
+            return rows * rank * 2
+        groups = 2 if bits == 4 and rank % 2 else 1  # QuantizedMatrix pads an odd 4-bit row by a group
+        return rows * (groups * rank * bits // 8 + groups * SCALE_BYTES)
 
     def nbytes(self, rows: int | None = None) -> int:
         n = self.u.shape[0] if rows is None else rows
