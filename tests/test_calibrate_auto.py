@@ -259,14 +259,17 @@ def test_a_model_without_recommended_settings_gets_its_head_chosen(model_dir, tm
     assert not head["auto"] and result["auto"]["targets"] == {"recall_at_1": 0.995, "recall_at_k": 0.99}
     assert result["auto"]["by"] == "time" and result["auto"]["chosen"]["ms"] == 1.0
     chosen = result["auto"]["chosen"]
-    # the tiny model's only setting (rank 16 = width / 4, k' 96 = vocabulary / 4) meets the targets
-    assert head["enabled"] and (head["rank"], head["candidates"]) == (chosen["rank"], chosen["candidates"]) == (16, 96)
+    # the tiny model's only setting (rank 32 = width / 2 with the auto head's 4-bit U, k' 96 = vocabulary / 4)
+    # meets the targets, checked on each calibration domain with the proxy fitted on the others
+    assert head["enabled"] and head["rank_bits"] == 4 and result["auto"]["check"] == "left-out domains"
+    assert result["auto"]["folds"] == 5
+    assert (head["rank"], head["candidates"]) == (chosen["rank"], chosen["candidates"]) == (32, 96)
     # hire calibrate writes the choice into the config it saves
     assert main(["calibrate", "--model", model_dir, "--steps", "2", "--seq-len", "32", "--calib-windows", "8",
                  "--eval-windows", "1", "--head-k", "8", "--out", str(tmp_path / "out"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["auto"]["chosen"] == chosen
     saved = json.loads((tmp_path / "out" / "hire_config.json").read_text())["head"]
-    assert not saved["auto"] and (saved["rank"], saved["candidates"]) == (16, 96)
+    assert not saved["auto"] and (saved["rank"], saved["candidates"], saved["rank_bits"]) == (32, 96, 4)
 
 
 def test_bytes_are_counted_in_the_heads_own_format(states, tmp_path):
@@ -306,7 +309,16 @@ def test_each_rank_is_also_tried_with_the_local_top_k(states, tmp_path, monkeypa
     cfg = HeadConfig(k=8, auto=True, proxy="lowrank")
     _, by_bytes = choose_head(model, cfg, fit, check, *TARGETS, ranks=RANKS, candidates=LADDER, measure=False,
                               blocks=(8,))
-    assert [e["select_blocks"] for e in by_bytes["tried"]] == [0, 8] * len(RANKS)
+    tried = [e for e in by_bytes["tried"] if not e.get("skipped")]
+    assert [e["select_blocks"] for e in tried] == [0, 8] * len({e["rank"] for e in tried})
+    assert [e["rank"] for e in by_bytes["tried"] if not e["select_blocks"]] == list(RANKS)
+    fewest = min(e["bytes_fraction"] for e in _met(by_bytes))
+    for e in by_bytes["tried"]:  # a rank is skipped only where its U alone reads more than a met head
+        if e.get("skipped"):
+            vocab, width = head_weight(model).shape
+            row = auto_mod.decode_row_bytes(model)
+            u = LowRankProxy.u_nbytes(vocab, e["rank"], 8) + e["rank"] * width * 2
+            assert u / (vocab * row) >= fewest
     weight = head_weight(model)
     local = [e for e in _met(by_bytes) if e["select_blocks"]]
     assert local
@@ -369,3 +381,39 @@ def test_settings_as_fast_within_the_noise_go_to_the_fewest_bytes(states, tmp_pa
     want = cheapest if slower <= 1 + auto_mod.TIME_TIE else costliest
     assert (head.rank, head.candidates) == (want["rank"], want["candidates"])
     assert report["chosen"]["ms"] == (slower if want is cheapest else 1.0)
+
+
+def test_domain_folds_leave_each_domain_out():
+    """Each fold's second moment is that of every other domain's states (from per-domain sums, no copy),
+    its check states are its own domain's, evenly spaced, at most ``per_domain``; the last return is
+    all states' second moment."""
+    from hire.proxies.lowrank import second_moment
+
+    g = torch.Generator().manual_seed(0)
+    states = torch.randn(300, 12, generator=g)
+    domains = torch.tensor([0] * 100 + [1] * 120 + [2] * 80)
+    folds, sigma = auto_mod.domain_folds(states, domains, per_domain=50)
+    assert len(folds) == 3
+    torch.testing.assert_close(sigma, second_moment(states))
+    for d, fold in enumerate(folds):
+        mine = states[domains == d]
+        torch.testing.assert_close(fold.sigma, second_moment(states[domains != d]))
+        assert fold.check.shape == (50, 12)
+        assert all(any(torch.equal(row, m) for m in mine) for row in fold.check)
+        assert torch.equal(fold.check[0], mine[0]) and torch.equal(fold.check[-1], mine[-1])
+    few, _ = auto_mod.domain_folds(states, domains, per_domain=1000)
+    assert [f.check.shape[0] for f in few] == [100, 120, 80]
+
+
+def test_a_four_bit_factor_is_tried_with_the_local_top_k_only(states, monkeypatch):
+    """A 4-bit U runs natively only block-major: with blocks, each rank is tried with the local top-k
+    alone, ranks up to half the width (the bytes of an 8-bit quarter)."""
+    monkeypatch.setattr(auto_mod, "MIN_BLOCK_ROWS", 16)
+    model, fit, check = states
+    cfg = HeadConfig(k=8, auto=True, proxy="lowrank", rank_bits=4)
+    width = head_weight(model).shape[1]
+    _, report = choose_head(model, cfg, fit, check, *TARGETS, ranks=(8, 16, width // 2, width), candidates=LADDER,
+                            measure=False, blocks=(8,))
+    assert {e["rank"] for e in report["tried"]} == {8, 16, width // 2}
+    assert all(e["select_blocks"] == 8 for e in report["tried"] if not e.get("skipped"))
+    assert _met(report) and report["chosen"]["select_blocks"] == 8

@@ -324,24 +324,28 @@ def load_domains(tokenizer=None) -> dict[str, dict[str, str]]:
     return out
 
 
-def domain_windows(tokenizer, texts: dict[str, str], seq_len: int, max_windows: int) -> torch.Tensor:
+def domain_windows(tokenizer, texts: dict[str, str], seq_len: int, max_windows: int, with_domains: bool = False):
     """Windows from several domains in turn (as equal a share each as ``max_windows`` allows), each
-    domain's spread over its text.  # -> (W, seq_len) int64"""
+    domain's spread over its text; ``with_domains``: and each window's domain (its index in ``texts``).
+    # -> (W, seq_len) int64[, (W,) int64]"""
     names = list(texts)
     shares = [max_windows // len(names) + (i < max_windows % len(names)) for i in range(len(names))]
-    parts = [token_windows(tokenizer, texts[n], seq_len, k, source=f"the {n} domain", spread=True)
-             for n, k in zip(names, shares) if k]
-    return torch.cat(parts)
+    parts = [(i, token_windows(tokenizer, texts[n], seq_len, k, source=f"the {n} domain", spread=True))
+             for i, (n, k) in enumerate(zip(names, shares)) if k]
+    windows = torch.cat([w for _, w in parts])
+    if not with_domains:
+        return windows
+    return windows, torch.cat([torch.full((w.shape[0],), i, dtype=torch.long) for i, w in parts])
 
 
 CALIBRATION_WINDOWS = 40  # the default calibration set: 8 windows of each calibration domain
 
 
-def calibration_windows(tokenizer, seq_len: int, max_windows: int = CALIBRATION_WINDOWS) -> torch.Tensor:
+def calibration_windows(tokenizer, seq_len: int, max_windows: int = CALIBRATION_WINDOWS, with_domains: bool = False):
     """The default calibration text for head proxies: the calibration side of ``load_domains`` (prose,
-    python, code, docs, chat) in equal shares, each domain's windows spread over its text.
-    # -> (W, seq_len) int64"""
-    return domain_windows(tokenizer, load_domains(tokenizer)["calibration"], seq_len, max_windows)
+    python, code, docs, chat) in equal shares, each domain's windows spread over its text;
+    ``with_domains``: and each window's domain.  # -> (W, seq_len) int64[, (W,) int64]"""
+    return domain_windows(tokenizer, load_domains(tokenizer)["calibration"], seq_len, max_windows, with_domains)
 
 
 def token_windows(tokenizer, text: str, seq_len: int, max_windows: int, add_bos: bool | None = None,

@@ -2,9 +2,10 @@
 
 ``HiReConfig()``'s fixed head (rank 64, k' = 256) suits neither a 49k nor a 262k vocabulary, nor
 any width: on an unseen 1.5B Qwen2.5 it kept recall@1 at 0.899. Instead the rank and k' are
-searched: for each rank on a ladder the activation-aware proxy is fitted on most calibration
-windows and checked on the windows held back (whole windows, so the check is on positions the fit
-never saw), and the smallest k' reaching both recall targets is kept.
+searched: for each rank on a ladder the activation-aware proxy is checked on each calibration
+domain with the proxy fitted on the other domains (``domain_folds``: recall on text of a kind the
+fit never saw, as a user's may be), or without domains on the windows held back from the fit, and
+the smallest k' reaching both recall targets is kept.
 
 Among those (rank, k') the fastest wins (of those within ``TIME_TIE`` of it, the one reading the
 fewest bytes), measured on this machine: the HiRE head's decode-time
@@ -31,7 +32,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -45,6 +46,7 @@ from hire.files import atomic_write_json
 from hire.layers.head import HiReLMHead, exact_logits, native_rows_for
 from hire.paths import cache_dir
 from hire.proxies import Cascade, LowRankProxy
+from hire.proxies.lowrank import head_gram, second_moment
 from hire.quant.tensor import QLinear
 from hire.system import release_freed_memory, returned_allocations
 from hire.topk import topk_ranks
@@ -53,7 +55,7 @@ log = logging.getLogger("hire")
 
 TARGET_RECALL_AT_1 = 0.995
 TARGET_RECALL_AT_K = 0.99
-RANKS = (32, 64, 96, 128, 192, 256)
+RANKS = (32, 64, 96, 128, 192, 256, 384)
 CANDIDATES = (256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768, 49152, 65536)
 # the first pass's local top-k (HeadConfig.select_blocks): each rank is also tried with the largest of
 # these block counts that divides the vocabulary into blocks of at least MIN_BLOCK_ROWS rows (as the
@@ -74,7 +76,8 @@ MIN_GAIN = 0.02
 # shared machine differ by more: a 0.5B's rank 128 / k' 12,288 and rank 192 / k' 6,144 changed places),
 # and the one reading the fewest bytes among them is chosen
 TIME_TIE = 0.05
-CHECK_CHUNK = 64  # check states scored at a time (their proxy scores: 39 MB at a 152k vocabulary)
+FOLD_CHECK = 640  # check states per left-out domain (domain_folds): 3,200 in all at five domains
+CHECK_CHUNK = 32  # check states scored at a time (their scores, topk_ranks' bins: 19 MB each at a 152k vocabulary)
 DECODE_DTYPE = torch.float16  # the engine's default (hire.engine.Engine)
 TIMINGS_VERSION = 1
 
@@ -102,21 +105,62 @@ def select_blocks_for(vocab: int, blocks: tuple[int, ...] = BLOCKS) -> int:
     return next((b for b in blocks if vocab % b == 0 and vocab // b >= MIN_BLOCK_ROWS), 0)
 
 
+class Fold(NamedTuple):
+    """One check of the proxy: fitted on states whose second moment is ``sigma`` (E[x x^T], float64),
+    scored on ``check`` states it was not fitted on."""
+
+    sigma: torch.Tensor  # (D, D)
+    check: torch.Tensor  # (N, D)
+
+
+@returned_allocations()  # its float64 slices of states (29 MB each) go back when freed
+def domain_folds(states: torch.Tensor, domains: torch.Tensor,
+                 per_domain: int = FOLD_CHECK) -> tuple[list[Fold], torch.Tensor]:
+    """Leave-one-domain-out folds: for each calibration domain, the proxy fitted on every other
+    domain's states (their second moment, from per-domain sums: no copy of the states) and checked
+    on ``per_domain`` of this domain's states, evenly spaced; and the second moment of all states (the
+    final fit's). A domain the fit never saw is what every held-out domain of an evaluation is, and
+    what a user's text may be: held-back windows of the fitted domains overstate recall there (a
+    0.5B Qwen-Coder, rank 192, k' 6,144: 0.992 on held-back windows, 0.975 left-one-domain-out,
+    0.979 on C source no calibration text is of). ``domains``: each state's domain id.
+    # states: (N, D), domains: (N,) -> folds, sigma (D, D)"""
+    ids = domains.unique()
+    sums = {int(d): torch.zeros(states.shape[1], states.shape[1], dtype=torch.float64) for d in ids}
+    counts = {int(d): int((domains == d).sum()) for d in ids}
+    for d in ids:
+        rows = (domains == d).nonzero()[:, 0]
+        for start in range(0, rows.numel(), 4096):
+            x = states[rows[start : start + 4096]].double()
+            sums[int(d)].addmm_(x.t(), x)
+    total = sum(sums.values())
+    folds = []
+    for d in ids:
+        rows = (domains == d).nonzero()[:, 0]
+        pick = rows[torch.linspace(0, rows.numel() - 1, min(per_domain, rows.numel())).round().long()]
+        rest = states.shape[0] - counts[int(d)]
+        folds.append(Fold((total - sums[int(d)]) / rest, states[pick].float().contiguous()))
+    return folds, total / states.shape[0]
+
+
 @torch.no_grad()
 @returned_allocations()  # its loops allocate and free MBs in turn (hire.system)
-def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor, check_states: torch.Tensor,
+def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor | None, check_states: torch.Tensor | None,
                 target_recall_at_1: float = TARGET_RECALL_AT_1,
                 target_recall_at_k: float = TARGET_RECALL_AT_K, ranks: tuple[int, ...] = RANKS,
                 candidates: tuple[int, ...] = CANDIDATES, *, measure: bool = True,
-                timer: Timer | None = None, blocks: tuple[int, ...] = BLOCKS) -> tuple[HeadConfig, dict]:
+                timer: Timer | None = None, blocks: tuple[int, ...] = BLOCKS,
+                folds: tuple[list[Fold], torch.Tensor] | None = None) -> tuple[HeadConfig, dict]:
     """The fastest low-rank head (rank, k') reaching both recall targets on ``check_states``, with a
     proxy fitted on ``fit_states`` (each rank with its smallest k' reaching them), timed on this
     machine against the dense head (``head_timings``); or ``cfg`` with the head turned off when none
-    reaches the targets or none beats the dense head by ``MIN_GAIN``. Ranks above a quarter of the
-    width and k' above a quarter of the vocabulary are not tried. Each rank is tried twice: with
-    one top-k' over the vocabulary, and with the local top-k over ``select_blocks_for(vocab,
-    blocks)`` blocks (its own smallest k' reaching the targets, a multiple of the block count; a
-    faster first pass, usually a larger k').
+    reaches the targets or none beats the dense head by ``MIN_GAIN``. ``folds`` (``domain_folds``:
+    the folds and all states' second moment) in place of fit and check states: the recall is over
+    every fold's check states, each scored by the proxy fitted without them. Ranks above a quarter
+    of the width (half with a 4-bit U: the same bytes) and k' above a quarter of the vocabulary are
+    not tried, nor a rank whose U alone reads more than a lower rank's whole head that met the
+    targets. Each rank is tried twice: with one top-k' over the vocabulary, and with the local top-k
+    over ``select_blocks_for(vocab, blocks)`` blocks (its own smallest k' reaching the targets, a multiple of the block count; a
+    faster first pass, usually a larger k'); a 4-bit U only with the local top-k where there are blocks.
     ``measure=False`` (or timing that fails) chooses the cheapest in bytes read per token instead,
     below half the dense head's bytes. ``timer``: what ``head_timings`` times the heads with
     (default ``measure_head_times``; tests pass a deterministic one).
@@ -127,39 +171,77 @@ def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor, che
     weight = HeadRows(model)  # float32 rows a slice at a time: never the whole head in float32
     fingerprint = head_fingerprint(model)
     vocab, width = weight.shape
-    ranks = [r for r in ranks if r <= width // 4] or [max(1, width // 4)]
+    if folds is None:
+        fold_list = [Fold(second_moment(fit_states), check_states)]
+        sigma_all = fold_list[0].sigma
+        fit_dtype = torch.float64  # the final fit's own proxy: the recall reported is the head's
+    else:
+        fold_list, sigma_all = folds
+        fit_dtype = torch.float32  # one proxy per fold and rank, estimates only: 4x faster
+    checks = [f.check for f in fold_list]
+    n_check = sum(c.shape[0] for c in checks)
+    cap = width // 2 if cfg.rank_bits == 4 else width // 4  # U's bytes at most a quarter of an 8-bit head's
+    ranks = sorted(r for r in ranks if r <= cap) or [max(8 if cfg.rank_bits == 4 else 1, cap)]
     ladder = [c for c in candidates if cfg.k <= c <= vocab // 4] or [max(cfg.k, vocab // 4)]
-    chunks = check_states.split(CHECK_CHUNK)
-    true = exact_topk(weight, check_states, cfg.k).split(CHECK_CHUNK)
-    tried, proxies = [], {}
+    gram = head_gram(weight)
+    trues = [exact_topk(weight, c, cfg.k).split(CHECK_CHUNK) for c in checks]
+    release_freed_memory()  # the head's dequantized slices (W^T W, the exact top-k): 300 MB freed into the heap
+    tried, met_ranks = [], {}
     row_bytes = decode_row_bytes(model)
     nblocks = select_blocks_for(vocab, blocks)
     local_ladder = [c for c in ladder if nblocks and c % nblocks == 0]
-    for rank, proxy in zip(ranks, LowRankProxy.fit_ranks(weight, ranks, states=fit_states, u_bits=cfg.rank_bits)):
+    for i, rank in enumerate(ranks):
+        fewest = min((e["bytes_fraction"] for e in tried if e["candidates"] is not None), default=None)
+        least = (LowRankProxy.u_nbytes(vocab, rank, cfg.rank_bits) + rank * width * 2 + ladder[0] * row_bytes) \
+            / (vocab * row_bytes)  # at the smallest k'
+        if fewest is not None and least >= fewest:  # and so every higher rank (ranks ascend)
+            tried += [{"rank": r, "candidates": None, "select_blocks": 0,
+                       "skipped": f"U alone reads {100 * least:.1f}% or more of the head's bytes, a lower rank's "
+                                  f"whole head {100 * fewest:.1f}%"} for r in ranks[i:]]
+            break
         whole, local = torch.zeros(len(ladder), 2), torch.zeros(len(local_ladder), 2)
-        scorer = LowRankProxy(proxy.dense_u(), proxy.v)  # U in float32 once, not per chunk
-        for h, t in zip(chunks, true):  # a chunk's scores at a time (all of them: GBs at a 152k vocabulary)
-            ranks_h, block_ranks = topk_ranks(scorer.scores(h), t, nblocks or 1)
-            whole += _recalls(ranks_h, ladder).sum(0)
-            if local_ladder:
-                local += _recalls(block_ranks, local_ladder, nblocks).sum(0)
-        del scorer
-        variants = [(0, ladder, whole / check_states.shape[0])]
+        for fold, check, true in zip(fold_list, checks, trues):  # a fold's whitening made again per rank (0.1 s):
+            # five folds' held at once cost 100 MB at D = 896
+            proxy = next(LowRankProxy.fit_ranks(weight, [rank], sigma=fold.sigma, gram=gram, u_bits=cfg.rank_bits,
+                                                dtype=fit_dtype))
+            # U dequantized once, not per chunk, in float16 (converted a slice of rows at a time by scores):
+            # 78 MB at 152k x 256, not 155
+            scorer = LowRankProxy(proxy.dense_u().half(), proxy.v)
+            del proxy
+            release_freed_memory()  # the fit's freed slices: up to 150 MB held in the heap otherwise
+            for h, t in zip(check.split(CHECK_CHUNK), true):  # a chunk's scores at a time (GBs at a 152k vocabulary)
+                ranks_h, block_ranks = topk_ranks(scorer.scores(h), t, nblocks or 1)
+                whole += _recalls(ranks_h, ladder).sum(0)
+                if local_ladder:
+                    local += _recalls(block_ranks, local_ladder, nblocks).sum(0)
+            del scorer
+            release_freed_memory()
+        # a 4-bit U has a native first pass only block-major (LowRankProxy.block_major): with blocks, its
+        # one top-k' over the vocabulary (torch's int4 GEMV, then a top-k) is not worth timing
+        variants = [] if cfg.rank_bits == 4 and local_ladder else [(0, ladder, whole / n_check)]
         if local_ladder:
-            variants.append((nblocks, local_ladder, local / check_states.shape[0]))
+            variants.append((nblocks, local_ladder, local / n_check))
         for nb, steps, rec in variants:
             r1, rk = rec[:, 0].tolist(), rec[:, 1].tolist()
             ok = [i for i in range(len(steps)) if r1[i] >= target_recall_at_1 and rk[i] >= target_recall_at_k]
             entry = {"rank": rank, "candidates": steps[ok[0]] if ok else None, "select_blocks": nb,
                      "recall_at_1": r1[ok[0] if ok else -1], "recall_at_k": rk[ok[0] if ok else -1]}
             if ok:  # what the head reads per token: the proxy, then the candidates' exact rows
-                entry["bytes_fraction"] = (proxy.nbytes() + steps[ok[0]] * row_bytes) / (vocab * row_bytes)
-                proxies[rank] = proxy
+                u_bytes = LowRankProxy.u_nbytes(vocab, rank, cfg.rank_bits) + rank * width * 2
+                entry["bytes_fraction"] = (u_bytes + steps[ok[0]] * row_bytes) / (vocab * row_bytes)
+                met_ranks[rank] = True
             tried.append(entry)
+    # the met ranks' proxies as the final fit makes them (every state), for timing
+    proxies = {}
+    if met_ranks:
+        fitted = LowRankProxy.fit_ranks(weight, list(met_ranks), u_bits=cfg.rank_bits, sigma=sigma_all, gram=gram,
+                                        dtype=torch.float32)
+        proxies = dict(zip(met_ranks, fitted))
     del weight
     met = [e for e in tried if e["candidates"] is not None]
     report = {"targets": {"recall_at_1": target_recall_at_1, "recall_at_k": target_recall_at_k},
-              "fit_states": fit_states.shape[0], "check_states": check_states.shape[0], "tried": tried}
+              "check": "left-out domains" if folds is not None else "held-back windows",
+              "folds": len(fold_list), "check_states": n_check, "tried": tried}
     if not met:
         return _dense(cfg, report, "recall",
                       f"no rank in {ranks} reached recall@1 >= {target_recall_at_1} and recall@{cfg.k} >= "
@@ -168,7 +250,7 @@ def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor, che
     if measure:
         try:
             timing = head_timings(model, cfg, [(e["rank"], e["candidates"], proxies[e["rank"]], e["select_blocks"])
-                                               for e in met], check_states, fingerprint, timer=timer)
+                                               for e in met], torch.cat(checks), fingerprint, timer=timer)
         except (RuntimeError, ValueError, OSError, NotImplementedError) as err:
             report["timing_error"] = f"{type(err).__name__}: {err}"
             log.warning("hire: timing the head settings failed (%s); choosing by bytes read instead",

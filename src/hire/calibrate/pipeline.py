@@ -64,14 +64,15 @@ def calibrate_head(
     held_text = read_text(eval_text) if eval_text is not None else None
 
     model, tokenizer = load_model(model_name)
+    calib_domains = None
     if calib_text is None:
-        calib = calibration_windows(tokenizer, seq_len, calib_windows)
+        calib, calib_domains = calibration_windows(tokenizer, seq_len, calib_windows, with_domains=True)
     else:
         calib = token_windows(tokenizer, calib_text, seq_len, calib_windows, source=str(text), spread=True)
     held_texts = {str(eval_text): held_text} if held_text is not None else load_domains(tokenizer)["held_out"]
     auto = None
     if config.head.auto:
-        config, auto = resolve_auto_head(model, config, calib, progress=progress)
+        config, auto = resolve_auto_head(model, config, calib, progress=progress, domains=calib_domains)
         if not config.head.enabled:
             raise ValueError(f"{model_name}: {auto['reason']}")
     head = dataclasses.replace(config.head, train_steps=steps, proxy_file="")

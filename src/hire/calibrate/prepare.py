@@ -11,7 +11,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from hire.calibrate.auto import TARGET_RECALL_AT_1, TARGET_RECALL_AT_K, choose_head, chosen_head, timing_identity
+from hire.calibrate.auto import (RANKS, TARGET_RECALL_AT_1, TARGET_RECALL_AT_K, choose_head, chosen_head, domain_folds,
+                                 timing_identity)
 from hire.calibrate.proxy_cache import cached_head_proxy, head_fingerprint
 from hire.calibrate.states import collect_head_states, needs_states
 from hire.config import HiReConfig
@@ -37,9 +38,12 @@ class Prepared(NamedTuple):
 
 def resolve_auto_head(model: nn.Module, config: HiReConfig, windows: torch.Tensor,
                       progress: bool = True, measure: bool = True, fit: bool = True,
-                      states: Callable[[], torch.Tensor] | None = None) -> tuple[HiReConfig, dict] | None:
-    """``config`` with its ``auto`` head chosen (hire.calibrate.auto.choose_head) on ``windows``: the
-    proxy is fitted on three windows in four and checked on the fourth; the fastest setting on this
+                      states: Callable[[], torch.Tensor] | None = None,
+                      domains: torch.Tensor | None = None) -> tuple[HiReConfig, dict] | None:
+    """``config`` with its ``auto`` head chosen (hire.calibrate.auto.choose_head) on ``windows``: with
+    ``domains`` (each window's domain, two or more of them) the proxy is checked on each domain fitted
+    on the others (hire.calibrate.auto.domain_folds), else fitted on three windows in four and checked
+    on the fourth; the fastest setting on this
     machine wins (``measure=False``: the cheapest in bytes). The choice is cached by weight, windows,
     targets and, as it was timed, the machine and the head's decode form (a JSON file beside the
     fitted proxies; the head timings have their own cache, hire.calibrate.auto.head_timings).
@@ -52,7 +56,8 @@ def resolve_auto_head(model: nn.Module, config: HiReConfig, windows: torch.Tenso
     head = config.head
     meta = {"weight": head_fingerprint(model), "k": head.k, "rank_bits": head.rank_bits,
             "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16],
-            "targets": [TARGET_RECALL_AT_1, TARGET_RECALL_AT_K], "version": 2,
+            "targets": [TARGET_RECALL_AT_1, TARGET_RECALL_AT_K], "version": 3, "ranks": list(RANKS),
+            "domains": None if domains is None else domains.tolist(),
             "by": timing_identity(model) if measure else "bytes"}
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir("proxies") / f"head-auto-{key}.json"
@@ -66,12 +71,17 @@ def resolve_auto_head(model: nn.Module, config: HiReConfig, windows: torch.Tenso
     if report is None and not fit:
         return None
     if report is None:
-        check = torch.arange(windows.shape[0]) % 4 == 3
         every = states() if states is not None else collect_head_states(model, windows, progress=progress)
-        every = every.view(windows.shape[0], windows.shape[1], -1)
-        fit_states, check_states = (every[rows].reshape(-1, every.shape[-1]) for rows in (~check, check))
+        if domains is not None and domains.unique().numel() > 1:
+            per_state = domains.repeat_interleave(windows.shape[1])
+            head, report = choose_head(model, config.head, None, None, measure=measure,
+                                       folds=domain_folds(every, per_state))
+        else:
+            check = torch.arange(windows.shape[0]) % 4 == 3
+            every = every.view(windows.shape[0], windows.shape[1], -1)
+            fit_states, check_states = (every[rows].reshape(-1, every.shape[-1]) for rows in (~check, check))
+            head, report = choose_head(model, config.head, fit_states, check_states, measure=measure)
         del every
-        head, report = choose_head(model, config.head, fit_states, check_states, measure=measure)
         if "timing_error" not in report:  # a choice by bytes because timing failed is made again next time
             with atomic_path(path) as tmp:
                 tmp.write_text(json.dumps(report, indent=1))
@@ -89,7 +99,7 @@ def prepare_model(model_name: str, config: HiReConfig | None, *, seq_len: int = 
     model, tokenizer = load_model(model_name, quantized=quantized)
     head_proxy = auto = None
     if config is not None and config.head.enabled and (config.head.auto or needs_states(config.head)):
-        calib = calibration_windows(tokenizer, seq_len, calib_windows)
+        calib, calib_domains = calibration_windows(tokenizer, seq_len, calib_windows, with_domains=True)
         collected: list[torch.Tensor] = []
 
         def states() -> torch.Tensor:  # the head's inputs over ``calib``: one pass, for the choice and the fit
@@ -99,7 +109,8 @@ def prepare_model(model_name: str, config: HiReConfig | None, *, seq_len: int = 
             return collected[0]
 
         if config.head.auto:
-            resolved = resolve_auto_head(model, config, calib, progress=progress, fit=fit, states=states)
+            resolved = resolve_auto_head(model, config, calib, progress=progress, fit=fit, states=states,
+                                         domains=calib_domains)
             if resolved is None:
                 return Prepared(model, tokenizer, None, _head_off(config), None,
                                 pending="the head's settings are not chosen for this model yet")

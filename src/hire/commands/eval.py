@@ -63,7 +63,8 @@ def format_auto(auto: dict) -> str:
     t = auto["targets"]
     def setting(e: dict) -> str:
         blocks = e.get("select_blocks") or 0
-        return f"rank {e['rank']}{f' in {blocks} blocks' if blocks else ''}: k' {e['candidates'] or '-'}"
+        count = e["candidates"] or ("(skipped)" if e.get("skipped") else "-")
+        return f"rank {e['rank']}{f' in {blocks} blocks' if blocks else ''}: k' {count}"
 
     tried = ", ".join(setting(e) for e in auto["tried"])
     if auto["chosen"] is None:
