@@ -293,6 +293,37 @@ float dot_f64(const T* v, const double* x, int64_t n) {
 // are activation a's codes of those two groups of 4 columns; offset[a] = 8 * sum of a's codes. The
 // unsigned codes (0..15) times signed z in 16-bit pairs cannot saturate (2 * 15 * 128 < 2^15), so the
 // kernels without VNNI need no sign trick.
+#if defined(__AVX512BW__)
+template <int NB>
+inline void store_scores(const __m512i* acc, const float* scale, const c10::Half* bias, const float* inv, float* out,
+                         int64_t ld) {
+  const __m512 sc = _mm512_loadu_ps(scale);
+  const __m512 bs = bias ? load_w(bias) : _mm512_setzero_ps();
+  for (int a = 0; a < NB; ++a) {
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[a]), sc);
+    if (bias) v = _mm512_add_ps(v, _mm512_mul_ps(bs, _mm512_set1_ps(inv[a])));
+    _mm512_storeu_ps(out + a * ld, v);
+  }
+}
+#elif !HIRE_SCALAR
+template <int NB>
+inline void store_scores(const __m256i* acc0, const __m256i* acc1, const float* scale, const c10::Half* bias,
+                         const float* inv, float* out, int64_t ld) {
+  const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
+  for (int a = 0; a < NB; ++a) {
+    __m256 v0 = _mm256_mul_ps(_mm256_cvtepi32_ps(acc0[a]), s0);
+    __m256 v1 = _mm256_mul_ps(_mm256_cvtepi32_ps(acc1[a]), s1);
+    if (bias) {
+      const __m256 iv = _mm256_set1_ps(inv[a]);
+      v0 = _mm256_add_ps(v0, _mm256_mul_ps(load_w(bias), iv));
+      v1 = _mm256_add_ps(v1, _mm256_mul_ps(load_w(bias + 8), iv));
+    }
+    _mm256_storeu_ps(out + a * ld, v0);
+    _mm256_storeu_ps(out + a * ld + 8, v1);
+  }
+}
+#endif
+
 template <int NB>
 inline void store_scores(const int32_t* sums, const float* scale, const c10::Half* bias, const float* inv,
                          float* out, int64_t ld) {
@@ -328,13 +359,7 @@ inline void tile_scores4_nb(const uint8_t* tile, const int32_t* z4, int64_t zld,
 #endif
     }
   }
-  const __m512 sc = _mm512_loadu_ps(scale);
-  const __m512 bs = bias ? load_w(bias) : _mm512_setzero_ps();
-  for (int a = 0; a < NB; ++a) {
-    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[a]), sc);
-    if (bias) v = _mm512_add_ps(v, _mm512_mul_ps(bs, _mm512_set1_ps(inv[a])));
-    _mm512_storeu_ps(out + a * ld, v);
-  }
+  store_scores<NB>(acc, scale, bias, inv, out, ld);
 #elif !HIRE_SCALAR
   __m256i acc0[NB], acc1[NB];
   for (int a = 0; a < NB; ++a) acc0[a] = acc1[a] = _mm256_set1_epi32(-offset[a]);
@@ -352,18 +377,7 @@ inline void tile_scores4_nb(const uint8_t* tile, const int32_t* z4, int64_t zld,
       acc1[a] = _mm256_add_epi32(acc1[a], _mm256_madd_epi16(p1, ones));
     }
   }
-  const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
-  for (int a = 0; a < NB; ++a) {
-    __m256 v0 = _mm256_mul_ps(_mm256_cvtepi32_ps(acc0[a]), s0);
-    __m256 v1 = _mm256_mul_ps(_mm256_cvtepi32_ps(acc1[a]), s1);
-    if (bias) {
-      const __m256 iv = _mm256_set1_ps(inv[a]);
-      v0 = _mm256_add_ps(v0, _mm256_mul_ps(load_w(bias), iv));
-      v1 = _mm256_add_ps(v1, _mm256_mul_ps(load_w(bias + 8), iv));
-    }
-    _mm256_storeu_ps(out + a * ld, v0);
-    _mm256_storeu_ps(out + a * ld + 8, v1);
-  }
+  store_scores<NB>(acc0, acc1, scale, bias, inv, out, ld);
 #else
   int32_t sums[NB * kTile];
   for (int a = 0; a < NB; ++a) {
@@ -409,13 +423,7 @@ inline void tile_scores_nb(const uint8_t* tile, const int32_t* z4, int64_t zld, 
     }
 #endif
   }
-  const __m512 sc = _mm512_loadu_ps(scale);
-  const __m512 bs = bias ? load_w(bias) : _mm512_setzero_ps();
-  for (int a = 0; a < NB; ++a) {
-    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[a]), sc);
-    if (bias) v = _mm512_add_ps(v, _mm512_mul_ps(bs, _mm512_set1_ps(inv[a])));
-    _mm512_storeu_ps(out + a * ld, v);
-  }
+  store_scores<NB>(acc, scale, bias, inv, out, ld);
 #elif !HIRE_SCALAR
   __m256i acc0[NB], acc1[NB];
   for (int a = 0; a < NB; ++a) acc0[a] = acc1[a] = _mm256_set1_epi32(-offset[a]);
@@ -430,18 +438,7 @@ inline void tile_scores_nb(const uint8_t* tile, const int32_t* z4, int64_t zld, 
       acc1[a] = _mm256_add_epi32(acc1[a], _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(zb, t1)), ones));
     }
   }
-  const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
-  for (int a = 0; a < NB; ++a) {
-    __m256 v0 = _mm256_mul_ps(_mm256_cvtepi32_ps(acc0[a]), s0);
-    __m256 v1 = _mm256_mul_ps(_mm256_cvtepi32_ps(acc1[a]), s1);
-    if (bias) {
-      const __m256 iv = _mm256_set1_ps(inv[a]);
-      v0 = _mm256_add_ps(v0, _mm256_mul_ps(load_w(bias), iv));
-      v1 = _mm256_add_ps(v1, _mm256_mul_ps(load_w(bias + 8), iv));
-    }
-    _mm256_storeu_ps(out + a * ld, v0);
-    _mm256_storeu_ps(out + a * ld + 8, v1);
-  }
+  store_scores<NB>(acc0, acc1, scale, bias, inv, out, ld);
 #else
   for (int a = 0; a < NB; ++a) {
     const int8_t* z = reinterpret_cast<const int8_t*>(z4 + a * zld);
