@@ -171,6 +171,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         (dict(rank=0), "rank"),
         (dict(bits=3), "bits"),
         (dict(rank_bits=2), "rank_bits"),
+        (dict(rank_bits=4, optimism=4.0), "4-bit U"),
         (dict(proxy="cascade", candidates=300, stage_candidates=200), "stage_candidates"),
         (dict(select_blocks=-1), "select_blocks must be >= 0"),
         (dict(proxy="cascade", stage_candidates=4096, select_blocks=3), r"select_blocks=3 must divide .*\(4096\)"),
