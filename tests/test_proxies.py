@@ -190,3 +190,10 @@ def test_fit_ranks_is_each_ranks_whitened_svd(u_bits, monkeypatch):
         assert (single.dense_u().double() @ single.v.double() - got).abs().max() <= tol * want.abs().max()
     with pytest.raises(ValueError, match="rank 25 must be between 1"):
         LowRankProxy.fit_ranks(w, [4, 25], states)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("width,group", [(9, 9), (9, 4), (16, 64), (24, 16), (7, 2)])
+def test_quantized_matrix_bytes_are_known_before_it_is_made(bits, width, group):
+    m = QuantizedMatrix.from_weight(torch.randn(5, width), bits=bits, group_size=group)
+    assert QuantizedMatrix.nbytes_for(5, width, bits, group) == m.nbytes()

@@ -124,21 +124,18 @@ def domain_folds(states: torch.Tensor, domains: torch.Tensor,
     0.5B Qwen-Coder, rank 192, k' 6,144: 0.992 on held-back windows, 0.975 left-one-domain-out,
     0.979 on C source no calibration text is of). ``domains``: each state's domain id.
     # states: (N, D), domains: (N,) -> folds, sigma (D, D)"""
-    ids = domains.unique()
-    sums = {int(d): torch.zeros(states.shape[1], states.shape[1], dtype=torch.float64) for d in ids}
-    counts = {int(d): int((domains == d).sum()) for d in ids}
-    for d in ids:
-        rows = (domains == d).nonzero()[:, 0]
+    rows_of = [(domains == d).nonzero()[:, 0] for d in domains.unique()]
+    sums = []  # each domain's sum of x x^T
+    for rows in rows_of:
+        sums.append(torch.zeros(states.shape[1], states.shape[1], dtype=torch.float64))
         for start in range(0, rows.numel(), 4096):
             x = states[rows[start : start + 4096]].double()
-            sums[int(d)].addmm_(x.t(), x)
-    total = sum(sums.values())
+            sums[-1].addmm_(x.t(), x)
+    total = sum(sums)
     folds = []
-    for d in ids:
-        rows = (domains == d).nonzero()[:, 0]
+    for rows, own in zip(rows_of, sums):
         pick = rows[torch.linspace(0, rows.numel() - 1, min(per_domain, rows.numel())).round().long()]
-        rest = states.shape[0] - counts[int(d)]
-        folds.append(Fold((total - sums[int(d)]) / rest, states[pick].float().contiguous()))
+        folds.append(Fold((total - own) / (states.shape[0] - rows.numel()), states[pick].float().contiguous()))
     return folds, total / states.shape[0]
 
 
@@ -192,8 +189,8 @@ def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor | No
     local_ladder = [c for c in ladder if nblocks and c % nblocks == 0]
     for i, rank in enumerate(ranks):
         fewest = min((e["bytes_fraction"] for e in tried if e["candidates"] is not None), default=None)
-        least = (LowRankProxy.u_nbytes(vocab, rank, cfg.rank_bits) + rank * width * 2 + ladder[0] * row_bytes) \
-            / (vocab * row_bytes)  # at the smallest k'
+        proxy_bytes = LowRankProxy.u_nbytes(vocab, rank, cfg.rank_bits) + rank * width * 2  # U and V
+        least = (proxy_bytes + ladder[0] * row_bytes) / (vocab * row_bytes)  # at the smallest k'
         if fewest is not None and least >= fewest:  # and so every higher rank (ranks ascend)
             tried += [{"rank": r, "candidates": None, "select_blocks": 0,
                        "skipped": f"U alone reads {100 * least:.1f}% or more of the head's bytes, a lower rank's "
@@ -227,8 +224,7 @@ def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor | No
             entry = {"rank": rank, "candidates": steps[ok[0]] if ok else None, "select_blocks": nb,
                      "recall_at_1": r1[ok[0] if ok else -1], "recall_at_k": rk[ok[0] if ok else -1]}
             if ok:  # what the head reads per token: the proxy, then the candidates' exact rows
-                u_bytes = LowRankProxy.u_nbytes(vocab, rank, cfg.rank_bits) + rank * width * 2
-                entry["bytes_fraction"] = (u_bytes + steps[ok[0]] * row_bytes) / (vocab * row_bytes)
+                entry["bytes_fraction"] = (proxy_bytes + steps[ok[0]] * row_bytes) / (vocab * row_bytes)
                 met_ranks[rank] = True
             tried.append(entry)
     # the met ranks' proxies as the final fit makes them (every state), for timing

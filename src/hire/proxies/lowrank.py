@@ -22,7 +22,7 @@ import torch
 
 from hire import native
 from hire.proxies.kernels import QuantizedGEMV
-from hire.proxies.quantized_matrix import SCALE_BYTES, QuantizedMatrix
+from hire.proxies.quantized_matrix import QuantizedMatrix
 
 
 class BlockPack(NamedTuple):
@@ -237,7 +237,9 @@ class LowRankProxy:
             # scale follows its first columns and the last ones round to 0 (recall@50 0.92 -> 0.99
             # on the held-out C of a 0.5B Qwen at rank 256, k' 8,192)
             size = (eigvals[-rank:].flip(-1).clamp_min(0) / n).sqrt() if u_bits == 4 else None
-            lq = chol @ q if size is None else chol @ q / torch.where(size > 0, size, 1.0)  # U = W L Q
+            if size is not None:
+                size = torch.where(size > 0, size, 1.0)
+            lq = chol @ q if size is None else chol @ q / size  # U = W L Q
             # U a slice of rows at a time, each stored as it comes (one scale per row: a slice's codes
             # are the whole U's), never whole in float32 (155 MB at 152k x 256)
             parts: list = []
@@ -257,7 +259,7 @@ class LowRankProxy:
             # V = Q^T L^-1, i.e. V^T solves L^T Y = Q
             v = torch.linalg.solve_triangular(chol.t(), q, upper=True).t()  # (r, D)
             if size is not None:
-                v = v * torch.where(size > 0, size, 1.0)[:, None]
+                v = v * size[:, None]
             return cls(u_store, v.to(torch.float16))
 
         def each_rank():  # suspended between ranks holding no U: a caller drawing from several at once (folds)
@@ -341,11 +343,11 @@ class LowRankProxy:
         self._blocked = {}
         self._u = None
         u = self.u
+        four_bit = isinstance(u, QuantizedMatrix) and u.bits == 4
         # 4-bit codes with one scale per row and a rank in 8s: the block-major kernel, decided now (a proxy
         # prepared inside native.disabled() stays eager)
-        self._four = isinstance(u, QuantizedMatrix) and u.bits == 4 and u.group_size >= self.rank \
-            and self.rank % 8 == 0 and native.available()
-        if isinstance(u, QuantizedMatrix) and u.bits == 4:
+        self._four = four_bit and u.group_size >= self.rank and self.rank % 8 == 0 and native.available()
+        if four_bit:
             return  # the first pass reads the 4-bit codes (block_pack); U's GEMV is made if decode_scores needs it
         self._u = self._decode_u()
         if isinstance(self._u, QuantizedGEMV) and self._u.kind == "int8pack" and self.u.shape[0] % 16 == 0 \
@@ -444,10 +446,7 @@ class LowRankProxy:
     def u_nbytes(rows: int, rank: int, bits: int) -> int:
         """Bytes of a ``rows`` x ``rank`` U stored in ``bits`` (``fit_ranks``: 4 or 8 bits with one 16-bit
         scale per row, or float16), without fitting it."""
-        if bits == 16:
-            return rows * rank * 2
-        groups = 2 if bits == 4 and rank % 2 else 1  # QuantizedMatrix pads an odd 4-bit row by a group
-        return rows * (groups * rank * bits // 8 + groups * SCALE_BYTES)
+        return rows * rank * 2 if bits == 16 else QuantizedMatrix.nbytes_for(rows, rank, bits, rank)
 
     def nbytes(self, rows: int | None = None) -> int:
         n = self.u.shape[0] if rows is None else rows

@@ -11,6 +11,13 @@ import torch
 SCALE_BYTES = 2  # scales are stored in 16 bits
 
 
+def _padded(width: int, bits: int, group_size: int) -> int:
+    """Columns after padding: a multiple of the group, and of 2 groups where 4-bit codes would end
+    on half a byte."""
+    padded = -(-width // group_size) * group_size
+    return padded + group_size if bits == 4 and padded % 2 else padded
+
+
 class QuantizedMatrix:
     """Symmetric per-group quantization of an (n, D) matrix.
 
@@ -37,10 +44,7 @@ class QuantizedMatrix:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
         n, width = weight.shape
         group_size = min(group_size, width)
-        pad = (-width) % group_size
-        if bits == 4 and (width + pad) % 2:
-            pad += group_size
-        w = torch.nn.functional.pad(weight.detach().float(), (0, pad))  # (n, Dp)
+        w = torch.nn.functional.pad(weight.detach().float(), (0, _padded(width, bits, group_size) - width))  # (n, Dp)
         groups = w.reshape(n, -1, group_size)  # (n, G, g)
         qmax = 2 ** (bits - 1) - 1
         exact_scales = groups.abs().amax(-1) / qmax  # (n, G)
@@ -54,6 +58,13 @@ class QuantizedMatrix:
             nib = (codes + 8).to(torch.uint8)  # 0..15
             codes = nib[:, 0::2] | (nib[:, 1::2] << 4)
         return cls(codes.contiguous(), scales.contiguous(), bits, group_size, width)
+
+    @staticmethod
+    def nbytes_for(rows: int, width: int, bits: int, group_size: int) -> int:
+        """``nbytes`` of what ``from_weight`` makes of a ``rows`` x ``width`` matrix, without making it."""
+        group_size = min(group_size, width)
+        padded = _padded(width, bits, group_size)
+        return rows * (padded * bits // 8 + padded // group_size * SCALE_BYTES)
 
     @property
     def shape(self) -> tuple[int, int]:
