@@ -15,7 +15,8 @@ BUILT = native.available()
 needs_kernels = pytest.mark.skipif(not BUILT, reason=f"native kernels: {native.unavailable_reason()}")
 
 
-@pytest.fixture(scope="module", params=["native", "avx2", pytest.param("scalar", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=["native", "avx2", pytest.param("avx512novnni", marks=pytest.mark.slow),
+                                        pytest.param("scalar", marks=pytest.mark.slow)])
 def library(request):
     """(torch.ops namespace, torch.classes namespace) of the default build or of a SIMD variant."""
     name = request.param
