@@ -4,6 +4,7 @@ these tests write, and the engine running it."""
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -532,3 +533,36 @@ def test_a_tensor_the_config_does_not_expect(tmp_path):
     write_gguf(path, drop=("blk.1.ffn_down.weight",))
     with pytest.raises(UnsupportedGGUF, match="lacks tensors"):
         load_quantized(path)
+
+
+def test_a_first_load_parses_the_gguf_header_once(tmp_path, monkeypatch):
+    """The metadata's first read (config, tokenizer, tensor table) constructs one ``gguf`` reader of the
+    file, shared with transformers' AutoConfig and AutoTokenizer (each parses the whole header on its
+    own otherwise: three parses of SmolLM2's 49k-token vocabulary), and leaves ``gguf`` as it was."""
+    import gguf
+
+    from hire.models import BUILTIN_MODELS, ModelPackageMissing
+    from hire.quant.load import _meta_dir
+
+    try:
+        path = BUILTIN_MODELS["smollm2-135m"].locate()
+    except ModelPackageMissing as err:
+        pytest.skip(str(err))
+    monkeypatch.setenv("HIRE_CACHE", str(tmp_path / "cache"))
+    real, opened = gguf.GGUFReader, []
+
+    class Counting(real):
+        def __init__(self, file, *args, **kwargs):
+            opened.append(Path(file).resolve())
+            super().__init__(file, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    entry = _meta_dir(path)
+    assert opened == [path.resolve()]
+    assert gguf.GGUFReader is Counting  # restored after the block
+    table = json.loads((entry / TABLE).read_text())
+    assert len(table) == 272 and table[0]["name"] == "token_embd.weight"
+    from transformers import AutoConfig, AutoTokenizer
+
+    assert AutoConfig.from_pretrained(entry).model_type == "llama"
+    assert AutoTokenizer.from_pretrained(entry)("Hello world").input_ids == [19556, 905]
