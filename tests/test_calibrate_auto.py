@@ -348,8 +348,9 @@ def test_the_choice_and_the_proxy_share_one_pass_over_the_calibration_text(model
     monkeypatch.setattr(auto_mod, "measure_head_times", FakeTimer(lambda name: 2.0 if name == "dense" else 1.0))
     calls = []
 
-    def counted(model, windows, progress=True, max_states=None):
+    def counted(model, windows, progress=True, max_states=None, bfloat16=False):
         calls.append(windows.shape[0])
+        assert not bfloat16  # a float model's states stay float32
         return collect_head_states(model, windows, progress=False)
 
     monkeypatch.setattr(prepare_mod, "collect_head_states", counted)
@@ -417,3 +418,43 @@ def test_a_four_bit_factor_is_tried_with_the_local_top_k_only(states, monkeypatc
     assert {e["rank"] for e in report["tried"]} == {8, 16, width // 2}
     assert all(e["select_blocks"] == 8 for e in report["tried"] if not e.get("skipped"))
     assert _met(report) and report["chosen"]["select_blocks"] == 8
+
+
+def test_bfloat16_states_are_float32_tensors_near_the_float32_ones():
+    model = make("llama")
+    windows = torch.randint(0, VOCAB, (2, 32))
+    exact = collect_head_states(model, windows, progress=False)
+    fast = collect_head_states(model, windows, progress=False, bfloat16=True)
+    assert fast.dtype == torch.float32 and fast.shape == exact.shape and not torch.equal(fast, exact)
+    assert ((fast - exact).norm(dim=1) / exact.norm(dim=1)).max() < 0.05
+
+
+@pytest.mark.parametrize("cpu_bf16", [True, False])
+def test_a_first_run_in_the_codes_computes_its_states_in_bfloat16_where_the_cpu_does(tmp_path, monkeypatch, cpu_bf16):
+    """An auto head over GGUF codes (a model the project has no settings for, as users bring it) gets its
+    calibration passes in bfloat16 on a CPU that multiplies bfloat16 in hardware; the choice and the proxy
+    are cached apart from float32 ones."""
+    from hire.calibrate import proxy_cache
+    from test_quant import write_gguf
+
+    path = tmp_path / "tiny.gguf"
+    monkeypatch.setenv("HIRE_CACHE", str(tmp_path / "cache"))
+    write_gguf(path)
+    monkeypatch.setattr(auto_mod, "measure_head_times", FakeTimer(lambda name: 2.0 if name == "dense" else 1.0))
+    monkeypatch.setattr(prepare_mod, "native_bfloat16", lambda: cpu_bf16)
+    seen = []
+
+    def recorded(model, windows, progress=True, max_states=None, bfloat16=False):
+        seen.append(bfloat16)
+        return collect_head_states(model, windows, progress=False, bfloat16=bfloat16)
+
+    monkeypatch.setattr(prepare_mod, "collect_head_states", recorded)
+    monkeypatch.setattr(proxy_cache, "collect_head_states", recorded)
+    config = HiReConfig(head=HeadConfig(k=8, auto=True, proxy="lowrank"))
+    first = prepare_mod.prepare_model(str(path), config, seq_len=32, calib_windows=8, progress=False, quantized=True)
+    assert seen == [cpu_bf16] and first.head_proxy is not None
+    prepare_mod.prepare_model(str(path), config, seq_len=32, calib_windows=8, progress=False, quantized=True)
+    assert seen == [cpu_bf16]  # both cached
+    monkeypatch.setattr(prepare_mod, "native_bfloat16", lambda: not cpu_bf16)
+    prepare_mod.prepare_model(str(path), config, seq_len=32, calib_windows=8, progress=False, quantized=True)
+    assert seen == [cpu_bf16, not cpu_bf16]  # states of the other kind: chosen and fitted again

@@ -22,7 +22,7 @@ from hire.models import load_model
 from hire.models.load import gguf_source
 from hire.paths import cache_dir
 from hire.recommended import quantized_config
-from hire.system import release_freed_memory
+from hire.system import native_bfloat16, release_freed_memory
 
 
 class Prepared(NamedTuple):
@@ -39,7 +39,8 @@ class Prepared(NamedTuple):
 def resolve_auto_head(model: nn.Module, config: HiReConfig, windows: torch.Tensor,
                       progress: bool = True, measure: bool = True, fit: bool = True,
                       states: Callable[[], torch.Tensor] | None = None,
-                      domains: torch.Tensor | None = None) -> tuple[HiReConfig, dict] | None:
+                      domains: torch.Tensor | None = None,
+                      states_dtype: str = "float32") -> tuple[HiReConfig, dict] | None:
     """``config`` with its ``auto`` head chosen (hire.calibrate.auto.choose_head) on ``windows``: with
     ``domains`` (each window's domain, two or more of them) the proxy is checked on each domain fitted
     on the others (hire.calibrate.auto.domain_folds), else fitted on three windows in four and checked
@@ -49,7 +50,8 @@ def resolve_auto_head(model: nn.Module, config: HiReConfig, windows: torch.Tenso
     fitted proxies; the head timings have their own cache, hire.calibrate.auto.head_timings).
     ``fit=False``: None instead of choosing when the choice is not cached. ``states``: gives the head's
     inputs over all ``windows`` (W * T, D) when they are needed (``prepare_model`` shares them with
-    the proxy's fit); default: collected here."""
+    the proxy's fit); default: collected here. ``states_dtype``: what those states were computed in
+    ("bfloat16": collect_head_states' bfloat16 passes), part of the cache key."""
     if windows.shape[0] < 4:
         raise ValueError(f"choosing the head (auto) needs at least 4 calibration windows, got {windows.shape[0]}; "
                          "raise --calib-windows")
@@ -59,6 +61,8 @@ def resolve_auto_head(model: nn.Module, config: HiReConfig, windows: torch.Tenso
             "targets": [TARGET_RECALL_AT_1, TARGET_RECALL_AT_K], "version": 3, "ranks": list(RANKS),
             "domains": None if domains is None else domains.tolist(),
             "by": timing_identity(model) if measure else "bytes"}
+    if states_dtype != "float32":  # (float32 states keep the keys they always had)
+        meta["states"] = states_dtype
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir("proxies") / f"head-auto-{key}.json"
     report = None
@@ -71,7 +75,8 @@ def resolve_auto_head(model: nn.Module, config: HiReConfig, windows: torch.Tenso
     if report is None and not fit:
         return None
     if report is None:
-        every = states() if states is not None else collect_head_states(model, windows, progress=progress)
+        every = states() if states is not None else collect_head_states(model, windows, progress=progress,
+                                                                        bfloat16=states_dtype == "bfloat16")
         if domains is not None and domains.unique().numel() > 1:
             per_state = domains.repeat_interleave(windows.shape[1])
             head, report = choose_head(model, config.head, None, None, measure=measure,
@@ -101,22 +106,26 @@ def prepare_model(model_name: str, config: HiReConfig | None, *, seq_len: int = 
     if config is not None and config.head.enabled and (config.head.auto or needs_states(config.head)):
         calib, calib_domains = calibration_windows(tokenizer, seq_len, calib_windows, with_domains=True)
         collected: list[torch.Tensor] = []
+        # a model the project has no settings for, in its codes: its first run's forward passes in
+        # bfloat16 where the CPU multiplies it natively (Qwen2.5 0.5B, AVX512_BF16: 1.6x)
+        dtype = "bfloat16" if quantized and config.head.auto and native_bfloat16() else "float32"
 
         def states() -> torch.Tensor:  # the head's inputs over ``calib``: one pass, for the choice and the fit
             if not collected:
-                collected.append(collect_head_states(model, calib, progress=progress))
+                collected.append(collect_head_states(model, calib, progress=progress, bfloat16=dtype == "bfloat16"))
                 release_freed_memory()  # the forward passes' freed intermediates (hire.system)
             return collected[0]
 
         if config.head.auto:
             resolved = resolve_auto_head(model, config, calib, progress=progress, fit=fit, states=states,
-                                         domains=calib_domains)
+                                         domains=calib_domains, states_dtype=dtype)
             if resolved is None:
                 return Prepared(model, tokenizer, None, _head_off(config), None,
                                 pending="the head's settings are not chosen for this model yet")
             config, auto = resolved
         if needs_states(config.head):
-            head_proxy = cached_head_proxy(model, config.head, calib, progress=progress, fit=fit, states=states)
+            head_proxy = cached_head_proxy(model, config.head, calib, progress=progress, fit=fit, states=states,
+                                           states_dtype=dtype)
             if head_proxy is None:
                 return Prepared(model, tokenizer, None, _head_off(config), auto,
                                 pending="the head's proxy is not fitted for this model yet")

@@ -121,11 +121,12 @@ def load_head_proxy(path: str | Path, expect: dict | None = None) -> LowRankProx
 
 
 def cached_head_proxy(model: nn.Module, cfg: HeadConfig, windows: torch.Tensor, progress: bool = True,
-                      fit: bool = True, states: Callable[[], torch.Tensor] | None = None):
+                      fit: bool = True, states: Callable[[], torch.Tensor] | None = None, states_dtype: str = "float32"):
     """The low-rank head proxy for ``cfg``: loaded from ``cfg.proxy_file`` when the config names
     one, else from the cache, else fitted (and trained, with ``cfg.train_steps``) on ``windows``
     and cached (``fit=False``: None instead of fitting). ``states``: gives the head's inputs over
-    ``windows`` when the fit needs them (default: collected here).
+    ``windows`` when the fit needs them (default: collected here); ``states_dtype``: what they are
+    computed in (resolve_auto_head's), part of the cache key.
 
     Returns None when the head config needs no fitted proxy.
     """
@@ -136,6 +137,8 @@ def cached_head_proxy(model: nn.Module, cfg: HeadConfig, windows: torch.Tensor, 
     meta = {**proxy_meta(model, cfg), "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]}
     if cfg.train_steps:
         meta["train_steps"] = cfg.train_steps
+    if states_dtype != "float32":
+        meta["states"] = states_dtype
     key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir("proxies") / f"head-lowrank-{key}.safetensors"
     if path.is_file():
@@ -145,7 +148,8 @@ def cached_head_proxy(model: nn.Module, cfg: HeadConfig, windows: torch.Tensor, 
             log.warning("%s; refitting", err)
     if not fit:
         return None
-    fit_states = states() if states is not None else collect_head_states(model, windows, progress=progress)
+    fit_states = states() if states is not None else collect_head_states(model, windows, progress=progress,
+                                                                         bfloat16=states_dtype == "bfloat16")
     proxy, _ = fit_and_train(model, cfg, fit_states, progress=progress)
     save_head_proxy(path, proxy, meta)
     return proxy
