@@ -107,7 +107,7 @@ def prepare_model(model_name: str, config: HiReConfig | None, *, seq_len: int = 
         calib, calib_domains = calibration_windows(tokenizer, seq_len, calib_windows, with_domains=True)
         collected: list[torch.Tensor] = []
         # a model the project has no settings for, in its codes: its first run's forward passes in
-        # bfloat16 where the CPU multiplies it natively (Qwen2.5 0.5B, AVX512_BF16: 1.6x)
+        # bfloat16 where the CPU multiplies it natively (Qwen2.5 0.5B, AVX512_BF16: 1.3-1.6x)
         dtype = "bfloat16" if quantized and config.head.auto and native_bfloat16() else "float32"
 
         def states() -> torch.Tensor:  # the head's inputs over ``calib``: one pass, for the choice and the fit
