@@ -133,6 +133,97 @@ def test_routes_and_usage_in_process(tiny_client):
     assert health["status"] == "ok" and health["slots"] == 2 and health["active"] == 0
 
 
+def test_nulls_and_the_fields_openai_accepts_are_taken(tiny_client):
+    """A null is the field's default; metadata, store, user, service_tier, parallel_tool_calls are accepted and
+    ignored, as are the settings that ask for what the server does anyway (text output, no tools)."""
+    chat = {"model": "tiny", "messages": [{"role": "system", "content": "the"}, {"role": "user", "content": "a"},
+                                          {"role": "assistant", "content": None}, {"role": "user", "content": "i"}],
+            "max_tokens": 3, "temperature": None, "top_p": None, "seed": None, "stop": None, "n": None,
+            "metadata": {"run": "1"}, "store": False, "user": "u", "service_tier": "auto", "parallel_tool_calls": True,
+            "response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "logprobs": None}
+    r = tiny_client.post("/v1/chat/completions", json=chat)
+    assert r.status_code == 200, r.text
+    r = tiny_client.post("/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": None, "temperature": 0,
+                                                  "echo": None, "suffix": None, "user": "u", "metadata": None})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16  # OpenAI's default max_tokens
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "1", "tool_call_id": "c"}]},
+     "messages.1"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages.0"),
+    ({"temperatur": 0.5}, "temperatur"),  # a typo is still refused
+])
+def test_what_the_server_would_silently_break_is_refused_by_name(tiny_client, extra, param):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "a"}], "max_tokens": 2, **extra}
+    r = tiny_client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_an_api_key_guards_every_route_but_health(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from hire.serve import create_app, load_service
+
+    service = load_service(_tiny_dir(tmp_path), None, slots=1, context=32, name="tiny", progress=False)
+    body = {"model": "tiny", "prompt": "the", "max_tokens": 2}
+    with TestClient(create_app(service, api_key="s3cret")) as client:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            for r in (client.post("/v1/completions", json=body, headers=headers), client.get("/v1/models", headers=headers)):
+                assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        ok = {"Authorization": "Bearer s3cret"}
+        assert client.post("/v1/completions", json=body, headers=ok).status_code == 200
+        assert client.get("/v1/models", headers=ok).status_code == 200
+        assert client.get("/health").status_code == 200  # for probes, without the key
+
+
+def test_a_failed_decode_loop_answers_503_on_health_and_serve_exits_with_an_error(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from hire.serve import create_app, load_service, serve
+    from hire.serve.service import DecodeLoopFailed
+
+    service = load_service(_tiny_dir(tmp_path), None, slots=1, context=32, name="tiny", progress=False)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a kernel fault")
+
+    service.scheduler.decoder.step = broken
+    with TestClient(create_app(service)) as client:
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": 4})
+        assert r.status_code == 500 and "a kernel fault" in r.json()["error"]["message"]
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "failed"
+        assert "a kernel fault" in health.json()["error"]
+    # under `hire serve` the loop runs in the main thread: when it dies, the server shuts down and serve raises
+    service = load_service(_tiny_dir(tmp_path / "again"), None, slots=1, context=32, name="tiny", progress=False)
+    service.scheduler.decoder.step = broken
+    port = _free_port()
+
+    def request():
+        import urllib.request
+
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(urllib.request.Request(
+                    f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(
+                        {"model": "tiny", "prompt": "the", "max_tokens": 4}).encode(),
+                    headers={"Content-Type": "application/json"}), timeout=10)
+            except Exception as err:  # noqa: BLE001 - refused until it listens, then the 500
+                if getattr(err, "code", None) == 500:
+                    return
+                time.sleep(0.1)
+
+    threading.Thread(target=request, daemon=True).start()
+    with pytest.raises(DecodeLoopFailed, match="a kernel fault"):
+        serve(service, port=port, log_level="warning")
+
+
 # --- a live server, the openai client ------------------------------------------------------------
 MODEL = "smollm2-135m"
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from hire.commands._args import DTYPES, add_model_args, build_config, integer, number
@@ -12,9 +13,11 @@ HELP = "serve a model over the OpenAI API (completions, chat, streaming), batche
 DESCRIPTION = (
     "Serve a model over an OpenAI-compatible HTTP API: POST /v1/completions and /v1/chat/completions (with "
     "stream), GET /v1/models and /health. Requests that arrive together share decode steps (continuous batching, "
-    "up to --slots at once); with HiRE, a step computes the union of its rows' head candidates. Not supported: "
-    "logprobs, echo, best_of, suffix, logit_bias, penalties, n > 1, tools. SIGTERM or Ctrl-C lets requests in "
-    "flight finish (up to --shutdown-timeout), then exits.")
+    "up to --slots at once); with HiRE, a step computes the union of its rows' head candidates. Accepted and "
+    "ignored: metadata, store, user, service_tier, parallel_tool_calls; a null is the field's default. Not "
+    "supported (a 400 naming the field): logprobs, echo, best_of, suffix, logit_bias, penalties, n > 1, tools, "
+    "response_format other than text. SIGTERM or Ctrl-C lets requests in flight finish (up to "
+    "--shutdown-timeout), then exits; a failed decode loop exits non-zero (and /health answers 503 until then).")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float16", choices=DTYPES, help="weights in the engine (default float16)")
     p.add_argument("--dequantized", action="store_true",
                    help="run a GGUF model dequantized to --dtype (the default runs it in its GGUF block codes)")
+    p.add_argument("--api-key", default=os.environ.get("HIRE_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: $HIRE_API_KEY; "
+                        "none: open to anyone who can reach --host)")
     p.add_argument("--shutdown-timeout", type=number(minimum=0), default=30.0,
                    help="seconds requests in flight get to finish on SIGTERM before they are cancelled (default 30)")
 
@@ -62,5 +68,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"hire serve: dense head: {pending}. This command with --calibrate (or hire bench / hire eval with the "
               "same model and head flags) fits and caches it once, in minutes; later starts serve with HiRE",
               file=sys.stderr, flush=True)
-    serve(service, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout)
+    serve(service, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout, api_key=args.api_key)
     return 0

@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP API (FastAPI) over the decode loop (``Scheduler``).
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream``, as
-server-sent events ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /health``. Errors are
+server-sent events ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /health`` (503 once the decode
+loop has failed). With an API key (``create_app(api_key=)``) every route but ``/health`` needs
+``Authorization: Bearer <key>``, else a 401 as OpenAI's (code ``invalid_api_key``). Errors are
 OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``, with a 4xx for what the client
 sent: malformed JSON, unknown fields, wrong types, ``max_tokens`` < 1, a prompt past the context.
 A streaming client that disconnects has its request cancelled: its batch slot is freed before
@@ -11,6 +13,7 @@ the next decode step.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -55,9 +58,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"Invalid value for {param}: {err.get('msg')}", param
 
 
-def create_app(service: Service, *, start_loop: bool = True) -> FastAPI:
+def create_app(service: Service, *, start_loop: bool = True, api_key: str | None = None) -> FastAPI:
     """The ASGI app; it stops the decode loop on shutdown, and starts it on a thread of its own on
-    startup unless ``start_loop`` is False (``serve`` runs it in the main thread)."""
+    startup unless ``start_loop`` is False (``serve`` runs it in the main thread). ``api_key``: the
+    bearer token every route but ``/health`` requires (None or empty: none)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -70,6 +74,20 @@ def create_app(service: Service, *, start_loop: bool = True) -> FastAPI:
 
     app = FastAPI(title="HiRE", lifespan=lifespan)
     process = psutil.Process()
+
+    if api_key:
+        expected = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def authorize(request: Request, call_next):
+            if request.url.path != "/health":
+                given = request.headers.get("authorization", "").encode()
+                if not hmac.compare_digest(given, expected):
+                    message = ("You didn't provide an API key: send it as 'Authorization: Bearer <key>'" if not given else
+                               "Incorrect API key provided")
+                    return JSONResponse(error_body(message, code="invalid_api_key"), status_code=401,
+                                        headers={"WWW-Authenticate": "Bearer"})
+            return await call_next(request)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -90,9 +108,13 @@ def create_app(service: Service, *, start_loop: bool = True) -> FastAPI:
     async def health():
         load = service.scheduler.load()
         s = service.scheduler
-        return {"status": "ok" if s.error is None else "failed", "model": service.name, **load,
+        body = {"status": "ok" if s.error is None else "failed", "model": service.name, **load,
                 "rss_mb": process.memory_info().rss / 2**20, "loop": s.stats.summary(),
                 "union": s.decoder.stats.summary(s.decoder.vocab_size), **service.info}
+        if s.error is not None:  # a supervisor or load balancer routes around it (or restarts it)
+            body["error"] = repr(s.error)
+            return JSONResponse(body, status_code=503)
+        return body
 
     @app.get("/v1/models")
     async def models():

@@ -1,15 +1,23 @@
 """The OpenAI API's request bodies as the server takes them, and its error bodies.
 
-Fields the server does not implement are refused with a 400 that names them, rather than
-ignored: ``logprobs``, ``echo``, ``best_of``, ``suffix``, ``logit_bias``, penalties other than 0,
-``n`` other than 1, tools. Unknown fields are refused as OpenAI refuses them.
+A null means the field's default, as in OpenAI's schema. Fields OpenAI accepts that change nothing
+here are accepted and ignored (``IGNORED``: ``metadata``, ``store``, ``user``, ``service_tier``,
+``parallel_tool_calls``), as are the settings that ask for what the server does anyway
+(``response_format`` ``{"type": "text"}``, ``tools: []``, ``tool_choice: "none"``). Settings whose
+meaning the server would silently break are refused with a 400 that names them: ``logprobs``,
+``echo``, ``best_of``, ``suffix``, ``logit_bias``, penalties other than 0, ``n`` other than 1,
+``response_format`` json_object / json_schema, tools, tool messages. Unknown fields (a typo) are
+refused as OpenAI refuses them.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# accepted and ignored: OpenAI's request fields that change nothing about what this server returns
+IGNORED = ("metadata", "store", "user", "service_tier", "parallel_tool_calls")
 
 
 class APIError(Exception):
@@ -34,6 +42,11 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def _drop_nulls(data):
+    """A JSON object's null fields left out, so that each takes its default (OpenAI: null is "not set")."""
+    return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
 class _Sampled(BaseModel):
     """What both endpoints share."""
 
@@ -51,7 +64,16 @@ class _Sampled(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: str | None = None  # the IGNORED fields
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data):
+        return _drop_nulls(data)
 
     def check(self) -> None:
         """What pydantic's types cannot say: the parts of the API this server does not implement."""
@@ -101,11 +123,17 @@ class TextPart(BaseModel):
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None  # null: an assistant turn's (OpenAI's, beside tool calls)
     name: str | None = None
 
+    @model_validator(mode="after")
+    def _content(self) -> "Message":
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content (only an assistant message's may be null)")
+        return self
+
     def plain(self) -> dict:
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or ())
         return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
 
@@ -114,6 +142,19 @@ class ChatRequest(_Sampled):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    response_format: dict | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_tool_messages(cls, data):
+        """A tool-role message (a tool's answer) or an assistant's tool calls: tools are not served."""
+        for i, m in enumerate(data.get("messages") or [] if isinstance(data, dict) else []):
+            if isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")):
+                raise APIError(400, "tool messages and tool calls are not supported by this server (it serves "
+                               "no tools)", param=f"messages.{i}")
+        return data
 
     def check(self) -> None:
         super().check()
@@ -126,3 +167,11 @@ class ChatRequest(_Sampled):
             self.max_tokens = self.max_completion_tokens
         if self.logprobs or self.top_logprobs is not None:
             raise APIError(400, "logprobs are not supported by this server", param="logprobs")
+        kind = (self.response_format or {"type": "text"}).get("type")
+        if kind != "text":
+            raise APIError(400, f"response_format {kind!r} is not supported by this server (only \"text\")",
+                           param="response_format")
+        if self.tools:
+            raise APIError(400, "tools are not supported by this server", param="tools")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise APIError(400, "tool_choice needs tools, which this server does not serve", param="tool_choice")

@@ -56,17 +56,23 @@ def load_service(model_name: str, config: HiReConfig | None, *, slots: int = 8, 
                    stop_ids=frozenset(stop_token_ids(tokenizer, model)), context=context, info=info)
 
 
+class DecodeLoopFailed(HireError, RuntimeError):
+    """The decode loop died: ``hire serve`` exits non-zero so that a supervisor restarts it."""
+
+
 def serve(service: Service, *, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 30.0,
-          log_level: str = "info") -> None:
+          log_level: str = "info", api_key: str | None = None) -> None:
     """Serve until SIGINT/SIGTERM: then no new connections; requests in flight finish, or are
-    cancelled after ``shutdown_timeout`` seconds; the decode loop stops; the call returns.
+    cancelled after ``shutdown_timeout`` seconds; the decode loop stops; the call returns. If the
+    decode loop fails, the server shuts down and ``DecodeLoopFailed`` is raised (its requests got
+    the error). ``api_key``: as ``create_app``'s.
 
     The decode loop runs in this (the main) thread and uvicorn on another (see ``Scheduler``);
     the signals reach uvicorn through the handlers installed here. A second signal stops at once."""
     import uvicorn
 
-    config = uvicorn.Config(create_app(service, start_loop=False), host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=shutdown_timeout)
+    config = uvicorn.Config(create_app(service, start_loop=False, api_key=api_key), host=host, port=port,
+                            log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
     server = uvicorn.Server(config)
 
     def http() -> None:
@@ -92,3 +98,5 @@ def serve(service: Service, *, host: str = "127.0.0.1", port: int = 8000, shutdo
             signal.signal(sig, handler)
     if not server.started:
         raise OSError(f"the server could not start on {host}:{port} (is the port in use?)")
+    if service.scheduler.error is not None:
+        raise DecodeLoopFailed(f"the decode loop failed ({service.scheduler.error!r}); the server has shut down")
