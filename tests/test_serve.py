@@ -182,6 +182,35 @@ def test_an_api_key_guards_every_route_but_health(tmp_path):
         assert client.get("/health").status_code == 200  # for probes, without the key
 
 
+def test_a_full_queue_answers_429_with_retry_after(tmp_path):
+    """One slot and one waiting place: while a slow request runs and a second waits, a third is turned away
+    with OpenAI's rate-limit error and a Retry-After; the first two complete."""
+    from fastapi.testclient import TestClient
+
+    from hire.serve import create_app, load_service
+
+    service = load_service(_tiny_dir(tmp_path), None, slots=1, context=32, name="tiny", progress=False, max_waiting=1)
+    step = service.scheduler.decoder.step
+
+    def slow(*args, **kwargs):
+        time.sleep(0.05)
+        return step(*args, **kwargs)
+
+    service.scheduler.decoder.step = slow
+    body = {"model": "tiny", "prompt": "the", "max_tokens": 20, "temperature": 0}
+    with TestClient(create_app(service)) as client, ThreadPoolExecutor(2) as pool:
+        running = [pool.submit(client.post, "/v1/completions", json=body)]
+        while service.scheduler.load()["active"] < 1:
+            time.sleep(0.01)
+        running.append(pool.submit(client.post, "/v1/completions", json=body))
+        while service.scheduler.load()["waiting"] < 1:
+            time.sleep(0.01)
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "rate_limit_error" and "--max-waiting 1" in r.json()["error"]["message"]
+        assert [f.result().status_code for f in running] == [200, 200]
+
+
 def test_a_failed_decode_loop_answers_503_on_health_and_serve_exits_with_an_error(tmp_path):
     from fastapi.testclient import TestClient
 

@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float16", choices=DTYPES, help="weights in the engine (default float16)")
     p.add_argument("--dequantized", action="store_true",
                    help="run a GGUF model dequantized to --dtype (the default runs it in its GGUF block codes)")
+    p.add_argument("--max-waiting", type=integer(minimum=0), default=64,
+                   help="requests that may wait for a free slot; past that a request gets a 429 with Retry-After "
+                        "(default 64)")
     p.add_argument("--api-key", default=os.environ.get("HIRE_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on every route but /health (default: $HIRE_API_KEY; "
                         "none: open to anyone who can reach --host)")
@@ -59,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     service = load_service(args.model, config, slots=args.slots, context=args.context, dense_above=args.dense_above,
                            dense_batch=args.dense_batch or None,
                            quantized=not args.dequantized, dtype=args.dtype, seq_len=args.seq_len,
-                           calib_windows=args.calib_windows, name=args.name, fit=args.calibrate)
+                           calib_windows=args.calib_windows, name=args.name, fit=args.calibrate,
+                           max_waiting=args.max_waiting)
     pending = service.info.get("head_pending")
     kind = "dense" if config is None or pending else "HiRE"
     print(f"hire serve: {service.name} ({kind}, {service.info['weights']}), {args.slots} slots of "

@@ -28,8 +28,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hire.serve.protocol import APIError, ChatRequest, CompletionRequest, error_body
-from hire.serve.scheduler import Sampling, Scheduler, SchedulerStopped, Sequence
+from hire.serve.scheduler import QueueFull, Sampling, Scheduler, SchedulerStopped, Sequence
 from hire.serve.text import TextStream, chat_prompt, completion_prompt, stop_list
+
+
+RETRY_AFTER_S = 1  # seconds a client turned away with a 429 is told to wait (a decode step is milliseconds)
 
 
 @dataclass
@@ -91,7 +94,7 @@ def create_app(service: Service, *, start_loop: bool = True, api_key: str | None
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -191,6 +194,9 @@ async def _respond(service: Service, body, prompt: torch.Tensor, *, chat: bool):
         service.scheduler.submit(seq)
     except SchedulerStopped as exc:
         raise APIError(503, str(exc), kind="server_error") from None
+    except QueueFull as exc:  # OpenAI's rate-limit answer: clients back off and retry
+        raise APIError(429, str(exc), code="rate_limit_exceeded", kind="rate_limit_error",
+                       headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
 

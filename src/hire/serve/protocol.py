@@ -24,9 +24,10 @@ class APIError(Exception):
     """An error the client caused (or the server's state), sent as OpenAI's error body."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers  # of the response (a 429's Retry-After)
 
     def body(self) -> dict:
         return error_body(self.message, param=self.param, code=self.code, kind=self.kind)

@@ -32,6 +32,10 @@ class SchedulerStopped(RuntimeError):
     """The server is shutting down and takes no new requests."""
 
 
+class QueueFull(RuntimeError):
+    """Every slot is busy and ``max_waiting`` requests already wait for one."""
+
+
 @dataclass(frozen=True)
 class Sampling:
     temperature: float = 0.0  # 0: greedy
@@ -90,9 +94,10 @@ class Scheduler:
     regions) run from a second thread took 3.4-4.3x as long here (SmolLM2 12.5 ms against 2.9;
     benchmarks/batch_step.py --parts thread)."""
 
-    def __init__(self, decoder: BatchDecoder, *, hire: bool):
+    def __init__(self, decoder: BatchDecoder, *, hire: bool, max_waiting: int | None = None):
         self.decoder = decoder
         self.hire = hire
+        self.max_waiting = max_waiting  # requests that may wait for a slot (None: any number)
         self.pending: deque[Sequence] = deque()
         self.active: list[Sequence] = []
         self.stats = LoopStats()
@@ -115,6 +120,9 @@ class Scheduler:
             if self._stopping or not self._running:
                 raise SchedulerStopped("the server is shutting down" if self._stopping else
                                        f"the decode loop has stopped ({self.error!r})")
+            if self.max_waiting is not None and len(self.pending) >= self.max_waiting:
+                raise QueueFull(f"all {self.decoder.slots} slots are busy and {len(self.pending)} requests are waiting "
+                                f"(--max-waiting {self.max_waiting}); retry later")
             self.pending.append(seq)
             self._cond.notify()
 
