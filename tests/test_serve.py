@@ -211,6 +211,44 @@ def test_a_full_queue_answers_429_with_retry_after(tmp_path):
         assert [f.result().status_code for f in running] == [200, 200]
 
 
+def test_a_non_streamed_request_whose_client_leaves_frees_its_slot(tmp_path):
+    """A client that gives up on a non-streamed request (its timeout) has it cancelled: the slot is freed
+    before the request would have ended, and the server keeps serving."""
+    import uvicorn
+
+    from hire.serve import create_app, load_service
+
+    service = load_service(_tiny_dir(tmp_path), None, slots=1, context=32, name="tiny", progress=False)
+    step = service.scheduler.decoder.step
+
+    def slow(*args, **kwargs):  # 25 tokens: 5 s
+        time.sleep(0.2)
+        return step(*args, **kwargs)
+
+    service.scheduler.decoder.step = slow
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        while not server.started:
+            time.sleep(0.05)
+        body = {"model": "tiny", "prompt": "the", "max_tokens": 25, "temperature": 0, "stop": ["never"]}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", json=body, timeout=0.6)
+        deadline = time.time() + 3  # well before the request's own 5 s
+        while service.scheduler.load()["active"] and time.time() < deadline:
+            time.sleep(0.05)
+        assert service.scheduler.load()["active"] == 0 and service.scheduler.stats.summary()["cancelled"] == 1
+        service.scheduler.decoder.step = step
+        ok = httpx.post(url + "/v1/completions", json={**body, "max_tokens": 2}, timeout=30)
+        assert ok.status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
 def test_a_failed_decode_loop_answers_503_on_health_and_serve_exits_with_an_error(tmp_path):
     from fastapi.testclient import TestClient
 

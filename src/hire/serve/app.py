@@ -6,8 +6,9 @@ loop has failed). With an API key (``create_app(api_key=)``) every route but ``/
 ``Authorization: Bearer <key>``, else a 401 as OpenAI's (code ``invalid_api_key``). Errors are
 OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``, with a 4xx for what the client
 sent: malformed JSON, unknown fields, wrong types, ``max_tokens`` < 1, a prompt past the context.
-A streaming client that disconnects has its request cancelled: its batch slot is freed before
-the next decode step.
+A client that disconnects, streaming or not, has its request cancelled: its batch slot is freed
+before the next decode step (a non-streamed request's connection is checked every
+``DISCONNECT_POLL_S``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from hire.serve.scheduler import QueueFull, Sampling, Scheduler, SchedulerStoppe
 from hire.serve.text import TextStream, chat_prompt, completion_prompt, stop_list
 
 
+DISCONNECT_POLL_S = 0.1  # how often a non-streamed request checks that its client is still there
 RETRY_AFTER_S = 1  # seconds a client turned away with a 429 is told to wait (a decode step is milliseconds)
 
 
@@ -125,16 +127,16 @@ def create_app(service: Service, *, start_loop: bool = True, api_key: str | None
                                             "owned_by": "hire"}]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         body.check()
         prompt = completion_prompt(service.tokenizer, body.text)
-        return await _respond(service, body, prompt, chat=False)
+        return await _respond(service, body, prompt, chat=False, request=request)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest):
+    async def chat(body: ChatRequest, request: Request):
         body.check()
         prompt = chat_prompt(service.tokenizer, [m.plain() for m in body.messages])
-        return await _respond(service, body, prompt, chat=True)
+        return await _respond(service, body, prompt, chat=True, request=request)
 
     return app
 
@@ -185,7 +187,17 @@ async def _events(service: Service, seq: Sequence, queue: asyncio.Queue, stream:
             service.scheduler.cancel(seq)
 
 
-async def _respond(service: Service, body, prompt: torch.Tensor, *, chat: bool):
+async def _cancel_when_gone(service: Service, seq: Sequence, request: Request) -> None:
+    """Cancel ``seq`` once ``request``'s client has disconnected (a non-streamed request: nothing is
+    written until it ends, so the server would not notice otherwise)."""
+    while not seq.finished:
+        if await request.is_disconnected():
+            service.scheduler.cancel(seq)
+            return
+        await asyncio.sleep(DISCONNECT_POLL_S)
+
+
+async def _respond(service: Service, body, prompt: torch.Tensor, *, chat: bool, request: Request | None = None):
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     seq = _sequence(service, body, prompt, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
@@ -206,8 +218,13 @@ async def _respond(service: Service, body, prompt: torch.Tensor, *, chat: bool):
 
     if not body.stream:
         parts, reason = [], None
-        async for piece, reason in _events(service, seq, queue, stream):
-            parts.append(piece)
+        watch = asyncio.ensure_future(_cancel_when_gone(service, seq, request)) if request is not None else None
+        try:
+            async for piece, reason in _events(service, seq, queue, stream):
+                parts.append(piece)
+        finally:
+            if watch is not None:
+                watch.cancel()
         text = "".join(parts)
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                    "finish_reason": reason} if chat else
