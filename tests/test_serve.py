@@ -165,6 +165,33 @@ def test_what_the_server_would_silently_break_is_refused_by_name(tiny_client, ex
     assert r.json()["error"]["param"] == param
 
 
+def test_metrics_count_requests_tokens_and_the_decode_loop(tiny_client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict:
+        r = tiny_client.get("/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        return {s.name + str(sorted(s.labels.items())): s.value
+                for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+    before = scrape()
+    body = {"model": "tiny", "prompt": "the and", "max_tokens": 5, "temperature": 0, "stop": ["never"]}
+    tokens = tiny_client.post("/v1/completions", json=body).json()["usage"]["completion_tokens"]
+    assert tiny_client.post("/v1/completions", json={**body, "n": 2}).status_code == 400
+    after = scrape()
+
+    def grew(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert grew("hire_http_requests_total[('route', '/v1/completions'), ('status', '200')]") == 1
+    assert grew("hire_http_requests_total[('route', '/v1/completions'), ('status', '400')]") == 1
+    assert grew("hire_time_to_first_token_seconds_count[]") == 1
+    assert grew("hire_inter_token_latency_seconds_count[]") == tokens - 1
+    assert grew("hire_decode_step_tokens_total[]") >= tokens - 1 and grew("hire_prefills_total[]") == 1
+    assert after["hire_decode_loop_up[]"] == 1 and after["hire_slots[]"] == 2
+    assert after["hire_requests_running[]"] == 0 and after["hire_requests_waiting[]"] == 0
+
+
 def test_an_api_key_guards_every_route_but_health(tmp_path):
     from fastapi.testclient import TestClient
 
@@ -174,7 +201,8 @@ def test_an_api_key_guards_every_route_but_health(tmp_path):
     body = {"model": "tiny", "prompt": "the", "max_tokens": 2}
     with TestClient(create_app(service, api_key="s3cret")) as client:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
-            for r in (client.post("/v1/completions", json=body, headers=headers), client.get("/v1/models", headers=headers)):
+            for r in (client.post("/v1/completions", json=body, headers=headers), client.get("/v1/models", headers=headers),
+                      client.get("/metrics", headers=headers)):
                 assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         ok = {"Authorization": "Bearer s3cret"}
         assert client.post("/v1/completions", json=body, headers=ok).status_code == 200

@@ -2,7 +2,7 @@
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream``, as
 server-sent events ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /health`` (503 once the decode
-loop has failed). With an API key (``create_app(api_key=)``) every route but ``/health`` needs
+loop has failed), ``GET /metrics`` (Prometheus, ``hire.serve.metrics``). With an API key (``create_app(api_key=)``) every route but ``/health`` needs
 ``Authorization: Bearer <key>``, else a 401 as OpenAI's (code ``invalid_api_key``). Errors are
 OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``, with a 4xx for what the client
 sent: malformed JSON, unknown fields, wrong types, ``max_tokens`` < 1, a prompt past the context.
@@ -25,14 +25,16 @@ import psutil
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from hire.serve.metrics import ServeMetrics
 from hire.serve.protocol import APIError, ChatRequest, CompletionRequest, error_body
 from hire.serve.scheduler import QueueFull, Sampling, Scheduler, SchedulerStopped, Sequence
 from hire.serve.text import TextStream, chat_prompt, completion_prompt, stop_list
 
 
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")  # others count as "other"
 DISCONNECT_POLL_S = 0.1  # how often a non-streamed request checks that its client is still there
 RETRY_AFTER_S = 1  # seconds a client turned away with a 429 is told to wait (a decode step is milliseconds)
 
@@ -48,6 +50,47 @@ class Service:
     context: int  # the longest prompt + completion, in tokens
     info: dict = field(default_factory=dict)  # weights, config, kernels: shown by /health and /v1/models
     created: int = field(default_factory=lambda: int(time.time()))
+
+
+class _Authorize:
+    """Every route but /health needs ``Authorization: Bearer <api_key>``, else OpenAI's 401."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                message = ("You didn't provide an API key: send it as 'Authorization: Bearer <key>'" if not given else
+                           "Incorrect API key provided")
+                response = JSONResponse(error_body(message, code="invalid_api_key"), status_code=401,
+                                        headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class _CountRequests:
+    """Each HTTP request into ``metrics.requests`` by route and status code."""
+
+    def __init__(self, app, metrics: ServeMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {}
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = scope["path"] if scope["path"] in ROUTES else "other"
+            self.metrics.requests.labels(route, str(status.get("code", 500))).inc()
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -79,20 +122,13 @@ def create_app(service: Service, *, start_loop: bool = True, api_key: str | None
 
     app = FastAPI(title="HiRE", lifespan=lifespan)
     process = psutil.Process()
+    metrics = app.state.metrics = ServeMetrics(service.scheduler)
 
+    # plain ASGI middleware (Starlette's BaseHTTPMiddleware would hide a client's disconnect from the
+    # routes); the last added is the outermost, so refused requests are counted too
     if api_key:
-        expected = f"Bearer {api_key}".encode()
-
-        @app.middleware("http")
-        async def authorize(request: Request, call_next):
-            if request.url.path != "/health":
-                given = request.headers.get("authorization", "").encode()
-                if not hmac.compare_digest(given, expected):
-                    message = ("You didn't provide an API key: send it as 'Authorization: Bearer <key>'" if not given else
-                               "Incorrect API key provided")
-                    return JSONResponse(error_body(message, code="invalid_api_key"), status_code=401,
-                                        headers={"WWW-Authenticate": "Bearer"})
-            return await call_next(request)
+        app.add_middleware(_Authorize, api_key=api_key)
+    app.add_middleware(_CountRequests, metrics=metrics)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -120,6 +156,11 @@ def create_app(service: Service, *, start_loop: bool = True, api_key: str | None
             body["error"] = repr(s.error)
             return JSONResponse(body, status_code=503)
         return body
+
+    @app.get("/metrics")
+    async def prometheus():
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
     async def models():
@@ -161,13 +202,22 @@ def _sequence(service: Service, body, prompt: torch.Tensor, emit) -> Sequence:
     return Sequence(prompt=prompt, max_tokens=max_tokens, sampling=sampling, stop_ids=service.stop_ids, emit=emit)
 
 
-async def _events(service: Service, seq: Sequence, queue: asyncio.Queue, stream: TextStream):
+async def _events(service: Service, seq: Sequence, queue: asyncio.Queue, stream: TextStream, metrics: ServeMetrics,
+                  arrived: float):
     """(text piece, finish reason or None) as the decode loop delivers; cancels the sequence if
-    the consumer goes away (a disconnected client) before it ends."""
+    the consumer goes away (a disconnected client) before it ends. Each token's time goes to
+    ``metrics`` (the first from ``arrived``, a ``time.perf_counter()``)."""
+    last = None
     try:
         while True:
             event = await queue.get()
             if event[0] == "token":
+                now = time.perf_counter()
+                if last is None:
+                    metrics.ttft.observe(now - arrived)
+                else:
+                    metrics.itl.observe(now - last)
+                last = now
                 piece = stream.add(event[1])
                 if stream.stopped:
                     service.scheduler.cancel(seq)
@@ -197,7 +247,9 @@ async def _cancel_when_gone(service: Service, seq: Sequence, request: Request) -
         await asyncio.sleep(DISCONNECT_POLL_S)
 
 
-async def _respond(service: Service, body, prompt: torch.Tensor, *, chat: bool, request: Request | None = None):
+async def _respond(service: Service, body, prompt: torch.Tensor, *, chat: bool, request: Request):
+    arrived = time.perf_counter()
+    metrics: ServeMetrics = request.app.state.metrics
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     seq = _sequence(service, body, prompt, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
@@ -218,13 +270,12 @@ async def _respond(service: Service, body, prompt: torch.Tensor, *, chat: bool, 
 
     if not body.stream:
         parts, reason = [], None
-        watch = asyncio.ensure_future(_cancel_when_gone(service, seq, request)) if request is not None else None
+        watch = asyncio.ensure_future(_cancel_when_gone(service, seq, request))
         try:
-            async for piece, reason in _events(service, seq, queue, stream):
+            async for piece, reason in _events(service, seq, queue, stream, metrics, arrived):
                 parts.append(piece)
         finally:
-            if watch is not None:
-                watch.cancel()
+            watch.cancel()
         text = "".join(parts)
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                    "finish_reason": reason} if chat else
@@ -251,7 +302,7 @@ async def _respond(service: Service, body, prompt: torch.Tensor, *, chat: bool, 
         try:
             if chat:
                 yield chunk(None, None, first=True)
-            async for piece, reason in _events(service, seq, queue, stream):
+            async for piece, reason in _events(service, seq, queue, stream, metrics, arrived):
                 if piece:
                     yield chunk(piece, None)
                 if reason is not None:
