@@ -1,9 +1,11 @@
 """The OpenAI-compatible HTTP API (FastAPI) over the decode loop (``Scheduler``).
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream``, as
-server-sent events ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /health`` (503 once the decode
-loop has failed), ``GET /metrics`` (Prometheus, ``hire.serve.metrics``). With an API key (``create_app(api_key=)``) every route but ``/health`` needs
-``Authorization: Bearer <key>``, else a 401 as OpenAI's (code ``invalid_api_key``). Errors are
+server-sent events ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /health`` (503 once the
+decode loop has failed), ``GET /metrics`` (Prometheus, ``hire.serve.metrics``). With an API key
+(``create_app(api_key=)``) every route but ``/health`` needs ``Authorization: Bearer <key>``, else
+a 401 as OpenAI's (code ``invalid_api_key``); past the scheduler's ``max_waiting`` a request gets a
+429 with ``Retry-After``. Errors are
 OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``, with a 4xx for what the client
 sent: malformed JSON, unknown fields, wrong types, ``max_tokens`` < 1, a prompt past the context.
 A client that disconnects, streaming or not, has its request cancelled: its batch slot is freed
