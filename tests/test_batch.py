@@ -128,14 +128,16 @@ def test_bad_decoder_settings_are_refused():
         decoder.release(slot)
 
 
+@pytest.mark.parametrize("chunk", [128, 3])
 @pytest.mark.parametrize("fused", [pytest.param(True, marks=needs_kernels), False])
-def test_the_decode_loop_gives_each_sequence_what_it_decodes_alone(fused):
+def test_the_decode_loop_gives_each_sequence_what_it_decodes_alone(fused, chunk):
     """Sequences of different lengths join a running batch and leave it (length, cancel); the
-    greedy tokens of each equal Engine.generate's for it alone, on the native and the eager path."""
+    greedy tokens of each equal Engine.generate's for it alone, on the native and the eager path,
+    their prompts prefilled whole or 3 tokens at a time between decode steps."""
     engine = Engine(make("llama", seed=2), None, dtype=torch.float32, max_seq_len=48, fused=fused)
     prompts = _prompts(4, seed=3)
     want = [engine.generate(p, 10, hire=False).token_ids for p in prompts]
-    scheduler = Scheduler(BatchDecoder(engine, 2), hire=False)  # 2 slots for 4 requests: two wait
+    scheduler = Scheduler(BatchDecoder(engine, 2), hire=False, prefill_chunk=chunk)  # 2 slots for 4 requests: two wait
     ended = threading.Semaphore(0)
     got: list[list] = [[] for _ in prompts]
 
@@ -163,6 +165,52 @@ def test_the_decode_loop_gives_each_sequence_what_it_decodes_alone(fused):
     scheduler.stop()
     with pytest.raises(SchedulerStopped):
         scheduler.submit(seqs[0])
+
+
+def test_a_long_prompt_is_prefilled_between_the_running_sequence_s_steps():
+    """While a sequence decodes, a long prompt joins in chunks: each chunk is followed by a decode step of the
+    running sequence (not one prefill of the whole prompt), and both get what they decode alone."""
+    engine = Engine(make("llama", seed=2), None, dtype=torch.float32, max_seq_len=64)
+    short, long = _prompts(1, seed=3)[0][:4], torch.arange(2, 32) % 300
+    want = [engine.generate(p, 12, hire=False).token_ids for p in (short, long)]
+    decoder = BatchDecoder(engine, 2)
+    calls = []
+    prefill, step = decoder.prefill, decoder.step
+
+    def logged_prefill(slot, prompt, start=0):
+        calls.append(("prefill", start, prompt.numel()))
+        return prefill(slot, prompt, start)
+
+    def logged_step(tokens, positions, slots, hire):
+        calls.append(("step", len(positions)))
+        return step(tokens, positions, slots, hire)
+
+    decoder.prefill, decoder.step = logged_prefill, logged_step
+    scheduler = Scheduler(decoder, hire=False, prefill_chunk=8)
+    got, done = [[], []], [threading.Event(), threading.Event()]
+
+    def emit_for(i):
+        def emit(event):
+            if event[0] == "token":
+                got[i].append(event[1])
+                if i == 0 and len(got[0]) == 2:  # the short one runs: the long prompt arrives
+                    scheduler.submit(Sequence(long, 12, Sampling(), frozenset(), emit_for(1)))
+            else:
+                done[i].set()
+        return emit
+
+    scheduler.start()
+    scheduler.submit(Sequence(short, 12, Sampling(), frozenset(), emit_for(0)))
+    assert done[0].wait(60) and done[1].wait(60)
+    scheduler.stop()
+    assert got == want
+    prefills = [c for c in calls if c[0] == "prefill"]
+    chunks = prefills[1:]  # the long prompt's (the short one's came first, whole)
+    assert prefills[0] == ("prefill", 0, short.numel())
+    assert [c[1:] for c in chunks] == [(0, 8), (8, 8), (16, 8), (24, 6)]
+    after = [calls[calls.index(c) + 1] for c in chunks[:-1]]
+    assert after == [("step", 1)] * 3  # the running sequence stepped between the chunks
+    assert scheduler.stats.prefills == 2 and scheduler.stats.prefill_tokens == short.numel() + 30
 
 
 def test_stop_tokens_and_sampling_seeds():

@@ -95,13 +95,14 @@ class BatchDecoder:
         self.free.append(slot)
 
     @torch.inference_mode()
-    def prefill(self, slot: int, prompt: torch.Tensor) -> torch.Tensor:
-        """The prompt's keys and values into ``slot``; the last position's hidden state.
+    def prefill(self, slot: int, prompt: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """The prompt's keys and values into ``slot`` from position ``start`` (the earlier positions
+        already there: a prompt in chunks); the last position's hidden state.
         # prompt: (T,) -> (1, D)"""
         prompt = prompt.reshape(-1)
-        if not 0 < prompt.numel() < self.max_seq_len:
-            raise ValueError(f"a prompt of {prompt.numel()} tokens does not fit a context of {self.max_seq_len}")
-        return self.engine.prefill(prompt, (self.k, self.v), slot)
+        if not (0 < prompt.numel() and 0 <= start and start + prompt.numel() < self.max_seq_len):
+            raise ValueError(f"a prompt of {start + prompt.numel()} tokens does not fit a context of {self.max_seq_len}")
+        return self.engine.prefill(prompt, (self.k, self.v), slot, start)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, positions: list[int], slots: list[int], hire: bool) -> torch.Tensor:

@@ -300,9 +300,11 @@ class Engine:
         return self.eager_forward(h, start, hire)
 
     def prefill(self, prompt: torch.Tensor, caches: tuple[torch.Tensor, torch.Tensor] | None = None,
-                slot: int = 0) -> torch.Tensor:
+                slot: int = 0, start: int = 0) -> torch.Tensor:
         """The prompt's keys and values into the cache (``caches``: batch slots (slots, L, Hkv, S, hd)
         and ``slot``; None: the engine's own); the last position's final hidden state, dense.
+        ``start``: the prompt's first position (a later part of a prompt whose earlier positions are
+        in the cache: prefill in chunks).
 
         With the native kernels the prompt runs as batched decode steps of ``PREFILL_CHUNK`` of its
         tokens (``step_batch``: each matrix read once per chunk, causal within the slot): per token what
@@ -313,11 +315,12 @@ class Engine:
         k, v = caches if caches is not None else (self.k_cache.unsqueeze(0), self.v_cache.unsqueeze(0))
         if self.native_steps is None:
             with self.using_cache(k[slot], v[slot]):
-                return self.eager_forward(self.embed(prompt).float(), 0, hire=False)
+                return self.eager_forward(self.embed(prompt).float(), start, hire=False)
         step = self.native_steps[False]
-        for start in range(0, prompt.numel(), PREFILL_CHUNK):
-            part = prompt[start : start + PREFILL_CHUNK]
-            out = step.step_batch(self.embed(part).float(), torch.arange(start, start + part.numel()),
+        for first in range(0, prompt.numel(), PREFILL_CHUNK):
+            part = prompt[first : first + PREFILL_CHUNK]
+            at = start + first
+            out = step.step_batch(self.embed(part).float(), torch.arange(at, at + part.numel()),
                                   torch.full((part.numel(),), slot), k, v)
         return out[-1:].to(self.dtype)
 

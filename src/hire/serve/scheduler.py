@@ -2,9 +2,11 @@
 it in the main thread (``Scheduler.run``; uvicorn serves HTTP from a second one, hire.serve.service);
 ``Scheduler.start`` runs it on a thread of its own instead (tests, an app run in process).
 
-Requests join the running batch between steps (their prompt is prefilled densely into a free KV
-cache slot, which stalls the batch for that prefill) and leave it when they stop, reach their
-length, or are cancelled (a client that went away); their slot is then free for the next one.
+Requests join the running batch between steps: their prompt is prefilled densely into a free KV
+cache slot ``prefill_chunk`` tokens at a time, one chunk between two decode steps of the running
+sequences, so that a long prompt delays each running stream's next token by one chunk's prefill,
+not by the whole prompt's. They leave when they stop, reach their length, or are cancelled (a
+client that went away); their slot is then free for the next one.
 Each request gets its tokens through its ``emit`` callback, called on the thread running the loop.
 Each sequence samples with its own settings and generator; temperature and top-p draws account for
 the rows outside the head's candidates (the batch's union) as ``Engine.generate`` does
@@ -25,6 +27,11 @@ from typing import Callable
 import torch
 
 from hire.engine.batch import BatchDecoder
+
+# prompt tokens prefilled between two decode steps of the running sequences. SmolLM2's codes prefill
+# ~400 tokens/s on an AMD EPYC VM (hire bench): a 2,000-token prompt held every running stream up ~5 s
+# whole, ~0.3 s a chunk of 128; per token, chunks of 32-512 cost about the same (Engine.PREFILL_CHUNK's note)
+PREFILL_CHUNK = 128
 from hire.engine.sampling import DensePolicy, needs_tail, sample
 
 
@@ -55,6 +62,7 @@ class Sequence:
     stop_ids: frozenset[int]
     emit: Callable[[tuple], None]
     tokens: list[int] = field(default_factory=list)  # generated so far (a stop id included)
+    prefilled: int = 0  # prompt tokens in the cache so far (prefilled in chunks)
     slot: int = -1
     cancelled: bool = False
     finished: bool = False
@@ -94,9 +102,13 @@ class Scheduler:
     regions) run from a second thread took 3.4-4.3x as long here (SmolLM2 12.5 ms against 2.9;
     benchmarks/batch_step.py --parts thread)."""
 
-    def __init__(self, decoder: BatchDecoder, *, hire: bool, max_waiting: int | None = None):
+    def __init__(self, decoder: BatchDecoder, *, hire: bool, max_waiting: int | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK):
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
         self.decoder = decoder
         self.hire = hire
+        self.prefill_chunk = prefill_chunk
         self.max_waiting = max_waiting  # requests that may wait for a slot (None: any number)
         self.pending: deque[Sequence] = deque()
         self.active: list[Sequence] = []
@@ -165,7 +177,10 @@ class Scheduler:
                     self._admit(seq)
                 for seq in [s for s in self.active if s.cancelled]:
                     self._finish(seq, "cancelled")
-                if self.active:
+                prefilling = next((s for s in self.active if s.prefilled < s.prompt.numel()), None)
+                if prefilling is not None:  # one chunk of the earliest admitted prompt still in prefill
+                    self._prefill_chunk(prefilling)
+                if any(s.tokens for s in self.active):
                     self._step()
         except BaseException as exc:  # noqa: BLE001 - every waiting client must hear why
             self.error = exc
@@ -187,20 +202,28 @@ class Scheduler:
             seed = seq.sampling.seed if seq.sampling.seed is not None else int(torch.seed())
             seq.generator = torch.Generator().manual_seed(seed)
         seq.slot = self.decoder.acquire()
-        self.active.append(seq)
+        self.active.append(seq)  # its prompt is prefilled a chunk per loop turn (_prefill_chunk)
+
+    def _prefill_chunk(self, seq: Sequence) -> None:
+        """The next ``prefill_chunk`` tokens of ``seq``'s prompt into its slot; after the last, its first
+        token."""
+        start = seq.prefilled
+        part = seq.prompt[start : start + self.prefill_chunk]
         t = time.perf_counter()
         try:
-            hidden = self.decoder.prefill(seq.slot, seq.prompt)
+            hidden = self.decoder.prefill(seq.slot, part, start)
         except ValueError as exc:
             self._finish(seq, "error", str(exc))
             return
+        seq.prefilled += part.numel()
         self.stats.prefill_s += time.perf_counter() - t
-        self.stats.prefills += 1
-        self.stats.prefill_tokens += seq.prompt.numel()
-        self._sample_and_deliver([seq], hidden)
+        self.stats.prefill_tokens += part.numel()
+        if seq.prefilled == seq.prompt.numel():
+            self.stats.prefills += 1
+            self._sample_and_deliver([seq], hidden)
 
     def _step(self) -> None:
-        batch = list(self.active)
+        batch = [s for s in self.active if s.tokens]  # the sequences past their prefill
         t = time.perf_counter()
         tokens = torch.tensor([s.tokens[-1] for s in batch])
         hidden = self.decoder.step(tokens, [s.position for s in batch], [s.slot for s in batch], self.hire)

@@ -15,7 +15,7 @@ from hire.arch import engine_supported
 from hire.errors import ConfigError, HireError
 from hire.generate import stop_token_ids
 from hire.serve.app import Service, create_app
-from hire.serve.scheduler import Scheduler
+from hire.serve.scheduler import PREFILL_CHUNK, Scheduler
 
 
 class UnsupportedForServing(HireError, ValueError):
@@ -25,14 +25,16 @@ class UnsupportedForServing(HireError, ValueError):
 def load_service(model_name: str, config: HiReConfig | None, *, slots: int = 8, context: int = 2048,
                  dense_above: float = 0.5, dense_batch: int | None = None, quantized: bool = True, dtype: str = "float16",
                  seq_len: int = 512, calib_windows: int = CALIBRATION_WINDOWS, progress: bool = True,
-                 name: str | None = None, fit: bool = True, max_waiting: int | None = None) -> Service:
+                 name: str | None = None, fit: bool = True, max_waiting: int | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK) -> Service:
     """``model_name`` under ``config`` (None: dense) in a decode loop of ``slots`` sequences of up to
     ``context`` tokens each; a GGUF model runs in its block codes unless ``quantized`` is False.
     ``dense_above``: the share of the head's rows past which a batch's union of candidates is read
     as the whole head; ``dense_batch``: the batch size from which the head is dense (None: never).
     ``fit=False``: where the head's settings or proxy are not cached, serve with the dense head at once
     (``info["head_pending"]`` says why) instead of fitting first (minutes on a first run).
-    ``max_waiting``: requests that may wait for a slot; past that a request gets a 429 (None: no bound)."""
+    ``max_waiting``: requests that may wait for a slot; past that a request gets a 429 (None: no bound).
+    ``prefill_chunk``: prompt tokens prefilled between two decode steps of the running requests."""
     prepared = load_for_decode(model_name, config, quantized=quantized, seq_len=seq_len, calib_windows=calib_windows,
                                progress=progress, fit=fit)
     model, tokenizer, quantized = prepared.model, prepared.tokenizer, prepared.quantized
@@ -48,12 +50,14 @@ def load_service(model_name: str, config: HiReConfig | None, *, slots: int = 8, 
     decoder = BatchDecoder(engine, slots, dense_above=dense_above, dense_batch=dense_batch)
     hire = prepared.config is not None
     info = {"hire": hire, "weights": "GGUF codes" if quantized else dtype, "kernels": engine.kernel_report(),
-            "context": context, "dense_above": dense_above, "dense_batch": dense_batch, "max_waiting": max_waiting}
+            "context": context, "dense_above": dense_above, "dense_batch": dense_batch, "max_waiting": max_waiting,
+            "prefill_chunk": prefill_chunk}
     if hire:
         info["config"] = prepared.config.to_dict()
     if prepared.pending:
         info["head_pending"] = prepared.pending
-    return Service(name=name or model_name, tokenizer=tokenizer, scheduler=Scheduler(decoder, hire=hire, max_waiting=max_waiting),
+    scheduler = Scheduler(decoder, hire=hire, max_waiting=max_waiting, prefill_chunk=prefill_chunk)
+    return Service(name=name or model_name, tokenizer=tokenizer, scheduler=scheduler,
                    stop_ids=frozenset(stop_token_ids(tokenizer, model)), context=context, info=info)
 
 
