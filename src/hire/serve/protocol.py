@@ -1,7 +1,7 @@
 """The OpenAI API's request bodies as the server takes them, and its error bodies.
 
 A null means the field's default, as in OpenAI's schema. Fields OpenAI accepts that change nothing
-here are accepted and ignored (``IGNORED``: ``metadata``, ``store``, ``user``, ``service_tier``,
+here are accepted and ignored (``metadata``, ``store``, ``user``, ``service_tier``,
 ``parallel_tool_calls``), as are the settings that ask for what the server does anyway
 (``response_format`` ``{"type": "text"}``, ``tools: []``, ``tool_choice: "none"``). Settings whose
 meaning the server would silently break are refused with a 400 that names them: ``logprobs``,
@@ -15,9 +15,6 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-# accepted and ignored: OpenAI's request fields that change nothing about what this server returns
-IGNORED = ("metadata", "store", "user", "service_tier", "parallel_tool_calls")
 
 
 class APIError(Exception):
@@ -65,7 +62,7 @@ class _Sampled(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
-    user: str | None = None  # the IGNORED fields
+    user: str | None = None  # accepted and ignored: these fields change nothing the server returns
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
@@ -151,7 +148,8 @@ class ChatRequest(_Sampled):
     @classmethod
     def _no_tool_messages(cls, data):
         """A tool-role message (a tool's answer) or an assistant's tool calls: tools are not served."""
-        for i, m in enumerate(data.get("messages") or [] if isinstance(data, dict) else []):
+        messages = data.get("messages") if isinstance(data, dict) else None
+        for i, m in enumerate(messages if isinstance(messages, list) else []):
             if isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")):
                 raise APIError(400, "tool messages and tool calls are not supported by this server (it serves "
                                "no tools)", param=f"messages.{i}")
