@@ -237,6 +237,11 @@ def test_a_full_queue_answers_429_with_retry_after(tmp_path):
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["type"] == "rate_limit_error" and "--max-waiting 1" in r.json()["error"]["message"]
         assert [f.result().status_code for f in running] == [200, 200]
+    # with no waiting place, a request that finds its slot free is served
+    service = load_service(_tiny_dir(tmp_path / "zero"), None, slots=1, context=32, name="tiny", progress=False,
+                           max_waiting=0)
+    with TestClient(create_app(service)) as client:
+        assert client.post("/v1/completions", json={**body, "max_tokens": 2}).status_code == 200
 
 
 def test_a_non_streamed_request_whose_client_leaves_frees_its_slot(tmp_path):

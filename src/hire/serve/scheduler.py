@@ -27,12 +27,12 @@ from typing import Callable
 import torch
 
 from hire.engine.batch import BatchDecoder
+from hire.engine.sampling import DensePolicy, needs_tail, sample
 
 # prompt tokens prefilled between two decode steps of the running sequences. SmolLM2's codes prefill
 # ~400 tokens/s on an AMD EPYC VM (hire bench): a 2,000-token prompt held every running stream up ~5 s
 # whole, ~0.3 s a chunk of 128; per token, chunks of 32-512 cost about the same (Engine.PREFILL_CHUNK's note)
 PREFILL_CHUNK = 128
-from hire.engine.sampling import DensePolicy, needs_tail, sample
 
 
 class SchedulerStopped(RuntimeError):
@@ -132,9 +132,10 @@ class Scheduler:
             if self._stopping or not self._running:
                 raise SchedulerStopped("the server is shutting down" if self._stopping else
                                        f"the decode loop has stopped ({self.error!r})")
-            if self.max_waiting is not None and len(self.pending) >= self.max_waiting:
-                raise QueueFull(f"all {self.decoder.slots} slots are busy and {len(self.pending)} requests are waiting "
-                                f"(--max-waiting {self.max_waiting}); retry later")
+            free = self.decoder.slots - len(self.active)  # the loop admits that many of the pending at its next turn
+            if self.max_waiting is not None and len(self.pending) - free >= self.max_waiting:
+                raise QueueFull(f"all {self.decoder.slots} slots are busy and {len(self.pending) - free} requests are "
+                                f"waiting (--max-waiting {self.max_waiting}); retry later")
             self.pending.append(seq)
             self._cond.notify()
 
