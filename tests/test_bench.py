@@ -28,6 +28,7 @@ from hire.bench.llama_cpp import (
 )
 from hire.cli import main
 from hire.commands.bench import format_bench
+from hire.system import cpu_flags
 from hire.config import FFNConfig, HeadConfig, HiReConfig
 from hire.engine import Engine
 from hire.plots import plot_bench
@@ -277,6 +278,16 @@ def test_cpu_has_amx_reads_the_cpu_flags(tmp_path):
     (tmp_path / "plain").write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f\nbugs\t\t: amx_tile_not_a_flag\n")
     assert cpu_has_amx(tmp_path / "amx") and not cpu_has_amx(tmp_path / "plain")
     assert not cpu_has_amx(tmp_path / "missing")
+    (tmp_path / "bf16").write_text("flags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n")
+    assert cpu_flags(str(tmp_path / "bf16")) >= {"avx512_bf16", "avx512_vnni"} and not cpu_has_amx(tmp_path / "bf16")
+
+
+def test_native_bfloat16_follows_the_cpu_flags(monkeypatch):
+    from hire import system
+
+    for flags, want in (({"avx512_bf16"}, True), ({"amx_bf16", "amx_tile"}, True), ({"avx512f", "avx2"}, False)):
+        monkeypatch.setattr(system, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert system.native_bfloat16() is want
 
 
 def test_bench_cli_json(model_dir, capsys, tmp_path):  # noqa: F811

@@ -40,11 +40,11 @@ def _libc():
         return None
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (/proc/cpuinfo's first ``flags`` line); empty where there is none."""
+@functools.lru_cache(maxsize=4)
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags (the first ``flags`` line of ``cpuinfo``); empty where there is none."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             line = next((line for line in f if line.startswith("flags")), "")
     except OSError:
         return frozenset()

@@ -43,6 +43,7 @@ from typing import Callable
 
 from hire.errors import HireError
 from hire.paths import cache_root
+from hire.system import cpu_flags
 
 # The llama-cpp-python release whose vendored llama.cpp is built (the one the README's earlier
 # llama.cpp figures used); its sdist carries the llama.cpp git metadata, so the commit is known.
@@ -83,11 +84,7 @@ WITHOUT_AMX = Variant("noamx", "bin-noamx", "build-noamx.json", NO_AMX)
 
 def cpu_has_amx(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     """Whether the CPU lists AMX (``amx_tile``) among its flags (False where that cannot be read)."""
-    try:
-        text = Path(cpuinfo).read_text(errors="replace")
-    except OSError:
-        return False
-    return re.search(r"^flags\s*:.*\bamx_tile\b", text, re.MULTILINE) is not None
+    return "amx_tile" in cpu_flags(str(cpuinfo))
 
 
 def variants_here() -> list[Variant]:
