@@ -12,7 +12,8 @@ from hire.errors import HireError
 HELP = "serve a model over the OpenAI API (completions, chat, streaming), batched"
 DESCRIPTION = (
     "Serve a model over an OpenAI-compatible HTTP API: POST /v1/completions and /v1/chat/completions (with "
-    "stream), GET /v1/models, /health and /metrics (Prometheus). Requests that arrive together share decode steps (continuous batching, "
+    "stream), GET /v1/models, /health and /metrics (Prometheus). Requests that arrive together share decode "
+    "steps (continuous batching, "
     "up to --slots at once); with HiRE, a step computes the union of its rows' head candidates. Accepted and "
     "ignored: metadata, store, user, service_tier, parallel_tool_calls; a null is the field's default. Not "
     "supported (a 400 naming the field): logprobs, echo, best_of, suffix, logit_bias, penalties, n > 1, tools, "
