@@ -144,7 +144,14 @@ def test_a_gguf_runs_in_its_codes_unless_dequantized(tmp_path, capsys):
                  "--head-proxy", "int8", "--head-candidates", "64"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["weights"] == "gguf" and report["weight_formats"] == ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+    assert report["act_bits"] == 16
     assert not report["config"]["ffn"]["enabled"]  # quantized_config: the FFNs stay dense over their codes
+    assert main(["bench", "--model", str(path), "--rounds", "1", "--tokens", "4", "--no-breakdown", "--json",
+                 "--head-proxy", "int8", "--head-candidates", "64", "--act-bits", "8"]) == 0
+    assert json.loads(capsys.readouterr().out)["act_bits"] == 8
+    assert main(["generate", "--model", str(path), "--prompt", "the and of", "--max-new-tokens", "4",
+                 "--head-proxy", "int8", "--head-candidates", "64", "--act-bits", "8"]) == 0
+    assert "HiRE engine, GGUF codes, int8 activations" in capsys.readouterr().err
     assert main(["eval", "--model", str(path), "--windows", "1", "--seq-len", "32", "--calib-windows", "1",
                  "--head-proxy", "int8", "--head-candidates", "64", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -165,6 +172,8 @@ BAD_INPUT = [
     (["bench", "--tp", "2", "--modes", "dense,fast"], "--modes takes a comma-separated subset of dense,exact,da, got 'dense,fast'"),
     (["bench", "--tp", "2", "--vs-transformers"], "--vs-transformers and --llama-cpp time one process"),
     (["bench", "--seq-len", "1"], "--seq-len must be an integer >= 2, got '1'"),
+    (["bench", "--act-bits", "4"], "--act-bits: invalid choice: 4 (choose from 16, 8)"),
+    (["serve", "--act-bits", "12"], "--act-bits: invalid choice: 12 (choose from 16, 8)"),
     (["bench", "--calib-windows", "0"], "--calib-windows must be an integer >= 1, got '0'"),
     # hire eval, and the config fields every model command shares
     (["eval", "--windows", "-1"], "--windows must be an integer >= 1, got '-1'"),

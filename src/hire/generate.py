@@ -18,6 +18,7 @@ from hire.data import CALIBRATION_WINDOWS
 from hire.engine import Engine
 from hire.models.detok import Detokenizer
 from hire.patch import sparsify_
+from hire.quant.tensor import ACT_BITS
 
 
 def stop_token_ids(tokenizer, model) -> list[int]:
@@ -27,6 +28,11 @@ def stop_token_ids(tokenizer, model) -> list[int]:
     extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids += extra if isinstance(extra, (list, tuple)) else [extra]
     return sorted({int(t) for t in ids if t is not None})
+
+
+def codes_label(act_bits: int) -> str:
+    """What a run on a GGUF's codes reports as its weights."""
+    return "GGUF codes" if act_bits == ACT_BITS else f"GGUF codes, int{act_bits} activations"
 
 
 def generate_text(
@@ -46,17 +52,19 @@ def generate_text(
     progress: bool = True,
     quantized: bool = True,
     fit: bool = True,
+    act_bits: int = ACT_BITS,
 ) -> dict:
     """Continue ``prompt`` by up to ``max_new_tokens`` tokens with ``model_name`` under ``config``
     (``None``: dense), calling ``on_text`` with each new piece of text as it is decoded (the prompt
     itself is not repeated). Greedy at ``temperature`` 0, else sampled (``top_k``, ``top_p``, ``seed``).
     Returns what was generated and how fast: ``text``, ``new_tokens``, ``tokens_per_s``, ``seconds``,
     ``prefill_s`` (engine only) and ``backend`` ("engine" or "transformers"). ``quantized``: a GGUF
-    model runs in its block codes (``quantized_config`` adapts ``config``), else dequantized.
+    model runs in its block codes (``quantized_config`` adapts ``config``), else dequantized; ``act_bits``:
+    the width of its products' activations (``hire.quant.set_act_bits``).
     ``fit=False``: a head whose settings or proxy are not cached yet is not fitted first (minutes on a
     first run): the text comes from the dense head at once, and ``head_pending`` says why."""
     prepared = load_for_decode(model_name, config, quantized=quantized, seq_len=seq_len, calib_windows=calib_windows,
-                               progress=progress, fit=fit)
+                               progress=progress, fit=fit, act_bits=act_bits)
     model, tokenizer, head_proxy, config = prepared.model, prepared.tokenizer, prepared.head_proxy, prepared.config
     pending = {"head_pending": prepared.pending} if prepared.pending else {}
     quantized = prepared.quantized
@@ -80,7 +88,7 @@ def generate_text(
     rest = detok.flush()
     if rest:
         on_text(rest)
-    return {"backend": "engine", "weights": "GGUF codes" if quantized else dtype, "text": detok.text,
+    return {"backend": "engine", "weights": codes_label(act_bits) if quantized else dtype, "text": detok.text,
             "new_tokens": stats.new_tokens, "tokens_per_s": stats.tokens_per_s, "prefill_s": stats.prefill_s,
             "seconds": stats.prefill_s + stats.decode_s, **pending}
 

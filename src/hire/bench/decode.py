@@ -32,6 +32,7 @@ from hire.eval.bytes import bytes_per_token, gguf_tensor_bytes
 from hire.files import refuse_overwrite
 from hire.models.load import gguf_source
 from hire.quant import quantized_matrices
+from hire.quant.tensor import ACT_BITS
 from hire.plots import plot_bench
 
 
@@ -343,6 +344,7 @@ def bench_model(
     force: bool = False,
     progress: bool = True,
     quantized: bool = True,
+    act_bits: int = ACT_BITS,
 ) -> dict:
     """`hire bench`: load ``model_name`` (with the head proxy ``config`` needs, fitted on
     ``calib_windows`` windows of ``seq_len`` tokens), optionally time transformers' generate() on it,
@@ -351,7 +353,8 @@ def bench_model(
     builds found or built by hire.bench.llama_cpp, the best of them per test) on the same GGUF, in the
     same rounds; a breakdown PNG at ``plot``.
     Returns the report (the JSON of ``hire bench``). ``quantized``: a GGUF model runs in its block
-    codes (``quantized_config`` adapts ``config``), else dequantized to ``dtype``."""
+    codes (``quantized_config`` adapts ``config``), else dequantized to ``dtype``; ``act_bits``: the
+    width of its products' activations (``hire.quant.set_act_bits``)."""
     check_bench_counts(tokens, rounds, warmup)
     if prefill_tokens < 0:
         raise ValueError(f"--prefill-tokens must be >= 0 (0: no prefill timing), got {prefill_tokens}")
@@ -367,7 +370,7 @@ def bench_model(
         anchor = LlamaBenchRounds(find_variants(llama_bench), gguf, threads=torch.get_num_threads(),
                                   n_prompt=prefill_tokens, n_gen=tokens, repetitions=llama_cpp_repetitions)
     prepared = load_for_decode(model_name, config, quantized=quantized, seq_len=seq_len, calib_windows=calib_windows,
-                               progress=progress)
+                               progress=progress, act_bits=act_bits)
     model, tokenizer, head_proxy, config = prepared.model, prepared.tokenizer, prepared.head_proxy, prepared.config
     quantized = prepared.quantized
     ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
@@ -378,6 +381,7 @@ def bench_model(
     result = {"model": model_name, "config": config.to_dict(), "weights": "gguf" if quantized else dtype}
     if quantized:
         result["weight_formats"] = sorted({q.format for q in quantized_matrices(model).values()})
+        result["act_bits"] = act_bits
     result.update(run_bench(engine, ids, tokens=tokens, rounds=rounds, warmup=warmup, breakdown=breakdown,
                             progress=progress, prefill_tokens=prefill_tokens or None, anchor=anchor))
     result.update(file_report(gguf, result))

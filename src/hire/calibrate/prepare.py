@@ -21,6 +21,8 @@ from hire.files import atomic_path
 from hire.models import load_model
 from hire.models.load import gguf_source
 from hire.paths import cache_dir
+from hire.quant.load import check_act_bits, set_act_bits
+from hire.quant.tensor import ACT_BITS
 from hire.recommended import quantized_config
 from hire.system import native_bfloat16, release_freed_memory
 
@@ -137,17 +139,22 @@ def _head_off(config: HiReConfig) -> HiReConfig:
 
 
 def load_for_decode(model_name: str, config: HiReConfig | None, *, quantized: bool = True, seq_len: int = 512,
-                    calib_windows: int = CALIBRATION_WINDOWS, progress: bool = True, fit: bool = True) -> Prepared:
+                    calib_windows: int = CALIBRATION_WINDOWS, progress: bool = True, fit: bool = True,
+                    act_bits: int = ACT_BITS) -> Prepared:
     """What ``hire bench``, ``eval``, ``generate`` and ``serve`` start with: ``prepare_model`` with a
     GGUF model (a built-in name or a .gguf path) in its block codes when ``quantized``, ``config``
     then adapted by ``quantized_config`` (the HiRE head only, its exact rows read in the codes);
     otherwise, and for a Hugging Face directory, the float model and ``config`` as given.
     ``Prepared.quantized`` says which ran; ``Prepared.config`` is the config to decode with.
-    ``fit``: as ``prepare_model``'s."""
+    ``fit``: as ``prepare_model``'s. ``act_bits``: the width of the activations in the codes' one-token
+    products (``hire.quant.set_act_bits``; 16 or 8), set after the head is prepared."""
+    check_act_bits(act_bits)
     quantized = quantized and gguf_source(model_name) is not None
     if quantized and config is not None:
         config = quantized_config(config)
     prepared = prepare_model(model_name, config, seq_len=seq_len, calib_windows=calib_windows, progress=progress,
                              quantized=quantized, fit=fit)
+    if quantized:
+        set_act_bits(prepared.model, act_bits)
     return Prepared(prepared.model, prepared.tokenizer, prepared.head_proxy, prepared.config, prepared.auto, quantized,
                     prepared.pending)

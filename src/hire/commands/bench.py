@@ -7,7 +7,7 @@ import json
 
 from hire.bench.decode import bench_model
 from hire.commands import _tp
-from hire.commands._args import DTYPES, add_force, add_json, add_model_args, build_config, integer
+from hire.commands._args import DTYPES, add_act_bits, add_force, add_json, add_model_args, build_config, integer
 from hire.system import set_threads
 
 HELP = "decode tokens/s, dense vs HiRE, in one engine"
@@ -34,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dequantized", action="store_true",
                    help="run a GGUF model dequantized to --dtype (the default runs it in its GGUF block codes, "
                         "with the HiRE head only)")
+    add_act_bits(p)
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-part timing and the profile")
     p.add_argument("--vs-transformers", action="store_true", help="also time transformers' eager generate()")
     p.add_argument("--prefill-tokens", type=integer(minimum=0), default=512,
@@ -67,15 +68,21 @@ def run(args: argparse.Namespace) -> int:
                          llama_bench=args.llama_bench, llama_cpp_repetitions=args.llama_cpp_reps,
                          prefill_tokens=args.prefill_tokens, seq_len=args.seq_len,
                          calib_windows=args.calib_windows, plot=args.plot, force=args.force, progress=not args.json,
-                         quantized=not args.dequantized)
+                         quantized=not args.dequantized, act_bits=args.act_bits)
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
     return 0
+
+
+def weights_label(r: dict) -> str:
+    if r.get("weights") != "gguf":
+        return r["dtype"]
+    return "gguf" if r.get("act_bits", 16) == 16 else f"gguf, int{r['act_bits']} activations"
 
 
 def format_bench(r: dict) -> str:
     mb = 1 / 2**20
     lines = [
-        f"model {r['model']}, {r.get('weights') if r.get('weights') == 'gguf' else r['dtype']}, {r['threads']} threads: {r['new_tokens']} new tokens after a "
+        f"model {r['model']}, {weights_label(r)}, {r['threads']} threads: {r['new_tokens']} new tokens after a "
         f"{r['prompt_tokens']}-token prompt, {r['rounds']} interleaved rounds (medians)",
         "",
         f"{'':22s} {'dense':>10s} {'HiRE':>10s}",

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from hire.arch import ARCHITECTURES, engine_architectures
-from hire.commands._args import DTYPES, add_model_args, build_config, integer, number
+from hire.commands._args import DTYPES, add_act_bits, add_model_args, build_config, integer, number
 from hire.generate import generate_text
 
 HELP = "stream text from the HiRE engine"
@@ -35,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dequantized", action="store_true",
                    help="run a GGUF model dequantized to --dtype (the default runs it in its GGUF block codes, "
                         "with the HiRE head only)")
+    add_act_bits(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     r = generate_text(args.model, None if args.dense else config, args.prompt, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                       dtype=args.dtype, seq_len=args.seq_len, calib_windows=args.calib_windows,
-                      on_text=show, quantized=not args.dequantized, fit=args.calibrate)
+                      on_text=show, quantized=not args.dequantized, fit=args.calibrate,
+                      act_bits=args.act_bits)
     show("")
     kind = "dense" if args.dense or r.get("head_pending") else "HiRE"
     if r["backend"] == "engine":

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from hire.commands._args import DTYPES, add_model_args, build_config, integer, number
+from hire.commands._args import DTYPES, add_act_bits, add_model_args, build_config, integer, number
 from hire.errors import HireError
 
 HELP = "serve a model over the OpenAI API (completions, chat, streaming), batched"
@@ -44,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float16", choices=DTYPES, help="weights in the engine (default float16)")
     p.add_argument("--dequantized", action="store_true",
                    help="run a GGUF model dequantized to --dtype (the default runs it in its GGUF block codes)")
+    add_act_bits(p)
     p.add_argument("--max-waiting", type=integer(minimum=0), default=64,
                    help="requests that may wait for a free slot; past that a request gets a 429 with Retry-After "
                         "(default 64)")
@@ -67,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
                            dense_batch=args.dense_batch or None,
                            quantized=not args.dequantized, dtype=args.dtype, seq_len=args.seq_len,
                            calib_windows=args.calib_windows, name=args.name, fit=args.calibrate,
-                           max_waiting=args.max_waiting, prefill_chunk=args.prefill_chunk)
+                           max_waiting=args.max_waiting, prefill_chunk=args.prefill_chunk,
+                           act_bits=args.act_bits)
     pending = service.info.get("head_pending")
     kind = "dense" if config is None or pending else "HiRE"
     print(f"hire serve: {service.name} ({kind}, {service.info['weights']}), {args.slots} slots of "

@@ -110,7 +110,8 @@ def qgemv(x, q, rows=None, ops=None) -> torch.Tensor:
 
 def qgemv_batch(x, q, rows=None, ops=None) -> torch.Tensor:
     """``qgemv`` for B activations at once (B sequences' decode step): each row of codes is read from
-    memory once for the batch, and each activation's products are exactly what ``qgemv`` gives it.
+    memory once for the batch, and each activation's products are what ``qgemv`` gives it (from 6
+    activations on AVX-512, in int16 whatever ``q.act_bits``: the lanes kernel).
     # x: (B, in), rows: (c,) or None -> float32 (B, c) or (B, out)"""
     mod = ops or _ops()
     r = torch.empty(0, dtype=torch.long) if rows is None else rows

@@ -182,8 +182,7 @@ def load_quantized(path: str | Path, *, dtype: torch.dtype = torch.float32, act_
     ``dtype``: of the float tensors (norms) and of what modules return. ``act_bits``: the one-token
     products quantize their input per 32 columns to int16 (the float32 model's greedy tokens, to
     ~1e-5) or int8 (llama.cpp's choice: a few % faster where compute-bound, ~3 % of greedy tokens differ)."""
-    if act_bits not in (8, 16):
-        raise ValueError(f"act_bits must be 8 or 16, got {act_bits}")
+    check_act_bits(act_bits)
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
@@ -292,6 +291,21 @@ def load_quantized(path: str | Path, *, dtype: torch.dtype = torch.float32, act_
     return model, tokenizer, report
 
 
+def check_act_bits(act_bits: int) -> None:
+    if act_bits not in (8, 16):
+        raise ValueError(f"act_bits must be 8 or 16, got {act_bits!r}")
+
+
+def set_act_bits(model: nn.Module, act_bits: int) -> None:
+    """Quantize the one-token products' activations of every GGUF matrix of ``model`` to ``act_bits``
+    (16: the float32 model's logits to ~1e-5; 8: llama.cpp's choice, faster where the products are
+    compute-bound, at a measured cost in quality: docs/gguf.md). An engine takes the width of its
+    layers' matrices when it is built: set it before making one."""
+    check_act_bits(act_bits)
+    for q in quantized_matrices(model).values():
+        q.act_bits = act_bits
+
+
 def quantized_matrices(model: nn.Module) -> dict[str, QTensor]:
     """Every QTensor of a loaded model by module name (the tied head once)."""
     seen: dict[int, str] = {}
@@ -303,4 +317,4 @@ def quantized_matrices(model: nn.Module) -> dict[str, QTensor]:
     return out
 
 
-__all__ = ["LoadReport", "UnsupportedGGUF", "load_quantized", "quantized_matrices"]
+__all__ = ["LoadReport", "UnsupportedGGUF", "check_act_bits", "load_quantized", "quantized_matrices", "set_act_bits"]

@@ -13,7 +13,8 @@ from hire.data import CALIBRATION_WINDOWS
 from hire.engine import BatchDecoder, Engine
 from hire.arch import engine_supported
 from hire.errors import ConfigError, HireError
-from hire.generate import stop_token_ids
+from hire.generate import codes_label, stop_token_ids
+from hire.quant.tensor import ACT_BITS
 from hire.serve.app import Service, create_app
 from hire.serve.scheduler import PREFILL_CHUNK, Scheduler
 
@@ -26,7 +27,7 @@ def load_service(model_name: str, config: HiReConfig | None, *, slots: int = 8, 
                  dense_above: float = 0.5, dense_batch: int | None = None, quantized: bool = True, dtype: str = "float16",
                  seq_len: int = 512, calib_windows: int = CALIBRATION_WINDOWS, progress: bool = True,
                  name: str | None = None, fit: bool = True, max_waiting: int | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK) -> Service:
+                 prefill_chunk: int = PREFILL_CHUNK, act_bits: int = ACT_BITS) -> Service:
     """``model_name`` under ``config`` (None: dense) in a decode loop of ``slots`` sequences of up to
     ``context`` tokens each; a GGUF model runs in its block codes unless ``quantized`` is False.
     ``dense_above``: the share of the head's rows past which a batch's union of candidates is read
@@ -34,9 +35,10 @@ def load_service(model_name: str, config: HiReConfig | None, *, slots: int = 8, 
     ``fit=False``: where the head's settings or proxy are not cached, serve with the dense head at once
     (``info["head_pending"]`` says why) instead of fitting first (minutes on a first run).
     ``max_waiting``: requests that may wait for a slot; past that a request gets a 429 (None: no bound).
-    ``prefill_chunk``: prompt tokens prefilled between two decode steps of the running requests."""
+    ``prefill_chunk``: prompt tokens prefilled between two decode steps of the running requests.
+    ``act_bits``: the width of the codes' products' activations (``hire.quant.set_act_bits``)."""
     prepared = load_for_decode(model_name, config, quantized=quantized, seq_len=seq_len, calib_windows=calib_windows,
-                               progress=progress, fit=fit)
+                               progress=progress, fit=fit, act_bits=act_bits)
     model, tokenizer, quantized = prepared.model, prepared.tokenizer, prepared.quantized
     if not engine_supported(model.config.model_type):
         raise UnsupportedForServing(
@@ -49,7 +51,7 @@ def load_service(model_name: str, config: HiReConfig | None, *, slots: int = 8, 
                     max_seq_len=context)
     decoder = BatchDecoder(engine, slots, dense_above=dense_above, dense_batch=dense_batch)
     hire = prepared.config is not None
-    info = {"hire": hire, "weights": "GGUF codes" if quantized else dtype, "kernels": engine.kernel_report(),
+    info = {"hire": hire, "weights": codes_label(act_bits) if quantized else dtype, "kernels": engine.kernel_report(),
             "context": context, "dense_above": dense_above, "dense_batch": dense_batch, "max_waiting": max_waiting,
             "prefill_chunk": prefill_chunk}
     if hire:
