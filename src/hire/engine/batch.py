@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from hire.engine.engine import Engine
+from hire.engine.logprobs import TokenLogprobs, token_logprobs
 from hire.layers.head import exact_logits
 
 
@@ -151,6 +152,22 @@ class BatchDecoder:
         sampling (``Engine.tail``; None for a dense step or with the engine's ``sample_tail`` off).
         # hidden: (1, D), logits/idx: (1, m)"""
         return self.engine.tail(hidden, logits, idx)
+
+    def token_logprobs(self, hidden: torch.Tensor, logits: torch.Tensor, idx: torch.Tensor | None, token: int,
+                       top: int) -> TokenLogprobs:
+        """One row's ``token`` log-probability and its ``top`` best alternatives over the whole
+        vocabulary (hire.engine.logprobs: exact on a dense step; over the union ``idx``, the tail of
+        the normaliser from the head's proxy).  # hidden: (1, D), logits/idx: (1, m)"""
+        head = self.engine.head
+        return token_logprobs(
+            logits, idx, token, top,
+            tail_scores=None if idx is None else (lambda: head.log_mass(hidden, logits, idx)),
+            exact_row=lambda t: float(self._rows(hidden, torch.tensor([t]))[0, 0]))
+
+    def rows(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Exact logits of the head rows ``rows`` only (a grammar's few allowed tokens).
+        # hidden: (b, D), rows: (m,) -> (b, m)"""
+        return self._rows(hidden, rows)
 
     def dense_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Exact logits over the whole vocabulary for rows that sample the dense head (a sequence whose

@@ -195,6 +195,12 @@ class HiReLMHead(nn.Module):
         bound = self.selector.decode_bound(h, self.tail_margin, logits, idx)
         return TailBound(bound, h, self.decode_weight, self.bias, self.native_rows)
 
+    def log_mass(self, h: torch.Tensor, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Every row's expected exp(logit), in log form, from the first-pass proxy (Cascade.decode_log_mass:
+        the normaliser's tail of a HiRE step's log-probabilities, hire.engine.logprobs). Costs a second
+        first pass over the proxy.  # h: (1, D), logits/idx: (1, m) -> float32 (1, V)"""
+        return self.selector.decode_log_mass(h, logits, idx)
+
     def nbytes(self) -> int:
         """Bytes read per token: the proxies plus the k' exact rows (16 bits, or the head's GGUF codes)."""
         if self._q is not None:

@@ -89,6 +89,19 @@ class Cascade:
         error = logits.float() - scores.gather(-1, idx)  # (1, m)
         return scores + margin * error.square().mean().sqrt()
 
+    def decode_log_mass(self, x: torch.Tensor, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Each row's expected exp(logit) in log form, from the proxy: its score plus half its error's
+        variance (a normal error e of std s has E[exp(score + e)] = exp(score + s^2 / 2); the score
+        alone underrates a tail's mass). The error's std is the row's spread where the proxy knows it,
+        else the root-mean-square error of this token's candidates, one for every row.
+        # x: (1, D), logits/idx: (1, m) -> float32 (1, n)"""
+        first = self.proxies[0]
+        if isinstance(first, LowRankProxy) and first.spread is not None:
+            return first.decode_scores(x, bias=False).float() + 0.5 * first.spread.square()
+        scores = first.decode_scores(x).float()
+        error = logits.float() - scores.gather(-1, idx)
+        return scores + 0.5 * error.square().mean()
+
     def head_nbytes(self) -> int:
         """Bytes a HiRE head using this selector reads per token: the proxies plus the final
         candidates' exact rows in 16 bits."""
