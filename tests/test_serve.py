@@ -5,6 +5,7 @@ equal to `hire generate --dense`, concurrent streams, disconnects, many requests
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from hire.serve.protocol import APIError, ChatRequest, CompletionRequest
 from hire.serve.text import TextStream
@@ -48,7 +50,7 @@ def test_text_pieces_hold_back_partial_characters_and_possible_stops():
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"n": 2}, "n"), ({"max_tokens": 0}, "max_tokens"), ({"logprobs": 2}, "logprobs"), ({"echo": True}, "echo"),
+    ({"n": 2}, "n"), ({"max_tokens": 0}, "max_tokens"), ({"echo": True}, "echo"),
     ({"presence_penalty": 0.5}, "presence_penalty"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"prompt": ["a", "b"]}, "prompt"), ({"stream_options": {"include_usage": True}}, "stream_options"),
 ])
@@ -59,13 +61,14 @@ def test_unsupported_completion_settings_are_named(body, param):
     assert err.value.status == 400 and err.value.param == param
 
 
-def test_chat_takes_max_completion_tokens_and_refuses_logprobs():
+def test_chat_takes_max_completion_tokens_and_top_logprobs_needs_logprobs():
     req = ChatRequest(model="m", messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
                       max_completion_tokens=5)
     req.check()
     assert req.max_tokens == 5 and req.messages[0].plain() == {"role": "user", "content": "hi"}
-    with pytest.raises(APIError, match="logprobs"):
-        ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}], logprobs=True).check()
+    with pytest.raises(APIError, match="top_logprobs needs logprobs=true"):
+        ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}], top_logprobs=2).check()
+    ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}], logprobs=True, top_logprobs=20).check()
 
 
 # --- the app in process, on a tiny model ---------------------------------------------------------
@@ -103,6 +106,7 @@ BAD = [
     (json.dumps({"model": "tiny", "prompt": "the " * 40}).encode(), 400, "prompt"),
     (json.dumps({"model": "tiny", "prompt": "the", "max_tokens": 32}).encode(), 400, "max_tokens"),
     (json.dumps({"model": "other", "prompt": "the"}).encode(), 404, "model"),
+    (json.dumps({"model": "tiny", "prompt": "the", "logprobs": 6}).encode(), 400, "logprobs"),  # OpenAI's bound: 5
     (json.dumps({"prompt": "the"}).encode(), 400, "model"),
     (json.dumps(["a list"]).encode(), 400, None),
 ]
@@ -149,8 +153,7 @@ def test_nulls_and_the_fields_openai_accepts_are_taken(tiny_client):
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "1", "tool_call_id": "c"}]},
@@ -163,6 +166,44 @@ def test_what_the_server_would_silently_break_is_refused_by_name(tiny_client, ex
     r = tiny_client.post("/v1/chat/completions", json=body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def _probabilities_are_consistent(entries: list[dict], top: int) -> None:
+    for e in entries:
+        alternatives = [a["logprob"] for a in e["top_logprobs"]]
+        assert len(alternatives) == top and alternatives == sorted(alternatives, reverse=True)
+        assert e["logprob"] <= 0 and sum(math.exp(lp) for lp in alternatives) <= 1 + 1e-5
+        assert e["logprob"] == pytest.approx(alternatives[0], abs=1e-6)  # greedy: the most likely token
+        assert e["top_logprobs"][0]["token"] == e["token"] and bytes(e["bytes"]).decode(errors="replace") == e["token"]
+
+
+def test_logprobs_chat_and_completions_streamed_and_not(tiny_client):
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "the and"}], "max_tokens": 6, "temperature": 0,
+            "logprobs": True, "top_logprobs": 3}
+    r = tiny_client.post("/v1/chat/completions", json=chat).json()
+    choice = r["choices"][0]
+    entries = choice["logprobs"]["content"]
+    assert len(entries) == r["usage"]["completion_tokens"] and choice["logprobs"]["refusal"] is None
+    _probabilities_are_consistent(entries, 3)
+    lines = tiny_client.post("/v1/chat/completions", json={**chat, "stream": True}).text.split("\n\n")
+    chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    streamed = [e for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
+                for e in c["choices"][0]["logprobs"]["content"]]
+    assert streamed == entries
+    plain = tiny_client.post("/v1/chat/completions", json={**chat, "logprobs": False, "top_logprobs": None}).json()
+    assert plain["choices"][0]["logprobs"] is None and plain["choices"][0]["message"] == choice["message"]
+
+    done = {"model": "tiny", "prompt": "the and", "max_tokens": 5, "temperature": 0, "logprobs": 2}
+    r = tiny_client.post("/v1/completions", json=done).json()
+    lp = r["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == r["usage"]["completion_tokens"]
+    assert all(len(t) == 2 and max(t.values()) == pytest.approx(v, abs=1e-6)
+               for t, v in zip(lp["top_logprobs"], lp["token_logprobs"]))
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(lp["tokens"]))]
+    lines = tiny_client.post("/v1/completions", json={**done, "stream": True}).text.split("\n\n")
+    chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert [v for c in chunks if c["choices"][0]["logprobs"] for v in c["choices"][0]["logprobs"]["token_logprobs"]] \
+        == lp["token_logprobs"]
 
 
 def test_metrics_count_requests_tokens_and_the_decode_loop(tiny_client):
@@ -398,6 +439,48 @@ def test_greedy_text_equals_hire_generate_dense(server):
         assert _stream(client, prompt) == want
 
 
+def _dense_log_probs(prompt: str, n: int) -> tuple[list[int], list[float], list[list[float]]]:
+    """SmolLM2 on its codes, the dense engine as hire serve runs it (float16 hidden state into the head),
+    greedy: each new token, its log_softmax and the top 5."""
+    from hire.engine import Engine
+    from hire.models.load import gguf_source
+    from hire.quant import load_quantized
+
+    model, tokenizer, _ = load_quantized(gguf_source(MODEL))
+    ids = torch.tensor(tokenizer(prompt).input_ids)
+    engine = Engine(model, None, dtype=torch.float16, max_seq_len=ids.numel() + n + 1)
+    hidden = engine.prefill(ids)  # as the server prefills (batched native steps)
+    tokens, chosen, tops = [], [], []
+    for i in range(n):
+        lp = torch.log_softmax(engine.logits(hidden, hire=False)[0][0].float(), -1)
+        token = int(lp.argmax())
+        tokens.append(token)
+        chosen.append(float(lp[token]))
+        tops.append(lp.topk(5).values.tolist())
+        hidden = engine.forward(torch.tensor([token]), ids.numel() + i, hire=False)
+    return tokens, chosen, tops
+
+
+@pytest.mark.slow
+def test_logprobs_with_every_row_a_candidate_equal_the_dense_model_s(server):
+    """k = n (EXACT_HEAD): each greedy token's logprob and the top 5 are the dense engine's, to 1e-3."""
+    client = server.client()
+    prompt, n = PROMPTS[0], 8
+    want_tokens, want, want_top = _dense_log_probs(prompt, n)
+    got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=n, temperature=0, logprobs=5).choices[0]
+    assert got.logprobs.token_logprobs == pytest.approx(want, abs=1e-3)
+    assert [sorted(t.values(), reverse=True) for t in got.logprobs.top_logprobs] == [
+        pytest.approx(t, abs=1e-3) for t in want_top]
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=n,
+                                          temperature=0, logprobs=True, top_logprobs=3)
+    entries = chat.choices[0].logprobs.content
+    assert len(entries) == chat.usage.completion_tokens and all(len(e.top_logprobs) == 3 for e in entries)
+    assert all(e.logprob == pytest.approx(e.top_logprobs[0].logprob, abs=1e-6) for e in entries)  # greedy
+    assert all(sum(math.exp(a.logprob) for a in e.top_logprobs) <= 1 + 1e-5 for e in entries)
+    assert "".join(bytes(b for e in entries for b in e.bytes).decode(errors="replace")) == \
+        chat.choices[0].message.content
+
+
 @pytest.mark.slow
 def test_chat_streamed_and_not(server):
     client = server.client()
@@ -533,3 +616,91 @@ def test_a_first_start_serves_dense_at_once_and_says_why(tmp_path, monkeypatch):
     assert "head_pending" not in fitted.info and fitted.info["config"]["head"]["enabled"]
     again = load_service(path, config, fit=False, **kw)
     assert "head_pending" not in again.info and again.info["config"] == fitted.info["config"]
+
+
+# --- structured output (hire.serve.grammar) ------------------------------------------------------
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 40},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                                           "languages": {"type": "array", "items": {"type": "string", "maxLength": 20},
+                                                         "maxItems": 3}},
+          "required": ["name", "age", "languages"], "additionalProperties": False}
+
+
+def test_response_formats_are_read_or_refused_by_name():
+    from hire.serve.grammar import GrammarError, schema_of
+
+    assert schema_of({"type": "text"}) is None
+    assert schema_of({"type": "json_object"}) == {"type": "object"}
+    assert schema_of({"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON, "strict": True}}) == PERSON
+    with pytest.raises(GrammarError, match="needs"):
+        schema_of({"type": "json_schema", "json_schema": "p"})
+    with pytest.raises(GrammarError, match="not one of"):
+        schema_of({"type": "yaml"})
+
+
+def test_a_grammar_the_tokenizer_cannot_spell_fails_its_request_only(tiny_client):
+    """The tiny word-level tokenizer has no '{': the request gets an error, the server keeps serving."""
+    r = tiny_client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "a"}],
+                                                       "max_tokens": 4, "response_format": {"type": "json_object"}})
+    assert r.status_code in (400, 500) and r.json()["error"]["message"], r.text
+    ok = tiny_client.post("/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": 2, "temperature": 0})
+    assert ok.status_code == 200
+
+
+def _structured_client(model: str, head: list[str]):
+    """hire serve's app in process over a packaged model, with ``head`` flags (HiRE or dense)."""
+    from fastapi.testclient import TestClient
+
+    from hire.commands._args import build_config
+    from hire.cli import make_parser
+    from hire.recommended import quantized_config
+    from hire.serve import create_app, load_service
+
+    args = make_parser().parse_args(["serve", "--model", model, *head])
+    config = None if args.dense else build_config(args)
+    service = load_service(model, config, slots=2, context=512, name=model, progress=False, dense_batch=None)
+    assert config is None or service.info["hire"]
+    return TestClient(create_app(service))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
+def test_json_schema_output_validates_streamed_and_not_hire_and_dense(model):
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    messages = [{"role": "user", "content": "Describe a famous scientist as JSON with name, age and languages."}]
+    outputs = {}
+    for mode, head in (("hire", ["--head-proxy", "int8", "--head-candidates", "4096"]), ("dense", ["--dense"])):
+        with _structured_client(model, head) as client:
+            body = {"model": model, "messages": messages, "max_tokens": 120, "temperature": 0, "response_format": fmt}
+            r = client.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            choice = r.json()["choices"][0]
+            assert choice["finish_reason"] == "stop", choice  # the value completed before max_tokens
+            value = json.loads(choice["message"]["content"])
+            jsonschema.validate(value, PERSON)
+            lines = client.post("/v1/chat/completions", json={**body, "stream": True}).text.split("\n\n")
+            chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+            streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+            assert streamed == choice["message"]["content"]
+            sampled = client.post("/v1/chat/completions", json={**body, "temperature": 0.8, "seed": 3}).json()
+            jsonschema.validate(json.loads(sampled["choices"][0]["message"]["content"]), PERSON)
+            anything = client.post("/v1/chat/completions", json={**body, "max_tokens": 60,
+                                                                  "response_format": {"type": "json_object"}}).json()
+            choice = anything["choices"][0]  # an object of any keys: complete, or cut at max_tokens
+            if choice["finish_reason"] == "stop":
+                assert isinstance(json.loads(choice["message"]["content"]), dict)
+            else:
+                assert choice["finish_reason"] == "length" and choice["message"]["content"].startswith("{")
+            outputs[mode] = value
+    assert set(outputs["hire"]) == set(outputs["dense"]) == {"name", "age", "languages"}
+
+
+@pytest.mark.slow
+def test_an_invalid_schema_is_a_400_naming_response_format():
+    with _structured_client("smollm2-135m", ["--dense"]) as client:
+        r = client.post("/v1/chat/completions", json={
+            "model": "smollm2-135m", "messages": [{"role": "user", "content": "a"}], "max_tokens": 4,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integr"}}}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text

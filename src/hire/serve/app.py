@@ -30,10 +30,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from hire.serve.grammar import GrammarError, Grammars
 from hire.serve.metrics import ServeMetrics
 from hire.serve.protocol import APIError, ChatRequest, CompletionRequest, error_body
 from hire.serve.scheduler import QueueFull, Sampling, Scheduler, SchedulerStopped, Sequence
-from hire.serve.text import TextStream, chat_prompt, completion_prompt, stop_list
+from hire.serve.text import TextStream, TokenText, chat_prompt, completion_prompt, stop_list
 
 
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")  # others count as "other"
@@ -52,6 +53,25 @@ class Service:
     context: int  # the longest prompt + completion, in tokens
     info: dict = field(default_factory=dict)  # weights, config, kernels: shown by /health and /v1/models
     created: int = field(default_factory=lambda: int(time.time()))
+    token_text: TokenText | None = None  # each token's text and bytes, for logprobs (made on first use)
+    grammars: Grammars | None = None  # structured output's grammar engine (made on first use)
+
+    def constraint(self, response_format: dict | None):
+        """The grammar of a chat request's ``response_format`` (None: plain text); a 400 when it cannot be
+        enforced."""
+        if not response_format or response_format.get("type", "text") == "text":
+            return None
+        if self.grammars is None:
+            self.grammars = Grammars(self.tokenizer, self.scheduler.decoder.vocab_size, self.stop_ids)
+        try:
+            return self.grammars.compile(response_format)
+        except GrammarError as exc:
+            raise APIError(400, f"response_format: {exc}", param="response_format") from None
+
+    def token(self, token: int) -> tuple[str, list[int]]:
+        if self.token_text is None:
+            self.token_text = TokenText(self.tokenizer)
+        return self.token_text(token)
 
 
 class _Authorize:
@@ -179,7 +199,9 @@ def create_app(service: Service, *, start_loop: bool = True, api_key: str | None
     async def chat(body: ChatRequest, request: Request):
         body.check()
         prompt = chat_prompt(service.tokenizer, [m.plain() for m in body.messages])
-        return await _respond(service, body, prompt, chat=True, request=request)
+        # the first compiles the tokenizer for the grammar engine (~1 s): off the event loop
+        constraint = await asyncio.get_running_loop().run_in_executor(None, service.constraint, body.response_format)
+        return await _respond(service, body, prompt, chat=True, request=request, constraint=constraint)
 
     return app
 
@@ -201,15 +223,51 @@ def _sequence(service: Service, body, prompt: torch.Tensor, emit) -> Sequence:
     greedy = body.temperature == 0
     sampling = Sampling(temperature=body.temperature, top_k=None if greedy else body.top_k,
                         top_p=None if greedy or body.top_p >= 1 else body.top_p, seed=body.seed)
-    return Sequence(prompt=prompt, max_tokens=max_tokens, sampling=sampling, stop_ids=service.stop_ids, emit=emit)
+    if isinstance(body, ChatRequest):
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    else:
+        logprobs = body.logprobs
+    return Sequence(prompt=prompt, max_tokens=max_tokens, sampling=sampling, stop_ids=service.stop_ids, emit=emit,
+                    logprobs=logprobs)
+
+
+def _chat_logprobs(service: Service, entries: list) -> dict:
+    """OpenAI's chat ``logprobs``: one entry per token, with its alternatives."""
+    def item(token: int, logprob: float) -> dict:
+        text, data = service.token(token)
+        return {"token": text, "logprob": logprob, "bytes": data}
+
+    return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                        for e in entries], "refusal": None}
+
+
+def _completion_logprobs(service: Service, entries: list, offset: int) -> dict:
+    """OpenAI's (legacy) completions ``logprobs``; ``offset``: the characters of the completion before
+    these tokens (``text_offset`` counts each token's own text)."""
+    tokens, offsets = [], []
+    for e in entries:
+        text = service.token(e.token)[0]
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{service.token(t)[0]: lp for t, lp in e.top} for e in entries], "text_offset": offsets}
 
 
 async def _events(service: Service, seq: Sequence, queue: asyncio.Queue, stream: TextStream, metrics: ServeMetrics,
                   arrived: float):
-    """(text piece, finish reason or None) as the decode loop delivers; cancels the sequence if
-    the consumer goes away (a disconnected client) before it ends. Each token's time goes to
-    ``metrics`` (the first from ``arrived``, a ``time.perf_counter()``)."""
+    """(text piece, finish reason or None, the TokenLogprobs of the tokens since the last piece) as
+    the decode loop delivers; cancels the sequence if the consumer goes away (a disconnected client)
+    before it ends. Each token's time goes to ``metrics`` (the first from ``arrived``, a
+    ``time.perf_counter()``)."""
     last = None
+    held: list = []  # the log-probabilities of tokens whose text is not given out yet
+
+    def taken() -> list:
+        out = held[:]
+        held.clear()
+        return out
+
     try:
         while True:
             event = await queue.get()
@@ -220,19 +278,21 @@ async def _events(service: Service, seq: Sequence, queue: asyncio.Queue, stream:
                 else:
                     metrics.itl.observe(now - last)
                 last = now
+                if len(event) > 2:
+                    held.append(event[2])
                 piece = stream.add(event[1])
                 if stream.stopped:
                     service.scheduler.cancel(seq)
-                    yield piece, "stop"
+                    yield piece, "stop", taken()
                     return
                 if piece:
-                    yield piece, None
+                    yield piece, None, taken()
                 continue
             _, reason, message = event
             if reason == "error" or (reason == "cancelled" and message):
                 raise APIError(503 if reason == "cancelled" else 500, message or "generation failed",
                                kind="server_error")
-            yield stream.flush(), reason
+            yield stream.flush(), reason, taken()
             return
     finally:
         if not seq.finished:
@@ -249,12 +309,13 @@ async def _cancel_when_gone(service: Service, seq: Sequence, request: Request) -
         await asyncio.sleep(DISCONNECT_POLL_S)
 
 
-async def _respond(service: Service, body, prompt: torch.Tensor, *, chat: bool, request: Request):
+async def _respond(service: Service, body, prompt: torch.Tensor, *, chat: bool, request: Request, constraint=None):
     arrived = time.perf_counter()
     metrics: ServeMetrics = request.app.state.metrics
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     seq = _sequence(service, body, prompt, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+    seq.constraint = constraint
     stream = TextStream(service.tokenizer, stop_list(body.stop))
     try:
         service.scheduler.submit(seq)
@@ -271,30 +332,40 @@ async def _respond(service: Service, body, prompt: torch.Tensor, *, chat: bool, 
         return {"prompt_tokens": prompt.numel(), "completion_tokens": n, "total_tokens": prompt.numel() + n}
 
     if not body.stream:
-        parts, reason = [], None
+        parts, reason, entries = [], None, []
         watch = asyncio.ensure_future(_cancel_when_gone(service, seq, request))
         try:
-            async for piece, reason in _events(service, seq, queue, stream, metrics, arrived):
+            async for piece, reason, got in _events(service, seq, queue, stream, metrics, arrived):
                 parts.append(piece)
+                entries += got
         finally:
             watch.cancel()
         text = "".join(parts)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        logprobs = None if seq.logprobs is None else (_chat_logprobs(service, entries) if chat else
+                                                      _completion_logprobs(service, entries, 0))
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                    "finish_reason": reason} if chat else
-                  {"index": 0, "text": text, "logprobs": None, "finish_reason": reason})
+                  {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason})
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": service.name, "choices": [choice], "usage": usage()}
 
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(piece: str | None, reason: str | None, first: bool = False) -> str:
+    offset = 0  # completions' text_offset: characters of the text given out so far
+
+    def chunk(piece: str | None, reason: str | None, first: bool = False, entries: list | None = None) -> str:
+        nonlocal offset
+        logprobs = None
+        if seq.logprobs is not None and entries:
+            logprobs = _chat_logprobs(service, entries) if chat else _completion_logprobs(service, entries, offset)
         if chat:
             delta = ({"role": "assistant", "content": ""} if first else
                      {} if piece is None else {"content": piece})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
         else:
-            choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": reason}
+            offset += len(piece or "")
+            choice = {"index": 0, "text": piece or "", "logprobs": logprobs, "finish_reason": reason}
         data = {"id": rid, "object": kind, "created": created, "model": service.name, "choices": [choice]}
         if include_usage:
             data["usage"] = None
@@ -304,9 +375,9 @@ async def _respond(service: Service, body, prompt: torch.Tensor, *, chat: bool, 
         try:
             if chat:
                 yield chunk(None, None, first=True)
-            async for piece, reason in _events(service, seq, queue, stream, metrics, arrived):
-                if piece:
-                    yield chunk(piece, None)
+            async for piece, reason, entries in _events(service, seq, queue, stream, metrics, arrived):
+                if piece or entries:
+                    yield chunk(piece, None, entries=entries)
                 if reason is not None:
                     yield chunk(None, reason)
             if include_usage:

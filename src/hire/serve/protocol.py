@@ -3,11 +3,13 @@
 A null means the field's default, as in OpenAI's schema. Fields OpenAI accepts that change nothing
 here are accepted and ignored (``metadata``, ``store``, ``user``, ``service_tier``,
 ``parallel_tool_calls``), as are the settings that ask for what the server does anyway
-(``response_format`` ``{"type": "text"}``, ``tools: []``, ``tool_choice: "none"``). Settings whose
-meaning the server would silently break are refused with a 400 that names them: ``logprobs``,
-``echo``, ``best_of``, ``suffix``, ``logit_bias``, penalties other than 0, ``n`` other than 1,
-``response_format`` json_object / json_schema, tools, tool messages. Unknown fields (a typo) are
-refused as OpenAI refuses them.
+(``tools: []``, ``tool_choice: "none"``). ``response_format`` ``json_object`` and ``json_schema`` are
+enforced by a grammar (hire.serve.grammar). Settings whose
+meaning the server would silently break are refused with a 400 that names them: ``echo``, ``best_of``, ``suffix``, ``logit_bias``, penalties other than 0, ``n`` other than 1,
+tools, tool messages. Unknown fields (a typo) are
+refused as OpenAI refuses them. ``logprobs`` (and chat's ``top_logprobs``) are served: each token's
+log-probability over the whole vocabulary (hire.engine.logprobs; under HiRE the normaliser's tail
+comes from the head's proxy).
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ class CompletionRequest(_Sampled):
     prompt: str | list[str]
     max_tokens: int | None = 16  # OpenAI's default for completions
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)  # OpenAI's bound for completions
     best_of: int | None = None
     suffix: str | None = None
 
@@ -103,7 +105,7 @@ class CompletionRequest(_Sampled):
         super().check()
         if isinstance(self.prompt, list) and len(self.prompt) != 1:
             raise APIError(400, f"one prompt per request ({len(self.prompt)} given)", param="prompt")
-        for name, default in (("echo", False), ("logprobs", None), ("best_of", None), ("suffix", None)):
+        for name, default in (("echo", False), ("best_of", None), ("suffix", None)):
             if getattr(self, name) not in (default, 1 if name == "best_of" else default):
                 raise APIError(400, f"{name} is not supported by this server", param=name)
 
@@ -139,7 +141,7 @@ class ChatRequest(_Sampled):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: dict | None = None
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
@@ -164,11 +166,11 @@ class ChatRequest(_Sampled):
                 raise APIError(400, f"max_completion_tokens must be at least 1, got {self.max_completion_tokens}",
                                param="max_completion_tokens")
             self.max_tokens = self.max_completion_tokens
-        if self.logprobs or self.top_logprobs is not None:
-            raise APIError(400, "logprobs are not supported by this server", param="logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         kind = (self.response_format or {"type": "text"}).get("type")
-        if kind != "text":
-            raise APIError(400, f"response_format {kind!r} is not supported by this server (only \"text\")",
+        if kind not in ("text", "json_object", "json_schema"):
+            raise APIError(400, f"response_format {kind!r} is not one of text, json_object, json_schema",
                            param="response_format")
         if self.tools:
             raise APIError(400, "tools are not supported by this server", param="tools")

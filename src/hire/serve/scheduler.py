@@ -28,6 +28,7 @@ import torch
 
 from hire.engine.batch import BatchDecoder
 from hire.engine.sampling import DensePolicy, needs_tail, sample
+from hire.serve.grammar import FEW_ROWS, Constraint, GrammarError
 
 # prompt tokens prefilled between two decode steps of the running sequences. SmolLM2's codes prefill
 # ~400 tokens/s on an AMD EPYC VM (hire bench): a 2,000-token prompt held every running stream up ~5 s
@@ -37,6 +38,10 @@ PREFILL_CHUNK = 128
 
 class SchedulerStopped(RuntimeError):
     """The server is shutting down and takes no new requests."""
+
+
+class GrammarFailed(RuntimeError):
+    """A sequence's grammar left no token to choose (its request ends with an error)."""
 
 
 class QueueFull(RuntimeError):
@@ -53,7 +58,8 @@ class Sampling:
 
 @dataclass(eq=False)
 class Sequence:
-    """One request in the decode loop. ``emit`` receives ("token", id), then one
+    """One request in the decode loop. ``emit`` receives ("token", id) (with ``logprobs``: ("token", id,
+    TokenLogprobs), its ``logprobs`` best alternatives listed), then one
     ("end", "stop" | "length" | "cancelled" | "error", message)."""
 
     prompt: torch.Tensor  # (T,) token ids
@@ -68,6 +74,8 @@ class Sequence:
     finished: bool = False
     generator: torch.Generator | None = None
     policy: DensePolicy = field(default_factory=DensePolicy)  # temperature / top-p: probe HiRE or the dense head
+    logprobs: int | None = None  # None: none; else each token's log-probability and this many alternatives
+    constraint: Constraint | None = None  # structured output: the grammar's mask on every step (hire.serve.grammar)
 
     @property
     def position(self) -> int:
@@ -235,29 +243,86 @@ class Scheduler:
 
     def _sample_and_deliver(self, batch: list[Sequence], hidden: torch.Tensor) -> None:
         # hidden: (B, D) -> one token per sequence
-        logits, idx = self.decoder.logits(hidden, self.hire)
+        allowed, failed = {}, set()
+        for j, seq in enumerate(batch):
+            if seq.constraint is not None:
+                try:
+                    allowed[j] = seq.constraint.allowed()
+                except GrammarError as exc:  # this request fails; the loop and the others go on
+                    failed.add(j)
+                    self._finish(seq, "error", str(exc))
+        # a grammar that allows few tokens: their exact rows, and no head candidates for that row
+        few = {j for j, mask in allowed.items() if batch[j].logprobs is None and int(mask.sum()) <= FEW_ROWS}
+        rest = [j for j in range(len(batch)) if j not in few and j not in failed]
+        logits, idx = self.decoder.logits(hidden[rest], self.hire) if rest else (None, None)
+        at = {j: r for r, j in enumerate(rest)}
         for j, seq in enumerate(batch):
             s = seq.sampling
-            row_logits, row_idx = logits[j : j + 1], None if idx is None else idx[j : j + 1]
+            if j in failed:
+                continue
+            if j in allowed:
+                try:
+                    token, row_logits, row_idx = self._constrained(seq, hidden[j : j + 1], allowed[j], j in few,
+                                                                   logits, idx, at.get(j))
+                    self._deliver(seq, token, hidden[j : j + 1], row_logits, row_idx)
+                except (GrammarError, GrammarFailed) as exc:
+                    self._finish(seq, "error", str(exc))
+                continue
+            row_logits, row_idx = logits[at[j] : at[j] + 1], None if idx is None else idx[at[j] : at[j] + 1]
             stats = self.decoder.sampling_stats
             tail_step = needs_tail(row_idx, s.temperature, s.top_k) and self.decoder.engine.sample_tail
             if tail_step and seq.policy.dense_now():  # decided from this sequence's past steps only
                 stats.skipped += 1
-                token = int(sample(self.decoder.dense_logits(hidden[j : j + 1]), None, s.temperature, None,
-                                   s.top_p, seq.generator))
+                row_logits, row_idx = self.decoder.dense_logits(hidden[j : j + 1]), None
+                token = int(sample(row_logits, None, s.temperature, None, s.top_p, seq.generator))
             else:
                 tail = self.decoder.tail(hidden[j : j + 1], row_logits, row_idx) if tail_step else None
                 seq.policy.mark(stats)
                 token = int(sample(row_logits, row_idx, s.temperature, s.top_k, s.top_p, seq.generator, tail, stats))
                 if tail is not None:
                     seq.policy.probed(stats, self.decoder.vocab_size)
-            seq.tokens.append(token)
-            if token in seq.stop_ids:
-                self._finish(seq, "stop")
-                continue
+            self._deliver(seq, token, hidden[j : j + 1], row_logits, row_idx)
+
+    def _constrained(self, seq: Sequence, hidden: torch.Tensor, mask: torch.Tensor, few: bool,
+                     logits: torch.Tensor | None, idx: torch.Tensor | None, r: int | None):
+        """The next token of a sequence under a grammar (``mask``: the tokens it allows): over exactly
+        the allowed rows when they are ``few`` or when none of the head's candidates is allowed, else
+        over the allowed candidates (the rows past them are not sampled: the grammar's choice among
+        the head's best). Returns the token and the unmasked logits it came from, for logprobs.
+        # hidden: (1, D), mask: (V,) bool"""
+        s = seq.sampling
+        if not few:
+            row_logits, row_idx = logits[r : r + 1], None if idx is None else idx[r : r + 1]
+            keep = mask[None] if row_idx is None else mask[row_idx[0]][None]
+            if bool(keep.any()):
+                token = int(sample(row_logits.masked_fill(~keep, float("-inf")), row_idx, s.temperature, s.top_k,
+                                   s.top_p, seq.generator))
+                return token, row_logits, row_idx
+        rows = mask.nonzero()[:, 0]
+        if rows.numel() == 0:
+            raise GrammarFailed(f"the grammar allows no token after {len(seq.tokens)} generated")
+        row_logits = self.decoder.rows(hidden, rows)
+        token = int(sample(row_logits, rows[None], s.temperature, s.top_k, s.top_p, seq.generator))
+        return token, row_logits, rows[None]
+
+    def _deliver(self, seq: Sequence, token: int, hidden: torch.Tensor, row_logits: torch.Tensor,
+                 row_idx: torch.Tensor | None) -> None:
+        """``token`` to ``seq``: its grammar advanced, then emitted (with its logprobs) unless it ends the
+        sequence; the sequence finished at a stop token, a complete structured value, or its length."""
+        seq.tokens.append(token)
+        if seq.constraint is not None and token not in seq.stop_ids:
+            seq.constraint.advance(token)
+        if token in seq.stop_ids:
+            self._finish(seq, "stop")
+            return
+        if seq.logprobs is None:
             seq.emit(("token", token))
-            if len(seq.tokens) >= seq.max_tokens or seq.position + 1 >= self.decoder.max_seq_len:
-                self._finish(seq, "length")
+        else:
+            seq.emit(("token", token, self.decoder.token_logprobs(hidden, row_logits, row_idx, token, seq.logprobs)))
+        if seq.constraint is not None and seq.constraint.done:
+            self._finish(seq, "stop")
+        elif len(seq.tokens) >= seq.max_tokens or seq.position + 1 >= self.decoder.max_seq_len:
+            self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str, message: str = "") -> None:
         if seq.finished:

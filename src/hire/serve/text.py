@@ -48,6 +48,42 @@ class TextStream:
         return piece
 
 
+class TokenText:
+    """A token's own text and bytes, as OpenAI's logprobs give them (``token``, ``bytes``): a
+    byte-level BPE token (GPT-2's, SmolLM2's, Qwen's) maps its characters back to bytes, a
+    SentencePiece byte token (``<0xE4>``) is that byte, and its word marker is a space; so a
+    character spread over several tokens has its bytes split among them, and ``token`` is their
+    text with U+FFFD where a token holds part of a character."""
+
+    def __init__(self, tokenizer):
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        self.tokenizer = tokenizer
+        self.byte_of = {c: b for b, c in bytes_to_unicode().items()}
+        self.cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token: int) -> tuple[str, list[int]]:
+        if token not in self.cache:
+            self.cache[token] = self._text(token)
+        return self.cache[token]
+
+    def _text(self, token: int) -> tuple[str, list[int]]:
+        piece = self.tokenizer.convert_ids_to_tokens(int(token))
+        if piece is None:
+            data = b""
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            data = bytes([int(piece[3:5], 16)])
+        elif token in self.tokenizer.all_special_ids:
+            data = piece.encode()
+        elif "\u2581" in piece:
+            data = piece.replace("\u2581", " ").encode()
+        elif all(c in self.byte_of for c in piece):
+            data = bytes(self.byte_of[c] for c in piece)
+        else:
+            data = self.tokenizer.decode([int(token)]).encode()
+        return data.decode("utf-8", errors="replace"), list(data)
+
+
 def stop_list(stop: str | list[str] | None) -> list[str]:
     if stop is None:
         return []
