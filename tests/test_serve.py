@@ -154,11 +154,9 @@ def test_nulls_and_the_fields_openai_accepts_are_taken(tiny_client):
 
 @pytest.mark.parametrize("extra, param", [
     ({"response_format": {"type": "yaml"}}, "response_format"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"tool_choice": "required"}, "tool_choice"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "1", "tool_call_id": "c"}]},
-     "messages.1"),
     ({"messages": [{"role": "user", "content": None}]}, "messages.0"),
+    ({"messages": [{"role": "user", "content": "a", "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages.0"),
     ({"temperatur": 0.5}, "temperatur"),  # a typo is still refused
 ])
 def test_what_the_server_would_silently_break_is_refused_by_name(tiny_client, extra, param):
@@ -704,3 +702,131 @@ def test_an_invalid_schema_is_a_400_naming_response_format():
             "model": "smollm2-135m", "messages": [{"role": "user", "content": "a"}], "max_tokens": 4,
             "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integr"}}}})
         assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
+
+
+# --- tools (hire.serve.tools) --------------------------------------------------------------------
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city now.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+
+
+def test_tool_text_gives_out_content_and_holds_the_calls():
+    from hire.serve.tools import ToolText
+
+    t = ToolText({"get_weather"})
+    pieces = ["Sure", ", checking. <to", 'ol_call>\n{"name": "get_weather", ', '"arguments": {"city": "Oslo"}}\n</tool_call>']
+    assert [t.add(p) for p in pieces] == ["Sure", ", checking. ", "", ""]
+    rest, calls = t.end()
+    assert rest == "" and len(calls) == 1 and calls[0]["type"] == "function" and calls[0]["id"].startswith("call_")
+    assert calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    t = ToolText({"get_weather"})  # not a call: an unknown name, or a "<" that starts no call
+    assert "".join(t.add(p) for p in ["a <b", " and <t", "ea>"]) == "a <b and <tea>"
+    t.add('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>')
+    assert t.end() == ('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', [])
+
+
+def test_tools_and_their_answers_reach_a_template_without_tools():
+    from hire.serve.tools import prompt_text
+
+    class NoTemplate:  # hire.data.chat_text's fallback: "Role: content" lines
+        chat_template = None
+
+    messages = [{"role": "user", "content": "Weather in Oslo?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_weather",
+                                                                  "arguments": '{"city": "Oslo", "unit": "celsius"}'}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "-3 C, snow"}]
+    text = prompt_text(NoTemplate(), messages, [WEATHER["function"]])
+    assert text.startswith("System: # Tools") and json.dumps(WEATHER) in text
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}\n</tool_call>' in text
+    assert "User: <tool_response>\n-3 C, snow\n</tool_response>" in text and text.endswith("Assistant:")
+
+
+def test_a_template_that_renders_tools_gets_them_and_calls_as_objects(tmp_path):
+    from transformers import AutoTokenizer
+
+    from hire.serve.tools import prompt_text
+
+    path = _tiny_dir(tmp_path)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = ("{% for t in tools or [] %}[tool {{ t.function.name }}]{% endfor %}{% for m in messages %}"
+                         "<{{ m.role }}>{{ m.content or '' }}{% for c in m.tool_calls or [] %}"
+                         "{{ c.function.name }}({{ c.function.arguments.city }}){% endfor %}{% endfor %}<assistant>")
+    text = prompt_text(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "c", "content": "cold"}], [WEATHER["function"]])
+    assert text == "[tool get_weather]<user>hi<assistant>get_weather(Oslo)<tool>cold<assistant>"
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools.0"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tool_choice": "sometimes"}, "tool_choice"),
+    ({"messages": [{"role": "tool", "content": "1"}]}, "messages.0"),  # no tool_call_id
+    ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, "response_format"),
+])
+def test_bad_tool_requests_are_named(tiny_client, extra, param):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "a"}], "max_tokens": 2, **extra}
+    r = tiny_client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def _check_call(call, name: str = "get_weather") -> dict:
+    import jsonschema
+
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == name
+    args = json.loads(call.function.arguments)
+    jsonschema.validate(args, WEATHER["function"]["parameters"])
+    return args
+
+
+@pytest.mark.slow
+def test_a_tool_call_round_trip_with_the_openai_client(server):
+    client = server.client()
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        r = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], tool_choice=choice,
+                                           parallel_tool_calls=False, max_tokens=60, temperature=0)
+        assert r.choices[0].finish_reason == "tool_calls", r
+        calls = r.choices[0].message.tool_calls
+        assert len(calls) == 1
+        args = _check_call(calls[0])
+    streamed = list(client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], tool_choice="required",
+                                                   parallel_tool_calls=False, max_tokens=60, temperature=0,
+                                                   stream=True))
+    deltas = [d for c in streamed if c.choices for d in c.choices[0].delta.tool_calls or ()]
+    assert len(deltas) == 1 and json.loads(deltas[0].function.arguments) == args
+    assert streamed[-1].choices[0].finish_reason == "tool_calls"
+    answer = client.chat.completions.create(model=MODEL, max_tokens=24, temperature=0, tools=[WEATHER], messages=[
+        *messages, r.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": calls[0].id, "content": '{"temperature": 14, "sky": "cloudy"}'}])
+    assert answer.choices[0].message.content and answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+@pytest.mark.slow
+def test_langchain_openai_structured_output_and_tools(server):
+    """A second client library: langchain-openai's ChatOpenAI against the live server."""
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model=MODEL, base_url=server.url + "/v1", api_key="unused", temperature=0, max_tokens=80,
+                     max_retries=0)
+    assert llm.invoke("The capital of France is").content
+    person = llm.with_structured_output({"title": "person", "type": "object", "properties": PERSON["properties"],
+                                         "required": PERSON["required"], "additionalProperties": False},
+                                        method="json_schema")
+    value = person.invoke("Describe a famous scientist.")
+    import jsonschema
+
+    jsonschema.validate(value, PERSON)
+    bound = llm.bind_tools([WEATHER], tool_choice="get_weather", parallel_tool_calls=False)
+    question = HumanMessage("What is the weather in Paris?")
+    reply = bound.invoke([question])
+    assert len(reply.tool_calls) == 1 and reply.tool_calls[0]["name"] == "get_weather"
+    final = llm.bind_tools([WEATHER]).invoke([question, reply, ToolMessage('{"temperature": 14}',
+                                                                           tool_call_id=reply.tool_calls[0]["id"])])
+    assert isinstance(final.content, str)

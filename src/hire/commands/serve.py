@@ -15,10 +15,11 @@ DESCRIPTION = (
     "stream), GET /v1/models, /health and /metrics (Prometheus). Requests that arrive together share decode "
     "steps (continuous batching, "
     "up to --slots at once); with HiRE, a step computes the union of its rows' head candidates. Accepted and "
-    "ignored: metadata, store, user, service_tier, parallel_tool_calls; a null is the field's default. logprobs "
-    "(chat's top_logprobs) over the whole vocabulary; under HiRE the tail of the normaliser is estimated from "
-    "the head's proxy. response_format json_object and json_schema, enforced by a grammar (llguidance). Not "
-    "supported (a 400 naming the field): echo, best_of, suffix, logit_bias, penalties, n > 1, tools. SIGTERM "
+    "ignored: metadata, store, user, service_tier; a null is the field's default. logprobs (chat's "
+    "top_logprobs) over the whole vocabulary; under HiRE the tail of the normaliser is estimated from the head's "
+    "proxy. response_format json_object and json_schema, enforced by a grammar (llguidance). tools and "
+    "tool_choice: Hermes-format calls parsed into tool_calls, \"required\" or a named function by grammar. Not "
+    "supported (a 400 naming the field): echo, best_of, suffix, logit_bias, penalties, n > 1. SIGTERM "
     "or Ctrl-C lets requests in flight finish (up to --shutdown-timeout), then exits; a failed decode loop exits "
     "non-zero (and /health answers 503 until then).")
 

@@ -35,6 +35,7 @@ from hire.serve.metrics import ServeMetrics
 from hire.serve.protocol import APIError, ChatRequest, CompletionRequest, error_body
 from hire.serve.scheduler import QueueFull, Sampling, Scheduler, SchedulerStopped, Sequence
 from hire.serve.text import TextStream, TokenText, chat_prompt, completion_prompt, stop_list
+from hire.serve.tools import ToolText, calls_grammar, markers_are_tokens
 
 
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")  # others count as "other"
@@ -56,17 +57,23 @@ class Service:
     token_text: TokenText | None = None  # each token's text and bytes, for logprobs (made on first use)
     grammars: Grammars | None = None  # structured output's grammar engine (made on first use)
 
-    def constraint(self, response_format: dict | None):
-        """The grammar of a chat request's ``response_format`` (None: plain text); a 400 when it cannot be
-        enforced."""
-        if not response_format or response_format.get("type", "text") == "text":
+    def constraint(self, body: ChatRequest):
+        """The grammar of a chat request: its ``response_format``'s, or the calls its ``tool_choice``
+        forces (None: free text); a 400 when it cannot be enforced."""
+        forced = body.forced
+        fmt = body.response_format
+        if not forced and (not fmt or fmt.get("type", "text") == "text"):
             return None
         if self.grammars is None:
             self.grammars = Grammars(self.tokenizer, self.scheduler.decoder.vocab_size, self.stop_ids)
+        param = "tool_choice" if forced else "response_format"
         try:
-            return self.grammars.compile(response_format)
+            if forced:
+                return self.grammars.calls(calls_grammar(forced, parallel=body.parallel_tool_calls is not False,
+                                                         marker_tokens=markers_are_tokens(self.tokenizer)))
+            return self.grammars.compile(fmt)
         except GrammarError as exc:
-            raise APIError(400, f"response_format: {exc}", param="response_format") from None
+            raise APIError(400, f"{param}: {exc}", param=param) from None
 
     def token(self, token: int) -> tuple[str, list[int]]:
         if self.token_text is None:
@@ -198,9 +205,9 @@ def create_app(service: Service, *, start_loop: bool = True, api_key: str | None
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         body.check()
-        prompt = chat_prompt(service.tokenizer, [m.plain() for m in body.messages])
+        prompt = chat_prompt(service.tokenizer, [m.plain() for m in body.messages], body.functions)
         # the first compiles the tokenizer for the grammar engine (~1 s): off the event loop
-        constraint = await asyncio.get_running_loop().run_in_executor(None, service.constraint, body.response_format)
+        constraint = await asyncio.get_running_loop().run_in_executor(None, service.constraint, body)
         return await _respond(service, body, prompt, chat=True, request=request, constraint=constraint)
 
     return app
@@ -326,6 +333,8 @@ async def _respond(service: Service, body, prompt: torch.Tensor, *, chat: bool, 
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
+    functions = body.functions if chat else []
+    tools = ToolText({f["name"] for f in functions}) if functions else None  # content and calls, split
 
     def usage() -> dict:
         n = len(seq.tokens)
@@ -343,8 +352,13 @@ async def _respond(service: Service, body, prompt: torch.Tensor, *, chat: bool, 
         text = "".join(parts)
         logprobs = None if seq.logprobs is None else (_chat_logprobs(service, entries) if chat else
                                                       _completion_logprobs(service, entries, 0))
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                   "finish_reason": reason} if chat else
+        message = {"role": "assistant", "content": text}
+        if tools is not None:
+            content, calls = tools.split(text)
+            if calls:
+                message = {"role": "assistant", "content": content or None, "tool_calls": calls}
+                reason = "tool_calls"
+        choice = ({"index": 0, "message": message, "logprobs": logprobs, "finish_reason": reason} if chat else
                   {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason})
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": service.name, "choices": [choice], "usage": usage()}
@@ -354,13 +368,15 @@ async def _respond(service: Service, body, prompt: torch.Tensor, *, chat: bool, 
 
     offset = 0  # completions' text_offset: characters of the text given out so far
 
-    def chunk(piece: str | None, reason: str | None, first: bool = False, entries: list | None = None) -> str:
+    def chunk(piece: str | None, reason: str | None, first: bool = False, entries: list | None = None,
+              calls: list | None = None) -> str:
         nonlocal offset
         logprobs = None
         if seq.logprobs is not None and entries:
             logprobs = _chat_logprobs(service, entries) if chat else _completion_logprobs(service, entries, offset)
         if chat:
             delta = ({"role": "assistant", "content": ""} if first else
+                     {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]} if calls else
                      {} if piece is None else {"content": piece})
             choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
         else:
@@ -376,9 +392,18 @@ async def _respond(service: Service, body, prompt: torch.Tensor, *, chat: bool, 
             if chat:
                 yield chunk(None, None, first=True)
             async for piece, reason, entries in _events(service, seq, queue, stream, metrics, arrived):
+                if tools is not None:  # content as it comes; from the first "<tool_call>" on, held
+                    piece = tools.add(piece)
                 if piece or entries:
                     yield chunk(piece, None, entries=entries)
                 if reason is not None:
+                    if tools is not None:
+                        rest, calls = tools.end()
+                        if rest:
+                            yield chunk(rest, None)
+                        if calls:
+                            yield chunk(None, None, calls=calls)
+                            reason = "tool_calls"
                     yield chunk(None, reason)
             if include_usage:
                 data = {"id": rid, "object": kind, "created": created, "model": service.name, "choices": [],

@@ -85,12 +85,20 @@ class Grammars:
                 json.dumps(schema), overrides={"whitespace_flexible": True, "whitespace_pattern": WHITESPACE})
         except ValueError as exc:
             raise GrammarError(f"the JSON schema is not valid: {exc}") from None
+        return self._constraint(grammar, "the JSON schema")
+
+    def calls(self, lark: str) -> "Constraint":
+        """The constraint of a Lark grammar (hire.serve.tools.calls_grammar: forced tool calls)."""
+        return self._constraint(_llguidance().LLMatcher.grammar_from_lark(lark), "the tools' call grammar")
+
+    def _constraint(self, grammar: str, what: str) -> "Constraint":
+        ll = _llguidance()
         error = ll.LLMatcher.validate_grammar(grammar, self.lltokenizer())
         if error:
-            raise GrammarError(f"the JSON schema cannot be enforced: {error}")
+            raise GrammarError(f"{what} cannot be enforced: {error}")
         matcher = ll.LLMatcher(self.lltokenizer(), grammar, log_level=0)
         if matcher.is_error():
-            raise GrammarError(f"the JSON schema cannot be enforced: {matcher.get_error()}")
+            raise GrammarError(f"{what} cannot be enforced: {matcher.get_error()}")
         return Constraint(matcher, self.vocab_size)
 
 

@@ -2,18 +2,18 @@
 
 A null means the field's default, as in OpenAI's schema. Fields OpenAI accepts that change nothing
 here are accepted and ignored (``metadata``, ``store``, ``user``, ``service_tier``,
-``parallel_tool_calls``), as are the settings that ask for what the server does anyway
-(``tools: []``, ``tool_choice: "none"``). ``response_format`` ``json_object`` and ``json_schema`` are
-enforced by a grammar (hire.serve.grammar). Settings whose
-meaning the server would silently break are refused with a 400 that names them: ``echo``, ``best_of``, ``suffix``, ``logit_bias``, penalties other than 0, ``n`` other than 1,
-tools, tool messages. Unknown fields (a typo) are
-refused as OpenAI refuses them. ``logprobs`` (and chat's ``top_logprobs``) are served: each token's
-log-probability over the whole vocabulary (hire.engine.logprobs; under HiRE the normaliser's tail
-comes from the head's proxy).
+``parallel_tool_calls``). Served: ``logprobs`` (chat's ``top_logprobs``: each token's log-probability
+over the whole vocabulary, hire.engine.logprobs; under HiRE the normaliser's tail comes from the head's
+proxy), ``response_format`` ``json_object`` and ``json_schema`` (a grammar, hire.serve.grammar), and
+``tools`` with ``tool_choice``, assistant ``tool_calls`` and tool messages (hire.serve.tools). Settings
+whose meaning the server would silently break are refused with a 400 that names them: ``echo``,
+``best_of``, ``suffix``, ``logit_bias``, penalties other than 0, ``n`` other than 1. Unknown fields (a
+typo) are refused as OpenAI refuses them.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -120,21 +120,47 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str  # JSON, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None  # null: an assistant turn's (OpenAI's, beside tool calls)
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool's answer: to which call
 
     @model_validator(mode="after")
     def _content(self) -> "Message":
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content (only an assistant message's may be null)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message has tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
         return self
 
     def plain(self) -> dict:
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or ())
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+        """The message as chat templates take it (hire.serve.tools.prompt_text)."""
+        content = self.content if isinstance(self.content, str) or self.content is None else \
+            "".join(p.text for p in self.content)
+        out = {"role": "system" if self.role == "developer" else self.role, "content": content}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class ChatRequest(_Sampled):
@@ -145,17 +171,6 @@ class ChatRequest(_Sampled):
     response_format: dict | None = None
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_tool_messages(cls, data):
-        """A tool-role message (a tool's answer) or an assistant's tool calls: tools are not served."""
-        messages = data.get("messages") if isinstance(data, dict) else None
-        for i, m in enumerate(messages if isinstance(messages, list) else []):
-            if isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")):
-                raise APIError(400, "tool messages and tool calls are not supported by this server (it serves "
-                               "no tools)", param=f"messages.{i}")
-        return data
 
     def check(self) -> None:
         super().check()
@@ -172,7 +187,39 @@ class ChatRequest(_Sampled):
         if kind not in ("text", "json_object", "json_schema"):
             raise APIError(400, f"response_format {kind!r} is not one of text, json_object, json_schema",
                            param="response_format")
-        if self.tools:
-            raise APIError(400, "tools are not supported by this server", param="tools")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise APIError(400, "tool_choice needs tools, which this server does not serve", param="tool_choice")
+        names = []
+        for i, tool in enumerate(self.tools or ()):
+            fn = tool.get("function") if isinstance(tool, dict) else None
+            if tool.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str) \
+                    or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", fn["name"]) \
+                    or not isinstance(fn.get("parameters", {}), dict):
+                raise APIError(400, "each tool is {\"type\": \"function\", \"function\": {\"name\": <1-64 of "
+                               "a-z, A-Z, 0-9, _ and ->, \"description\", \"parameters\": <JSON schema>}}",
+                               param=f"tools.{i}")
+            names.append(fn["name"])
+        choice = self.tool_choice
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+            if name not in names:
+                raise APIError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
+        elif choice not in (None, "none", "auto", "required"):
+            raise APIError(400, f"tool_choice {choice!r} is not one of none, auto, required or a function",
+                           param="tool_choice")
+        elif choice == "required" and not names:
+            raise APIError(400, "tool_choice \"required\" needs tools", param="tool_choice")
+        if names and self.response_format and self.response_format.get("type", "text") != "text" \
+                and choice not in ("none",):
+            raise APIError(400, "response_format with tools is not supported: ask for one or the other",
+                           param="response_format")
+
+    @property
+    def functions(self) -> list[dict]:
+        """The tools the model is shown (none with tool_choice "none")."""
+        return [] if self.tool_choice == "none" else [t["function"] for t in self.tools or ()]
+
+    @property
+    def forced(self) -> list[dict] | None:
+        """The functions a call must be one of (tool_choice "required" or a named one), else None."""
+        if isinstance(self.tool_choice, dict):
+            return [f for f in self.functions if f["name"] == self.tool_choice["function"]["name"]]
+        return self.functions if self.tool_choice == "required" else None

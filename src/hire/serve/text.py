@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from hire.data import chat_text
 from hire.models.detok import Detokenizer
 
 
@@ -90,10 +89,13 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop)
 
 
-def chat_prompt(tokenizer, messages: list[dict]) -> torch.Tensor:
-    """The messages as the model sees them (``hire.data.chat_text``: its chat template, else
-    ``Role: content`` lines), ready for the assistant's turn.  # -> (T,) token ids"""
-    text = chat_text(tokenizer, messages, generation_prompt=True)
+def chat_prompt(tokenizer, messages: list[dict], functions: list[dict] | None = None) -> torch.Tensor:
+    """The messages and ``functions`` (the tools' function definitions) as the model sees them
+    (``hire.serve.tools.prompt_text``: its chat template, else ``Role: content`` lines; tool calls and
+    answers in Hermes' format), ready for the assistant's turn.  # -> (T,) token ids"""
+    from hire.serve.tools import prompt_text
+
+    text = prompt_text(tokenizer, messages, functions)
     bos = tokenizer.bos_token
     ids = tokenizer(text, add_special_tokens=not (bos and text.startswith(bos))).input_ids  # one BOS, not two
     return torch.tensor(ids, dtype=torch.long)
