@@ -8,7 +8,11 @@ many head rows a step computes for its batch) and the prefill cost.
     .venv/bin/python benchmarks/serve.py                      # both packaged models, JSON beside this file
     .venv/bin/python benchmarks/serve.py --models smollm2-135m --streams 1 8 --rounds 1
 
-Writes benchmarks/serve_<model>.json and prints a table per model. ``--unions`` measures in process,
+Writes benchmarks/serve_<model>.json and prints a table per model. ``--stall N`` measures instead what
+a long prompt does to running streams: three greedy streams decode while a prompt of N tokens (default
+2,000) arrives; the inter-token latency of the streams while it is prefilled, against theirs before it,
+with the scheduler's measured chunk sizes (``--max-stall 2``, the default) and with fixed chunks of
+128 tokens (``--max-stall 0``), each a HiRE server of its own, in turns (serve_stall_<model>.json). ``--unions`` measures in process,
 without HTTP, how the unions of the head's candidates and of the sparse FFNs' neurons grow with the
 batch on the 16-bit (``--dequantized``) path, where the FFNs are HiRE too (serve_unions_<model>.json).
 """
@@ -50,11 +54,11 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: str, dense: bool, slots: int, context: int, log: Path):
+    def __init__(self, model: str, dense: bool, slots: int, context: int, log: Path, extra: tuple[str, ...] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [HIRE, "serve", "--model", model, "--port", str(self.port), "--slots", str(slots),
-                "--context", str(context)] + (["--dense"] if dense else ["--dense-batch", "0", "--calibrate"])
+                "--context", str(context)] + (["--dense"] if dense else ["--dense-batch", "0", "--calibrate"]) + list(extra)
         self.proc = subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT)
         self.log = log
         deadline = time.time() + 900
@@ -147,6 +151,76 @@ def run_model(model: str, streams: list[int], tokens: int, rounds: int, context:
             "table": table, "runs": results}
 
 
+def _timed_stream(server: Server, model: str, prompt: str, tokens: int, times: list[float]) -> None:
+    """A greedy streamed completion; the arrival time of each chunk with text into ``times``."""
+    for chunk in server.client.completions.create(model=model, prompt=prompt, max_tokens=tokens, temperature=0,
+                                                  stream=True):
+        if chunk.choices and chunk.choices[0].text:
+            times.append(time.perf_counter())
+
+
+def _long_prompt(model: str, n: int) -> str:
+    """About ``n`` tokens of held-out prose (the corpus's evaluation split) in ``model``'s tokenizer."""
+    from transformers import AutoTokenizer
+
+    from hire.data import load_corpus
+    from hire.models.load import resolve
+
+    tok = AutoTokenizer.from_pretrained(resolve(model))
+    ids = tok(load_corpus().text("evaluation"), add_special_tokens=False).input_ids[:n]
+    return tok.decode(ids)
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def stall_once(server: Server, model: str, long_prompt: str, streams: int = 3, tokens: int = 200) -> dict:
+    """``streams`` greedy streams; once each has 16 tokens, the long prompt arrives. Their inter-token
+    intervals before it, and while it is prefilled (until its first token)."""
+    times: list[list[float]] = [[] for _ in range(streams)]
+    with ThreadPoolExecutor(streams + 1) as pool:
+        running = [pool.submit(_timed_stream, server, model, PROMPTS[i], tokens, times[i]) for i in range(streams)]
+        while min(len(t) for t in times) < 16:
+            time.sleep(0.005)
+        sent = time.perf_counter()
+        first: list[float] = []
+        pool.submit(_timed_stream, server, model, long_prompt, 4, first).result()
+        for r in running:
+            r.result()
+    done = first[0] if first else time.perf_counter()
+    before = [b - a for t in times for a, b in zip(t, t[1:]) if b < sent]
+    during = [b - a for t in times for a, b in zip(t, t[1:]) if sent <= b <= done]
+    unloaded = statistics.median(before)
+    return {"unloaded_itl_ms": 1000 * unloaded, "unloaded_itl_p99_ms": 1000 * _percentile(before, 0.99),
+            "loaded_itl_p50_ms": 1000 * statistics.median(during), "loaded_itl_p99_ms": 1000 * _percentile(during, 0.99),
+            "loaded_itl_max_ms": 1000 * max(during), "p99_over_unloaded": _percentile(during, 0.99) / unloaded,
+            "long_prompt_ttft_s": done - sent, "intervals_during": len(during)}
+
+
+def run_stall(model: str, prompt_tokens: int, rounds: int) -> dict:
+    logs = Path(tempfile.mkdtemp(prefix="hire-serve-stall-"))
+    long_prompt = _long_prompt(model, prompt_tokens)
+    settings = {"max_stall_1": ("--max-stall", "1"), "max_stall_2": ("--max-stall", "2"), "chunk_128": ("--max-stall", "0")}
+    servers = {name: Server(model, False, 4, prompt_tokens + 300, logs / f"{name}.log", extra) for name, extra
+               in settings.items()}
+    try:
+        for s in servers.values():
+            load(s, model, 2, 8)
+        runs = {name: [] for name in servers}
+        for _ in range(rounds):
+            for name, server in servers.items():  # in turns on the same machine
+                runs[name].append(stall_once(server, model, long_prompt))
+    finally:
+        for s in servers.values():
+            s.stop()
+    summary = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
+    return {"model": model, "prompt_tokens": prompt_tokens, "streams": 3, "rounds": rounds,
+            "machine_threads": _threads(), "settings": {k: list(v) for k, v in settings.items()},
+            "summary": summary, "runs": runs}
+
+
 def _threads() -> int:
     import torch
 
@@ -220,7 +294,19 @@ def main() -> None:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--unions", action="store_true", help="measure the head and FFN unions in process (16-bit path)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent, help="directory for serve_<model>.json")
+    p.add_argument("--stall", type=int, nargs="?", const=2000, default=None, metavar="TOKENS",
+                   help="measure running streams' inter-token latency while a prompt of TOKENS (2000) is prefilled")
     args = p.parse_args()
+    if args.stall:
+        for model in args.models:
+            report = run_stall(model, args.stall, args.rounds)
+            (args.out / f"serve_stall_{model}.json").write_text(json.dumps(report, indent=1))
+            print(f"\n{model}: 3 streams while a {args.stall}-token prompt is prefilled (medians of {args.rounds} rounds)")
+            for name, r in report["summary"].items():
+                print(f"  {name}: unloaded ITL {r['unloaded_itl_ms']:.1f} ms; during the prefill p50 "
+                      f"{r['loaded_itl_p50_ms']:.1f}, p99 {r['loaded_itl_p99_ms']:.1f} ms ({r['p99_over_unloaded']:.1f}x), "
+                      f"max {r['loaded_itl_max_ms']:.0f} ms; the long prompt's first token after {r['long_prompt_ttft_s']:.2f} s")
+        return
     if args.unions:
         for model in args.models:
             report = unions(model)

@@ -167,9 +167,11 @@ def test_the_decode_loop_gives_each_sequence_what_it_decodes_alone(fused, chunk)
         scheduler.submit(seqs[0])
 
 
-def test_a_long_prompt_is_prefilled_between_the_running_sequence_s_steps():
+@pytest.mark.parametrize("fuse", [pytest.param(True, marks=needs_kernels), False])
+def test_a_long_prompt_is_prefilled_between_the_running_sequence_s_steps(fuse):
     """While a sequence decodes, a long prompt joins in chunks: each chunk is followed by a decode step of the
-    running sequence (not one prefill of the whole prompt), and both get what they decode alone."""
+    running sequence (not one prefill of the whole prompt), or with the native step rides in it (one call:
+    the weights read once for both), and both get what they decode alone."""
     engine = Engine(make("llama", seed=2), None, dtype=torch.float32, max_seq_len=64)
     short, long = _prompts(1, seed=3)[0][:4], torch.arange(2, 32) % 300
     want = [engine.generate(p, 12, hire=False).token_ids for p in (short, long)]
@@ -185,8 +187,17 @@ def test_a_long_prompt_is_prefilled_between_the_running_sequence_s_steps():
         calls.append(("step", len(positions)))
         return step(tokens, positions, slots, hire)
 
-    decoder.prefill, decoder.step = logged_prefill, logged_step
-    scheduler = Scheduler(decoder, hire=False, prefill_chunk=8)
+    fused = decoder.step_with_prefill
+
+    def logged_fused(tokens, positions, slots, hire, chunk, slot, start):
+        calls.append(("prefill", start, chunk.numel()))
+        calls.append(("step", len(positions)))
+        return fused(tokens, positions, slots, hire, chunk, slot, start)
+
+    decoder.prefill, decoder.step, decoder.step_with_prefill = logged_prefill, logged_step, logged_fused
+    if not fuse:
+        decoder.can_fuse_prefill = lambda hire: False
+    scheduler = Scheduler(decoder, hire=False, prefill_chunk=8, max_stall=0)  # chunks of 8, not sized by time
     got, done = [[], []], [threading.Event(), threading.Event()]
 
     def emit_for(i):
@@ -282,3 +293,22 @@ def test_a_large_batch_reads_the_whole_head_without_selecting():
     assert decoder.logits(hidden[:2], hire=True)[1] is not None  # below it: candidates
     with pytest.raises(ValueError, match="dense_batch must be >= 1"):
         BatchDecoder(engine, 2, dense_batch=0)
+
+
+def test_a_chunk_takes_at_most_max_stall_decode_steps_while_sequences_decode():
+    engine = Engine(make("llama", seed=2), None, dtype=torch.float32, max_seq_len=16)
+    scheduler = Scheduler(BatchDecoder(engine, 1), hire=False, prefill_chunk=128, max_stall=2.0)
+    scheduler.step_s, scheduler.token_s = 0.010, 0.008
+    assert scheduler.chunk_size(decoding=True, fused=True) == 2 and scheduler.chunk_size(decoding=True) == 8
+    scheduler.step_s = scheduler.token_s = None
+    assert scheduler.chunk_size(decoding=False) == 128  # nobody waits: the largest chunk
+    assert scheduler.chunk_size(decoding=True) == 8  # nothing measured yet: MIN_CHUNK
+    scheduler.step_s, scheduler.token_s = 0.010, 0.001  # a step 10 ms, a prompt token 1 ms
+    assert scheduler.chunk_size(decoding=True) == 20  # 2 steps' time
+    scheduler.step_s = 0.002
+    assert scheduler.chunk_size(decoding=True) == 8  # never below MIN_CHUNK
+    scheduler.step_s = 1.0
+    assert scheduler.chunk_size(decoding=True) == 128  # never above prefill_chunk
+    assert Scheduler(BatchDecoder(engine, 1), hire=False, prefill_chunk=64, max_stall=0).chunk_size(True) == 64
+    with pytest.raises(ValueError, match="max_stall must be >= 0"):
+        Scheduler(BatchDecoder(engine, 1), hire=False, max_stall=-1)

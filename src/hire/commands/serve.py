@@ -52,8 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests that may wait for a free slot; past that a request gets a 429 with Retry-After "
                         "(default 64)")
     p.add_argument("--prefill-chunk", type=integer(minimum=1), default=128,
-                   help="prompt tokens prefilled between two decode steps of the running requests, so that a long "
-                        "prompt does not stall them for its whole length (default 128)")
+                   help="the most prompt tokens prefilled between two decode steps of the running requests, so that "
+                        "a long prompt does not stall them for its whole length (default 128)")
+    p.add_argument("--max-stall", type=number(minimum=0), default=1.0,
+                   help="while requests decode, a prompt's chunk is sized (from measured times) to add at most this "
+                        "many decode steps' time to their next token (default 1; 0: always --prefill-chunk tokens; "
+                        "larger: the long prompt's first token sooner, the running streams' tokens later)")
     p.add_argument("--api-key", default=os.environ.get("HIRE_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on every route but /health (default: $HIRE_API_KEY; "
                         "none: open to anyone who can reach --host)")
@@ -71,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
                            dense_batch=args.dense_batch or None,
                            quantized=not args.dequantized, dtype=args.dtype, seq_len=args.seq_len,
                            calib_windows=args.calib_windows, name=args.name, fit=args.calibrate,
-                           max_waiting=args.max_waiting, prefill_chunk=args.prefill_chunk,
+                           max_waiting=args.max_waiting, prefill_chunk=args.prefill_chunk, max_stall=args.max_stall,
                            act_bits=args.act_bits)
     pending = service.info.get("head_pending")
     kind = "dense" if config is None or pending else "HiRE"

@@ -125,6 +125,34 @@ class BatchDecoder:
                 rows.append(e.eager_forward(h[j : j + 1], pos, hire))
         return torch.cat(rows)
 
+    def can_fuse_prefill(self, hire: bool) -> bool:
+        """Whether a prompt's chunk can ride in the running sequences' decode step (``step_with_prefill``):
+        a native step whose layers are the dense prefill's (no HiRE FFN when ``hire``)."""
+        return self.engine.native_steps is not None and not (hire and self.engine.ffns)
+
+    @torch.inference_mode()
+    def step_with_prefill(self, tokens: torch.Tensor, positions: list[int], slots: list[int], hire: bool,
+                          chunk: torch.Tensor, chunk_slot: int, chunk_start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``step`` of the running sequences and the next ``chunk`` of a prompt (its tokens at positions
+        chunk_start.. of ``chunk_slot``) in one native call: each layer's weights are read once for both
+        (``can_fuse_prefill`` says when). Returns the sequences' hidden states and the chunk's last.
+        # tokens: (B,), chunk: (T,) -> (B, D), (1, D)"""
+        chunk = chunk.reshape(-1)
+        if not (0 <= chunk_start and chunk_start + chunk.numel() < self.max_seq_len):
+            raise ValueError(f"a prompt of {chunk_start + chunk.numel()} tokens does not fit a context of "
+                             f"{self.max_seq_len}")
+        e, b = self.engine, tokens.numel()
+        h = e.embed(torch.cat([tokens.reshape(-1), chunk])).float()
+        pos = torch.tensor(list(positions) + list(range(chunk_start, chunk_start + chunk.numel())))
+        slot = torch.tensor(list(slots) + [chunk_slot] * chunk.numel())
+        step = e.native_steps[hire]
+        out = step.step_batch(h, pos, slot, self.k, self.v)
+        if hire:
+            union, layer_steps = step.take_union()
+            self.stats.ffn_union += union
+            self.stats.ffn_layer_steps += layer_steps
+        return out[:b].to(e.dtype), out[-1:].to(e.dtype)
+
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor, hire: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Each row's exact logits over the union of the rows' head candidates (HiRE), or over the

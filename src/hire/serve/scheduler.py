@@ -3,9 +3,11 @@ it in the main thread (``Scheduler.run``; uvicorn serves HTTP from a second one,
 ``Scheduler.start`` runs it on a thread of its own instead (tests, an app run in process).
 
 Requests join the running batch between steps: their prompt is prefilled densely into a free KV
-cache slot ``prefill_chunk`` tokens at a time, one chunk between two decode steps of the running
-sequences, so that a long prompt delays each running stream's next token by one chunk's prefill,
-not by the whole prompt's. They leave when they stop, reach their length, or are cancelled (a
+cache slot a chunk at a time, one chunk between two decode steps of the running sequences, so that a
+long prompt delays each running stream's next token by one chunk's prefill, not by the whole
+prompt's. While sequences are decoding, a chunk is sized to take at most ``max_stall`` decode steps'
+time (both measured as the loop runs: ``chunk_size``), between ``MIN_CHUNK`` and ``prefill_chunk``
+tokens; with nothing decoding, or ``max_stall`` 0, it is ``prefill_chunk``. They leave when they stop, reach their length, or are cancelled (a
 client that went away); their slot is then free for the next one.
 Each request gets its tokens through its ``emit`` callback, called on the thread running the loop.
 Each sequence samples with its own settings and generator; temperature and top-p draws account for
@@ -34,6 +36,12 @@ from hire.serve.grammar import FEW_ROWS, Constraint, GrammarError
 # ~400 tokens/s on an AMD EPYC VM (hire bench): a 2,000-token prompt held every running stream up ~5 s
 # whole, ~0.3 s a chunk of 128; per token, chunks of 32-512 cost about the same (Engine.PREFILL_CHUNK's note)
 PREFILL_CHUNK = 128
+# a chunk between two decode steps takes at most this many decode steps' time. SmolLM2, 3 streams and a
+# 2,000-token prompt (benchmarks/serve.py --stall): running streams' p99 inter-token latency 2.6-2.9x
+# their unloaded one at 1, 3.7-4.4x at 2, ~55x with fixed 128-token chunks
+MAX_STALL = 1.0
+MIN_CHUNK = 8  # the smallest chunk on its own: from 6 tokens a batched step's products run in vector lanes
+EMA = 0.3  # weight of the newest measurement in the step and per-token prefill times
 
 
 class SchedulerStopped(RuntimeError):
@@ -111,9 +119,14 @@ class Scheduler:
     benchmarks/batch_step.py --parts thread)."""
 
     def __init__(self, decoder: BatchDecoder, *, hire: bool, max_waiting: int | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 prefill_chunk: int = PREFILL_CHUNK, max_stall: float = MAX_STALL):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
+        if max_stall < 0:
+            raise ValueError(f"max_stall must be >= 0 (0: chunks of prefill_chunk tokens), got {max_stall}")
+        self.max_stall = max_stall
+        self.step_s: float | None = None  # a decode step's time, and a prompt token's prefill time (EMAs)
+        self.token_s: float | None = None
         self.decoder = decoder
         self.hire = hire
         self.prefill_chunk = prefill_chunk
@@ -187,8 +200,12 @@ class Scheduler:
                 for seq in [s for s in self.active if s.cancelled]:
                     self._finish(seq, "cancelled")
                 prefilling = next((s for s in self.active if s.prefilled < s.prompt.numel()), None)
+                decoding = any(s.tokens for s in self.active)
+                if prefilling is not None and decoding and self.decoder.can_fuse_prefill(self.hire):
+                    self._step(prefilling)  # the chunk rides in the decode step: weights read once
+                    continue
                 if prefilling is not None:  # one chunk of the earliest admitted prompt still in prefill
-                    self._prefill_chunk(prefilling)
+                    self._prefill_chunk(prefilling, self.chunk_size(decoding), measure=decoding)
                 if any(s.tokens for s in self.active):
                     self._step()
         except BaseException as exc:  # noqa: BLE001 - every waiting client must hear why
@@ -213,11 +230,29 @@ class Scheduler:
         seq.slot = self.decoder.acquire()
         self.active.append(seq)  # its prompt is prefilled a chunk per loop turn (_prefill_chunk)
 
-    def _prefill_chunk(self, seq: Sequence) -> None:
-        """The next ``prefill_chunk`` tokens of ``seq``'s prompt into its slot; after the last, its first
-        token."""
+    def chunk_size(self, decoding: bool, fused: bool = False) -> int:
+        """Prompt tokens to prefill before (or, ``fused``, within) the next decode step: ``prefill_chunk``
+        when nothing is decoding (nobody waits) or ``max_stall`` is 0; else as many as take ``max_stall``
+        decode steps, by the measured times (``MIN_CHUNK`` until both are measured). A chunk on its own
+        has at least ``MIN_CHUNK`` tokens; one fused into the decode step (whose rows fill the vector
+        lanes with it) at least 1."""
+        if not decoding or self.max_stall == 0:
+            return self.prefill_chunk
+        floor = min(1 if fused else MIN_CHUNK, self.prefill_chunk)
+        if self.step_s is None or self.token_s is None:
+            return min(MIN_CHUNK, self.prefill_chunk)
+        fit = int(self.max_stall * self.step_s / self.token_s)
+        return max(floor, min(self.prefill_chunk, fit))
+
+    @staticmethod
+    def _ema(old: float | None, new: float) -> float:
+        return new if old is None else (1 - EMA) * old + EMA * new
+
+    def _prefill_chunk(self, seq: Sequence, size: int, measure: bool = True) -> None:
+        """The next ``size`` tokens of ``seq``'s prompt into its slot; after the last, its first token.
+        ``measure``: this chunk's time per token is what ``chunk_size`` sizes the next chunks by."""
         start = seq.prefilled
-        part = seq.prompt[start : start + self.prefill_chunk]
+        part = seq.prompt[start : start + size]
         t = time.perf_counter()
         try:
             hidden = self.decoder.prefill(seq.slot, part, start)
@@ -225,19 +260,51 @@ class Scheduler:
             self._finish(seq, "error", str(exc))
             return
         seq.prefilled += part.numel()
-        self.stats.prefill_s += time.perf_counter() - t
+        took = time.perf_counter() - t
+        if measure:
+            self.token_s = self._ema(self.token_s, took / part.numel())
+        self.stats.prefill_s += took
         self.stats.prefill_tokens += part.numel()
         if seq.prefilled == seq.prompt.numel():
             self.stats.prefills += 1
             self._sample_and_deliver([seq], hidden)
 
-    def _step(self) -> None:
+    def _step(self, prefilling: Sequence | None = None) -> None:
+        """A decode step of the sequences past their prefill; with ``prefilling``, the next chunk of its
+        prompt in the same native call (``chunk_size`` tokens: its time past a plain step's is what sizes
+        the next chunks)."""
         batch = [s for s in self.active if s.tokens]  # the sequences past their prefill
         t = time.perf_counter()
         tokens = torch.tensor([s.tokens[-1] for s in batch])
-        hidden = self.decoder.step(tokens, [s.position for s in batch], [s.slot for s in batch], self.hire)
+        positions, slots = [s.position for s in batch], [s.slot for s in batch]
+        last = part = None
+        if prefilling is None:
+            hidden = self.decoder.step(tokens, positions, slots, self.hire)
+        else:
+            start = prefilling.prefilled
+            part = prefilling.prompt[start : start + self.chunk_size(True, fused=True)]
+            try:
+                hidden, last = self.decoder.step_with_prefill(tokens, positions, slots, self.hire, part,
+                                                              prefilling.slot, start)
+            except ValueError as exc:  # the prompt does not fit: that request fails, the others step next turn
+                self._finish(prefilling, "error", str(exc))
+                return
+            prefilling.prefilled += part.numel()
         self._sample_and_deliver(batch, hidden)
-        self.stats.decode_s += time.perf_counter() - t
+        took = time.perf_counter() - t
+        if part is None:
+            self.step_s = self._ema(self.step_s, took)
+            self.stats.decode_s += took
+        else:  # what the chunk added to the step is its cost
+            plain = self.step_s if self.step_s is not None else took / 2
+            extra = max(took - plain, 0.0)
+            self.token_s = self._ema(self.token_s, max(extra, 1e-6) / part.numel())
+            self.stats.decode_s += took - extra
+            self.stats.prefill_s += extra
+            self.stats.prefill_tokens += part.numel()
+            if prefilling.prefilled == prefilling.prompt.numel():
+                self.stats.prefills += 1
+                self._sample_and_deliver([prefilling], last)
         self.stats.steps += 1
         self.stats.step_tokens += len(batch)
 

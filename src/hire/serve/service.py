@@ -16,7 +16,7 @@ from hire.errors import ConfigError, HireError
 from hire.generate import codes_label, stop_token_ids
 from hire.quant.tensor import ACT_BITS
 from hire.serve.app import Service, create_app
-from hire.serve.scheduler import PREFILL_CHUNK, Scheduler
+from hire.serve.scheduler import MAX_STALL, PREFILL_CHUNK, Scheduler
 
 
 class UnsupportedForServing(HireError, ValueError):
@@ -27,7 +27,7 @@ def load_service(model_name: str, config: HiReConfig | None, *, slots: int = 8, 
                  dense_above: float = 0.5, dense_batch: int | None = None, quantized: bool = True, dtype: str = "float16",
                  seq_len: int = 512, calib_windows: int = CALIBRATION_WINDOWS, progress: bool = True,
                  name: str | None = None, fit: bool = True, max_waiting: int | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK, act_bits: int = ACT_BITS) -> Service:
+                 prefill_chunk: int = PREFILL_CHUNK, act_bits: int = ACT_BITS, max_stall: float = MAX_STALL) -> Service:
     """``model_name`` under ``config`` (None: dense) in a decode loop of ``slots`` sequences of up to
     ``context`` tokens each; a GGUF model runs in its block codes unless ``quantized`` is False.
     ``dense_above``: the share of the head's rows past which a batch's union of candidates is read
@@ -35,7 +35,9 @@ def load_service(model_name: str, config: HiReConfig | None, *, slots: int = 8, 
     ``fit=False``: where the head's settings or proxy are not cached, serve with the dense head at once
     (``info["head_pending"]`` says why) instead of fitting first (minutes on a first run).
     ``max_waiting``: requests that may wait for a slot; past that a request gets a 429 (None: no bound).
-    ``prefill_chunk``: prompt tokens prefilled between two decode steps of the running requests.
+    ``prefill_chunk``: the most prompt tokens prefilled between two decode steps of the running requests;
+    ``max_stall``: while requests decode, a chunk takes at most this many decode steps' time (0: always
+    ``prefill_chunk`` tokens; hire.serve.scheduler).
     ``act_bits``: the width of the codes' products' activations (``hire.quant.set_act_bits``)."""
     prepared = load_for_decode(model_name, config, quantized=quantized, seq_len=seq_len, calib_windows=calib_windows,
                                progress=progress, fit=fit, act_bits=act_bits)
@@ -53,12 +55,13 @@ def load_service(model_name: str, config: HiReConfig | None, *, slots: int = 8, 
     hire = prepared.config is not None
     info = {"hire": hire, "weights": codes_label(act_bits) if quantized else dtype, "kernels": engine.kernel_report(),
             "context": context, "dense_above": dense_above, "dense_batch": dense_batch, "max_waiting": max_waiting,
-            "prefill_chunk": prefill_chunk}
+            "prefill_chunk": prefill_chunk, "max_stall": max_stall}
     if hire:
         info["config"] = prepared.config.to_dict()
     if prepared.pending:
         info["head_pending"] = prepared.pending
-    scheduler = Scheduler(decoder, hire=hire, max_waiting=max_waiting, prefill_chunk=prefill_chunk)
+    scheduler = Scheduler(decoder, hire=hire, max_waiting=max_waiting, prefill_chunk=prefill_chunk,
+                          max_stall=max_stall)
     return Service(name=name or model_name, tokenizer=tokenizer, scheduler=scheduler,
                    stop_ids=frozenset(stop_token_ids(tokenizer, model)), context=context, info=info)
 
