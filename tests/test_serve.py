@@ -830,3 +830,18 @@ def test_langchain_openai_structured_output_and_tools(server):
     final = llm.bind_tools([WEATHER]).invoke([question, reply, ToolMessage('{"temperature": 14}',
                                                                            tool_call_id=reply.tool_calls[0]["id"])])
     assert isinstance(final.content, str)
+
+
+@pytest.mark.slow
+def test_json_schema_through_the_openai_client(server):
+    import jsonschema
+
+    client = server.client()
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    messages = [{"role": "user", "content": "Describe a famous scientist."}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=120, temperature=0, response_format=fmt)
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+    parts = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=120, temperature=0, response_format=fmt, stream=True) if c.choices]
+    assert "".join(parts) == r.choices[0].message.content
