@@ -3,12 +3,13 @@ it in the main thread (``Scheduler.run``; uvicorn serves HTTP from a second one,
 ``Scheduler.start`` runs it on a thread of its own instead (tests, an app run in process).
 
 Requests join the running batch between steps: their prompt is prefilled densely into a free KV
-cache slot a chunk at a time, one chunk between two decode steps of the running sequences, so that a
-long prompt delays each running stream's next token by one chunk's prefill, not by the whole
-prompt's. While sequences are decoding, a chunk is sized to take at most ``max_stall`` decode steps'
-time (both measured as the loop runs: ``chunk_size``), between ``MIN_CHUNK`` and ``prefill_chunk``
-tokens; with nothing decoding, or ``max_stall`` 0, it is ``prefill_chunk``. They leave when they stop, reach their length, or are cancelled (a
-client that went away); their slot is then free for the next one.
+cache slot a chunk at a time, so that a long prompt delays each running stream's next token by one
+chunk's prefill, not by the whole prompt's. While sequences decode, the chunk rides in their decode
+step (one native call, ``BatchDecoder.step_with_prefill``; where that cannot be, a step of its own
+between two of theirs) and is sized to add at most ``max_stall`` decode steps' time (both measured as
+the loop runs: ``chunk_size``), up to ``prefill_chunk`` tokens; with nothing decoding, or
+``max_stall`` 0, it is ``prefill_chunk``. They leave when they stop, reach their length, or are
+cancelled (a client that went away); their slot is then free for the next one.
 Each request gets its tokens through its ``emit`` callback, called on the thread running the loop.
 Each sequence samples with its own settings and generator; temperature and top-p draws account for
 the rows outside the head's candidates (the batch's union) as ``Engine.generate`` does
@@ -36,9 +37,9 @@ from hire.serve.grammar import FEW_ROWS, Constraint, GrammarError
 # ~400 tokens/s on an AMD EPYC VM (hire bench): a 2,000-token prompt held every running stream up ~5 s
 # whole, ~0.3 s a chunk of 128; per token, chunks of 32-512 cost about the same (Engine.PREFILL_CHUNK's note)
 PREFILL_CHUNK = 128
-# a chunk between two decode steps takes at most this many decode steps' time. SmolLM2, 3 streams and a
-# 2,000-token prompt (benchmarks/serve.py --stall): running streams' p99 inter-token latency 2.6-2.9x
-# their unloaded one at 1, 3.7-4.4x at 2, ~55x with fixed 128-token chunks
+# a chunk adds at most this many decode steps' time to the running streams' next token. 3 streams and a
+# 2,000-token prompt (benchmarks/serve.py --stall): their p99 inter-token latency 2.8-3.1x the unloaded
+# one at 1 (SmolLM2, Gemma-3), 3.8-4.4x at 2, 20-65x with fixed 128-token chunks
 MAX_STALL = 1.0
 MIN_CHUNK = 8  # the smallest chunk on its own: from 6 tokens a batched step's products run in vector lanes
 EMA = 0.3  # weight of the newest measurement in the step and per-token prefill times
