@@ -845,3 +845,30 @@ def test_json_schema_through_the_openai_client(server):
     parts = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model=MODEL, messages=messages, max_tokens=120, temperature=0, response_format=fmt, stream=True) if c.choices]
     assert "".join(parts) == r.choices[0].message.content
+
+
+@pytest.mark.slow
+def test_api_key_and_a_full_queue_through_the_openai_client(tmp_path):
+    """A live server with --api-key, one slot and no waiting place: the openai client's wrong key is an
+    AuthenticationError (401), the right one is served, and a second request while the slot decodes is
+    a RateLimitError (429) that names --max-waiting."""
+    import openai
+
+    s = Server("--dense", "--api-key", "s3cret", "--slots", "1", "--max-waiting", "0", "--context", "512",
+               log=tmp_path / "log")
+    try:
+        def client(key):
+            return openai.OpenAI(base_url=s.url + "/v1", api_key=key, max_retries=0, timeout=300)
+
+        with pytest.raises(openai.AuthenticationError):
+            client("wrong").completions.create(model=MODEL, prompt="Hello", max_tokens=2)
+        good = client("s3cret")
+        assert good.completions.create(model=MODEL, prompt="Hello", max_tokens=2).choices[0].text is not None
+        stream = good.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=200, temperature=0,
+                                         stream=True)
+        next(iter(stream))  # the slot is decoding
+        with pytest.raises(openai.RateLimitError, match="--max-waiting 0"):
+            good.completions.create(model=MODEL, prompt="Hello", max_tokens=2)
+        assert sum(1 for _ in stream) > 0
+    finally:
+        s.stop()
