@@ -298,17 +298,21 @@ def test_a_large_batch_reads_the_whole_head_without_selecting():
 def test_a_chunk_takes_at_most_max_stall_decode_steps_while_sequences_decode():
     engine = Engine(make("llama", seed=2), None, dtype=torch.float32, max_seq_len=16)
     scheduler = Scheduler(BatchDecoder(engine, 1), hire=False, prefill_chunk=128, max_stall=2.0)
-    scheduler.step_s, scheduler.token_s = 0.010, 0.008
-    assert scheduler.chunk_size(decoding=True, fused=True) == 2 and scheduler.chunk_size(decoding=True) == 8
-    scheduler.step_s = scheduler.token_s = None
-    assert scheduler.chunk_size(decoding=False) == 128  # nobody waits: the largest chunk
-    assert scheduler.chunk_size(decoding=True) == 8  # nothing measured yet: MIN_CHUNK
-    scheduler.step_s, scheduler.token_s = 0.010, 0.001  # a step 10 ms, a prompt token 1 ms
-    assert scheduler.chunk_size(decoding=True) == 20  # 2 steps' time
-    scheduler.step_s = 0.002
-    assert scheduler.chunk_size(decoding=True) == 8  # never below MIN_CHUNK
-    scheduler.step_s = 1.0
-    assert scheduler.chunk_size(decoding=True) == 128  # never above prefill_chunk
-    assert Scheduler(BatchDecoder(engine, 1), hire=False, prefill_chunk=64, max_stall=0).chunk_size(True) == 64
+    scheduler.step_s, scheduler.token_s = {1: 0.010}, 0.008
+    assert scheduler.chunk_size(1, fused=True) == 2 and scheduler.chunk_size(1) == 8  # alone: MIN_CHUNK
+    scheduler.step_s, scheduler.token_s = {}, None
+    assert scheduler.chunk_size(0) == 128  # nobody waits: the largest chunk
+    assert scheduler.chunk_size(1) == 8  # nothing measured yet: MIN_CHUNK
+    scheduler.step_s, scheduler.token_s = {1: 0.010}, 0.001  # a step of 1 sequence 10 ms, a prompt token 1 ms
+    assert scheduler.chunk_size(1) == 20  # 2 steps' time
+    assert scheduler.chunk_size(3) == 8  # a step of 3 not measured yet
+    scheduler.step_s = {1: 0.002}
+    assert scheduler.chunk_size(1) == 8  # never below MIN_CHUNK
+    scheduler.step_s = {1: 1.0}
+    assert scheduler.chunk_size(1) == 128  # never above prefill_chunk
+    scheduler.step_s = {1: 0.010}
+    assert scheduler.chunk_size(1, remaining=80) == 80  # within 4 chunks of 20: whole
+    assert scheduler.chunk_size(1, remaining=81) == 20
+    assert Scheduler(BatchDecoder(engine, 1), hire=False, prefill_chunk=64, max_stall=0).chunk_size(1) == 64
     with pytest.raises(ValueError, match="max_stall must be >= 0"):
         Scheduler(BatchDecoder(engine, 1), hire=False, max_stall=-1)

@@ -42,6 +42,10 @@ PREFILL_CHUNK = 128
 # one at 1 (SmolLM2, Gemma-3), 3.8-4.4x at 2, 20-65x with fixed 128-token chunks
 MAX_STALL = 1.0
 MIN_CHUNK = 8  # the smallest chunk on its own: from 6 tokens a batched step's products run in vector lanes
+# a prompt whose rest fits in this many chunks goes in whole: it stalls the streams once instead of
+# waiting that many steps for its first token (8 short prompts arriving together, SmolLM2: first tokens
+# after 635 ms at 8 streams in chunks of the stall budget, 171 ms whole)
+WHOLE_WITHIN = 4
 EMA = 0.3  # weight of the newest measurement in the step and per-token prefill times
 
 
@@ -126,8 +130,8 @@ class Scheduler:
         if max_stall < 0:
             raise ValueError(f"max_stall must be >= 0 (0: chunks of prefill_chunk tokens), got {max_stall}")
         self.max_stall = max_stall
-        self.step_s: float | None = None  # a decode step's time, and a prompt token's prefill time (EMAs)
-        self.token_s: float | None = None
+        self.step_s: dict[int, float] = {}  # a decode step's time by its batch size (EMAs)
+        self.token_s: float | None = None  # what a prompt token adds to a step (EMA)
         self.decoder = decoder
         self.hire = hire
         self.prefill_chunk = prefill_chunk
@@ -201,12 +205,13 @@ class Scheduler:
                 for seq in [s for s in self.active if s.cancelled]:
                     self._finish(seq, "cancelled")
                 prefilling = next((s for s in self.active if s.prefilled < s.prompt.numel()), None)
-                decoding = any(s.tokens for s in self.active)
+                decoding = sum(1 for s in self.active if s.tokens)  # sequences past their prefill
                 if prefilling is not None and decoding and self.decoder.can_fuse_prefill(self.hire):
                     self._step(prefilling)  # the chunk rides in the decode step: weights read once
                     continue
                 if prefilling is not None:  # one chunk of the earliest admitted prompt still in prefill
-                    self._prefill_chunk(prefilling, self.chunk_size(decoding), measure=decoding)
+                    rest = prefilling.prompt.numel() - prefilling.prefilled
+                    self._prefill_chunk(prefilling, self.chunk_size(decoding, remaining=rest), measure=decoding)
                 if any(s.tokens for s in self.active):
                     self._step()
         except BaseException as exc:  # noqa: BLE001 - every waiting client must hear why
@@ -231,19 +236,25 @@ class Scheduler:
         seq.slot = self.decoder.acquire()
         self.active.append(seq)  # its prompt is prefilled a chunk per loop turn (_prefill_chunk)
 
-    def chunk_size(self, decoding: bool, fused: bool = False) -> int:
+    def chunk_size(self, decoding: int, fused: bool = False, remaining: int | None = None) -> int:
         """Prompt tokens to prefill before (or, ``fused``, within) the next decode step: ``prefill_chunk``
         when nothing is decoding (nobody waits) or ``max_stall`` is 0; else as many as take ``max_stall``
-        decode steps, by the measured times (``MIN_CHUNK`` until both are measured). A chunk on its own
+        decode steps, by the measured times (``MIN_CHUNK`` until both are measured), or the prompt's
+        ``remaining`` tokens whole where they fit in ``WHOLE_WITHIN`` such chunks. ``decoding``: how many
+        sequences the step decodes (its time is measured by batch size). A chunk on its own
         has at least ``MIN_CHUNK`` tokens; one fused into the decode step (whose rows fill the vector
-        lanes with it) at least 1."""
+        lanes with it) at least 1; none more than ``prefill_chunk``."""
         if not decoding or self.max_stall == 0:
             return self.prefill_chunk
         floor = min(1 if fused else MIN_CHUNK, self.prefill_chunk)
-        if self.step_s is None or self.token_s is None:
-            return min(MIN_CHUNK, self.prefill_chunk)
-        fit = int(self.max_stall * self.step_s / self.token_s)
-        return max(floor, min(self.prefill_chunk, fit))
+        step = self.step_s.get(decoding)
+        if step is None or self.token_s is None:
+            fit = min(MIN_CHUNK, self.prefill_chunk)
+        else:
+            fit = max(floor, min(self.prefill_chunk, int(self.max_stall * step / self.token_s)))
+        if remaining is not None and remaining <= WHOLE_WITHIN * fit:
+            return min(remaining, self.prefill_chunk)
+        return fit
 
     @staticmethod
     def _ema(old: float | None, new: float) -> float:
@@ -283,7 +294,8 @@ class Scheduler:
             hidden = self.decoder.step(tokens, positions, slots, self.hire)
         else:
             start = prefilling.prefilled
-            part = prefilling.prompt[start : start + self.chunk_size(True, fused=True)]
+            rest = prefilling.prompt.numel() - start
+            part = prefilling.prompt[start : start + self.chunk_size(len(batch), fused=True, remaining=rest)]
             try:
                 hidden, last = self.decoder.step_with_prefill(tokens, positions, slots, self.hire, part,
                                                               prefilling.slot, start)
@@ -293,13 +305,14 @@ class Scheduler:
             prefilling.prefilled += part.numel()
         self._sample_and_deliver(batch, hidden)
         took = time.perf_counter() - t
+        plain = self.step_s.get(len(batch))
         if part is None:
-            self.step_s = self._ema(self.step_s, took)
+            self.step_s[len(batch)] = self._ema(plain, took)
             self.stats.decode_s += took
-        else:  # what the chunk added to the step is its cost
-            plain = self.step_s if self.step_s is not None else took / 2
-            extra = max(took - plain, 0.0)
-            self.token_s = self._ema(self.token_s, max(extra, 1e-6) / part.numel())
+        else:  # what the chunk added to a step of this many sequences is its cost
+            extra = max(took - (plain if plain is not None else took), 0.0)
+            if plain is not None:
+                self.token_s = self._ema(self.token_s, max(extra, 1e-6) / part.numel())
             self.stats.decode_s += took - extra
             self.stats.prefill_s += extra
             self.stats.prefill_tokens += part.numel()
