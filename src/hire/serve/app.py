@@ -2,7 +2,10 @@
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream``, as
 server-sent events ending in ``data: [DONE]``), ``GET /v1/models``, ``GET /health`` (503 once the
-decode loop has failed), ``GET /metrics`` (Prometheus, ``hire.serve.metrics``). With an API key
+decode loop has failed), ``GET /metrics`` (Prometheus, ``hire.serve.metrics``). Chat takes
+``response_format`` json_object / json_schema (a grammar per request, hire.serve.grammar) and ``tools``
+(hire.serve.tools: calls parsed into ``tool_calls``); both endpoints take ``logprobs``
+(hire.engine.logprobs). With an API key
 (``create_app(api_key=)``) every route but ``/health`` needs ``Authorization: Bearer <key>``, else
 a 401 as OpenAI's (code ``invalid_api_key``); past the scheduler's ``max_waiting`` a request gets a
 429 with ``Retry-After``. Errors are
