@@ -60,6 +60,17 @@ class Service:
     token_text: TokenText | None = None  # each token's text and bytes, for logprobs (made on first use)
     grammars: Grammars | None = None  # structured output's grammar engine (made on first use)
 
+    def warm_grammars(self) -> None:
+        """Wrap the tokenizer for the grammar engine now (``hire serve`` does it on a thread at start:
+        1 s for SmolLM2, several for Gemma-3's 262,144 tokens), so that the first structured request
+        does not wait for it; a tokenizer it cannot use stays for that request's 400 to name."""
+        if self.grammars is None:
+            self.grammars = Grammars(self.tokenizer, self.scheduler.decoder.vocab_size, self.stop_ids)
+        try:
+            self.grammars.lltokenizer()
+        except GrammarError:
+            pass
+
     def constraint(self, body: ChatRequest):
         """The grammar of a chat request: its ``response_format``'s, or the calls its ``tool_choice``
         forces (None: free text); a 400 when it cannot be enforced."""

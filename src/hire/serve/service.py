@@ -99,6 +99,7 @@ def serve(service: Service, *, host: str = "127.0.0.1", port: int = 8000, shutdo
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     thread = threading.Thread(target=http, name="hire-http")
     thread.start()
+    threading.Thread(target=service.warm_grammars, name="hire-grammars", daemon=True).start()
     try:
         service.scheduler.run()
     finally:
