@@ -458,3 +458,23 @@ def test_a_first_run_in_the_codes_computes_its_states_in_bfloat16_where_the_cpu_
     monkeypatch.setattr(prepare_mod, "native_bfloat16", lambda: not cpu_bf16)
     prepare_mod.prepare_model(str(path), config, seq_len=32, calib_windows=8, progress=False, quantized=True)
     assert seen == [cpu_bf16, not cpu_bf16]  # states of the other kind: chosen and fitted again
+
+
+def test_a_rank_that_cannot_meet_the_targets_stops_scoring_its_folds(states, monkeypatch):
+    """Once perfect recall on the folds left could not lift a rank to the targets, its other folds are not
+    scored: the entry says after how many, and the choice is the one scoring every fold makes."""
+    model, fit, check = states
+    everything = torch.cat([fit, check])
+    domains = torch.arange(everything.shape[0]) % 4
+    folds = auto_mod.domain_folds(everything, domains, per_domain=40)
+    cfg = HeadConfig(k=8, auto=True, proxy="lowrank")
+    run = lambda: choose_head(model, cfg, None, None, 0.97, 0.95, ranks=(1, 2, 16), candidates=(16, 32, 64),  # noqa: E731
+                              measure=False, folds=folds)
+    _, stopped = run()
+    monkeypatch.setattr(auto_mod, "STOP_HOPELESS", False)
+    _, full = run()
+    early = [e for e in stopped["tried"] if "folds_scored" in e]
+    assert early and all(e["candidates"] is None and e["folds_scored"] < 4 for e in early)
+    assert not any("folds_scored" in e for e in full["tried"])
+    assert stopped["chosen"] == full["chosen"] and stopped["by"] == full["by"]
+    assert [e["candidates"] for e in stopped["tried"]] == [e["candidates"] for e in full["tried"]]

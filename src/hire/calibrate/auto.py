@@ -139,6 +139,11 @@ def domain_folds(states: torch.Tensor, domains: torch.Tensor,
     return folds, total / states.shape[0]
 
 
+# stop scoring a rank's folds once even perfect recall on the states left would leave it short of a
+# target: the choice is the same (what is skipped could not have met the targets), made sooner
+STOP_HOPELESS = True
+
+
 @torch.no_grad()
 @returned_allocations()  # its loops allocate and free MBs in turn (hire.system)
 def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor | None, check_states: torch.Tensor | None,
@@ -197,6 +202,7 @@ def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor | No
                                   f"whole head {100 * fewest:.1f}%"} for r in ranks[i:]]
             break
         whole, local = torch.zeros(len(ladder), 2), torch.zeros(len(local_ladder), 2)
+        seen = scored = 0
         for fold, check, true in zip(fold_list, checks, trues):  # a fold's whitening made again per rank (0.1 s):
             # five folds' held at once cost 100 MB at D = 896
             proxy = next(LowRankProxy.fit_ranks(weight, [rank], sigma=fold.sigma, gram=gram, u_bits=cfg.rank_bits,
@@ -213,16 +219,25 @@ def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor | No
                     local += _recalls(block_ranks, local_ladder, nblocks).sum(0)
             del scorer
             release_freed_memory()
+            seen, scored = seen + check.shape[0], scored + 1
+            # the states not scored yet can add at most their count: if even that leaves the largest k'
+            # short of a target in every variant, this rank cannot meet them (the same choice, sooner)
+            left = n_check - seen
+            best = [(acc[-1] + left) / n_check for acc in (whole, local) if acc.shape[0]]
+            if STOP_HOPELESS and left and all(b[0] < target_recall_at_1 or b[1] < target_recall_at_k for b in best):
+                break
         # a 4-bit U has a native first pass only block-major (LowRankProxy.block_major): with blocks, its
         # one top-k' over the vocabulary (torch's int4 GEMV, then a top-k) is not worth timing
-        variants = [] if cfg.rank_bits == 4 and local_ladder else [(0, ladder, whole / n_check)]
+        variants = [] if cfg.rank_bits == 4 and local_ladder else [(0, ladder, whole / seen)]
         if local_ladder:
-            variants.append((nblocks, local_ladder, local / n_check))
+            variants.append((nblocks, local_ladder, local / seen))
         for nb, steps, rec in variants:
             r1, rk = rec[:, 0].tolist(), rec[:, 1].tolist()
             ok = [i for i in range(len(steps)) if r1[i] >= target_recall_at_1 and rk[i] >= target_recall_at_k]
             entry = {"rank": rank, "candidates": steps[ok[0]] if ok else None, "select_blocks": nb,
                      "recall_at_1": r1[ok[0] if ok else -1], "recall_at_k": rk[ok[0] if ok else -1]}
+            if seen < n_check:  # stopped early: the recall of the folds scored
+                entry["folds_scored"] = scored
             if ok:  # what the head reads per token: the proxy, then the candidates' exact rows
                 entry["bytes_fraction"] = (proxy_bytes + steps[ok[0]] * row_bytes) / (vocab * row_bytes)
                 met_ranks[rank] = True
