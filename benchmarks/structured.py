@@ -1,6 +1,7 @@
 """What structured output costs: decode tokens/s with and without a JSON schema, dense and HiRE.
 
-``hire serve`` (the recommended HiRE head, or ``--dense``), one request at a time: the same
+``hire serve`` (the recommended HiRE head, or ``--dense``; started as benchmarks/serve.py starts it), one
+request at a time: the same
 prompts asked for plain text and for a JSON schema (``response_format`` json_schema, llguidance's
 mask on every step), greedy. Tokens/s is completion tokens (``usage``) over the wall time from the
 first piece of text to the last (prefill excluded), medians over the prompts; the schema's outputs are checked to parse
@@ -18,14 +19,12 @@ import argparse
 import json
 import statistics
 import time
+import tempfile
 from pathlib import Path
-
-import socket
-import subprocess
-import sys
 
 import httpx
 import jsonschema
+from serve import Server  # benchmarks/serve.py: a `hire serve` process up and its /health answering
 
 SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 60},
@@ -35,23 +34,6 @@ SCHEMA = {"type": "object", "properties": {
     "required": ["name", "born", "fields", "summary"], "additionalProperties": False}
 PROMPTS = ["Describe Marie Curie.", "Describe Alan Turing.", "Describe Ada Lovelace.", "Describe Isaac Newton.",
            "Describe Rosalind Franklin.", "Describe Charles Darwin."]
-
-
-def start(model: str, *flags: str) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "hire", "serve", "--model", model, "--port", str(port),
-                             "--slots", "1", "--context", "512", *flags], stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(1)
-    proc.kill()
-    raise SystemExit("the server did not start")
 
 
 def run(client: httpx.Client, model: str, prompt: str, structured: bool, max_tokens: int) -> tuple[float, int, str]:
@@ -84,9 +66,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=200)
     args = parser.parse_args()
     result = {"model": args.model, "schema": SCHEMA, "max_tokens": args.max_tokens, "modes": {}}
-    for mode, flags in (("dense", ("--dense",)), ("hire", ())):
-        proc, url = start(args.model, *flags)
-        with httpx.Client(base_url=url) as client:
+    logs = Path(tempfile.mkdtemp(prefix="hire-structured-"))
+    for mode in ("dense", "hire"):
+        server = Server(args.model, mode == "dense", 1, 512, logs / f"{mode}.log")
+        with httpx.Client(base_url=server.url) as client:
             run(client, args.model, PROMPTS[0], True, 8)  # warm-up: the grammar engine's tokenizer
             rates = {"text": [], "schema": []}
             valid, reasons = 0, []
@@ -104,8 +87,7 @@ def main() -> None:
             med = {k: statistics.median(v) for k, v in rates.items()}
             result["modes"][mode] = {"tokens_per_s": rates, "median": med, "schema_over_text": med["schema"] / med["text"],
                                      "valid": valid, "finish_reasons": reasons, "requests": len(PROMPTS)}
-        proc.terminate()
-        proc.wait(60)
+        server.stop()
         print(f"{mode}: text {med['text']:.1f}, schema {med['schema']:.1f} tokens/s "
               f"({med['schema'] / med['text']:.2f}x); {valid} of {len(PROMPTS)} outputs valid (finish reasons {reasons})", flush=True)
     out = Path(__file__).parent / f"structured_{args.model}.json"

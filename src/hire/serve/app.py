@@ -60,14 +60,17 @@ class Service:
     token_text: TokenText | None = None  # each token's text and bytes, for logprobs (made on first use)
     grammars: Grammars | None = None  # structured output's grammar engine (made on first use)
 
+    def _grammar_engine(self) -> Grammars:
+        if self.grammars is None:
+            self.grammars = Grammars(self.tokenizer, self.scheduler.decoder.vocab_size, self.stop_ids)
+        return self.grammars
+
     def warm_grammars(self) -> None:
         """Wrap the tokenizer for the grammar engine now (``hire serve`` does it on a thread at start:
         1 s for SmolLM2, several for Gemma-3's 262,144 tokens), so that the first structured request
         does not wait for it; a tokenizer it cannot use stays for that request's 400 to name."""
-        if self.grammars is None:
-            self.grammars = Grammars(self.tokenizer, self.scheduler.decoder.vocab_size, self.stop_ids)
         try:
-            self.grammars.lltokenizer()
+            self._grammar_engine().lltokenizer()
         except GrammarError:
             pass
 
@@ -78,14 +81,13 @@ class Service:
         fmt = body.response_format
         if not forced and (not fmt or fmt.get("type", "text") == "text"):
             return None
-        if self.grammars is None:
-            self.grammars = Grammars(self.tokenizer, self.scheduler.decoder.vocab_size, self.stop_ids)
+        grammars = self._grammar_engine()
         param = "tool_choice" if forced else "response_format"
         try:
             if forced:
-                return self.grammars.calls(calls_grammar(forced, parallel=body.parallel_tool_calls is not False,
+                return grammars.calls(calls_grammar(forced, parallel=body.parallel_tool_calls is not False,
                                                          marker_tokens=markers_are_tokens(self.tokenizer)))
-            return self.grammars.compile(fmt)
+            return grammars.compile(fmt)
         except GrammarError as exc:
             raise APIError(400, f"{param}: {exc}", param=param) from None
 

@@ -276,7 +276,12 @@ class Scheduler:
         if measure:
             self.token_s = self._ema(self.token_s, took / part.numel())
         self.stats.prefill_s += took
-        self.stats.prefill_tokens += part.numel()
+        self._chunk_done(seq, part.numel(), hidden)
+
+    def _chunk_done(self, seq: Sequence, tokens: int, hidden: torch.Tensor) -> None:
+        """``tokens`` more of ``seq``'s prompt are in its slot; after the last chunk, its first token from
+        ``hidden`` (the prompt's last position).  # hidden: (1, D)"""
+        self.stats.prefill_tokens += tokens
         if seq.prefilled == seq.prompt.numel():
             self.stats.prefills += 1
             self._sample_and_deliver([seq], hidden)
@@ -315,10 +320,7 @@ class Scheduler:
                 self.token_s = self._ema(self.token_s, max(extra, 1e-6) / part.numel())
             self.stats.decode_s += took - extra
             self.stats.prefill_s += extra
-            self.stats.prefill_tokens += part.numel()
-            if prefilling.prefilled == prefilling.prompt.numel():
-                self.stats.prefills += 1
-                self._sample_and_deliver([prefilling], last)
+            self._chunk_done(prefilling, part.numel(), last)
         self.stats.steps += 1
         self.stats.step_tokens += len(batch)
 
@@ -335,7 +337,8 @@ class Scheduler:
         # a grammar that allows few tokens: their exact rows, and no head candidates for that row
         few = {j for j, mask in allowed.items() if batch[j].logprobs is None and int(mask.sum()) <= FEW_ROWS}
         rest = [j for j in range(len(batch)) if j not in few and j not in failed]
-        logits, idx = self.decoder.logits(hidden[rest], self.hire) if rest else (None, None)
+        rows = hidden if len(rest) == len(batch) else hidden[rest]  # no copy when every row takes the head's
+        logits, idx = self.decoder.logits(rows, self.hire) if rest else (None, None)
         at = {j: r for r, j in enumerate(rest)}
         for j, seq in enumerate(batch):
             s = seq.sampling
