@@ -164,6 +164,23 @@ def test_k_formats_by_super_blocks(fmt, act_bits, supers):
 
 
 @needs_kernels
+@pytest.mark.parametrize("fmt", ["Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "IQ4_XS"])
+@pytest.mark.parametrize("supers", [1, 3, 4])
+def test_k_rows_two_at_a_time_equal_one_at_a_time(fmt, supers):
+    """On AVX-512 with int16 activations the K kernels take two rows at a time (one from each half of a
+    thread's range); each row's sums keep the one-row kernel's order: a row alone (the one-row kernel)
+    equals its value in the whole product, bit for bit, and an odd count's last row too."""
+    rows, cols = 23, 256 * supers
+    q = QTensor.from_blocks(fmt, random_blocks(fmt, rows, cols, supers), (rows, cols))
+    q.act_bits = 16
+    x = torch.randn(cols, generator=torch.Generator().manual_seed(supers)) * 3
+    whole = native.qgemv(x, q)
+    alone = torch.cat([native.qgemv(x, q, torch.tensor([r])) for r in range(rows)])
+    assert torch.equal(whole, alone)
+    assert torch.equal(native.qgemv(x, q, torch.arange(rows).flip(0)), whole.flip(0))
+
+
+@needs_kernels
 def test_quantized_products_reject_bad_input():
     with pytest.raises(RuntimeError, match=r"rows \[2, 9\) outside \[0, 4\)"):
         native.qdequant(QTensor.from_blocks("Q8_0", random_blocks("Q8_0", 4, 64, 0), (4, 64)), 2, 9)

@@ -784,6 +784,76 @@ float qdot_k16(const uint8_t* codes, const int8_t* sub, const int8_t* msub, cons
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + (MIN ? hsum256(macc) : 0.f);
 }
+
+// R rows at once (int16 activations, K formats): the activation's hi and lo bytes and the lane tables
+// are loaded once for the R rows. On Zen 4 the one-row kernel is bound by its L1 loads (per 64 code
+// bytes: the codes, four 64-byte activation loads and two tables). Each row's sums are qdot_k16's,
+// in its order, to the bit.
+template <int BITS, int GROUP, bool MIN, int R>
+void qdot_k16xr(const uint8_t* const* codes, const int8_t* const* sub, const int8_t* const* msub,
+                const c10::Half* const* sup, const c10::Half* const* msup, const QX16& x,
+                const uint8_t* const* ahead, float* out) {
+  constexpr int64_t cb = chunk_bytes(BITS);
+  static_assert(MIN || BITS == 6 || BITS == 4 || BITS == kLut4, "the paired products know the zero of 6- and 4-bit codes and of IQ4's");
+  __m512 acc[R][2];
+  __m256 macc[R];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps(), macc[r] = _mm256_setzero_ps();
+  const int64_t nsb = x.chunks / 4;
+  const int32_t* zero = MIN ? nullptr : (BITS == 6 ? x.zero6p : BITS == 4 ? x.zero4p : x.zero8p).data();
+  // pair pr of the R rows with their scale vectors w[r], lanes picked by the tables t[h]
+  auto pair = [&](int64_t pr, const int32_t* const t[2], const __m512* w) {
+    __m512i u[R][2];
+    for (int r = 0; r < R; ++r) {
+      prefetch_along(ahead[r], 2 * pr * cb, 2 * cb);
+      codes_pair<BITS>(codes[r] + 2 * pr * cb, u[r][0], u[r][1]);
+    }
+    for (int h = 0; h < 2; ++h) {
+      const int64_t off = pr * 128 + h * 64;
+      const __m512i hi = _mm512_loadu_si512(x.hi2.data() + off), lo = _mm512_loadu_si512(x.lo2.data() + off);
+      const __m512i init = MIN ? _mm512_setzero_si512() : _mm512_loadu_si512(zero + off / 4);
+      const __m512i idx = _mm512_load_si512(t[h]);
+      for (int r = 0; r < R; ++r) {
+        const __m512i hh = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[r][h], hi);
+        const __m512i sum = hi_lo<MIN>(hh, init, u[r][h], lo);
+        acc[r][h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_permutexvar_ps(idx, w[r]), acc[r][h]);
+      }
+    }
+  };
+  int64_t b = 0;
+  if constexpr (GROUP == 32) {  // two super-blocks' 16 scales in one vector (as qdot_k16)
+    __m512 macc2[R];
+    for (int r = 0; r < R; ++r) macc2[r] = _mm512_setzero_ps();
+    for (; b + 2 <= nsb; b += 2) {
+      __m512 w[R];
+      for (int r = 0; r < R; ++r) {
+        const __m512 s = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sub[r] + 8 * b))));
+        w[r] = _mm512_mul_ps(_mm512_mul_ps(s, two_supers(sup[r] + b)), _mm512_loadu_ps(x.scale.data() + 8 * b));
+        if (MIN) {
+          const __m512 m = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(msub[r] + 8 * b))));
+          macc2[r] = _mm512_fmadd_ps(_mm512_mul_ps(m, two_supers(msup[r] + b)), _mm512_loadu_ps(x.gsum.data() + 8 * b), macc2[r]);
+        }
+      }
+      for (int k = 0; k < 2; ++k)
+        for (int j = 0; j < 2; ++j) {
+          const int32_t* t[2] = {kPair.g32x[k][j][0], kPair.g32x[k][j][1]};
+          pair(2 * (b + k) + j, t, w);
+        }
+    }
+    for (int r = 0; r < R; ++r) acc[r][0] = _mm512_add_ps(acc[r][0], macc2[r]);
+  }
+  for (; b < nsb; ++b) {
+    __m512 w[R];
+    for (int r = 0; r < R; ++r)
+      w[r] = super_block<GROUP, MIN>(sub[r], msub[r], sup[r], msup[r], b, GROUP == 32 ? x.scale.data() : x.scale16.data(),
+                                     GROUP == 32 ? x.gsum.data() : x.gsum16.data(), macc[r]);
+    for (int j = 0; j < 2; ++j) {
+      const int32_t* t[2] = {GROUP == 32 ? kPair.g32[j][0] : kPair.g16[j][0], GROUP == 32 ? kPair.g32[j][1] : kPair.g16[j][1]};
+      pair(2 * b + j, t, w);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) + (MIN ? hsum256(macc[r]) : 0.f);
+}
 #endif
 
 // -zero * (the activation's sums) per int32 lane, for each code width: the symmetric formats' zero
@@ -907,7 +977,35 @@ void rows_range(const QMat& w, const X& x, const ZeroSums& z, const int64_t* row
   const int64_t rb = w.codes.stride(0);
   const uint8_t* codes = w.codes.data_ptr<uint8_t>();
   const RowScales<GROUP, S, MIN> rs(w);
-  for (int64_t i = b; i < e; ++i) {
+  int64_t i = b;
+#if HIRE_QUANT_512
+  if constexpr (std::is_same_v<S, KScale> && std::is_same_v<X, QX16>) {
+    // rows i and i + n/2: two streams, each read in order (rows i and i + 1 in lockstep read slower from
+    // DRAM than one row at a time: the hardware's stream prefetch saw their lines alternate). The 1.5B's
+    // 84 FFN matrices (Q4_K, Q6_K), 2 threads, AMD Zen 4, A B A B, medians of 10: two rows against one
+    // 29.6 / 25.6 and 34.1 / 30.8 GB/s hot (one matrix in L3), 21.8 / 20.3 and 22.6 / 21.0 from DRAM; three
+    // or four rows at once were no faster hot and slower from DRAM (18.4-21.0)
+    constexpr int R = 2;
+    const int64_t part = (e - b) / R;
+    float out[R];
+    for (int64_t k = 0; k < part; ++k) {
+      const uint8_t* cr[R];
+      const int8_t *sr[R], *mr[R];
+      const c10::Half *pr[R], *qr[R];
+      const uint8_t* ar[R];
+      for (int j = 0; j < R; ++j) {
+        const int64_t at = b + j * part + k, r = rows ? rows[at] : at;
+        const SV<GROUP, KScale> sc = rs.scales(r), mn = rs.mins(r);
+        cr[j] = codes + r * rb, sr[j] = sc.s, mr[j] = mn.s, pr[j] = sc.sup, qr[j] = mn.sup;
+        ar[j] = prefetch_ahead(codes, rb, rs, rows, at, b + (j + 1) * part);
+      }
+      qdot_k16xr<BITS, GROUP, MIN, R>(cr, sr, mr, pr, qr, x, ar, out);
+      for (int j = 0; j < R; ++j) y[b + j * part + k] = out[j];
+    }
+    i = b + R * part;
+  }
+#endif
+  for (; i < e; ++i) {
     const int64_t r = rows ? rows[i] : i;
     const uint8_t* ahead = prefetch_ahead(codes, rb, rs, rows, i, e);
     y[i] = qdot_row<BITS, GROUP, MIN, S>(codes + r * rb, rs.scales(r), rs.mins(r), x, z.get(BITS), ahead);
