@@ -18,6 +18,19 @@ def test_collect_states_are_the_head_inputs():
     torch.testing.assert_close(states[:10] @ model.lm_head.weight.t(), logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_collect_states_in_batches_equal_one_window_at_a_time(arch):
+    """Several windows per forward pass (STATE_BATCH) give each window's own states, in order: the
+    last batch shorter, every window from its own start (no state crosses between windows)."""
+    model = make(arch)
+    windows = torch.randint(0, VOCAB, (5, 12))
+    one = collect_head_states(model, windows, progress=False, batch=1)
+    for batch in (2, 4, 5):
+        torch.testing.assert_close(collect_head_states(model, windows, progress=False, batch=batch), one,
+                                   rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(one[12:24], collect_head_states(model, windows[1:2], progress=False), rtol=1e-5, atol=1e-5)
+
+
 def test_saved_proxy_round_trip_and_mismatch(tmp_path):
     w = torch.randn(VOCAB, WIDTH)
     proxy = LowRankProxy.from_weight(w, 8, states=torch.randn(200, WIDTH), u_bits=8)

@@ -11,13 +11,18 @@ from hire.config import HeadConfig
 from hire.topk import merge_topk, recall_at_k
 
 
+STATE_BATCH = 4  # windows per forward pass: a GGUF model's codes are dequantized once per pass, and
+# larger products run faster (Qwen2.5 0.5B in its codes, bfloat16, 8 windows of 512 tokens: 14.1-15.5 s
+# one at a time, 11.3-11.8 s four at a time; the states are the same)
+
+
 class _HeadReached(Exception):
     """Raised by collect_head_states' hook: the head's input is all it needs of a forward pass."""
 
 
 @torch.no_grad()
 def collect_head_states(model: nn.Module, windows: torch.Tensor, progress: bool = True, max_states: int | None = None,
-                        bfloat16: bool = False):
+                        bfloat16: bool = False, batch: int = STATE_BATCH):
     """Inputs of the LM head over token windows (a dense forward pass each, stopped at the head: its
     logits, a (T, V) float32 tensor, 311 MB for 512 tokens of a 152k vocabulary, are not computed).
     ``bfloat16``: the passes' matrix products in bfloat16 (torch.autocast; the states differ from
@@ -35,12 +40,14 @@ def collect_head_states(model: nn.Module, windows: torch.Tensor, progress: bool 
 
     hook = head.register_forward_pre_hook(capture)
     try:
-        for window in tqdm(windows, desc="calibration states", disable=not progress, leave=False):
-            try:
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
-                    model(window.unsqueeze(0), use_cache=False)
-            except _HeadReached:
-                pass
+        with tqdm(total=len(windows), desc="calibration states", disable=not progress, leave=False) as bar:
+            for group in windows.split(max(1, batch)):
+                try:
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bfloat16):
+                        model(group, use_cache=False)
+                except _HeadReached:
+                    pass
+                bar.update(len(group))
     finally:
         hook.remove()
     states = torch.cat(captured)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hire.calibrate.states import HeadRows, collect_head_states, head_base
+from hire.calibrate.states import STATE_BATCH, HeadRows, collect_head_states, head_base
 from hire.calibrate.prepare import load_for_decode
 from hire.config import HiReConfig
 from hire.data import CALIBRATION_WINDOWS, UNSEEN_DOMAINS, load_corpus, load_domains, read_text, token_windows
@@ -43,19 +43,19 @@ class _Pass(NamedTuple):
     hire_arg: torch.Tensor | None  # (T,): the HiRE head's argmax (its candidates' exact logits), or None
 
 
-def _window_pass(model: nn.Module, window: torch.Tensor, head, k: int) -> _Pass:
-    """One window through the model as it is set (``set_mode``) up to the LM head, then the dense
-    head ``HEAD_ROWS`` rows at a time (a GGUF head dequantized once per window), never the whole
-    window's (T, V) logits (with their log-softmax, 0.6 GB for 512 tokens of a 152k vocabulary): each
-    slice's logits update every position's running log-sum-exp, its target's logit, its running
-    top-k and its HiRE candidates' exact logits.  # window: (T,)"""
-    states = collect_head_states(model, window.unsqueeze(0), progress=False)  # (T, D), the head's input
-    return _head_pass(model, states, window, head, k)
+def _states(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """The head's inputs over windows as the model is set (``set_mode``), ``STATE_BATCH`` windows a
+    forward pass.  # windows: (W, T) -> (W, T, D)"""
+    return collect_head_states(model, windows, progress=False).view(*windows.shape, -1)
 
 
 @returned_allocations()  # MB-sized slices allocated and freed in turn (hire.system)
 def _head_pass(model: nn.Module, states: torch.Tensor, window: torch.Tensor, head, k: int) -> _Pass:
-    """``_window_pass`` from the head's inputs on.  # states: (T, D), window: (T,)"""
+    """One window's pass from the head's inputs on (``_states``): the dense head ``HEAD_ROWS`` rows at
+    a time (a GGUF head dequantized once per window), never the whole window's (T, V) logits (with
+    their log-softmax, 0.6 GB for 512 tokens of a 152k vocabulary): each slice's logits update every
+    position's running log-sum-exp, its target's logit, its running top-k and its HiRE candidates'
+    exact logits.  # states: (T, D), window: (T,)"""
     n_pos, states = states.shape[0], states.float()
     cand = None if head is None else torch.cat([head.selector.select(h) for h in states.split(SELECT_CHUNK)])
     rows, bias = HeadRows(model), head_base(model).bias
@@ -136,26 +136,32 @@ def evaluate(
         for f in ffns:
             f.reset_recall()
             f.track_recall = True
-        for window in tqdm(windows, desc="eval windows", disable=not progress):
-            set_mode(model, head="dense", ffn="dense")
-            dense = _window_pass(model, window, head, k)
-            sums["nll_dense"] += dense.nll
-            sums["tokens"] += window.shape[0] - 1
-            dense_arg = dense.top[:, 0]
-            if head is not None:
-                sums["r1"] += float(recall_at_k(dense.top[:, :1], dense.cand).sum())
-                sums["rk"] += float(recall_at_k(dense.top, dense.cand).sum())
-                sums["head_agree"] += int((dense.hire_arg == dense_arg).sum())
-            if ffns:  # the HiRE FFNs change every later hidden state: a second pass
-                set_mode(model, head="dense", ffn="always")
-                full = _window_pass(model, window, head, k)
-                sums["nll_hire"] += full.nll
-                full_arg = full.hire_arg if head is not None else full.top[:, 0]
-            else:  # only the head differs: the pass above computed every state the HiRE model would
-                sums["nll_hire"] = sums["nll_dense"]
-                full_arg = dense.hire_arg if head is not None else dense_arg
-            sums["agree"] += int((full_arg == dense_arg).sum())
-            sums["positions"] += window.shape[0]
+        with tqdm(total=len(windows), desc="eval windows", disable=not progress) as bar:
+            for group in windows.split(STATE_BATCH):
+                set_mode(model, head="dense", ffn="dense")
+                dense_states = _states(model, group)
+                if ffns:  # the HiRE FFNs change every later hidden state: a second pass
+                    set_mode(model, head="dense", ffn="always")
+                    full_states = _states(model, group)
+                for j, window in enumerate(group):
+                    dense = _head_pass(model, dense_states[j], window, head, k)
+                    sums["nll_dense"] += dense.nll
+                    sums["tokens"] += window.shape[0] - 1
+                    dense_arg = dense.top[:, 0]
+                    if head is not None:
+                        sums["r1"] += float(recall_at_k(dense.top[:, :1], dense.cand).sum())
+                        sums["rk"] += float(recall_at_k(dense.top, dense.cand).sum())
+                        sums["head_agree"] += int((dense.hire_arg == dense_arg).sum())
+                    if ffns:
+                        full = _head_pass(model, full_states[j], window, head, k)
+                        sums["nll_hire"] += full.nll
+                        full_arg = full.hire_arg if head is not None else full.top[:, 0]
+                    else:  # only the head differs: the pass above computed every state the HiRE model would
+                        sums["nll_hire"] = sums["nll_dense"]
+                        full_arg = dense.hire_arg if head is not None else dense_arg
+                    sums["agree"] += int((full_arg == dense_arg).sum())
+                    sums["positions"] += window.shape[0]
+                    bar.update(1)
         ffn_recall = [f.recall() for f in ffns]
         nbytes = bytes_per_token(model)
     finally:
