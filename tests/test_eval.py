@@ -63,11 +63,12 @@ def test_eval_measures_what_the_whole_models_logits_give(ffn, monkeypatch):
     from hire.topk import recall_at_k
 
     model = make("llama")
-    windows = torch.randint(0, VOCAB, (2, 24))
+    windows = torch.randint(0, VOCAB, (3, 24))
     cfg = HiReConfig(head=HeadConfig(k=5, candidates=32, proxy="int8"),
                      ffn=FFNConfig(density=0.5) if ffn else FFNConfig(enabled=False))
     monkeypatch.setattr(quality, "SELECT_CHUNK", 7)  # 24 positions: chunks of 7, 7, 7, 3
     monkeypatch.setattr(quality, "HEAD_ROWS", 37)  # the head in slices of 37 rows, the last one short
+    monkeypatch.setattr(quality, "STATE_BATCH", 2)  # windows two at a time: groups of 2 and 1 (slices of 18 and 37 rows)
     r = evaluate(model, windows, cfg, progress=False)
     assert r["ppl_dense"] == pytest.approx(perplexity(model, windows), rel=1e-5)
     hire.sparsify_(model, cfg)
@@ -84,7 +85,7 @@ def test_eval_measures_what_the_whole_models_logits_give(ffn, monkeypatch):
     set_mode(model, head="dense", ffn="always")
     hire_ppl = perplexity(model, windows)
     hire.unsparsify_(model)
-    assert r["head_recall_at_1"] == pytest.approx(r1 / 48) and r["head_recall_at_k"] == pytest.approx(rk / 48)
+    assert r["head_recall_at_1"] == pytest.approx(r1 / 72) and r["head_recall_at_k"] == pytest.approx(rk / 72)
     assert r["ppl_hire"] == pytest.approx(hire_ppl, rel=1e-5)
     if not ffn:
         assert r["ppl_hire"] == r["ppl_dense"]
