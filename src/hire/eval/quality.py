@@ -45,36 +45,32 @@ class _Pass(NamedTuple):
 
 def _states(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
     """The head's inputs over windows as the model is set (``set_mode``), ``STATE_BATCH`` windows a
-    forward pass.  # windows: (W, T) -> (W, T, D)"""
+    forward pass (the head's pass stays one window at a time: over four, its candidates' (4T, k')
+    indices and logits and their temporaries raised a first run's peak from 1.71 to 2.04 GB on
+    Qwen2.5 0.5B).  # windows: (W, T) -> (W, T, D)"""
     return collect_head_states(model, windows, progress=False).view(*windows.shape, -1)
 
 
 @returned_allocations()  # MB-sized slices allocated and freed in turn (hire.system)
-def _head_pass(model: nn.Module, states: torch.Tensor, windows: torch.Tensor, head, k: int) -> _Pass:
-    """Windows' pass from the head's inputs on (``_states``): the dense head ``HEAD_ROWS`` rows at a
-    time (a GGUF head dequantized once per call, for all the windows), never the windows' whole
-    (T, V) logits (with their log-softmax, 0.6 GB for 512 tokens of a 152k vocabulary): each slice's
-    logits update every position's running log-sum-exp, its target's logit, its running top-k and
-    its HiRE candidates' exact logits. The figures are the windows' positions in order; the NLL their
-    sum.  # states: (W, T, D), windows: (W, T)"""
-    n_win, n_tok = windows.shape
-    states = states.reshape(n_win * n_tok, -1).float()
-    n_pos = states.shape[0]
+def _head_pass(model: nn.Module, states: torch.Tensor, window: torch.Tensor, head, k: int) -> _Pass:
+    """One window's pass from the head's inputs on (``_states``): the dense head ``HEAD_ROWS`` rows at
+    a time (a GGUF head dequantized once per window), never the whole window's (T, V) logits (with
+    their log-softmax, 0.6 GB for 512 tokens of a 152k vocabulary): each slice's logits update every
+    position's running log-sum-exp, its target's logit, its running top-k and its HiRE candidates'
+    exact logits.  # states: (T, D), window: (T,)"""
+    n_pos, states = states.shape[0], states.float()
     cand = None if head is None else torch.cat([head.selector.select(h) for h in states.split(SELECT_CHUNK)])
     rows, bias = HeadRows(model), head_base(model).bias
     cap = getattr(model.config, "final_logit_softcapping", None)
-    # position t of a window predicts its token t + 1; a window's last position has none
-    scored = (torch.arange(n_pos) % n_tok) < n_tok - 1
-    at = torch.arange(n_pos)[scored]
-    targets = windows[:, 1:].reshape(-1)
+    targets = window[1:]  # position t predicts token t + 1; the last position has none
+    at = torch.arange(targets.shape[0])
     peak = torch.full((n_pos,), float("-inf"))
     mass = torch.zeros(n_pos)
     target_logit = torch.zeros(targets.shape[0])
     top = None
     cand_logits = None if cand is None else torch.empty(cand.shape)
-    step = max(1, HEAD_ROWS // n_win)  # the slice's logits stay (T, HEAD_ROWS) in size
-    for start in range(0, rows.shape[0], step):
-        logits = states @ rows[start : start + step].t()  # (W T, c)
+    for start in range(0, rows.shape[0], HEAD_ROWS):
+        logits = states @ rows[start : start + HEAD_ROWS].t()  # (T, c)
         stop = start + logits.shape[1]
         if bias is not None:
             logits += bias[start:stop].float()
@@ -91,12 +87,10 @@ def _head_pass(model: nn.Module, states: torch.Tensor, windows: torch.Tensor, he
             inside = (cand >= start) & (cand < stop)
             cand_logits[inside] = logits.gather(-1, (cand - start).clamp(0, logits.shape[1] - 1))[inside]
         del logits
-    nll = float((peak[scored] + mass[scored].log() - target_logit).sum())  # log-sum-exp minus the target's logit
+    nll = float((peak[:-1] + mass[:-1].log() - target_logit).sum())  # log-sum-exp minus the target's logit
     if cand is None:
         return _Pass(nll, top[1], None, None)
     return _Pass(nll, top[1], cand, cand.gather(-1, cand_logits.argmax(-1, keepdim=True))[:, 0])
-
-
 def _nll(logits: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     # logits: (T, V), window: (T,) -> summed NLL of tokens 1..T-1
     return torch.nn.functional.cross_entropy(logits[:-1], window[1:], reduction="sum")
@@ -147,25 +141,29 @@ def evaluate(
         with tqdm(total=len(windows), desc="eval windows", disable=not progress) as bar:
             for group in windows.split(STATE_BATCH):
                 set_mode(model, head="dense", ffn="dense")
-                dense = _head_pass(model, _states(model, group), group, head, k)
-                sums["nll_dense"] += dense.nll
-                sums["tokens"] += group.numel() - group.shape[0]
-                dense_arg = dense.top[:, 0]
-                if head is not None:
-                    sums["r1"] += float(recall_at_k(dense.top[:, :1], dense.cand).sum())
-                    sums["rk"] += float(recall_at_k(dense.top, dense.cand).sum())
-                    sums["head_agree"] += int((dense.hire_arg == dense_arg).sum())
+                dense_states = _states(model, group)
                 if ffns:  # the HiRE FFNs change every later hidden state: a second pass
                     set_mode(model, head="dense", ffn="always")
-                    full = _head_pass(model, _states(model, group), group, head, k)
-                    sums["nll_hire"] += full.nll
-                    full_arg = full.hire_arg if head is not None else full.top[:, 0]
-                else:  # only the head differs: the pass above computed every state the HiRE model would
-                    sums["nll_hire"] = sums["nll_dense"]
-                    full_arg = dense.hire_arg if head is not None else dense_arg
-                sums["agree"] += int((full_arg == dense_arg).sum())
-                sums["positions"] += group.numel()
-                bar.update(group.shape[0])
+                    full_states = _states(model, group)
+                for j, window in enumerate(group):
+                    dense = _head_pass(model, dense_states[j], window, head, k)
+                    sums["nll_dense"] += dense.nll
+                    sums["tokens"] += window.shape[0] - 1
+                    dense_arg = dense.top[:, 0]
+                    if head is not None:
+                        sums["r1"] += float(recall_at_k(dense.top[:, :1], dense.cand).sum())
+                        sums["rk"] += float(recall_at_k(dense.top, dense.cand).sum())
+                        sums["head_agree"] += int((dense.hire_arg == dense_arg).sum())
+                    if ffns:
+                        full = _head_pass(model, full_states[j], window, head, k)
+                        sums["nll_hire"] += full.nll
+                        full_arg = full.hire_arg if head is not None else full.top[:, 0]
+                    else:  # only the head differs: the pass above computed every state the HiRE model would
+                        sums["nll_hire"] = sums["nll_dense"]
+                        full_arg = dense.hire_arg if head is not None else dense_arg
+                    sums["agree"] += int((full_arg == dense_arg).sum())
+                    sums["positions"] += window.shape[0]
+                    bar.update(1)
         ffn_recall = [f.recall() for f in ffns]
         nbytes = bytes_per_token(model)
     finally:
