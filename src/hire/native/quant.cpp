@@ -352,7 +352,7 @@ struct SV<GROUP, KScale> {
   const c10::Half* sup;
   explicit SV(const int8_t* p = nullptr, const c10::Half* q = nullptr) : s(p), sup(q) {}
   float get(int64_t g) const { return to_f(sup[g / per_super]) * static_cast<float>(s[g]); }
-#if HIRE_QUANT_256  // (on AVX-512 the K formats take qdot_k8 / qdot_k16, which read the two levels themselves)
+#if HIRE_QUANT_256  // (on AVX-512 the K formats take qdot_k8 / qdot_k16xr, which read the two levels themselves)
   __m256 half(int64_t c, int h) const {
     if (GROUP == 32) return _mm256_set1_ps(get(c * per + h));
     return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(get(c * per + 2 * h))),
@@ -722,73 +722,17 @@ struct PairTables {
 };
 const PairTables kPair;
 
-// int16 activations (QX16): as qdot16, the codes times the activation's hi and lo bytes (vpdpbusd),
-// two chunks at a time in the paired order
-// pair pr's products (both halves) with the super-block scales w, lanes picked by t[h]
-template <int BITS, bool MIN>
-inline void pair_products(const uint8_t* codes, const QX16& x, int64_t pr, const int32_t* const t[2], __m512 w,
-                          __m512* acc, const uint8_t* ahead) {
-  constexpr int64_t cb = chunk_bytes(BITS);
-  prefetch_along(ahead, 2 * pr * cb, 2 * cb);
-  __m512i u[2];
-  codes_pair<BITS>(codes + 2 * pr * cb, u[0], u[1]);
-  for (int h = 0; h < 2; ++h) {
-    const int64_t off = pr * 128 + h * 64;
-    static_assert(MIN || BITS == 6 || BITS == 4 || BITS == kLut4, "the paired products know the zero of 6- and 4-bit codes and of IQ4's");
-    const __m512i init = MIN ? _mm512_setzero_si512()
-                             : _mm512_loadu_si512((BITS == 6 ? x.zero6p : BITS == 4 ? x.zero4p : x.zero8p).data() + off / 4);
-    const __m512i hh = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[h], _mm512_loadu_si512(x.hi2.data() + off));
-    const __m512i sum = hi_lo<MIN>(hh, init, u[h], _mm512_loadu_si512(x.lo2.data() + off));
-    acc[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), perm(t[h], w), acc[h]);
-  }
-}
-
 // [p[0] x 8, p[1] x 8]: two super-blocks' float16 supers, each over its 8 lanes
 inline __m512 two_supers(const c10::Half* p) {
   return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(to_f(p[0]))),
                                              _mm256_castps_pd(_mm256_set1_ps(to_f(p[1]))), 1));
 }
 
-template <int BITS, int GROUP, bool MIN>
-float qdot_k16(const uint8_t* codes, const int8_t* sub, const int8_t* msub, const c10::Half* sup,
-               const c10::Half* msup, const QX16& x, const int32_t*, const uint8_t* ahead) {
-  __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};  // two FMA chains in flight
-  __m256 macc = _mm256_setzero_ps();
-  const int64_t nsb = x.chunks / 4;
-  int64_t b = 0;
-  if constexpr (GROUP == 32) {  // two super-blocks' 16 scales (and mins) in one vector: b's lanes 0-7, b+1's 8-15
-    __m512 macc2 = _mm512_setzero_ps();
-    for (; b + 2 <= nsb; b += 2) {
-      const __m512 s = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sub + 8 * b))));
-      const __m512 w = _mm512_mul_ps(_mm512_mul_ps(s, two_supers(sup + b)), _mm512_loadu_ps(x.scale.data() + 8 * b));
-      if (MIN) {
-        const __m512 m = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(msub + 8 * b))));
-        macc2 = _mm512_fmadd_ps(_mm512_mul_ps(m, two_supers(msup + b)), _mm512_loadu_ps(x.gsum.data() + 8 * b), macc2);
-      }
-      for (int k = 0; k < 2; ++k)
-        for (int j = 0; j < 2; ++j) {
-          const int32_t* t[2] = {kPair.g32x[k][j][0], kPair.g32x[k][j][1]};
-          pair_products<BITS, MIN>(codes, x, 2 * (b + k) + j, t, w, acc, ahead);
-        }
-    }
-    acc[0] = _mm512_add_ps(acc[0], macc2);
-  }
-  for (; b < nsb; ++b) {
-    const __m512 w = super_block<GROUP, MIN>(sub, msub, sup, msup, b,
-                                             GROUP == 32 ? x.scale.data() : x.scale16.data(),
-                                             GROUP == 32 ? x.gsum.data() : x.gsum16.data(), macc);
-    for (int j = 0; j < 2; ++j) {
-      const int32_t* t[2] = {GROUP == 32 ? kPair.g32[j][0] : kPair.g16[j][0], GROUP == 32 ? kPair.g32[j][1] : kPair.g16[j][1]};
-      pair_products<BITS, MIN>(codes, x, 2 * b + j, t, w, acc, ahead);
-    }
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + (MIN ? hsum256(macc) : 0.f);
-}
-
-// R rows at once (int16 activations, K formats): the activation's hi and lo bytes and the lane tables
-// are loaded once for the R rows. On Zen 4 the one-row kernel is bound by its L1 loads (per 64 code
-// bytes: the codes, four 64-byte activation loads and two tables). Each row's sums are qdot_k16's,
-// in its order, to the bit.
+// int16 activations (QX16), K formats: the codes times the activation's hi and lo bytes (vpdpbusd), two
+// chunks at a time in the paired order, for R rows at once (1 or 2): the activation's loads and the lane
+// tables are shared by the R rows. On Zen 4 one row at a time was bound by those loads (per 64 code bytes:
+// the codes, four 64-byte activation vectors and two tables). Each row's sums are in the same order
+// whatever R, so a row's product is the same to the bit alone or beside another.
 template <int BITS, int GROUP, bool MIN, int R>
 void qdot_k16xr(const uint8_t* const* codes, const int8_t* const* sub, const int8_t* const* msub,
                 const c10::Half* const* sup, const c10::Half* const* msup, const QX16& x,
@@ -820,7 +764,7 @@ void qdot_k16xr(const uint8_t* const* codes, const int8_t* const* sub, const int
     }
   };
   int64_t b = 0;
-  if constexpr (GROUP == 32) {  // two super-blocks' 16 scales in one vector (as qdot_k16)
+  if constexpr (GROUP == 32) {  // two super-blocks' 16 scales in one vector (b's in lanes 0-7, b+1's in 8-15)
     __m512 macc2[R];
     for (int r = 0; r < R; ++r) macc2[r] = _mm512_setzero_ps();
     for (; b + 2 <= nsb; b += 2) {
@@ -962,7 +906,9 @@ inline float qdot_row(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, co
                       const uint8_t* ahead) {
 #if HIRE_QUANT_512
   if constexpr (std::is_same_v<S, KScale>) {
-    return qdot_k16<BITS, GROUP, MIN>(codes, sc.s, mn.s, sc.sup, mn.sup, x, z, ahead);
+    float out;
+    qdot_k16xr<BITS, GROUP, MIN, 1>(&codes, &sc.s, &mn.s, &sc.sup, &mn.sup, x, &ahead, &out);
+    return out;
   } else {
     return qdot16<BITS, GROUP, MIN, S>(codes, sc, mn, x, z, ahead);
   }
