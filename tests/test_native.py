@@ -14,7 +14,7 @@ from unittest import mock
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch.nn import functional as F
 
@@ -94,6 +94,7 @@ def test_ffn_rows_match_eager(seed, neurons, d, share, dtype, act, parts):
 @settings(max_examples=40, deadline=None)
 @given(st.integers(0, 2**31 - 1), st.integers(1, 40), st.sampled_from([64, 128, 192, 576, 640]), st.sampled_from([1, 2]),
        st.sampled_from(["silu", "gelu_tanh", "relu"]), st.floats(0.01, 100.0))
+@example(1, 1, 64, 2, "gelu_tanh", 1.0)  # the reference's gelu_tanh cancels (see _int4_rounding)
 def test_int4_estimates_match_eager(seed, neurons, d, parts, act, magnitude):
     from hire.proxies.quantized_matrix import QuantizedMatrix
 
@@ -124,6 +125,10 @@ def _int4_rounding(x: torch.Tensor, matrix, parts: int, act: str) -> torch.Tenso
     f = EAGER_ACTIVATIONS[act]
     a = f(s[0])
     da = torch.maximum((f(s[0] + err[0]) - a).abs(), (f(s[0] - err[0]) - a).abs())  # act's change over the error
+    if act == "gelu_tanh":  # the reference's own: 0.5 v (1 + tanh(y)) in float32 cancels where tanh(y) is near -1
+        # (the kernel's v / (1 + exp(-2 y)) does not). Seed 1, one gated neuron, d 64: gate -4.61, reference
+        # gelu -2.748e-6, float64 -2.698e-6, kernel -2.698e-6
+        da = da + 0.5 * s[0].abs() * 2.0**-23
     if parts == 1:
         return da
     return da * s[1].abs() + (a.abs() + da) * err[1]
