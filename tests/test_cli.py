@@ -318,7 +318,7 @@ def test_flags_override_the_recommended_config():
     args = make_parser().parse_args(["eval", "--model", "gemma3-270m", "--ffn-density", "0.4", "--no-head"])
     cfg = build_config(args)
     assert cfg.ffn.density == 0.4 and not cfg.head.enabled
-    assert cfg.head.bits == 8 and cfg.head.stage_candidates == 16384  # from gemma3-270m's recommended settings
+    assert cfg.head.bits == 8 and cfg.head.stage_candidates == 8192  # from gemma3-270m's recommended settings
 
 
 def test_help_describes_the_verbs(capsys):
