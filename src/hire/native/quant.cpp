@@ -734,8 +734,7 @@ inline __m512 two_supers(const c10::Half* p) {
 // the codes, four 64-byte activation vectors and two tables). Each row's sums are in the same order
 // whatever R, so a row's product is the same to the bit alone or beside another.
 template <int BITS, int GROUP, bool MIN, int R>
-void qdot_k16xr(const uint8_t* const* codes, const int8_t* const* sub, const int8_t* const* msub,
-                const c10::Half* const* sup, const c10::Half* const* msup, const QX16& x,
+void qdot_k16xr(const uint8_t* const* codes, const SV<GROUP, KScale>* sc, const SV<GROUP, KScale>* mn, const QX16& x,
                 const uint8_t* const* ahead, float* out) {
   constexpr int64_t cb = chunk_bytes(BITS);
   static_assert(MIN || BITS == 6 || BITS == 4 || BITS == kLut4, "the paired products know the zero of 6- and 4-bit codes and of IQ4's");
@@ -770,11 +769,11 @@ void qdot_k16xr(const uint8_t* const* codes, const int8_t* const* sub, const int
     for (; b + 2 <= nsb; b += 2) {
       __m512 w[R];
       for (int r = 0; r < R; ++r) {
-        const __m512 s = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sub[r] + 8 * b))));
-        w[r] = _mm512_mul_ps(_mm512_mul_ps(s, two_supers(sup[r] + b)), _mm512_loadu_ps(x.scale.data() + 8 * b));
+        const __m512 s = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc[r].s + 8 * b))));
+        w[r] = _mm512_mul_ps(_mm512_mul_ps(s, two_supers(sc[r].sup + b)), _mm512_loadu_ps(x.scale.data() + 8 * b));
         if (MIN) {
-          const __m512 m = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(msub[r] + 8 * b))));
-          macc2[r] = _mm512_fmadd_ps(_mm512_mul_ps(m, two_supers(msup[r] + b)), _mm512_loadu_ps(x.gsum.data() + 8 * b), macc2[r]);
+          const __m512 m = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn[r].s + 8 * b))));
+          macc2[r] = _mm512_fmadd_ps(_mm512_mul_ps(m, two_supers(mn[r].sup + b)), _mm512_loadu_ps(x.gsum.data() + 8 * b), macc2[r]);
         }
       }
       for (int k = 0; k < 2; ++k)
@@ -788,7 +787,7 @@ void qdot_k16xr(const uint8_t* const* codes, const int8_t* const* sub, const int
   for (; b < nsb; ++b) {
     __m512 w[R];
     for (int r = 0; r < R; ++r)
-      w[r] = super_block<GROUP, MIN>(sub[r], msub[r], sup[r], msup[r], b, GROUP == 32 ? x.scale.data() : x.scale16.data(),
+      w[r] = super_block<GROUP, MIN>(sc[r].s, mn[r].s, sc[r].sup, mn[r].sup, b, GROUP == 32 ? x.scale.data() : x.scale16.data(),
                                      GROUP == 32 ? x.gsum.data() : x.gsum16.data(), macc[r]);
     for (int j = 0; j < 2; ++j) {
       const int32_t* t[2] = {GROUP == 32 ? kPair.g32[j][0] : kPair.g16[j][0], GROUP == 32 ? kPair.g32[j][1] : kPair.g16[j][1]};
@@ -907,7 +906,7 @@ inline float qdot_row(const uint8_t* codes, SV<GROUP, S> sc, SV<GROUP, S> mn, co
 #if HIRE_QUANT_512
   if constexpr (std::is_same_v<S, KScale>) {
     float out;
-    qdot_k16xr<BITS, GROUP, MIN, 1>(&codes, &sc.s, &mn.s, &sc.sup, &mn.sup, x, &ahead, &out);
+    qdot_k16xr<BITS, GROUP, MIN, 1>(&codes, &sc, &mn, x, &ahead, &out);
     return out;
   } else {
     return qdot16<BITS, GROUP, MIN, S>(codes, sc, mn, x, z, ahead);
@@ -937,16 +936,14 @@ void rows_range(const QMat& w, const X& x, const ZeroSums& z, const int64_t* row
     float out[R];
     for (int64_t k = 0; k < part; ++k) {
       const uint8_t* cr[R];
-      const int8_t *sr[R], *mr[R];
-      const c10::Half *pr[R], *qr[R];
+      SV<GROUP, KScale> sr[R], mr[R];
       const uint8_t* ar[R];
       for (int j = 0; j < R; ++j) {
         const int64_t at = b + j * part + k, r = rows ? rows[at] : at;
-        const SV<GROUP, KScale> sc = rs.scales(r), mn = rs.mins(r);
-        cr[j] = codes + r * rb, sr[j] = sc.s, mr[j] = mn.s, pr[j] = sc.sup, qr[j] = mn.sup;
+        cr[j] = codes + r * rb, sr[j] = rs.scales(r), mr[j] = rs.mins(r);
         ar[j] = prefetch_ahead(codes, rb, rs, rows, at, b + (j + 1) * part);
       }
-      qdot_k16xr<BITS, GROUP, MIN, R>(cr, sr, mr, pr, qr, x, ar, out);
+      qdot_k16xr<BITS, GROUP, MIN, R>(cr, sr, mr, x, ar, out);
       for (int j = 0; j < R; ++j) y[b + j * part + k] = out[j];
     }
     i = b + R * part;
