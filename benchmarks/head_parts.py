@@ -55,7 +55,7 @@ def main() -> None:
     sel = head.selector
     first = sel.proxies[0]
     pack = first.block_pack(sel.blocks)
-    if pack is None or first.packed is None:
+    if pack is None:
         raise SystemExit("this head has no native first pass here")
     per = sel.keep[0] // sel.blocks
     u_bytes = pack.codes.numel() + pack.scales.numel() * 4 + (0 if pack.bias is None else pack.bias.numel() * 2)
@@ -83,14 +83,14 @@ def main() -> None:
                 logits = timed("dense head", lambda: exact_logits(hidden, engine.head_weight, None, engine.head_bias,
                                                                   engine.head_native))
                 token = logits.argmax(-1)
-            elif turn == 1:
+            elif turn == 1 and first.packed is not None:  # the row-major kernel reads 8-bit U only
                 def row_major():
                     z = torch.nn.functional.linear(hidden.to(first.v.dtype), first.decode_v)
                     return native.lowrank_block_topk(z, first.packed, first.row_scales, sel.blocks, per, first.bias)
                 rows = timed("first pass, row-major (z + lowrank_block_topk)", row_major)
                 timed("exact rows, block order", lambda: exact_logits(hidden, head.decode_weight, rows, head.bias,
                                                                       head.native_rows))
-            else:
+            elif turn == 2:
                 rows = timed("first pass, block-major (lowrank_select)",
                              lambda: block_select(hidden, first.decode_v, pack, per)[0][0])
                 timed("exact rows, ascending", lambda: exact_logits(hidden, head.decode_weight, rows, head.bias,
@@ -101,6 +101,8 @@ def main() -> None:
               "blocks": sel.blocks, "threads": torch.get_num_threads(), "parts": {}}
     for name, values in times.items():
         values = values[2:]  # warm-up
+        if not values:
+            continue
         med = statistics.median(values)
         report["parts"][name] = {"ms_median": 1e3 * med, "ms_min": 1e3 * min(values), "bytes": nbytes[name],
                                  "gb_s_median": nbytes[name] / med / 1e9}
