@@ -23,7 +23,7 @@ def all_rows():
 @pytest.mark.parametrize("arch", ENGINE_ARCHS)
 def test_k_equal_n_engine_tokens_equal_transformers(arch):
     model = make(arch, seed=3)
-    if arch == "gemma3_text":
+    if arch in ("gemma2", "gemma3_text"):
         model.config.sliding_window = 8  # the prompt and the generation cross the window
         for layer in model.model.layers:
             if layer.self_attn.sliding_window:
@@ -32,6 +32,21 @@ def test_k_equal_n_engine_tokens_equal_transformers(arch):
     engine = Engine(model, all_rows(), dtype=torch.float32, max_seq_len=64)
     assert engine.generate(PROMPT, 20, hire=True).token_ids == want
     assert engine.generate(PROMPT, 20, hire=False).token_ids == want
+
+
+@pytest.mark.parametrize("arch", ENGINE_ARCHS)
+@torch.inference_mode()
+def test_engine_logits_equal_transformers(arch):
+    """Tokens can agree where a part of an architecture is missing (a NoPE layer rotated, an uncapped
+    score): the logits of a decode step after a prefill, native and eager, are transformers' own."""
+    model = make(arch, seed=3)
+    want = model(PROMPT[None]).logits[0, -1].float()
+    for fused in (True, False):
+        engine = Engine(model, None, dtype=torch.float32, max_seq_len=64, fused=fused)
+        engine.prefill(PROMPT[:-1])
+        hidden = engine.forward(PROMPT[-1:], PROMPT.numel() - 1, hire=False)
+        got = engine.logits(hidden, hire=False)[0][0]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"{arch}, fused={fused}")
 
 
 @pytest.mark.parametrize("arch", ENGINE_ARCHS)
@@ -45,6 +60,37 @@ def test_hire_decode_path_matches_the_patched_model(arch):
     ids = PROMPT[None]
     out = model.generate(ids, max_new_tokens=10, do_sample=False)[0, PROMPT.numel():].tolist()
     assert got == out
+
+
+@torch.inference_mode()
+def test_soft_capped_logits_on_every_head_path():
+    """Gemma 2 caps its logits after the head (c tanh(x / c), here c = 1.5 so that it bites): the dense
+    head, HiRE's candidates, a sampled tail's rows and the log-mass all come out capped, as
+    transformers' forward gives them."""
+    model = make("gemma2", seed=2)
+    cap = model.config.final_logit_softcapping
+    want = model(PROMPT[None]).logits[0, -1].float()  # transformers: the head, then the cap
+    engine = Engine(model, HiReConfig(head=HeadConfig(k=5, candidates=64, proxy="int8")), dtype=torch.float32,
+                    max_seq_len=64)
+    assert engine.logit_softcap == cap and engine.attention_softcap == model.config.attn_logit_softcapping
+    hidden = engine.prefill(PROMPT)
+    dense, none = engine.logits(hidden, hire=False)
+    assert none is None
+    torch.testing.assert_close(dense[0], want, rtol=1e-4, atol=1e-4)
+    raw = hidden.float() @ engine.head_weight.float().t()
+    assert raw.abs().max() > cap  # the cap changes these logits
+    torch.testing.assert_close(dense, torch.tanh(raw / cap) * cap, rtol=1e-5, atol=1e-5)
+    logits, idx = engine.logits(hidden, hire=True)
+    torch.testing.assert_close(logits, dense.gather(-1, idx))
+    assert int(idx[0, logits[0].argmax()]) == int(dense.argmax())
+    tail = engine.tail(hidden, logits, idx)
+    rows = torch.arange(0, VOCAB, 7)
+    torch.testing.assert_close(tail.rows(rows), dense[0, rows])
+    torch.testing.assert_close(tail.dense(), dense)
+    assert tail.bound.abs().max() <= cap
+    mass = engine.head.log_mass(hidden, logits, idx)
+    assert mass.shape == (1, VOCAB) and torch.isfinite(mass).all() and mass.abs().max() <= cap
+    assert engine.log_prob(hidden, torch.tensor([7])) < 0
 
 
 def test_bf16_engine_runs_and_reports_kernels():

@@ -132,12 +132,26 @@ def test_config_that_does_not_fit_the_model(cfg, match):
     assert not any(isinstance(m, (HiReFFN, HiReLMHead)) for m in model.modules())
 
 
-def test_softcapped_logits_refuse_the_hire_head():
-    model = make("gemma3_text")
-    model.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
-        hire.sparsify_(model, HiReConfig(head=HeadConfig(proxy="int8", candidates=64)))
-    hire.sparsify_(model, HiReConfig(head=HeadConfig(enabled=False)))  # the FFN alone is fine
+@pytest.mark.parametrize("candidates", [VOCAB, 64])
+def test_softcapped_model_keeps_its_cap_with_the_hire_head(candidates):
+    """Gemma 2's forward caps what the head returns: the candidates' logits are the dense model's, and
+    a skipped row's -inf comes out as -cap, below every candidate; the head knows the cap for its own
+    decode paths (the engine's)."""
+    model = make("gemma2")
+    cap = model.config.final_logit_softcapping
+    token = torch.tensor([[42]])  # one position: the HiRE path of the patched head
+    with torch.no_grad():
+        want = model(token).logits[0, -1]
+    hire.sparsify_(model, HiReConfig(head=HeadConfig(k=5, candidates=candidates, proxy="int8"), ffn=FFNConfig(enabled=False)))
+    assert model.lm_head.softcap == cap
+    with torch.no_grad():
+        got = model(token).logits[0, -1]
+    kept = got > -cap
+    assert int(kept.sum()) == candidates
+    torch.testing.assert_close(got[kept], want[kept])
+    assert int(got.argmax()) == int(want.argmax())
+    if candidates < VOCAB:
+        assert torch.equal(got[~kept], torch.full_like(got[~kept], -cap))
 
 
 def test_lowrank_head_without_states_says_how_to_fit():

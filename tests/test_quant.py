@@ -5,6 +5,7 @@ these tests write, and the engine running it."""
 import copy
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,11 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hire import native
+from hire.config import FFNConfig, HeadConfig, HiReConfig
 from hire.engine import Engine
 from hire.quant import FORMATS, QLinear, QTensor, UnsupportedGGUF, load_quantized, reference_qaxpy, reference_qgemv
 from hire.quant.formats import IQ4_KVALUES, LUT4, pack_codes, unpack_codes
 from hire.files import write_manifest
-from hire.quant.load import META_FORMAT, TABLE, _read_header, meta_entry
+from hire.quant.load import META_FORMAT, TABLE, _read_header, complete_gemma2_config, meta_entry
 from tiny_models import make
 
 BUILT = native.available()
@@ -404,7 +406,8 @@ def write_arch_gguf(path, arch: str, formats=("Q8_0", "Q4_1", "IQ4_NL")):
             writer.add_tensor(name, data, raw_dtype=qtype)
         else:
             back = w
-            writer.add_tensor(name, w)
+            # Gemma's files hold its norms as 1 + weight (llama.cpp's converter; the loader takes 1 off)
+            writer.add_tensor(name, w + 1 if arch.startswith("gemma") and "norm" in name else w)
         with torch.no_grad():
             p.copy_(torch.from_numpy(np.ascontiguousarray(back)))
     writer.write_header_to_file()
@@ -434,6 +437,53 @@ def test_a_phi3_gguf_with_fused_qkv_and_gate_up_runs_in_its_codes(tmp_path):
     fp = Engine(ref, None, dtype=torch.float32, max_seq_len=40)
     tokens = torch.randint(0, ref.config.vocab_size, (24,))
     assert engine.teacher_forced(tokens, hire=False)[0] == fp.teacher_forced(tokens, hire=False)[0]
+
+
+@needs_kernels
+def test_a_gemma2_gguf_decodes_with_its_soft_caps_like_the_float32_model(tmp_path):
+    """Gemma 2 (soft-capped attention scores and logits, local and global layers): the file's codes
+    against the float32 model of its values, natively and eagerly, HiRE head included."""
+    path = tmp_path / "tiny-gemma2.gguf"
+    ref = write_arch_gguf(path, "gemma2")
+    model, _, report = load_quantized(path)
+    assert model.config.attn_logit_softcapping == ref.config.attn_logit_softcapping
+    ids = torch.randint(0, ref.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+    engine = Engine(model, None, dtype=torch.float32, max_seq_len=48)
+    assert engine.kernel_report()["step"] == "native" and engine.attention_softcap and engine.logit_softcap
+    eager = Engine(model, None, dtype=torch.float32, max_seq_len=48, fused=False)
+    fp = Engine(ref, None, dtype=torch.float32, max_seq_len=48)
+    tokens = torch.randint(0, ref.config.vocab_size, (40,))  # past the 32-token sliding window
+    want = fp.teacher_forced(tokens, hire=False)[0]
+    assert engine.teacher_forced(tokens, hire=False)[0] == want
+    assert eager.teacher_forced(tokens, hire=False)[0] == want
+    cfg = HiReConfig(head=HeadConfig(k=5, candidates=ref.config.vocab_size, proxy="int8"), ffn=FFNConfig(enabled=False))
+    hire_engine = Engine(load_quantized(path)[0], cfg, dtype=torch.float32, max_seq_len=48)
+    assert hire_engine.teacher_forced(tokens, hire=True)[0] == want
+
+
+def test_a_gemma2_file_s_soft_caps_and_attention_scale_reach_the_config():
+    """transformers' GGUF table leaves them out: the loader reads llama.cpp's keys (the 2B's values
+    here; a 27B's 46 layers take hidden / heads as the attention scale)."""
+    from transformers import Gemma2Config
+
+    class Field:
+        def __init__(self, value):
+            self.value = value
+
+        def contents(self):
+            return self.value
+
+    reader = SimpleNamespace(fields={"gemma2.attn_logit_softcapping": Field(50.0),
+                                     "gemma2.final_logit_softcapping": Field(30.0)})
+    config = Gemma2Config(attn_logit_softcapping=None, final_logit_softcapping=None, head_dim=256,
+                          hidden_size=2304, num_attention_heads=8, num_hidden_layers=26)
+    complete_gemma2_config(config, reader)
+    assert (config.attn_logit_softcapping, config.final_logit_softcapping, config.query_pre_attn_scalar) == (50.0, 30.0, 256)
+    big = Gemma2Config(head_dim=128, hidden_size=4608, num_attention_heads=32, num_hidden_layers=46)
+    complete_gemma2_config(big, SimpleNamespace(fields={}))
+    assert big.query_pre_attn_scalar == 144
 
 
 def _llama3_reference(ref):

@@ -4,6 +4,8 @@ import torch
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
+    Gemma2Config,
+    Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     GemmaConfig,
     GemmaForCausalLM,
@@ -20,6 +22,8 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
 )
 
 VOCAB, WIDTH, FFN = 384, 64, 128
@@ -37,8 +41,14 @@ def make(arch: str, seed: int = 0):
         model = Qwen2ForCausalLM(Qwen2Config(**_common, tie_word_embeddings=False))
     elif arch == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**_common, head_dim=16, tie_word_embeddings=True))
+    elif arch == "smollm3":  # layer 1 of 2 without RoPE (no_rope_layers: 1 rotates, 0 does not)
+        model = SmolLM3ForCausalLM(SmolLM3Config(**_common, no_rope_layers=[1, 0], tie_word_embeddings=True,
+                                                   pad_token_id=0, bos_token_id=1, eos_token_id=2))
     elif arch == "gemma":
         model = GemmaForCausalLM(GemmaConfig(**_common, head_dim=16))
+    elif arch == "gemma2":  # soft-caps its attention scores and logits (caps low enough to bite); local and global layers alternate
+        model = Gemma2ForCausalLM(Gemma2Config(**_common, head_dim=16, sliding_window=32, query_pre_attn_scalar=16,
+                                               attn_logit_softcapping=2.0, final_logit_softcapping=1.5))
     elif arch == "gemma3_text":
         model = Gemma3ForCausalLM(Gemma3TextConfig(**_common, head_dim=16, sliding_window=32, query_pre_attn_scalar=16))
     elif arch == "phi3":
@@ -58,4 +68,4 @@ def make(arch: str, seed: int = 0):
     return model.eval()
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text", "phi3", "gpt2", "opt"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "opt"]

@@ -37,10 +37,13 @@ class EngineSpec:
         f = ffn(pre_ffn_norm(h));              h += post_ffn_norm(f) (or f)
     """
 
-    embed: str = "model.embed_tokens"  # the embedding module (Gemma 3's applies its sqrt(D) scale itself)
+    embed: str = "model.embed_tokens"  # the embedding module (Gemma's apply their sqrt(D) scale themselves)
     final_norm: str = "model.norm"
     rotary: str = "model.rotary_emb"  # called as rotary(x, positions[, layer_type])
     rotary_per_layer_type: bool = False  # Gemma 3: local and global layers have their own rotary bases
+    # config attribute: per layer 1 where the layer rotates q and k, 0 where it does not (SmolLM3's
+    # no_rope_layers, a NoPE layer every fourth); None: every layer rotates
+    rope_layers: str | None = None
     attention: str = "self_attn"  # attribute of a decoder layer
     qkv: str | None = None  # one fused q/k/v projection (Phi-3's qkv_proj: q's rows, then k's, then v's)
     q: str = "q_proj"  # attributes of the attention module
@@ -55,6 +58,10 @@ class EngineSpec:
     norm_weight_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + weight)
     norm_eps: str = "variance_epsilon"  # the epsilon attribute of the norm modules
     attention_scale: str | None = None  # config attribute s for a 1/sqrt(s) score scale; None: 1/sqrt(head_dim)
+    # config attributes of soft-caps c (c * tanh(x / c); the attribute None or 0: none): Gemma 2's
+    # attention scores before their softmax, and its logits after the LM head
+    attention_softcap: str | None = None
+    logit_softcap: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,13 +86,27 @@ _GEMMA3_ENGINE = EngineSpec(
     norm_eps="eps",
     attention_scale="query_pre_attn_scalar",
 )
-_GATED = ArchSpec(layers="model.layers", ffn="gated")
+_GEMMA2_ENGINE = EngineSpec(
+    post_attention_norm="post_attention_layernorm",
+    pre_ffn_norm="pre_feedforward_layernorm",
+    post_ffn_norm="post_feedforward_layernorm",
+    norm_weight_offset=1.0,
+    norm_eps="eps",
+    attention_scale="query_pre_attn_scalar",
+    attention_softcap="attn_logit_softcapping",
+    logit_softcap="final_logit_softcapping",
+)
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": ArchSpec(layers="model.layers", ffn="gated", engine=_LLAMA_ENGINE),
     "mistral": ArchSpec(layers="model.layers", ffn="gated", engine=_LLAMA_ENGINE),
     "qwen2": ArchSpec(layers="model.layers", ffn="gated", engine=_LLAMA_ENGINE),  # + q/k/v biases (the engine adds them)
     "qwen3": ArchSpec(layers="model.layers", ffn="gated", engine=EngineSpec(qk_norms=("q_norm", "k_norm"))),
-    "gemma": _GATED,  # Gemma 1 scales its embeddings outside the embedding module
+    # SmolLM3: Llama's layout, every fourth layer without RoPE (NoPE)
+    "smollm3": ArchSpec(layers="model.layers", ffn="gated", engine=EngineSpec(rope_layers="no_rope_layers")),
+    # Gemma 1: Llama's layout with Gemma's norms (its embedding module applies the sqrt(D) scale)
+    "gemma": ArchSpec(layers="model.layers", ffn="gated", engine=EngineSpec(norm_weight_offset=1.0, norm_eps="eps")),
+    # Gemma 2: Gemma 3's four norms a layer, no q/k norms, one rotary table, soft-capped attention and logits
+    "gemma2": ArchSpec(layers="model.layers", ffn="gated", engine=_GEMMA2_ENGINE),
     "gemma3_text": ArchSpec(layers="model.layers", ffn="gated", engine=_GEMMA3_ENGINE),
     # Phi-3 (mini 4k; the long-context files' rope_factors_* tensors are refused by the GGUF loader):
     # Llama's layout with q/k/v and gate/up each fused into one matrix
@@ -93,6 +114,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gpt2": ArchSpec(layers="transformer.h", ffn="conv1d"),
     "opt": ArchSpec(layers="model.decoder.layers", ffn="inline"),
 }
+
+
+def softcap_of(config, attribute: str | None) -> float | None:
+    """The soft-cap a model's config sets under ``attribute`` (EngineSpec's), None where there is none."""
+    value = getattr(config, attribute, None) if attribute else None
+    return float(value) if value else None
 
 
 def _model_type(model: nn.Module) -> str | None:

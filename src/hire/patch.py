@@ -90,13 +90,6 @@ def sparsify_(
         raise ValueError("model is already sparsified; call hire.unsparsify_(model) first")
     swaps = []  # everything is built (and validated) before the first module is swapped
     if config.head.enabled:
-        softcap = getattr(model.config, "final_logit_softcapping", None)
-        if softcap:
-            raise ValueError(
-                f"this model soft-caps its logits after the LM head (final_logit_softcapping={softcap}), which "
-                "would turn HiRE's -inf for skipped rows into -cap and give them probability; "
-                "disable the HiRE head (--no-head / HeadConfig(enabled=False))"
-            )
         base = model.get_submodule(spec.head)
         if not isinstance(base, (nn.Linear, QLinear)):
             raise ValueError(f"{spec.head} is a {type(base).__name__}, expected nn.Linear")
@@ -105,7 +98,11 @@ def sparsify_(
         else:
             weight = base.weight.detach()
         selector = build_head_selector(weight, config.head, head_states, head_proxy)
-        head = HiReLMHead(base, config.head, selector)
+        # Gemma 2 soft-caps its logits after the head: the decode paths cap the candidates' exact logits;
+        # in the model's own forward (which caps what the head returns) a skipped row's -inf comes out as
+        # -cap, far below any candidate's logit (the candidates hold the largest)
+        softcap = getattr(model.config, "final_logit_softcapping", None) or None
+        head = HiReLMHead(base, config.head, selector, softcap=softcap)
         swaps.append(lambda: model.set_submodule(spec.head, head))
     if config.ffn.enabled:
         layers = decoder_layers(model)

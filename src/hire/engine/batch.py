@@ -211,4 +211,5 @@ class BatchDecoder:
         """float32 logits of the head rows ``rows`` (None: all), bias included (the one exact head,
         hire.layers.head.exact_logits), each head row read once for the batch where it is quantized.
         # hidden: (B, D), rows: (m,) -> (B, m)"""
-        return exact_logits(hidden, self.engine.head_weight, rows, self.engine.head_bias, self.engine.head_native)
+        return exact_logits(hidden, self.engine.head_weight, rows, self.engine.head_bias, self.engine.head_native,
+                            self.engine.logit_softcap)

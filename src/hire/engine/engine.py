@@ -13,12 +13,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from hire import native
-from hire.arch import EngineSpec, arch_spec, decoder_layers, engine_spec
+from hire.arch import EngineSpec, arch_spec, decoder_layers, engine_spec, softcap_of
 from hire.config import HiReConfig
 from hire.engine.plan import LayerPlan, NotFusable, layer_plans, native_steps
 from hire.engine.sampling import PROBE_EVERY, DensePolicy, SamplingStats, needs_tail, sample
 from hire.layers import HiReFFN
-from hire.layers.head import TailBound, exact_logits, native_rows_for
+from hire.layers.head import TailBound, exact_logits, native_rows_for, soft_cap
 from hire.proxies import LowRankProxy
 from hire.patch import hire_layers, sparsify_
 from hire.quant.tensor import QLinear, QTensor, fuse_rows
@@ -57,6 +57,8 @@ def _weight(module: nn.Module):
 # 512: 1,278 / 2,525. The chunk bounds a step's buffers, not its cost.
 PREFILL_CHUNK = 512
 
+
+NO_ROPE = "no rotary"  # the rotary table of layers without RoPE (EngineSpec.rope_layers)
 
 @dataclass
 class _Layer:
@@ -117,6 +119,8 @@ class Engine:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         scale_base = getattr(cfg, spec.attention_scale) if spec.attention_scale else self.head_dim
         self.scale = scale_base ** -0.5
+        self.attention_softcap = softcap_of(cfg, spec.attention_softcap)  # Gemma 2: c * tanh(score / c)
+        self.logit_softcap = softcap_of(cfg, spec.logit_softcap)  # Gemma 2: the logits after the head likewise
         if config is not None:
             sparsify_(model, config, head_proxy=head_proxy)
         self.config = config
@@ -159,12 +163,14 @@ class Engine:
             o = getattr(attn, spec.o)
             layer_type = cfg.layer_types[i] if getattr(cfg, "layer_types", None) else "full_attention"
             sliding = cfg.sliding_window if layer_type == "sliding_attention" else None
+            rotates = not spec.rope_layers or bool(getattr(cfg, spec.rope_layers)[i])
             norms = {name: _RMSNorm(getattr(layer, name), spec) for name in layer_norms if name is not None}
             for name in spec.qk_norms or ():
                 norms[name] = _RMSNorm(getattr(attn, name), spec)
             o_bias = None if o.bias is None else o.bias.detach()
             self.layers.append(
-                _Layer(qkv, qkv_bias, _weight(o), o_bias, layer, norms, sliding, self.rope_index[layer_type])
+                _Layer(qkv, qkv_bias, _weight(o), o_bias, layer, norms, sliding,
+                       self.rope_index[layer_type if rotates else NO_ROPE])
             )
         shape = (len(self.layers), self.n_kv, max_seq_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype)
@@ -195,6 +201,12 @@ class Engine:
             cos, sin = rotary(probe, positions, t) if self.spec.rotary_per_layer_type else rotary(probe, positions)
             self.rope_tables.append((cos[0].to(self.dtype), sin[0].to(self.dtype)))  # (L, hd)
             self.rope_tables_f32.append((cos[0].float().contiguous(), sin[0].float().contiguous()))  # the native step's
+        if self.spec.rope_layers and not all(getattr(self.model.config, self.spec.rope_layers)):
+            # a NoPE layer rotates by nothing: cos 1, sin 0 (x cos + rotate(x) sin is x exactly)
+            self.rope_index[NO_ROPE] = len(self.rope_tables)
+            ones, zeros = torch.ones(self.max_seq_len, self.head_dim), torch.zeros(self.max_seq_len, self.head_dim)
+            self.rope_tables.append((ones.to(self.dtype), zeros.to(self.dtype)))
+            self.rope_tables_f32.append((ones, zeros))
 
     # --- the decoder -----------------------------------------------------------------------
     @staticmethod
@@ -234,9 +246,18 @@ class Engine:
             mask = kpos <= qpos
             if layer.sliding is not None:
                 mask &= qpos - kpos < layer.sliding
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask, scale=self.scale, enable_gqa=True
-        )  # (1, Hq, T, hd)
+        if self.attention_softcap:  # the scores capped before the mask and the softmax (transformers' Gemma 2)
+            group = self.n_heads // self.n_kv
+            scores = q @ keys.repeat_interleave(group, 0).transpose(1, 2) * self.scale  # (Hq, T, S)
+            scores = soft_cap(scores, self.attention_softcap)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            weights = scores.softmax(-1, dtype=torch.float32).to(values.dtype)
+            out = (weights @ values.repeat_interleave(group, 0)).unsqueeze(0)  # (1, Hq, T, hd)
+        else:
+            out = F.scaled_dot_product_attention(
+                q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask, scale=self.scale, enable_gqa=True
+            )  # (1, Hq, T, hd)
         return _linear(out[0].transpose(0, 1).reshape(T, -1), layer.o, layer.o_bias)
 
     def ffn_block(self, layer: nn.Module, x: torch.Tensor, hire: bool) -> torch.Tensor:
@@ -346,7 +367,8 @@ class Engine:
         if hire and self.head is not None:
             out = self.head.decode(hidden)
         else:  # float32 logits (also: an argmax over float16 is several times slower on CPU, 1.2 ms for Gemma's 262k)
-            out = exact_logits(hidden, self.head_weight, None, self.head_bias, self.head_native), None
+            out = exact_logits(hidden, self.head_weight, None, self.head_bias, self.head_native,
+                               self.logit_softcap), None
         if self._timing is not None:
             self._clock("head", t)
         return out
@@ -354,7 +376,8 @@ class Engine:
     @torch.no_grad()
     def log_prob(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """log p(target) under the exact logits over the whole vocabulary.  # hidden: (1, D), target: (1,) -> (1,)"""
-        logits = exact_logits(hidden, self.head_weight, None, self.head_bias, self.head_native)  # (1, V)
+        logits = exact_logits(hidden, self.head_weight, None, self.head_bias, self.head_native,
+                              self.logit_softcap)  # (1, V)
         return logits.gather(-1, target.view(1, 1))[:, 0] - logits.logsumexp(-1)
 
     def kernel_report(self) -> dict:

@@ -191,6 +191,8 @@ def native_steps(engine, model_class=None, plans: list[LayerPlan] | None = None)
         step = cls([engine.n_heads, engine.n_kv, engine.head_dim, engine.hidden], engine.scale, engine.norm.eps,
                    engine.k_cache, engine.v_cache, [c for c, _ in engine.rope_tables_f32],
                    [s for _, s in engine.rope_tables_f32], engine.norm.weight.contiguous())
+        if engine.attention_softcap:
+            step.set_softcap(engine.attention_softcap)
         for i, plan in enumerate(plans):
             step.add_layer(*plan.native_args(hire))
             for slot, q in plan.quant_args():

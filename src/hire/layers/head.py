@@ -24,12 +24,15 @@ TAIL_MARGIN = 8.0
 
 
 def exact_logits(h: torch.Tensor, weight: torch.Tensor | QTensor, rows: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None, use_native: bool | None = None) -> torch.Tensor:
+                 bias: torch.Tensor | None = None, use_native: bool | None = None,
+                 softcap: float | None = None) -> torch.Tensor:
     """The exact head, the one function every path computes logits with (HiRE's candidates, the dense
     head, a batch's union, a sampled tail row): float32, the head's bias added on every path.
     ``weight`` is the head in its decode form: a 16-bit tensor or a GGUF QTensor (read in its codes).
     ``use_native``: the kernels or the eager path, as the caller decided when it was prepared (a layer
-    prepared inside ``native.disabled()`` stays eager); None decides now.
+    prepared inside ``native.disabled()`` stays eager); None decides now. ``softcap`` c: the model's
+    soft-cap after its head, c * tanh(logit / c) (Gemma 2; monotone, so it never changes which rows
+    are the largest).
     # h: (B, D), rows: (m,) or None (every row) -> float32 (B, m) or (B, V)"""
     batch = h.shape[0]
     if use_native is None:
@@ -49,7 +52,12 @@ def exact_logits(h: torch.Tensor, weight: torch.Tensor | QTensor, rows: torch.Te
         out = F.linear(h.float(), picked.float())
     if bias is not None:
         out = out + (bias if rows is None else bias.index_select(0, rows)).float()
-    return out
+    return out if not softcap else soft_cap(out, softcap)
+
+
+def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """c * tanh(x / c), as transformers' Gemma 2 caps its logits."""
+    return torch.tanh(x / cap) * cap
 
 
 def native_rows_for(weight: torch.Tensor | QTensor) -> bool:
@@ -64,19 +72,21 @@ class TailBound:
     on every vocabulary row's logit, and the exact logits of any rows on demand."""
 
     def __init__(self, bound: torch.Tensor, h: torch.Tensor, weight: torch.Tensor | QTensor,
-                 bias: torch.Tensor | None, use_native: bool | None = None):
-        self.bound = bound  # (1, V) float32: first-pass score + margin (the sampler ignores the candidates')
-        self.h, self.weight, self.bias, self.use_native = h, weight, bias, use_native
+                 bias: torch.Tensor | None, use_native: bool | None = None, softcap: float | None = None):
+        # (1, V) float32: first-pass score + margin (the sampler ignores the candidates'), soft-capped
+        # as the logits are (a monotone map keeps it a bound)
+        self.bound = bound if not softcap else soft_cap(bound, softcap)
+        self.h, self.weight, self.bias, self.use_native, self.softcap = h, weight, bias, use_native, softcap
         self._dense: torch.Tensor | None = None
 
     def rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Exact logits of ``rows``.  # rows: (m,) -> float32 (m,)"""
-        return exact_logits(self.h, self.weight, rows, self.bias, self.use_native)[0]
+        return exact_logits(self.h, self.weight, rows, self.bias, self.use_native, self.softcap)[0]
 
     def dense(self) -> torch.Tensor:
         """Exact logits of every row, computed once.  # -> float32 (1, V)"""
         if self._dense is None:
-            self._dense = exact_logits(self.h, self.weight, None, self.bias, self.use_native)
+            self._dense = exact_logits(self.h, self.weight, None, self.bias, self.use_native, self.softcap)
         return self._dense
 
 
@@ -95,9 +105,12 @@ class HiReLMHead(nn.Module):
     position (for measuring), ``mode="dense"`` never.
     """
 
-    def __init__(self, base_layer: nn.Linear, config: HeadConfig, selector: Cascade):
+    def __init__(self, base_layer: nn.Linear, config: HeadConfig, selector: Cascade, softcap: float | None = None):
         super().__init__()
         self.base_layer = base_layer
+        # the model's soft-cap after the head (Gemma 2): the decode paths apply it to the exact logits
+        # they return; forward leaves it to the model's own forward, which caps what the head returns
+        self.softcap = softcap
         self.config = config
         self.selector = selector
         self.mode = "decode"
@@ -162,7 +175,7 @@ class HiReLMHead(nn.Module):
         """Exact float32 logits of the candidates for one token (``exact_logits``: only their rows are
         read, in place).  # h: (1, D) -> logits: (1, k'), idx: (1, k')"""
         idx = self.selector.decode_select(h)
-        return exact_logits(h, self.decode_weight, idx[0], self.bias, self.native_rows), idx
+        return exact_logits(h, self.decode_weight, idx[0], self.bias, self.native_rows, self.softcap), idx
 
     def select_union(self, h: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The union of B tokens' candidates (ascending) and one token's candidate count. A one-stage
@@ -185,7 +198,7 @@ class HiReLMHead(nn.Module):
 
     def exact_rows(self, h: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         """Exact float32 logits of ``rows`` (None: all).  # h: (B, D), rows: (m,) -> (B, m)"""
-        return exact_logits(h, self.decode_weight, rows, self.bias, self.native_rows)
+        return exact_logits(h, self.decode_weight, rows, self.bias, self.native_rows, self.softcap)
 
     def tail(self, h: torch.Tensor, logits: torch.Tensor, idx: torch.Tensor) -> TailBound:
         """What sampling needs past this token's candidates ``idx`` (exact ``logits``): every row's
@@ -193,13 +206,19 @@ class HiReLMHead(nn.Module):
         Costs a second first pass over the proxy (its fused kernel keeps only the selection).
         # h: (1, D), logits/idx: (1, m) -> TailBound over (1, V)"""
         bound = self.selector.decode_bound(h, self.tail_margin, logits, idx)
-        return TailBound(bound, h, self.decode_weight, self.bias, self.native_rows)
+        return TailBound(bound, h, self.decode_weight, self.bias, self.native_rows, self.softcap)
 
     def log_mass(self, h: torch.Tensor, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Every row's expected exp(logit), in log form, from the first-pass proxy (Cascade.decode_log_mass:
         the normaliser's tail of a HiRE step's log-probabilities, hire.engine.logprobs). Costs a second
-        first pass over the proxy.  # h: (1, D), logits/idx: (1, m) -> float32 (1, V)"""
-        return self.selector.decode_log_mass(h, logits, idx)
+        first pass over the proxy. With a soft-cap (Gemma 2) the estimate runs on the logits before it
+        (the proxy's units) and is capped after: a plug-in estimate, like the rest of the tail's.
+        # h: (1, D), logits/idx: (1, m) -> float32 (1, V)"""
+        if not self.softcap:
+            return self.selector.decode_log_mass(h, logits, idx)
+        c = self.softcap
+        raw = torch.atanh((logits / c).clamp(-1 + 1e-6, 1 - 1e-6)) * c  # the logits before the cap
+        return soft_cap(self.selector.decode_log_mass(h, raw, idx), c)
 
     def nbytes(self) -> int:
         """Bytes read per token: the proxies plus the k' exact rows (16 bits, or the head's GGUF codes)."""

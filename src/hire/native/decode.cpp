@@ -69,10 +69,11 @@ void store(T* dst, const float* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
-// softmax(q . K[first..end) * scale) . V[first..end) per query head; K, V: (Hkv, S, hd) of one layer
+// softmax(q . K[first..end) * scale) . V[first..end) per query head; K, V: (Hkv, S, hd) of one layer.
+// softcap c > 0: each score s becomes c * tanh(s / c) before the softmax (Gemma 2)
 template <typename T>
 void attend(const float* q, const T* kc, const T* vc, int64_t seq, int64_t first, int64_t end, int64_t hq,
-            int64_t hkv, int64_t hd, float scale, float* out) {
+            int64_t hkv, int64_t hd, float scale, float softcap, float* out) {
   const int64_t group = hq / hkv;
   at::parallel_for(0, hq, 1, [&](int64_t b, int64_t e) {
     std::vector<float> p(end - first);
@@ -82,8 +83,10 @@ void attend(const float* q, const T* kc, const T* vc, int64_t seq, int64_t first
       const float* qh = q + h * hd;
       float m = -INFINITY;
       for (int64_t j = first; j < end; ++j) {
-        p[j - first] = dot(K + j * hd, qh, hd, static_cast<const T*>(nullptr)) * scale;
-        m = std::max(m, p[j - first]);
+        float s = dot(K + j * hd, qh, hd, static_cast<const T*>(nullptr)) * scale;
+        if (softcap > 0.f) s = std::tanh(s / softcap) * softcap;
+        p[j - first] = s;
+        m = std::max(m, s);
       }
       float sum = 0.f;
       for (auto& s : p) sum += (s = std::exp(s - m));
@@ -119,6 +122,7 @@ namespace HIRE_OPS_NAMESPACE {
 struct DecodeModel : torch::CustomClassHolder {
   int64_t hq, hkv, hd, dim;
   double scale, eps;
+  double softcap = 0.0;  // the attention scores' soft-cap (set_softcap; 0: none)
   Tensor k_cache, v_cache;  // (L, Hkv, S, hd), written in place
   std::vector<Tensor> cos, sin;  // float32 (S, hd) per rotary table
   Tensor final_norm;
@@ -392,7 +396,7 @@ struct DecodeModel : torch::CustomClassHolder {
       store(kc + (i * seq + pos) * hd, k + i * hd, hd);
       store(vc + (i * seq + pos) * hd, v + i * hd, hd);
     }
-    attend<T>(q, kc, vc, seq, first, end, hq, hkv, hd, (float)scale, out);
+    attend<T>(q, kc, vc, seq, first, end, hq, hkv, hd, (float)scale, (float)softcap, out);
   }
 
   void attend_slot(const Tensor& kcache, const Tensor& vcache, int64_t l, const float* k, const float* v,
@@ -562,6 +566,12 @@ struct DecodeModel : torch::CustomClassHolder {
     return out;
   }
 
+  // c * tanh(score / c) on every attention score before its softmax (Gemma 2's attn_logit_softcapping); 0: none
+  void set_softcap(double c) {
+    TORCH_CHECK(c >= 0.0 && std::isfinite(c), "the attention soft-cap must be finite and >= 0 (0: none), got ", c);
+    softcap = c;
+  }
+
   // the sparse FFNs' union of selected neurons since the last call: (sum of union sizes, layer steps)
   std::vector<int64_t> take_union() {
     std::vector<int64_t> r = {union_sum, union_count};
@@ -635,5 +645,6 @@ HIRE_FRAGMENT(HIRE_OPS_NAMESPACE, m) {
       .def("step_batch", &DecodeModel::step_batch)
       .def("take_union", &DecodeModel::take_union)
       .def("set_timing", &DecodeModel::set_timing)
+      .def("set_softcap", &DecodeModel::set_softcap)
       .def("timings", &DecodeModel::timings);
 }

@@ -119,6 +119,7 @@ def _meta_dir(path: Path) -> Path:
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as err:
         raise UnsupportedGGUF(f"transformers could not read the metadata of {path} ({type(err).__name__}: {err})") from err
+    complete_gemma2_config(config, reader)
     del reader  # (its memory map of the file)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -128,6 +129,22 @@ def _meta_dir(path: Path) -> Path:
         (tmp / TABLE).write_text(json.dumps(table))
         write_manifest(tmp, path, META_FORMAT)
     return entry
+
+
+def complete_gemma2_config(config, reader) -> None:
+    """What transformers' GGUF table leaves out of a Gemma 2 file's config (its defaults are the 2B's
+    and 9B's): the soft-caps as the file has them (llama.cpp writes both), and the attention scale,
+    1/sqrt(hidden / heads) for the 27B (46 layers) and 1/sqrt(head_dim) otherwise, as llama.cpp
+    decides it."""
+    if config.model_type != "gemma2":
+        return
+    for key, attribute in (("gemma2.attn_logit_softcapping", "attn_logit_softcapping"),
+                           ("gemma2.final_logit_softcapping", "final_logit_softcapping")):
+        field = reader.fields.get(key)
+        if field is not None:
+            setattr(config, attribute, float(field.contents()))
+    config.query_pre_attn_scalar = (config.hidden_size // config.num_attention_heads if config.num_hidden_layers == 46
+                                    else config.head_dim)
 
 
 def _name_map(model: nn.Module, config) -> dict[str, str]:
