@@ -14,6 +14,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
     OPTConfig,
     OPTForCausalLM,
     Phi3Config,
@@ -41,6 +43,9 @@ def make(arch: str, seed: int = 0):
         model = Qwen2ForCausalLM(Qwen2Config(**_common, tie_word_embeddings=False))
     elif arch == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**_common, head_dim=16, tie_word_embeddings=True))
+    elif arch == "olmo2":  # no pre-norms; q and k normalised over all heads at once
+        model = Olmo2ForCausalLM(Olmo2Config(**_common, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+                                             eos_token_id=2))
     elif arch == "smollm3":  # layer 1 of 2 without RoPE (no_rope_layers: 1 rotates, 0 does not)
         model = SmolLM3ForCausalLM(SmolLM3Config(**_common, no_rope_layers=[1, 0], tie_word_embeddings=True,
                                                    pad_token_id=0, bos_token_id=1, eos_token_id=2))
@@ -68,4 +73,4 @@ def make(arch: str, seed: int = 0):
     return model.eval()
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "opt"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "opt"]

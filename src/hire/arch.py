@@ -50,10 +50,13 @@ class EngineSpec:
     k: str = "k_proj"
     v: str = "v_proj"
     o: str = "o_proj"
-    qk_norms: tuple[str, str] | None = None  # per-head RMSNorms of q and k on the attention module (Gemma 3)
-    pre_attention_norm: str = "input_layernorm"  # attributes of a decoder layer
+    # RMSNorms of q and k on the attention module: per head (Qwen 3, Gemma 3; weights of head_dim), or
+    # over all heads at once (OLMo 2; weights of Hq * head_dim and Hkv * head_dim), told by their size
+    qk_norms: tuple[str, str] | None = None
+    # attributes of a decoder layer; None: no norm there (OLMo 2 normalises after attention and FFN only)
+    pre_attention_norm: str | None = "input_layernorm"
     post_attention_norm: str | None = None  # Gemma normalises the attention output before the residual add
-    pre_ffn_norm: str = "post_attention_layernorm"  # Llama's name for the norm before its MLP
+    pre_ffn_norm: str | None = "post_attention_layernorm"  # Llama's name for the norm before its MLP
     post_ffn_norm: str | None = None
     norm_weight_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + weight)
     norm_eps: str = "variance_epsilon"  # the epsilon attribute of the norm modules
@@ -101,6 +104,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "mistral": ArchSpec(layers="model.layers", ffn="gated", engine=_LLAMA_ENGINE),
     "qwen2": ArchSpec(layers="model.layers", ffn="gated", engine=_LLAMA_ENGINE),  # + q/k/v biases (the engine adds them)
     "qwen3": ArchSpec(layers="model.layers", ffn="gated", engine=EngineSpec(qk_norms=("q_norm", "k_norm"))),
+    # OLMo 2: norms after attention and after the FFN only, q and k normalised over all heads at once
+    "olmo2": ArchSpec(layers="model.layers", ffn="gated", engine=EngineSpec(
+        pre_attention_norm=None, post_attention_norm="post_attention_layernorm", pre_ffn_norm=None,
+        post_ffn_norm="post_feedforward_layernorm", qk_norms=("q_norm", "k_norm"))),
     # SmolLM3: Llama's layout, every fourth layer without RoPE (NoPE)
     "smollm3": ArchSpec(layers="model.layers", ffn="gated", engine=EngineSpec(rope_layers="no_rope_layers")),
     # Gemma 1: Llama's layout with Gemma's norms (its embedding module applies the sqrt(D) scale)

@@ -224,12 +224,17 @@ class Engine:
         q, k, v = _linear(x, layer.qkv, layer.qkv_bias).split(
             [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], dim=-1
         )
-        q = q.view(T, self.n_heads, self.head_dim).transpose(0, 1)  # (Hq, T, hd)
-        k = k.view(T, self.n_kv, self.head_dim).transpose(0, 1)  # (Hkv, T, hd)
-        v = v.view(T, self.n_kv, self.head_dim).transpose(0, 1)
+        whole = False  # q and k normalised over all heads at once (OLMo 2), else per head
         if self.spec.qk_norms:
-            q_norm, k_norm = self.spec.qk_norms
-            q, k = layer.norms[q_norm](q), layer.norms[k_norm](k)
+            q_norm, k_norm = (layer.norms[name] for name in self.spec.qk_norms)
+            whole = q_norm.weight.numel() == q.shape[-1] and self.n_heads > 1
+            if whole:
+                q, k = q_norm(q), k_norm(k)
+        q = q.reshape(T, self.n_heads, self.head_dim).transpose(0, 1)  # (Hq, T, hd)
+        k = k.reshape(T, self.n_kv, self.head_dim).transpose(0, 1)  # (Hkv, T, hd)
+        v = v.view(T, self.n_kv, self.head_dim).transpose(0, 1)
+        if self.spec.qk_norms and not whole:
+            q, k = q_norm(q), k_norm(k)
         cos, sin = self.rope_tables[layer.rope]
         cos, sin = cos[start : start + T], sin[start : start + T]
         q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
@@ -352,10 +357,11 @@ class Engine:
         for i, layer in enumerate(self.layers):
             t = time.perf_counter() if timing else 0.0
             n = layer.norms
-            a = self.attention_block(layer, i, n[spec.pre_attention_norm](h, dt), start)
+            a = self.attention_block(layer, i, n[spec.pre_attention_norm](h, dt) if spec.pre_attention_norm else h.to(dt),
+                                     start)
             h = h + (n[spec.post_attention_norm](a, torch.float32) if spec.post_attention_norm else a.float())
             t = self._clock("attention", t) if timing else t
-            f = self.ffn_block(layer.module, n[spec.pre_ffn_norm](h, dt), hire)
+            f = self.ffn_block(layer.module, n[spec.pre_ffn_norm](h, dt) if spec.pre_ffn_norm else h.to(dt), hire)
             h = h + (n[spec.post_ffn_norm](f, torch.float32) if spec.post_ffn_norm else f.float())
             if timing:
                 self._clock("ffn", t)

@@ -99,8 +99,8 @@ void attend(const float* q, const T* kc, const T* vc, int64_t seq, int64_t first
 
 struct Layer {
   Tensor qkv, qkv_bias, o;                                    // (Nq+2Nkv, D), (Nq+2Nkv,) f32 or empty, (D, Nq)
-  Tensor attn_norm, post_attn_norm, ffn_norm, post_ffn_norm;  // float32 (D,), the post ones may be empty
-  Tensor q_norm, k_norm;                                      // float32 (hd,) or empty
+  Tensor attn_norm, post_attn_norm, ffn_norm, post_ffn_norm;  // float32 (D,), each may be empty (none: OLMo 2 has no pre-norms)
+  Tensor q_norm, k_norm;  // float32 (hd,) per head, (Hq*hd,) / (Hkv*hd,) over all heads at once (OLMo 2), or empty
   Tensor ffn;                                                 // (I, (parts+1)*D) neuron-major [in part(s) | out]
   Tensor proxy_a, proxy_b;                                    // the FFN proxy (see ProxyKind)
   // GGUF-quantized matrices (set_quant), used where the dense tensors above are empty
@@ -208,7 +208,7 @@ struct DecodeModel : torch::CustomClassHolder {
     TORCH_CHECK((int64_t)layers.size() < k_cache.size(0), "more layers than the cache holds");
     Layer L;
     L.qkv = t[0], L.qkv_bias = opt(t[1]), L.o = t[2];
-    L.attn_norm = t[3], L.post_attn_norm = opt(t[4]), L.ffn_norm = t[5], L.post_ffn_norm = opt(t[6]);
+    L.attn_norm = opt(t[3]), L.post_attn_norm = opt(t[4]), L.ffn_norm = opt(t[5]), L.post_ffn_norm = opt(t[6]);
     L.q_norm = opt(t[7]), L.k_norm = opt(t[8]), L.ffn = t[9], L.proxy_a = opt(t[10]), L.proxy_b = opt(t[11]);
     L.rope = ints[0], L.sliding = ints[1], L.act = ints[2], L.parts = ints[3], L.keep = ints[4];
     L.proxy_kind = ints[5], L.proxy_group = ints[6];
@@ -217,14 +217,15 @@ struct DecodeModel : torch::CustomClassHolder {
     if (L.qkv.defined()) check_matrix(L.qkv, nq + 2 * nkv, dim, "qkv");
     if (L.o.defined()) check_matrix(L.o, dim, nq, "o");
     if (L.qkv_bias.defined()) check_vec(L.qkv_bias, nq + 2 * nkv, "qkv bias");
-    check_vec(L.attn_norm, dim, "attention norm");
-    check_vec(L.ffn_norm, dim, "FFN norm");
+    if (L.attn_norm.defined()) check_vec(L.attn_norm, dim, "attention norm");
+    if (L.ffn_norm.defined()) check_vec(L.ffn_norm, dim, "FFN norm");
     if (L.post_attn_norm.defined()) check_vec(L.post_attn_norm, dim, "post-attention norm");
     if (L.post_ffn_norm.defined()) check_vec(L.post_ffn_norm, dim, "post-FFN norm");
     TORCH_CHECK(L.q_norm.defined() == L.k_norm.defined(), "q and k norms come together");
     if (L.q_norm.defined()) {
-      check_vec(L.q_norm, hd, "q norm");
-      check_vec(L.k_norm, hd, "k norm");
+      const bool whole = L.q_norm.numel() == nq && hq > 1;  // over all heads at once, else per head
+      check_vec(L.q_norm, whole ? nq : hd, "q norm");
+      check_vec(L.k_norm, whole ? nkv : hd, "k norm");
     }
     TORCH_CHECK(L.rope >= 0 && L.rope < (int64_t)cos.size(), "rotary table ", L.rope, " does not exist");
     TORCH_CHECK(L.sliding >= 0, "the sliding window must be >= 0 positions (0: global attention), got ", L.sliding);
@@ -332,17 +333,14 @@ struct DecodeModel : torch::CustomClassHolder {
       const Layer& L = layers[l];
       const auto t0 = timing ? clock::now() : clock::time_point();
       // --- attention
-      rms_norm(hp, L.attn_norm.data_ptr<float>(), dim, eps, x.data());
+      pre_norm(hp, L.attn_norm, x.data());
       project_qkv(L, x.data(), qkv.data());
       if (L.qkv_bias.defined()) {
         const float* b = L.qkv_bias.data_ptr<float>();
         for (int64_t i = 0; i < nq + 2 * nkv; ++i) qkv[i] += b[i];
       }
       float *q = qkv.data(), *k = q + nq, *v = k + nkv;
-      if (L.q_norm.defined()) {
-        for (int64_t i = 0; i < hq; ++i) rms_norm(q + i * hd, L.q_norm.data_ptr<float>(), hd, eps, q + i * hd);
-        for (int64_t i = 0; i < hkv; ++i) rms_norm(k + i * hd, L.k_norm.data_ptr<float>(), hd, eps, k + i * hd);
-      }
+      qk_norms(L, q, k);
       const float* c = cos[L.rope].data_ptr<float>() + pos * hd;
       const float* s = sin[L.rope].data_ptr<float>() + pos * hd;
       rope(q, hq, hd, c, s);
@@ -363,7 +361,7 @@ struct DecodeModel : torch::CustomClassHolder {
       for (int64_t i = 0; i < dim; ++i) hp[i] += y[i];
       const auto t1 = timing ? clock::now() : clock::time_point();
       // --- FFN
-      rms_norm(hp, L.ffn_norm.data_ptr<float>(), dim, eps, x.data());
+      pre_norm(hp, L.ffn_norm, x.data());
       ffn(L, x.data(), y.data());
       if (L.post_ffn_norm.defined()) rms_norm(y.data(), L.post_ffn_norm.data_ptr<float>(), dim, eps, y.data());
       for (int64_t i = 0; i < dim; ++i) hp[i] += y[i];
@@ -376,6 +374,27 @@ struct DecodeModel : torch::CustomClassHolder {
     auto out = torch::empty({1, dim}, h.options());
     rms_norm(hp, final_norm.data_ptr<float>(), dim, eps, out.data_ptr<float>());
     return out;
+  }
+
+  // a layer's norm before attention or the FFN into out; none (OLMo 2): the residual stream as it is
+  void pre_norm(const float* h, const Tensor& w, float* out) const {
+    if (w.defined()) {
+      rms_norm(h, w.data_ptr<float>(), dim, eps, out);
+    } else {
+      std::copy(h, h + dim, out);
+    }
+  }
+
+  // q's and k's RMSNorms, per head (Qwen 3, Gemma 3) or over all heads at once (OLMo 2), in place
+  void qk_norms(const Layer& L, float* q, float* k) const {
+    if (!L.q_norm.defined()) return;
+    if (L.q_norm.numel() == hq * hd && hq > 1) {
+      rms_norm(q, L.q_norm.data_ptr<float>(), hq * hd, eps, q);
+      rms_norm(k, L.k_norm.data_ptr<float>(), hkv * hd, eps, k);
+      return;
+    }
+    for (int64_t i = 0; i < hq; ++i) rms_norm(q + i * hd, L.q_norm.data_ptr<float>(), hd, eps, q + i * hd);
+    for (int64_t i = 0; i < hkv; ++i) rms_norm(k + i * hd, L.k_norm.data_ptr<float>(), hd, eps, k + i * hd);
   }
 
   // write this token's k, v into layer l's cache at pos, then attend over first..end-1
@@ -526,7 +545,7 @@ struct DecodeModel : torch::CustomClassHolder {
     for (size_t l = 0; l < layers.size(); ++l) {
       const Layer& L = layers[l];
       for (int64_t j = 0; j < batch; ++j)
-        rms_norm(hp + j * dim, L.attn_norm.data_ptr<float>(), dim, eps, x.data() + j * dim);
+        pre_norm(hp + j * dim, L.attn_norm, x.data() + j * dim);
       project_qkv_batch(L, x.data(), batch, qkv.data());
       for (int64_t j = 0; j < batch; ++j) {
         float* row = qkv.data() + j * nqkv;
@@ -535,10 +554,7 @@ struct DecodeModel : torch::CustomClassHolder {
           for (int64_t i = 0; i < nqkv; ++i) row[i] += b[i];
         }
         float *q = row, *k = q + nq, *v = k + nkv;
-        if (L.q_norm.defined()) {
-          for (int64_t i = 0; i < hq; ++i) rms_norm(q + i * hd, L.q_norm.data_ptr<float>(), hd, eps, q + i * hd);
-          for (int64_t i = 0; i < hkv; ++i) rms_norm(k + i * hd, L.k_norm.data_ptr<float>(), hd, eps, k + i * hd);
-        }
+        qk_norms(L, q, k);
         const float* c = cos[L.rope].data_ptr<float>() + pos[j] * hd;
         const float* s = sin[L.rope].data_ptr<float>() + pos[j] * hd;
         rope(q, hq, hd, c, s);
@@ -551,7 +567,7 @@ struct DecodeModel : torch::CustomClassHolder {
         float* yj = y.data() + j * dim;
         if (L.post_attn_norm.defined()) rms_norm(yj, L.post_attn_norm.data_ptr<float>(), dim, eps, yj);
         for (int64_t i = 0; i < dim; ++i) hp[j * dim + i] += yj[i];
-        rms_norm(hp + j * dim, L.ffn_norm.data_ptr<float>(), dim, eps, x.data() + j * dim);
+        pre_norm(hp + j * dim, L.ffn_norm, x.data() + j * dim);
       }
       ffn_batch(L, x.data(), batch, y.data());
       for (int64_t j = 0; j < batch; ++j) {
