@@ -72,7 +72,7 @@ def test_soft_capped_logits_on_every_head_path():
     want = model(PROMPT[None]).logits[0, -1].float()  # transformers: the head, then the cap
     engine = Engine(model, HiReConfig(head=HeadConfig(k=5, candidates=64, proxy="int8")), dtype=torch.float32,
                     max_seq_len=64)
-    assert engine.logit_softcap == cap and engine.attention_softcap == model.config.attn_logit_softcapping
+    assert engine.logit_map.cap == cap and engine.attention_softcap == model.config.attn_logit_softcapping
     hidden = engine.prefill(PROMPT)
     dense, none = engine.logits(hidden, hire=False)
     assert none is None

@@ -143,7 +143,7 @@ def test_softcapped_model_keeps_its_cap_with_the_hire_head(candidates):
     with torch.no_grad():
         want = model(token).logits[0, -1]
     hire.sparsify_(model, HiReConfig(head=HeadConfig(k=5, candidates=candidates, proxy="int8"), ffn=FFNConfig(enabled=False)))
-    assert model.lm_head.softcap == cap
+    assert model.lm_head.logit_map.cap == cap
     with torch.no_grad():
         got = model(token).logits[0, -1]
     kept = got > -cap

@@ -3,6 +3,8 @@
 import torch
 from transformers import (
     GPT2Config,
+    GraniteConfig,
+    GraniteForCausalLM,
     GPT2LMHeadModel,
     Gemma2Config,
     Gemma2ForCausalLM,
@@ -43,6 +45,10 @@ def make(arch: str, seed: int = 0):
         model = Qwen2ForCausalLM(Qwen2Config(**_common, tie_word_embeddings=False))
     elif arch == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**_common, head_dim=16, tie_word_embeddings=True))
+    elif arch == "granite":  # multipliers off 1 so that each one shows
+        model = GraniteForCausalLM(GraniteConfig(**_common, tie_word_embeddings=True, embedding_multiplier=3.0,
+                                                 attention_multiplier=0.2, residual_multiplier=0.5, logits_scaling=2.0,
+                                                 pad_token_id=0, bos_token_id=1, eos_token_id=2))
     elif arch == "olmo2":  # no pre-norms; q and k normalised over all heads at once
         model = Olmo2ForCausalLM(Olmo2Config(**_common, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
                                              eos_token_id=2))
@@ -73,4 +79,4 @@ def make(arch: str, seed: int = 0):
     return model.eval()
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "opt"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "granite", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "opt"]

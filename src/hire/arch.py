@@ -65,6 +65,13 @@ class EngineSpec:
     # attention scores before their softmax, and its logits after the LM head
     attention_softcap: str | None = None
     logit_softcap: str | None = None
+    # Granite's multipliers (config attributes; None: none): the embeddings times one, the attention
+    # score scale itself (instead of 1/sqrt(...)), each attention and FFN output times one before the
+    # residual add, and the logits divided by one after the head
+    embedding_multiplier: str | None = None
+    attention_multiplier: str | None = None
+    residual_multiplier: str | None = None
+    logit_divisor: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "olmo2": ArchSpec(layers="model.layers", ffn="gated", engine=EngineSpec(
         pre_attention_norm=None, post_attention_norm="post_attention_layernorm", pre_ffn_norm=None,
         post_ffn_norm="post_feedforward_layernorm", qk_norms=("q_norm", "k_norm"))),
+    # Granite: Llama's layout with four multipliers
+    "granite": ArchSpec(layers="model.layers", ffn="gated", engine=EngineSpec(
+        embedding_multiplier="embedding_multiplier", attention_multiplier="attention_multiplier",
+        residual_multiplier="residual_multiplier", logit_divisor="logits_scaling")),
     # SmolLM3: Llama's layout, every fourth layer without RoPE (NoPE)
     "smollm3": ArchSpec(layers="model.layers", ffn="gated", engine=EngineSpec(rope_layers="no_rope_layers")),
     # Gemma 1: Llama's layout with Gemma's norms (its embedding module applies the sqrt(D) scale)

@@ -14,7 +14,7 @@ from torch import nn
 from hire.arch import ArchSpec, FFNWeights, arch_spec, decoder_layers, ffn_weights, head_module, mlp_module
 from hire.config import HeadConfig, HiReConfig
 from hire.layers import HiReFFN, HiReLMHead
-from hire.layers.head import MODES
+from hire.layers.head import MODES, LogitMap
 from hire.proxies import Cascade, ExactProxy, LowRankProxy, QuantizedProxy
 from hire.quant.tensor import QLinear
 from hire.topk import check_k
@@ -98,11 +98,12 @@ def sparsify_(
         else:
             weight = base.weight.detach()
         selector = build_head_selector(weight, config.head, head_states, head_proxy)
-        # Gemma 2 soft-caps its logits after the head: the decode paths cap the candidates' exact logits;
-        # in the model's own forward (which caps what the head returns) a skipped row's -inf comes out as
-        # -cap, far below any candidate's logit (the candidates hold the largest)
-        softcap = getattr(model.config, "final_logit_softcapping", None) or None
-        head = HiReLMHead(base, config.head, selector, softcap=softcap)
+        # Gemma 2 soft-caps its logits after the head, Granite divides them: the decode paths map the
+        # candidates' exact logits likewise; in the model's own forward (which maps what the head returns)
+        # a skipped row's -inf comes out as -cap (Gemma 2), below any candidate's logit
+        engine = spec.engine
+        logit_map = None if engine is None else LogitMap.of(model.config, engine.logit_divisor, engine.logit_softcap)
+        head = HiReLMHead(base, config.head, selector, logit_map=logit_map)
         swaps.append(lambda: model.set_submodule(spec.head, head))
     if config.ffn.enabled:
         layers = decoder_layers(model)

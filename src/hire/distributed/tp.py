@@ -269,9 +269,9 @@ class TPEngine(Engine):
             # form of block-local selection: the single-process yardstick selects exactly too
             config = replace(config, head=replace(config.head, select_blocks=0))
         super().__init__(model, config, head_proxy=head_proxy, dtype=dtype, max_seq_len=max_seq_len)
-        if self.logit_softcap:
-            raise ValueError(f"tensor parallelism does not soft-cap the logits this model caps after its head "
-                             f"(final_logit_softcapping={self.logit_softcap}); run it on one process (without --tp)")
+        if self.logit_map is not None:
+            raise ValueError(f"tensor parallelism does not map the logits as this model does after its head "
+                             f"({self.logit_map}); run it on one process (without --tp)")
         self.comm = comm
         self.mode = "dense"
         rank, world = comm.rank, comm.world

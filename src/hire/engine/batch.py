@@ -110,7 +110,7 @@ class BatchDecoder:
         """One token of each sequence: token j at position positions[j] of slot slots[j].
         # tokens: (B,) -> final-normed hidden (B, D)"""
         e = self.engine
-        h = e.embed(tokens.reshape(-1)).float()  # (B, D)
+        h = e.embed_tokens(tokens.reshape(-1))  # (B, D)
         if e.native_steps is not None:
             step = e.native_steps[hire]
             out = step.step_batch(h, torch.tensor(positions), torch.tensor(slots), self.k, self.v)
@@ -142,7 +142,7 @@ class BatchDecoder:
             raise ValueError(f"a prompt of {chunk_start + chunk.numel()} tokens does not fit a context of "
                              f"{self.max_seq_len}")
         e, b = self.engine, tokens.numel()
-        h = e.embed(torch.cat([tokens.reshape(-1), chunk])).float()
+        h = e.embed_tokens(torch.cat([tokens.reshape(-1), chunk]))
         pos = torch.tensor(list(positions) + list(range(chunk_start, chunk_start + chunk.numel())))
         slot = torch.tensor(list(slots) + [chunk_slot] * chunk.numel())
         step = e.native_steps[hire]
@@ -212,4 +212,4 @@ class BatchDecoder:
         hire.layers.head.exact_logits), each head row read once for the batch where it is quantized.
         # hidden: (B, D), rows: (m,) -> (B, m)"""
         return exact_logits(hidden, self.engine.head_weight, rows, self.engine.head_bias, self.engine.head_native,
-                            self.engine.logit_softcap)
+                            self.engine.logit_map)

@@ -18,7 +18,7 @@ from hire.config import HiReConfig
 from hire.engine.plan import LayerPlan, NotFusable, layer_plans, native_steps
 from hire.engine.sampling import PROBE_EVERY, DensePolicy, SamplingStats, needs_tail, sample
 from hire.layers import HiReFFN
-from hire.layers.head import TailBound, exact_logits, native_rows_for, soft_cap
+from hire.layers.head import LogitMap, TailBound, exact_logits, native_rows_for, soft_cap
 from hire.proxies import LowRankProxy
 from hire.patch import hire_layers, sparsify_
 from hire.quant.tensor import QLinear, QTensor, fuse_rows
@@ -118,9 +118,12 @@ class Engine:
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         scale_base = getattr(cfg, spec.attention_scale) if spec.attention_scale else self.head_dim
-        self.scale = scale_base ** -0.5
+        self.scale = float(getattr(cfg, spec.attention_multiplier)) if spec.attention_multiplier else scale_base ** -0.5
         self.attention_softcap = softcap_of(cfg, spec.attention_softcap)  # Gemma 2: c * tanh(score / c)
-        self.logit_softcap = softcap_of(cfg, spec.logit_softcap)  # Gemma 2: the logits after the head likewise
+        # what the model does to its logits after the head (Gemma 2's cap, Granite's divisor), or None
+        self.logit_map = LogitMap.of(cfg, spec.logit_divisor, spec.logit_softcap)
+        self.embedding_multiplier = float(getattr(cfg, spec.embedding_multiplier)) if spec.embedding_multiplier else None
+        self.residual_multiplier = float(getattr(cfg, spec.residual_multiplier)) if spec.residual_multiplier else None
         if config is not None:
             sparsify_(model, config, head_proxy=head_proxy)
         self.config = config
@@ -320,10 +323,17 @@ class Engine:
         runs in the engine's 16-bit dtype on normalised inputs. One token runs the native step
         when there is one.
         """
-        h = self.embed(tokens).float()  # (T, D); Gemma's embedding module applies its sqrt(D) scale
+        h = self.embed_tokens(tokens)  # (T, D)
         if self.native_steps is not None and tokens.numel() == 1:
             return self.native_steps[hire].step(h, start).to(self.dtype)
         return self.eager_forward(h, start, hire)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The residual stream's start: the embeddings (Gemma's modules apply their sqrt(D) scale
+        themselves), times Granite's multiplier in their dtype as the model does, in float32.
+        # tokens: (T,) -> (T, D)"""
+        e = self.embed(tokens)
+        return (e * self.embedding_multiplier if self.embedding_multiplier else e).float()
 
     def prefill(self, prompt: torch.Tensor, caches: tuple[torch.Tensor, torch.Tensor] | None = None,
                 slot: int = 0, start: int = 0) -> torch.Tensor:
@@ -341,12 +351,12 @@ class Engine:
         k, v = caches if caches is not None else (self.k_cache.unsqueeze(0), self.v_cache.unsqueeze(0))
         if self.native_steps is None:
             with self.using_cache(k[slot], v[slot]):
-                return self.eager_forward(self.embed(prompt).float(), start, hire=False)
+                return self.eager_forward(self.embed_tokens(prompt), start, hire=False)
         step = self.native_steps[False]
         for first in range(0, prompt.numel(), PREFILL_CHUNK):
             part = prompt[first : first + PREFILL_CHUNK]
             at = start + first
-            out = step.step_batch(self.embed(part).float(), torch.arange(at, at + part.numel()),
+            out = step.step_batch(self.embed_tokens(part), torch.arange(at, at + part.numel()),
                                   torch.full((part.numel(),), slot), k, v)
         return out[-1:].to(self.dtype)
 
@@ -359,10 +369,12 @@ class Engine:
             n = layer.norms
             a = self.attention_block(layer, i, n[spec.pre_attention_norm](h, dt) if spec.pre_attention_norm else h.to(dt),
                                      start)
-            h = h + (n[spec.post_attention_norm](a, torch.float32) if spec.post_attention_norm else a.float())
+            a = n[spec.post_attention_norm](a, torch.float32) if spec.post_attention_norm else a.float()
+            h = h + (a * self.residual_multiplier if self.residual_multiplier else a)
             t = self._clock("attention", t) if timing else t
             f = self.ffn_block(layer.module, n[spec.pre_ffn_norm](h, dt) if spec.pre_ffn_norm else h.to(dt), hire)
-            h = h + (n[spec.post_ffn_norm](f, torch.float32) if spec.post_ffn_norm else f.float())
+            f = n[spec.post_ffn_norm](f, torch.float32) if spec.post_ffn_norm else f.float()
+            h = h + (f * self.residual_multiplier if self.residual_multiplier else f)
             if timing:
                 self._clock("ffn", t)
         return self.norm(h[-1:], dt)
@@ -374,7 +386,7 @@ class Engine:
             out = self.head.decode(hidden)
         else:  # float32 logits (also: an argmax over float16 is several times slower on CPU, 1.2 ms for Gemma's 262k)
             out = exact_logits(hidden, self.head_weight, None, self.head_bias, self.head_native,
-                               self.logit_softcap), None
+                               self.logit_map), None
         if self._timing is not None:
             self._clock("head", t)
         return out
@@ -383,7 +395,7 @@ class Engine:
     def log_prob(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """log p(target) under the exact logits over the whole vocabulary.  # hidden: (1, D), target: (1,) -> (1,)"""
         logits = exact_logits(hidden, self.head_weight, None, self.head_bias, self.head_native,
-                              self.logit_softcap)  # (1, V)
+                              self.logit_map)  # (1, V)
         return logits.gather(-1, target.view(1, 1))[:, 0] - logits.logsumexp(-1)
 
     def kernel_report(self) -> dict:

@@ -193,6 +193,8 @@ def native_steps(engine, model_class=None, plans: list[LayerPlan] | None = None)
                    [s for _, s in engine.rope_tables_f32], engine.norm.weight.contiguous())
         if engine.attention_softcap:
             step.set_softcap(engine.attention_softcap)
+        if engine.residual_multiplier:
+            step.set_residual(engine.residual_multiplier)
         for i, plan in enumerate(plans):
             step.add_layer(*plan.native_args(hire))
             for slot, q in plan.quant_args():

@@ -4,6 +4,8 @@ past the candidates (hire.engine.sampling, docs/sampling.md)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -25,14 +27,14 @@ TAIL_MARGIN = 8.0
 
 def exact_logits(h: torch.Tensor, weight: torch.Tensor | QTensor, rows: torch.Tensor | None = None,
                  bias: torch.Tensor | None = None, use_native: bool | None = None,
-                 softcap: float | None = None) -> torch.Tensor:
+                 logit_map: "LogitMap | None" = None) -> torch.Tensor:
     """The exact head, the one function every path computes logits with (HiRE's candidates, the dense
     head, a batch's union, a sampled tail row): float32, the head's bias added on every path.
     ``weight`` is the head in its decode form: a 16-bit tensor or a GGUF QTensor (read in its codes).
     ``use_native``: the kernels or the eager path, as the caller decided when it was prepared (a layer
-    prepared inside ``native.disabled()`` stays eager); None decides now. ``softcap`` c: the model's
-    soft-cap after its head, c * tanh(logit / c) (Gemma 2; monotone, so it never changes which rows
-    are the largest).
+    prepared inside ``native.disabled()`` stays eager); None decides now. ``logit_map``: what the model
+    does to its logits after the head (Granite divides them, Gemma 2 soft-caps them; ``LogitMap``,
+    increasing, so it never changes which rows are the largest).
     # h: (B, D), rows: (m,) or None (every row) -> float32 (B, m) or (B, V)"""
     batch = h.shape[0]
     if use_native is None:
@@ -52,12 +54,41 @@ def exact_logits(h: torch.Tensor, weight: torch.Tensor | QTensor, rows: torch.Te
         out = F.linear(h.float(), picked.float())
     if bias is not None:
         out = out + (bias if rows is None else bias.index_select(0, rows)).float()
-    return out if not softcap else soft_cap(out, softcap)
+    return out if logit_map is None else logit_map(out)
 
 
 def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
     """c * tanh(x / c), as transformers' Gemma 2 caps its logits."""
     return torch.tanh(x / cap) * cap
+
+
+@dataclass(frozen=True)
+class LogitMap:
+    """An increasing map a model applies to its logits after the head: times ``scale`` (Granite's
+    1 / logits_scaling), then soft-capped at ``cap`` (Gemma 2's final_logit_softcapping)."""
+
+    scale: float = 1.0
+    cap: float | None = None
+
+    @classmethod
+    def of(cls, config, scale_divisor: str | None = None, cap: str | None = None) -> "LogitMap | None":
+        """The map ``config`` sets under those attributes (EngineSpec's), None where it is the identity."""
+        divisor = getattr(config, scale_divisor, None) if scale_divisor else None
+        value = getattr(config, cap, None) if cap else None
+        out = cls(1.0 / float(divisor) if divisor else 1.0, float(value) if value else None)
+        if out.scale <= 0:
+            raise ValueError(f"{scale_divisor} must be positive, got {divisor}")
+        return None if out == cls() else out
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * self.scale if self.scale != 1.0 else x
+        return soft_cap(x, self.cap) if self.cap else x
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        """The logits before the map (a capped value is clamped just inside the cap first)."""
+        if self.cap:
+            y = torch.atanh((y / self.cap).clamp(-1 + 1e-6, 1 - 1e-6)) * self.cap
+        return y / self.scale if self.scale != 1.0 else y
 
 
 def native_rows_for(weight: torch.Tensor | QTensor) -> bool:
@@ -72,21 +103,21 @@ class TailBound:
     on every vocabulary row's logit, and the exact logits of any rows on demand."""
 
     def __init__(self, bound: torch.Tensor, h: torch.Tensor, weight: torch.Tensor | QTensor,
-                 bias: torch.Tensor | None, use_native: bool | None = None, softcap: float | None = None):
-        # (1, V) float32: first-pass score + margin (the sampler ignores the candidates'), soft-capped
-        # as the logits are (a monotone map keeps it a bound)
-        self.bound = bound if not softcap else soft_cap(bound, softcap)
-        self.h, self.weight, self.bias, self.use_native, self.softcap = h, weight, bias, use_native, softcap
+                 bias: torch.Tensor | None, use_native: bool | None = None, logit_map: LogitMap | None = None):
+        # (1, V) float32: first-pass score + margin (the sampler ignores the candidates'), mapped as the
+        # logits are (an increasing map keeps it a bound)
+        self.bound = bound if logit_map is None else logit_map(bound)
+        self.h, self.weight, self.bias, self.use_native, self.logit_map = h, weight, bias, use_native, logit_map
         self._dense: torch.Tensor | None = None
 
     def rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Exact logits of ``rows``.  # rows: (m,) -> float32 (m,)"""
-        return exact_logits(self.h, self.weight, rows, self.bias, self.use_native, self.softcap)[0]
+        return exact_logits(self.h, self.weight, rows, self.bias, self.use_native, self.logit_map)[0]
 
     def dense(self) -> torch.Tensor:
         """Exact logits of every row, computed once.  # -> float32 (1, V)"""
         if self._dense is None:
-            self._dense = exact_logits(self.h, self.weight, None, self.bias, self.use_native, self.softcap)
+            self._dense = exact_logits(self.h, self.weight, None, self.bias, self.use_native, self.logit_map)
         return self._dense
 
 
@@ -105,12 +136,13 @@ class HiReLMHead(nn.Module):
     position (for measuring), ``mode="dense"`` never.
     """
 
-    def __init__(self, base_layer: nn.Linear, config: HeadConfig, selector: Cascade, softcap: float | None = None):
+    def __init__(self, base_layer: nn.Linear, config: HeadConfig, selector: Cascade,
+                 logit_map: LogitMap | None = None):
         super().__init__()
         self.base_layer = base_layer
-        # the model's soft-cap after the head (Gemma 2): the decode paths apply it to the exact logits
-        # they return; forward leaves it to the model's own forward, which caps what the head returns
-        self.softcap = softcap
+        # what the model does to its logits after the head (Gemma 2's cap, Granite's divisor): the decode
+        # paths apply it to the exact logits they return; forward leaves it to the model's own forward
+        self.logit_map = logit_map
         self.config = config
         self.selector = selector
         self.mode = "decode"
@@ -175,7 +207,7 @@ class HiReLMHead(nn.Module):
         """Exact float32 logits of the candidates for one token (``exact_logits``: only their rows are
         read, in place).  # h: (1, D) -> logits: (1, k'), idx: (1, k')"""
         idx = self.selector.decode_select(h)
-        return exact_logits(h, self.decode_weight, idx[0], self.bias, self.native_rows, self.softcap), idx
+        return exact_logits(h, self.decode_weight, idx[0], self.bias, self.native_rows, self.logit_map), idx
 
     def select_union(self, h: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The union of B tokens' candidates (ascending) and one token's candidate count. A one-stage
@@ -198,7 +230,7 @@ class HiReLMHead(nn.Module):
 
     def exact_rows(self, h: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         """Exact float32 logits of ``rows`` (None: all).  # h: (B, D), rows: (m,) -> (B, m)"""
-        return exact_logits(h, self.decode_weight, rows, self.bias, self.native_rows, self.softcap)
+        return exact_logits(h, self.decode_weight, rows, self.bias, self.native_rows, self.logit_map)
 
     def tail(self, h: torch.Tensor, logits: torch.Tensor, idx: torch.Tensor) -> TailBound:
         """What sampling needs past this token's candidates ``idx`` (exact ``logits``): every row's
@@ -206,19 +238,17 @@ class HiReLMHead(nn.Module):
         Costs a second first pass over the proxy (its fused kernel keeps only the selection).
         # h: (1, D), logits/idx: (1, m) -> TailBound over (1, V)"""
         bound = self.selector.decode_bound(h, self.tail_margin, logits, idx)
-        return TailBound(bound, h, self.decode_weight, self.bias, self.native_rows, self.softcap)
+        return TailBound(bound, h, self.decode_weight, self.bias, self.native_rows, self.logit_map)
 
     def log_mass(self, h: torch.Tensor, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Every row's expected exp(logit), in log form, from the first-pass proxy (Cascade.decode_log_mass:
         the normaliser's tail of a HiRE step's log-probabilities, hire.engine.logprobs). Costs a second
-        first pass over the proxy. With a soft-cap (Gemma 2) the estimate runs on the logits before it
-        (the proxy's units) and is capped after: a plug-in estimate, like the rest of the tail's.
-        # h: (1, D), logits/idx: (1, m) -> float32 (1, V)"""
-        if not self.softcap:
+        first pass over the proxy. With a logit map (Gemma 2's cap, Granite's divisor) the estimate runs
+        on the logits before it (the proxy's units) and is mapped after: a plug-in estimate, like the
+        rest of the tail's.  # h: (1, D), logits/idx: (1, m) -> float32 (1, V)"""
+        if self.logit_map is None:
             return self.selector.decode_log_mass(h, logits, idx)
-        c = self.softcap
-        raw = torch.atanh((logits / c).clamp(-1 + 1e-6, 1 - 1e-6)) * c  # the logits before the cap
-        return soft_cap(self.selector.decode_log_mass(h, raw, idx), c)
+        return self.logit_map(self.selector.decode_log_mass(h, self.logit_map.inverse(logits), idx))
 
     def nbytes(self) -> int:
         """Bytes read per token: the proxies plus the k' exact rows (16 bits, or the head's GGUF codes)."""

@@ -123,6 +123,7 @@ struct DecodeModel : torch::CustomClassHolder {
   int64_t hq, hkv, hd, dim;
   double scale, eps;
   double softcap = 0.0;  // the attention scores' soft-cap (set_softcap; 0: none)
+  float residual = 1.f;  // each attention and FFN output's multiplier before the residual add (Granite; set_residual)
   Tensor k_cache, v_cache;  // (L, Hkv, S, hd), written in place
   std::vector<Tensor> cos, sin;  // float32 (S, hd) per rotary table
   Tensor final_norm;
@@ -358,13 +359,13 @@ struct DecodeModel : torch::CustomClassHolder {
         hire_native::qgemv(L.quant[Q_O], att.data(), nullptr, dim, y.data());
       }
       if (L.post_attn_norm.defined()) rms_norm(y.data(), L.post_attn_norm.data_ptr<float>(), dim, eps, y.data());
-      for (int64_t i = 0; i < dim; ++i) hp[i] += y[i];
+      for (int64_t i = 0; i < dim; ++i) hp[i] += y[i] * residual;
       const auto t1 = timing ? clock::now() : clock::time_point();
       // --- FFN
       pre_norm(hp, L.ffn_norm, x.data());
       ffn(L, x.data(), y.data());
       if (L.post_ffn_norm.defined()) rms_norm(y.data(), L.post_ffn_norm.data_ptr<float>(), dim, eps, y.data());
-      for (int64_t i = 0; i < dim; ++i) hp[i] += y[i];
+      for (int64_t i = 0; i < dim; ++i) hp[i] += y[i] * residual;
       if (timing) {
         const auto t2 = clock::now();
         seconds[0] += std::chrono::duration<double>(t1 - t0).count();
@@ -566,14 +567,14 @@ struct DecodeModel : torch::CustomClassHolder {
       for (int64_t j = 0; j < batch; ++j) {
         float* yj = y.data() + j * dim;
         if (L.post_attn_norm.defined()) rms_norm(yj, L.post_attn_norm.data_ptr<float>(), dim, eps, yj);
-        for (int64_t i = 0; i < dim; ++i) hp[j * dim + i] += yj[i];
+        for (int64_t i = 0; i < dim; ++i) hp[j * dim + i] += yj[i] * residual;
         pre_norm(hp + j * dim, L.ffn_norm, x.data() + j * dim);
       }
       ffn_batch(L, x.data(), batch, y.data());
       for (int64_t j = 0; j < batch; ++j) {
         float* yj = y.data() + j * dim;
         if (L.post_ffn_norm.defined()) rms_norm(yj, L.post_ffn_norm.data_ptr<float>(), dim, eps, yj);
-        for (int64_t i = 0; i < dim; ++i) hp[j * dim + i] += yj[i];
+        for (int64_t i = 0; i < dim; ++i) hp[j * dim + i] += yj[i] * residual;
       }
     }
     auto out = torch::empty({batch, dim}, h.options());
@@ -586,6 +587,12 @@ struct DecodeModel : torch::CustomClassHolder {
   void set_softcap(double c) {
     TORCH_CHECK(c >= 0.0 && std::isfinite(c), "the attention soft-cap must be finite and >= 0 (0: none), got ", c);
     softcap = c;
+  }
+
+  // Granite's residual_multiplier: attention and FFN outputs times m before the residual add; 1: none
+  void set_residual(double m) {
+    TORCH_CHECK(std::isfinite(m) && m > 0.0, "the residual multiplier must be finite and > 0, got ", m);
+    residual = static_cast<float>(m);
   }
 
   // the sparse FFNs' union of selected neurons since the last call: (sum of union sizes, layer steps)
@@ -662,5 +669,6 @@ HIRE_FRAGMENT(HIRE_OPS_NAMESPACE, m) {
       .def("take_union", &DecodeModel::take_union)
       .def("set_timing", &DecodeModel::set_timing)
       .def("set_softcap", &DecodeModel::set_softcap)
+      .def("set_residual", &DecodeModel::set_residual)
       .def("timings", &DecodeModel::timings);
 }
