@@ -451,7 +451,7 @@ def test_a_gemma2_gguf_decodes_with_its_soft_caps_like_the_float32_model(tmp_pat
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
     engine = Engine(model, None, dtype=torch.float32, max_seq_len=48)
-    assert engine.kernel_report()["step"] == "native" and engine.attention_softcap and engine.logit_softcap
+    assert engine.kernel_report()["step"] == "native" and engine.attention_softcap and engine.logit_map is not None
     eager = Engine(model, None, dtype=torch.float32, max_seq_len=48, fused=False)
     fp = Engine(ref, None, dtype=torch.float32, max_seq_len=48)
     tokens = torch.randint(0, ref.config.vocab_size, (40,))  # past the 32-token sliding window
