@@ -86,9 +86,7 @@ class ArchSpec:
 
 
 _LLAMA_ENGINE = EngineSpec()
-_GEMMA3_ENGINE = EngineSpec(
-    rotary_per_layer_type=True,
-    qk_norms=("q_norm", "k_norm"),
+_GEMMA_NORMS = dict(  # Gemma 2 and 3: four norms a layer, each scaling by (1 + weight)
     post_attention_norm="post_attention_layernorm",
     pre_ffn_norm="pre_feedforward_layernorm",
     post_ffn_norm="post_feedforward_layernorm",
@@ -96,16 +94,9 @@ _GEMMA3_ENGINE = EngineSpec(
     norm_eps="eps",
     attention_scale="query_pre_attn_scalar",
 )
-_GEMMA2_ENGINE = EngineSpec(
-    post_attention_norm="post_attention_layernorm",
-    pre_ffn_norm="pre_feedforward_layernorm",
-    post_ffn_norm="post_feedforward_layernorm",
-    norm_weight_offset=1.0,
-    norm_eps="eps",
-    attention_scale="query_pre_attn_scalar",
-    attention_softcap="attn_logit_softcapping",
-    logit_softcap="final_logit_softcapping",
-)
+_GEMMA2_ENGINE = EngineSpec(**_GEMMA_NORMS, attention_softcap="attn_logit_softcapping",
+                            logit_softcap="final_logit_softcapping")
+_GEMMA3_ENGINE = EngineSpec(**_GEMMA_NORMS, rotary_per_layer_type=True, qk_norms=("q_norm", "k_norm"))
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": ArchSpec(layers="model.layers", ffn="gated", engine=_LLAMA_ENGINE),
     "mistral": ArchSpec(layers="model.layers", ffn="gated", engine=_LLAMA_ENGINE),
