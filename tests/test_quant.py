@@ -463,6 +463,101 @@ def test_a_gemma2_gguf_decodes_with_its_soft_caps_like_the_float32_model(tmp_pat
     assert hire_engine.teacher_forced(tokens, hire=True)[0] == want
 
 
+def write_full_gguf(path, arch: str):
+    """A tiny ``arch`` model as a GGUF with the metadata llama.cpp's converter writes (config keys, a
+    gpt2-type tokenizer; q/k rows permuted where its converter permutes them), for the loader's real
+    first read; its matrices Q8_0, the rest F32. Returns the float32 model of the file's values."""
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+
+    from hire.quant.load import GGUF_EXTRA_ARCHITECTURES
+
+    model = make(arch)
+    cfg = model.config
+    if arch == "smollm3":  # the file cannot say which layers skip RoPE: llama.cpp's default (every 4th)
+        cfg.no_rope_layers = [int((i + 1) % 4 != 0) for i in range(cfg.num_hidden_layers)]
+        for i, layer in enumerate(model.model.layers):
+            layer.self_attn.use_rope = cfg.no_rope_layers[i]
+    gguf_arch = next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch)
+    table = get_tensor_name_map(gguf_arch, cfg.num_hidden_layers)
+    writer = GGUFWriter(str(path), arch)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    writer.add_vocab_size(cfg.vocab_size)
+    if arch == "granite":
+        writer.add_attention_scale(cfg.attention_multiplier)
+        writer.add_embedding_scale(cfg.embedding_multiplier)
+        writer.add_residual_scale(cfg.residual_multiplier)
+        writer.add_logit_scale(cfg.logits_scaling)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+    writer.add_token_types([1] * cfg.vocab_size)
+    writer.add_token_scores([0.0] * cfg.vocab_size)
+    writer.add_token_merges([])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(0)
+    permuted = GGUF_EXTRA_ARCHITECTURES[arch][1]
+    for hf, p in model.named_parameters():
+        module, _, suffix = hf.rpartition(".")
+        w = p.detach().numpy().astype(np.float32)
+        if w.ndim == 2:
+            data = quantize(w, GGMLQuantizationType.Q8_0)
+            back = dequantize(data, GGMLQuantizationType.Q8_0).reshape(w.shape)
+            stored = data
+            if permuted and module.endswith(("q_proj", "k_proj")):
+                heads = cfg.num_attention_heads if module.endswith("q_proj") else cfg.num_key_value_heads
+                stored = quantize(_permute(back, heads), GGMLQuantizationType.Q8_0)
+            writer.add_tensor(f"{table.get_name(module)}.{suffix}", stored, raw_dtype=GGMLQuantizationType.Q8_0)
+        else:
+            back = w
+            writer.add_tensor(f"{table.get_name(module)}.{suffix}", w)
+        with torch.no_grad():
+            p.copy_(torch.from_numpy(np.ascontiguousarray(back)))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model.eval()
+
+
+@needs_kernels
+@pytest.mark.parametrize("arch", ["smollm3", "olmo2", "granite"])
+def test_architectures_transformers_gguf_table_lacks_load_from_their_metadata(arch, tmp_path, monkeypatch):
+    """SmolLM3, OLMo 2 and Granite files: the loader registers them in transformers' GGUF tables as
+    llama.cpp writes them (Granite's multipliers, Llama's q/k permutation where its converter applies
+    it) and they load, from a first read of their metadata, into their codes and the engine."""
+    monkeypatch.setenv("HIRE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / f"tiny-{arch}.gguf"
+    ref = write_full_gguf(path, arch)
+    model, tokenizer, report = load_quantized(path)
+    assert model.config.model_type == arch and "Q8_0" in report.formats
+    if arch == "granite":
+        assert (model.config.embedding_multiplier, model.config.logits_scaling) == (3.0, 2.0)
+    ids = torch.randint(0, ref.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+    engine = Engine(model, None, dtype=torch.float32, max_seq_len=40)
+    assert engine.kernel_report()["step"] == "native"
+    tokens = torch.randint(0, ref.config.vocab_size, (24,))
+    fp = Engine(ref, None, dtype=torch.float32, max_seq_len=40)
+    assert engine.teacher_forced(tokens, hire=False)[0] == fp.teacher_forced(tokens, hire=False)[0]
+    # the float path (--dequantized): transformers dequantizes the same file
+    from transformers import AutoModelForCausalLM
+
+    from hire.models.cache import convert_gguf
+
+    convert_gguf(path, tmp_path / "float")
+    floated = AutoModelForCausalLM.from_pretrained(tmp_path / "float", local_files_only=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(floated(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_a_gemma2_file_s_soft_caps_and_attention_scale_reach_the_config():
     """transformers' GGUF table leaves them out: the loader reads llama.cpp's keys (the 2B's values
     here; a 27B's 46 layers take hidden / heads as the attention scale)."""

@@ -54,12 +54,21 @@ def _cache_key(gguf: Path) -> str:
 def convert_gguf(gguf: Path, out: Path) -> None:
     """Write ``gguf`` as a Hugging Face model directory (config, tokenizer, float32 safetensors) into ``out``."""
     from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from hire.quant.load import complete_gemma2_config, register_gguf_architectures
 
     check_gguf(gguf)
+    register_gguf_architectures()
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        file_config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if file_config.model_type == "gemma2":  # what transformers' table leaves out, before the modules read it
+            from gguf import GGUFReader
+
+            complete_gemma2_config(file_config, GGUFReader(gguf))
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, config=file_config,
+                                                     dtype=torch.float32)
     except Exception as err:
         raise ValueError(f"transformers could not load {gguf} ({type(err).__name__}: {err})") from err
     config = model.config

@@ -113,6 +113,7 @@ def _meta_dir(path: Path) -> Path:
     log.warning("reading the metadata of %s (first load; cached in %s)", path.name, entry)
     reader = _open_reader(path)
     table = _read_header(path, reader)
+    register_gguf_architectures()
     try:
         with _shared_reader(path, reader):
             config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
@@ -129,6 +130,34 @@ def _meta_dir(path: Path) -> Path:
         (tmp / TABLE).write_text(json.dumps(table))
         write_manifest(tmp, path, META_FORMAT)
     return entry
+
+
+# Architectures transformers' GGUF table leaves out, registered in it (register_gguf_architectures)
+# as llama.cpp's converter writes them: Llama's keys, plus Granite's four multipliers; SmolLM3 and
+# Granite convert as Llama subclasses (q/k rows permuted: Llama's processor undoes it), OLMo 2 as a
+# plain text model (not permuted). SmolLM3's NoPE layers (every fourth) are transformers' default,
+# as they are llama.cpp's.
+GGUF_EXTRA_ARCHITECTURES = {
+    "smollm3": ({}, True),
+    "olmo2": ({}, False),
+    "granite": ({"attention.scale": "attention_multiplier", "embedding_scale": "embedding_multiplier",
+                 "residual_scale": "residual_multiplier", "logit_scale": "logits_scaling"}, True),
+}
+
+
+def register_gguf_architectures() -> None:
+    """Add ``GGUF_EXTRA_ARCHITECTURES`` to transformers' GGUF tables (idempotent): its config reader,
+    its list of supported architectures and its tensor processors (both loaders read them)."""
+    from transformers.integrations import ggml
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    for arch, (extra, permuted) in GGUF_EXTRA_ARCHITECTURES.items():
+        if arch not in ggml.GGUF_CONFIG_MAPPING:
+            ggml.GGUF_CONFIG_MAPPING[arch] = {**ggml.GGUF_CONFIG_MAPPING["llama"], **extra}
+        if arch not in gguf_utils.GGUF_SUPPORTED_ARCHITECTURES:
+            gguf_utils.GGUF_SUPPORTED_ARCHITECTURES.append(arch)
+        if permuted:
+            gguf_utils.TENSOR_PROCESSORS.setdefault(arch, gguf_utils.TENSOR_PROCESSORS["llama"])
 
 
 def complete_gemma2_config(config, reader) -> None:
@@ -207,6 +236,7 @@ def load_quantized(path: str | Path, *, dtype: torch.dtype = torch.float32, act_
     path = Path(path)
     t0 = time.perf_counter()
     check_gguf_header(path)
+    register_gguf_architectures()  # their tensor processors (a cached metadata entry skips _meta_dir's call)
     meta = _meta_dir(path)
     config = AutoConfig.from_pretrained(meta, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(meta, local_files_only=True)
