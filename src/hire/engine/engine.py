@@ -56,9 +56,8 @@ def _weight(module: nn.Module):
 # 32: 26 / 83, 512: 652 / 960; Gemma-3 codes 8: 11 / 70, 512: 516 / 860; SmolLM2 16-bit 8: 19 / 46,
 # 512: 1,278 / 2,525. The chunk bounds a step's buffers, not its cost.
 PREFILL_CHUNK = 512
-
-
 NO_ROPE = "no rotary"  # the rotary table of layers without RoPE (EngineSpec.rope_layers)
+
 
 @dataclass
 class _Layer:
