@@ -358,6 +358,20 @@ def test_a_hire_ffn_over_codes_is_refused_with_the_way_out(small_gguf):
         hire.sparsify_(model, hire.HiReConfig(head=hire.HeadConfig(enabled=False)))
 
 
+def assert_decodes_like(model, ref) -> torch.Tensor:
+    """``model`` (a loaded GGUF) computes ``ref``'s logits (the float32 model of the file's values), and
+    the engine's native step on it teacher-forces ``ref``'s greedy tokens; returns the ids it used."""
+    ids = torch.randint(0, ref.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+    engine = Engine(model, None, dtype=torch.float32, max_seq_len=40)
+    assert engine.kernel_report()["step"] == "native"
+    tokens = torch.randint(0, ref.config.vocab_size, (24,))
+    fp = Engine(ref, None, dtype=torch.float32, max_seq_len=40)
+    assert engine.teacher_forced(tokens, hire=False)[0] == fp.teacher_forced(tokens, hire=False)[0]
+    return ids
+
+
 @needs_kernels
 def test_iq4_nl_matrices_load_and_decode_like_the_float32_model(tmp_path):
     """A file with IQ4_NL matrices (the non-linear format, read as 8-bit codes) among the others: the
@@ -367,26 +381,25 @@ def test_iq4_nl_matrices_load_and_decode_like_the_float32_model(tmp_path):
                                                "blk.1.ffn_down.weight": "IQ4_NL"})
     model, _, report = load_quantized(path)
     assert report.formats["IQ4_NL"] == 3
-    ids = torch.randint(0, ref.config.vocab_size, (2, 12))
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
-    engine = Engine(model, None, dtype=torch.float32, max_seq_len=40)
-    assert engine.kernel_report()["step"] == "native"
-    tokens = torch.randint(0, ref.config.vocab_size, (24,))
-    fp = Engine(ref, None, dtype=torch.float32, max_seq_len=40)
-    assert engine.teacher_forced(tokens, hire=False)[0] == fp.teacher_forced(tokens, hire=False)[0]
+    ids = assert_decodes_like(model, ref)
 
 
-def write_arch_gguf(path, arch: str, formats=("Q8_0", "Q4_1", "IQ4_NL")):
-    """A tiny ``arch`` model (tests/tiny_models) as a GGUF: its matrices in ``formats`` in turn (gguf's
-    own quantizer, or random blocks), the rest F32, named by gguf's table for the architecture; returns
-    the float32 model of the file's values. No head-row permutation (llama's q/k only)."""
+def write_arch_gguf(path, arch: str, formats=("Q8_0", "Q4_1", "IQ4_NL"), *, model=None, header=None,
+                    permuted: bool = False):
+    """A tiny ``arch`` model (tests/tiny_models, or ``model``) as a GGUF: its matrices in ``formats`` in
+    turn (gguf's own quantizer, or random blocks), the rest F32, named by gguf's table for the
+    architecture; returns the float32 model of the file's values. ``header(writer, config)``: the file's
+    metadata (then the loader reads it on a first load); without it the loader's metadata cache entry
+    is written instead. ``permuted``: q/k rows in llama.cpp's Llama order (quantized formats only)."""
     from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, get_tensor_name_map
 
-    model = make(arch)
+    model = make(arch) if model is None else model
+    cfg = model.config
     gguf_arch = next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch)
-    table = get_tensor_name_map(gguf_arch, model.config.num_hidden_layers)
+    table = get_tensor_name_map(gguf_arch, cfg.num_hidden_layers)
     writer = GGUFWriter(str(path), arch)
+    if header is not None:
+        header(writer, cfg)
     i = 0
     for hf, p in model.named_parameters():
         module, _, suffix = hf.rpartition(".")
@@ -403,6 +416,9 @@ def write_arch_gguf(path, arch: str, formats=("Q8_0", "Q4_1", "IQ4_NL")):
             else:
                 data = quantize(w, qtype)
             back = dequantize(data, qtype).reshape(w.shape)
+            if permuted and module.endswith(("q_proj", "k_proj")):
+                data = quantize(_permute(back, cfg.num_attention_heads if module.endswith("q_proj")
+                                         else cfg.num_key_value_heads), qtype)
             writer.add_tensor(name, data, raw_dtype=qtype)
         else:
             back = w
@@ -414,7 +430,8 @@ def write_arch_gguf(path, arch: str, formats=("Q8_0", "Q4_1", "IQ4_NL")):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    _write_meta(path, model.config)
+    if header is None:
+        _write_meta(path, cfg)
     return model.eval()
 
 
@@ -467,63 +484,40 @@ def write_full_gguf(path, arch: str):
     """A tiny ``arch`` model as a GGUF with the metadata llama.cpp's converter writes (config keys, a
     gpt2-type tokenizer; q/k rows permuted where its converter permutes them), for the loader's real
     first read; its matrices Q8_0, the rest F32. Returns the float32 model of the file's values."""
-    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
-
     from hire.quant.load import GGUF_EXTRA_ARCHITECTURES
 
     model = make(arch)
-    cfg = model.config
     if arch == "smollm3":  # the file cannot say which layers skip RoPE: llama.cpp's default (every 4th)
-        cfg.no_rope_layers = [int((i + 1) % 4 != 0) for i in range(cfg.num_hidden_layers)]
+        model.config.no_rope_layers = [int((i + 1) % 4 != 0) for i in range(model.config.num_hidden_layers)]
         for i, layer in enumerate(model.model.layers):
-            layer.self_attn.use_rope = cfg.no_rope_layers[i]
-    gguf_arch = next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch)
-    table = get_tensor_name_map(gguf_arch, cfg.num_hidden_layers)
-    writer = GGUFWriter(str(path), arch)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
-    writer.add_vocab_size(cfg.vocab_size)
-    if arch == "granite":
-        writer.add_attention_scale(cfg.attention_multiplier)
-        writer.add_embedding_scale(cfg.embedding_multiplier)
-        writer.add_residual_scale(cfg.residual_multiplier)
-        writer.add_logit_scale(cfg.logits_scaling)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
-    writer.add_token_types([1] * cfg.vocab_size)
-    writer.add_token_scores([0.0] * cfg.vocab_size)
-    writer.add_token_merges([])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_pad_token_id(0)
-    permuted = GGUF_EXTRA_ARCHITECTURES[arch][1]
-    for hf, p in model.named_parameters():
-        module, _, suffix = hf.rpartition(".")
-        w = p.detach().numpy().astype(np.float32)
-        if w.ndim == 2:
-            data = quantize(w, GGMLQuantizationType.Q8_0)
-            back = dequantize(data, GGMLQuantizationType.Q8_0).reshape(w.shape)
-            stored = data
-            if permuted and module.endswith(("q_proj", "k_proj")):
-                heads = cfg.num_attention_heads if module.endswith("q_proj") else cfg.num_key_value_heads
-                stored = quantize(_permute(back, heads), GGMLQuantizationType.Q8_0)
-            writer.add_tensor(f"{table.get_name(module)}.{suffix}", stored, raw_dtype=GGMLQuantizationType.Q8_0)
-        else:
-            back = w
-            writer.add_tensor(f"{table.get_name(module)}.{suffix}", w)
-        with torch.no_grad():
-            p.copy_(torch.from_numpy(np.ascontiguousarray(back)))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return model.eval()
+            layer.self_attn.use_rope = model.config.no_rope_layers[i]
+
+    def header(writer, cfg):
+        writer.add_context_length(cfg.max_position_embeddings)
+        writer.add_embedding_length(cfg.hidden_size)
+        writer.add_block_count(cfg.num_hidden_layers)
+        writer.add_feed_forward_length(cfg.intermediate_size)
+        writer.add_head_count(cfg.num_attention_heads)
+        writer.add_head_count_kv(cfg.num_key_value_heads)
+        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+        writer.add_vocab_size(cfg.vocab_size)
+        if arch == "granite":
+            writer.add_attention_scale(cfg.attention_multiplier)
+            writer.add_embedding_scale(cfg.embedding_multiplier)
+            writer.add_residual_scale(cfg.residual_multiplier)
+            writer.add_logit_scale(cfg.logits_scaling)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
+        writer.add_token_types([1] * cfg.vocab_size)
+        writer.add_token_scores([0.0] * cfg.vocab_size)
+        writer.add_token_merges([])
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_pad_token_id(0)
+
+    return write_arch_gguf(path, arch, ("Q8_0",), model=model, header=header,
+                           permuted=GGUF_EXTRA_ARCHITECTURES[arch][1])
 
 
 @needs_kernels
@@ -539,14 +533,7 @@ def test_architectures_transformers_gguf_table_lacks_load_from_their_metadata(ar
     assert model.config.model_type == arch and "Q8_0" in report.formats
     if arch == "granite":
         assert (model.config.embedding_multiplier, model.config.logits_scaling) == (3.0, 2.0)
-    ids = torch.randint(0, ref.config.vocab_size, (2, 12))
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
-    engine = Engine(model, None, dtype=torch.float32, max_seq_len=40)
-    assert engine.kernel_report()["step"] == "native"
-    tokens = torch.randint(0, ref.config.vocab_size, (24,))
-    fp = Engine(ref, None, dtype=torch.float32, max_seq_len=40)
-    assert engine.teacher_forced(tokens, hire=False)[0] == fp.teacher_forced(tokens, hire=False)[0]
+    ids = assert_decodes_like(model, ref)
     # the float path (--dequantized): transformers dequantizes the same file
     from transformers import AutoModelForCausalLM
 
