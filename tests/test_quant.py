@@ -480,10 +480,11 @@ def test_a_gemma2_gguf_decodes_with_its_soft_caps_like_the_float32_model(tmp_pat
     assert hire_engine.teacher_forced(tokens, hire=True)[0] == want
 
 
-def write_full_gguf(path, arch: str):
+def write_full_gguf(path, arch: str, extra=None):
     """A tiny ``arch`` model as a GGUF with the metadata llama.cpp's converter writes (config keys, a
     gpt2-type tokenizer; q/k rows permuted where its converter permutes them), for the loader's real
-    first read; its matrices Q8_0, the rest F32. Returns the float32 model of the file's values."""
+    first read; its matrices Q8_0, the rest F32; ``extra(writer)`` adds keys. Returns the float32
+    model of the file's values."""
     from hire.quant.load import GGUF_EXTRA_ARCHITECTURES
 
     model = make(arch)
@@ -515,6 +516,8 @@ def write_full_gguf(path, arch: str):
         writer.add_bos_token_id(1)
         writer.add_eos_token_id(2)
         writer.add_pad_token_id(0)
+        if extra is not None:
+            extra(writer)
 
     return write_arch_gguf(path, arch, ("Q8_0",), model=model, header=header,
                            permuted=GGUF_EXTRA_ARCHITECTURES[arch][1])
@@ -543,6 +546,15 @@ def test_architectures_transformers_gguf_table_lacks_load_from_their_metadata(ar
     floated = AutoModelForCausalLM.from_pretrained(tmp_path / "float", local_files_only=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(floated(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_an_olmo3_file_is_refused_rather_than_read_without_its_sliding_window(tmp_path, monkeypatch):
+    """llama.cpp writes OLMo 3 as olmo2 plus sliding-window keys; an OLMo 2 config would drop them."""
+    monkeypatch.setenv("HIRE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "tiny-olmo3.gguf"
+    write_full_gguf(path, "olmo2", extra=lambda writer: writer.add_sliding_window(8))
+    with pytest.raises(UnsupportedGGUF, match="OLMo 3"):
+        load_quantized(path)
 
 
 def test_a_gemma2_file_s_soft_caps_and_attention_scale_reach_the_config():

@@ -56,19 +56,23 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     from safetensors.torch import save_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from hire.quant.load import complete_gemma2_config, register_gguf_architectures
+    from hire.quant.load import UnsupportedGGUF, complete_gemma2_config, refuse_sliding_olmo, register_gguf_architectures
 
     check_gguf(gguf)
     register_gguf_architectures()
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         file_config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        if file_config.model_type == "gemma2":  # what transformers' table leaves out, before the modules read it
+        if file_config.model_type in ("gemma2", "olmo2"):  # what transformers' table leaves out
             from gguf import GGUFReader
 
-            complete_gemma2_config(file_config, GGUFReader(gguf))
+            reader = GGUFReader(gguf)
+            complete_gemma2_config(file_config, reader)  # before the modules read it
+            refuse_sliding_olmo(file_config, reader, gguf)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, config=file_config,
                                                      dtype=torch.float32)
+    except UnsupportedGGUF:
+        raise  # its own message (a file HiRE refuses), not transformers'
     except Exception as err:
         raise ValueError(f"transformers could not load {gguf} ({type(err).__name__}: {err})") from err
     config = model.config

@@ -121,6 +121,7 @@ def _meta_dir(path: Path) -> Path:
     except Exception as err:
         raise UnsupportedGGUF(f"transformers could not read the metadata of {path} ({type(err).__name__}: {err})") from err
     complete_gemma2_config(config, reader)
+    refuse_sliding_olmo(config, reader, path)
     del reader  # (its memory map of the file)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -158,6 +159,14 @@ def register_gguf_architectures() -> None:
             gguf_utils.GGUF_SUPPORTED_ARCHITECTURES.append(arch)
         if permuted:
             gguf_utils.TENSOR_PROCESSORS.setdefault(arch, gguf_utils.TENSOR_PROCESSORS["llama"])
+
+
+def refuse_sliding_olmo(config, reader, path) -> None:
+    """llama.cpp writes OLMo 3 files as ``olmo2`` with sliding-window layers, which the OLMo 2 config
+    transformers builds from them would not have (a silent wrong answer past the window): refused."""
+    if config.model_type == "olmo2" and "olmo2.attention.sliding_window" in reader.fields:
+        raise UnsupportedGGUF(f"{path} is an OLMo 3 file (olmo2 with sliding-window layers), which HiRE does not "
+                              "load yet; an OLMo 2 file loads")
 
 
 def complete_gemma2_config(config, reader) -> None:
