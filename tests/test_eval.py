@@ -53,16 +53,18 @@ def test_dense_bytes_count_every_weight_once(arch):
 
 
 @pytest.mark.parametrize("ffn", [False, True])
-def test_eval_measures_what_the_whole_models_logits_give(ffn, monkeypatch):
+@pytest.mark.parametrize("arch", ["llama", "granite", "gemma2"])
+def test_eval_measures_what_the_whole_models_logits_give(arch, ffn, monkeypatch):
     """hire eval reads the dense logits a few positions at a time (and, when only the head differs,
     takes the HiRE column from the same pass): perplexity, recall and agreement are those of the
-    model's own forward pass and its full (T, V) logits, whatever the chunk."""
+    model's own forward pass and its full (T, V) logits, whatever the chunk, including what the model
+    does to its logits after the head (Granite divides them, Gemma 2 soft-caps them)."""
     from hire.eval import quality
     from hire.eval.quality import perplexity
     from hire.patch import set_mode
     from hire.topk import recall_at_k
 
-    model = make("llama")
+    model = make(arch)
     windows = torch.randint(0, VOCAB, (3, 24))
     cfg = HiReConfig(head=HeadConfig(k=5, candidates=32, proxy="int8"),
                      ffn=FFNConfig(density=0.5) if ffn else FFNConfig(enabled=False))

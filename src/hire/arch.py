@@ -125,8 +125,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 
-def softcap_of(config, attribute: str | None) -> float | None:
-    """The soft-cap a model's config sets under ``attribute`` (EngineSpec's), None where there is none."""
+def config_value(config, attribute: str | None) -> float | None:
+    """The number a model's config sets under ``attribute`` (one of EngineSpec's soft-caps or
+    multipliers), None where the spec names none or the config leaves it unset (None or 0)."""
     value = getattr(config, attribute, None) if attribute else None
     return float(value) if value else None
 

@@ -101,9 +101,7 @@ def sparsify_(
         # Gemma 2 soft-caps its logits after the head, Granite divides them: the decode paths map the
         # candidates' exact logits likewise; in the model's own forward (which maps what the head returns)
         # a skipped row's -inf comes out as -cap (Gemma 2), below any candidate's logit
-        engine = spec.engine
-        logit_map = None if engine is None else LogitMap.of(model.config, engine.logit_divisor, engine.logit_softcap)
-        head = HiReLMHead(base, config.head, selector, logit_map=logit_map)
+        head = HiReLMHead(base, config.head, selector, logit_map=LogitMap.of(model))
         swaps.append(lambda: model.set_submodule(spec.head, head))
     if config.ffn.enabled:
         layers = decoder_layers(model)

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from hire import native
-from hire.arch import EngineSpec, arch_spec, decoder_layers, engine_spec, softcap_of
+from hire.arch import EngineSpec, arch_spec, config_value, decoder_layers, engine_spec
 from hire.config import HiReConfig
 from hire.engine.plan import LayerPlan, NotFusable, layer_plans, native_steps
 from hire.engine.sampling import PROBE_EVERY, DensePolicy, SamplingStats, needs_tail, sample
@@ -117,12 +117,12 @@ class Engine:
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         scale_base = getattr(cfg, spec.attention_scale) if spec.attention_scale else self.head_dim
-        self.scale = float(getattr(cfg, spec.attention_multiplier)) if spec.attention_multiplier else scale_base ** -0.5
-        self.attention_softcap = softcap_of(cfg, spec.attention_softcap)  # Gemma 2: c * tanh(score / c)
+        self.scale = config_value(cfg, spec.attention_multiplier) or scale_base ** -0.5  # Granite's, where set
+        self.attention_softcap = config_value(cfg, spec.attention_softcap)  # Gemma 2: c * tanh(score / c)
         # what the model does to its logits after the head (Gemma 2's cap, Granite's divisor), or None
-        self.logit_map = LogitMap.of(cfg, spec.logit_divisor, spec.logit_softcap)
-        self.embedding_multiplier = float(getattr(cfg, spec.embedding_multiplier)) if spec.embedding_multiplier else None
-        self.residual_multiplier = float(getattr(cfg, spec.residual_multiplier)) if spec.residual_multiplier else None
+        self.logit_map = LogitMap.of(model)
+        self.embedding_multiplier = config_value(cfg, spec.embedding_multiplier)  # Granite's
+        self.residual_multiplier = config_value(cfg, spec.residual_multiplier)
         if config is not None:
             sparsify_(model, config, head_proxy=head_proxy)
         self.config = config

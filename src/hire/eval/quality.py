@@ -27,6 +27,7 @@ from hire.calibrate.prepare import load_for_decode
 from hire.config import HiReConfig
 from hire.data import CALIBRATION_WINDOWS, UNSEEN_DOMAINS, load_corpus, load_domains, read_text, token_windows
 from hire.eval.bytes import bytes_per_token
+from hire.layers.head import LogitMap
 from hire.patch import hire_layers, set_mode, sparsify_, unsparsify_
 from hire.system import release_freed_memory, returned_allocations
 from hire.topk import merge_topk, recall_at_k
@@ -61,7 +62,7 @@ def _head_pass(model: nn.Module, states: torch.Tensor, window: torch.Tensor, hea
     n_pos, states = states.shape[0], states.float()
     cand = None if head is None else torch.cat([head.selector.select(h) for h in states.split(SELECT_CHUNK)])
     rows, bias = HeadRows(model), head_base(model).bias
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    logit_map = LogitMap.of(model)  # as the model's forward does after its head (Gemma 2's cap, Granite's divisor)
     targets = window[1:]  # position t predicts token t + 1; the last position has none
     at = torch.arange(targets.shape[0])
     peak = torch.full((n_pos,), float("-inf"))
@@ -74,8 +75,8 @@ def _head_pass(model: nn.Module, states: torch.Tensor, window: torch.Tensor, hea
         stop = start + logits.shape[1]
         if bias is not None:
             logits += bias[start:stop].float()
-        if cap:  # as the model's forward does after its head (Gemma-2)
-            logits = torch.tanh(logits / cap) * cap
+        if logit_map is not None:
+            logits = logit_map(logits)
         high = torch.maximum(peak, logits.amax(-1))
         mass = mass * torch.exp(peak - high) + torch.exp(logits - high[:, None]).sum(-1)
         peak = high

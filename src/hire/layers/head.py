@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from hire import native
+from hire.arch import arch_spec, config_value
 from hire.config import HeadConfig
 from hire.proxies import Cascade, LowRankProxy
 from hire.quant.tensor import QLinear, QTensor
@@ -71,13 +72,16 @@ class LogitMap:
     cap: float | None = None
 
     @classmethod
-    def of(cls, config, scale_divisor: str | None = None, cap: str | None = None) -> "LogitMap | None":
-        """The map ``config`` sets under those attributes (EngineSpec's), None where it is the identity."""
-        divisor = getattr(config, scale_divisor, None) if scale_divisor else None
-        value = getattr(config, cap, None) if cap else None
-        out = cls(1.0 / float(divisor) if divisor else 1.0, float(value) if value else None)
-        if out.scale <= 0:
-            raise ValueError(f"{scale_divisor} must be positive, got {divisor}")
+    def of(cls, model: nn.Module) -> "LogitMap | None":
+        """The map ``model``'s forward applies after its head (its EngineSpec's ``logit_divisor`` and
+        ``logit_softcap``), None where it is the identity."""
+        spec = arch_spec(model).engine
+        if spec is None:
+            return None
+        divisor = config_value(model.config, spec.logit_divisor)
+        if divisor is not None and divisor <= 0:
+            raise ValueError(f"{spec.logit_divisor} must be positive, got {divisor}")
+        out = cls(1.0 / divisor if divisor else 1.0, config_value(model.config, spec.logit_softcap))
         return None if out == cls() else out
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
