@@ -837,13 +837,16 @@ constexpr int64_t kListAhead = 8;
 // in one process (variant builds), medians of 30-60: 0.41 / 0.48, 0.54 / 0.60 and 0.58 / 0.64 ms
 // with / without (16 rows on; 24, 32 and 48 within the noise of 16)
 constexpr int64_t kListFar = 16;
-inline void prefetch_bytes(const void* p, int64_t bytes) {
+// into every cache level, or (l2) into L2 only (prefetcht2: kListFar)
+inline void prefetch_bytes(const void* p, int64_t bytes, bool l2 = false) {
   const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) prefetch(c + off);
-}
-inline void prefetch_bytes_l2(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 1);
+  for (int64_t off = 0; off < bytes; off += 64) {
+    if (l2) {
+      __builtin_prefetch(c + off, 0, 1);
+    } else {
+      prefetch(c + off);
+    }
+  }
 }
 
 // The scales (and mins) of a matrix's rows, as SV readers of each row (one-level float32/float16, or
@@ -857,13 +860,9 @@ struct RowScales {
       : sc(w.scales.data_ptr<S>()), mn(MIN ? w.mins.data_ptr<S>() : nullptr), gs(w.scales.stride(0)) {}
   SV<GROUP, S> scales(int64_t r) const { return SV<GROUP, S>(sc + r * gs); }
   SV<GROUP, S> mins(int64_t r) const { return SV<GROUP, S>(MIN ? mn + r * gs : nullptr); }
-  void prefetch(int64_t r) const {  // a row picked from a list: its scales are not next to the last row's
-    prefetch_bytes(sc + r * gs, gs * static_cast<int64_t>(sizeof(S)));
-    if (MIN) prefetch_bytes(mn + r * gs, gs * static_cast<int64_t>(sizeof(S)));
-  }
-  void prefetch_far(int64_t r) const {  // into L2 (kListFar)
-    prefetch_bytes_l2(sc + r * gs, gs * static_cast<int64_t>(sizeof(S)));
-    if (MIN) prefetch_bytes_l2(mn + r * gs, gs * static_cast<int64_t>(sizeof(S)));
+  void prefetch(int64_t r, bool l2 = false) const {  // a row picked from a list: its scales are not next to the last row's
+    prefetch_bytes(sc + r * gs, gs * static_cast<int64_t>(sizeof(S)), l2);
+    if (MIN) prefetch_bytes(mn + r * gs, gs * static_cast<int64_t>(sizeof(S)), l2);
   }
 };
 template <int GROUP, bool MIN>
@@ -880,15 +879,10 @@ struct RowScales<GROUP, KScale, MIN> {
   SV<GROUP, KScale> mins(int64_t r) const {
     return SV<GROUP, KScale>(MIN ? mn + r * gs : nullptr, sup + r * ss + nsup);
   }
-  void prefetch(int64_t r) const {
-    prefetch_bytes(sc + r * gs, gs);
-    if (MIN) prefetch_bytes(mn + r * gs, gs);
-    prefetch_bytes(sup + r * ss, ss * 2);
-  }
-  void prefetch_far(int64_t r) const {  // into L2 (kListFar)
-    prefetch_bytes_l2(sc + r * gs, gs);
-    if (MIN) prefetch_bytes_l2(mn + r * gs, gs);
-    prefetch_bytes_l2(sup + r * ss, ss * 2);
+  void prefetch(int64_t r, bool l2 = false) const {
+    prefetch_bytes(sc + r * gs, gs, l2);
+    if (MIN) prefetch_bytes(mn + r * gs, gs, l2);
+    prefetch_bytes(sup + r * ss, ss * 2, l2);
   }
 };
 
@@ -901,9 +895,8 @@ inline const uint8_t* prefetch_ahead(const uint8_t* codes, int64_t rb, const RS&
                                      int64_t e) {
   if (!rows) return codes + i * rb + kStreamAhead;
   if (i + kListFar < e) {
-    const uint8_t* far = codes + rows[i + kListFar] * rb;
-    for (int64_t o = 0; o < rb; o += 64) __builtin_prefetch(far + o, 0, 1);
-    rs.prefetch_far(rows[i + kListFar]);
+    prefetch_bytes(codes + rows[i + kListFar] * rb, rb, true);
+    rs.prefetch(rows[i + kListFar], true);
   }
   if (i + kListAhead >= e) return nullptr;
   rs.prefetch(rows[i + kListAhead]);

@@ -113,7 +113,6 @@ def _meta_dir(path: Path) -> Path:
     log.warning("reading the metadata of %s (first load; cached in %s)", path.name, entry)
     reader = _open_reader(path)
     table = _read_header(path, reader)
-    register_gguf_architectures()
     try:
         with _shared_reader(path, reader):
             config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
@@ -245,7 +244,7 @@ def load_quantized(path: str | Path, *, dtype: torch.dtype = torch.float32, act_
     path = Path(path)
     t0 = time.perf_counter()
     check_gguf_header(path)
-    register_gguf_architectures()  # their tensor processors (a cached metadata entry skips _meta_dir's call)
+    register_gguf_architectures()  # for the metadata's first read and for the tensor processors
     meta = _meta_dir(path)
     config = AutoConfig.from_pretrained(meta, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(meta, local_files_only=True)
