@@ -49,6 +49,38 @@ def test_engine_logits_equal_transformers(arch):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"{arch}, fused={fused}")
 
 
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("arch", ENGINE_ARCHS)
+@torch.inference_mode()
+def test_the_model_and_the_engine_hold_one_copy(arch):
+    """The 16-bit path: the model's q, k and v become views of the engine's fused rows and, with the
+    native step, a gated FFN's gate and up views of its neuron-major rows; the model computes what
+    it computed before, and the engine what transformers computes."""
+    model = make(arch, seed=3)
+    want = model(PROMPT[None]).logits[0]
+    engine = Engine(model, None, dtype=torch.float32, max_seq_len=64)
+    spec = engine.spec
+    for i, layer in enumerate(engine.layers):
+        attn = getattr(layer.module, spec.attention)
+        projections = [spec.qkv] if spec.qkv else [spec.q, spec.k, spec.v]
+        for name in projections:
+            assert _storage(getattr(attn, name).weight) == _storage(layer.qkv), f"{arch} layer {i}: {name}"
+        mlp = getattr(layer.module, engine.mlp)
+        if engine.plans is not None and hasattr(mlp, "gate_proj"):
+            rows = engine.plans[i].ffn.rows
+            assert _storage(mlp.gate_proj.weight) == _storage(rows) == _storage(mlp.up_proj.weight)
+            torch.testing.assert_close(mlp.up_proj.weight, rows[:, mlp.gate_proj.weight.shape[1] : 2 * mlp.gate_proj.weight.shape[1]],
+                                       rtol=0, atol=0)
+    assert engine.plans is not None or not engine.native_steps
+    torch.testing.assert_close(model(PROMPT[None]).logits[0], want, rtol=1e-5, atol=1e-5)
+    engine.prefill(PROMPT[:-1])
+    got = engine.logits(engine.forward(PROMPT[-1:], PROMPT.numel() - 1, hire=False), hire=False)[0][0]
+    torch.testing.assert_close(got, want[-1].float(), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("arch", ENGINE_ARCHS)
 def test_hire_decode_path_matches_the_patched_model(arch):
     """Realistic settings: the engine's packed decode layout computes what HiReFFN/HiReLMHead compute."""

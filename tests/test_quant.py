@@ -336,6 +336,28 @@ def test_the_engine_runs_the_codes_natively_like_its_eager_step(small_gguf):
         load_quantized(path, act_bits=4)
 
 
+def test_the_model_s_q_k_v_read_the_engine_s_fused_codes(tmp_path):
+    """One copy of the codes: the model's q, k and v become row views of the engine's fused q/k/v
+    (where their formats fuse), and the model still computes the float32 model."""
+    path = tmp_path / "qkv-q8.gguf"
+    same = {f"blk.{i}.attn_{p}.weight": "Q8_0" for i in range(16) for p in "qkv"}
+    ref, _ = write_gguf(path, overrides=same)
+    model, _, _ = load_quantized(path)
+    engine = Engine(model, None, dtype=torch.float32, max_seq_len=40)
+    fused = 0
+    for layer in engine.layers:
+        attn = layer.module.self_attn
+        parts = (attn.q_proj.q, attn.k_proj.q, attn.v_proj.q)
+        if isinstance(layer.qkv, QTensor):
+            fused += 1
+            assert all(p.codes.untyped_storage().data_ptr() == layer.qkv.codes.untyped_storage().data_ptr() for p in parts)
+            assert sum(p.shape[0] for p in parts) == layer.qkv.shape[0]
+    assert fused > 0
+    ids = torch.randint(0, ref.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+
+
 @needs_kernels
 def test_the_hire_head_reads_the_candidates_rows_in_their_codes(small_gguf):
     from hire.config import HeadConfig, HiReConfig, FFNConfig

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import torch
@@ -51,6 +51,16 @@ def _weight(module: nn.Module):
     return module.q if isinstance(module, QLinear) else module.weight.detach()
 
 
+def _share_rows(rows: torch.Tensor, modules: list[nn.Module]) -> None:
+    """Point each 16-bit projection's weight at its rows of ``rows`` (theirs stacked, in order), so
+    that the model and the engine read one copy: contiguous row views, the same values and layout."""
+    start = 0
+    for m in modules:
+        n = m.weight.shape[0]
+        m.weight.data = rows[start : start + n]
+        start += n
+
+
 # a prompt prefills as batched native steps of this many tokens (Engine.prefill). Batched steps against
 # the eager prefill, ms (benchmarks/batch_step.py --parts prefill): SmolLM2 codes 8 tokens 11 / 58,
 # 32: 26 / 83, 512: 652 / 960; Gemma-3 codes 8: 11 / 70, 512: 516 / 860; SmolLM2 16-bit 8: 19 / 46,
@@ -92,6 +102,11 @@ class Engine:
     taking their sparse path when ``hire=True``. A decode step is one native call
     (``hire.engine.plan``) where the kernels are built and the model's layers allow it
     (``native_reason`` says why not); ``fused=False`` keeps the eager step, the reference.
+
+    The model is converted to ``dtype`` in place, and its weights are held once: its q, k and v
+    become row views of the engine's fused q/k/v (16-bit, or GGUF codes of one format), and with the
+    native step a 16-bit gated FFN's gate and up become views of the step's neuron-major rows. A
+    16-bit down projection is still held twice (_share_ffn_weights says why).
     """
 
     supports_fused = True  # a subclass that replaces the eager step's parts (tensor parallel) sets False
@@ -156,8 +171,15 @@ class Engine:
                 q, k, v = (getattr(attn, name) for name in (spec.q, spec.k, spec.v))
                 if any(isinstance(p, QLinear) for p in (q, k, v)):
                     qkv = fuse_rows([_weight(p) for p in (q, k, v)])
-                else:
+                    if isinstance(qkv, QTensor):  # the model's q, k and v read the fused codes too (one copy)
+                        start = 0
+                        for p in (q, k, v):
+                            n = p.q.shape[0]
+                            p.q = replace(qkv.take_rows(slice(start, start + n)), format=p.q.format)
+                            start += n
+                else:  # fused for one read, and the model's q, k and v become views of it (one copy)
                     qkv = torch.cat([q.weight, k.weight, v.weight]).detach().contiguous()
+                    _share_rows(qkv, [q, k, v])
                 qkv_bias = None
                 if any(proj.bias is not None for proj in (q, k, v)):  # Qwen2: q, k and v all have one
                     qkv_bias = torch.cat([proj.bias if proj.bias is not None else torch.zeros(proj.out_features, dtype=dtype)
@@ -190,8 +212,32 @@ class Engine:
             else:
                 self.native_steps, self.native_reason = native_steps(self, plans=plans)
                 self.plans = plans if self.native_steps is not None else None
+        if self.plans is not None:
+            self._share_ffn_weights()
 
     # --- set-up ----------------------------------------------------------------------------
+    def _share_ffn_weights(self) -> None:
+        """With the native step, each 16-bit gated FFN's gate and up weights become views of the
+        neuron-major rows the step reads ([gate_i | up_i | down column i]), so that they are held
+        once. The views are row-strided: torch's products read them as fast as contiguous ones from
+        64 tokens on, slower for single tokens, which the native step decodes. The down projection
+        keeps its own (out, in) copy: torch's float16 product with a transposed weight is ~90x slower
+        (8,960 x 1,536, 64 tokens: 3.4 s against 37 ms)."""
+        if arch_spec(self.model).ffn != "gated":
+            return
+        for layer, plan in zip(self.layers, self.plans):
+            rows = plan.ffn.rows
+            mlp = getattr(layer.module, self.mlp)
+            mlp = mlp.base_layer if isinstance(mlp, HiReFFN) else mlp
+            gate, up = mlp.gate_proj, mlp.up_proj
+            if plan.ffn.quant or isinstance(gate, QLinear) or isinstance(up, QLinear):
+                continue
+            d = gate.weight.shape[1]
+            if rows.dtype != gate.weight.dtype or rows.shape != (gate.weight.shape[0], 2 * d + mlp.down_proj.weight.shape[0]):
+                continue
+            gate.weight.data = rows[:, :d]
+            up.weight.data = rows[:, d : 2 * d]
+
     def _build_rope(self, rotary: nn.Module) -> None:
         """cos/sin for every position, per layer type, computed once by the model's own rotary module."""
         positions = torch.arange(self.max_seq_len).unsqueeze(0)

@@ -256,7 +256,8 @@ class HiReFFN(nn.Module):
     def prepare_decode(self, dtype: torch.dtype) -> None:
         """Build the decode plan: one neuron-major buffer whose row i holds neuron i's gate and up rows
         and its down column side by side, so a selected neuron is one contiguous read (~3.5 KB on
-        SmolLM2); the proxy on its fused kernel. Costs a copy of the FFN weights."""
+        SmolLM2); the proxy on its fused kernel. Costs a copy of the FFN weights (hire.Engine then
+        points the model's gate and up at it)."""
         w = self.weights
         rows = neuron_rows(w, dtype)  # (I, (1|2)*D + D_out)
         width = (2 if w.gated else 1) * w.w_in.shape[1]
