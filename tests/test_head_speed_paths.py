@@ -164,6 +164,24 @@ def test_four_bit_factor_takes_the_block_pass():
     assert torch.equal(rows.sort().values, local_topk(eager.decode_scores(x[:1]), 512, 64).sort().values)
 
 
+@needs_kernels
+def test_a_batch_is_selected_as_decoding_selects_each_token():
+    """Cascade.decode_select_batch (hire eval's candidates): a one-stage low-rank selector with blocks
+    prepares itself and gives each token what decode_select gives it alone; any other selector, select()."""
+    g = torch.Generator().manual_seed(2)
+    weight = torch.randn(4096, 64, generator=g)
+    x = torch.randn(5, 64, generator=g)
+    for bits in (4, 8):
+        selector = Cascade([LowRankProxy.from_weight(weight, 16, u_bits=bits)], [512], blocks=64)
+        assert selector.proxies[0].decode_v is None
+        got = selector.decode_select_batch(x)
+        assert selector.proxies[0].block_pack(64) is not None  # prepared for decoding by the call
+        for j in range(5):
+            assert torch.equal(got[j], selector.decode_select(x[j : j + 1])[0]), (bits, j)
+    plain = Cascade([LowRankProxy.from_weight(weight, 16, u_bits=8)], [512], blocks=0)
+    assert torch.equal(plain.decode_select_batch(x), plain.select(x))
+
+
 def _engine(seed=0):
     from hire.calibrate import fit_head_proxy
 

@@ -33,7 +33,7 @@ from hire.system import release_freed_memory, returned_allocations
 from hire.topk import merge_topk, recall_at_k
 
 
-SELECT_CHUNK = 64  # positions the HiRE head's selector scores at a time (its proxy scores: (64, V) float32)
+SELECT_CHUNK = 64  # positions the HiRE head's selector takes at a time (eager scores: (64, V) float32; native: U read once a chunk)
 HEAD_ROWS = 16384  # rows of the dense head read at a time ((T, 16384) float32 logits: 33 MB for 512 tokens)
 
 
@@ -60,7 +60,8 @@ def _head_pass(model: nn.Module, states: torch.Tensor, window: torch.Tensor, hea
     position's running log-sum-exp, its target's logit, its running top-k and its HiRE candidates'
     exact logits.  # states: (T, D), window: (T,)"""
     n_pos, states = states.shape[0], states.float()
-    cand = None if head is None else torch.cat([head.selector.select(h) for h in states.split(SELECT_CHUNK)])
+    # the candidates as decoding selects them (the native first pass, SELECT_CHUNK tokens a call, where it runs)
+    cand = None if head is None else torch.cat([head.selector.decode_select_batch(h) for h in states.split(SELECT_CHUNK)])
     rows, bias = HeadRows(model), head_base(model).bias
     logit_map = LogitMap.of(model)  # as the model's forward does after its head (Gemma 2's cap, Granite's divisor)
     targets = window[1:]  # position t predicts token t + 1; the last position has none

@@ -75,6 +75,21 @@ class Cascade:
             idx = idx.gather(-1, sub.topk(count, dim=-1, sorted=False).indices)
         return idx
 
+    def decode_select_batch(self, x: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+        """select() as decoding selects, for N tokens at once: a one-stage low-rank selector with blocks
+        runs its first pass on the native block-major kernel (block_select: U read once for the N, each
+        token's low-rank projection in int8 as decoding quantizes it), prepared for decoding in ``dtype``
+        first if it is not; any other selector, or without that kernel, select().
+        # x: (N, D) -> (N, keep[-1])"""
+        first = self.proxies[0]
+        if len(self.proxies) != 1 or not self.blocks or not isinstance(first, LowRankProxy):
+            return self.select(x)
+        if first.decode_v is None:
+            first.prepare_decode(dtype)
+        if first.block_pack(self.blocks) is None:
+            return self.select(x)
+        return first.decode_local_topk_batch(x, self.keep[0], self.blocks, with_union=False)[0]
+
     def decode_bound(self, x: torch.Tensor, margin: float, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """An upper bound on every row's exact logit, for sampling past the candidates ``idx`` (exact
         ``logits``): the first pass's score plus ``margin`` of the row's error spread where the

@@ -417,14 +417,15 @@ class LowRankProxy:
         z = torch.nn.functional.linear(x.to(self._v.dtype), self._v)  # (1, r)
         return native.lowrank_block_topk(z, self.packed, self._u.row_scales, blocks, k // blocks, self.bias).view(1, -1)
 
-    def decode_local_topk_batch(self, x: torch.Tensor, k: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_local_topk_batch(self, x: torch.Tensor, k: int, blocks: int,
+                                with_union: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``decode_local_topk`` for B activations, U read once for all of them (``block_select``), and
-        the union of their rows; needs ``block_pack(blocks)``.  # x: (B, D) -> rows (B, k), union (m,),
-        ascending"""
+        the union of their rows (None without ``with_union``); needs ``block_pack(blocks)``.
+        # x: (B, D) -> rows (B, k), union (m,), ascending"""
         pack = self.block_pack(blocks)
         if pack is None:
             raise ValueError(f"this proxy has no block-major pack for {blocks} blocks (block_pack)")
-        return block_select(x, self._v, pack, k // blocks, with_union=True)
+        return block_select(x, self._v, pack, k // blocks, with_union=with_union)
 
     def decode_scores(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """``bias=False``: U (V x) alone, without the optimism bias.  # x: (1, D) -> (1, n)"""
