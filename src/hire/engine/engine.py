@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -17,11 +17,12 @@ from hire.arch import EngineSpec, arch_spec, config_value, decoder_layers, engin
 from hire.config import HiReConfig
 from hire.engine.plan import LayerPlan, NotFusable, layer_plans, native_steps
 from hire.engine.sampling import PROBE_EVERY, DensePolicy, SamplingStats, needs_tail, sample
+from hire.engine.weights import fused_qkv, projection, share_ffn_weights
 from hire.layers import HiReFFN
 from hire.layers.head import LogitMap, TailBound, exact_logits, native_rows_for, soft_cap
 from hire.proxies import LowRankProxy
 from hire.patch import hire_layers, sparsify_
-from hire.quant.tensor import QLinear, QTensor, fuse_rows
+from hire.quant.tensor import QTensor
 
 
 
@@ -44,21 +45,6 @@ def _linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tenso
     parts = [w] if isinstance(w, QTensor) else list(w)
     y = torch.cat([q.linear(x).to(x.dtype) if isinstance(q, QTensor) else F.linear(x, q) for q in parts], dim=-1)
     return y if bias is None else y + bias
-
-
-def _weight(module: nn.Module):
-    """A projection's weight as the engine reads it: the QTensor of a QLinear, else the tensor."""
-    return module.q if isinstance(module, QLinear) else module.weight.detach()
-
-
-def _share_rows(rows: torch.Tensor, modules: list[nn.Module]) -> None:
-    """Point each 16-bit projection's weight at its rows of ``rows`` (theirs stacked, in order), so
-    that the model and the engine read one copy: contiguous row views, the same values and layout."""
-    start = 0
-    for m in modules:
-        n = m.weight.shape[0]
-        m.weight.data = rows[start : start + n]
-        start += n
 
 
 # a prompt prefills as batched native steps of this many tokens (Engine.prefill). Batched steps against
@@ -106,7 +92,7 @@ class Engine:
     The model is converted to ``dtype`` in place, and its weights are held once: its q, k and v
     become row views of the engine's fused q/k/v (16-bit, or GGUF codes of one format), and with the
     native step a 16-bit gated FFN's gate and up become views of the step's neuron-major rows. A
-    16-bit down projection is still held twice (_share_ffn_weights says why).
+    16-bit down projection is still held twice (``hire.engine.weights.share_ffn_weights`` says why).
     """
 
     supports_fused = True  # a subclass that replaces the eager step's parts (tensor parallel) sets False
@@ -148,7 +134,7 @@ class Engine:
         self.norm = _RMSNorm(model.get_submodule(spec.final_norm), spec)
         head = model.get_output_embeddings()
         # a GGUF-quantized head stays in its codes (head_weight is then its QTensor)
-        self.head_weight = _weight(head.base_layer if self.head is not None else head)
+        self.head_weight = projection(head.base_layer if self.head is not None else head)
         self.head_bias = (head.base_layer if self.head is not None else head).bias  # (V,) or None
         self.head_native = native_rows_for(self.head_weight)  # the dense head on the kernels (decided here, as layers do)
         # temperature / top-p sampling past the head's candidates (hire.engine.sampling); False: among
@@ -163,27 +149,7 @@ class Engine:
         self.layers = []
         for i, layer in enumerate(decoder_layers(model)):
             attn = getattr(layer, spec.attention)
-            if spec.qkv is not None:  # Phi-3: one matrix already, q's rows then k's then v's
-                fused = getattr(attn, spec.qkv)
-                qkv = fused.q if isinstance(fused, QLinear) else fused.weight.detach().contiguous()
-                qkv_bias = None if fused.bias is None else fused.bias.detach().to(dtype)
-            else:
-                q, k, v = (getattr(attn, name) for name in (spec.q, spec.k, spec.v))
-                if any(isinstance(p, QLinear) for p in (q, k, v)):
-                    qkv = fuse_rows([_weight(p) for p in (q, k, v)])
-                    if isinstance(qkv, QTensor):  # the model's q, k and v read the fused codes too (one copy)
-                        start = 0
-                        for p in (q, k, v):
-                            n = p.q.shape[0]
-                            p.q = replace(qkv.take_rows(slice(start, start + n)), format=p.q.format)
-                            start += n
-                else:  # fused for one read, and the model's q, k and v become views of it (one copy)
-                    qkv = torch.cat([q.weight, k.weight, v.weight]).detach().contiguous()
-                    _share_rows(qkv, [q, k, v])
-                qkv_bias = None
-                if any(proj.bias is not None for proj in (q, k, v)):  # Qwen2: q, k and v all have one
-                    qkv_bias = torch.cat([proj.bias if proj.bias is not None else torch.zeros(proj.out_features, dtype=dtype)
-                                          for proj in (q, k, v)]).detach().to(dtype)
+            qkv, qkv_bias = fused_qkv(attn, spec, dtype)  # the model's q, k and v then views of it
             o = getattr(attn, spec.o)
             layer_type = cfg.layer_types[i] if getattr(cfg, "layer_types", None) else "full_attention"
             sliding = cfg.sliding_window if layer_type == "sliding_attention" else None
@@ -193,7 +159,7 @@ class Engine:
                 norms[name] = _RMSNorm(getattr(attn, name), spec)
             o_bias = None if o.bias is None else o.bias.detach()
             self.layers.append(
-                _Layer(qkv, qkv_bias, _weight(o), o_bias, layer, norms, sliding,
+                _Layer(qkv, qkv_bias, projection(o), o_bias, layer, norms, sliding,
                        self.rope_index[layer_type if rotates else NO_ROPE])
             )
         shape = (len(self.layers), self.n_kv, max_seq_len, self.head_dim)
@@ -213,31 +179,9 @@ class Engine:
                 self.native_steps, self.native_reason = native_steps(self, plans=plans)
                 self.plans = plans if self.native_steps is not None else None
         if self.plans is not None:
-            self._share_ffn_weights()
+            share_ffn_weights(self)
 
     # --- set-up ----------------------------------------------------------------------------
-    def _share_ffn_weights(self) -> None:
-        """With the native step, each 16-bit gated FFN's gate and up weights become views of the
-        neuron-major rows the step reads ([gate_i | up_i | down column i]), so that they are held
-        once. The views are row-strided: torch's products read them as fast as contiguous ones from
-        64 tokens on, slower for single tokens, which the native step decodes. The down projection
-        keeps its own (out, in) copy: torch's float16 product with a transposed weight is ~90x slower
-        (8,960 x 1,536, 64 tokens: 3.4 s against 37 ms)."""
-        if arch_spec(self.model).ffn != "gated":
-            return
-        for layer, plan in zip(self.layers, self.plans):
-            rows = plan.ffn.rows
-            mlp = getattr(layer.module, self.mlp)
-            mlp = mlp.base_layer if isinstance(mlp, HiReFFN) else mlp
-            gate, up = mlp.gate_proj, mlp.up_proj
-            if plan.ffn.quant or isinstance(gate, QLinear) or isinstance(up, QLinear):
-                continue
-            d = gate.weight.shape[1]
-            if rows.dtype != gate.weight.dtype or rows.shape != (gate.weight.shape[0], 2 * d + mlp.down_proj.weight.shape[0]):
-                continue
-            gate.weight.data = rows[:, :d]
-            up.weight.data = rows[:, d : 2 * d]
-
     def _build_rope(self, rotary: nn.Module) -> None:
         """cos/sin for every position, per layer type, computed once by the model's own rotary module."""
         positions = torch.arange(self.max_seq_len).unsqueeze(0)
