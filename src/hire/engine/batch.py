@@ -21,7 +21,6 @@ import torch
 
 from hire.engine.engine import Engine
 from hire.engine.logprobs import TokenLogprobs, token_logprobs
-from hire.layers.head import exact_logits
 
 
 @dataclass
@@ -208,8 +207,6 @@ class BatchDecoder:
         return self.engine.sampling_stats
 
     def _rows(self, hidden: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        """float32 logits of the head rows ``rows`` (None: all), bias included (the one exact head,
-        hire.layers.head.exact_logits), each head row read once for the batch where it is quantized.
+        """float32 logits of the head rows ``rows`` (None: all): the engine's exact head (Engine.dense_logits).
         # hidden: (B, D), rows: (m,) -> (B, m)"""
-        return exact_logits(hidden, self.engine.head_weight, rows, self.engine.head_bias, self.engine.head_native,
-                            self.engine.logit_map)
+        return self.engine.dense_logits(hidden, rows)

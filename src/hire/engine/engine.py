@@ -374,8 +374,7 @@ class Engine:
         if hire and self.head is not None:
             out = self.head.decode(hidden)
         else:  # float32 logits (also: an argmax over float16 is several times slower on CPU, 1.2 ms for Gemma's 262k)
-            out = exact_logits(hidden, self.head_weight, None, self.head_bias, self.head_native,
-                               self.logit_map), None
+            out = self.dense_logits(hidden), None
         if self._timing is not None:
             self._clock("head", t)
         return out
@@ -383,9 +382,14 @@ class Engine:
     @torch.no_grad()
     def log_prob(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """log p(target) under the exact logits over the whole vocabulary.  # hidden: (1, D), target: (1,) -> (1,)"""
-        logits = exact_logits(hidden, self.head_weight, None, self.head_bias, self.head_native,
-                              self.logit_map)  # (1, V)
+        logits = self.dense_logits(hidden)  # (1, V)
         return logits.gather(-1, target.view(1, 1))[:, 0] - logits.logsumexp(-1)
+
+    def dense_logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's exact logits of the head rows ``rows`` (None: all) in float32: its bias added and
+        its logit map applied (hire.layers.head.exact_logits), each row read once for the B states.
+        # hidden: (B, D), rows: (m,) -> (B, m)"""
+        return exact_logits(hidden, self.head_weight, rows, self.head_bias, self.head_native, self.logit_map)
 
     def kernel_report(self) -> dict:
         """Which decode kernels the HiRE layers run on (a fallback means a slower, dequantizing path)."""
