@@ -56,7 +56,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     from safetensors.torch import save_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from hire.quant.load import UnsupportedGGUF, complete_gemma2_config, refuse_sliding_olmo, register_gguf_architectures
+    from hire.quant.load import UnsupportedGGUF, complete_file_config, register_gguf_architectures
 
     check_gguf(gguf)
     register_gguf_architectures()
@@ -66,9 +66,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         if file_config.model_type in ("gemma2", "olmo2"):  # what transformers' table leaves out
             from gguf import GGUFReader
 
-            reader = GGUFReader(gguf)
-            complete_gemma2_config(file_config, reader)  # before the modules read it
-            refuse_sliding_olmo(file_config, reader, gguf)
+            complete_file_config(file_config, GGUFReader(gguf), gguf)  # before the modules read it
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, config=file_config,
                                                      dtype=torch.float32)
     except UnsupportedGGUF:

@@ -101,6 +101,7 @@ struct Layer {
   Tensor qkv, qkv_bias, o;                                    // (Nq+2Nkv, D), (Nq+2Nkv,) f32 or empty, (D, Nq)
   Tensor attn_norm, post_attn_norm, ffn_norm, post_ffn_norm;  // float32 (D,), each may be empty (none: OLMo 2 has no pre-norms)
   Tensor q_norm, k_norm;  // float32 (hd,) per head, (Hq*hd,) / (Hkv*hd,) over all heads at once (OLMo 2), or empty
+  bool qk_whole = false;  // q_norm and k_norm over all heads at once (told by their size in add_layer)
   Tensor ffn;                                                 // (I, (parts+1)*D) neuron-major [in part(s) | out]
   Tensor proxy_a, proxy_b;                                    // the FFN proxy (see ProxyKind)
   // GGUF-quantized matrices (set_quant), used where the dense tensors above are empty
@@ -224,9 +225,9 @@ struct DecodeModel : torch::CustomClassHolder {
     if (L.post_ffn_norm.defined()) check_vec(L.post_ffn_norm, dim, "post-FFN norm");
     TORCH_CHECK(L.q_norm.defined() == L.k_norm.defined(), "q and k norms come together");
     if (L.q_norm.defined()) {
-      const bool whole = L.q_norm.numel() == nq && hq > 1;  // over all heads at once, else per head
-      check_vec(L.q_norm, whole ? nq : hd, "q norm");
-      check_vec(L.k_norm, whole ? nkv : hd, "k norm");
+      L.qk_whole = L.q_norm.numel() == nq && hq > 1;  // over all heads at once, else per head
+      check_vec(L.q_norm, L.qk_whole ? nq : hd, "q norm");
+      check_vec(L.k_norm, L.qk_whole ? nkv : hd, "k norm");
     }
     TORCH_CHECK(L.rope >= 0 && L.rope < (int64_t)cos.size(), "rotary table ", L.rope, " does not exist");
     TORCH_CHECK(L.sliding >= 0, "the sliding window must be >= 0 positions (0: global attention), got ", L.sliding);
@@ -389,7 +390,7 @@ struct DecodeModel : torch::CustomClassHolder {
   // q's and k's RMSNorms, per head (Qwen 3, Gemma 3) or over all heads at once (OLMo 2), in place
   void qk_norms(const Layer& L, float* q, float* k) const {
     if (!L.q_norm.defined()) return;
-    if (L.q_norm.numel() == hq * hd && hq > 1) {
+    if (L.qk_whole) {
       rms_norm(q, L.q_norm.data_ptr<float>(), hq * hd, eps, q);
       rms_norm(k, L.k_norm.data_ptr<float>(), hkv * hd, eps, k);
       return;

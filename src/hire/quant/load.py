@@ -119,8 +119,7 @@ def _meta_dir(path: Path) -> Path:
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as err:
         raise UnsupportedGGUF(f"transformers could not read the metadata of {path} ({type(err).__name__}: {err})") from err
-    complete_gemma2_config(config, reader)
-    refuse_sliding_olmo(config, reader, path)
+    complete_file_config(config, reader, path)
     del reader  # (its memory map of the file)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -158,6 +157,13 @@ def register_gguf_architectures() -> None:
             gguf_utils.GGUF_SUPPORTED_ARCHITECTURES.append(arch)
         if permuted:
             gguf_utils.TENSOR_PROCESSORS.setdefault(arch, gguf_utils.TENSOR_PROCESSORS["llama"])
+
+
+def complete_file_config(config, reader, path) -> None:
+    """What the file says that transformers' config of it leaves out (Gemma 2's soft-caps and scale;
+    complete_gemma2_config), and files whose config would be silently wrong refused (refuse_sliding_olmo)."""
+    complete_gemma2_config(config, reader)
+    refuse_sliding_olmo(config, reader, path)
 
 
 def refuse_sliding_olmo(config, reader, path) -> None:
