@@ -521,11 +521,12 @@ inline bool better_or_nan(const Cand& a, const Cand& b) {
 
 // The scores above q (never NaN) and their indices, in index order, into val/idx (room for n + 16);
 // returns how many.
-inline int64_t above(const float* sc, int64_t n, float q, float* val, int32_t* idx) {
+inline int64_t above(const float* sc, int64_t n, float q, float* val, int32_t* idx, int32_t base = 0) {
   int64_t m = 0, i = 0;
 #if defined(__AVX512F__)
   const __m512 vq = _mm512_set1_ps(q);
-  __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512i iota = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                  _mm512_set1_epi32(base));
   for (; i + 16 <= n; i += 16, iota = _mm512_add_epi32(iota, _mm512_set1_epi32(16))) {
     const __m512 v = _mm512_loadu_ps(sc + i);
     const __mmask16 mask = _mm512_cmp_ps_mask(v, vq, _CMP_GT_OQ);
@@ -540,14 +541,14 @@ inline int64_t above(const float* sc, int64_t n, float q, float* val, int32_t* i
     for (; mask; mask &= mask - 1) {
       const int64_t j = i + __builtin_ctz(mask);
       val[m] = sc[j];
-      idx[m++] = static_cast<int32_t>(j);
+      idx[m++] = base + static_cast<int32_t>(j);
     }
   }
 #endif
   for (; i < n; ++i)
     if (sc[i] > q) {
       val[m] = sc[i];
-      idx[m++] = static_cast<int32_t>(i);
+      idx[m++] = base + static_cast<int32_t>(i);
     }
   return m;
 }
@@ -580,18 +581,44 @@ inline int64_t rank_of(const float* val, int64_t m, int64_t i) {
   return r;
 }
 
+#if defined(__AVX512F__)
+// rank_of for every candidate of a block with at most 16 * V of them (val padded with -inf to 16 * V),
+// with the block's masks held in V registers: no loop per candidate, no branch. The kept ones (rank
+// below per) go to pick (room for per + 1) in row order; q_next: the one whose rank is target - 1.
+template <int V>
+inline void rank_all(const float* val, const int32_t* idx, int64_t m, int64_t per, int64_t target, int32_t* pick,
+                     float& q_next) {
+  __m512 v[V];
+  for (int c = 0; c < V; ++c) v[c] = _mm512_loadu_ps(val + 16 * c);
+  int64_t k = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    const __m512 b = _mm512_set1_ps(val[i]);
+    uint64_t gt = 0, eq = 0;
+    for (int c = 0; c < V; ++c) {
+      gt |= static_cast<uint64_t>(_mm512_cmp_ps_mask(v[c], b, _CMP_GT_OQ)) << (16 * c);
+      eq |= static_cast<uint64_t>(_mm512_cmp_ps_mask(v[c], b, _CMP_EQ_OQ)) << (16 * c);
+    }
+    const int64_t r = __builtin_popcountll(gt) + __builtin_popcountll(eq & ((uint64_t{1} << i) - 1));  // 0 for the best
+    pick[k] = idx[i];
+    k += r < per;
+    q_next = r == target - 1 ? val[i] : q_next;
+  }
+}
+#endif
+
 // Scratch for select_block, one per thread.
 struct Scratch {
   std::vector<float> val, tmp;
   std::vector<int32_t> idx;
   std::vector<Cand> all;
-  explicit Scratch(int64_t n) : val(n + 32), tmp(n + 16), idx(n + 16), all(n) {}
+  explicit Scratch(int64_t n) : val(std::max<int64_t>(n, 64) + 32), tmp(n + 16), idx(n + 16), all(n) {}  // val: rank_all pads to 64
 };
 
 // One block's best `per` of its n scores (their indices into pick, ascending), exact; q: the running
-// threshold (NaN: none yet), updated to this block's target-th best score where it is known.
-void select_block(const float* sc, int64_t n, int64_t per, int64_t target, float& q, Scratch& w, int32_t* pick) {
-  const int64_t m = std::isnan(q) ? 0 : above(sc, n, q, w.val.data(), w.idx.data());
+// threshold (NaN: none yet), updated to this block's target-th best score where it is known. The m
+// scores above q (q as it was while the block was scored) are in w.val / w.idx already, in row order.
+void select_block(const float* sc, int64_t n, int64_t per, int64_t target, float& q, int64_t m, Scratch& w,
+                  int32_t* pick) {
   if (std::isnan(q) || m < per) {  // every row of the block, NaNs included: (score desc, row asc), NaN last
     Cand* cand = w.all.data();
     for (int64_t i = 0; i < n; ++i) cand[i] = {sc[i], static_cast<int32_t>(i)};
@@ -604,6 +631,20 @@ void select_block(const float* sc, int64_t n, int64_t per, int64_t target, float
     std::sort(pick, pick + per);
     return;
   }
+#if defined(__AVX512F__)
+  if (m <= 64) {  // the common case (q sits near a block's target-th best): ranks against masks in registers
+    float* val = w.val.data();
+    const __m512 low = _mm512_set1_ps(-std::numeric_limits<float>::infinity());  // never > or == a candidate
+    for (int64_t i = m; i < 64; i += 16) _mm512_storeu_ps(val + i, low);  // (val has room for 64 + 16)
+    float q_next = q;
+    if (m <= 32)
+      rank_all<2>(val, w.idx.data(), m, per, target, pick, q_next);
+    else
+      rank_all<4>(val, w.idx.data(), m, per, target, pick, q_next);
+    if (m > target + target / 2) q = q_next;  // q was low: raise it to this block's target-th best
+    return;
+  }
+#endif
   if (m <= kRankMax) {  // few candidates: each one's rank by counting, branch-free (no sort)
     float* val = w.val.data();
     for (int64_t i = m; i < m + 16; ++i) val[i] = -std::numeric_limits<float>::infinity();  // never > or == a candidate
@@ -730,12 +771,14 @@ std::tuple<Tensor, Tensor> lowrank_select(Tensor x, Tensor v, Tensor packed, Ten
     used[tid] = 1;
     uint64_t* mine = bits.data() + static_cast<int64_t>(tid) * batch * words;
     std::vector<float> score(batch * stripe);
-    Scratch scratch(stripe);
-    std::vector<int32_t> pick(per);
+    std::vector<Scratch> scratch(batch, Scratch(stripe));
+    std::vector<int64_t> found(batch);  // each activation's scores above its q so far in this block
+    std::vector<int32_t> pick(per + 1);  // (rank_all writes one past the kept)
     std::vector<float> q(batch, std::numeric_limits<float>::quiet_NaN());  // running thresholds: none yet
     const int64_t tile_bytes = lines * 64, t_end = b1 * tpb;
     const TileFn* fns = four ? kTileFns4 : kTileFns;
     for (int64_t block = b0; block < b1; ++block) {
+      std::fill(found.begin(), found.end(), 0);
       for (int64_t t = 0; t < tpb; ++t) {
         const int64_t tile = block * tpb + t;
         if (tile + kTilesAhead < t_end) {  // one stream per thread: keep enough lines in flight
@@ -753,9 +796,14 @@ std::tuple<Tensor, Tensor> lowrank_select(Tensor x, Tensor v, Tensor packed, Ten
                            sp + row, bp ? bp + row : nullptr, inv.data() + a0, score.data() + a0 * stripe + t * kTile,
                            stripe);
         }
+        // the tile's scores above q, while they are in L1 (the block's selection does not read them again)
+        for (int64_t a = 0; a < batch; ++a)
+          if (!std::isnan(q[a]))
+            found[a] += above(score.data() + a * stripe + t * kTile, kTile, q[a], scratch[a].val.data() + found[a],
+                              scratch[a].idx.data() + found[a], static_cast<int32_t>(t * kTile));
       }
       for (int64_t a = 0; a < batch; ++a) {
-        select_block(score.data() + a * stripe, stripe, per, target, q[a], scratch, pick.data());
+        select_block(score.data() + a * stripe, stripe, per, target, q[a], found[a], scratch[a], pick.data());
         uint64_t* bw = mine + a * words;
         for (int64_t i = 0; i < per; ++i) {
           const int64_t row = block + static_cast<int64_t>(pick[i]) * blocks;
