@@ -56,9 +56,9 @@ def _storage(t: torch.Tensor) -> int:
 @pytest.mark.parametrize("arch", ENGINE_ARCHS)
 @torch.inference_mode()
 def test_the_model_and_the_engine_hold_one_copy(arch):
-    """The 16-bit path: the model's q, k and v become views of the engine's fused rows and, with the
-    native step, a gated FFN's gate and up views of its neuron-major rows; the model computes what
-    it computed before, and the engine what transformers computes."""
+    """The 16-bit path: the model's q, k and v become views of the engine's fused rows, and the native
+    step's dense FFN reads the model's own gate, up and down (no neuron-major copy); the model computes
+    what it computed before, and the engine what transformers computes."""
     model = make(arch, seed=3)
     want = model(PROMPT[None]).logits[0]
     engine = Engine(model, None, dtype=torch.float32, max_seq_len=64)
@@ -68,17 +68,35 @@ def test_the_model_and_the_engine_hold_one_copy(arch):
         projections = [spec.qkv] if spec.qkv else [spec.q, spec.k, spec.v]
         for name in projections:
             assert _storage(getattr(attn, name).weight) == _storage(layer.qkv), f"{arch} layer {i}: {name}"
-        mlp = getattr(layer.module, engine.mlp)
-        if engine.plans is not None and hasattr(mlp, "gate_proj"):
-            rows = engine.plans[i].ffn.rows
-            assert _storage(mlp.gate_proj.weight) == _storage(rows) == _storage(mlp.up_proj.weight)
-            torch.testing.assert_close(mlp.up_proj.weight, rows[:, mlp.gate_proj.weight.shape[1] : 2 * mlp.gate_proj.weight.shape[1]],
-                                       rtol=0, atol=0)
+        if engine.plans is not None:
+            ffn = engine.plans[i].ffn
+            own = {_storage(p) for p in getattr(layer.module, engine.mlp).parameters()}
+            assert ffn.rows.numel() == 0 and len(ffn.mats) == ffn.parts + 1, f"{arch} layer {i}"
+            assert all(_storage(m) in own for m in ffn.mats), f"{arch} layer {i}: an FFN matrix copied"
     assert engine.plans is not None or not engine.native_steps
     torch.testing.assert_close(model(PROMPT[None]).logits[0], want, rtol=1e-5, atol=1e-5)
     engine.prefill(PROMPT[:-1])
     got = engine.logits(engine.forward(PROMPT[-1:], PROMPT.numel() - 1, hire=False), hire=False)[0][0]
     torch.testing.assert_close(got, want[-1].float(), rtol=1e-4, atol=1e-4)
+
+
+@torch.inference_mode()
+def test_a_sparse_ffn_s_gate_and_up_are_views_of_its_rows():
+    """With a HiRE FFN the native step reads neuron-major rows [gate_i | up_i | down column i]; the
+    model's gate and up become row views of them, and its dense MLPs compute what they computed."""
+    model = make("llama", seed=3)
+    x = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    want = [layer.mlp(x) for layer in model.model.layers]
+    engine = Engine(model, HiReConfig(head=HeadConfig(enabled=False), ffn=FFNConfig(density=0.5)), dtype=torch.float32,
+                    max_seq_len=64)
+    assert engine.plans is not None
+    for i, layer in enumerate(engine.layers):
+        rows = engine.plans[i].ffn.rows
+        mlp = getattr(layer.module, engine.mlp).base_layer
+        d = mlp.gate_proj.weight.shape[1]
+        assert _storage(mlp.gate_proj.weight) == _storage(rows) == _storage(mlp.up_proj.weight)
+        torch.testing.assert_close(mlp.up_proj.weight, rows[:, d : 2 * d], rtol=0, atol=0)
+        torch.testing.assert_close(mlp(x), want[i], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ENGINE_ARCHS)

@@ -118,21 +118,47 @@ def test_what_the_native_step_cannot_run_keeps_the_eager_step_and_says_why():
 def test_the_decode_model_refuses_bad_layers():
     engine = _engine("llama", None, torch.float32)
     plan = layer_plans(engine)[0]
-    step = native.decode_model_class()([engine.n_heads, engine.n_kv, engine.head_dim, engine.hidden], engine.scale,
-                                       engine.norm.eps, engine.k_cache, engine.v_cache,
-                                       [c for c, _ in engine.rope_tables_f32], [s for _, s in engine.rope_tables_f32],
-                                       engine.norm.weight)
+    def new_step():
+        return native.decode_model_class()([engine.n_heads, engine.n_kv, engine.head_dim, engine.hidden], engine.scale,
+                                           engine.norm.eps, engine.k_cache, engine.v_cache,
+                                           [c for c, _ in engine.rope_tables_f32],
+                                           [s for _, s in engine.rope_tables_f32], engine.norm.weight)
+
+    step = new_step()
     tensors, ints = plan.native_args(hire=False)
+    gate, up, down = plan.ffn.mats  # the dense FFN: the model's own matrices, no rows
+    assert plan.ffn.rows.numel() == 0
     with pytest.raises(RuntimeError, match="qkv must be"):
         step.add_layer([tensors[0][:-1]] + tensors[1:], ints)
-    with pytest.raises(RuntimeError, match=r"keep must be in \[1, "):
-        step.add_layer(tensors, ints[:4] + [0] + ints[5:])
     step.add_layer(tensors, ints)
     with pytest.raises(RuntimeError, match="the model has 1 of 2 layers"):
         step.step(torch.zeros(1, engine.hidden), 0)
     step.add_layer(tensors, ints)
+    with pytest.raises(RuntimeError, match="layer 0 has no FFN"):
+        step.step(torch.zeros(1, engine.hidden), 0)
+    with pytest.raises(RuntimeError, match=r"the FFN's down matrix must be \(\d+, \d+\) with contiguous rows"):
+        step.set_ffn_matrices(0, gate, up, down.t())
+    with pytest.raises(RuntimeError, match="a gate matrix is missing"):
+        step.set_ffn_matrices(0, torch.empty(0), up, down)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        step.set_ffn_matrices(0, gate, up, down.half())
+    with pytest.raises(RuntimeError, match="layer 2 was not added"):
+        step.set_ffn_matrices(2, gate, up, down)
+    for layer in (0, 1):
+        step.set_ffn_matrices(layer, gate, up, down)
     with pytest.raises(RuntimeError, match="outside the cache"):
         step.step(torch.zeros(1, engine.hidden), 64)
+    assert torch.isfinite(step.step(torch.zeros(1, engine.hidden), 0)).all()
+    sparse = layer_plans(_engine("llama", HiReConfig(head=HeadConfig(enabled=False), ffn=FFNConfig(density=0.5)),
+                                 torch.float32))[0]
+    tensors, ints = sparse.native_args(hire=True)
+    with pytest.raises(RuntimeError, match=r"keep must be in \[1, "):
+        new_step().add_layer(tensors, ints[:4] + [0] + ints[5:])
+    fresh = new_step()
+    tensors, ints = plan.native_args(hire=False)
+    fresh.add_layer(tensors, ints[:4] + [0] + ints[5:])
+    with pytest.raises(RuntimeError, match=r"runs dense \(keep 0 of \d+\)"):
+        fresh.set_ffn_matrices(0, gate, up, down)
 
 
 def test_timing_hooks_split_the_step_into_parts():

@@ -19,7 +19,6 @@ from torch import nn
 from hire import native
 from hire.arch import arch_spec, ffn_act, ffn_weights, mlp_module, split_gate_up
 from hire.layers import HiReFFN
-from hire.layers.ffn import neuron_rows
 from hire.proxies import ExactProxy, QuantizedProxy
 from hire.quant.tensor import QLinear, QTensor
 
@@ -35,7 +34,8 @@ class NotFusable(Exception):
 @dataclass(frozen=True)
 class FFNPlan:
     """One FFN's decode step: the ``keep`` best neurons by the proxy's estimate (all of them: dense)
-    from the neuron-major ``rows`` [input part(s) | output row]."""
+    from the neuron-major ``rows`` [input part(s) | output row]; or a dense FFN over its own matrices,
+    GGUF codes (``quant``) or 16-bit (``mats``), with ``rows`` empty."""
 
     rows: torch.Tensor  # (I, (parts+1)*D)
     parts: int  # 2 gated, 1 plain
@@ -46,13 +46,18 @@ class FFNPlan:
     proxy_b: torch.Tensor = EMPTY  # int4pack: scales and zeros
     proxy_group: int = 0
     quant: tuple[QTensor, ...] = ()  # a GGUF-quantized dense FFN: (gate, up, down) or (up, down); rows empty
+    # a 16-bit dense FFN: (gate, up) (I, D) or (up,), then down (D, I), the model's own where they are in
+    # the engine's dtype with contiguous rows; rows empty
+    mats: tuple[torch.Tensor, ...] = ()
 
     @property
     def neurons(self) -> int:
-        return self.quant[-2].shape[0] if self.quant else self.rows.shape[0]
+        if self.quant or self.mats:
+            return (self.quant or self.mats)[-2].shape[0]
+        return self.rows.shape[0]
 
     def dense(self) -> "FFNPlan":
-        return FFNPlan(self.rows, self.parts, self.act, self.neurons, quant=self.quant)
+        return FFNPlan(self.rows, self.parts, self.act, self.neurons, quant=self.quant, mats=self.mats)
 
 
 def ffn_plan(mlp: nn.Module, model: nn.Module, dtype: torch.dtype) -> FFNPlan:
@@ -78,7 +83,17 @@ def ffn_plan(mlp: nn.Module, model: nn.Module, dtype: torch.dtype) -> FFNPlan:
     act = native.activation_name(weights.act)
     if act is None or weights.b_in is not None or weights.b_out is not None:
         raise NotFusable("an FFN with biases or an activation without a kernel")
-    return FFNPlan(neuron_rows(weights, dtype), 2 if weights.gated else 1, act, weights.neurons)
+    # the step reads the model's own matrices (a copy only where their dtype or layout differs): the
+    # neuron-major rows of a sparse FFN would be a second copy of the weights
+    ins = [weights.w_in, weights.w_up] if weights.gated else [weights.w_in]
+    mats = tuple(_rows_in(w, dtype) for w in (*ins, weights.w_out_t.t()))
+    return FFNPlan(EMPTY, len(ins), act, weights.neurons, mats=mats)
+
+
+def _rows_in(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``w`` itself where it is in ``dtype`` with contiguous rows, else such a copy."""
+    w = w.detach()
+    return w if w.dtype == dtype and w.stride(-1) == 1 else w.to(dtype).contiguous()
 
 
 def _quantized_ffn(spec, mlp: nn.Module) -> tuple[QTensor, ...] | None:
@@ -197,6 +212,9 @@ def native_steps(engine, model_class=None, plans: list[LayerPlan] | None = None)
             step.set_residual(engine.residual_multiplier)
         for i, plan in enumerate(plans):
             step.add_layer(*plan.native_args(hire))
+            if plan.ffn.mats:
+                gate, up, down = plan.ffn.mats if len(plan.ffn.mats) == 3 else (EMPTY, *plan.ffn.mats)
+                step.set_ffn_matrices(i, gate, up, down)
             for slot, q in plan.quant_args():
                 if q.layout != "rows":
                     raise ValueError(f"layer {i}: the decode step reads quantized matrices in the rows layout")

@@ -57,12 +57,13 @@ def fused_qkv(attn: nn.Module, spec: EngineSpec, dtype: torch.dtype):
 
 
 def share_ffn_weights(engine) -> None:
-    """With the native step (``engine.plans``), each 16-bit gated FFN's gate and up weights become
-    views of the neuron-major rows the step reads ([gate_i | up_i | down column i]), so that they are
-    held once. The views are row-strided: torch's products read them as fast as contiguous ones from
-    64 tokens on, slower for single tokens, which the native step decodes. The down projection keeps
-    its own (out, in) copy: torch's float16 product with a transposed weight is ~90x slower (8,960 x
-    1,536, 64 tokens: 3.4 s against 37 ms)."""
+    """With the native step (``engine.plans``), each 16-bit gated HiRE FFN's gate and up weights
+    become views of the neuron-major rows its sparse step reads ([gate_i | up_i | down column i]), so
+    that they are held once. (A dense FFN's step reads the model's own matrices: nothing to share.)
+    The views are row-strided: torch's products read them as fast as contiguous ones from 64 tokens
+    on, slower for single tokens, which the native step decodes. The down projection keeps its own
+    (out, in) copy: torch's float16 product with a transposed weight is ~90x slower (8,960 x 1,536,
+    64 tokens: 3.4 s against 37 ms)."""
     if arch_spec(engine.model).ffn != "gated":
         return
     for layer, plan in zip(engine.layers, engine.plans):

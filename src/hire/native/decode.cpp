@@ -103,6 +103,9 @@ struct Layer {
   Tensor q_norm, k_norm;  // float32 (hd,) per head, (Hq*hd,) / (Hkv*hd,) over all heads at once (OLMo 2), or empty
   bool qk_whole = false;  // q_norm and k_norm over all heads at once (told by their size in add_layer)
   Tensor ffn;                                                 // (I, (parts+1)*D) neuron-major [in part(s) | out]
+  // or a dense FFN's own matrices (set_ffn_matrices): gate (empty: plain), up (I, D), down (D, I); in the
+  // engine's dtype, rows contiguous. The model's weights, so that the step holds no copy of them
+  Tensor gate, up, down;
   Tensor proxy_a, proxy_b;                                    // the FFN proxy (see ProxyKind)
   // GGUF-quantized matrices (set_quant), used where the dense tensors above are empty
   hire_native::QMat quant[8];  // QuantSlot
@@ -233,7 +236,7 @@ struct DecodeModel : torch::CustomClassHolder {
     TORCH_CHECK(L.sliding >= 0, "the sliding window must be >= 0 positions (0: global attention), got ", L.sliding);
     TORCH_CHECK(L.parts == 1 || L.parts == 2, "parts must be 1 or 2");
     TORCH_CHECK(L.act >= 1 && L.act <= 4, "unknown activation ", L.act);
-    if (!L.ffn.defined()) {  // a quantized dense FFN: its matrices come with set_quant
+    if (!L.ffn.defined()) {  // a dense FFN: its matrices come with set_quant or set_ffn_matrices
       layers.push_back(std::move(L));
       return;
     }
@@ -273,6 +276,25 @@ struct DecodeModel : torch::CustomClassHolder {
     TORCH_CHECK(L.quant[slot].n == out, "set_quant: ", L.quant[slot].n, " code rows for ", out, " outputs");
   }
 
+  // the dense FFN of layer l (added without FFN rows) as its own 16-bit or float32 matrices: gate (empty
+  // for a plain FFN) and up (I, D), down (D, I), each row-contiguous, one dtype
+  void set_ffn_matrices(int64_t l, Tensor gate, Tensor up, Tensor down) {
+    TORCH_CHECK(l >= 0 && l < (int64_t)layers.size(), "set_ffn_matrices: layer ", l, " was not added");
+    Layer& L = layers[l];
+    TORCH_CHECK(!L.ffn.defined(), "set_ffn_matrices: layer ", l, " has FFN rows already");
+    TORCH_CHECK(up.dim() == 2 && up.size(1) == dim, "set_ffn_matrices: up must be (I, ", dim, "), got ", up.sizes());
+    const int64_t neurons = up.size(0);
+    TORCH_CHECK(L.keep == neurons, "layer ", l, ": an FFN over its matrices runs dense (keep ", L.keep, " of ", neurons, ")");
+    TORCH_CHECK(L.parts == 2 ? gate.numel() > 0 : gate.numel() == 0, "set_ffn_matrices: a gate matrix ",
+                L.parts == 2 ? "is missing (gated FFN)" : "for a plain FFN");
+    check_matrix(up, neurons, dim, "the FFN's up matrix");
+    check_matrix(down, dim, neurons, "the FFN's down matrix");
+    if (L.parts == 2) check_matrix(gate, neurons, dim, "the FFN's gate matrix");
+    TORCH_CHECK(down.scalar_type() == up.scalar_type() && (L.parts == 1 || gate.scalar_type() == up.scalar_type()),
+                "set_ffn_matrices: the matrices must share one dtype");
+    L.gate = L.parts == 2 ? gate : Tensor(), L.up = up, L.down = down;
+  }
+
   // every layer has each matrix either dense or quantized
   void check_complete() const {
     for (size_t l = 0; l < layers.size(); ++l) {
@@ -281,7 +303,7 @@ struct DecodeModel : torch::CustomClassHolder {
                   (L.quant[Q_Q].defined() && L.quant[Q_K].defined() && L.quant[Q_V].defined()),
                   "layer ", l, " has no q/k/v projection");
       TORCH_CHECK(L.o.defined() || L.quant[Q_O].defined(), "layer ", l, " has no output projection");
-      if (!L.ffn.defined()) {
+      if (!L.ffn.defined() && !L.down.defined()) {
         TORCH_CHECK(L.quant[Q_UP].defined() && L.quant[Q_DOWN].defined() && (L.parts == 1 || L.quant[Q_GATE].defined()),
                     "layer ", l, " has no FFN");
         const int64_t neurons = L.quant[Q_UP].n;
@@ -315,6 +337,16 @@ struct DecodeModel : torch::CustomClassHolder {
       activate_n(h.data(), nullptr, h.data(), neurons, L.act, false);
     }
     hire_native::qgemv(L.quant[Q_DOWN], h.data(), nullptr, dim, y);
+  }
+
+  // the dense FFN over its own 16-bit (or float32) matrices: down (act(gate x) * up x)
+  void matrix_ffn(const Layer& L, const float* x, float* y) {
+    const int64_t neurons = L.up.size(0);
+    std::vector<float> h(neurons), g(L.parts == 2 ? neurons : 0);
+    if (L.parts == 2) gemv(L.gate, x, g.data());
+    gemv(L.up, x, h.data());
+    activate_n(L.parts == 2 ? g.data() : h.data(), L.parts == 2 ? h.data() : nullptr, h.data(), neurons, L.act, false);
+    gemv(L.down, h.data(), y);
   }
 
   // h: (D,) float32 residual stream of the token at position pos -> final-normed hidden (D,) float32
@@ -460,6 +492,10 @@ struct DecodeModel : torch::CustomClassHolder {
   // the FFN of a batch: quantized dense (matrices read once), 16-bit dense (row by row), or sparse
   // over the union of the rows' selected neurons (each row's output from every neuron of the union)
   void ffn_batch(const Layer& L, const float* x, int64_t batch, float* y) {
+    if (L.down.defined()) {
+      for (int64_t j = 0; j < batch; ++j) matrix_ffn(L, x + j * dim, y + j * dim);
+      return;
+    }
     if (!L.ffn.defined()) {
       const int64_t neurons = L.quant[Q_UP].n;
       std::vector<float> h(batch * neurons), g(L.parts == 2 ? batch * neurons : 0);
@@ -606,7 +642,7 @@ struct DecodeModel : torch::CustomClassHolder {
 
   void ffn(const Layer& L, const float* x, float* y) {
     if (!L.ffn.defined()) {
-      quant_ffn(L, x, y);
+      L.down.defined() ? matrix_ffn(L, x, y) : quant_ffn(L, x, y);
       return;
     }
     const int64_t neurons = L.ffn.size(0);
@@ -665,6 +701,7 @@ HIRE_FRAGMENT(HIRE_OPS_NAMESPACE, m) {
                        Tensor>())
       .def("add_layer", &DecodeModel::add_layer)
       .def("set_quant", &DecodeModel::set_quant)
+      .def("set_ffn_matrices", &DecodeModel::set_ffn_matrices)
       .def("step", &DecodeModel::step)
       .def("step_batch", &DecodeModel::step_batch)
       .def("take_union", &DecodeModel::take_union)
