@@ -372,3 +372,25 @@ def test_topk_ranks_give_the_recall_of_every_topk_and_local_topk(n_tokens, block
         assert torch.equal((block_ranks < c // blocks).float().mean(-1), recall_at_k(idx, local_topk(scores, c, blocks)))
     with pytest.raises(ValueError, match="blocks=7 must be >= 1 and divide"):
         topk_ranks(torch.randn(1, 30), torch.zeros(1, 2, dtype=torch.long), 7)
+
+
+@given(st.integers(1, 4), st.integers(1, 6), st.integers(1, 40), st.integers(0, 2**31 - 1), st.data())
+def test_topk_ranks_count_the_rows_strictly_above_ties_and_signed_zeros_included(n_tokens, blocks, per, seed, data):
+    """The ranks by their definition, on scores with many equal values (rounded), -0.0 beside 0.0,
+    -inf and NaN (as -inf): a row's rank counts the rows scoring strictly higher, its block rank
+    those of its own block."""
+    n = blocks * per
+    g = torch.Generator().manual_seed(seed)
+    scores = (torch.randn(n_tokens, n, generator=g) * data.draw(st.sampled_from([0.5, 2.0]))).round()
+    scores[scores == 0] = torch.tensor([0.0, -0.0])[torch.randint(0, 2, (int((scores == 0).sum()),), generator=g)]
+    special = torch.rand(n_tokens, n, generator=g)
+    scores[special < 0.05] = float("-inf")
+    scores[special > 0.97] = float("nan")
+    k = data.draw(st.integers(1, n))
+    idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(n_tokens)])
+    ranks, block_ranks = topk_ranks(scores, idx, blocks)
+    s = scores.masked_fill(scores.isnan(), float("-inf"))
+    higher = s[:, None, :] > s.gather(1, idx)[:, :, None]  # (N, k, n)
+    same_block = (torch.arange(n) % blocks)[None, None, :] == (idx % blocks)[:, :, None]
+    assert torch.equal(ranks, higher.sum(-1))
+    assert torch.equal(block_ranks, (higher & same_block).sum(-1))

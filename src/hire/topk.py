@@ -141,13 +141,22 @@ def merge_topk(best: tuple[torch.Tensor, torch.Tensor] | None, values: torch.Ten
     return top, idx.gather(-1, pos)
 
 
+def _ordered(x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """int64 keys in the order of (group, x): float32 ``x`` (no NaN; -0.0 as 0.0) by its bits, made
+    monotone, in the low 32 bits, ``group`` (>= 0) above them."""
+    bits = (x.float() + 0.0).view(torch.int32).to(torch.int64)
+    bits = torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)  # negative floats: a larger magnitude lower
+    return (group.to(torch.int64) << 32) + bits + 2**31
+
+
 def topk_ranks(scores: torch.Tensor, idx: torch.Tensor, blocks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Where rows ``idx`` stand in ``scores``' descending order: how many rows score strictly higher
     (0 = the best), and how many rows of the same interleaved block do (``local_topk``'s ``blocks``
     blocks: row i is in block i % blocks). A row is among ``torch.topk(scores, c)`` exactly when its
     rank is below c, and among ``local_topk(scores, c, blocks)`` when its block rank is below
     c / blocks (ties apart), so one call gives the recall of every c at once, without a sort: each
-    score is placed among the k scores of ``idx`` (a binary search over k) and counted per block.
+    score above the lowest of ``idx``'s is placed among those k scores (a binary search over k) and
+    counted per block.
     NaN counts as -inf, as in ``local_topk``.
     # scores: (N, n), idx: (N, k) -> ranks, block ranks: (N, k) int64 each"""
     n_pos, n = scores.shape
@@ -158,14 +167,18 @@ def topk_ranks(scores: torch.Tensor, idx: torch.Tensor, blocks: int = 1) -> tupl
         scores = scores.masked_fill(scores.isnan(), float("-inf"))
     k, dev = idx.shape[1], scores.device
     ref, order = scores.gather(1, idx).sort(dim=1)  # (N, k) ascending
-    # a row beats ref[p] exactly when at least p + 1 of the k scores are below its own
+    # a row beats ref[p] exactly when at least p + 1 of the k scores are below its own. Only the rows
+    # above the lowest of them count towards a rank (a few in a thousand, for a proxy worth checking),
+    # so only those are placed: one binary search over every position's k scores at once, on keys
+    # that put a position's scores after the previous position's
+    pos, row = (scores > ref[:, :1]).nonzero(as_tuple=True)
+    shift = pos * k
+    key = torch.searchsorted(_ordered(ref, torch.arange(n_pos, device=dev)[:, None]).view(-1),
+                             _ordered(scores[pos, row], pos)) - shift  # (M,) in [1, k]
     bins = n_pos * blocks * (k + 1)
-    wide = bins > 2**31 - 1
-    key = torch.searchsorted(ref, scores, out_int32=not wide)  # (N, n) in [0, k]: made a (position, block, count) bin
-    key.add_((torch.arange(n, device=dev, dtype=key.dtype) % blocks) * (k + 1))
-    key.add_(torch.arange(n_pos, device=dev, dtype=key.dtype)[:, None] * (blocks * (k + 1)))
-    counts = torch.bincount(key.view(-1), minlength=bins).view(n_pos, blocks, k + 1)
-    del key
+    counts = torch.bincount(pos * (blocks * (k + 1)) + (row % blocks) * (k + 1) + key, minlength=bins)
+    counts = counts.view(n_pos, blocks, k + 1)  # (position, block, how many of the k below): none for 0
+    del pos, row, key, shift
     at_least = torch.arange(1, k + 1, device=dev).expand(n_pos, k)  # (N, k): ref[p] needs p + 1 below
     whole = counts.sum(1).flip(-1).cumsum(-1).flip(-1)  # (N, k + 1): rows with at least j of the k below
     ranks = whole.gather(1, at_least)
