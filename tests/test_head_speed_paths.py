@@ -77,6 +77,30 @@ def test_block_select_is_the_reference_set(ops, seed, blocks, tiles, short, rank
     assert none is None and torch.equal(alone, want[:1])  # the same rows without the batch
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31 - 1), n_pos=st.integers(1, 4), blocks=st.sampled_from([1, 3, 16]),
+       per=st.integers(1, 40), k=st.sampled_from([1, 5, 16, 17, 50, 64, 65, 100]), ties=st.booleans())
+def test_topk_rank_counts_on_every_build(ops, seed, n_pos, blocks, per, k, ties):
+    """topk_ranks' counts (per position, block and how many of the k ref scores lie below a row's own)
+    by their definition, on each SIMD build: k up to 64 (the k scores held in registers) and above,
+    ties, signed zeros, -inf and NaN scores (as -inf), ref holding -inf."""
+    n = blocks * per
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(n_pos, n, generator=g) * 2
+    if ties:
+        scores = scores.round()
+        scores[scores == 0] = -0.0
+    special = torch.rand(n_pos, n, generator=g)
+    scores[special < 0.05] = float("-inf")
+    scores[special > 0.97] = float("nan")
+    s = scores.masked_fill(scores.isnan(), float("-inf"))
+    ref = s[:, torch.randint(0, n, (k,), generator=g)].sort(dim=1).values.contiguous()  # (N, k), may repeat
+    below = (ref[:, None, :] < s[:, :, None]).sum(-1)  # (N, n)
+    key = torch.arange(n_pos)[:, None] * (blocks * (k + 1)) + (torch.arange(n) % blocks) * (k + 1) + below
+    want = torch.bincount(key[below > 0], minlength=n_pos * blocks * (k + 1)).view(n_pos, blocks, k + 1)
+    assert torch.equal(native.topk_rank_counts(scores, ref, blocks, ops=ops), want)
+
+
 @needs_kernels
 def test_block_select_picks_per_rows_from_every_block():
     codes, scales, bias, v, x = _case(1, 64, 64, 64, 96, 3, "random")

@@ -149,6 +149,23 @@ def _ordered(x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     return (group.to(torch.int64) << 32) + bits + 2**31
 
 
+def _rank_counts(scores: torch.Tensor, ref: torch.Tensor, blocks: int) -> torch.Tensor:
+    """``hire.native.topk_rank_counts`` where the kernels are built (one pass over the scores), else
+    the same counts in torch: one binary search over every position's k scores at once, on keys that
+    put a position's scores after the previous position's.  # -> (N, blocks, k + 1) int64"""
+    from hire import native  # (hire.native imports this module)
+
+    if scores.device.type == "cpu" and native.available():
+        return native.topk_rank_counts(scores.contiguous(), ref.contiguous(), blocks)
+    n_pos, k, dev = scores.shape[0], ref.shape[1], scores.device
+    pos, row = (scores > ref[:, :1]).nonzero(as_tuple=True)
+    key = torch.searchsorted(_ordered(ref, torch.arange(n_pos, device=dev)[:, None]).view(-1),
+                             _ordered(scores[pos, row], pos)) - pos * k  # (M,) in [1, k]
+    counts = torch.bincount(pos * (blocks * (k + 1)) + (row % blocks) * (k + 1) + key,
+                            minlength=n_pos * blocks * (k + 1))
+    return counts.view(n_pos, blocks, k + 1)
+
+
 def topk_ranks(scores: torch.Tensor, idx: torch.Tensor, blocks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Where rows ``idx`` stand in ``scores``' descending order: how many rows score strictly higher
     (0 = the best), and how many rows of the same interleaved block do (``local_topk``'s ``blocks``
@@ -168,17 +185,8 @@ def topk_ranks(scores: torch.Tensor, idx: torch.Tensor, blocks: int = 1) -> tupl
     k, dev = idx.shape[1], scores.device
     ref, order = scores.gather(1, idx).sort(dim=1)  # (N, k) ascending
     # a row beats ref[p] exactly when at least p + 1 of the k scores are below its own. Only the rows
-    # above the lowest of them count towards a rank (a few in a thousand, for a proxy worth checking),
-    # so only those are placed: one binary search over every position's k scores at once, on keys
-    # that put a position's scores after the previous position's
-    pos, row = (scores > ref[:, :1]).nonzero(as_tuple=True)
-    shift = pos * k
-    key = torch.searchsorted(_ordered(ref, torch.arange(n_pos, device=dev)[:, None]).view(-1),
-                             _ordered(scores[pos, row], pos)) - shift  # (M,) in [1, k]
-    bins = n_pos * blocks * (k + 1)
-    counts = torch.bincount(pos * (blocks * (k + 1)) + (row % blocks) * (k + 1) + key, minlength=bins)
-    counts = counts.view(n_pos, blocks, k + 1)  # (position, block, how many of the k below): none for 0
-    del pos, row, key, shift
+    # above the lowest of them count towards a rank, so only those are placed
+    counts = _rank_counts(scores, ref, blocks)  # (position, block, how many of the k below): none for 0
     at_least = torch.arange(1, k + 1, device=dev).expand(n_pos, k)  # (N, k): ref[p] needs p + 1 below
     whole = counts.sum(1).flip(-1).cumsum(-1).flip(-1)  # (N, k + 1): rows with at least j of the k below
     ranks = whole.gather(1, at_least)

@@ -44,6 +44,7 @@ from hire.native.ops import (
     rows_axpy,
     rows_dot,
     simd_path,
+    topk_rank_counts,
     usable,
 )
 
@@ -80,6 +81,7 @@ __all__ = [
     "rows_axpy",
     "rows_dot",
     "simd_path",
+    "topk_rank_counts",
     "unavailable_reason",
     "usable",
 ]

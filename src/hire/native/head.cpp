@@ -843,11 +843,76 @@ std::tuple<Tensor, Tensor> lowrank_select(Tensor x, Tensor v, Tensor packed, Ten
   return {rows, uni};
 }
 
+// The counts behind hire.topk.topk_ranks: scores (N, n) float32, ref (N, k) float32 ascending, no NaN
+// -> (N, blocks, k + 1) int64: for each position, block (row % blocks) and j in [1, k], how many rows
+// have exactly j of the position's k ref scores below their own (j = 0 is left 0: only the rows above
+// ref[0], a few in a thousand for a proxy worth checking, are placed). A NaN score counts as -inf.
+Tensor topk_rank_counts(Tensor scores, Tensor ref, int64_t blocks) {
+  TORCH_CHECK(scores.dim() == 2 && scores.scalar_type() == torch::kFloat && scores.is_contiguous(),
+              "scores must be a contiguous float32 (N, n) matrix, got ", scores.sizes(), " ", scores.scalar_type());
+  const int64_t npos = scores.size(0), n = scores.size(1);
+  TORCH_CHECK(ref.dim() == 2 && ref.size(0) == npos && ref.size(1) >= 1 && ref.scalar_type() == torch::kFloat &&
+              ref.is_contiguous(), "ref must be a contiguous float32 (", npos, ", k) matrix with k >= 1, got ",
+              ref.sizes(), " ", ref.scalar_type());
+  TORCH_CHECK(blocks >= 1 && n % blocks == 0, "blocks=", blocks, " must be >= 1 and divide the number of rows n=", n);
+  const int64_t k = ref.size(1), width = blocks * (k + 1);
+  auto counts = torch::zeros({npos, blocks, k + 1}, torch::kLong);
+  const float* sp = scores.data_ptr<float>();
+  const float* rp = ref.data_ptr<float>();
+  int64_t* cp = counts.data_ptr<int64_t>();
+  at::parallel_for(0, npos, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const float* s = sp + p * n;
+      const float* r = rp + p * k;
+      int64_t* c = cp + p * width;
+      const float low = r[0];
+      auto place = [&](int64_t j) {  // s[j] > low: j's count of ref scores below it, in [1, k]
+        c[(j % blocks) * (k + 1) + (std::lower_bound(r, r + k, s[j]) - r)] += 1;
+      };
+      int64_t j = 0;
+#if defined(__AVX512F__)
+      const __m512 vl = _mm512_set1_ps(low);
+      if (k <= 64) {  // the k scores in 4 registers (+inf past k): a row's count in 4 compares, no branch
+        __m512 rv[4];
+        for (int q = 0; q < 4; ++q) {
+          const int64_t left = std::clamp<int64_t>(k - 16 * q, 0, 16);
+          rv[q] = _mm512_mask_loadu_ps(_mm512_set1_ps(std::numeric_limits<float>::infinity()),
+                                       static_cast<__mmask16>((1u << left) - 1), r + 16 * q);
+        }
+        for (; j + 16 <= n; j += 16)  // (NaN compares false: never placed)
+          for (uint32_t m = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + j), vl, _CMP_GT_OQ); m; m &= m - 1) {
+            const int64_t i = j + __builtin_ctz(m);
+            const __m512 v = _mm512_set1_ps(s[i]);
+            const int64_t below = __builtin_popcount(_mm512_cmp_ps_mask(rv[0], v, _CMP_LT_OQ)) +
+                                  __builtin_popcount(_mm512_cmp_ps_mask(rv[1], v, _CMP_LT_OQ)) +
+                                  __builtin_popcount(_mm512_cmp_ps_mask(rv[2], v, _CMP_LT_OQ)) +
+                                  __builtin_popcount(_mm512_cmp_ps_mask(rv[3], v, _CMP_LT_OQ));
+            c[(i % blocks) * (k + 1) + below] += 1;
+          }
+      }
+      for (; j + 16 <= n; j += 16)
+        for (uint32_t m = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + j), vl, _CMP_GT_OQ); m; m &= m - 1)
+          place(j + __builtin_ctz(m));
+#elif !HIRE_SCALAR
+      const __m256 vl = _mm256_set1_ps(low);
+      for (; j + 8 <= n; j += 8)
+        for (uint32_t m = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(s + j), vl, _CMP_GT_OQ)));
+             m; m &= m - 1)
+          place(j + __builtin_ctz(m));
+#endif
+      for (; j < n; ++j)
+        if (s[j] > low) place(j);
+    }
+  });
+  return counts;
+}
+
 HIRE_FRAGMENT(HIRE_OPS_NAMESPACE, m) {
   m.def("pack_lowrank(Tensor codes) -> Tensor");
   m.def("lowrank_block_topk(Tensor z, Tensor packed, Tensor scales, int blocks, int per, Tensor? bias=None) -> Tensor");
   m.def("pack_lowrank_blocks(Tensor codes, Tensor scales, Tensor? bias, int blocks, int bits=8) -> Tensor[]");
   m.def("lowrank_select(Tensor x, Tensor v, Tensor packed, Tensor scales, Tensor? bias, int per, bool with_union) -> (Tensor, Tensor)");
+  m.def("topk_rank_counts(Tensor scores, Tensor ref, int blocks) -> Tensor");
 }
 
 HIRE_FRAGMENT_IMPL(HIRE_OPS_NAMESPACE, CPU, m) {
@@ -855,4 +920,5 @@ HIRE_FRAGMENT_IMPL(HIRE_OPS_NAMESPACE, CPU, m) {
   m.impl("lowrank_block_topk", &lowrank_block_topk);
   m.impl("pack_lowrank_blocks", &pack_lowrank_blocks);
   m.impl("lowrank_select", &lowrank_select);
+  m.impl("topk_rank_counts", &topk_rank_counts);
 }

@@ -189,6 +189,13 @@ def lowrank_block_topk(z, packed, scales, blocks: int, per: int, bias=None) -> t
     return _ops().lowrank_block_topk(z, packed, scales, blocks, per, bias)
 
 
+def topk_rank_counts(scores, ref, blocks: int, ops=None) -> torch.Tensor:
+    """For ``hire.topk.topk_ranks``: per position, block (row % blocks) and j in [1, k], how many rows
+    have exactly j of the position's k ``ref`` scores (ascending, no NaN) below their own; j = 0 is
+    left 0. NaN scores count as -inf.  # scores: (N, n) float32, ref: (N, k) -> (N, blocks, k + 1) int64"""
+    return (ops or _ops()).topk_rank_counts(scores, ref, blocks)
+
+
 def reference_lowrank_block_topk(z, codes, scales, blocks: int, per: int, bias=None) -> torch.Tensor:
     """What ``lowrank_block_topk`` selects, in eager torch, from the unpacked int8 ``codes`` (V, r)."""
     zq, scale = quantize_activation(z)
