@@ -391,9 +391,9 @@ def test_topk_ranks_count_the_rows_strictly_above_ties_and_signed_zeros_included
     s = scores.masked_fill(scores.isnan(), float("-inf"))
     higher = s[:, None, :] > s.gather(1, idx)[:, :, None]  # (N, k, n)
     same_block = (torch.arange(n) % blocks)[None, None, :] == (idx % blocks)[:, :, None]
-    with native.disabled():  # the torch path, then the kernel's where it is built
-        paths = [topk_ranks(scores, idx, blocks)]
-    paths.append(topk_ranks(scores, idx, blocks))
+    paths = [topk_ranks(scores, idx, blocks)]  # torch's counts, then the kernel's where it is built
+    if native.available():
+        paths.append(topk_ranks(scores, idx, blocks, counter=native.topk_rank_counts))
     for ranks, block_ranks in paths:
         assert torch.equal(ranks, higher.sum(-1))
         assert torch.equal(block_ranks, (higher & same_block).sum(-1))

@@ -4,6 +4,7 @@ a candidate set, and recall. No modules, no model knowledge."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -149,14 +150,12 @@ def _ordered(x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     return (group.to(torch.int64) << 32) + bits + 2**31
 
 
-def _rank_counts(scores: torch.Tensor, ref: torch.Tensor, blocks: int) -> torch.Tensor:
-    """``hire.native.topk_rank_counts`` where the kernels are built (one pass over the scores), else
-    the same counts in torch: one binary search over every position's k scores at once, on keys that
-    put a position's scores after the previous position's.  # -> (N, blocks, k + 1) int64"""
-    from hire import native  # (hire.native imports this module)
-
-    if scores.device.type == "cpu" and native.available():
-        return native.topk_rank_counts(scores.contiguous(), ref.contiguous(), blocks)
+def rank_counts(scores: torch.Tensor, ref: torch.Tensor, blocks: int) -> torch.Tensor:
+    """``topk_ranks``' counts in torch: per position, block (row % blocks) and j in [1, k], how many
+    rows have exactly j of the position's k ``ref`` scores (ascending, no NaN) below their own (j = 0
+    left 0). One binary search over every position's k scores at once, on keys that put a position's
+    scores after the previous position's; ``hire.native.topk_rank_counts`` is the same in one native
+    pass.  # scores: (N, n) float32, ref: (N, k) -> (N, blocks, k + 1) int64"""
     n_pos, k, dev = scores.shape[0], ref.shape[1], scores.device
     pos, row = (scores > ref[:, :1]).nonzero(as_tuple=True)
     key = torch.searchsorted(_ordered(ref, torch.arange(n_pos, device=dev)[:, None]).view(-1),
@@ -166,15 +165,17 @@ def _rank_counts(scores: torch.Tensor, ref: torch.Tensor, blocks: int) -> torch.
     return counts.view(n_pos, blocks, k + 1)
 
 
-def topk_ranks(scores: torch.Tensor, idx: torch.Tensor, blocks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_ranks(scores: torch.Tensor, idx: torch.Tensor, blocks: int = 1,
+               counter: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] = rank_counts,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Where rows ``idx`` stand in ``scores``' descending order: how many rows score strictly higher
     (0 = the best), and how many rows of the same interleaved block do (``local_topk``'s ``blocks``
     blocks: row i is in block i % blocks). A row is among ``torch.topk(scores, c)`` exactly when its
     rank is below c, and among ``local_topk(scores, c, blocks)`` when its block rank is below
     c / blocks (ties apart), so one call gives the recall of every c at once, without a sort: each
     score above the lowest of ``idx``'s is placed among those k scores (a binary search over k) and
-    counted per block.
-    NaN counts as -inf, as in ``local_topk``.
+    counted per block (``counter``: ``rank_counts``, or ``hire.native.topk_rank_counts`` from a caller
+    above this floor where the kernels are built). NaN counts as -inf, as in ``local_topk``.
     # scores: (N, n), idx: (N, k) -> ranks, block ranks: (N, k) int64 each"""
     n_pos, n = scores.shape
     if blocks < 1 or n % blocks:
@@ -186,7 +187,7 @@ def topk_ranks(scores: torch.Tensor, idx: torch.Tensor, blocks: int = 1) -> tupl
     ref, order = scores.gather(1, idx).sort(dim=1)  # (N, k) ascending
     # a row beats ref[p] exactly when at least p + 1 of the k scores are below its own. Only the rows
     # above the lowest of them count towards a rank, so only those are placed
-    counts = _rank_counts(scores, ref, blocks)  # (position, block, how many of the k below): none for 0
+    counts = counter(scores.contiguous(), ref.contiguous(), blocks)  # (position, block, how many below): none for 0
     at_least = torch.arange(1, k + 1, device=dev).expand(n_pos, k)  # (N, k): ref[p] needs p + 1 below
     whole = counts.sum(1).flip(-1).cumsum(-1).flip(-1)  # (N, k + 1): rows with at least j of the k below
     ranks = whole.gather(1, at_least)

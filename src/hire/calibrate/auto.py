@@ -49,7 +49,7 @@ from hire.proxies import Cascade, LowRankProxy
 from hire.proxies.lowrank import head_gram, second_moment
 from hire.quant.tensor import QLinear
 from hire.system import release_freed_memory, returned_allocations
-from hire.topk import topk_ranks
+from hire.topk import rank_counts, topk_ranks
 
 log = logging.getLogger("hire")
 
@@ -186,6 +186,7 @@ def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor | No
     ranks = sorted(r for r in ranks if r <= cap) or [max(8 if cfg.rank_bits == 4 else 1, cap)]
     ladder = [c for c in candidates if cfg.k <= c <= vocab // 4] or [max(cfg.k, vocab // 4)]
     gram = head_gram(weight)
+    counter = native.topk_rank_counts if native.available() else rank_counts  # where each check score stands
     trues = [exact_topk(weight, c, cfg.k).split(CHECK_CHUNK) for c in checks]
     release_freed_memory()  # the head's dequantized slices (W^T W, the exact top-k): 300 MB freed into the heap
     tried, met_ranks = [], {}
@@ -213,7 +214,7 @@ def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor | No
             del proxy
             release_freed_memory()  # the fit's freed slices: up to 150 MB held in the heap otherwise
             for h, t in zip(check.split(CHECK_CHUNK), true):  # a chunk's scores at a time (GBs at a 152k vocabulary)
-                ranks_h, block_ranks = topk_ranks(scorer.scores(h), t, nblocks or 1)
+                ranks_h, block_ranks = topk_ranks(scorer.scores(h), t, nblocks or 1, counter=counter)
                 whole += _recalls(ranks_h, ladder).sum(0)
                 if local_ladder:
                     local += _recalls(block_ranks, local_ladder, nblocks).sum(0)
