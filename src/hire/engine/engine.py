@@ -89,11 +89,9 @@ class Engine:
     (``hire.engine.plan``) where the kernels are built and the model's layers allow it
     (``native_reason`` says why not); ``fused=False`` keeps the eager step, the reference.
 
-    The model is converted to ``dtype`` in place, and its weights are held once: its q, k and v
-    become row views of the engine's fused q/k/v (16-bit, or GGUF codes of one format); the native
-    step's dense FFN reads the model's own matrices, and a 16-bit gated HiRE FFN's gate and up become
-    views of its neuron-major rows, whose down is still held twice (``hire.engine.weights.share_ffn_weights``
-    says why).
+    The model is converted to ``dtype`` in place and its weights are held once: q, k and v become row
+    views of the engine's fused q/k/v, and the native step's dense FFN reads the model's own matrices
+    (a 16-bit HiRE FFN's down is held twice: ``hire.engine.weights.share_ffn_weights``).
     """
 
     supports_fused = True  # a subclass that replaces the eager step's parts (tensor parallel) sets False
