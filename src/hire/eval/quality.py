@@ -70,7 +70,13 @@ def _head_pass(model: nn.Module, states: torch.Tensor, window: torch.Tensor, hea
     mass = torch.zeros(n_pos)
     target_logit = torch.zeros(targets.shape[0])
     top = None
-    cand_logits = None if cand is None else torch.empty(cand.shape)
+    cand_logits = None if cand is None else torch.empty(cand.numel())
+    if cand is not None:  # the (position, candidate) pairs grouped by the slice of rows that holds them
+        flat = cand.reshape(-1)
+        slice_of = torch.div(flat, HEAD_ROWS, rounding_mode="floor")
+        order = torch.argsort(slice_of, stable=True)
+        bounds = [0, *torch.bincount(slice_of, minlength=-(-rows.shape[0] // HEAD_ROWS)).cumsum(0).tolist()]
+        del slice_of
     for start in range(0, rows.shape[0], HEAD_ROWS):
         logits = states @ rows[start : start + HEAD_ROWS].t()  # (T, c)
         stop = start + logits.shape[1]
@@ -86,12 +92,13 @@ def _head_pass(model: nn.Module, states: torch.Tensor, window: torch.Tensor, hea
         v, i = logits.topk(min(k, logits.shape[1]), dim=-1)
         top = merge_topk(top, v, i + start, k)
         if cand is not None:
-            inside = (cand >= start) & (cand < stop)
-            cand_logits[inside] = logits.gather(-1, (cand - start).clamp(0, logits.shape[1] - 1))[inside]
+            pick = order[bounds[start // HEAD_ROWS] : bounds[start // HEAD_ROWS + 1]]  # flat (position, j) pairs
+            cand_logits[pick] = logits[torch.div(pick, cand.shape[1], rounding_mode="floor"), flat[pick] - start]
         del logits
     nll = float((peak[:-1] + mass[:-1].log() - target_logit).sum())  # log-sum-exp minus the target's logit
     if cand is None:
         return _Pass(nll, top[1], None, None)
+    cand_logits = cand_logits.view(cand.shape)
     return _Pass(nll, top[1], cand, cand.gather(-1, cand_logits.argmax(-1, keepdim=True))[:, 0])
 def _nll(logits: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     # logits: (T, V), window: (T,) -> summed NLL of tokens 1..T-1
