@@ -631,29 +631,25 @@ void select_block(const float* sc, int64_t n, int64_t per, int64_t target, float
     std::sort(pick, pick + per);
     return;
   }
-#if defined(__AVX512F__)
-  if (m <= 64) {  // the common case (q sits near a block's target-th best): ranks against masks in registers
-    float* val = w.val.data();
-    const __m512 low = _mm512_set1_ps(-std::numeric_limits<float>::infinity());  // never > or == a candidate
-    for (int64_t i = m; i < 64; i += 16) _mm512_storeu_ps(val + i, low);  // (val has room for 64 + 16)
-    float q_next = q;
-    if (m <= 32)
-      rank_all<2>(val, w.idx.data(), m, per, target, pick, q_next);
-    else
-      rank_all<4>(val, w.idx.data(), m, per, target, pick, q_next);
-    if (m > target + target / 2) q = q_next;  // q was low: raise it to this block's target-th best
-    return;
-  }
-#endif
   if (m <= kRankMax) {  // few candidates: each one's rank by counting, branch-free (no sort)
     float* val = w.val.data();
-    for (int64_t i = m; i < m + 16; ++i) val[i] = -std::numeric_limits<float>::infinity();  // never > or == a candidate
-    int64_t k = 0;
+    // padding never > or == a candidate: to a multiple of 16 past m, and to 64 for rank_all (room: 64 + 16)
+    for (int64_t i = m; i < std::max<int64_t>(m + 16, 64); ++i) val[i] = -std::numeric_limits<float>::infinity();
     float q_next = q;
-    for (int64_t i = 0; i < m; ++i) {
-      const int64_t r = rank_of(val, m, i);  // 0 for the best
-      if (r < per) pick[k++] = w.idx[i];
-      if (r == target - 1) q_next = val[i];
+#if defined(__AVX512F__)
+    if (m <= 32)  // the common case (q sits near a block's target-th best): masks held in registers
+      rank_all<2>(val, w.idx.data(), m, per, target, pick, q_next);
+    else if (m <= 64)
+      rank_all<4>(val, w.idx.data(), m, per, target, pick, q_next);
+    else
+#endif
+    {
+      int64_t k = 0;
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t r = rank_of(val, m, i);  // 0 for the best
+        if (r < per) pick[k++] = w.idx[i];
+        if (r == target - 1) q_next = val[i];
+      }
     }
     if (m > target + target / 2) q = q_next;  // q was low: raise it to this block's target-th best
     return;
@@ -866,31 +862,33 @@ Tensor topk_rank_counts(Tensor scores, Tensor ref, int64_t blocks) {
       const float* r = rp + p * k;
       int64_t* c = cp + p * width;
       const float low = r[0];
+#if defined(__AVX512F__)
+      // k <= 64: the k scores in 4 registers (+inf past k), a row's count in 4 compares and no branch
+      __m512 rv[4];
+      for (int q = 0; q < 4; ++q) {
+        const int64_t left = std::clamp<int64_t>(k - 16 * q, 0, 16);
+        rv[q] = _mm512_mask_loadu_ps(_mm512_set1_ps(std::numeric_limits<float>::infinity()),
+                                     static_cast<__mmask16>((1u << left) - 1), r + 16 * q);
+      }
+#endif
       auto place = [&](int64_t j) {  // s[j] > low: j's count of ref scores below it, in [1, k]
-        c[(j % blocks) * (k + 1) + (std::lower_bound(r, r + k, s[j]) - r)] += 1;
+        int64_t below;
+#if defined(__AVX512F__)
+        if (k <= 64) {
+          const __m512 v = _mm512_set1_ps(s[j]);
+          below = __builtin_popcount(_mm512_cmp_ps_mask(rv[0], v, _CMP_LT_OQ)) +
+                  __builtin_popcount(_mm512_cmp_ps_mask(rv[1], v, _CMP_LT_OQ)) +
+                  __builtin_popcount(_mm512_cmp_ps_mask(rv[2], v, _CMP_LT_OQ)) +
+                  __builtin_popcount(_mm512_cmp_ps_mask(rv[3], v, _CMP_LT_OQ));
+        } else
+#endif
+          below = std::lower_bound(r, r + k, s[j]) - r;
+        c[(j % blocks) * (k + 1) + below] += 1;
       };
       int64_t j = 0;
 #if defined(__AVX512F__)
       const __m512 vl = _mm512_set1_ps(low);
-      if (k <= 64) {  // the k scores in 4 registers (+inf past k): a row's count in 4 compares, no branch
-        __m512 rv[4];
-        for (int q = 0; q < 4; ++q) {
-          const int64_t left = std::clamp<int64_t>(k - 16 * q, 0, 16);
-          rv[q] = _mm512_mask_loadu_ps(_mm512_set1_ps(std::numeric_limits<float>::infinity()),
-                                       static_cast<__mmask16>((1u << left) - 1), r + 16 * q);
-        }
-        for (; j + 16 <= n; j += 16)  // (NaN compares false: never placed)
-          for (uint32_t m = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + j), vl, _CMP_GT_OQ); m; m &= m - 1) {
-            const int64_t i = j + __builtin_ctz(m);
-            const __m512 v = _mm512_set1_ps(s[i]);
-            const int64_t below = __builtin_popcount(_mm512_cmp_ps_mask(rv[0], v, _CMP_LT_OQ)) +
-                                  __builtin_popcount(_mm512_cmp_ps_mask(rv[1], v, _CMP_LT_OQ)) +
-                                  __builtin_popcount(_mm512_cmp_ps_mask(rv[2], v, _CMP_LT_OQ)) +
-                                  __builtin_popcount(_mm512_cmp_ps_mask(rv[3], v, _CMP_LT_OQ));
-            c[(i % blocks) * (k + 1) + below] += 1;
-          }
-      }
-      for (; j + 16 <= n; j += 16)
+      for (; j + 16 <= n; j += 16)  // (NaN compares false: never placed)
         for (uint32_t m = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + j), vl, _CMP_GT_OQ); m; m &= m - 1)
           place(j + __builtin_ctz(m));
 #elif !HIRE_SCALAR
