@@ -142,27 +142,17 @@ def merge_topk(best: tuple[torch.Tensor, torch.Tensor] | None, values: torch.Ten
     return top, idx.gather(-1, pos)
 
 
-def _ordered(x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """int64 keys in the order of (group, x): float32 ``x`` (no NaN; -0.0 as 0.0) by its bits, made
-    monotone, in the low 32 bits, ``group`` (>= 0) above them."""
-    bits = (x.float() + 0.0).view(torch.int32).to(torch.int64)
-    bits = torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)  # negative floats: a larger magnitude lower
-    return (group.to(torch.int64) << 32) + bits + 2**31
-
-
 def rank_counts(scores: torch.Tensor, ref: torch.Tensor, blocks: int) -> torch.Tensor:
-    """``topk_ranks``' counts in torch: per position, block (row % blocks) and j in [1, k], how many
-    rows have exactly j of the position's k ``ref`` scores (ascending, no NaN) below their own (j = 0
-    left 0). One binary search over every position's k scores at once, on keys that put a position's
-    scores after the previous position's; ``hire.native.topk_rank_counts`` is the same in one native
-    pass.  # scores: (N, n) float32, ref: (N, k) -> (N, blocks, k + 1) int64"""
-    n_pos, k, dev = scores.shape[0], ref.shape[1], scores.device
-    pos, row = (scores > ref[:, :1]).nonzero(as_tuple=True)
-    key = torch.searchsorted(_ordered(ref, torch.arange(n_pos, device=dev)[:, None]).view(-1),
-                             _ordered(scores[pos, row], pos)) - pos * k  # (M,) in [1, k]
-    counts = torch.bincount(pos * (blocks * (k + 1)) + (row % blocks) * (k + 1) + key,
-                            minlength=n_pos * blocks * (k + 1))
-    return counts.view(n_pos, blocks, k + 1)
+    """``topk_ranks``' counts in torch: per position, block (row % blocks) and j in [0, k], how many
+    rows have exactly j of the position's k ``ref`` scores (ascending, no NaN) below their own, every
+    score placed by a binary search over k. ``hire.native.topk_rank_counts`` gives the same for j >= 1
+    (j = 0 is never read) in one native pass.  # scores: (N, n) float32, ref: (N, k) -> (N, blocks, k + 1) int64"""
+    (n_pos, n), k, dev = scores.shape, ref.shape[1], scores.device
+    bins = n_pos * blocks * (k + 1)
+    key = torch.searchsorted(ref, scores, out_int32=bins <= 2**31 - 1)  # (N, n) in [0, k]: a (position, block, j) bin
+    key.add_((torch.arange(n, device=dev, dtype=key.dtype) % blocks) * (k + 1))
+    key.add_(torch.arange(n_pos, device=dev, dtype=key.dtype)[:, None] * (blocks * (k + 1)))
+    return torch.bincount(key.view(-1), minlength=bins).view(n_pos, blocks, k + 1)
 
 
 def topk_ranks(scores: torch.Tensor, idx: torch.Tensor, blocks: int = 1,
@@ -173,9 +163,9 @@ def topk_ranks(scores: torch.Tensor, idx: torch.Tensor, blocks: int = 1,
     blocks: row i is in block i % blocks). A row is among ``torch.topk(scores, c)`` exactly when its
     rank is below c, and among ``local_topk(scores, c, blocks)`` when its block rank is below
     c / blocks (ties apart), so one call gives the recall of every c at once, without a sort: each
-    score above the lowest of ``idx``'s is placed among those k scores (a binary search over k) and
-    counted per block (``counter``: ``rank_counts``, or ``hire.native.topk_rank_counts`` from a caller
-    above this floor where the kernels are built). NaN counts as -inf, as in ``local_topk``.
+    score is placed among the k scores of ``idx`` and counted per block (``counter``: ``rank_counts``,
+    or ``hire.native.topk_rank_counts``, which places only the scores above the lowest of the k, from a
+    caller above this floor where the kernels are built). NaN counts as -inf, as in ``local_topk``.
     # scores: (N, n), idx: (N, k) -> ranks, block ranks: (N, k) int64 each"""
     n_pos, n = scores.shape
     if blocks < 1 or n % blocks:
@@ -185,9 +175,8 @@ def topk_ranks(scores: torch.Tensor, idx: torch.Tensor, blocks: int = 1,
         scores = scores.masked_fill(scores.isnan(), float("-inf"))
     k, dev = idx.shape[1], scores.device
     ref, order = scores.gather(1, idx).sort(dim=1)  # (N, k) ascending
-    # a row beats ref[p] exactly when at least p + 1 of the k scores are below its own. Only the rows
-    # above the lowest of them count towards a rank, so only those are placed
-    counts = counter(scores.contiguous(), ref.contiguous(), blocks)  # (position, block, how many below): none for 0
+    # a row beats ref[p] exactly when at least p + 1 of the k scores are below its own
+    counts = counter(scores.contiguous(), ref.contiguous(), blocks)  # (position, block, how many below); j = 0 unused
     at_least = torch.arange(1, k + 1, device=dev).expand(n_pos, k)  # (N, k): ref[p] needs p + 1 below
     whole = counts.sum(1).flip(-1).cumsum(-1).flip(-1)  # (N, k + 1): rows with at least j of the k below
     ranks = whole.gather(1, at_least)
