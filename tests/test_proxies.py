@@ -186,10 +186,18 @@ def test_fit_ranks_is_each_ranks_whitened_svd(u_bits, monkeypatch):
         same = next(LowRankProxy.fit_ranks(w, [rank], sigma=lowrank.second_moment(states), u_bits=u_bits,
                                            gram=lowrank.head_gram(w)))
         assert torch.equal(same.dense_u(), proxy.dense_u()) and torch.equal(same.v, proxy.v)
+        # and from the decomposition made once (hire.calibrate.auto: one per fold for every rank)
+        made = LowRankProxy.whitening(w, sigma=lowrank.second_moment(states), gram=lowrank.head_gram(w))
+        via = next(LowRankProxy.fit_ranks(w, [rank], u_bits=u_bits, whitening=made))
+        assert torch.equal(via.dense_u(), proxy.dense_u()) and torch.equal(via.v, proxy.v)
         single = next(LowRankProxy.fit_ranks(w, [rank], states, u_bits=u_bits, dtype=torch.float32))
         assert (single.dense_u().double() @ single.v.double() - got).abs().max() <= tol * want.abs().max()
     with pytest.raises(ValueError, match="rank 25 must be between 1"):
         LowRankProxy.fit_ranks(w, [4, 25], states)
+    with pytest.raises(ValueError, match="not with them"):
+        LowRankProxy.fit_ranks(w, [4], states, whitening=made)
+    with pytest.raises(ValueError, match="whitening is of width 24, the weight's is 23"):
+        LowRankProxy.fit_ranks(w[:, :23], [4], whitening=made)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

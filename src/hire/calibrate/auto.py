@@ -46,7 +46,7 @@ from hire.files import atomic_write_json
 from hire.layers.head import HiReLMHead, exact_logits, native_rows_for
 from hire.paths import cache_dir
 from hire.proxies import Cascade, LowRankProxy
-from hire.proxies.lowrank import head_gram, second_moment
+from hire.proxies.lowrank import Whitening, head_gram, second_moment
 from hire.quant.tensor import QLinear
 from hire.system import release_freed_memory, returned_allocations
 from hire.topk import rank_counts, topk_ranks
@@ -187,9 +187,11 @@ def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor | No
     ladder = [c for c in candidates if cfg.k <= c <= vocab // 4] or [max(cfg.k, vocab // 4)]
     gram = head_gram(weight)
     counter = native.topk_rank_counts if native.available() else rank_counts  # where each check score stands
-    trues = [exact_topk(weight, c, cfg.k).split(CHECK_CHUNK) for c in checks]
+    # every fold's check states in one pass over the head (a GGUF head dequantized once, not per fold)
+    trues = [t.split(CHECK_CHUNK) for t in exact_topk(weight, torch.cat(checks), cfg.k).split([c.shape[0] for c in checks])]
     release_freed_memory()  # the head's dequantized slices (W^T W, the exact top-k): 300 MB freed into the heap
     tried, met_ranks = [], {}
+    whitenings: dict[int, Whitening] = {}  # per fold
     row_bytes = decode_row_bytes(model)
     nblocks = select_blocks_for(vocab, blocks)
     local_ladder = [c for c in ladder if nblocks and c % nblocks == 0]
@@ -204,10 +206,11 @@ def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor | No
             break
         whole, local = torch.zeros(len(ladder), 2), torch.zeros(len(local_ladder), 2)
         seen = scored = 0
-        for fold, check, true in zip(fold_list, checks, trues):  # a fold's whitening made again per rank (0.1 s):
-            # five folds' held at once cost 100 MB at D = 896
-            proxy = next(LowRankProxy.fit_ranks(weight, [rank], sigma=fold.sigma, gram=gram, u_bits=cfg.rank_bits,
-                                                dtype=fit_dtype))
+        for f, (fold, check, true) in enumerate(zip(fold_list, checks, trues)):
+            if f not in whitenings:  # each fold's made once for every rank (0.1 s each; 13 MB at D = 896)
+                whitenings[f] = LowRankProxy.whitening(weight, sigma=fold.sigma, gram=gram)
+            proxy = next(LowRankProxy.fit_ranks(weight, [rank], u_bits=cfg.rank_bits, dtype=fit_dtype,
+                                                whitening=whitenings[f]))
             # U dequantized once, not per chunk, in float16 (converted a slice of rows at a time by scores):
             # 78 MB at 152k x 256, not 155
             scorer = LowRankProxy(proxy.dense_u().half(), proxy.v)
@@ -243,6 +246,7 @@ def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor | No
                 entry["bytes_fraction"] = (proxy_bytes + steps[ok[0]] * row_bytes) / (vocab * row_bytes)
                 met_ranks[rank] = True
             tried.append(entry)
+    whitenings.clear()
     # the met ranks' proxies as the final fit makes them (every state), for timing
     proxies = {}
     if met_ranks:

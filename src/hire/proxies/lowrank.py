@@ -25,6 +25,15 @@ from hire.proxies.kernels import QuantizedGEMV
 from hire.proxies.quantized_matrix import QuantizedMatrix
 
 
+class Whitening(NamedTuple):
+    """LowRankProxy.whitening: L (Sigma + ridge = L L^T) and the eigendecomposition of (W L)^T (W L),
+    float64; every rank's fit under that Sigma is a slice of the eigenvectors."""
+
+    chol: torch.Tensor  # (D, D) lower
+    eigvals: torch.Tensor  # (D,) ascending
+    eigvecs: torch.Tensor  # (D, D), columns as eigvals
+
+
 class BlockPack(NamedTuple):
     """U's int8 codes, row scales and row bias in block-major order for the native first pass
     (``block_select``): block b holds rows b, b + blocks, b + 2 blocks, ... (``hire.topk.local_topk``'s
@@ -174,42 +183,14 @@ class LowRankProxy:
         """
         return next(cls.fit_ranks(weight, [rank], states, u_bits, ridge))
 
-    @classmethod
-    def fit_ranks(
-        cls,
-        weight: torch.Tensor,
-        ranks: list[int] | tuple[int, ...],
-        states: torch.Tensor | None = None,
-        u_bits: int = 16,
-        ridge: float = 1e-4,
-        *,
-        sigma: torch.Tensor | None = None,
-        gram: torch.Tensor | None = None,
-        dtype: torch.dtype = torch.float64,
-    ) -> Iterator["LowRankProxy"]:
-        """``from_weight`` for each rank of ``ranks``, from one eigendecomposition: the best rank-r
-        subspaces of W L are nested, so every rank's factors are slices of the same eigenvectors.
-        W is read a slice of rows at a time (in float64, never whole: a copy of a 1.5B model's head
-        in float64 is 1.9 GB); ``weight`` may be anything sliced by rows with a ``shape``
-        (hire.calibrate.states.HeadRows: a GGUF head dequantized a slice at a time). The proxies come
-        one at a time as they are iterated (the arguments are checked and the eigendecomposition made
-        at the call): a caller that keeps one rank at a time holds one U.
-
-        ``sigma``: the states' second moment E[x x^T] (float64 (D, D)) in place of ``states`` (second
-        moments add: hire.calibrate.auto fits one proxy per left-out domain from them); ``gram``: W^T W
-        (``head_gram``), when several fits share it; ``dtype``: of the product W (L Q) giving U
-        (float32: 4x faster, for proxies that only estimate recall or time).
-
-        # weight: (n, D), states: (N, D) -> [U: (n, r), V: (r, D)] per rank
-        """
-        n, width = weight.shape
-        for rank in ranks:
-            if rank < 1 or rank > min(n, width):
-                raise ValueError(
-                    f"rank {rank} must be between 1 and min(rows, width) = {min(n, width)} for a {n}x{width} weight"
-                )
-        if u_bits not in U_BITS:
-            raise ValueError(f"u_bits must be one of {U_BITS}, got {u_bits}")
+    @staticmethod
+    def whitening(weight, states: torch.Tensor | None = None, ridge: float = 1e-4, *,
+                  sigma: torch.Tensor | None = None, gram: torch.Tensor | None = None) -> "Whitening":
+        """What every rank's fit under one second moment shares (``fit_ranks``' ``whitening``): L, with
+        Sigma + ridge = L L^T, and the eigendecomposition of (W L)^T (W L). ``states``, ``sigma`` and
+        ``gram`` as in ``fit_ranks``; neither states nor sigma: a plain SVD (L = I).
+        # weight: (n, D) -> L (D, D), eigenvalues (D,) ascending, eigenvectors (D, D), float64"""
+        width = weight.shape[1]
         if sigma is not None:
             if states is not None or sigma.shape != (width, width):
                 raise ValueError(f"give states or their second moment sigma ({width}, {width}), not both")
@@ -229,6 +210,54 @@ class LowRankProxy:
             chol = torch.linalg.cholesky(sigma)  # (D, D) lower
         gram = head_gram(weight) if gram is None else gram
         eigvals, eigvecs = torch.linalg.eigh(chol.t() @ gram @ chol)  # (W L)^T (W L), ascending eigenvalues
+        return Whitening(chol, eigvals, eigvecs)
+
+    @classmethod
+    def fit_ranks(
+        cls,
+        weight: torch.Tensor,
+        ranks: list[int] | tuple[int, ...],
+        states: torch.Tensor | None = None,
+        u_bits: int = 16,
+        ridge: float = 1e-4,
+        *,
+        sigma: torch.Tensor | None = None,
+        gram: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float64,
+        whitening: "Whitening | None" = None,
+    ) -> Iterator["LowRankProxy"]:
+        """``from_weight`` for each rank of ``ranks``, from one eigendecomposition: the best rank-r
+        subspaces of W L are nested, so every rank's factors are slices of the same eigenvectors.
+        W is read a slice of rows at a time (in float64, never whole: a copy of a 1.5B model's head
+        in float64 is 1.9 GB); ``weight`` may be anything sliced by rows with a ``shape``
+        (hire.calibrate.states.HeadRows: a GGUF head dequantized a slice at a time). The proxies come
+        one at a time as they are iterated (the arguments are checked and the eigendecomposition made
+        at the call): a caller that keeps one rank at a time holds one U.
+
+        ``sigma``: the states' second moment E[x x^T] (float64 (D, D)) in place of ``states`` (second
+        moments add: hire.calibrate.auto fits one proxy per left-out domain from them); ``gram``: W^T W
+        (``head_gram``), when several fits share it; ``dtype``: of the product W (L Q) giving U
+        (float32: 4x faster, for proxies that only estimate recall or time); ``whitening``: the
+        decomposition itself (``whitening()``), made once for calls that fit other ranks under the
+        same second moment, in place of ``states``, ``sigma`` and ``gram``.
+
+        # weight: (n, D), states: (N, D) -> [U: (n, r), V: (r, D)] per rank
+        """
+        n, width = weight.shape
+        for rank in ranks:
+            if rank < 1 or rank > min(n, width):
+                raise ValueError(
+                    f"rank {rank} must be between 1 and min(rows, width) = {min(n, width)} for a {n}x{width} weight"
+                )
+        if u_bits not in U_BITS:
+            raise ValueError(f"u_bits must be one of {U_BITS}, got {u_bits}")
+        if whitening is None:
+            whitening = cls.whitening(weight, states, ridge, sigma=sigma, gram=gram)
+        elif states is not None or sigma is not None:
+            raise ValueError("give a whitening in place of states or sigma, not with them")
+        elif whitening.chol.shape != (width, width):
+            raise ValueError(f"the whitening is of width {whitening.chol.shape[0]}, the weight's is {width}")
+        chol, eigvals, eigvecs = whitening
 
         def one_rank(rank: int) -> "LowRankProxy":  # its locals go when it returns
             q = eigvecs[:, -rank:].flip(-1)  # (D, r), strongest first
