@@ -156,9 +156,10 @@ def test_fit_ranks_is_each_ranks_whitened_svd(u_bits, monkeypatch):
     """One eigendecomposition serves every rank: each rank's U V is the best rank-r fit of W under the
     states' second moment (the whitened SVD written out in full here), whatever other ranks are fitted
     with it, with W read a few rows at a time. 4-bit codes: U's columns of one size (their size in V)."""
-    from hire.proxies import lowrank
+    from hire.proxies import lowrank, whiten
 
-    monkeypatch.setattr(lowrank, "FIT_ROWS", 37)  # several slices, the last one short
+    monkeypatch.setattr(lowrank, "FIT_ROWS", 37)
+    monkeypatch.setattr(whiten, "FIT_ROWS", 37)  # several slices, the last one short
     g = torch.Generator().manual_seed(3)
     w = torch.randn(200, 24, generator=g)
     states = torch.randn(300, 24, generator=g) @ torch.randn(24, 24, generator=g)
@@ -183,11 +184,11 @@ def test_fit_ranks_is_each_ranks_whitened_svd(u_bits, monkeypatch):
         assert torch.equal(alone.dense_u(), proxy.dense_u()) and torch.equal(alone.v, proxy.v)
         assert proxy.nbytes() == LowRankProxy.u_nbytes(200, rank, u_bits) + proxy.v.numel() * 2
         # from the states' second moment (and W^T W given) the same proxy; float32 products nearly so
-        same = next(LowRankProxy.fit_ranks(w, [rank], sigma=lowrank.second_moment(states), u_bits=u_bits,
-                                           gram=lowrank.head_gram(w)))
+        same = next(LowRankProxy.fit_ranks(w, [rank], sigma=whiten.second_moment(states), u_bits=u_bits,
+                                           gram=whiten.head_gram(w)))
         assert torch.equal(same.dense_u(), proxy.dense_u()) and torch.equal(same.v, proxy.v)
         # and from the decomposition made once (hire.calibrate.auto: one per fold for every rank)
-        made = LowRankProxy.whitening(w, sigma=lowrank.second_moment(states), gram=lowrank.head_gram(w))
+        made = whiten.whitened(w, sigma=whiten.second_moment(states), gram=whiten.head_gram(w))
         via = next(LowRankProxy.fit_ranks(w, [rank], u_bits=u_bits, whitening=made))
         assert torch.equal(via.dense_u(), proxy.dense_u()) and torch.equal(via.v, proxy.v)
         single = next(LowRankProxy.fit_ranks(w, [rank], states, u_bits=u_bits, dtype=torch.float32))

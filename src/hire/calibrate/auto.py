@@ -46,7 +46,7 @@ from hire.files import atomic_write_json
 from hire.layers.head import HiReLMHead, exact_logits, native_rows_for
 from hire.paths import cache_dir
 from hire.proxies import Cascade, LowRankProxy
-from hire.proxies.lowrank import Whitening, head_gram, second_moment
+from hire.proxies.whiten import Whitening, head_gram, second_moment, whitened
 from hire.quant.tensor import QLinear
 from hire.system import release_freed_memory, returned_allocations
 from hire.topk import rank_counts, topk_ranks
@@ -208,7 +208,7 @@ def choose_head(model: nn.Module, cfg: HeadConfig, fit_states: torch.Tensor | No
         seen = scored = 0
         for f, (fold, check, true) in enumerate(zip(fold_list, checks, trues)):
             if f not in whitenings:  # each fold's made once for every rank (0.1 s each; 13 MB at D = 896)
-                whitenings[f] = LowRankProxy.whitening(weight, sigma=fold.sigma, gram=gram)
+                whitenings[f] = whitened(weight, sigma=fold.sigma, gram=gram)
             proxy = next(LowRankProxy.fit_ranks(weight, [rank], u_bits=cfg.rank_bits, dtype=fit_dtype,
                                                 whitening=whitenings[f]))
             # U dequantized once, not per chunk, in float16 (converted a slice of rows at a time by scores):

@@ -23,15 +23,7 @@ import torch
 from hire import native
 from hire.proxies.kernels import QuantizedGEMV
 from hire.proxies.quantized_matrix import QuantizedMatrix
-
-
-class Whitening(NamedTuple):
-    """LowRankProxy.whitening: L (Sigma + ridge = L L^T) and the eigendecomposition of (W L)^T (W L),
-    float64; every rank's fit under that Sigma is a slice of the eigenvectors."""
-
-    chol: torch.Tensor  # (D, D) lower
-    eigvals: torch.Tensor  # (D,) ascending
-    eigvecs: torch.Tensor  # (D, D), columns as eigvals
+from hire.proxies.whiten import Whitening, second_moment, whitened
 
 
 class BlockPack(NamedTuple):
@@ -122,26 +114,6 @@ U_BITS = (4, 8, 16)  # U's storage: 4- and 8-bit codes with one scale per row, o
 FIT_ROWS = 4096  # rows of W read at a time (in float64: 29 MB a slice at D = 896) by fit_ranks, with_optimism, scores
 
 
-def head_gram(weight) -> torch.Tensor:
-    """W^T W in float64, W read ``FIT_ROWS`` rows at a time.  # weight: (n, D) -> (D, D)"""
-    width = weight.shape[1]
-    gram = torch.zeros(width, width, dtype=torch.float64)
-    for start in range(0, weight.shape[0], FIT_ROWS):
-        w = weight[start : start + FIT_ROWS].detach().double()
-        gram.addmm_(w.t(), w)
-    return gram
-
-
-def second_moment(states: torch.Tensor) -> torch.Tensor:
-    """E[x x^T] over the rows of ``states`` in float64, a slice of rows at a time.  # (N, D) -> (D, D)"""
-    width = states.shape[1]
-    sigma = torch.zeros(width, width, dtype=torch.float64)
-    for start in range(0, states.shape[0], FIT_ROWS):
-        s = states[start : start + FIT_ROWS].detach().double()
-        sigma.addmm_(s.t(), s)
-    return sigma / states.shape[0]
-
-
 class LowRankProxy:
     """scores~ = U (V x) with U (n, r) stored in 4, 8 or 16 bits and V (r, D) in 16 bits."""
 
@@ -183,35 +155,6 @@ class LowRankProxy:
         """
         return next(cls.fit_ranks(weight, [rank], states, u_bits, ridge))
 
-    @staticmethod
-    def whitening(weight, states: torch.Tensor | None = None, ridge: float = 1e-4, *,
-                  sigma: torch.Tensor | None = None, gram: torch.Tensor | None = None) -> "Whitening":
-        """What every rank's fit under one second moment shares (``fit_ranks``' ``whitening``): L, with
-        Sigma + ridge = L L^T, and the eigendecomposition of (W L)^T (W L). ``states``, ``sigma`` and
-        ``gram`` as in ``fit_ranks``; neither states nor sigma: a plain SVD (L = I).
-        # weight: (n, D) -> L (D, D), eigenvalues (D,) ascending, eigenvectors (D, D), float64"""
-        width = weight.shape[1]
-        if sigma is not None:
-            if states is not None or sigma.shape != (width, width):
-                raise ValueError(f"give states or their second moment sigma ({width}, {width}), not both")
-            sigma = sigma + ridge * sigma.diagonal().mean() * torch.eye(width, dtype=torch.float64)
-            chol = torch.linalg.cholesky(sigma)
-        elif states is None:
-            chol = torch.eye(width, dtype=torch.float64)
-        else:
-            if states.dim() != 2 or states.shape[1] != width:
-                raise ValueError(f"calibration states must be (N, {width}), got {tuple(states.shape)}")
-            if states.shape[0] < width:
-                raise ValueError(
-                    f"need at least {width} calibration states to whiten a width-{width} layer, got {states.shape[0]}"
-                )
-            sigma = second_moment(states)  # (D, D)
-            sigma += ridge * sigma.diagonal().mean() * torch.eye(width, dtype=torch.float64)
-            chol = torch.linalg.cholesky(sigma)  # (D, D) lower
-        gram = head_gram(weight) if gram is None else gram
-        eigvals, eigvecs = torch.linalg.eigh(chol.t() @ gram @ chol)  # (W L)^T (W L), ascending eigenvalues
-        return Whitening(chol, eigvals, eigvecs)
-
     @classmethod
     def fit_ranks(
         cls,
@@ -224,7 +167,7 @@ class LowRankProxy:
         sigma: torch.Tensor | None = None,
         gram: torch.Tensor | None = None,
         dtype: torch.dtype = torch.float64,
-        whitening: "Whitening | None" = None,
+        whitening: Whitening | None = None,
     ) -> Iterator["LowRankProxy"]:
         """``from_weight`` for each rank of ``ranks``, from one eigendecomposition: the best rank-r
         subspaces of W L are nested, so every rank's factors are slices of the same eigenvectors.
@@ -236,10 +179,10 @@ class LowRankProxy:
 
         ``sigma``: the states' second moment E[x x^T] (float64 (D, D)) in place of ``states`` (second
         moments add: hire.calibrate.auto fits one proxy per left-out domain from them); ``gram``: W^T W
-        (``head_gram``), when several fits share it; ``dtype``: of the product W (L Q) giving U
-        (float32: 4x faster, for proxies that only estimate recall or time); ``whitening``: the
-        decomposition itself (``whitening()``), made once for calls that fit other ranks under the
-        same second moment, in place of ``states``, ``sigma`` and ``gram``.
+        (``hire.proxies.whiten.head_gram``), when several fits share it; ``dtype``: of the product
+        W (L Q) giving U (float32: 4x faster, for proxies that only estimate recall or time);
+        ``whitening``: the decomposition itself (``hire.proxies.whiten.whitened``), made once for calls
+        that fit other ranks under the same second moment, in place of ``states``, ``sigma`` and ``gram``.
 
         # weight: (n, D), states: (N, D) -> [U: (n, r), V: (r, D)] per rank
         """
@@ -252,7 +195,7 @@ class LowRankProxy:
         if u_bits not in U_BITS:
             raise ValueError(f"u_bits must be one of {U_BITS}, got {u_bits}")
         if whitening is None:
-            whitening = cls.whitening(weight, states, ridge, sigma=sigma, gram=gram)
+            whitening = whitened(weight, states, ridge, sigma=sigma, gram=gram)
         elif states is not None or sigma is not None:
             raise ValueError("give a whitening in place of states or sigma, not with them")
         elif whitening.chol.shape != (width, width):
