@@ -156,6 +156,33 @@ def test_bf16_engine_runs_and_reports_kernels():
     assert report["ffn"] == (["int4"] if engine.native_steps is not None else ["int4pack"])  # the fused 4-bit kernel
 
 
+@torch.inference_mode()
+def test_a_dense_head_switches_to_hire_between_steps():
+    """Engine.enable_head (hire serve's switch once the proxy is fitted): an engine built with its head
+    off (its FFNs HiRE), switched, decodes what an engine built with the HiRE head decodes; the model's
+    config says so and unsparsify_ restores the original modules."""
+    from dataclasses import replace
+
+    from hire import unsparsify_
+
+    cfg = HiReConfig(head=HeadConfig(k=5, candidates=64, proxy="lowrank", rank=16), ffn=FFNConfig(density=0.5))
+    proxy = _fit(make("llama", seed=4), cfg)
+    want = Engine(make("llama", seed=4), cfg, head_proxy=proxy, dtype=torch.float32, max_seq_len=64)
+    model = make("llama", seed=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = Engine(model, replace(cfg, head=replace(cfg.head, enabled=False)), dtype=torch.float32, max_seq_len=64)
+    assert got.head is None
+    got.enable_head(cfg, proxy)
+    assert got.head is not None and model.hire_config.head == cfg.head and model.hire_config.ffn == cfg.ffn
+    assert got.generate(PROMPT, 12, hire=True).token_ids == want.generate(PROMPT, 12, hire=True).token_ids
+    h = torch.randn(1, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(got.head.decode(h), want.head.decode(h), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="HiRE head already"):
+        got.enable_head(cfg, proxy)
+    unsparsify_(model)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in before.items()}
+
+
 def _fit(model, cfg):
     from hire.calibrate import fit_head_proxy
 

@@ -168,6 +168,39 @@ def test_double_sparsify_and_unsparsify_of_plain_model():
         hire.sparsify_(model, HiReConfig(head=HeadConfig(proxy="int8", candidates=64)))
 
 
+@torch.no_grad()
+def test_a_head_patched_later_computes_what_sparsify_patches_and_unsparsify_restores_all():
+    """sparsify_head_ (a server's switch to HiRE once the head is fitted): on a model sparsified with its
+    head off, the head computes what sparsify_'s would; unsparsify_ then restores every module."""
+    from dataclasses import replace
+
+    from hire.patch import sparsify_head_
+
+    head = HeadConfig(k=5, candidates=64, proxy="int8")
+    cfg = HiReConfig(head=head, ffn=FFNConfig(density=0.5))
+    want = hire.sparsify_(make("llama", seed=2), cfg)
+    model = make("llama", seed=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules_before = [type(m) for m in model.modules()]
+    hire.sparsify_(model, replace(cfg, head=replace(head, enabled=False)))
+    layer = sparsify_head_(model, head)
+    assert hire_layers(model)[0] is layer and model.hire_config == cfg
+    h = torch.randn(1, WIDTH, generator=torch.Generator().manual_seed(1))
+    for one in (layer, hire_layers(want)[0]):
+        one.prepare_decode(torch.float32)
+    torch.testing.assert_close(layer.decode(h), hire_layers(want)[0].decode(h), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="HiRE head already"):
+        sparsify_head_(model, head)
+    hire.unsparsify_(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert [type(m) for m in model.modules()] == modules_before
+    plain = make("llama")
+    sparsify_head_(plain, head)  # not sparsified before: its FFNs stay dense
+    assert plain.hire_config.head == head and not plain.hire_config.ffn.enabled and not hire_layers(plain)[1]
+    with pytest.raises(ValueError, match="disabled"):
+        sparsify_head_(make("llama"), replace(head, enabled=False))
+
+
 def test_set_mode_rejects_unknown_modes():
     model = make("llama")
     hire.sparsify_(model, HiReConfig(head=HeadConfig(proxy="int8", candidates=64)))

@@ -617,6 +617,74 @@ def test_a_first_start_serves_dense_at_once_and_says_why(tmp_path, monkeypatch):
     assert "head_pending" not in again.info and again.info["config"] == fitted.info["config"]
 
 
+def _fresh_cache(tmp_path: Path, monkeypatch) -> Path:
+    """$HIRE_CACHE in tmp_path (for this process and the children it starts) with nothing fitted; the
+    built kernels and the corpus linked in from the real cache."""
+    from hire.paths import cache_root
+
+    real, cache = cache_root(), tmp_path / "cache"
+    cache.mkdir()
+    for part in ("native", "corpus"):
+        if (real / part).exists():
+            (cache / part).symlink_to(real / part)
+    monkeypatch.setenv("HIRE_CACHE", str(cache))
+    return cache
+
+
+def test_a_first_start_switches_to_hire_once_the_background_fit_is_done(tmp_path, monkeypatch):
+    """With background_fit, a model whose head proxy is not fitted yet is served dense at once while a
+    child process fits it; the decode loop then switches its head to HiRE between two steps (its info
+    says so), and the next start finds the proxy cached."""
+    from fastapi.testclient import TestClient
+
+    from hire.config import HeadConfig, HiReConfig
+    from hire.serve import create_app, load_service
+
+    _fresh_cache(tmp_path, monkeypatch)
+    path = _tiny_dir(tmp_path / "tiny")
+    config = HiReConfig(head=HeadConfig(k=4, candidates=8, proxy="lowrank", rank=8))
+    kw = dict(slots=1, context=32, seq_len=32, calib_windows=8, progress=False, name="tiny")
+    service = load_service(path, config, fit=False, background_fit=True, **kw)
+    assert "not fitted for this model yet" in service.info["head_pending"] and service.background is not None
+    engine = service.scheduler.decoder.engine
+    ask = {"model": "tiny", "prompt": "the and of", "max_tokens": 6, "temperature": 0}
+    with TestClient(create_app(service)) as client:
+        dense = client.post("/v1/completions", json=ask).json()["choices"][0]["text"]
+        assert engine.head is None
+        service.background.nice = 0  # (the server's own priority: tests may share the cores with others)
+        service.background.start()
+        service.background.wait(300)
+        deadline = time.monotonic() + 30  # the loop applies the switch at its next turn
+        while "head_pending" in service.info and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "head_pending" not in service.info, service.info
+        assert engine.head is not None and service.info["config"]["head"]["enabled"]
+        assert service.info["kernels"]["head"] and service.info["head_switched_after_s"] >= 0
+        health = client.get("/health").json()
+        assert health["config"]["head"]["rank"] == 8 and "head_pending" not in health
+        hire = client.post("/v1/completions", json=ask).json()["choices"][0]["text"]
+    service.background.stop()
+    assert isinstance(hire, str) and isinstance(dense, str)
+    again = load_service(path, config, fit=False, **kw)
+    assert "head_pending" not in again.info and again.info["config"]["head"]["rank"] == 8
+
+
+def test_a_background_fit_that_fails_leaves_the_server_dense_and_says_why(tmp_path, monkeypatch):
+    from hire.config import HeadConfig, HiReConfig
+    from hire.serve.background import BackgroundHead
+
+    _fresh_cache(tmp_path, monkeypatch)
+    got: dict = {}
+    background = BackgroundHead(str(tmp_path / "missing.gguf"), HiReConfig(head=HeadConfig(proxy="lowrank")),
+                                fingerprint="x", switch=lambda *a: got.setdefault("switch", a),
+                                failed=lambda reason: got.setdefault("failed", reason), nice=0)
+    background.start()
+    background.wait(120)
+    background.stop()
+    assert "switch" not in got and "the background fit failed (exit status 1)" in got["failed"]
+    assert "missing.gguf" in got["failed"]  # the child's own error's last lines
+
+
 # --- structured output (hire.serve.grammar) ------------------------------------------------------
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 40},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 150},

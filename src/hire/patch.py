@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from hire.arch import ArchSpec, FFNWeights, arch_spec, decoder_layers, ffn_weights, head_module, mlp_module
-from hire.config import HeadConfig, HiReConfig
+from hire.config import FFNConfig, HeadConfig, HiReConfig
 from hire.layers import HiReFFN, HiReLMHead
 from hire.layers.head import MODES, LogitMap
 from hire.proxies import Cascade, ExactProxy, LowRankProxy, QuantizedProxy
@@ -90,18 +90,7 @@ def sparsify_(
         raise ValueError("model is already sparsified; call hire.unsparsify_(model) first")
     swaps = []  # everything is built (and validated) before the first module is swapped
     if config.head.enabled:
-        base = model.get_submodule(spec.head)
-        if not isinstance(base, (nn.Linear, QLinear)):
-            raise ValueError(f"{spec.head} is a {type(base).__name__}, expected nn.Linear")
-        if isinstance(base, QLinear) and head_proxy is not None and config.head.proxy == "lowrank":
-            weight = torch.empty(base.q.shape, device="meta")  # only its shape is read: no dequantized copy
-        else:
-            weight = base.weight.detach()
-        selector = build_head_selector(weight, config.head, head_states, head_proxy)
-        # Gemma 2 soft-caps its logits after the head, Granite divides them: the decode paths map the
-        # candidates' exact logits likewise; in the model's own forward (which maps what the head returns)
-        # a skipped row's -inf comes out as -cap (Gemma 2), below any candidate's logit
-        head = HiReLMHead(base, config.head, selector, logit_map=LogitMap.of(model))
+        head = _hire_head(model, spec, config.head, head_states, head_proxy)
         swaps.append(lambda: model.set_submodule(spec.head, head))
     if config.ffn.enabled:
         layers = decoder_layers(model)
@@ -125,6 +114,42 @@ def sparsify_(
         swap()
     model.hire_config = config
     return model
+
+
+def _hire_head(model: nn.Module, spec: ArchSpec, cfg: HeadConfig, head_states: torch.Tensor | None,
+               head_proxy: LowRankProxy | None) -> HiReLMHead:
+    base = model.get_submodule(spec.head)
+    if not isinstance(base, (nn.Linear, QLinear)):
+        raise ValueError(f"{spec.head} is a {type(base).__name__}, expected nn.Linear")
+    if isinstance(base, QLinear) and head_proxy is not None and cfg.proxy == "lowrank":
+        weight = torch.empty(base.q.shape, device="meta")  # only its shape is read: no dequantized copy
+    else:
+        weight = base.weight.detach()
+    selector = build_head_selector(weight, cfg, head_states, head_proxy)
+    # Gemma 2 soft-caps its logits after the head, Granite divides them: the decode paths map the
+    # candidates' exact logits likewise; in the model's own forward (which maps what the head returns)
+    # a skipped row's -inf comes out as -cap (Gemma 2), below any candidate's logit
+    return HiReLMHead(base, cfg, selector, logit_map=LogitMap.of(model))
+
+
+@torch.no_grad()
+def sparsify_head_(model: nn.Module, head: HeadConfig, *, head_states: torch.Tensor | None = None,
+                   head_proxy: LowRankProxy | None = None) -> HiReLMHead:
+    """A HiReLMHead under ``head`` on the LM head of ``model`` whose head is dense: not sparsified,
+    or sparsified with its head off (a server that switches to HiRE once its head proxy is fitted,
+    hire.serve.background). Its FFNs stay as they are; ``model.hire_config`` gets ``head``, so that
+    ``unsparsify_`` restores everything. Returns the new head."""
+    if not head.enabled:
+        raise ValueError("the head config is disabled: nothing to patch")
+    config = getattr(model, "hire_config", None)
+    if config is not None and config.head.enabled:
+        raise ValueError("the model's LM head is a HiRE head already")
+    spec = arch_spec(model)
+    layer = _hire_head(model, spec, head, head_states, head_proxy)
+    model.set_submodule(spec.head, layer)
+    model.hire_config = (replace(config, head=head) if config is not None
+                         else HiReConfig(head=head, ffn=FFNConfig(enabled=False)))
+    return layer
 
 
 def unsparsify_(model: nn.Module) -> nn.Module:

@@ -32,8 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dense", action="store_true", help="serve the dense engine (no HiRE), for comparison")
     p.add_argument("--calibrate", action="store_true",
                    help="fit the HiRE head before serving where this model's head settings or proxy are not cached "
-                        "yet (minutes on a first run); without it such a server starts at once with the dense head "
-                        "and says so (hire bench or hire eval with the same flags also fit and cache the head)")
+                        "yet (minutes on a first run); without it such a server starts at once with the dense head, "
+                        "fits the head in a child process at a lower CPU priority and switches to HiRE when it is "
+                        "ready (cached for later starts, as hire bench or hire eval with the same flags cache it)")
+    p.add_argument("--no-background-fit", action="store_true",
+                   help="with the head not fitted yet, serve with the dense head and fit nothing")
     p.add_argument("--slots", type=integer(minimum=1, maximum=64), default=8,
                    help="sequences decoded together at most; more requests wait (default 8)")
     p.add_argument("--context", type=integer(minimum=2), default=2048,
@@ -76,14 +79,18 @@ def run(args: argparse.Namespace) -> int:
                            quantized=not args.dequantized, dtype=args.dtype, seq_len=args.seq_len,
                            calib_windows=args.calib_windows, name=args.name, fit=args.calibrate,
                            max_waiting=args.max_waiting, prefill_chunk=args.prefill_chunk, max_stall=args.max_stall,
-                           act_bits=args.act_bits)
+                           act_bits=args.act_bits, background_fit=not args.no_background_fit)
     pending = service.info.get("head_pending")
     kind = "dense" if config is None or pending else "HiRE"
     print(f"hire serve: {service.name} ({kind}, {service.info['weights']}), {args.slots} slots of "
           f"{args.context} tokens, on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    if pending:
-        print(f"hire serve: dense head: {pending}. This command with --calibrate (or hire bench / hire eval with the "
-              "same model and head flags) fits and caches it once, in minutes; later starts serve with HiRE",
+    if pending and service.background is not None:
+        print(f"hire serve: dense head for now: {pending}. Fitting it in the background (a child process at a lower "
+              "CPU priority, minutes; cached for later starts); the server switches to HiRE when it is ready",
               file=sys.stderr, flush=True)
+    elif pending:
+        print(f"hire serve: dense head: {pending}. This command with --calibrate (or without --no-background-fit, or "
+              "hire bench / hire eval with the same model and head flags) fits and caches it once, in minutes; "
+              "later starts serve with HiRE", file=sys.stderr, flush=True)
     serve(service, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout, api_key=args.api_key)
     return 0

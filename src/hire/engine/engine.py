@@ -21,7 +21,7 @@ from hire.engine.weights import fused_qkv, projection, share_ffn_weights
 from hire.layers import HiReFFN
 from hire.layers.head import LogitMap, TailBound, exact_logits, native_rows_for, soft_cap
 from hire.proxies import LowRankProxy
-from hire.patch import hire_layers, sparsify_
+from hire.patch import hire_layers, sparsify_, sparsify_head_
 from hire.quant.tensor import QTensor
 
 
@@ -181,6 +181,17 @@ class Engine:
             share_ffn_weights(self)
 
     # --- set-up ----------------------------------------------------------------------------
+    def enable_head(self, config: HiReConfig, head_proxy: LowRankProxy | None = None) -> None:
+        """Switch this engine's dense head to ``config.head`` (HiRE) between steps, the rest as it is:
+        ``hire serve`` starts with the dense head while the proxy is fitted, then switches
+        (hire.serve.background). ``head_proxy``: the fitted low-rank proxy the head config needs."""
+        if self.head is not None:
+            raise ValueError("the engine's head is a HiRE head already")
+        head = sparsify_head_(self.model, config.head, head_proxy=head_proxy)
+        head.prepare_decode(self.dtype)
+        self.head = head
+        self.config = self.model.hire_config
+
     def _build_rope(self, rotary: nn.Module) -> None:
         """cos/sin for every position, per layer type, computed once by the model's own rotary module."""
         positions = torch.arange(self.max_seq_len).unsqueeze(0)

@@ -59,6 +59,7 @@ class Service:
     created: int = field(default_factory=lambda: int(time.time()))
     token_text: TokenText | None = None  # each token's text and bytes, for logprobs (made on first use)
     grammars: Grammars | None = None  # structured output's grammar engine (made on first use)
+    background: object | None = None  # hire.serve.background.BackgroundHead: the head fitted while serving dense
 
     def _grammar_engine(self) -> Grammars:
         if self.grammars is None:

@@ -21,6 +21,7 @@ whole vocabulary (its row of the dense head) instead of building a tail bound, a
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -32,6 +33,8 @@ import torch
 from hire.engine.batch import BatchDecoder
 from hire.engine.sampling import DensePolicy, needs_tail, sample
 from hire.serve.grammar import FEW_ROWS, Constraint, GrammarError
+
+log = logging.getLogger("hire")
 
 # prompt tokens prefilled between two decode steps of the running sequences. SmolLM2's codes prefill
 # ~400 tokens/s on an AMD EPYC VM (hire bench): a 2,000-token prompt held every running stream up ~5 s
@@ -144,6 +147,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._running = False
         self.error: BaseException | None = None  # what ended the loop, if it failed
+        self._calls: deque[Callable[[], None]] = deque()  # run by the loop before its next step (between_steps)
 
     # --- the other threads' side -------------------------------------------------------------
     def start(self) -> None:
@@ -179,6 +183,14 @@ class Scheduler:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
+    def between_steps(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the loop's thread before its next step, or at once where it waits for work
+        (hire.serve.background switches the engine's head there). What ``fn`` raises is logged; the
+        loop goes on."""
+        with self._cond:
+            self._calls.append(fn)
+            self._cond.notify()
+
     def load(self) -> dict:
         with self._cond:
             return {"active": len(self.active), "waiting": len(self.pending), "slots": self.decoder.slots}
@@ -193,13 +205,19 @@ class Scheduler:
         try:
             while True:
                 with self._cond:
-                    while not (self._stopping or self.pending or self.active):
+                    while not (self._stopping or self.pending or self.active or self._calls):
                         self._cond.wait()
                     if self._stopping:
                         break
+                    calls, self._calls = list(self._calls), deque()
                     admit = []
                     while self.pending and len(self.active) + len(admit) < self.decoder.slots:
                         admit.append(self.pending.popleft())
+                for fn in calls:
+                    try:
+                        fn()
+                    except Exception:  # noqa: BLE001 - e.g. a head switch that failed: serve on as before
+                        log.exception("hire serve: a call between decode steps failed")
                 for seq in admit:
                     self._admit(seq)
                 for seq in [s for s in self.active if s.cancelled]:
