@@ -685,6 +685,24 @@ def test_a_background_fit_that_fails_leaves_the_server_dense_and_says_why(tmp_pa
     assert "missing.gguf" in got["failed"]  # the child's own error's last lines
 
 
+def test_a_server_that_stops_ends_its_background_fit(tmp_path, monkeypatch):
+    """A server shut down mid-fit ends the child, and nothing is switched or reported after that."""
+    from hire.config import HeadConfig, HiReConfig
+    from hire.serve.background import BackgroundHead
+
+    _fresh_cache(tmp_path, monkeypatch)
+    got: dict = {}
+    background = BackgroundHead(_tiny_dir(tmp_path / "tiny"), HiReConfig(head=HeadConfig(k=4, candidates=8,
+                                                                                       proxy="lowrank", rank=8)),
+                                fingerprint="x", switch=lambda *a: got.setdefault("switch", a),
+                                failed=lambda reason: got.setdefault("failed", reason), seq_len=32, calib_windows=8)
+    background.start()
+    time.sleep(0.5)
+    assert background.process.poll() is None  # still starting up: its imports alone take seconds
+    background.stop()
+    assert background.process.returncode == -signal.SIGTERM and not got
+
+
 # --- structured output (hire.serve.grammar) ------------------------------------------------------
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 40},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 150},
