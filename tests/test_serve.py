@@ -669,6 +669,34 @@ def test_a_first_start_switches_to_hire_once_the_background_fit_is_done(tmp_path
     assert "head_pending" not in again.info and again.info["config"]["head"]["rank"] == 8
 
 
+def test_a_fitted_head_that_does_not_fit_the_engine_leaves_the_server_dense(tmp_path, monkeypatch):
+    """The switch itself failing (a proxy of another rank than its config says) leaves the loop serving
+    with the dense head and says why."""
+    from fastapi.testclient import TestClient
+
+    from hire.config import HeadConfig, HiReConfig
+    from hire.proxies import LowRankProxy
+    from hire.serve import create_app, load_service
+    from hire.serve.service import _switch_head
+
+    _fresh_cache(tmp_path, monkeypatch)
+    config = HiReConfig(head=HeadConfig(k=4, candidates=8, proxy="lowrank", rank=8))
+    service = load_service(_tiny_dir(tmp_path / "tiny"), config, fit=False, slots=1, context=32, seq_len=32,
+                           calib_windows=8, progress=False, name="tiny")
+    engine = service.scheduler.decoder.engine
+    vocab, width = engine.head_weight.shape
+    wrong = LowRankProxy(torch.randn(vocab, 4).half(), torch.randn(4, width).half())  # rank 4, not 8
+    with TestClient(create_app(service)) as client:
+        _switch_head(service, config, wrong)
+        deadline = time.monotonic() + 30
+        while "head_dense" not in service.info and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "switching to the fitted head failed" in service.info["head_dense"] and "rank 4" in service.info["head_dense"]
+        assert engine.head is None and "head_pending" not in service.info
+        ask = {"model": "tiny", "prompt": "the and of", "max_tokens": 3, "temperature": 0}
+        assert client.post("/v1/completions", json=ask).status_code == 200
+
+
 def test_a_background_fit_that_fails_leaves_the_server_dense_and_says_why(tmp_path, monkeypatch):
     from hire.config import HeadConfig, HiReConfig
     from hire.serve.background import BackgroundHead

@@ -89,7 +89,11 @@ def _switch_head(service: Service, config: HiReConfig, proxy) -> None:
     started = service.background.started if service.background is not None else None
 
     def apply() -> None:
-        engine.enable_head(config, proxy)
+        try:
+            engine.enable_head(config, proxy)
+        except (ValueError, RuntimeError) as err:  # a proxy that does not fit this engine: serve on dense
+            _head_stays_dense(service, f"switching to the fitted head failed ({type(err).__name__}: {err})")
+            return
         info = service.info
         info.pop("head_pending", None)
         info["config"], info["kernels"] = config.to_dict(), engine.kernel_report()
