@@ -67,8 +67,10 @@ class BackgroundHead:
         self.config.save(out / "config.json")
         self.started = time.monotonic()
         with open(out / LOG, "wb") as err:
+            # a session of its own: a Ctrl-C at the terminal reaches the server, whose shutdown ends the
+            # child (stop), not the child mid-fit first
             self.process = subprocess.Popen(self.command(out), stdout=subprocess.DEVNULL, stderr=err,
-                                            stdin=subprocess.DEVNULL)
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
         self._thread = threading.Thread(target=self._watch, args=(out,), name="hire-head-fit", daemon=True)
         self._thread.start()
 
