@@ -80,23 +80,34 @@ def test_the_model_and_the_engine_hold_one_copy(arch):
     torch.testing.assert_close(got, want[-1].float(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @torch.inference_mode()
-def test_a_sparse_ffn_s_gate_and_up_are_views_of_its_rows():
+def test_a_sparse_ffn_s_weights_are_views_of_its_rows(dtype):
     """With a HiRE FFN the native step reads neuron-major rows [gate_i | up_i | down column i]; the
-    model's gate and up become row views of them, and its dense MLPs compute what they computed."""
-    model = make("llama", seed=3)
-    x = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    model's gate and up become row views of them, and in bfloat16 and float32 its down projection the
+    transposed view of their down columns (float16 keeps its own: torch's product with a transposed
+    float16 weight is ~80x slower); its dense MLPs compute what they computed."""
+    model = make("llama", seed=3).to(dtype)
+    x = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(dtype)
     want = [layer.mlp(x) for layer in model.model.layers]
-    engine = Engine(model, HiReConfig(head=HeadConfig(enabled=False), ffn=FFNConfig(density=0.5)), dtype=torch.float32,
+    engine = Engine(model, HiReConfig(head=HeadConfig(enabled=False), ffn=FFNConfig(density=0.5)), dtype=dtype,
                     max_seq_len=64)
     assert engine.plans is not None
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
     for i, layer in enumerate(engine.layers):
         rows = engine.plans[i].ffn.rows
-        mlp = getattr(layer.module, engine.mlp).base_layer
+        hire_ffn = getattr(layer.module, engine.mlp)
+        mlp = hire_ffn.base_layer
         d = mlp.gate_proj.weight.shape[1]
         assert _storage(mlp.gate_proj.weight) == _storage(rows) == _storage(mlp.up_proj.weight)
         torch.testing.assert_close(mlp.up_proj.weight, rows[:, d : 2 * d], rtol=0, atol=0)
-        torch.testing.assert_close(mlp(x), want[i], rtol=1e-6, atol=1e-6)
+        shared = _storage(mlp.down_proj.weight) == _storage(rows)
+        assert shared == (dtype != torch.float16), f"layer {i}: down shared {shared} in {dtype}"
+        if shared:
+            torch.testing.assert_close(mlp.down_proj.weight, rows[:, 2 * d :].t(), rtol=0, atol=0)
+            assert _storage(hire_ffn.weights.w_out_t) == _storage(rows)  # no view left on the old copy
+        torch.testing.assert_close(mlp(x), want[i], rtol=tol, atol=tol)
+        torch.testing.assert_close(hire_ffn.weights.w_out_t, mlp.down_proj.weight.t(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("arch", ENGINE_ARCHS)

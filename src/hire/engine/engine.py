@@ -91,7 +91,7 @@ class Engine:
 
     The model is converted to ``dtype`` in place and its weights are held once: q, k and v become row
     views of the engine's fused q/k/v, and the native step's dense FFN reads the model's own matrices
-    (a 16-bit HiRE FFN's down is held twice: ``hire.engine.weights.share_ffn_weights``).
+    (a float16 HiRE FFN's down is held twice: ``hire.engine.weights.share_ffn_weights``).
     """
 
     supports_fused = True  # a subclass that replaces the eager step's parts (tensor parallel) sets False
