@@ -70,9 +70,11 @@ class BackgroundHead:
         with open(out / LOG, "wb") as err:
             # the server's own session: with Linux's autogroup scheduling, nice only ranks processes
             # within a session (a session of its own took half the cores from the decode loop: 64 tokens
-            # in 65.7 s against 1.2 s). The child ignores Ctrl-C; the server's shutdown ends it (stop).
+            # in 65.7 s against 1.2 s). A process group of its own keeps a Ctrl-C at the terminal for the
+            # server, whose shutdown ends the child (stop); the child also ignores SIGINT (main).
+            group = {"process_group": 0} if sys.version_info >= (3, 11) else {}
             self.process = subprocess.Popen(self.command(out), stdout=subprocess.DEVNULL, stderr=err,
-                                            stdin=subprocess.DEVNULL)
+                                            stdin=subprocess.DEVNULL, **group)
         self._thread = threading.Thread(target=self._watch, args=(out,), name="hire-head-fit", daemon=True)
         self._thread.start()
 
@@ -110,8 +112,8 @@ class BackgroundHead:
         from hire.calibrate.proxy_cache import load_head_proxy
 
         if rc != 0:
-            tail = (out / LOG).read_text(errors="replace").strip().splitlines()[-3:]
-            self.failed(f"the background fit failed (exit status {rc}): {' / '.join(tail) or 'no output'}")
+            lines = (out / LOG).read_text(errors="replace").strip().splitlines()  # a traceback ends with its error
+            self.failed(f"the background fit failed (exit status {rc}): {lines[-1] if lines else 'no output'}")
             return
         result = json.loads((out / RESULT).read_text())
         config = HiReConfig.from_dict(result["config"])
