@@ -77,9 +77,11 @@ def head_fingerprint(model: nn.Module) -> str:
     return hashlib.sha256(f"{(rows, cols)}".encode() + sample).hexdigest()[:16]
 
 
-def proxy_meta(model: nn.Module, cfg: HeadConfig) -> dict:
-    """What a saved low-rank head proxy must match to be used for ``model`` under ``cfg``."""
-    return {"weight": head_fingerprint(model), "rank": cfg.rank, "rank_bits": cfg.rank_bits,
+def proxy_meta(model: nn.Module | None, cfg: HeadConfig, fingerprint: str | None = None) -> dict:
+    """What a saved low-rank head proxy must match to be used for ``model`` under ``cfg``.
+    ``fingerprint``: the head's ``head_fingerprint`` taken before (a server's, before its engine
+    converted the model), in place of ``model``."""
+    return {"weight": fingerprint or head_fingerprint(model), "rank": cfg.rank, "rank_bits": cfg.rank_bits,
             "optimism": cfg.optimism}
 
 

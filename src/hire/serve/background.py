@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from hire.config import HiReConfig
+from hire.data import CALIBRATION_WINDOWS
 
 NICE = 10  # the child's niceness (0 = the server's): the fit runs on what decoding leaves of the cores
 RESULT = "head.json"  # written by the child into --out: the resolved config, and the proxy's file
@@ -42,7 +43,8 @@ class BackgroundHead:
     engine converts the model), which the child's proxy must have been fitted for."""
 
     def __init__(self, model_name: str, config: HiReConfig, *, fingerprint: str, switch: Callable, failed: Callable,
-                 quantized: bool = True, seq_len: int = 512, calib_windows: int | None = None, nice: int = NICE):
+                 quantized: bool = True, seq_len: int = 512, calib_windows: int = CALIBRATION_WINDOWS,
+                 nice: int = NICE):
         self.model_name, self.config, self.fingerprint = model_name, config, fingerprint
         self.switch, self.failed = switch, failed
         self.quantized, self.seq_len, self.calib_windows, self.nice = quantized, seq_len, calib_windows, nice
@@ -55,9 +57,7 @@ class BackgroundHead:
     def command(self, out: Path) -> list[str]:
         cmd = [sys.executable, "-m", "hire.serve.background", "--model", self.model_name,
                "--config", str(out / "config.json"), "--out", str(out), "--seq-len", str(self.seq_len),
-               "--nice", str(self.nice)]
-        if self.calib_windows is not None:
-            cmd += ["--calib-windows", str(self.calib_windows)]
+               "--calib-windows", str(self.calib_windows), "--nice", str(self.nice)]
         if not self.quantized:
             cmd.append("--dequantized")
         return cmd
@@ -109,7 +109,7 @@ class BackgroundHead:
             self.failed(f"the background fit's result could not be used ({type(err).__name__}: {err})")
 
     def _hand_on(self, out: Path, rc: int) -> None:
-        from hire.calibrate.proxy_cache import load_head_proxy
+        from hire.calibrate.proxy_cache import load_head_proxy, proxy_meta
 
         if rc != 0:
             lines = (out / LOG).read_text(errors="replace").strip().splitlines()  # a traceback ends with its error
@@ -122,23 +122,20 @@ class BackgroundHead:
             return
         proxy = None
         if result.get("proxy"):
-            proxy = load_head_proxy(out / PROXY, expect={"weight": self.fingerprint, "rank": config.head.rank,
-                                                         "rank_bits": config.head.rank_bits,
-                                                         "optimism": config.head.optimism})
+            proxy = load_head_proxy(out / PROXY, expect=proxy_meta(None, config.head, fingerprint=self.fingerprint))
         self.switch(config, proxy)
 
 
 def fit_head(model_name: str, config: HiReConfig, out: Path, *, quantized: bool = True, seq_len: int = 512,
-             calib_windows: int | None = None) -> dict:
+             calib_windows: int = CALIBRATION_WINDOWS) -> dict:
     """The child's work: ``load_for_decode`` with fitting (the cache filled as any command fills it),
     then the resolved config and its proxy written into ``out``. Returns what it wrote."""
     from hire.calibrate.prepare import load_for_decode
     from hire.calibrate.proxy_cache import proxy_meta, save_head_proxy
-    from hire.data import CALIBRATION_WINDOWS
     from hire.files import atomic_write_json
 
     prepared = load_for_decode(model_name, config, quantized=quantized, seq_len=seq_len,
-                               calib_windows=calib_windows or CALIBRATION_WINDOWS, progress=False, fit=True)
+                               calib_windows=calib_windows, progress=False, fit=True)
     result = {"config": prepared.config.to_dict(), "proxy": None,
               "reason": (prepared.auto or {}).get("reason")}
     if prepared.config.head.enabled and prepared.head_proxy is not None:
@@ -154,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="the HiReConfig JSON to resolve and fit")
     p.add_argument("--out", required=True, help=f"directory for {RESULT} and {PROXY}")
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--calib-windows", type=int, default=None)
+    p.add_argument("--calib-windows", type=int, default=CALIBRATION_WINDOWS)
     p.add_argument("--dequantized", action="store_true")
     p.add_argument("--nice", type=int, default=NICE)
     args = p.parse_args(argv)
