@@ -531,6 +531,62 @@ def test_int4_estimates_track_the_float_proxy():
     assert len(overlap) / keep > 0.98
 
 
+# (query heads, kv heads, head dim, positions cached, first, end): groups of 1 to 8 query heads per kv head
+# (register blocks of 4 or 2 heads and their remainders), head dims on and off 8 and 16 lanes, short
+# contexts (one thread), long ones (split into chunks across threads, then merged) and sliding windows
+ATTENTION_CASES = [(9, 3, 64, 40, 0, 40), (9, 3, 64, 2100, 0, 2100), (12, 2, 128, 700, 100, 699),
+                   (4, 1, 256, 600, 88, 600), (14, 2, 64, 333, 0, 333), (6, 6, 40, 90, 3, 90),
+                   (5, 1, 48, 71, 0, 70), (16, 16, 32, 3, 0, 1), (8, 1, 80, 1500, 0, 1450)]
+
+
+def _attention_case(seed, hq, hkv, hd, seq, dtype):
+    g = torch.Generator().manual_seed(seed)
+    q = 3 * torch.randn(hq, hd, generator=g)  # peaked softmaxes: the chunks' maxima differ widely
+    return q, torch.randn(hkv, seq, hd, generator=g).to(dtype), torch.randn(hkv, seq, hd, generator=g).to(dtype)
+
+
+def _check_attend(ops, dtype, softcap):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # (one core or many: the long contexts still split into chunks)
+    try:
+        for seed, (hq, hkv, hd, seq, first, end) in enumerate(ATTENTION_CASES):
+            q, k, v = _attention_case(seed, hq, hkv, hd, seq, dtype)
+            got = native.attend(q, k, v, first, end, hd**-0.5, softcap, ops=ops)
+            want = native.reference_attend(q, k, v, first, end, hd**-0.5, softcap)
+            assert got.dtype == torch.float32 and got.shape == (hq, hd)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernels
+@pytest.mark.parametrize("softcap", [0.0, 20.0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_attend_matches_eager(dtype, softcap):
+    _check_attend(None, dtype, softcap)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 20.0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_variant_attend_matches_eager(variant, dtype, softcap):
+    _check_attend(variant[1], dtype, softcap)
+
+
+@needs_kernels
+def test_attend_refuses_bad_shapes():
+    q, k, v = torch.randn(4, 16), torch.randn(2, 10, 16), torch.randn(2, 10, 16)
+    with pytest.raises(RuntimeError, match="one shape"):
+        native.attend(q, k, v[:, :9].contiguous(), 0, 9, 0.25)
+    with pytest.raises(RuntimeError, match="multiple of 2 heads"):
+        native.attend(q[:3], k, v, 0, 10, 0.25)
+    with pytest.raises(RuntimeError, match="non-empty range"):
+        native.attend(q, k, v, 5, 5, 0.25)
+    with pytest.raises(RuntimeError, match="non-empty range"):
+        native.attend(q, k, v, 0, 11, 0.25)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        native.attend(q, k, v.half(), 0, 10, 0.25)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_variant_gemv_matches_eager(variant, dtype):
     for seed, (n, d) in enumerate([(1, 1), (7, 9), (64, 576), (300, 33)]):

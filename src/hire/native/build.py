@@ -37,8 +37,9 @@ from hire.files import atomic_write_text
 from hire.paths import cache_root
 
 HERE = Path(__file__).parent
-SOURCES = tuple(HERE / name for name in ("sparse_rows.cpp", "int4.cpp", "decode.cpp", "head.cpp", "quant.cpp"))  # one library
-HEADERS = (HERE / "simd.h", HERE / "rows.h", HERE / "int4.h", HERE / "quant.h")
+SOURCES = tuple(HERE / name for name in ("sparse_rows.cpp", "int4.cpp", "decode.cpp", "head.cpp", "quant.cpp",
+                                         "attention.cpp"))  # one library
+HEADERS = (HERE / "simd.h", HERE / "rows.h", HERE / "int4.h", HERE / "quant.h", HERE / "attention.h")
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-Wfatal-errors")  # the first compile error is the message
 LDFLAGS = ("-fopenmp",)
 BUILD_TIMEOUT_S = 600.0  # a cold build takes ~30 s on 2 cores; ten minutes means the holder is stuck

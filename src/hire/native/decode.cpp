@@ -17,6 +17,7 @@
 #include <cmath>
 #include <vector>
 #include "simd.h"
+#include "attention.h"
 #include "int4.h"
 #include "quant.h"
 #include "rows.h"
@@ -67,34 +68,6 @@ void rope(float* v, int64_t heads, int64_t hd, const float* cos, const float* si
 template <typename T>
 void store(T* dst, const float* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
-}
-
-// softmax(q . K[first..end) * scale) . V[first..end) per query head; K, V: (Hkv, S, hd) of one layer.
-// softcap c > 0: each score s becomes c * tanh(s / c) before the softmax (Gemma 2)
-template <typename T>
-void attend(const float* q, const T* kc, const T* vc, int64_t seq, int64_t first, int64_t end, int64_t hq,
-            int64_t hkv, int64_t hd, float scale, float softcap, float* out) {
-  const int64_t group = hq / hkv;
-  at::parallel_for(0, hq, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> p(end - first);
-    for (int64_t h = b; h < e; ++h) {
-      const T* K = kc + (h / group) * seq * hd;
-      const T* V = vc + (h / group) * seq * hd;
-      const float* qh = q + h * hd;
-      float m = -INFINITY;
-      for (int64_t j = first; j < end; ++j) {
-        float s = dot(K + j * hd, qh, hd, static_cast<const T*>(nullptr)) * scale;
-        if (softcap > 0.f) s = std::tanh(s / softcap) * softcap;
-        p[j - first] = s;
-        m = std::max(m, s);
-      }
-      float sum = 0.f;
-      for (auto& s : p) sum += (s = std::exp(s - m));
-      float* o = out + h * hd;
-      std::fill(o, o + hd, 0.f);
-      for (int64_t j = first; j < end; ++j) axpy(p[j - first] / sum, V + j * hd, o, hd, static_cast<const T*>(nullptr));
-    }
-  });
 }
 
 struct Layer {
@@ -449,7 +422,7 @@ struct DecodeModel : torch::CustomClassHolder {
       store(kc + (i * seq + pos) * hd, k + i * hd, hd);
       store(vc + (i * seq + pos) * hd, v + i * hd, hd);
     }
-    attend<T>(q, kc, vc, seq, first, end, hq, hkv, hd, (float)scale, (float)softcap, out);
+    hire_native::attend<T>(q, kc, vc, seq, first, end, hq, hkv, hd, (float)scale, (float)softcap, out);
   }
 
   void attend_slot(const Tensor& kcache, const Tensor& vcache, int64_t l, const float* k, const float* v,

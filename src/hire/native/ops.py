@@ -93,6 +93,26 @@ def ffn_decode(scores, x, rows, count: int, act: str, gated: bool) -> torch.Tens
     return mod.ffn_decode(scores, x, rows, count, _act_code(act), gated)
 
 
+def attend(q, k, v, first: int, end: int, scale: float, softcap: float = 0.0, ops=None) -> torch.Tensor:
+    """One token's attention over one layer's KV cache, as the decode step runs it: each query head's
+    softmax(q . K[first:end] * scale) . V[first:end] against its kv head (``hq // hkv`` query heads
+    share one); ``softcap`` > 0: each score s becomes softcap * tanh(s / softcap) first.
+    ``reference_attend`` is the eager meaning.
+    # q: (hq, hd), k, v: (hkv, S, hd) float32/float16/bfloat16 -> float32 (hq, hd); ops: another build's"""
+    return (ops or _ops()).attend(q, k, v, first, end, scale, softcap)
+
+
+def reference_attend(q, k, v, first: int, end: int, scale: float, softcap: float = 0.0) -> torch.Tensor:
+    """``attend`` in eager float32 torch.  # q: (hq, hd), k, v: (hkv, S, hd) -> float32 (hq, hd)"""
+    group = q.shape[0] // k.shape[0]
+    keys = k[:, first:end].float().repeat_interleave(group, 0)
+    values = v[:, first:end].float().repeat_interleave(group, 0)
+    scores = torch.einsum("hd,hsd->hs", q.float(), keys) * scale
+    if softcap > 0:
+        scores = torch.tanh(scores / softcap) * softcap
+    return torch.einsum("hs,hsd->hd", scores.softmax(-1), values)
+
+
 def gemv(x, w) -> torch.Tensor:
     """``W x`` over every row, accumulated and returned in float32, rows split across threads.
     # x: (1, D), w: (n, D) -> float32 (n,)"""
