@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hire.bench import run_bench
-from hire.bench.decode import file_report
+from hire.bench.decode import file_report, kv_cache_bytes_per_token
 import hire.bench.llama_cpp as llama_cpp
 from hire.bench.llama_cpp import (
     ENV_VAR,
@@ -110,6 +110,15 @@ def test_bench_figures_are_consistent_with_each_other(tmp_path):
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_kv_cache_read_per_token_stops_at_a_sliding_window():
+    engine = _engine()
+    layers, kv_heads, _, head_dim = engine.k_cache.shape
+    per_layer_position = 2 * kv_heads * head_dim * engine.k_cache.element_size()
+    assert kv_cache_bytes_per_token(engine, 10, 4) == pytest.approx(12.5 * layers * per_layer_position)
+    engine.layers[0].sliding = 8  # one layer reads 8 positions at most, the others 11..14
+    assert kv_cache_bytes_per_token(engine, 10, 4) == pytest.approx((8 + 12.5 * (layers - 1)) * per_layer_position)
+
+
 def test_a_prefill_longer_than_the_engine_is_refused():
     with pytest.raises(ValueError, match=r"prefill_tokens must be in 1\.\.63"):
         run_bench(_engine(), PROMPT, tokens=4, rounds=1, progress=False, breakdown=False, prefill_tokens=64)
@@ -140,6 +149,23 @@ def test_llama_bench_figures_and_ratios_come_through_every_round(tmp_path, monke
     hire_line = next(line for line in text.splitlines() if line.startswith("HiRE / llama.cpp"))
     assert hire_line.split()[3] == f"{lc['hire_vs_llama_cpp']:.2f}x"
     assert "tg64 tokens/s" in text and "pp512 tokens/s" in text and " ".join(lc["command"]) in text
+
+
+def test_with_a_context_llama_bench_decodes_at_that_depth(tmp_path, monkeypatch):
+    deep = [dict(t, n_depth=300) if t["n_gen"] else t for t in RECORDED]  # tg after 300 tokens, pp from 0
+    monkeypatch.setenv(ENV_VAR, str(_fake_llama_bench(tmp_path, json.dumps(deep))))
+    gguf = tmp_path / "m.gguf"
+    (tools,) = find_variants(build=False)
+    anchor = LlamaBenchRounds([tools], gguf, threads=2, n_prompt=20, n_gen=6, depth=300)
+    out = anchor.run(0)
+    calls = (tmp_path / "args").read_text().splitlines()
+    assert calls == [f"-m {gguf} -t 2 -p 0 -n 6 -r 1 -o json -d 300", f"-m {gguf} -t 2 -p 20 -n 0 -r 1 -o json"]
+    assert anchor.command(tools, "tg")[-2:] == ["-d", "300"] and "-d" not in anchor.command(tools, "pp")
+    assert out["tg"]["given"]["depth"] == 300 and out["pp"]["given"]["depth"] == 0
+    # a llama-bench that ran tg from an empty context (too old for -d: no n_depth) is refused, not compared
+    (tmp_path / "out.json").write_text(json.dumps(RECORDED))
+    with pytest.raises(LlamaCppError, match="after 0 tokens of context, not 300"):
+        anchor.run(1)
 
 
 def test_each_test_runs_on_each_build_and_the_best_that_runs_it_is_the_anchor(tmp_path):
@@ -306,6 +332,29 @@ def test_bench_cli_json(model_dir, capsys, tmp_path):  # noqa: F811
     assert (tmp_path / "p.png").exists()
     _check_parts(r, breakdown=False)
     assert r["file_tensor_bytes"] is None and r["bytes_read_over_file"] is None and "not a GGUF" in r["file_note"]
+
+
+def test_bench_with_a_context_decodes_after_it_and_counts_the_kv_cache_it_reads(tmp_path, capsys):
+    from test_quant import write_gguf
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path)
+    fake = _script(tmp_path / "llama-bench", f'echo "$@" >> "{tmp_path}/args"\n'
+                   f"echo '{json.dumps([dict(RECORDED[1], n_depth=40)])}'\n")
+    assert main(["bench", "--model", str(path), "--rounds", "1", "--tokens", "4", "--prefill-tokens", "0",
+                 "--context", "40", "--no-breakdown", "--head-proxy", "int8", "--head-candidates", "64",
+                 "--llama-bench", str(fake), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["context_tokens"] == 40 and r["prompt_tokens"] == 40
+    assert (tmp_path / "args").read_text().split()[-2:] == ["-d", "40"]
+    # every layer reads all its keys and values (float16): 41..44 positions for the four tokens, 42.5 on average
+    cfg = make("llama").config  # (the tiny GGUF's shapes)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    per_position = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 2
+    assert r["kv_cache_bytes_per_token"] == pytest.approx(42.5 * per_position)
+    text = format_bench(r)
+    assert "4 new tokens after 40 tokens of context" in text and "tg64 @ d40 tokens/s" in text
+    assert "KV cache MiB per token" in text
 
 
 def _check_parts(r: dict, breakdown: bool = True) -> None:

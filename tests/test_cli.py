@@ -171,6 +171,8 @@ BAD_INPUT = [
     (["bench", "--tp", "2", "--timeout", "0"], "--timeout must be a number > 0, got '0'"),
     (["bench", "--tp", "2", "--modes", "dense,fast"], "--modes takes a comma-separated subset of dense,exact,da, got 'dense,fast'"),
     (["bench", "--tp", "2", "--vs-transformers"], "--vs-transformers and --llama-cpp time one process"),
+    (["bench", "--tp", "2", "--context", "512"], "--context is not measured with --tp"),
+    (["bench", "--context", "-1"], "--context must be an integer >= 0, got '-1'"),
     (["bench", "--seq-len", "1"], "--seq-len must be an integer >= 2, got '1'"),
     (["bench", "--act-bits", "4"], "--act-bits: invalid choice: 4 (choose from 16, 8)"),
     (["serve", "--act-bits", "12"], "--act-bits: invalid choice: 12 (choose from 16, 8)"),

@@ -189,6 +189,16 @@ def prefill_rate(engine: Engine, prompt: torch.Tensor) -> float:
         return prompt.numel() / (time.perf_counter() - t)
 
 
+def kv_cache_bytes_per_token(engine: Engine, start: int, tokens: int) -> float:
+    """Bytes of K and V cache the attention reads per decoded token, averaged over the ``tokens`` tokens
+    decoded after ``start`` tokens of context (a sliding-window layer reads its window at most): what a
+    long context adds to the weights' bytes."""
+    per_position = 2 * engine.k_cache.shape[1] * engine.k_cache.shape[3] * engine.k_cache.element_size()
+    positions = torch.arange(start, start + tokens, dtype=torch.float64) + 1  # the keys each step attends to
+    read = sum(positions.clamp(max=layer.sliding) if layer.sliding else positions for layer in engine.layers)
+    return float(read.mean()) * per_position
+
+
 def prefill_prompt(prompt: torch.Tensor, length: int) -> torch.Tensor:
     """``prompt`` repeated to ``length`` tokens: a prefill prompt of real tokens (speed does not depend
     on which). # prompt: (T,) -> (length,)"""
@@ -283,6 +293,7 @@ def run_bench(
     result = {
         "prompt_tokens": int(prompt.numel()),
         "new_tokens": tokens,
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token(engine, int(prompt.numel()), tokens),
         "rounds": rounds,
         "dtype": str(engine.dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),
@@ -338,6 +349,7 @@ def bench_model(
     llama_bench: str | Path | None = None,
     llama_cpp_repetitions: int = 1,
     prefill_tokens: int = 512,
+    context: int = 0,
     seq_len: int = 512,
     calib_windows: int = CALIBRATION_WINDOWS,
     plot: str | Path | None = None,
@@ -349,7 +361,8 @@ def bench_model(
     """`hire bench`: load ``model_name`` (with the head proxy ``config`` needs, fitted on
     ``calib_windows`` windows of ``seq_len`` tokens), optionally time transformers' generate() on it,
     then :func:`run_bench` in an engine of ``dtype`` weights (with the prefill of ``prefill_tokens``
-    tokens, 0: none); ``llama_cpp``: llama.cpp's llama-bench (``llama_bench``: its path, else the
+    tokens, 0: none); ``context`` > 0: decoding starts after that many tokens (the prompt repeated to that
+    length; llama-bench's tg at that depth); ``llama_cpp``: llama.cpp's llama-bench (``llama_bench``: its path, else the
     builds found or built by hire.bench.llama_cpp, the best of them per test) on the same GGUF, in the
     same rounds; a breakdown PNG at ``plot``.
     Returns the report (the JSON of ``hire bench``). ``quantized``: a GGUF model runs in its block
@@ -358,6 +371,8 @@ def bench_model(
     check_bench_counts(tokens, rounds, warmup)
     if prefill_tokens < 0:
         raise ValueError(f"--prefill-tokens must be >= 0 (0: no prefill timing), got {prefill_tokens}")
+    if context < 0:
+        raise ValueError(f"--context must be >= 0 (0: decode after the prompt alone), got {context}")
     if plot:
         refuse_overwrite(plot, force, "--plot")
     gguf = gguf_source(model_name)
@@ -368,17 +383,21 @@ def bench_model(
         if llama_cpp_repetitions < 1:
             raise ValueError(f"--llama-cpp-reps must be >= 1, got {llama_cpp_repetitions}")
         anchor = LlamaBenchRounds(find_variants(llama_bench), gguf, threads=torch.get_num_threads(),
-                                  n_prompt=prefill_tokens, n_gen=tokens, repetitions=llama_cpp_repetitions)
+                                  n_prompt=prefill_tokens, n_gen=tokens, repetitions=llama_cpp_repetitions,
+                                  depth=context)
     prepared = load_for_decode(model_name, config, quantized=quantized, seq_len=seq_len, calib_windows=calib_windows,
                                progress=progress, act_bits=act_bits)
     model, tokenizer, head_proxy, config = prepared.model, prepared.tokenizer, prepared.head_proxy, prepared.config
     quantized = prepared.quantized
     ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
+    if context:
+        ids = prefill_prompt(ids, context)
     if vs_transformers:  # before the engine casts and patches the model
         extra["tokens_per_s_transformers"] = transformers_tokens_per_s(model, ids, tokens)
     max_seq_len = max(ids.numel() + tokens, prefill_tokens) + 1
     engine = Engine(model, config, head_proxy=head_proxy, dtype=getattr(torch, dtype), max_seq_len=max_seq_len)
-    result = {"model": model_name, "config": config.to_dict(), "weights": "gguf" if quantized else dtype}
+    result = {"model": model_name, "config": config.to_dict(), "weights": "gguf" if quantized else dtype,
+              "context_tokens": context}
     if quantized:
         result["weight_formats"] = sorted({q.format for q in quantized_matrices(model).values()})
         result["act_bits"] = act_bits

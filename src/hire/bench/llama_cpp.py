@@ -307,11 +307,12 @@ def _build_variant(variant: Variant, version: str, source: Path, commit: str, wo
 
 
 def llama_bench_command(tools: LlamaCppTools, gguf: str | Path, *, threads: int, n_prompt: int, n_gen: int,
-                        repetitions: int) -> list[str]:
+                        repetitions: int, depth: int = 0) -> list[str]:
     """The llama-bench command line: ``n_prompt`` prompt tokens (pp) and ``n_gen`` generated tokens (tg)
-    as separate tests, ``repetitions`` each after llama-bench's own warm-up, JSON on stdout."""
+    as separate tests, ``repetitions`` each after llama-bench's own warm-up, JSON on stdout; ``depth``
+    > 0: after that many tokens of context (-d)."""
     return [str(tools.bench), "-m", str(gguf), "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen),
-            "-r", str(repetitions), "-o", "json"]
+            "-r", str(repetitions), "-o", "json"] + (["-d", str(depth)] if depth else [])
 
 
 def parse_llama_bench(text: str, binary: str = "llama-bench") -> dict:
@@ -336,7 +337,8 @@ def parse_llama_bench(text: str, binary: str = "llama-bench") -> dict:
         if not float(test["avg_ts"]) > 0:
             raise LlamaCppError(f"{binary} reported {test['avg_ts']} tokens/s for {kind}{n_prompt or n_gen}")
         out[kind] = {"tokens_per_s": float(test["avg_ts"]), "stddev_tokens_per_s": float(test["stddev_ts"]),
-                     "tokens": n_prompt or n_gen, "samples_tokens_per_s": [float(s) for s in test.get("samples_ts", [])]}
+                     "tokens": n_prompt or n_gen, "samples_tokens_per_s": [float(s) for s in test.get("samples_ts", [])],
+                     "depth": int(test.get("n_depth", 0))}  # tokens of context before the test (-d)
         for key in ("build_commit", "build_number", "cpu_info", "backends", "n_threads", "model_type", "model_size",
                     "model_n_params"):
             if key in test:
@@ -365,10 +367,11 @@ class LlamaBenchCrash(LlamaCppError):
 
 
 def run_llama_bench(tools: LlamaCppTools, gguf: str | Path, *, threads: int, n_prompt: int, n_gen: int,
-                    repetitions: int = 1, timeout: float = 1800) -> dict:
+                    repetitions: int = 1, depth: int = 0, timeout: float = 1800) -> dict:
     """One llama-bench run (see :func:`llama_bench_command`), parsed (:func:`parse_llama_bench`).
     A non-zero exit raises :class:`LlamaBenchCrash`."""
-    cmd = llama_bench_command(tools, gguf, threads=threads, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions)
+    cmd = llama_bench_command(tools, gguf, threads=threads, n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions,
+                              depth=depth)
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except OSError as err:
@@ -384,21 +387,22 @@ def run_llama_bench(tools: LlamaCppTools, gguf: str | Path, *, threads: int, n_p
 
 
 class LlamaBenchRounds:
-    """llama.cpp's side of the bench rounds: in every round, each test (tg: ``-p 0 -n n_gen``; pp:
-    ``-p n_prompt -n 0``, when ``n_prompt``) on each build in ``variants``, as separate llama-bench
+    """llama.cpp's side of the bench rounds: in every round, each test (tg: ``-p 0 -n n_gen``, after
+    ``depth`` tokens of context when > 0; pp: ``-p n_prompt -n 0``, when ``n_prompt``) on each build in
+    ``variants``, as separate llama-bench
     runs on ``gguf`` with ``threads`` threads. A build that exits non-zero on a test cannot run that
     test here: its exit status is recorded and it is not run on that test again; the test fails only
     when no build can run it. The builds' order rotates by round, so none always runs first."""
 
     def __init__(self, variants: list[LlamaCppTools], gguf: str | Path, *, threads: int, n_prompt: int = 512,
-                 n_gen: int = 64, repetitions: int = 1):
+                 n_gen: int = 64, repetitions: int = 1, depth: int = 0):
         if not variants:
             raise ValueError("LlamaBenchRounds needs at least one llama-bench build")
         names = [t.variant for t in variants]
         if len(set(names)) != len(names):
             raise ValueError(f"the llama-bench builds need distinct variant names, got {names}")
         self.variants, self.gguf, self.threads = list(variants), Path(gguf), threads
-        self.n_prompt, self.n_gen, self.repetitions = n_prompt, n_gen, repetitions
+        self.n_prompt, self.n_gen, self.repetitions, self.depth = n_prompt, n_gen, repetitions, depth
         self.failed: dict[tuple[str, str], dict] = {}  # (test, variant) -> crash record
 
     def tests(self) -> list[tuple[str, int, int]]:
@@ -408,7 +412,7 @@ class LlamaBenchRounds:
     def command(self, tools: LlamaCppTools, test: str) -> list[str]:
         n_prompt, n_gen = next((p, g) for t, p, g in self.tests() if t == test)
         return llama_bench_command(tools, self.gguf, threads=self.threads, n_prompt=n_prompt, n_gen=n_gen,
-                                   repetitions=self.repetitions)
+                                   repetitions=self.repetitions, depth=self.depth if test == "tg" else 0)
 
     def run(self, round_index: int = 0) -> dict:
         """One round: {test: {variant: parsed llama-bench output}}; builds that cannot run a test are left out."""
@@ -422,13 +426,18 @@ class LlamaBenchRounds:
                     continue
                 try:
                     parsed = run_llama_bench(tools, self.gguf, threads=self.threads, n_prompt=n_prompt, n_gen=n_gen,
-                                             repetitions=self.repetitions)
+                                             repetitions=self.repetitions, depth=self.depth if test == "tg" else 0)
                 except LlamaBenchCrash as crash:
                     self.failed[(test, tools.variant)] = {**crash.record(), "round": round_index}
                     continue
                 if test not in parsed:
                     raise LlamaCppError(f"{tools.bench} printed no {test} test for "
                                         f"{' '.join(self.command(tools, test))}: is it llama.cpp's llama-bench?")
+                want = self.depth if test == "tg" else 0
+                if parsed[test]["depth"] != want:  # (a llama-bench too old for -d reports none)
+                    raise LlamaCppError(f"{tools.bench} ran {test} after {parsed[test]['depth']} tokens of context, not "
+                                        f"{want}: a llama-bench without -d (n_depth)? Pass a newer one (--llama-bench) "
+                                        "or leave --context out")
                 out[test][tools.variant] = {**{k: v for k, v in parsed.items() if k not in ("tg", "pp")}, **parsed[test]}
             if all((test, t.variant) in self.failed for t in self.variants):
                 raise LlamaCppError(f"no llama-bench build can run the {test} test on {self.gguf}: " + "; ".join(

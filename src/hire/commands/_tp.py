@@ -28,6 +28,9 @@ def run(args: argparse.Namespace, config, *, windows: int = 2) -> int:
     """The --tp branch of bench and eval (``args.command``)."""
     if getattr(args, "vs_transformers", False) or getattr(args, "llama_cpp", False):
         raise ValueError("--vs-transformers and --llama-cpp time one process: run them without --tp")
+    if getattr(args, "context", 0):
+        raise ValueError("--context is not measured with --tp (its ranks decode after the prompt alone): "
+                         "run it without --tp")
     bench = args.command == "bench"
     result = run_tp(args.command, args.argv, args.model, config, tp=args.tp, modes=args.modes, timeout=args.timeout,
                     threads=getattr(args, "threads", None), dtype=args.dtype, seq_len=args.seq_len,

@@ -40,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-tokens", type=integer(minimum=0), default=512,
                    help="time our prefill of a prompt this long in every round (default 512, as llama-bench's pp512; "
                         "0: skip)")
+    p.add_argument("--context", type=integer(minimum=0), default=0,
+                   help="decode after this many tokens of context (the prompt repeated to that length; llama-bench's "
+                        "tg runs at the same depth, -d): the speed a long chat or document sees, where attention reads "
+                        "the KV cache (default 0: after the prompt alone)")
     p.add_argument("--llama-cpp", action="store_true",
                    help="also run llama.cpp's llama-bench (C++, no Python in its loop) on the same GGUF and threads in "
                         "every round: tg --tokens and pp --prefill-tokens, each on each cached build (with and without "
@@ -66,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                          warmup=args.warmup, dtype=args.dtype, breakdown=not args.no_breakdown,
                          vs_transformers=args.vs_transformers, llama_cpp=args.llama_cpp,
                          llama_bench=args.llama_bench, llama_cpp_repetitions=args.llama_cpp_reps,
-                         prefill_tokens=args.prefill_tokens, seq_len=args.seq_len,
+                         prefill_tokens=args.prefill_tokens, context=args.context, seq_len=args.seq_len,
                          calib_windows=args.calib_windows, plot=args.plot, force=args.force, progress=not args.json,
                          quantized=not args.dequantized, act_bits=args.act_bits)
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
@@ -82,8 +86,10 @@ def weights_label(r: dict) -> str:
 def format_bench(r: dict) -> str:
     mb = 1 / 2**20
     lines = [
-        f"model {r['model']}, {weights_label(r)}, {r['threads']} threads: {r['new_tokens']} new tokens after a "
-        f"{r['prompt_tokens']}-token prompt, {r['rounds']} interleaved rounds (medians)",
+        f"model {r['model']}, {weights_label(r)}, {r['threads']} threads: {r['new_tokens']} new tokens after "
+        + (f"{r['context_tokens']} tokens of context (the prompt repeated)" if r.get("context_tokens")
+           else f"a {r['prompt_tokens']}-token prompt")
+        + f", {r['rounds']} interleaved rounds (medians)",
         "",
         f"{'':22s} {'dense':>10s} {'HiRE':>10s}",
         f"{'decode tokens/s':22s} {r['tokens_per_s_dense']:10.1f} {r['tokens_per_s_hire']:10.1f}   speedup {r['speedup']:.2f}x",
@@ -93,6 +99,10 @@ def format_bench(r: dict) -> str:
         f"{'achieved GB/s':22s} {r['bandwidth_gb_s_dense']:10.2f} {r['bandwidth_gb_s_hire']:10.2f}"
         f"   machine {r['machine_gb_s']:.1f} GB/s (dense reaches {100 * r['dense_vs_machine_gb_s']:.0f} %)",
     ]
+    if r.get("context_tokens"):
+        lines.append(f"{'KV cache MiB per token':22s} {r['kv_cache_bytes_per_token'] * mb:10.1f} "
+                     f"{r['kv_cache_bytes_per_token'] * mb:10.1f}   read by attention at this depth, besides the "
+                     "weights (not in the bytes or GB/s above)")
     if "parts" in r:
         lines += format_parts(r)
     if "ms_per_part_dense" in r:
@@ -170,7 +180,8 @@ def format_llama_cpp(r: dict) -> list[str]:
         "",
         f"llama.cpp llama-bench, {lc['threads']} threads, each test on each build every round (the best build's "
         "median; per round in brackets):",
-        f"{'tg' + str(lc['tg_tokens']) + ' tokens/s':22s} {lc['tg_tokens_per_s']:10.1f}   "
+        f"{'tg' + str(lc['tg_tokens']) + (' @ d' + str(r['context_tokens']) if r.get('context_tokens') else '') + ' tokens/s':22s}"
+        f" {lc['tg_tokens_per_s']:10.1f}   "
         f"[{_rounds(lc['tg_tokens_per_s_rounds'])}]  best: {lc['tg_variant']} of {_variants(tests['tg'])}",
         f"{'dense / llama.cpp':22s} {lc['dense_vs_llama_cpp']:10.2f}x  [{_rounds(r['tokens_per_s_dense_rounds'])} tokens/s dense]",
         f"{'HiRE / llama.cpp':22s} {lc['hire_vs_llama_cpp']:10.2f}x  [{_rounds(r['tokens_per_s_hire_rounds'])} tokens/s HiRE]",
