@@ -1,7 +1,8 @@
 """Decode tokens/s at several context depths, dense and HiRE, in one engine on a model's GGUF codes:
 after each depth's prompt (random token ids, a warm-up of 2 tokens first), ``--tokens`` decoded tokens.
 Prints one JSON line, {"<depth>d": dense, "<depth>h": HiRE, "<depth>p": the dense run's prefill of that
-prompt in tokens/s}; a .gguf path runs dense only (no head is fitted for it). To compare two checkouts, run it from each in turns (A B A B):
+prompt in tokens/s}; a .gguf path runs dense only (no head is fitted for it). To compare two checkouts,
+run it from each in turns (A B A B):
 
     PYTHONPATH=<checkout>/src .venv/bin/python benchmarks/decode_depth.py --model smollm2-135m
 

@@ -175,13 +175,14 @@ def format_llama_cpp(r: dict) -> list[str]:
     lc = r["llama_cpp"]
     if not lc.get("available"):
         return [f"llama.cpp: {lc['reason']}"]
+    depth = f" @ d{r['context_tokens']}" if r.get("context_tokens") else ""
+    tg_label = f"tg{lc['tg_tokens']}{depth} tokens/s"
     tests = lc["tests"]
     lines = [
         "",
         f"llama.cpp llama-bench, {lc['threads']} threads, each test on each build every round (the best build's "
         "median; per round in brackets):",
-        f"{'tg' + str(lc['tg_tokens']) + (' @ d' + str(r['context_tokens']) if r.get('context_tokens') else '') + ' tokens/s':22s}"
-        f" {lc['tg_tokens_per_s']:10.1f}   "
+        f"{tg_label:22s} {lc['tg_tokens_per_s']:10.1f}   "
         f"[{_rounds(lc['tg_tokens_per_s_rounds'])}]  best: {lc['tg_variant']} of {_variants(tests['tg'])}",
         f"{'dense / llama.cpp':22s} {lc['dense_vs_llama_cpp']:10.2f}x  [{_rounds(r['tokens_per_s_dense_rounds'])} tokens/s dense]",
         f"{'HiRE / llama.cpp':22s} {lc['hire_vs_llama_cpp']:10.2f}x  [{_rounds(r['tokens_per_s_hire_rounds'])} tokens/s HiRE]",
