@@ -405,38 +405,37 @@ class LlamaBenchRounds:
         self.n_prompt, self.n_gen, self.repetitions, self.depth = n_prompt, n_gen, repetitions, depth
         self.failed: dict[tuple[str, str], dict] = {}  # (test, variant) -> crash record
 
-    def tests(self) -> list[tuple[str, int, int]]:
-        """(test, n_prompt, n_gen) per llama-bench test run in a round."""
-        return [("tg", 0, self.n_gen)] + ([("pp", self.n_prompt, 0)] if self.n_prompt else [])
+    def tests(self) -> list[tuple[str, int, int, int]]:
+        """(test, n_prompt, n_gen, depth) per llama-bench test run in a round (only tg runs at ``depth``)."""
+        return [("tg", 0, self.n_gen, self.depth)] + ([("pp", self.n_prompt, 0, 0)] if self.n_prompt else [])
 
     def command(self, tools: LlamaCppTools, test: str) -> list[str]:
-        n_prompt, n_gen = next((p, g) for t, p, g in self.tests() if t == test)
+        n_prompt, n_gen, depth = next((p, g, d) for t, p, g, d in self.tests() if t == test)
         return llama_bench_command(tools, self.gguf, threads=self.threads, n_prompt=n_prompt, n_gen=n_gen,
-                                   repetitions=self.repetitions, depth=self.depth if test == "tg" else 0)
+                                   repetitions=self.repetitions, depth=depth)
 
     def run(self, round_index: int = 0) -> dict:
         """One round: {test: {variant: parsed llama-bench output}}; builds that cannot run a test are left out."""
         k = round_index % len(self.variants)
         order = self.variants[k:] + self.variants[:k]
         out: dict = {}
-        for test, n_prompt, n_gen in self.tests():
+        for test, n_prompt, n_gen, depth in self.tests():
             out[test] = {}
             for tools in order:
                 if (test, tools.variant) in self.failed:
                     continue
                 try:
                     parsed = run_llama_bench(tools, self.gguf, threads=self.threads, n_prompt=n_prompt, n_gen=n_gen,
-                                             repetitions=self.repetitions, depth=self.depth if test == "tg" else 0)
+                                             repetitions=self.repetitions, depth=depth)
                 except LlamaBenchCrash as crash:
                     self.failed[(test, tools.variant)] = {**crash.record(), "round": round_index}
                     continue
                 if test not in parsed:
                     raise LlamaCppError(f"{tools.bench} printed no {test} test for "
                                         f"{' '.join(self.command(tools, test))}: is it llama.cpp's llama-bench?")
-                want = self.depth if test == "tg" else 0
-                if parsed[test]["depth"] != want:  # (a llama-bench too old for -d reports none)
+                if parsed[test]["depth"] != depth:  # (a llama-bench too old for -d reports none)
                     raise LlamaCppError(f"{tools.bench} ran {test} after {parsed[test]['depth']} tokens of context, not "
-                                        f"{want}: a llama-bench without -d (n_depth)? Pass a newer one (--llama-bench) "
+                                        f"{depth}: a llama-bench without -d (n_depth)? Pass a newer one (--llama-bench) "
                                         "or leave --context out")
                 out[test][tools.variant] = {**{k: v for k, v in parsed.items() if k not in ("tg", "pp")}, **parsed[test]}
             if all((test, t.variant) in self.failed for t in self.variants):
@@ -449,7 +448,7 @@ class LlamaBenchRounds:
         """Per test: every build's median and per-round tokens/s (or its crash), and the best build (the
         highest median among those that ran the test in every round) with its figures and command."""
         out: dict = {}
-        for test, _, _ in self.tests():
+        for test, *_ in self.tests():
             per: dict = {}
             for tools in self.variants:
                 got = [r[test][tools.variant]["tokens_per_s"] for r in rounds if tools.variant in r.get(test, {})]

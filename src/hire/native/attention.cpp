@@ -185,8 +185,9 @@ void attend(const float* q, const T* kc, const T* vc, int64_t seq, int64_t first
   const int64_t n = end - first, G = hq / hkv;
   TORCH_CHECK(n > 0 && first >= 0 && end <= seq, "attend: positions ", first, "..", end, " outside a cache of ", seq);
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const bool parallel = threads > 1 && n * hq * hd > kSerialWork;  // else one thread does it all
   int64_t chunks = 1;
-  if (threads > 1 && n * hq * hd > kSerialWork)
+  if (parallel)
     chunks = std::max<int64_t>(1, std::min((kItemsPerThread * threads + hkv - 1) / hkv, n / kChunkMin));
   const int64_t len = (n + chunks - 1) / chunks;
   chunks = (n + len - 1) / len;
@@ -213,10 +214,10 @@ void attend(const float* q, const T* kc, const T* vc, int64_t seq, int64_t first
     }
   };
   const int64_t items = hkv * chunks;
-  if (chunks == 1 && (threads == 1 || n * hq * hd <= kSerialWork)) {
-    run(0, items);  // a short context: one thread, no parallel region to start
-  } else {
+  if (parallel) {
     at::parallel_for(0, items, 1, run);
+  } else {
+    run(0, items);  // a short context: one thread, no parallel region to start
   }
   if (chunks == 1) return;
   for (int64_t h = 0; h < hq; ++h) {  // the chunks' softmaxes merged: each weighted by exp(its max - the max)
